@@ -1,0 +1,38 @@
+# The two entry points the README promises. Both do all set-up first (idempotent).
+#   make demo   - the main job
+#   make test   - lint + type checks + Rust tests + the pytest suite
+.PHONY: setup demo test lint rust-test py-test bench bench-setup clean
+
+VENV := .venv/bin
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+
+setup:
+	scripts/setup.sh test,lint
+
+demo: setup
+	scripts/demo.sh
+
+lint: setup
+	$(VENV)/ruff check python tests benches
+	$(VENV)/ruff format --check python tests benches
+	$(VENV)/mypy
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --all-features -q -- -D warnings
+
+rust-test:
+	cargo test -p supermachine-core -q
+
+py-test: setup
+	$(VENV)/pytest -q tests
+
+test: lint rust-test py-test
+
+bench-setup:
+	scripts/setup.sh test,lint,bench
+	cd benches/peers && ../../$(VENV)/maturin develop --release -q
+
+bench: bench-setup
+	$(VENV)/pytest benches --benchmark-only --benchmark-columns=min,median,max,rounds --benchmark-sort=name $(BENCH_ARGS)
+
+clean:
+	rm -rf target .venv

@@ -1,0 +1,3 @@
+from supermachine.cli import main
+
+main()
