@@ -1,0 +1,13 @@
+//! supermachine's Rust core.
+//!
+//! The pure-Rust modules below have no Python dependency and are tested with `cargo test`;
+//! the `py` module (feature `python`, enabled by maturin) is the thin binding layer that
+//! exposes them as `supermachine._core`.
+
+pub mod cdc;
+pub mod layers;
+pub mod pages;
+pub mod source;
+
+#[cfg(feature = "python")]
+mod py;
