@@ -1,10 +1,123 @@
-"""Image commands (pull, images, rmi, run). Filled in by the OCI work."""
+"""Image commands: ``pull``, ``images``, ``rmi`` and ``prune``."""
 
 from __future__ import annotations
 
+import time
+
 import click
+from rich.console import Console
+from rich.table import Table
+
+from supermachine.errors import ImageReferenceError
+from supermachine.oci import ImageStore, RichProgress, build_squashfs, pull
+from supermachine.oci.reference import Reference
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _age(ts: float) -> str:
+    seconds = max(0, int(time.time() - ts))
+    for unit, span in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= span:
+            n = seconds // span
+            return f"{n} {unit}{'s' if n > 1 else ''} ago"
+    return "just now"
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    """(repository, tag-or-digest) for display; local sources are shown whole."""
+    try:
+        parsed = Reference.parse(ref)
+    except ImageReferenceError:
+        return ref, "-"
+    return Reference(parsed.registry, parsed.repository).familiar(), parsed.tag or (parsed.digest or "")[:19]
+
+
+@click.command("pull")
+@click.argument("ref")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform to pick from a multi-arch image.")
+@click.option(
+    "--insecure/--secure",
+    default=None,
+    help="Plain HTTP (default: only for localhost/loopback registries).",
+)
+@click.option("--rootfs", is_flag=True, help="Also build the squashfs root filesystem.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the image id.")
+def pull_command(ref: str, platform: str | None, insecure: bool | None, rootfs: bool, quiet: bool) -> None:
+    """Download REF into the local cache.
+
+    REF is a registry reference (alpine, ghcr.io/o/img:tag, name@sha256:...) or a local image:
+    oci:DIR[:TAG], docker-archive:FILE, or a path to either.
+    """
+    if quiet:
+        image = pull(ref, platform=platform, insecure=insecure)
+    else:
+        with RichProgress() as progress:
+            image = pull(ref, platform=platform, insecure=insecure, progress=progress)
+    squashfs = build_squashfs(image) if rootfs else None
+    if quiet:
+        click.echo(image.record.image_id)
+        return
+    click.echo(f"Pulled {image.ref}")
+    click.echo(f"Digest: {image.record.manifest_digest}")
+    click.echo(f"Image ID: {image.record.image_id}  ({image.record.platform}, {_size(image.record.size)})")
+    if squashfs is not None:
+        click.echo(f"Root filesystem: {squashfs}")
+
+
+@click.command("images")
+@click.option("-q", "--quiet", is_flag=True, help="Print image ids only.")
+def images_command(quiet: bool) -> None:
+    """List the images in the local cache."""
+    store = ImageStore()
+    records = store.images()
+    if quiet:
+        for record in records:
+            click.echo(record.image_id)
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("REPOSITORY", "TAG", "IMAGE ID", "PLATFORM", "SIZE", "PULLED", "ROOTFS"):
+        table.add_column(column, no_wrap=column != "REPOSITORY")
+    for record in records:
+        repo, tag = _split_ref(record.ref)
+        built = "yes" if store.rootfs_path(record.config_digest).exists() else "-"
+        table.add_row(
+            repo, tag, record.image_id, record.platform, _size(record.size), _age(record.pulled_at), built
+        )
+    Console(width=200 if not click.get_text_stream("stdout").isatty() else None).print(table)
+
+
+@click.command("rmi")
+@click.argument("refs", nargs=-1, required=True)
+def rmi_command(refs: tuple[str, ...]) -> None:
+    """Remove images (by ref or image id) and the cached data only they used."""
+    store = ImageStore()
+    for ref in refs:
+        record, freed = store.remove(ref)
+        click.echo(f"Untagged: {record.ref}")
+        click.echo(
+            f"Deleted: {freed.blobs} blobs, {freed.rootfs_images} root filesystems,"
+            f" {_size(freed.bytes_freed)}"
+        )
+
+
+@click.command("prune")
+def prune_command() -> None:
+    """Delete cached blobs and root filesystems that no image uses, and leftover temporary files."""
+    result = ImageStore().prune()
+    click.echo(
+        f"Deleted {result.blobs} blobs and {result.rootfs_images} root filesystems,"
+        f" {_size(result.bytes_freed)} freed"
+    )
 
 
 def register(group: click.Group) -> None:
     """Attach the image commands to the top-level group."""
-    del group
+    for command in (pull_command, images_command, rmi_command, prune_command):
+        group.add_command(command)
