@@ -1,0 +1,521 @@
+"""Real test infrastructure for the OCI work: registries, a token server, a faulty proxy, image builders.
+
+Everything here runs real programs (``docker-registry``, ``umoci``, ``skopeo``, ``openssl``) or real
+HTTP servers on loopback; nothing is mocked. Shared by ``tests/oci`` and ``benches``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+import zstandard
+
+TOOLS = ("docker-registry", "umoci", "skopeo", "mksquashfs", "unsquashfs", "htpasswd", "openssl")
+
+
+def missing_tools() -> list[str]:
+    return [t for t in TOOLS if shutil.which(t) is None]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
+    kw.setdefault("text", True)
+    proc = subprocess.run(cmd, capture_output=True, check=False, **kw)
+    if proc.returncode != 0:
+        detail = proc.stderr or proc.stdout
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {detail!r}")
+    return proc
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+# ---- docker-registry ---------------------------------------------------------------------------------
+@dataclass
+class Registry:
+    """A running ``docker-registry`` on 127.0.0.1 with its own config and storage."""
+
+    root: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+    credentials: tuple[str, str] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+    def blob_data(self, digest: str) -> Path:
+        hex_ = digest.split(":", 1)[1]
+        return self.storage / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_registry(root: Path, auth: dict[str, Any] | None = None) -> Registry:
+    """Start ``docker-registry`` with storage under ``root``; ``auth`` is the config's ``auth:`` section."""
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config: dict[str, Any] = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(root / "storage")}, "delete": {"enabled": True}},
+        "http": {"addr": f"127.0.0.1:{port}", "secret": "test-secret"},
+    }
+    if auth:
+        config["auth"] = auth
+    (root / "config.yml").write_text(json.dumps(config))  # JSON is valid YAML
+    log = open(root / "registry.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"docker-registry exited: {(root / 'registry.log').read_text()[-2000:]}")
+        with contextlib.suppress(requests.ConnectionError):
+            if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code in (200, 401):
+                return Registry(root, port, proc)
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("docker-registry did not start")
+
+
+# ---- a JWT token server (Docker registry token auth) ---------------------------------------------------
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """Issues RS256 JWTs signed with a throwaway key (via ``openssl``) to one user."""
+
+    issuer = "supermachine-test-issuer"
+    service = "supermachine-test-registry"
+
+    def __init__(self, root: Path, username: str, password: str) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.key = root / "token.key"
+        self.cert = root / "token.crt"
+        run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                str(self.key),
+                "-out",
+                str(self.cert),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=supermachine-test-token",
+            ]
+        )
+        der = run(["openssl", "x509", "-in", str(self.cert), "-outform", "DER"], text=False).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.username, self.password = username, password
+        self.requests: list[dict[str, Any]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                url = urllib.parse.urlparse(self.path)
+                query = urllib.parse.parse_qs(url.query)
+                auth = self.headers.get("Authorization", "")
+                user = None
+                if auth.startswith("Basic "):
+                    user, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
+                    if (user, pw) != (server.username, server.password):
+                        user = "<bad>"
+                server.requests.append({"path": url.path, "query": query, "user": user})
+                if user != server.username:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = json.dumps(
+                    {"token": server.sign(user, query.get("scope", [])), "expires_in": 300}
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    def sign(self, subject: str, scopes: list[str]) -> str:
+        access = []
+        for scope in " ".join(scopes).split():
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": self.service,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        sig = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(),
+            capture_output=True,
+            check=True,
+        ).stdout
+        return f"{signing_input}.{_b64url(sig)}"
+
+    def registry_auth(self) -> dict[str, Any]:
+        return {
+            "token": {
+                "realm": self.realm,
+                "service": self.service,
+                "issuer": self.issuer,
+                "rootcertbundle": str(self.cert),
+            }
+        }
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ---- a misbehaving proxy ---------------------------------------------------------------------------------
+@dataclass
+class FaultyProxy:
+    """An HTTP proxy in front of a registry that can cut blob responses and rewrite manifests.
+
+    ``cut_after``: the first GET of each blob (without Range) is closed after that many body bytes.
+    ``manifest_body``: if set, every manifest response body is replaced by it.
+    """
+
+    upstream: str
+    cut_after: int | None = None
+    manifest_body: bytes | None = None
+    log: list[tuple[str, str | None, int]] = field(default_factory=list)  # (path, Range, status)
+    _cut: set[str] = field(default_factory=set)
+    port: int = 0
+    httpd: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> FaultyProxy:
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                up = requests.get(
+                    f"http://{proxy.upstream}{self.path}",
+                    headers=headers,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=30,
+                )
+                rng = self.headers.get("Range")
+                proxy.log.append((self.path, rng, up.status_code))
+                body = up.raw.read(decode_content=False)
+                is_blob = "/blobs/" in self.path and up.status_code == 200
+                if "/manifests/" in self.path and up.status_code == 200 and proxy.manifest_body is not None:
+                    body = proxy.manifest_body
+                self.send_response(up.status_code)
+                for k, v in up.headers.items():
+                    if k.lower() not in (
+                        "content-length",
+                        "connection",
+                        "transfer-encoding",
+                        "content-encoding",
+                    ):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if is_blob and proxy.cut_after is not None and rng is None and self.path not in proxy._cut:
+                    proxy._cut.add(self.path)
+                    self.wfile.write(body[: proxy.cut_after])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.httpd:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+
+# ---- building images with real tools --------------------------------------------------------------------
+def busybox_rootfs(dest: Path, applets: tuple[str, ...] = ("sh", "ls", "cat", "echo", "true")) -> Path:
+    """A minimal root filesystem: the static busybox with applet symlinks and a few config files."""
+    (dest / "bin").mkdir(parents=True)
+    shutil.copy2("/bin/busybox", dest / "bin" / "busybox")
+    for applet in applets:
+        os.symlink("busybox", dest / "bin" / applet)
+    (dest / "etc").mkdir()
+    (dest / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (dest / "etc" / "hostname").write_text("busybox\n")
+    (dest / "tmp").mkdir(mode=0o1777)
+    os.chmod(dest / "tmp", 0o1777)
+    return dest
+
+
+def umoci_image(
+    layout: Path, tag: str, rootfs: Path, work: Path, config: dict[str, str] | None = None
+) -> None:
+    """Create ``layout:tag`` (one layer holding ``rootfs``) with umoci, then set config options."""
+    if not (layout / "oci-layout").exists():
+        run(["umoci", "init", "--layout", str(layout)])
+    run(["umoci", "new", "--image", f"{layout}:{tag}"])
+    bundle = work / f"bundle-{tag}"
+    run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)])
+    run(["cp", "-a", f"{rootfs}/.", str(bundle / "rootfs")])
+    run(["umoci", "repack", "--image", f"{layout}:{tag}", str(bundle)])
+    shutil.rmtree(bundle)
+    if config:
+        run(
+            [
+                "umoci",
+                "config",
+                "--image",
+                f"{layout}:{tag}",
+                *[f"--config.{k}={v}" for k, v in config.items()],
+            ]
+        )
+
+
+def umoci_add_layer(layout: Path, tag: str, work: Path, mutate: Callable[[Path], None]) -> None:
+    """Unpack ``layout:tag``, let ``mutate`` change the root filesystem, repack it as a new layer."""
+    bundle = work / f"bundle-{tag}-{os.urandom(4).hex()}"
+    run(["umoci", "unpack", "--image", f"{layout}:{tag}", str(bundle)])
+    mutate(bundle / "rootfs")
+    run(["umoci", "repack", "--image", f"{layout}:{tag}", str(bundle)])
+    shutil.rmtree(bundle)
+
+
+def skopeo_copy(src: str, dest: str, *extra: str, creds: tuple[str, str] | None = None) -> None:
+    cmd = ["skopeo", "--insecure-policy", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false"]
+    if creds:
+        cmd += ["--dest-creds", f"{creds[0]}:{creds[1]}"]
+    run([*cmd, *extra, src, dest])
+
+
+# ---- hand-made layers and layouts (for cases tools will not produce) ---------------------------------------
+@dataclass
+class Entry:
+    """One tar entry for :func:`make_layer`."""
+
+    name: str
+    kind: str = "file"  # file | dir | symlink | hardlink | char | block | fifo
+    data: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    target: str = ""
+    xattrs: dict[str, str] = field(default_factory=dict)
+    dev: tuple[int, int] = (0, 0)
+
+
+def make_layer(entries: list[Entry], compression: str = "gzip") -> bytes:
+    """A layer blob (tar, optionally gzip or zstd) with exactly ``entries``, in order."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for e in entries:
+            info = tarfile.TarInfo(e.name)
+            info.mode, info.uid, info.gid, info.mtime = e.mode, e.uid, e.gid, 1_700_000_000
+            info.type = {
+                "file": tarfile.REGTYPE,
+                "dir": tarfile.DIRTYPE,
+                "symlink": tarfile.SYMTYPE,
+                "hardlink": tarfile.LNKTYPE,
+                "char": tarfile.CHRTYPE,
+                "block": tarfile.BLKTYPE,
+                "fifo": tarfile.FIFOTYPE,
+            }[e.kind]
+            info.linkname = e.target
+            info.devmajor, info.devminor = e.dev
+            if e.xattrs:
+                info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e.xattrs.items()}
+            if e.kind == "file":
+                info.size = len(e.data)
+                tar.addfile(info, io.BytesIO(e.data))
+            else:
+                tar.addfile(info)
+    data = raw.getvalue()
+    if compression == "gzip":
+        return gzip.compress(data, mtime=0)
+    if compression == "zstd":
+        return zstandard.ZstdCompressor().compress(data)
+    return data
+
+
+LAYER_MEDIA = {
+    "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    "none": "application/vnd.oci.image.layer.v1.tar",
+}
+
+
+def _uncompressed_digest(blob: bytes) -> str:
+    if blob[:2] == b"\x1f\x8b":
+        return sha256(gzip.decompress(blob))
+    if blob[:4] == b"\x28\xb5\x2f\xfd":
+        return sha256(zstandard.ZstdDecompressor().decompressobj().decompress(blob))
+    return sha256(blob)
+
+
+class LayoutWriter:
+    """Writes an OCI image layout by hand: blobs, manifests, configs, indexes, tags."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        (path / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (path / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+        self.entries: list[dict[str, Any]] = []
+
+    def blob(self, data: bytes, media_type: str) -> dict[str, Any]:
+        digest = sha256(data)
+        (self.path / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    def image(
+        self,
+        layers: list[tuple[bytes, str]],
+        *,
+        arch: str = "amd64",
+        config: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write config and manifest for ``layers`` (blob, compression); returns the manifest descriptor."""
+        cfg = {
+            "architecture": arch,
+            "os": "linux",
+            "config": config or {},
+            "rootfs": {"type": "layers", "diff_ids": [_uncompressed_digest(b) for b, _ in layers]},
+        }
+        cfg_desc = self.blob(json.dumps(cfg).encode(), "application/vnd.oci.image.config.v1+json")
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": cfg_desc,
+            "layers": [self.blob(b, LAYER_MEDIA[c]) for b, c in layers],
+        }
+        desc = self.blob(json.dumps(manifest).encode(), manifest["mediaType"])
+        desc["platform"] = {"architecture": arch, "os": "linux"}
+        return desc
+
+    def index(self, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        }
+        return self.blob(json.dumps(doc).encode(), doc["mediaType"])
+
+    def tag(self, desc: dict[str, Any], name: str) -> None:
+        entry = {k: v for k, v in desc.items() if k != "platform"}
+        entry["annotations"] = {"org.opencontainers.image.ref.name": name}
+        self.entries = [
+            e for e in self.entries if e["annotations"]["org.opencontainers.image.ref.name"] != name
+        ]
+        self.entries.append(entry)
+        (self.path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": self.entries}))
+
+
+def unsquashfs_list(image: Path) -> dict[str, str]:
+    """``unsquashfs -lln``: path -> the listing line (permissions, owner, size ...)."""
+    out = run(["unsquashfs", "-lln", "-d", "", str(image)]).stdout
+    listing: dict[str, str] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[0][0] in "-dlcbps":
+            path = line[line.index(" /") + 1 :] if " /" in line else parts[-1]
+            listing[path.split(" -> ")[0]] = line
+    return listing
+
+
+def unsquashfs_extract(image: Path, dest: Path) -> Path:
+    run(["unsquashfs", "-no-progress", "-d", str(dest), str(image)])
+    return dest
+
+
+@contextlib.contextmanager
+def env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
