@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import click
@@ -90,7 +91,7 @@ def images_command(quiet: bool) -> None:
         table.add_row(
             repo, tag, record.image_id, record.platform, _size(record.size), _age(record.pulled_at), built
         )
-    Console(width=200 if not click.get_text_stream("stdout").isatty() else None).print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @click.command("rmi")

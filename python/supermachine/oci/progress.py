@@ -44,19 +44,23 @@ class RichProgress:
         )
         self._tasks: dict[str, TaskID] = {}
         self._totals: dict[str, int] = {}
+        self._started = False
         self._lock = threading.Lock()
 
     def __enter__(self) -> RichProgress:
-        self._progress.start()
-        return self
+        return self  # the display starts with the first bar, so early errors print nothing else
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._progress.stop()
+        if self._started:
+            self._progress.stop()
 
     def start(self, key: str, description: str, total: int) -> None:
         with self._lock:
+            if not self._started:
+                self._progress.start()
+                self._started = True
             self._tasks[key] = self._progress.add_task(description, total=total, note="")
             self._totals[key] = total
 

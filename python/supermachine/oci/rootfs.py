@@ -234,10 +234,12 @@ class _Applier:
         os.link(target, dest, follow_symlinks=False)
 
     def _whiteout(self, parts: list[str], name: str) -> None:
+        base = parts[-1]
+        if base[len(WHITEOUT_PREFIX) :] in ("", ".", ".."):
+            raise UnsafeLayerError(f"{self.what}: whiteout {name!r} names no file")
         parent = self._resolve_dir(parts[:-1], name, create=False)
         if parent is None:
             return
-        base = parts[-1]
         parent_path = os.path.join(self.root, *parent)
         if base == OPAQUE_MARKER:
             for entry in os.listdir(parent_path):
@@ -247,8 +249,6 @@ class _Applier:
         if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return  # other AUFS metadata (.wh..wh.plnk, ...): not content
         victim = base[len(WHITEOUT_PREFIX) :]
-        if victim in ("", ".", ".."):
-            raise UnsafeLayerError(f"{self.what}: whiteout {name!r} names no file")
         if "/".join([*parent, victim]) not in self.created:
             self._remove(os.path.join(parent_path, victim))
 
