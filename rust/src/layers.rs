@@ -54,8 +54,12 @@ pub enum LayerError {
     Open { path: PathBuf, source: io::Error },
     #[error("{path}: not a layer (neither gzip, zstd nor tar)")]
     NotALayer { path: PathBuf },
-    #[error("{path}: corrupt or truncated {format} data after {uncompressed} uncompressed bytes: {source}")]
-    Decode { path: PathBuf, format: &'static str, uncompressed: u64, source: io::Error },
+    #[error("{path}: corrupt or truncated {format} data: {source}")]
+    Decode {
+        path: PathBuf,
+        format: &'static str,
+        source: io::Error,
+    },
     #[error("{path}: zstd recompression failed: {source}")]
     Recompress { path: PathBuf, source: io::Error },
 }
@@ -102,10 +106,10 @@ impl Store {
     }
 
     fn stats(&self) -> SchemeStats {
-        let (unique_bytes, unique_zstd_bytes) = self
-            .seen
-            .values()
-            .fold((0u64, 0u64), |(b, z), e| (b + e.len as u64, z + e.zstd_len as u64));
+        let (unique_bytes, unique_zstd_bytes) =
+            self.seen.values().fold((0u64, 0u64), |(b, z), e| {
+                (b + e.len as u64, z + e.zstd_len as u64)
+            });
         SchemeStats {
             chunks: self.chunks,
             bytes: self.bytes,
@@ -126,7 +130,12 @@ struct LocalStore<'a> {
 
 impl<'a> LocalStore<'a> {
     fn new(global: &'a Mutex<Store>) -> Self {
-        Self { global, seen: HashMap::new(), chunks: 0, bytes: 0 }
+        Self {
+            global,
+            seen: HashMap::new(),
+            chunks: 0,
+            bytes: 0,
+        }
     }
 
     fn add(&mut self, chunk: &[u8], compressor: &mut zstd::bulk::Compressor<'_>) -> io::Result<()> {
@@ -137,7 +146,13 @@ impl<'a> LocalStore<'a> {
             return Ok(());
         }
         let zstd_len = compressor.compress(chunk)?.len() as u32;
-        self.seen.insert(digest, ChunkEntry { len: chunk.len() as u32, zstd_len });
+        self.seen.insert(
+            digest,
+            ChunkEntry {
+                len: chunk.len() as u32,
+                zstd_len,
+            },
+        );
         Ok(())
     }
 
@@ -154,7 +169,9 @@ impl<'a> LocalStore<'a> {
 fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
     // A panic while holding the lock cannot leave a half-merged map (merge does not panic), so
     // the data is still consistent: recover it rather than propagate the poison.
-    store.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    store
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Collects fixed-size chunks out of the stream of content-defined chunks.
@@ -164,7 +181,11 @@ struct FixedSplitter {
 }
 
 impl FixedSplitter {
-    fn feed(&mut self, mut bytes: &[u8], mut emit: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+    fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        mut emit: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
         while !bytes.is_empty() {
             if self.pending.is_empty() && bytes.len() >= self.size {
                 emit(&bytes[..self.size])?;
@@ -216,7 +237,11 @@ pub struct DedupConfig {
 
 impl Default for DedupConfig {
     fn default() -> Self {
-        Self { chunker: Chunker::default(), fixed_size: 512 << 10, zstd_level: 3 }
+        Self {
+            chunker: Chunker::default(),
+            fixed_size: 512 << 10,
+            zstd_level: 3,
+        }
     }
 }
 
@@ -229,7 +254,11 @@ pub struct DedupIndex {
 
 impl DedupIndex {
     pub fn new(config: DedupConfig) -> Self {
-        Self { config, cdc: Mutex::default(), fixed: Mutex::default() }
+        Self {
+            config,
+            cdc: Mutex::default(),
+            fixed: Mutex::default(),
+        }
     }
 
     /// Adds layers in parallel on the current rayon pool; one result per input, in order.
@@ -239,26 +268,54 @@ impl DedupIndex {
         paths: &[PathBuf],
         progress: &(dyn Fn(u64) + Sync),
     ) -> Vec<Result<LayerReport, LayerError>> {
-        paths.par_iter().map(|p| self.add_layer(p, progress)).collect()
+        paths
+            .par_iter()
+            .map(|p| self.add_layer(p, progress))
+            .collect()
     }
 
-    pub fn add_layer(&self, path: &Path, progress: &(dyn Fn(u64) + Sync)) -> Result<LayerReport, LayerError> {
-        let open_err = |source| LayerError::Open { path: path.into(), source };
+    pub fn add_layer(
+        &self,
+        path: &Path,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<LayerReport, LayerError> {
+        let open_err = |source| LayerError::Open {
+            path: path.into(),
+            source,
+        };
         let file = File::open(path).map_err(open_err)?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut head = [0u8; 512];
         let head_len = read_up_to(&mut reader, &mut head).map_err(open_err)?;
-        let format = LayerFormat::sniff(&head[..head_len]).ok_or_else(|| LayerError::NotALayer { path: path.into() })?;
-        let counted =
-            CountingReader { inner: io::Cursor::new(head[..head_len].to_vec()).chain(reader), count: 0, unreported: 0, progress };
+        let format = LayerFormat::sniff(&head[..head_len])
+            .ok_or_else(|| LayerError::NotALayer { path: path.into() })?;
+        let counted = CountingReader {
+            inner: io::Cursor::new(head[..head_len].to_vec()).chain(reader),
+            count: 0,
+            unreported: 0,
+            progress,
+        };
 
-        let mut compressor = zstd::bulk::Compressor::new(self.config.zstd_level)
-            .map_err(|source| LayerError::Recompress { path: path.into(), source })?;
-        let mut fixed_compressor = zstd::bulk::Compressor::new(self.config.zstd_level)
-            .map_err(|source| LayerError::Recompress { path: path.into(), source })?;
+        let mut compressor =
+            zstd::bulk::Compressor::new(self.config.zstd_level).map_err(|source| {
+                LayerError::Recompress {
+                    path: path.into(),
+                    source,
+                }
+            })?;
+        let mut fixed_compressor =
+            zstd::bulk::Compressor::new(self.config.zstd_level).map_err(|source| {
+                LayerError::Recompress {
+                    path: path.into(),
+                    source,
+                }
+            })?;
         let mut cdc = LocalStore::new(&self.cdc);
         let mut fixed = LocalStore::new(&self.fixed);
-        let mut splitter = FixedSplitter { size: self.config.fixed_size, pending: Vec::new() };
+        let mut splitter = FixedSplitter {
+            size: self.config.fixed_size,
+            pending: Vec::new(),
+        };
 
         let mut on_chunk = |_offset: u64, chunk: &[u8]| -> io::Result<()> {
             cdc.add(chunk, &mut compressor)?;
@@ -269,14 +326,21 @@ impl DedupIndex {
         let uncompressed = match result {
             Ok(n) => n,
             Err(source) => {
-                return Err(LayerError::Decode { path: path.into(), format: format.name(), uncompressed: 0, source })
+                return Err(LayerError::Decode {
+                    path: path.into(),
+                    format: format.name(),
+                    source,
+                })
             }
         };
         if !splitter.pending.is_empty() {
             let tail = std::mem::take(&mut splitter.pending);
             fixed
                 .add(&tail, &mut fixed_compressor)
-                .map_err(|source| LayerError::Recompress { path: path.into(), source })?;
+                .map_err(|source| LayerError::Recompress {
+                    path: path.into(),
+                    source,
+                })?;
         }
         let counted = decoder.into_inner();
         (progress)(counted.unreported);
@@ -400,7 +464,11 @@ mod tests {
             write(&dir, "c.zst", &zstd::encode_all(&raw[..], 3).unwrap()),
         ];
         let index = DedupIndex::new(DedupConfig::default());
-        let reports: Vec<_> = index.add_layers(&paths, &|_| {}).into_iter().map(Result::unwrap).collect();
+        let reports: Vec<_> = index
+            .add_layers(&paths, &|_| {})
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(
             reports.iter().map(|r| r.format).collect::<Vec<_>>(),
             [LayerFormat::Tar, LayerFormat::Gzip, LayerFormat::Zstd]
@@ -423,17 +491,26 @@ mod tests {
         let path = write(&dir, "broken.gz", &gz[..gz.len() / 2]);
         let index = DedupIndex::new(DedupConfig::default());
         let err = index.add_layer(&path, &|_| {}).unwrap_err();
-        assert!(matches!(err, LayerError::Decode { format: "gzip", .. }), "{err}");
+        assert!(
+            matches!(err, LayerError::Decode { format: "gzip", .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("broken.gz"));
         assert_eq!(index.cdc_stats(), SchemeStats::default());
         let json = write(&dir, "config.json", b"{\"architecture\":\"amd64\"}");
-        assert!(matches!(index.add_layer(&json, &|_| {}), Err(LayerError::NotALayer { .. })));
+        assert!(matches!(
+            index.add_layer(&json, &|_| {}),
+            Err(LayerError::NotALayer { .. })
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn fixed_splitter_emits_exact_sizes() {
-        let mut s = FixedSplitter { size: 10, pending: Vec::new() };
+        let mut s = FixedSplitter {
+            size: 10,
+            pending: Vec::new(),
+        };
         let mut out = Vec::new();
         for piece in [&[1u8; 3][..], &[2; 25], &[3; 2], &[4; 4]] {
             s.feed(piece, |c| {

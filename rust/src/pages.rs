@@ -48,7 +48,9 @@ impl std::str::FromStr for PageHash {
         match s {
             "xxh3" => Ok(PageHash::Xxh3),
             "blake3" => Ok(PageHash::Blake3),
-            other => Err(format!("unknown page hash {other:?}: expected \"xxh3\" or \"blake3\"")),
+            other => Err(format!(
+                "unknown page hash {other:?}: expected \"xxh3\" or \"blake3\""
+            )),
         }
     }
 }
@@ -97,7 +99,11 @@ where
                 if is_zero(page) {
                     *word |= 1 << i;
                     // Only a full zero page has the precomputed digest; a short one is hashed.
-                    *slot = if page.len() == PAGE_SIZE { zero_digest } else { digest(page) };
+                    *slot = if page.len() == PAGE_SIZE {
+                        zero_digest
+                    } else {
+                        digest(page)
+                    };
                 } else {
                     *slot = digest(page);
                 }
@@ -120,7 +126,12 @@ impl PageDigests {
             }
         };
         let zero_pages = zero_bitmap.iter().map(|w| w.count_ones() as usize).sum();
-        Self { digests, zero_bitmap, zero_pages, byte_len: data.len() as u64 }
+        Self {
+            digests,
+            zero_bitmap,
+            zero_pages,
+            byte_len: data.len() as u64,
+        }
     }
 
     pub fn algo(&self) -> PageHash {
@@ -164,14 +175,26 @@ impl PageDigests {
     /// Compares page `i` with the golden's page `i`. Pages past the golden's end differ.
     pub fn compare(&self, golden: &PageDigests) -> Result<Comparison, MismatchedHash> {
         fn count<D: PartialEq + Sync>(mine: &[D], golden: &[D]) -> usize {
-            mine.par_iter().zip(golden.par_iter()).filter(|(a, b)| a == b).count()
+            mine.par_iter()
+                .zip(golden.par_iter())
+                .filter(|(a, b)| a == b)
+                .count()
         }
         let same = match (&self.digests, &golden.digests) {
             (Digests::Xxh3(a), Digests::Xxh3(b)) => count(a, b),
             (Digests::Blake3(a), Digests::Blake3(b)) => count(a, b),
-            _ => return Err(MismatchedHash { mine: self.algo(), golden: golden.algo() }),
+            _ => {
+                return Err(MismatchedHash {
+                    mine: self.algo(),
+                    golden: golden.algo(),
+                })
+            }
         };
-        Ok(Comparison { pages: self.page_count(), same, differ: self.page_count() - same })
+        Ok(Comparison {
+            pages: self.page_count(),
+            same,
+            differ: self.page_count() - same,
+        })
     }
 }
 
@@ -211,10 +234,16 @@ pub fn unique_pages(inputs: &[&PageDigests]) -> Result<UniqueCount, MismatchedHa
     }
     let pages = inputs.iter().map(|p| p.page_count()).sum();
     let Some(first) = inputs.first() else {
-        return Ok(UniqueCount { pages: 0, unique: 0 });
+        return Ok(UniqueCount {
+            pages: 0,
+            unique: 0,
+        });
     };
     if let Some(other) = inputs.iter().find(|p| p.algo() != first.algo()) {
-        return Err(MismatchedHash { mine: other.algo(), golden: first.algo() });
+        return Err(MismatchedHash {
+            mine: other.algo(),
+            golden: first.algo(),
+        });
     }
     let unique = match first.algo() {
         PageHash::Xxh3 => distinct(inputs.iter().filter_map(|p| match &p.digests {
@@ -260,15 +289,30 @@ mod tests {
             assert_eq!(golden.zero_pages(), 2);
             assert!(golden.is_zero_page(0) && golden.is_zero_page(3) && !golden.is_zero_page(1));
             let cmp = other.compare(&golden).unwrap();
-            assert_eq!(cmp, Comparison { pages: 6, same: 3, differ: 3 });
+            assert_eq!(
+                cmp,
+                Comparison {
+                    pages: 6,
+                    same: 3,
+                    differ: 3
+                }
+            );
             // Distinct contents: 0, 1, 2, 3, 9, 4.
-            assert_eq!(unique_pages(&[&golden, &other]).unwrap(), UniqueCount { pages: 11, unique: 6 });
+            assert_eq!(
+                unique_pages(&[&golden, &other]).unwrap(),
+                UniqueCount {
+                    pages: 11,
+                    unique: 6
+                }
+            );
         }
     }
 
     #[test]
     fn many_pages_across_bitmap_words() {
-        let fills: Vec<u8> = (0..200).map(|i| if i % 3 == 0 { 0 } else { (i % 251) as u8 }).collect();
+        let fills: Vec<u8> = (0..200)
+            .map(|i| if i % 3 == 0 { 0 } else { (i % 251) as u8 })
+            .collect();
         let d = PageDigests::compute(&image(&fills), PageHash::Xxh3);
         assert_eq!(d.zero_pages(), fills.iter().filter(|&&f| f == 0).count());
         for (i, &f) in fills.iter().enumerate() {

@@ -27,8 +27,14 @@ pub struct MappedFile {
 
 impl MappedFile {
     pub fn open(path: &Path) -> Result<Self, SourceError> {
-        let file = File::open(path).map_err(|source| SourceError::Open { path: path.into(), source })?;
-        let meta = file.metadata().map_err(|source| SourceError::Open { path: path.into(), source })?;
+        let file = File::open(path).map_err(|source| SourceError::Open {
+            path: path.into(),
+            source,
+        })?;
+        let meta = file.metadata().map_err(|source| SourceError::Open {
+            path: path.into(),
+            source,
+        })?;
         if !meta.is_file() {
             return Err(SourceError::NotAFile { path: path.into() });
         }
@@ -39,8 +45,10 @@ impl MappedFile {
         // the file while it is mapped, reads past the new end raise SIGBUS; that is the documented
         // contract of every mmap-based reader and is why callers only map files they own or that
         // are immutable (content-addressed blobs, snapshots).
-        let map = unsafe { MmapOptions::new().map(&file) }
-            .map_err(|source| SourceError::Map { path: path.into(), source })?;
+        let map = unsafe { MmapOptions::new().map(&file) }.map_err(|source| SourceError::Map {
+            path: path.into(),
+            source,
+        })?;
         // Sequential access lets the kernel read ahead aggressively; failure is harmless.
         let _ = map.advise(memmap2::Advice::Sequential);
         Ok(Self { map: Some(map) })

@@ -27,7 +27,9 @@ def main() -> None:
     """Console entry point: one-line errors and a non-zero exit for every expected failure."""
     _register()
     try:
-        cli.main(standalone_mode=False)
+        status = cli.main(standalone_mode=False)
+        if isinstance(status, int) and status:
+            sys.exit(status)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

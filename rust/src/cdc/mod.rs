@@ -69,7 +69,9 @@ impl Default for Chunker {
 /// A mask with `ones` one-bits spread evenly over the mask window.
 pub fn spread_mask(ones: u32) -> u64 {
     let ones = ones.clamp(1, MASK_WINDOW);
-    (0..ones).fold(0u64, |mask, i| mask | 1u64 << (MASK_HIGHEST_BIT - i * MASK_WINDOW / ones))
+    (0..ones).fold(0u64, |mask, i| {
+        mask | 1u64 << (MASK_HIGHEST_BIT - i * MASK_WINDOW / ones)
+    })
 }
 
 impl Chunker {
@@ -82,13 +84,23 @@ impl Chunker {
         normalization: u32,
     ) -> Result<Self, ParamsError> {
         if min_size < MIN_SIZE_FLOOR {
-            return Err(ParamsError::MinTooSmall { floor: MIN_SIZE_FLOOR, got: min_size });
+            return Err(ParamsError::MinTooSmall {
+                floor: MIN_SIZE_FLOOR,
+                got: min_size,
+            });
         }
         if !(min_size < avg_size && avg_size < max_size) {
-            return Err(ParamsError::NotOrdered { min: min_size, avg: avg_size, max: max_size });
+            return Err(ParamsError::NotOrdered {
+                min: min_size,
+                avg: avg_size,
+                max: max_size,
+            });
         }
         if max_size > MAX_SIZE_CEILING {
-            return Err(ParamsError::MaxTooLarge { ceiling: MAX_SIZE_CEILING, got: max_size });
+            return Err(ParamsError::MaxTooLarge {
+                ceiling: MAX_SIZE_CEILING,
+                got: max_size,
+            });
         }
         if normalization > 3 {
             return Err(ParamsError::BadNormalization(normalization));
@@ -141,7 +153,11 @@ impl Chunker {
 
     /// Iterates over `(offset, length)` of the chunks of a whole buffer.
     pub fn chunks<'a>(&self, data: &'a [u8]) -> Chunks<'a> {
-        Chunks { chunker: *self, data, offset: 0 }
+        Chunks {
+            chunker: *self,
+            data,
+            offset: 0,
+        }
     }
 }
 
@@ -217,7 +233,11 @@ mod tests {
         let mut h = 0u64;
         for (i, &b) in data.iter().enumerate().take(end).skip(c.min_size) {
             h = (h << 1).wrapping_add(GEAR[b as usize]);
-            let mask = if i < c.avg_size { c.mask_small } else { c.mask_large };
+            let mask = if i < c.avg_size {
+                c.mask_small
+            } else {
+                c.mask_large
+            };
             if h & mask == 0 {
                 return i + 1;
             }
@@ -245,7 +265,11 @@ mod tests {
             let mut off = 0;
             while off < data.len() {
                 let want = reference_cut(&c, &data[off..]);
-                assert_eq!(c.cut(&data[off..]), want, "at offset {off} for {min}/{avg}/{max}");
+                assert_eq!(
+                    c.cut(&data[off..]),
+                    want,
+                    "at offset {off} for {min}/{avg}/{max}"
+                );
                 off += want;
             }
         }
@@ -267,7 +291,10 @@ mod tests {
         }
         assert_eq!(expect_offset, data.len());
         let avg = data.len() / chunks.len();
-        assert!((8 << 10..32 << 10).contains(&avg), "average chunk {avg} far from 16 KiB");
+        assert!(
+            (8 << 10..32 << 10).contains(&avg),
+            "average chunk {avg} far from 16 KiB"
+        );
     }
 
     #[test]
@@ -289,10 +316,22 @@ mod tests {
 
     #[test]
     fn bad_params_are_refused() {
-        assert!(matches!(Chunker::new(16, 256, 1024, 1), Err(ParamsError::MinTooSmall { .. })));
-        assert!(matches!(Chunker::new(4096, 2048, 65536, 1), Err(ParamsError::NotOrdered { .. })));
-        assert!(matches!(Chunker::new(2048, 4096, 1 << 30, 1), Err(ParamsError::MaxTooLarge { .. })));
-        assert_eq!(Chunker::new(2048, 4096, 8192, 9), Err(ParamsError::BadNormalization(9)));
+        assert!(matches!(
+            Chunker::new(16, 256, 1024, 1),
+            Err(ParamsError::MinTooSmall { .. })
+        ));
+        assert!(matches!(
+            Chunker::new(4096, 2048, 65536, 1),
+            Err(ParamsError::NotOrdered { .. })
+        ));
+        assert!(matches!(
+            Chunker::new(2048, 4096, 1 << 30, 1),
+            Err(ParamsError::MaxTooLarge { .. })
+        ));
+        assert_eq!(
+            Chunker::new(2048, 4096, 8192, 9),
+            Err(ParamsError::BadNormalization(9))
+        );
     }
 
     #[test]

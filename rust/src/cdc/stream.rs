@@ -71,15 +71,24 @@ mod tests {
 
     #[test]
     fn streamed_cut_points_equal_whole_buffer_cut_points() {
-        let data: Vec<u8> = (0..9_000_000u64).map(|i| (i.wrapping_mul(0x9e37_79b9) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..9_000_000u64)
+            .map(|i| (i.wrapping_mul(0x9e37_79b9) >> 13) as u8)
+            .collect();
         for chunker in [Chunker::default(), Chunker::new(64, 256, 1024, 2).unwrap()] {
             let whole: Vec<_> = chunker.chunks(&data).collect();
             let mut streamed = Vec::new();
-            let total = chunk_reader::<_, io::Error, _>(Trickle { data: &data, step: 1 }, &chunker, |off, c| {
-                assert_eq!(c, &data[off as usize..off as usize + c.len()]);
-                streamed.push((off as usize, c.len()));
-                Ok(())
-            })
+            let total = chunk_reader::<_, io::Error, _>(
+                Trickle {
+                    data: &data,
+                    step: 1,
+                },
+                &chunker,
+                |off, c| {
+                    assert_eq!(c, &data[off as usize..off as usize + c.len()]);
+                    streamed.push((off as usize, c.len()));
+                    Ok(())
+                },
+            )
             .unwrap();
             assert_eq!(total, data.len() as u64);
             assert_eq!(streamed, whole);
@@ -94,7 +103,8 @@ mod tests {
                 Err(io::Error::other("disk on fire"))
             }
         }
-        let err = chunk_reader::<_, io::Error, _>(Broken, &Chunker::default(), |_, _| Ok(())).unwrap_err();
+        let err = chunk_reader::<_, io::Error, _>(Broken, &Chunker::default(), |_, _| Ok(()))
+            .unwrap_err();
         assert_eq!(err.to_string(), "disk on fire");
     }
 }

@@ -1,0 +1,83 @@
+"""Content-defined chunking (FastCDC 2020 with normalized chunking), computed by the Rust core.
+
+Inputs are any bytes-like object (bytes, bytearray, memoryview, mmap, NumPy array), read in place
+without copying, or a path, which is streamed in bounded memory whatever its size. The GIL is
+released while chunking, and :func:`chunk_many` chunks many inputs in parallel.
+
+Do not mutate a buffer while it is being chunked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+
+from typing_extensions import Buffer
+
+from supermachine import _core
+
+Input = Buffer | str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ChunkParams:
+    """Chunk size bounds. Every chunk but the last is longer than ``min_size`` and at most
+    ``max_size``; sizes cluster around ``avg_size``. ``normalization`` (0-3) narrows the spread."""
+
+    min_size: int = 2 * 1024
+    avg_size: int = 16 * 1024
+    max_size: int = 64 * 1024
+    normalization: int = 1
+
+    def as_kwargs(self) -> dict[str, int]:
+        return {
+            "min_size": self.min_size,
+            "avg_size": self.avg_size,
+            "max_size": self.max_size,
+            "normalization": self.normalization,
+        }
+
+
+DEFAULT_PARAMS = ChunkParams()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offset: int
+    length: int
+    digest: bytes
+    """128-bit XXH3 of the chunk's bytes, big-endian."""
+
+
+def lengths(data: Input, params: ChunkParams = DEFAULT_PARAMS) -> list[int]:
+    """The chunk lengths of ``data``, in order."""
+    return _core.cdc_lengths(data, **params.as_kwargs())
+
+
+def boundaries(data: Input, params: ChunkParams = DEFAULT_PARAMS) -> list[int]:
+    """The end offset of every chunk of ``data`` (the last equals the input length)."""
+    return list(accumulate(lengths(data, params)))
+
+
+def chunks(data: Input, params: ChunkParams = DEFAULT_PARAMS) -> list[Chunk]:
+    """The chunks of ``data`` with offsets and digests."""
+    return [Chunk(o, n, d) for o, n, d in _core.cdc_chunks(data, **params.as_kwargs())]
+
+
+def chunk_many(
+    inputs: Sequence[Input], params: ChunkParams = DEFAULT_PARAMS, *, threads: int | None = None
+) -> list[list[int]]:
+    """Chunk lengths of each input, computed in parallel (``threads=None``: one per core)."""
+    return _core.cdc_lengths_many(inputs, threads=threads, **params.as_kwargs())
+
+
+def gear_table() -> list[int]:
+    """The 256-entry gear table (SplitMix64 from the fixed seed ``_core.CDC_GEAR_SEED``)."""
+    return _core.cdc_gear_table()
+
+
+def masks(params: ChunkParams = DEFAULT_PARAMS) -> tuple[int, int]:
+    """The (strict, loose) cut masks used below and above ``avg_size``."""
+    return _core.cdc_masks(**params.as_kwargs())

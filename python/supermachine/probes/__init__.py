@@ -1,0 +1,1 @@
+"""Probes: measurements that answer the product's density questions from files on disk."""

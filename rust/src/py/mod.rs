@@ -1,0 +1,46 @@
+//! `supermachine._core`: the thin binding layer between the Rust core and Python.
+//!
+//! Conventions: long work runs with the GIL released (`Python::detach`); inputs are taken
+//! zero-copy from any C-contiguous buffer (bytes, bytearray, memoryview, mmap, NumPy arrays) or
+//! read from a path; errors become `ValueError`/`OSError` with one-line messages.
+
+mod cdc;
+mod input;
+mod layers;
+mod pages;
+
+use pyo3::prelude::*;
+
+/// Runs `f` on a rayon pool of `threads` workers, or on the global pool when `None`.
+pub(crate) fn with_threads<T: Send>(
+    threads: Option<usize>,
+    f: impl FnOnce() -> T + Send,
+) -> PyResult<T> {
+    match threads {
+        None => Ok(f()),
+        Some(0) => Err(pyo3::exceptions::PyValueError::new_err(
+            "threads must be at least 1",
+        )),
+        Some(n) => {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| {
+                    pyo3::exceptions::PyRuntimeError::new_err(format!(
+                        "cannot start {n} threads: {e}"
+                    ))
+                })?;
+            Ok(pool.install(f))
+        }
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PAGE_SIZE", crate::pages::PAGE_SIZE)?;
+    cdc::register(m)?;
+    pages::register(m)?;
+    layers::register(m)?;
+    Ok(())
+}
