@@ -1,0 +1,193 @@
+"""The content-defined chunker: invariants, and agreement with an independent slow reference."""
+
+from __future__ import annotations
+
+import array
+import math
+import mmap
+import os
+import random
+from pathlib import Path
+
+import pytest
+from supermachine import _core, cdc
+
+MASK64 = (1 << 64) - 1
+
+
+def splitmix64_table(seed: int) -> list[int]:
+    """SplitMix64, written from its published definition, independently of the Rust code."""
+    out, state = [], seed
+    for _ in range(256):
+        state = (state + 0x9E3779B97F4A7C15) & MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def spread_mask(ones: int) -> int:
+    """The documented mask rule: `ones` bits spread evenly over bits 62 down to 15."""
+    return sum(1 << (62 - i * 48 // ones) for i in range(ones))
+
+
+def reference_lengths(data: bytes, p: cdc.ChunkParams) -> list[int]:
+    """FastCDC 2020 normalized chunking, one byte at a time, as the algorithm is specified."""
+    gear = splitmix64_table(_core.CDC_GEAR_SEED)
+    bits = round(math.log2(p.avg_size))
+    mask_small, mask_large = spread_mask(bits + p.normalization), spread_mask(bits - p.normalization)
+    out, start = [], 0
+    while start < len(data):
+        remaining = len(data) - start
+        cut = min(remaining, p.max_size)
+        if remaining > p.min_size:
+            h = 0
+            for i in range(p.min_size, cut):
+                h = ((h << 1) + gear[data[start + i]]) & MASK64
+                if h & (mask_small if i < p.avg_size else mask_large) == 0:
+                    cut = i + 1
+                    break
+        out.append(cut)
+        start += cut
+    return out
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+SMALL = cdc.ChunkParams(min_size=256, avg_size=1024, max_size=4096)
+
+
+def test_gear_table_is_splitmix64_of_the_documented_seed() -> None:
+    assert cdc.gear_table() == splitmix64_table(_core.CDC_GEAR_SEED)
+
+
+def test_masks_follow_the_documented_rule() -> None:
+    assert cdc.masks() == (spread_mask(15), spread_mask(13))
+    assert cdc.masks(SMALL) == (spread_mask(11), spread_mask(9))
+
+
+@pytest.mark.parametrize(
+    ("params", "size"),
+    [(SMALL, 200_000), (cdc.DEFAULT_PARAMS, 600_000), (cdc.ChunkParams(1000, 3000, 9000, 2), 200_000)],
+)
+def test_cut_points_agree_with_independent_reference(params: cdc.ChunkParams, size: int) -> None:
+    data = random_bytes(size, seed=size)
+    got = cdc.lengths(data, params)
+    assert got == reference_lengths(data, params)
+    assert len(got) > 10
+
+
+def test_bounds_and_coverage() -> None:
+    data = random_bytes(8 << 20, seed=1)
+    lengths = cdc.lengths(data)
+    assert sum(lengths) == len(data)
+    assert all(2048 < n <= 65536 for n in lengths[:-1])
+    assert 0 < lengths[-1] <= 65536
+    assert 12_000 < len(data) / len(lengths) < 24_000  # clusters around the 16 KiB average
+
+
+def test_deterministic_across_buffer_kinds(tmp_path: Path) -> None:
+    data = random_bytes(3 << 20, seed=2)
+    want = cdc.lengths(data)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        assert cdc.lengths(mm) == want
+    assert cdc.lengths(bytearray(data)) == want
+    assert cdc.lengths(memoryview(data)) == want
+    assert cdc.lengths(array.array("Q", data[: len(data) // 8 * 8])) == cdc.lengths(
+        data[: len(data) // 8 * 8]
+    )
+    assert cdc.lengths(data) == want
+
+
+def test_whole_and_streamed_give_identical_cut_points(tmp_path: Path) -> None:
+    # Larger than the 4 MiB stream buffer, so the streamed path refills many times.
+    data = random_bytes(11 << 20, seed=3)
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    assert cdc.lengths(path) == cdc.lengths(data)
+    assert cdc.lengths(str(path), SMALL) == cdc.lengths(data, SMALL)
+
+
+def test_insertion_near_start_changes_only_nearby_chunks() -> None:
+    data = random_bytes(4 << 20, seed=4)
+    edited = data[:1000] + b"inserted!!" + data[1000:]
+    before = cdc.boundaries(data)
+    after = cdc.boundaries(edited)
+    shifted = {b + 10 for b in before}
+    changed = [b for b in after if b not in shifted]
+    assert len(changed) <= 2, changed
+    assert len(set(after) & shifted) >= len(before) - 2
+
+
+def test_empty_and_tiny_inputs() -> None:
+    assert cdc.lengths(b"") == []
+    assert cdc.lengths(b"x") == [1]
+    assert cdc.lengths(b"y" * 2048) == [2048]
+    assert cdc.lengths(b"\0" * 200_000) == [65536, 65536, 65536, 3392]
+
+
+def test_chunks_carry_offsets_and_content_digests() -> None:
+    block = random_bytes(200_000, seed=5)
+    data = block + random_bytes(50_000, seed=6) + block
+    chunks = cdc.chunks(data)
+    assert [c.offset for c in chunks] == [0, *cdc.boundaries(data)[:-1]]
+    by_digest: dict[bytes, bytes] = {}
+    for c in chunks:
+        content = data[c.offset : c.offset + c.length]
+        assert by_digest.setdefault(c.digest, content) == content
+    assert len(by_digest) < len(chunks)  # the repeated block yields repeated chunks
+
+
+def test_chunk_many_matches_single_calls_for_any_thread_count(tmp_path: Path) -> None:
+    inputs: list[cdc.Input] = [random_bytes(1 << 20, seed=s) for s in range(5)]
+    path = tmp_path / "f"
+    path.write_bytes(random_bytes(2 << 20, seed=9))
+    inputs.append(path)
+    want = [cdc.lengths(i) for i in inputs]
+    assert cdc.chunk_many(inputs, threads=1) == want
+    assert cdc.chunk_many(inputs, threads=2) == want
+    assert cdc.chunk_many(inputs) == want
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"min_size": 16, "avg_size": 256, "max_size": 1024}, "min_size must be at least 64"),
+        ({"min_size": 4096, "avg_size": 2048, "max_size": 65536}, "min_size < avg_size < max_size"),
+        ({"max_size": 1 << 30}, "max_size must be at most"),
+        ({"normalization": 7}, "normalization level must be 0 to 3"),
+    ],
+)
+def test_bad_parameters_are_refused(kwargs: dict[str, int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _core.cdc_lengths(b"abc", **kwargs)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="expected a path or a bytes-like object, got int"):
+        _core.cdc_lengths(42)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match=r"cannot open .*missing"):
+        cdc.lengths(tmp_path / "missing")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cdc.lengths(memoryview(b"abcdef")[::2])
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        cdc.chunk_many([b"x"], threads=0)
+
+
+def test_directory_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        cdc.lengths(tmp_path)
+
+
+def test_file_is_read_not_modified(tmp_path: Path) -> None:
+    path = tmp_path / "ro"
+    data = os.urandom(100_000)
+    path.write_bytes(data)
+    path.chmod(0o444)
+    cdc.lengths(path)
+    assert path.read_bytes() == data
