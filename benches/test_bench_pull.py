@@ -1,0 +1,135 @@
+"""Pull throughput and squashfs build time, each against a reference tool in the same run.
+
+* pulling a multi-layer image from a local ``docker-registry``: ``supermachine.oci.pull`` vs
+  ``skopeo copy docker://… oci:…``, both into a fresh directory every round;
+* building the root filesystem: our builder (apply layers + ``mksquashfs``) vs plain ``mksquashfs``
+  on the already-unpacked tree.
+
+``benchmark.extra_info`` carries MB/s (compressed bytes for pulls, unpacked tree bytes for builds).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import os
+import sys
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "oci"))
+from _support import LayoutWriter, Registry, missing_tools, skopeo_copy, start_registry
+from supermachine.oci import ImageStore, build_rootfs, build_squashfs, load_image, pull
+from supermachine.oci.rootfs import mksquashfs
+
+LAYERS = 4
+LAYER_MB = 16
+ROUNDS = 3
+_counter = itertools.count()
+
+
+def _layer(seed: int) -> bytes:
+    """A gzip layer: half random bytes, half text-like data, in a few files (compresses ~2:1)."""
+    rnd = os.urandom(LAYER_MB << 19)
+    words = b" ".join(b"word%d" % (i * 7919 % 5000) for i in range(200_000))
+    text = (words * (1 + (LAYER_MB << 19) // len(words)))[: LAYER_MB << 19]
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in ((f"l{seed}/random.bin", rnd), (f"l{seed}/text.txt", text)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue(), compresslevel=1, mtime=0)
+
+
+@dataclass
+class BenchImage:
+    registry: Registry
+    ref: str
+    compressed_bytes: int
+
+
+@pytest.fixture(scope="module")
+def bench_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchImage]:
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}")
+    root = tmp_path_factory.mktemp("bench-pull")
+    registry = start_registry(root / "registry")
+    layout = LayoutWriter(root / "layout")
+    layers = [(_layer(i), "gzip") for i in range(LAYERS)]
+    layout.tag(layout.image(layers, config={"Cmd": ["/bin/true"]}), "bench")
+    ref = f"{registry.host}/bench/multilayer:v1"
+    skopeo_copy(f"oci:{layout.path}:bench", f"docker://{ref}")
+    yield BenchImage(registry, ref, sum(len(b) for b, _ in layers))
+    registry.stop()
+
+
+def _fresh(base: Path) -> Path:
+    path = base / f"round-{next(_counter)}"
+    path.mkdir(parents=True)
+    return path
+
+
+def _mb_per_s(nbytes: int, seconds: float) -> float:
+    return round(nbytes / 1e6 / seconds, 1)
+
+
+def test_pull_supermachine(benchmark, bench_image: BenchImage, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    def setup() -> tuple[tuple[ImageStore], dict[str, object]]:
+        return (ImageStore(_fresh(tmp_path)),), {}
+
+    image = benchmark.pedantic(lambda store: pull(bench_image.ref, store=store), setup=setup, rounds=ROUNDS)
+    assert len(image.layers) == LAYERS
+    benchmark.extra_info["MB"] = round(bench_image.compressed_bytes / 1e6, 1)
+    benchmark.extra_info["MB/s"] = _mb_per_s(bench_image.compressed_bytes, benchmark.stats.stats.median)
+
+
+def test_pull_skopeo(benchmark, bench_image: BenchImage, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    def setup() -> tuple[tuple[Path], dict[str, object]]:
+        return (_fresh(tmp_path) / "oci",), {}
+
+    benchmark.pedantic(
+        lambda dest: skopeo_copy(f"docker://{bench_image.ref}", f"oci:{dest}:v1"), setup=setup, rounds=ROUNDS
+    )
+    benchmark.extra_info["MB"] = round(bench_image.compressed_bytes / 1e6, 1)
+    benchmark.extra_info["MB/s"] = _mb_per_s(bench_image.compressed_bytes, benchmark.stats.stats.median)
+
+
+@pytest.fixture(scope="module")
+def pulled(bench_image: BenchImage, tmp_path_factory: pytest.TempPathFactory) -> tuple[ImageStore, int]:
+    store = ImageStore(tmp_path_factory.mktemp("bench-store"))
+    image = pull(bench_image.ref, store=store)
+    tree = build_rootfs(image, store.root / "reference-tree")
+    size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file())
+    return store, size
+
+
+def test_squashfs_supermachine(benchmark, bench_image: BenchImage, pulled: tuple[ImageStore, int]) -> None:  # type: ignore[no-untyped-def]
+    store, size = pulled
+    image = load_image(bench_image.ref, store)
+
+    def build() -> Path:
+        return build_squashfs(image, force=True, processors=1)
+
+    out = benchmark.pedantic(build, rounds=ROUNDS)
+    assert out.is_file()
+    benchmark.extra_info["tree MB"] = round(size / 1e6, 1)
+    benchmark.extra_info["MB/s"] = _mb_per_s(size, benchmark.stats.stats.median)
+
+
+def test_squashfs_plain_mksquashfs(benchmark, pulled: tuple[ImageStore, int], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, size = pulled
+    tree = store.root / "reference-tree"
+
+    def setup() -> tuple[tuple[Path], dict[str, object]]:
+        return (_fresh(tmp_path) / "plain.squashfs",), {}
+
+    benchmark.pedantic(lambda out: mksquashfs(tree, out, processors=1), setup=setup, rounds=ROUNDS)
+    benchmark.extra_info["tree MB"] = round(size / 1e6, 1)
+    benchmark.extra_info["MB/s"] = _mb_per_s(size, benchmark.stats.stats.median)
