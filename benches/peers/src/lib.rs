@@ -11,9 +11,9 @@ use pyo3::prelude::*;
 fn fastcdc_v2020_lengths(
     py: Python<'_>,
     data: &Bound<'_, PyAny>,
-    min_size: u32,
-    avg_size: u32,
-    max_size: u32,
+    min_size: usize,
+    avg_size: usize,
+    max_size: usize,
 ) -> PyResult<Vec<u32>> {
     let buf = PyUntypedBuffer::get(data)?;
     if !buf.is_c_contiguous() {

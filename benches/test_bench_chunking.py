@@ -1,0 +1,67 @@
+"""Chunking throughput: supermachine's FastCDC vs the peers, configured identically
+(min 2 KiB / avg 16 KiB / max 64 KiB) on the same 256 MiB buffer in the same run.
+
+Peers: the `fastcdc` Rust crate's v2020 chunker (through a benchmark-only binding), PyPI
+`pyfastcdc` (FastCDC 2020, Cython) and PyPI `fastcdc` (FastCDC 2016, Cython)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from conftest import MiB, throughput
+
+from supermachine import cdc
+
+MIN, AVG, MAX = 2048, 16384, 65536
+
+
+def _supermachine(data: bytes) -> int:
+    return len(cdc.lengths(data))
+
+
+def _fastcdc_rs(data: bytes) -> int:
+    import supermachine_bench_peers
+
+    return len(supermachine_bench_peers.fastcdc_v2020_lengths(data, MIN, AVG, MAX))
+
+
+def _pyfastcdc(data: bytes) -> int:
+    from pyfastcdc import FastCDC
+
+    return sum(1 for _ in FastCDC(avg_size=AVG, min_size=MIN, max_size=MAX).cut_buf(data))
+
+
+def _fastcdc_py(data: bytes) -> int:
+    from fastcdc import fastcdc
+
+    return sum(1 for _ in fastcdc(data, MIN, AVG, MAX))
+
+
+PEERS: dict[str, Callable[[bytes], int]] = {
+    "supermachine": _supermachine,
+    "fastcdc-rs-v2020": _fastcdc_rs,
+    "pyfastcdc": _pyfastcdc,
+    "fastcdc-py-2016": _fastcdc_py,
+}
+
+
+@pytest.mark.benchmark(group="chunking: one 256 MiB buffer, one thread")
+@pytest.mark.parametrize("impl", list(PEERS))
+def test_chunking_single_thread(benchmark: object, random_256m: bytes, impl: str) -> None:
+    fn = PEERS[impl]
+    chunks = benchmark.pedantic(fn, args=(random_256m,), rounds=5, warmup_rounds=1)  # type: ignore[attr-defined]
+    assert 8_000 < chunks < 24_000  # every peer finds chunks of about the same average size
+    throughput(benchmark, len(random_256m))
+
+
+@pytest.mark.benchmark(group="chunking: 8 x 32 MiB inputs, scaling over threads")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunking_many_inputs(benchmark: object, random_256m: bytes, threads: int) -> None:
+    view = memoryview(random_256m)
+    inputs = [view[i * 32 * MiB : (i + 1) * 32 * MiB] for i in range(8)]
+    result = benchmark.pedantic(  # type: ignore[attr-defined]
+        cdc.chunk_many, args=(inputs,), kwargs={"threads": threads}, rounds=5, warmup_rounds=1
+    )
+    assert len(result) == 8
+    throughput(benchmark, len(random_256m))
