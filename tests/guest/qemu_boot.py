@@ -96,8 +96,9 @@ def qemu_command(
     cpu = "host"
     if profile == "compat":
         append += ["noxsave", f"clearcpuid={COMPAT_CLEARCPUID}"]
-        # The kernel runs AMD-only FPU workarounds that cannot be emulated; present an Intel CPU.
-        cpu = "host,vendor=GenuineIntel"
+        # With an AMD vendor the kernel runs an FPU workaround that cannot be emulated: present an
+        # Intel CPU. QEMU then also sets IA32_ARCH_CAPABILITIES, which such hosts refuse.
+        cpu = "host,vendor=GenuineIntel,-arch-capabilities"
     if extra_append:
         append.append(extra_append)
     command = [
