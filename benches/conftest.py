@@ -38,7 +38,11 @@ def ram_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, P
     a golden with 30% zero pages, and a child that differs in 10% of its pages. Yields the paths
     and read-only maps of both, which every peer reads."""
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else None
-    directory = Path(tmp_path_factory.mktemp("ram", numbered=True)) if base is None else base / f"sm-bench-{os.getpid()}"
+    directory = (
+        Path(tmp_path_factory.mktemp("ram", numbered=True))
+        if base is None
+        else base / f"sm-bench-{os.getpid()}"
+    )
     directory.mkdir(exist_ok=True)
     rng = np.random.default_rng(7)
     pages = 256 * MiB // 4096

@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import pytest
 from conftest import MiB, throughput
-
 from supermachine import cdc
 
 MIN, AVG, MAX = 2048, 16384, 65536

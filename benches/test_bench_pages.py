@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import xxhash
 from conftest import throughput
-
 from supermachine import pages
 
 PAGE = 4096

@@ -385,7 +385,7 @@ fn read_up_to(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// The decompressing reader for each layer format.
 enum Decoder<R: Read> {
-    Gzip(flate2::read::MultiGzDecoder<R>),
+    Gzip(Box<flate2::read::MultiGzDecoder<R>>),
     Zstd(zstd::stream::read::Decoder<'static, io::BufReader<R>>),
     Tar(R),
 }
@@ -393,7 +393,7 @@ enum Decoder<R: Read> {
 impl<R: Read> Decoder<R> {
     fn new(format: LayerFormat, inner: R) -> io::Result<Self> {
         Ok(match format {
-            LayerFormat::Gzip => Decoder::Gzip(flate2::read::MultiGzDecoder::new(inner)),
+            LayerFormat::Gzip => Decoder::Gzip(Box::new(flate2::read::MultiGzDecoder::new(inner))),
             LayerFormat::Zstd => Decoder::Zstd(zstd::stream::read::Decoder::new(inner)?),
             LayerFormat::Tar => Decoder::Tar(inner),
         })

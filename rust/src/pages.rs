@@ -77,7 +77,7 @@ pub struct PageDigests {
 #[inline]
 pub fn is_zero(bytes: &[u8]) -> bool {
     let mut blocks = bytes.chunks_exact(64);
-    let blocks_zero = (&mut blocks).all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0);
+    let blocks_zero = blocks.all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0);
     blocks_zero && blocks.remainder().iter().all(|&x| x == 0)
 }
 
