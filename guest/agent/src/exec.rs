@@ -1,0 +1,439 @@
+//! The `exec` request: start a process, relay its stdin/stdout/stderr, enforce the timeout, report
+//! its exit.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use crate::conn::{Conn, End};
+use crate::proto::{self, kind, Encoder, Fields, Frame, BYTES, CHUNK, HEADER, LIST, UINT};
+use crate::spawn::{self, Spec};
+use crate::{sys, users, Context};
+
+pub const ARGV: u8 = 1;
+pub const ENV: u8 = 2;
+pub const CWD: u8 = 3;
+pub const USER: u8 = 4;
+pub const STDIN: u8 = 5;
+pub const TIMEOUT_MS: u8 = 6;
+
+pub const STARTED_PID: u8 = 1;
+pub const EXIT_STATUS: u8 = 1;
+pub const EXIT_SIGNAL: u8 = 2;
+pub const EXIT_TIMED_OUT: u8 = 3;
+pub const EXIT_DURATION_MS: u8 = 4;
+pub const SIGNAL_NUMBER: u8 = 1;
+
+pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Stop reading the socket while this much stdin is waiting for the process (back-pressure).
+const STDIN_BACKLOG: usize = 1 << 20;
+/// How long output pipes may stay open after the process exited (a background child holding them).
+const LINGER: Duration = Duration::from_millis(100);
+
+const SCHEMA: &[(u8, u8)] = &[
+    (ARGV, LIST),
+    (ENV, LIST),
+    (CWD, BYTES),
+    (USER, BYTES),
+    (STDIN, UINT),
+    (TIMEOUT_MS, UINT),
+];
+
+/// What a request asks for, checked and converted for `spawn`. `Err` is a one-line request error.
+fn prepare(fields: &Fields<'_>) -> Result<(Spec, bool, Option<Duration>), String> {
+    let argv = fields.list(ARGV).unwrap_or(&[]);
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err("exec needs a non-empty argv".into());
+    }
+    let identity = match fields.bytes(USER) {
+        Some(spec) if !spec.is_empty() => Some(users::resolve(spec)?),
+        _ => None,
+    };
+    let env: Vec<Vec<u8>> = match fields.list(ENV) {
+        Some(list) => list.iter().map(|e| e.to_vec()).collect(),
+        None => {
+            let home: &[u8] = match &identity {
+                Some(id) => &id.home,
+                None if unsafe { libc::geteuid() } == 0 => b"/root",
+                None => b"/",
+            };
+            vec![[b"PATH=", DEFAULT_PATH].concat(), [b"HOME=", home].concat()]
+        }
+    };
+    let path_var = env
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix(b"PATH="))
+        .unwrap_or(DEFAULT_PATH);
+    let program = argv[0];
+    let candidates: Vec<Vec<u8>> = if program.contains(&b'/') {
+        vec![program.to_vec()]
+    } else {
+        path_var
+            .split(|&b| b == b':')
+            .map(|dir| {
+                let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+                [dir, b"/", program].concat()
+            })
+            .collect()
+    };
+    let to_c = |items: &[Vec<u8>], what: &str| -> Result<Vec<_>, String> {
+        items.iter().map(|b| sys::cstring(b, what)).collect()
+    };
+    let argv_owned: Vec<Vec<u8>> = argv.iter().map(|a| a.to_vec()).collect();
+    let cwd = fields.bytes(CWD).filter(|c| !c.is_empty()).unwrap_or(b"/");
+    let timeout = match fields.uint(TIMEOUT_MS) {
+        None | Some(0) => None,
+        Some(ms) => Some(Duration::from_millis(ms)),
+    };
+    let spec = Spec {
+        candidates: to_c(&candidates, "argv[0]")?,
+        argv: to_c(&argv_owned, "an argv element")?,
+        envp: to_c(&env, "an environment entry")?,
+        cwd: Some(sys::cstring(cwd, "cwd")?),
+        identity,
+        stdin: -1,
+        stdout: -1,
+        stderr: -1,
+    };
+    Ok((spec, fields.uint(STDIN).unwrap_or(0) != 0, timeout))
+}
+
+pub fn run(conn: &mut Conn, frame: &Frame, ctx: &Context) -> Result<(), End> {
+    let fields = Conn::decode(frame, SCHEMA)?;
+    let (mut spec, want_stdin, timeout) = match prepare(&fields) {
+        Ok(prepared) => prepared,
+        Err(message) => return conn.reply_error("request", None, &message),
+    };
+    drop(fields);
+
+    let pipes = (|| -> std::io::Result<_> {
+        let stdin = if want_stdin || ctx.devnull.is_none() {
+            Some(sys::pipe()?)
+        } else {
+            None
+        };
+        Ok((stdin, sys::pipe()?, sys::pipe()?))
+    })();
+    let (stdin_pipe, (out_r, out_w), (err_r, err_w)) = match pipes {
+        Ok(p) => p,
+        Err(e) => {
+            return conn.reply_error(
+                "os",
+                e.raw_os_error(),
+                &format!("pipe: {}", sys::errno_text(&e)),
+            )
+        }
+    };
+    let (stdin_r, mut stdin_w) = match stdin_pipe {
+        Some((r, w)) => (Some(r), if want_stdin { Some(w) } else { None }),
+        None => (None, None),
+    };
+    spec.stdin = match (&stdin_r, &ctx.devnull) {
+        (Some(r), _) => r.as_raw_fd(),
+        (None, Some(null)) => null.as_raw_fd(),
+        (None, None) => unreachable!("a stdin pipe exists when /dev/null is missing"),
+    };
+    spec.stdout = out_w.as_raw_fd();
+    spec.stderr = err_w.as_raw_fd();
+
+    let started = Instant::now();
+    let result = spawn::spawn(&spec, &mut conn.stack);
+    // The child has its copies (or is gone): close ours so EOF can be seen.
+    drop((stdin_r, out_w, err_w));
+    let (pid, pidfd) = match result {
+        Ok(started) => started,
+        Err(failure) => {
+            let what = if failure.stage == spawn::Stage::Exec {
+                "exec"
+            } else {
+                "os"
+            };
+            return conn.reply_error(what, Some(failure.errno), &failure.message(&spec));
+        }
+    };
+    if let Some(w) = &stdin_w {
+        if sys::set_nonblocking(w).is_err() {
+            stdin_w = None;
+        }
+    }
+    let payload = Encoder::new().uint(STARTED_PID, pid as u64).finish();
+    let mut running = Running {
+        pid,
+        pidfd,
+        out: Some(out_r),
+        err: Some(err_r),
+        stdin: stdin_w,
+        pending: Vec::new(),
+        pending_at: 0,
+        stdin_closing: false,
+        status: None,
+        exited_at: None,
+        deadline: timeout.map(|t| started + t),
+        timed_out: false,
+        connected: true,
+        violation: None,
+    };
+    if proto::send(conn.fd(), kind::STARTED, &payload).is_err() {
+        running.disconnect();
+    }
+    running.relay(conn)?;
+    let status = running.status.unwrap_or(0);
+    let duration = running.exited_at.unwrap_or_else(Instant::now) - started;
+    if let Some(message) = running.violation {
+        return Err(End::Fatal(message));
+    }
+    if !running.connected {
+        return Err(End::Closed);
+    }
+    let mut enc = Encoder::new();
+    if libc::WIFSIGNALED(status) {
+        enc = enc.uint(EXIT_SIGNAL, libc::WTERMSIG(status) as u64);
+    } else {
+        enc = enc.uint(EXIT_STATUS, libc::WEXITSTATUS(status) as u64);
+    }
+    let payload = enc
+        .uint(EXIT_TIMED_OUT, running.timed_out as u64)
+        .uint(EXIT_DURATION_MS, duration.as_millis() as u64)
+        .finish();
+    proto::send(conn.fd(), kind::EXIT, &payload)?;
+    Ok(())
+}
+
+struct Running {
+    pid: libc::pid_t,
+    pidfd: OwnedFd,
+    out: Option<OwnedFd>,
+    err: Option<OwnedFd>,
+    stdin: Option<OwnedFd>,
+    pending: Vec<u8>,
+    pending_at: usize,
+    stdin_closing: bool,
+    status: Option<libc::c_int>,
+    exited_at: Option<Instant>,
+    deadline: Option<Instant>,
+    timed_out: bool,
+    /// False once the client went away: the process group is killed, output is discarded.
+    connected: bool,
+    /// A protocol violation seen while the process ran: reported once it is gone.
+    violation: Option<String>,
+}
+
+fn ms_until(when: Instant, now: Instant) -> libc::c_int {
+    let left = when.saturating_duration_since(now);
+    // Round up so that poll does not wake just before the moment.
+    let ms = left.as_micros().div_ceil(1000);
+    ms.min(i32::MAX as u128) as libc::c_int
+}
+
+impl Running {
+    fn disconnect(&mut self) {
+        if self.connected {
+            self.connected = false;
+            self.kill(libc::SIGKILL);
+        }
+    }
+
+    fn kill(&self, sig: libc::c_int) {
+        if self.status.is_none() {
+            sys::kill_group(self.pid, sig);
+        }
+    }
+
+    fn stop_stdin(&mut self) {
+        self.stdin = None;
+        self.pending.clear();
+        self.pending_at = 0;
+    }
+
+    /// Handles frames the client sent while the process runs.
+    fn take_frames(&mut self, conn: &mut Conn) {
+        loop {
+            let frame = match conn.reader.next_buffered() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(e) => {
+                    if let End::Fatal(message) = End::from(e) {
+                        self.violation.get_or_insert(message);
+                    }
+                    self.disconnect();
+                    return;
+                }
+            };
+            match frame.kind {
+                kind::STDIN => {
+                    if self.stdin.is_some() && !self.stdin_closing {
+                        if self.pending_at == self.pending.len() {
+                            self.pending.clear();
+                            self.pending_at = 0;
+                        }
+                        self.pending.extend_from_slice(&frame.payload);
+                    }
+                }
+                kind::STDIN_CLOSE => self.stdin_closing = true,
+                kind::SIGNAL => match Fields::decode(&frame.payload, &[(SIGNAL_NUMBER, UINT)]) {
+                    Ok(f) => match f.uint(SIGNAL_NUMBER) {
+                        Some(sig) if (1..=64).contains(&sig) => self.kill(sig as libc::c_int),
+                        _ => {
+                            self.violation
+                                .get_or_insert("signal request without a valid signal".into());
+                            self.disconnect();
+                        }
+                    },
+                    Err(e) => {
+                        self.violation
+                            .get_or_insert(format!("malformed signal request: {e}"));
+                        self.disconnect();
+                    }
+                },
+                other => {
+                    self.violation.get_or_insert(format!(
+                        "unexpected {} frame while a process is running",
+                        kind::name(other)
+                    ));
+                    self.disconnect();
+                }
+            }
+        }
+    }
+
+    /// Forwards one chunk from an output pipe; returns false at EOF.
+    fn forward(&mut self, conn: &mut Conn, fd: &OwnedFd, frame_kind: u8) -> bool {
+        let mut chunk = std::mem::take(&mut conn.buf);
+        chunk.clear();
+        chunk.reserve(HEADER + CHUNK);
+        chunk.extend_from_slice(&[0u8; HEADER]);
+        // SAFETY: the reservation leaves at least CHUNK bytes of spare capacity after the header.
+        let ret =
+            unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().add(HEADER).cast(), CHUNK) };
+        let more = if ret < 0 {
+            let kind = std::io::Error::last_os_error().kind();
+            kind == std::io::ErrorKind::Interrupted || kind == std::io::ErrorKind::WouldBlock
+        } else if ret == 0 {
+            false
+        } else {
+            unsafe { chunk.set_len(HEADER + ret as usize) };
+            if self.connected && proto::send_prefixed(conn.fd(), frame_kind, &mut chunk).is_err() {
+                self.disconnect();
+            }
+            true
+        };
+        conn.buf = chunk;
+        more
+    }
+
+    fn relay(&mut self, conn: &mut Conn) -> Result<(), End> {
+        loop {
+            if self.connected {
+                self.take_frames(conn);
+            }
+            if self.stdin_closing && self.pending_at == self.pending.len() {
+                self.stop_stdin();
+            }
+            let now = Instant::now();
+            if self.status.is_some() {
+                let lingered = self.exited_at.is_some_and(|t| now >= t + LINGER);
+                if (self.out.is_none() && self.err.is_none()) || lingered {
+                    return Ok(());
+                }
+            } else if let Some(deadline) = self.deadline {
+                if now >= deadline && !self.timed_out {
+                    self.timed_out = true;
+                    self.kill(libc::SIGKILL);
+                }
+            }
+
+            let mut fds: [libc::pollfd; 5] = [libc::pollfd {
+                fd: -1,
+                events: 0,
+                revents: 0,
+            }; 5];
+            const SOCK: usize = 0;
+            const OUT: usize = 1;
+            const ERR: usize = 2;
+            const IN: usize = 3;
+            const PID: usize = 4;
+            if self.connected && self.pending.len() - self.pending_at < STDIN_BACKLOG {
+                fds[SOCK] = libc::pollfd {
+                    fd: conn.fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+            }
+            if let Some(fd) = &self.out {
+                fds[OUT] = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+            }
+            if let Some(fd) = &self.err {
+                fds[ERR] = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+            }
+            if let Some(fd) = &self.stdin {
+                if self.pending_at < self.pending.len() {
+                    fds[IN] = libc::pollfd {
+                        fd: fd.as_raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    };
+                }
+            }
+            if self.status.is_none() {
+                fds[PID] = libc::pollfd {
+                    fd: self.pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+            }
+            let wake = match (self.exited_at, self.deadline) {
+                (Some(t), _) => Some(t + LINGER),
+                (None, Some(d)) if !self.timed_out => Some(d),
+                _ => None,
+            };
+            let timeout = wake.map_or(-1, |w| ms_until(w, now));
+            if let Err(e) = sys::poll(&mut fds, timeout) {
+                return Err(End::Fatal(format!("poll: {}", sys::errno_text(&e))));
+            }
+
+            if fds[PID].revents != 0 {
+                self.status = Some(crate::reaper::get().wait(self.pid));
+                self.exited_at = Some(Instant::now());
+                self.stop_stdin();
+            }
+            let ready =
+                |i: usize| fds[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;
+            if ready(OUT) {
+                let fd = self.out.take().expect("polled");
+                if self.forward(conn, &fd, kind::STDOUT) {
+                    self.out = Some(fd);
+                }
+            }
+            if ready(ERR) {
+                let fd = self.err.take().expect("polled");
+                if self.forward(conn, &fd, kind::STDERR) {
+                    self.err = Some(fd);
+                }
+            }
+            if fds[IN].revents != 0 {
+                if let Some(fd) = &self.stdin {
+                    match sys::write(fd.as_raw_fd(), &self.pending[self.pending_at..]) {
+                        Ok(n) => self.pending_at += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        // EPIPE: the process closed its stdin; drop what it will never read.
+                        Err(_) => self.stop_stdin(),
+                    }
+                }
+            }
+            if fds[SOCK].revents != 0 {
+                match conn.reader.fill_once() {
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => self.disconnect(),
+                }
+            }
+        }
+    }
+}

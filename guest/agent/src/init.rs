@@ -1,0 +1,279 @@
+//! PID 1 duties: API file systems, the root file system switch, hostname and loopback.
+//!
+//! Every system call is expensive in a guest whose kernel is emulated, so directories that the
+//! initramfs already contains are not created again: `mkdir` only runs after a mount reported ENOENT.
+
+use std::ffi::CString;
+use std::io;
+
+use crate::sys;
+
+pub struct Cmdline {
+    pub root: String,
+    pub fstype: String,
+    pub hostname: String,
+}
+
+impl Cmdline {
+    pub fn parse(text: &str) -> Cmdline {
+        let mut out = Cmdline {
+            root: "/dev/vda".into(),
+            fstype: "squashfs".into(),
+            hostname: "supermachine".into(),
+        };
+        for word in text.split_ascii_whitespace() {
+            if let Some(v) = word.strip_prefix("sm.root=") {
+                out.root = v.to_string();
+            } else if let Some(v) = word.strip_prefix("sm.rootfstype=") {
+                out.fstype = v.to_string();
+            } else if let Some(v) = word.strip_prefix("sm.hostname=") {
+                out.hostname = v.to_string();
+            }
+        }
+        out
+    }
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).expect("no NUL in built-in strings")
+}
+
+fn mount_raw(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let (source, target) = (c(source), c(target));
+    let fstype = fstype.map(c);
+    let data = data.map(c);
+    let ret = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ref().map_or(std::ptr::null(), |f| f.as_ptr()),
+            flags,
+            data.as_ref()
+                .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    };
+    sys::cvt(ret).map(|_| ())
+}
+
+fn mkdir(path: &str, mode: libc::mode_t) -> io::Result<()> {
+    let p = c(path);
+    match sys::cvt(unsafe { libc::mkdir(p.as_ptr(), mode) }) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Mounts, creating the mount point only if it is missing. `mode` is the mount point's mode.
+fn mount(
+    source: &str,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+    mode: libc::mode_t,
+) -> Result<(), String> {
+    let what = fstype.unwrap_or(source);
+    let describe = |e: io::Error| format!("mount {what} on {target}: {}", sys::errno_text(&e));
+    match mount_raw(source, target, fstype, flags, data) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && !target.is_empty() => {
+            // The mount point (or the source) is missing: create the mount point, try once more.
+            match mkdir(target, mode) {
+                Ok(()) => mount_raw(source, target, fstype, flags, data).map_err(describe),
+                Err(_) => Err(describe(e)),
+            }
+        }
+        other => other.map_err(describe),
+    }
+}
+
+fn ensure_stdio() {
+    for fd in 0..3 {
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            let console = c("/dev/console");
+            let mut opened = unsafe { libc::open(console.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
+            if opened < 0 {
+                let null = c("/dev/null");
+                opened = unsafe { libc::open(null.as_ptr(), libc::O_RDWR) };
+            }
+            if opened >= 0 && opened != fd {
+                unsafe {
+                    libc::dup2(opened, fd);
+                    libc::close(opened);
+                }
+            }
+        }
+    }
+}
+
+const NOSUID_NODEV: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+/// The API file systems under `/`. /dev first: the console and the root device live there.
+fn mount_api() -> Result<(), String> {
+    match mount(
+        "devtmpfs",
+        "/dev",
+        Some("devtmpfs"),
+        libc::MS_NOSUID,
+        Some("mode=0755"),
+        0o755,
+    ) {
+        Err(e) if e.ends_with("Device or resource busy") => {}
+        other => other?,
+    }
+    ensure_stdio();
+    mount(
+        "proc",
+        "/proc",
+        Some("proc"),
+        NOSUID_NODEV | libc::MS_NOEXEC,
+        None,
+        0o555,
+    )?;
+    mount(
+        "sysfs",
+        "/sys",
+        Some("sysfs"),
+        NOSUID_NODEV | libc::MS_NOEXEC,
+        None,
+        0o555,
+    )?;
+    mount(
+        "devpts",
+        "/dev/pts",
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("gid=5,mode=0620,ptmxmode=0666"),
+        0o755,
+    )?;
+    mount(
+        "shm",
+        "/dev/shm",
+        Some("tmpfs"),
+        NOSUID_NODEV,
+        Some("mode=1777"),
+        0o1777,
+    )?;
+    mount(
+        "run",
+        "/run",
+        Some("tmpfs"),
+        NOSUID_NODEV,
+        Some("mode=0755"),
+        0o755,
+    )?;
+    mount(
+        "tmp",
+        "/tmp",
+        Some("tmpfs"),
+        NOSUID_NODEV,
+        Some("mode=1777"),
+        0o1777,
+    )?;
+    Ok(())
+}
+
+/// Read-only root + tmpfs upper layer as an overlay, the API mounts moved into it, then the overlay
+/// moved onto `/` and made the root (what `switch_root` does; the initramfs itself cannot be
+/// unmounted and stays underneath).
+fn switch_root(cmd: &Cmdline) -> Result<(), String> {
+    mount(
+        &cmd.root,
+        "/mnt/lower",
+        Some(&cmd.fstype),
+        libc::MS_RDONLY,
+        None,
+        0o755,
+    )?;
+    mount("rw", "/mnt/rw", Some("tmpfs"), 0, Some("mode=0755"), 0o755)?;
+    for dir in ["/mnt/rw/upper", "/mnt/rw/work"] {
+        mkdir(dir, 0o755).map_err(|e| format!("mkdir {dir}: {}", sys::errno_text(&e)))?;
+    }
+    mount(
+        "overlay",
+        "/mnt/root",
+        Some("overlay"),
+        0,
+        Some("lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work"),
+        0o755,
+    )?;
+    for (dir, mode) in [
+        ("/dev", 0o755),
+        ("/proc", 0o555),
+        ("/sys", 0o555),
+        ("/run", 0o755),
+        ("/tmp", 0o1777),
+    ] {
+        mount(
+            dir,
+            &format!("/mnt/root{dir}"),
+            None,
+            libc::MS_MOVE,
+            None,
+            mode,
+        )?;
+    }
+    let fail = |what: &str| {
+        let e = io::Error::last_os_error();
+        format!("{what}: {}", sys::errno_text(&e))
+    };
+    let (root, dot, slash) = (c("/mnt/root"), c("."), c("/"));
+    unsafe {
+        if libc::chdir(root.as_ptr()) != 0 {
+            return Err(fail("chdir /mnt/root"));
+        }
+        if libc::mount(
+            dot.as_ptr(),
+            slash.as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(fail("move /mnt/root to /"));
+        }
+        if libc::chroot(dot.as_ptr()) != 0 {
+            return Err(fail("chroot"));
+        }
+        if libc::chdir(slash.as_ptr()) != 0 {
+            return Err(fail("chdir /"));
+        }
+    }
+    Ok(())
+}
+
+fn loopback_up() {
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
+            *dst = *src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags =
+            (libc::IFF_UP | libc::IFF_LOOPBACK | libc::IFF_RUNNING) as libc::c_short;
+        libc::ioctl(sock, libc::SIOCSIFFLAGS, &req);
+        libc::close(sock);
+    }
+}
+
+/// Everything PID 1 does before serving. An error is fatal (the caller powers off).
+pub fn boot() -> Result<(), String> {
+    mount_api()?;
+    let cmdline =
+        std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("read /proc/cmdline: {e}"))?;
+    let cmd = Cmdline::parse(&cmdline);
+    if cmd.root != "none" {
+        switch_root(&cmd)?;
+    }
+    unsafe { libc::sethostname(cmd.hostname.as_ptr().cast(), cmd.hostname.len()) };
+    loopback_up();
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! supermachine-agent: the init process and exec agent of a supermachine microVM.
+//!
+//! As PID 1 it mounts the API file systems, switches to the overlay root and serves the exec
+//! protocol (PROTOCOL.md) on vsock port 1024. As an ordinary process
+//! (`supermachine-agent --listen unix:PATH`) it only serves the protocol, for tests.
+
+mod conn;
+mod exec;
+mod files;
+mod init;
+mod power;
+mod proto;
+mod reaper;
+mod spawn;
+mod sys;
+mod users;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+pub const VSOCK_PORT: u32 = 1024;
+
+pub struct Context {
+    pub pid1: bool,
+    /// Standard input of processes started without stdin.
+    pub devnull: Option<OwnedFd>,
+    /// The Unix socket to remove when the agent exits.
+    pub unix_path: Option<PathBuf>,
+}
+
+impl Context {
+    pub fn cleanup(&self) {
+        if let Some(path) = &self.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+enum Listen {
+    Unix(PathBuf),
+    Vsock(u32),
+}
+
+const USAGE: &str =
+    "usage: supermachine-agent [--listen unix:PATH | --listen vsock:PORT] [--version]
+As PID 1 (the init of a supermachine VM) it serves on vsock:1024 unless --listen is given.";
+
+fn parse_args(pid1: bool) -> Result<Listen, String> {
+    let mut args = std::env::args().skip(1);
+    let mut listen = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--version" | "-V" => {
+                println!(
+                    "supermachine-agent {} (protocol {})",
+                    env!("CARGO_PKG_VERSION"),
+                    proto::VERSION
+                );
+                std::process::exit(0);
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--listen" => {
+                let value = args.next().ok_or("--listen needs an address")?;
+                listen = Some(if let Some(path) = value.strip_prefix("unix:") {
+                    Listen::Unix(PathBuf::from(path))
+                } else if let Some(port) = value.strip_prefix("vsock:") {
+                    Listen::Vsock(
+                        port.parse()
+                            .map_err(|_| format!("bad vsock port {port:?}"))?,
+                    )
+                } else {
+                    return Err(format!(
+                        "bad listen address {value:?} (expected unix:PATH or vsock:PORT)"
+                    ));
+                });
+            }
+            // The kernel passes unrecognised command line words to init: ignore them as PID 1.
+            _ if pid1 => {}
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    match listen {
+        Some(l) => Ok(l),
+        None if pid1 => Ok(Listen::Vsock(VSOCK_PORT)),
+        None => Err(format!("nothing to do: not PID 1 and no --listen\n{USAGE}")),
+    }
+}
+
+fn listen_vsock(port: u32) -> std::io::Result<OwnedFd> {
+    unsafe {
+        let fd = sys::cvt(libc::socket(
+            libc::AF_VSOCK,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let sock = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        sys::cvt(libc::bind(
+            fd,
+            &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+            len,
+        ))?;
+        sys::cvt(libc::listen(fd, 64))?;
+        Ok(sock)
+    }
+}
+
+fn listen_unix(path: &PathBuf) -> std::io::Result<OwnedFd> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    Ok(OwnedFd::from(UnixListener::bind(path)?))
+}
+
+fn serve(listener: OwnedFd, ctx: &'static Context) -> ! {
+    loop {
+        let fd = unsafe {
+            libc::accept4(
+                listener.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR | libc::ECONNABORTED | libc::EPROTO) => {}
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                _ => power::fatal(&format!("accept: {}", sys::errno_text(&err)), ctx.pid1),
+            }
+            continue;
+        }
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // A thread that cannot be started drops (closes) its connection; the agent carries on.
+        let _ = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || conn::serve(sock, ctx));
+    }
+}
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    // Before any thread exists, so that every thread inherits the mask: the reaper takes SIGCHLD.
+    reaper::block_sigchld();
+    let listen = match parse_args(pid1) {
+        Ok(l) => l,
+        Err(message) if pid1 => power::fatal(&message, true),
+        Err(message) => {
+            eprintln!("supermachine-agent: {message}");
+            std::process::exit(2);
+        }
+    };
+    if pid1 {
+        if let Err(message) = init::boot() {
+            power::fatal(&message, true);
+        }
+    }
+    let devnull = sys::open(
+        &std::ffi::CString::new("/dev/null").expect("literal"),
+        libc::O_RDWR,
+        0,
+    )
+    .ok();
+    let (listener, shown, unix_path) = match &listen {
+        Listen::Unix(path) => (
+            listen_unix(path),
+            format!("unix:{}", path.display()),
+            Some(path.clone()),
+        ),
+        Listen::Vsock(port) => (listen_vsock(*port), format!("vsock port {port}"), None),
+    };
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => power::fatal(
+            &format!("cannot listen on {shown}: {}", sys::errno_text(&e)),
+            pid1,
+        ),
+    };
+    let ctx: &'static Context = Box::leak(Box::new(Context {
+        pid1,
+        devnull,
+        unix_path,
+    }));
+    reaper::start();
+    power::console(&format!("{} ready on {shown}", env!("CARGO_PKG_VERSION")));
+    serve(listener, ctx);
+}

@@ -1,0 +1,298 @@
+//! Starts a process the way `posix_spawn` does: `clone(CLONE_VM | CLONE_VFORK)`, so no page tables
+//! are copied and the parent takes no copy-on-write faults afterwards (both are expensive in a guest
+//! whose kernel is emulated). The child shares our memory until it calls `execve`, so it only makes
+//! raw system calls on data prepared beforehand, and reports a failure through shared memory.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use crate::reaper::{self, Reaper};
+use crate::users::Identity;
+
+pub struct Spec {
+    /// Paths to try with `execve`, in order (the PATH search for a bare command name).
+    pub candidates: Vec<CString>,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub cwd: Option<CString>,
+    pub identity: Option<Identity>,
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+}
+
+/// The step at which the child failed.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(i32)]
+pub enum Stage {
+    None = 0,
+    Setsid,
+    Setgroups,
+    Setgid,
+    Setuid,
+    Chdir,
+    Dup,
+    Exec,
+}
+
+pub struct Failure {
+    pub stage: Stage,
+    pub errno: i32,
+    /// For `Stage::Exec`: the candidate whose error is reported.
+    pub path: Option<CString>,
+}
+
+#[repr(C)]
+struct Shared {
+    candidates: *const *const libc::c_char,
+    ncandidates: usize,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    set_ids: bool,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: *const libc::gid_t,
+    ngroups: usize,
+    fds: [RawFd; 3],
+    // Written by the child on failure.
+    stage: i32,
+    errno: i32,
+    failed_candidate: usize,
+}
+
+unsafe fn raw(n: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> Result<(), i32> {
+    let ret = libc::syscall(n, a, b, c, d);
+    if ret < 0 {
+        Err(*libc::__errno_location())
+    } else {
+        Ok(())
+    }
+}
+
+/// Runs in the child, on its own stack, sharing the parent's memory. Raw system calls only.
+extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+    unsafe {
+        let s = &mut *(arg as *mut Shared);
+        let fail = |s: &mut Shared, stage: Stage, errno: i32| -> libc::c_int {
+            std::ptr::write_volatile(&mut s.errno, errno);
+            std::ptr::write_volatile(&mut s.stage, stage as i32);
+            libc::syscall(libc::SYS_exit_group, 127);
+            127
+        };
+        if let Err(e) = raw(libc::SYS_setsid, 0, 0, 0, 0) {
+            return fail(s, Stage::Setsid, e);
+        }
+        if s.set_ids {
+            if let Err(e) = raw(libc::SYS_setgroups, s.ngroups, s.groups as usize, 0, 0) {
+                return fail(s, Stage::Setgroups, e);
+            }
+            let gid = s.gid as usize;
+            if let Err(e) = raw(libc::SYS_setresgid, gid, gid, gid, 0) {
+                return fail(s, Stage::Setgid, e);
+            }
+            let uid = s.uid as usize;
+            if let Err(e) = raw(libc::SYS_setresuid, uid, uid, uid, 0) {
+                return fail(s, Stage::Setuid, e);
+            }
+        }
+        if !s.cwd.is_null() {
+            if let Err(e) = raw(libc::SYS_chdir, s.cwd as usize, 0, 0, 0) {
+                return fail(s, Stage::Chdir, e);
+            }
+        }
+        for (target, &fd) in s.fds.iter().enumerate() {
+            if let Err(e) = raw(libc::SYS_dup2, fd as usize, target, 0, 0) {
+                return fail(s, Stage::Dup, e);
+            }
+        }
+        // The agent ignores SIGPIPE (ignored dispositions survive execve) and blocks every signal
+        // around the clone: give the program the defaults.
+        let default_action = [0u64; 4];
+        let _ = raw(
+            libc::SYS_rt_sigaction,
+            libc::SIGPIPE as usize,
+            default_action.as_ptr() as usize,
+            0,
+            8,
+        );
+        let empty: u64 = 0;
+        let _ = raw(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK as usize,
+            &empty as *const u64 as usize,
+            0,
+            8,
+        );
+
+        // execvpe semantics: skip candidates that do not exist, remember EACCES.
+        let mut errno = libc::ENOENT;
+        let mut reported = 0;
+        for i in 0..s.ncandidates {
+            let path = *s.candidates.add(i);
+            let e = match raw(
+                libc::SYS_execve,
+                path as usize,
+                s.argv as usize,
+                s.envp as usize,
+                0,
+            ) {
+                Err(e) => e,
+                Ok(()) => libc::ENOEXEC,
+            };
+            match e {
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {
+                    if errno != libc::EACCES {
+                        errno = e;
+                        reported = i;
+                    }
+                }
+                libc::EACCES => {
+                    if errno != libc::EACCES {
+                        errno = e;
+                        reported = i;
+                    }
+                }
+                _ => {
+                    errno = e;
+                    reported = i;
+                    break;
+                }
+            }
+        }
+        std::ptr::write_volatile(&mut s.failed_candidate, reported);
+        fail(s, Stage::Exec, errno)
+    }
+}
+
+fn pointers(items: &[CString]) -> Vec<*const libc::c_char> {
+    items
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// Starts the process. Returns its pid and a pidfd (readable once it has exited), or the failure.
+/// `stack` is reused between calls; it only hosts the child until `execve`.
+pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd), Failure> {
+    let candidates = pointers(&spec.candidates);
+    let argv = pointers(&spec.argv);
+    let envp = pointers(&spec.envp);
+    let (set_ids, uid, gid, groups): (bool, u32, u32, &[u32]) = match &spec.identity {
+        Some(id) => (true, id.uid, id.gid, &id.groups),
+        None => (false, 0, 0, &[]),
+    };
+    let mut shared = Shared {
+        candidates: candidates.as_ptr(),
+        ncandidates: spec.candidates.len(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        cwd: spec.cwd.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+        set_ids,
+        uid,
+        gid,
+        groups: groups.as_ptr(),
+        ngroups: groups.len(),
+        fds: [spec.stdin, spec.stdout, spec.stderr],
+        stage: 0,
+        errno: 0,
+        failed_candidate: 0,
+    };
+    const STACK: usize = 32 * 1024;
+    if stack.len() < STACK {
+        stack.resize(STACK, 0);
+    }
+    // Top of the stack, 16-byte aligned.
+    let top = ((stack.as_mut_ptr() as usize + stack.len()) & !15) as *mut libc::c_void;
+
+    let mut pidfd: libc::c_int = -1;
+    let (pid, clone_errno) = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let reaper: &Reaper = reaper::get();
+        let mut table = reaper.lock();
+        let pid = libc::clone(
+            child,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+            &mut shared as *mut Shared as *mut libc::c_void,
+            &mut pidfd as *mut libc::c_int,
+        );
+        let clone_errno = if pid < 0 {
+            *libc::__errno_location()
+        } else {
+            0
+        };
+        if pid > 0 {
+            Reaper::register(&mut table, pid);
+        }
+        drop(table);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        (pid, clone_errno)
+    };
+    if pid < 0 {
+        return Err(Failure {
+            stage: Stage::None,
+            errno: clone_errno,
+            path: None,
+        });
+    }
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let stage = unsafe { std::ptr::read_volatile(&shared.stage) };
+    if stage != 0 {
+        // The child has exited; collect it.
+        reaper::get().wait(pid);
+        let stage = match stage {
+            1 => Stage::Setsid,
+            2 => Stage::Setgroups,
+            3 => Stage::Setgid,
+            4 => Stage::Setuid,
+            5 => Stage::Chdir,
+            6 => Stage::Dup,
+            _ => Stage::Exec,
+        };
+        let path = if stage == Stage::Exec {
+            spec.candidates.get(shared.failed_candidate).cloned()
+        } else {
+            None
+        };
+        return Err(Failure {
+            stage,
+            errno: shared.errno,
+            path,
+        });
+    }
+    Ok((pid, pidfd))
+}
+
+impl Failure {
+    pub fn message(&self, spec: &Spec) -> String {
+        let err = crate::sys::errno_text(&io::Error::from_raw_os_error(self.errno));
+        let show = |c: &CString| String::from_utf8_lossy(c.as_bytes()).into_owned();
+        match self.stage {
+            Stage::None => format!("cannot start a process: {err}"),
+            Stage::Setsid => format!("setsid: {err}"),
+            Stage::Setgroups => format!("setgroups: {err}"),
+            Stage::Setgid => format!("setgid: {err}"),
+            Stage::Setuid => format!("setuid: {err}"),
+            Stage::Chdir => format!(
+                "chdir {}: {err}",
+                spec.cwd.as_ref().map(show).unwrap_or_default()
+            ),
+            Stage::Dup => format!("dup2: {err}"),
+            Stage::Exec => {
+                let name = show(&spec.argv[0]);
+                if self.errno == libc::ENOENT && !spec.argv[0].as_bytes().contains(&b'/') {
+                    format!("exec {name}: command not found in PATH")
+                } else {
+                    let path = self.path.as_ref().map(show).unwrap_or(name);
+                    format!("exec {path}: {err}")
+                }
+            }
+        }
+    }
+}
