@@ -6,7 +6,7 @@
 //! distinct pages all snapshots hold together (what perfect page sharing would keep).
 
 use std::collections::HashSet;
-use std::hash::Hash;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
@@ -223,10 +223,35 @@ pub struct UniqueCount {
     pub unique: usize,
 }
 
+/// A hasher for keys that are already uniformly distributed digests: it keeps (the first eight
+/// bytes of) the digest as the hash instead of hashing it again, which makes counting distinct
+/// pages several times faster than with the default SipHash.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 ^= value;
+    }
+}
+
+type DigestSet<'a, D> = HashSet<&'a D, BuildHasherDefault<DigestHasher>>;
+
 /// Counts the distinct pages over all inputs (all zero pages are one distinct page).
 pub fn unique_pages(inputs: &[&PageDigests]) -> Result<UniqueCount, MismatchedHash> {
     fn distinct<'a, D: Eq + Hash + 'a>(lists: impl Iterator<Item = &'a Vec<D>>) -> usize {
-        let mut seen = HashSet::new();
+        let mut seen = DigestSet::default();
         for list in lists {
             seen.extend(list.iter());
         }
