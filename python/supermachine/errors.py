@@ -49,3 +49,32 @@ class RootfsError(SupermachineError):
 
 class KernelError(SupermachineError):
     """The guest kernel could not be found or built."""
+
+
+class AgentBuildError(SupermachineError):
+    """The guest agent binary or the initramfs that carries it could not be built."""
+
+
+class AgentError(SupermachineError):
+    """Talking to the guest agent failed."""
+
+
+class AgentUnreachable(AgentError):
+    """No agent answered at the given address, or the connection to it broke."""
+
+
+class ProtocolError(AgentError):
+    """A peer broke the agent protocol: bad hello, malformed, oversized or unexpected frame."""
+
+
+class AgentRequestError(AgentError):
+    """The agent refused or could not carry out one request (the connection stays usable).
+
+    ``kind`` is the agent's error class (``request``, ``os``, ``exec``); ``errno`` is set for
+    failed system calls.
+    """
+
+    def __init__(self, message: str, kind: str = "request", errno: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.errno = errno
