@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -11,6 +11,7 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -29,14 +30,12 @@ def warn(message: str) -> None:
 
 
 @contextmanager
-def byte_progress(description: str, total: int) -> Iterator[Progress]:
-    """A transfer-style bar on stderr, shown only on a terminal."""
+def _progress(description: str, total: int, *columns: ProgressColumn) -> Iterator[Progress]:
+    """A transient bar on stderr with one task, shown only on a terminal."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        *columns,
         console=stderr,
         transient=True,
         disable=not stderr.is_terminal,
@@ -45,17 +44,13 @@ def byte_progress(description: str, total: int) -> Iterator[Progress]:
         yield progress
 
 
-@contextmanager
-def count_progress(description: str, total: int) -> Iterator[Progress]:
-    """An item-count bar on stderr, shown only on a terminal."""
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-        disable=not stderr.is_terminal,
-    ) as progress:
-        progress.add_task(description, total=total)
-        yield progress
+def byte_progress(description: str, total: int) -> AbstractContextManager[Progress]:
+    """A transfer-style bar: bytes done, speed, time left."""
+    return _progress(
+        description, total, DownloadColumn(binary_units=True), TransferSpeedColumn(), TimeRemainingColumn()
+    )
+
+
+def count_progress(description: str, total: int) -> AbstractContextManager[Progress]:
+    """An item-count bar: items done of total, time left."""
+    return _progress(description, total, MofNCompleteColumn(), TimeRemainingColumn())
