@@ -173,6 +173,14 @@ def test_default_blob_dir_is_the_package_cache(
     assert json.loads(proc.stdout)["layers_processed"] == 3
 
 
+def test_missing_default_cache_says_what_to_do(run_cli: RunCli, tmp_path: Path) -> None:
+    proc = run_cli("probe", "chunk-dedup", env={"SUPERMACHINE_CACHE_DIR": str(tmp_path / "fresh")})
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"error: no layer cache at {tmp_path / 'fresh' / 'blobs'} yet: pull an image first, or pass BLOB_DIR"
+    )
+
+
 def test_missing_and_empty_dirs_fail_with_one_line(run_cli: RunCli, tmp_path: Path) -> None:
     proc = run_cli("probe", "chunk-dedup", str(tmp_path / "nowhere"))
     assert proc.returncode == 1

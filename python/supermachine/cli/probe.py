@@ -48,6 +48,8 @@ def chunk_dedup_cmd(
     reported and skipped; non-layer blobs (configs, manifests) are ignored.
     """
     directory = blob_dir if blob_dir is not None else paths.blob_dir()
+    if blob_dir is None and not directory.exists():
+        raise InputError(f"no layer cache at {directory} yet: pull an image first, or pass BLOB_DIR")
     try:
         params = ChunkParams(min_size, avg_size, max_size)
         blobs = chunk_dedup.find_blobs(directory)
