@@ -81,7 +81,8 @@ main() {
 		done
 	}
 
-	cc_id=$( (${CC:-gcc} --version 2>/dev/null || echo "no compiler") | head -n1)
+	# kbuild uses gcc whatever CC says in the environment.
+	cc_id=$( (gcc --version 2>/dev/null || echo "no compiler") | head -n1)
 	patch_key=$( {
 		echo "source $src_id"
 		digest_files "${patches[@]}"

@@ -1,0 +1,43 @@
+"""The recipe refuses a configuration in which a requested option did not stick (needs the source)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_GUEST = Path(__file__).resolve().parents[2] / "guest"
+SOURCE = Path("/usr/src/linux-source-6.12.tar.xz")
+
+
+@pytest.mark.slow
+def test_option_with_unmet_dependencies_is_named(tmp_path: Path) -> None:
+    if not SOURCE.is_file():
+        print(f"skipping the kernel configuration test: {SOURCE} is missing")
+        pytest.skip(f"{SOURCE} is missing (Debian package linux-source-6.12)")
+    guest = tmp_path / "guest"
+    shutil.copytree(REPO_GUEST, guest)
+    with (guest / "kernel" / "config" / "base.config").open("a") as fragment:
+        # ACPI_BUTTON needs ACPI, which the fragment turns off; PCI_MSI needs PCI, likewise.
+        fragment.write("CONFIG_ACPI_BUTTON=y\nCONFIG_PCI_MSI=y\n")
+    env = dict(os.environ, SUPERMACHINE_CACHE_DIR=str(tmp_path / "cache"))
+    try:
+        result = subprocess.run(
+            ["bash", str(guest / "kernel" / "build.sh"), "--config-only", "normal"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("build.sh: error: options did not stick in .config"), result.stderr
+    assert "CONFIG_ACPI_BUTTON (wanted y, got unset)" in last
+    assert "CONFIG_PCI_MSI (wanted y, got unset)" in last
+    assert result.stdout == ""
