@@ -166,6 +166,9 @@ fn main() {
         if let Err(message) = init::boot() {
             power::fatal(&message, true);
         }
+    } else {
+        // Orphans of the processes we start come back to us, as they would to PID 1, and are reaped.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     }
     let devnull = sys::open(
         &std::ffi::CString::new("/dev/null").expect("literal"),

@@ -275,11 +275,10 @@ impl Reader {
     /// checked; `Ok(None)` while incomplete.
     fn check_header(&self) -> Result<Option<usize>, ReadError> {
         let avail = self.available();
-        if avail.len() < HEADER {
+        if avail.len() < 4 {
             return Ok(None);
         }
         let length = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        let kind_byte = avail[4];
         if length == 0 {
             return Err(ReadError::Protocol("frame with length 0".into()));
         }
@@ -288,6 +287,9 @@ impl Reader {
                 "frame of {length} bytes exceeds the limit of {MAX_FRAME} bytes"
             )));
         }
+        let Some(&kind_byte) = avail.get(4) else {
+            return Ok(None);
+        };
         if !kind::is_client(kind_byte) {
             return Err(ReadError::Protocol(format!(
                 "unknown frame type 0x{kind_byte:02x}"

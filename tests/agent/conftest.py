@@ -1,0 +1,76 @@
+"""Shared set-up for the guest agent tests: the real static agent, run on the host on a Unix socket."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from supermachine import initramfs
+from supermachine.agent import AgentClient, connect_unix
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: boots a guest kernel or builds one (minutes)")
+
+
+@pytest.fixture(scope="session")
+def agent_binary() -> Path:
+    """The static agent binary for the current sources (built on first use, about ten seconds)."""
+    return initramfs.agent_path()
+
+
+@dataclass
+class AgentServer:
+    """An agent process serving ``--listen unix:<socket>``."""
+
+    process: subprocess.Popen[bytes]
+    socket: Path
+    log: Path
+
+    def connect(self) -> AgentClient:
+        return connect_unix(self.socket, timeout=5)
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_agent(binary: Path, directory: Path) -> AgentServer:
+    sock = directory / "agent.sock"
+    log = directory / "agent.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(binary), "--listen", f"unix:{sock}"], stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"agent did not start listening; log:\n{log.read_text()}")
+        time.sleep(0.005)
+    return AgentServer(process, sock, log)
+
+
+@pytest.fixture
+def agent(agent_binary: Path, tmp_path: Path) -> Iterator[AgentServer]:
+    """A fresh agent per test; the test fails if the agent died during it."""
+    server = start_agent(agent_binary, tmp_path)
+    try:
+        yield server
+        assert server.alive(), f"agent exited with {server.process.returncode}; log:\n{server.log_text()}"
+    finally:
+        if server.process.poll() is None:
+            server.process.terminate()
+            server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def client(agent: AgentServer) -> Iterator[AgentClient]:
+    with agent.connect() as connected:
+        yield connected

@@ -1,0 +1,91 @@
+"""write_file / read_file through the real agent on a Unix socket."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from supermachine.agent import AgentClient
+from supermachine.errors import AgentRequestError
+
+
+def test_round_trip_binary(client: AgentClient, tmp_path: Path) -> None:
+    data = os.urandom(2 * 1024 * 1024 + 3) + bytes(range(256)) + b"\0" * 1000
+    target = tmp_path / "blob.bin"
+    client.write_file(str(target), data)
+    assert target.read_bytes() == data
+    assert client.read_file(str(target)) == data
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o755, 0o4755, 0o000])
+def test_mode_is_applied_exactly(client: AgentClient, tmp_path: Path, mode: int) -> None:
+    target = tmp_path / "file"
+    old_umask = os.umask(0o077)
+    try:
+        client.write_file(str(target), b"x", mode=mode)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(target.stat().st_mode) == mode
+
+
+def test_empty_file(client: AgentClient, tmp_path: Path) -> None:
+    target = tmp_path / "empty"
+    client.write_file(str(target), b"")
+    assert target.read_bytes() == b""
+    assert client.read_file(str(target)) == b""
+
+
+def test_overwrite_is_atomic_and_leaves_no_temporary_files(client: AgentClient, tmp_path: Path) -> None:
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    target = directory / "config"
+    target.write_bytes(b"old")
+    inode = target.stat().st_ino
+    client.write_file(str(target), b"new content")
+    assert target.read_bytes() == b"new content"
+    assert target.stat().st_ino != inode, "expected a rename over the old file, not an in-place write"
+    assert sorted(p.name for p in directory.iterdir()) == ["config"]
+
+
+def test_owner(client: AgentClient, tmp_path: Path) -> None:
+    target = tmp_path / "owned"
+    client.write_file(str(target), b"data", mode=0o640, uid=65534, gid=12345)
+    info = target.stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (65534, 12345, 0o640)
+
+
+def test_read_missing_file(client: AgentClient) -> None:
+    with pytest.raises(AgentRequestError) as info:
+        client.read_file("/nonexistent/file.txt")
+    assert str(info.value) == "read_file /nonexistent/file.txt: No such file or directory"
+    assert info.value.errno == 2
+    assert info.value.kind == "os"
+    assert client.ping()
+
+
+def test_read_directory(client: AgentClient, tmp_path: Path) -> None:
+    with pytest.raises(AgentRequestError, match="Is a directory"):
+        client.read_file(str(tmp_path))
+
+
+def test_write_into_missing_directory(client: AgentClient, tmp_path: Path) -> None:
+    with pytest.raises(AgentRequestError, match=r"^write_file .*/missing/file: No such file or directory$"):
+        client.write_file(str(tmp_path / "missing" / "file"), os.urandom(300_000))
+    # The data frames were consumed: the connection is still in step.
+    assert client.exec(["echo", "ok"]).stdout == b"ok\n"
+
+
+def test_relative_paths_are_refused(client: AgentClient) -> None:
+    with pytest.raises(AgentRequestError, match="not absolute"):
+        client.read_file("relative/path")
+    with pytest.raises(AgentRequestError, match="not absolute"):
+        client.write_file("relative", b"x")
+    assert client.ping()
+
+
+def test_read_proc_file(client: AgentClient) -> None:
+    # Files whose size is reported as 0 are read to the end all the same.
+    assert b"Name:" in client.read_file("/proc/self/status")
