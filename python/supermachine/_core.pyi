@@ -79,3 +79,72 @@ class LayerDedup:
     def fixed_stats(self) -> SchemeStats: ...
     @property
     def fixed_size(self) -> int: ...
+
+# --- VMM (rust/src/py/vm.rs) ---
+
+class VmDisk(TypedDict, total=False):
+    path: str | os.PathLike[str]
+    read_only: bool
+
+class VmConfig(TypedDict, total=False):
+    # Exactly one of kernel (ELF vmlinux, PVH boot) or raw (flat binary).
+    kernel: str | os.PathLike[str]
+    initramfs: str | os.PathLike[str] | None
+    cmdline: str
+    raw: str | os.PathLike[str]
+    raw_load_addr: int  # default 0x100000 (long), 0x7c00 (real)
+    raw_mode: str  # "long" (default) | "real"
+    memory_mib: int  # default 128
+    memory_file: str | os.PathLike[str] | None  # default: an anonymous memfd
+    vcpus: int  # default 1
+    disks: Sequence[VmDisk | str | os.PathLike[str]]
+    vsock_path: str | os.PathLike[str] | None
+    console_log: str | os.PathLike[str] | None
+    console_capacity: int  # bytes of serial output kept in memory, default 1 MiB
+    cpu_template: str  # "auto" (default) | "normal" | "compat"
+
+class VmOutcome(TypedDict, total=False):
+    kind: str  # "poweroff" | "reset" | "panic" | "crash" | "stopped"
+    reason: str
+    code: int  # poweroff only
+
+class VmDevice(TypedDict):
+    kind: str  # "blk" | "vsock"
+    mmio_base: int
+    gsi: int
+    path: str
+
+class VmTimings(TypedDict):
+    running: float
+    first_kvm_run: float | None
+    first_console_byte: float | None
+
+class Vm:
+    @staticmethod
+    def start(config: VmConfig) -> Vm: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def stop(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> VmOutcome | None: ...
+    @property
+    def outcome(self) -> VmOutcome | None: ...
+    def console(self) -> bytes: ...
+    def read_memory(self, gpa: int, length: int) -> bytes: ...
+    def write_memory(self, gpa: int, data: Buffer) -> None: ...
+    @property
+    def vsock_path(self) -> str | None: ...
+    @property
+    def cmdline(self) -> str: ...
+    @property
+    def cpu_template(self) -> str: ...
+    @property
+    def memory_size(self) -> int: ...
+    @property
+    def devices(self) -> list[VmDevice]: ...
+    def device_status(self, index: int) -> int: ...
+    @property
+    def unhandled_exits(self) -> tuple[int, int]: ...
+    @property
+    def timings(self) -> VmTimings: ...
+    def __enter__(self) -> Vm: ...
+    def __exit__(self, *args: object) -> None: ...

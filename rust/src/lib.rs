@@ -5,9 +5,11 @@
 //! exposes them as `supermachine._core`.
 
 pub mod cdc;
+pub mod devices;
 pub mod layers;
 pub mod pages;
 pub mod source;
+pub mod vmm;
 
 #[cfg(feature = "python")]
 mod py;

@@ -8,6 +8,7 @@ mod cdc;
 mod input;
 mod layers;
 mod pages;
+mod vm;
 
 use pyo3::prelude::*;
 
@@ -42,5 +43,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     cdc::register(m)?;
     pages::register(m)?;
     layers::register(m)?;
+    vm::register(m)?;
     Ok(())
 }

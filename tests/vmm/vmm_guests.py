@@ -1,0 +1,214 @@
+"""Tiny freestanding test guests, assembled with the system binutils into flat binaries.
+
+Raw long-mode guests start at 0x100000 in 64-bit mode with the first 4 GiB identity-mapped,
+interrupts off and no IDT (see the VMM's raw boot mode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+LOAD_ADDR = 0x100000
+SERIAL = 0x3F8
+POWER_OFF = 0x501
+
+# Where tests and guests exchange data.
+PARAMS = 0x300000  # host -> guest
+RESULTS = 0x300100  # guest -> host
+
+PRELUDE = """
+.intel_syntax noprefix
+.code64
+.globl _start
+.text
+_start:
+"""
+
+
+def _power_off(code: int) -> str:
+    return f"""
+    mov dx, {POWER_OFF}
+    mov eax, {code}
+    out dx, eax
+9:  hlt
+    jmp 9b
+"""
+
+
+def _print(label: str, text: str) -> str:
+    """Writes `text` to COM1 byte by byte (no string instructions: they are slow to emulate)."""
+    data = ", ".join(str(b) for b in text.encode())
+    return f"""
+    lea rsi, [rip + {label}]
+    mov dx, {SERIAL}
+1:  mov al, byte ptr [rsi]
+    test al, al
+    jz 2f
+    out dx, al
+    inc rsi
+    jmp 1b
+2:
+    jmp 3f
+{label}: .byte {data}, 0
+3:
+"""
+
+
+HELLO = PRELUDE + _print("msg", "hello from the guest\n") + _power_off(42)
+
+# Writes a pattern to RAM, waits for the host to set PARAMS+0 (via write_memory), then copies
+# the 8 bytes the host left at PARAMS+8 to RESULTS and powers off with code 7.
+MEMORY = (
+    PRELUDE
+    + f"""
+    mov rdi, 0x200000
+    mov rax, 0x1122334455667788
+    mov qword ptr [rdi], rax
+    mov r15, {PARAMS}
+4:  mov rax, qword ptr [r15]
+    test rax, rax
+    jz 4b
+    mov rax, qword ptr [r15 + 8]
+    mov qword ptr [r15 + 0x100], rax
+"""
+    + _power_off(7)
+)
+
+# Writes to and reads from an address where no RAM and no device is, then reports the value read.
+MMIO_HOLE = (
+    PRELUDE
+    + f"""
+    mov rdi, 0xe0000000
+    mov dword ptr [rdi], 0x12345678
+    mov eax, dword ptr [rdi + 4]
+    mov r15, {RESULTS}
+    mov dword ptr [r15], eax
+    mov rdi, 0xd0000800
+    mov dword ptr [rdi], 1
+"""
+    + _print("m", "survived\n")
+    + _power_off(0)
+)
+
+I8042_RESET = PRELUDE + _print("r", "resetting\n") + "    mov al, 0xfe\n    out 0x64, al\n5: hlt\n jmp 5b\n"
+
+# No IDT (limit 0): the divide error cannot be delivered, so it becomes a double fault and then a
+# triple fault.
+TRIPLE_FAULT = PRELUDE + "    xor ecx, ecx\n    xor edx, edx\n    mov eax, 1\n    div ecx\n    hlt\n"
+
+# Interrupts off, halted for good: the VM neither ends nor burns CPU.
+CLI_HLT = PRELUDE + "    cli\n6:  hlt\n    jmp 6b\n"
+
+# Increments a counter at RESULTS forever.
+COUNTER = PRELUDE + f"    mov rdi, {RESULTS}\n7:  inc qword ptr [rdi]\n    jmp 7b\n"
+
+# A tiny virtio-mmio driver. The host writes the descriptors and the available ring into guest
+# RAM, then the parameters, then sets PARAMS+0 ("go"). Parameters (PARAMS + offset):
+#   0x08 mmio base, 0x10 queue size (u32), 0x18 descriptor table, 0x20 available ring,
+#   0x28 used ring, 0x30 driver features low (u32), 0x34 driver features high (u32),
+#   0x38 number of bogus register accesses to make first (u32)
+# Results (RESULTS + offset): 0x08 status after DRIVER_OK and notify, 0x10 interrupt status,
+#   0x18 magic value read, 0x00 = 1 when done. Powers off with code 0.
+VIRTIO_DRIVER = (
+    PRELUDE
+    + f"""
+    mov r15, {PARAMS}
+10: mov rax, qword ptr [r15]
+    test rax, rax
+    jz 10b
+    mov rbx, qword ptr [r15 + 0x08]
+    mov eax, dword ptr [rbx]
+    mov dword ptr [r15 + 0x118], eax
+    mov ecx, dword ptr [r15 + 0x38]
+    test ecx, ecx
+    jz 12f
+    /* bogus accesses: odd offsets, byte and word widths, config space past its end */
+11: mov byte ptr [rbx + 0x3], 0xff
+    mov word ptr [rbx + 0x72], 0xffff
+    mov dword ptr [rbx + 0xffc], 0xffffffff
+    mov eax, dword ptr [rbx + 0xff8]
+    mov al, byte ptr [rbx + 0x101]
+    mov dword ptr [rbx + 0x50], 0x7fffffff
+    mov dword ptr [rbx + 0x30], 0xffffffff
+    mov dword ptr [rbx + 0x38], 0xffffffff
+    dec ecx
+    jnz 11b
+12: mov dword ptr [rbx + 0x70], 0
+    mov dword ptr [rbx + 0x70], 1
+    mov dword ptr [rbx + 0x70], 3
+    mov dword ptr [rbx + 0x24], 1
+    mov eax, dword ptr [r15 + 0x34]
+    mov dword ptr [rbx + 0x20], eax
+    mov dword ptr [rbx + 0x24], 0
+    mov eax, dword ptr [r15 + 0x30]
+    mov dword ptr [rbx + 0x20], eax
+    mov dword ptr [rbx + 0x70], 11
+    mov dword ptr [rbx + 0x30], 0
+    mov eax, dword ptr [r15 + 0x10]
+    mov dword ptr [rbx + 0x38], eax
+    mov rax, qword ptr [r15 + 0x18]
+    mov dword ptr [rbx + 0x80], eax
+    shr rax, 32
+    mov dword ptr [rbx + 0x84], eax
+    mov rax, qword ptr [r15 + 0x20]
+    mov dword ptr [rbx + 0x90], eax
+    shr rax, 32
+    mov dword ptr [rbx + 0x94], eax
+    mov rax, qword ptr [r15 + 0x28]
+    mov dword ptr [rbx + 0xa0], eax
+    shr rax, 32
+    mov dword ptr [rbx + 0xa4], eax
+    mov dword ptr [rbx + 0x44], 1
+    mov dword ptr [rbx + 0x70], 15
+    mov dword ptr [rbx + 0x50], 0
+    mov eax, dword ptr [rbx + 0x70]
+    mov dword ptr [r15 + 0x108], eax
+    mov eax, dword ptr [rbx + 0x60]
+    mov dword ptr [r15 + 0x110], eax
+    mov dword ptr [rbx + 0x64], eax
+    mov qword ptr [r15 + 0x100], 1
+"""
+    + _print("v", "virtio done\n")
+    + _power_off(0)
+)
+
+REAL_MODE = """
+.intel_syntax noprefix
+.code16
+.globl _start
+.text
+_start:
+    mov dx, 0x3f8
+    mov al, 'R'
+    out dx, al
+    mov al, 10
+    out dx, al
+    mov dx, 0x501
+    mov al, 5
+    out dx, al
+1:  hlt
+    jmp 1b
+"""
+
+
+def build(source: str, workdir: Path, *, load_addr: int = LOAD_ADDR, elf: bool = False) -> Path:
+    """Assembles `source` linked at `load_addr`; returns the flat binary (or the ELF)."""
+    key = hashlib.sha256(f"{source}{load_addr}".encode()).hexdigest()[:12]
+    out = workdir / f"guest-{key}.{'elf' if elf else 'bin'}"
+    if out.exists():
+        return out
+    src = workdir / f"guest-{key}.S"
+    obj = workdir / f"guest-{key}.o"
+    exe = workdir / f"guest-{key}.elf"
+    src.write_text(source)
+    r = subprocess.run(["as", "--64", "-o", str(obj), str(src)], capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"assembling the test guest failed: {r.stderr.strip()}")
+    link = ["ld", "-m", "elf_x86_64", "-nostdlib", f"-Ttext={load_addr:#x}", "-e", "_start"]
+    subprocess.run([*link, "-o", str(exe), str(obj)], check=True, capture_output=True, text=True)
+    if elf:
+        return exe
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(exe), str(out)], check=True)
+    return out
