@@ -556,7 +556,7 @@ def connect_vsock_uds(path: str | Path, port: int = DEFAULT_PORT, timeout: float
             client = AgentClient(sock)
         except (OSError, AgentUnreachable) as e:
             sock.close()
-            last = (e.strerror or str(e)) if isinstance(e, OSError) and e.strerror else str(e)
+            last = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.2)
             continue

@@ -264,16 +264,20 @@ fn loopback_up() {
     }
 }
 
-/// Everything PID 1 does before serving. An error is fatal (the caller powers off).
-pub fn boot() -> Result<(), String> {
+/// Everything PID 1 does before serving; returns what the root is, for the console. An error is
+/// fatal (the caller powers off).
+pub fn boot() -> Result<String, String> {
     mount_api()?;
     let cmdline =
         std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("read /proc/cmdline: {e}"))?;
     let cmd = Cmdline::parse(&cmdline);
-    if cmd.root != "none" {
+    let root = if cmd.root == "none" {
+        "root: initramfs".to_string()
+    } else {
         switch_root(&cmd)?;
-    }
+        format!("root: {} ({}) + tmpfs overlay", cmd.root, cmd.fstype)
+    };
     unsafe { libc::sethostname(cmd.hostname.as_ptr().cast(), cmd.hostname.len()) };
     loopback_up();
-    Ok(())
+    Ok(root)
 }

@@ -151,6 +151,7 @@ fn serve(listener: OwnedFd, ctx: &'static Context) -> ! {
 }
 
 fn main() {
+    let started = std::time::Instant::now();
     let pid1 = std::process::id() == 1;
     // Before any thread exists, so that every thread inherits the mask: the reaper takes SIGCHLD.
     reaper::block_sigchld();
@@ -162,9 +163,11 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let mut root = String::new();
     if pid1 {
-        if let Err(message) = init::boot() {
-            power::fatal(&message, true);
+        match init::boot() {
+            Ok(description) => root = format!(", {description}"),
+            Err(message) => power::fatal(&message, true),
         }
     } else {
         // Orphans of the processes we start come back to us, as they would to PID 1, and are reaped.
@@ -197,6 +200,10 @@ fn main() {
         unix_path,
     }));
     reaper::start();
-    power::console(&format!("{} ready on {shown}", env!("CARGO_PKG_VERSION")));
+    let ms = started.elapsed().as_millis();
+    power::console(&format!(
+        "{} ready on {shown} (start-up {ms} ms{root})",
+        env!("CARGO_PKG_VERSION")
+    ));
     serve(listener, ctx);
 }
