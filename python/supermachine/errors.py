@@ -78,3 +78,23 @@ class AgentRequestError(AgentError):
         super().__init__(message)
         self.kind = kind
         self.errno = errno
+
+
+class VmError(SupermachineError):
+    """A microVM could not be started, or stopped in a way the caller did not ask for."""
+
+
+class KvmUnavailableError(VmError):
+    """``/dev/kvm`` is missing or not usable by this process."""
+
+
+class GuestPanickedError(VmError):
+    """The guest kernel panicked; the message carries the panic line from the console."""
+
+
+class ExecTimeoutError(AgentError):
+    """A command ran past its timeout and was killed (raised only when asked to, with ``check``)."""
+
+
+class CommandFailedError(AgentError):
+    """A command exited non-zero or by a signal (raised only when asked to, with ``check``)."""

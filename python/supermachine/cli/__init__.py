@@ -17,10 +17,11 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from supermachine.cli import images, probe
+    from supermachine.cli import images, probe, vm
 
     probe.register(cli)
     images.register(cli)
+    vm.register(cli)
 
 
 def main() -> None:

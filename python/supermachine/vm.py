@@ -1,0 +1,341 @@
+"""Booting a Linux microVM on KVM and running commands in it.
+
+::
+
+    from supermachine.vm import Vm, VmConfig
+
+    with Vm.start(VmConfig(rootfs="image.squashfs")) as vm:
+        print(vm.exec(["/bin/echo", "hi"]).stdout)  # b"hi\\n"
+
+The VMM runs in this process (Rust, one thread per vCPU); the guest runs supermachine's kernel and,
+as PID 1, its agent, which mounts ``rootfs`` (read-only, with a tmpfs overlay for writes) and serves
+commands over vsock. Each call opens its own agent connection, so a ``Vm`` may be used from
+several threads at once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+from supermachine import _core, agent, initramfs, kernel
+from supermachine.agent import ExecResult, Process
+from supermachine.errors import (
+    AgentUnreachable,
+    CommandFailedError,
+    ExecTimeoutError,
+    GuestPanickedError,
+    KvmUnavailableError,
+    VmError,
+)
+
+__all__ = ["Disk", "ExecResult", "Outcome", "Process", "Vm", "VmConfig"]
+
+CpuTemplate = Literal["auto", "normal", "compat"]
+Argument = str | bytes | os.PathLike[str]
+
+_PANIC_LINE = re.compile(rb"Kernel panic - not syncing:[^\r\n]*")
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A raw disk image given to the guest as a virtio-blk device (``/dev/vdb``, ``/dev/vdc``...)."""
+
+    path: Path
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """What to boot. Every field has a default that works; only ``rootfs`` is usually given."""
+
+    rootfs: Path | str | None = None
+    """Root filesystem image (squashfs by default) mounted read-only as ``/`` with a tmpfs overlay.
+    ``None`` runs commands in the agent's own initramfs (only the agent is there)."""
+    rootfs_type: str = "squashfs"
+    memory_mib: int = 512
+    vcpus: int = 1
+    kernel: Path | str | None = None
+    """``vmlinux`` to boot; default: supermachine's kernel for this host, built on first use."""
+    initramfs: Path | str | None = None
+    """Initramfs whose ``/init`` is the agent; default: built from the bundled agent."""
+    disks: tuple[Disk, ...] = ()
+    kernel_args: str = ""
+    """Extra kernel command-line parameters, appended."""
+    cpu_template: CpuTemplate = "auto"
+    """CPUID template: ``normal`` for hardware KVM, ``compat`` for hosts that emulate guest kernel
+    code (nested ``kvm_pvm``); ``auto`` picks by host."""
+    boot_timeout: float = 300.0
+    """Seconds to wait for the agent to answer after the VMM starts."""
+    console_log: Path | str | None = None
+    """Also write the serial console to this file."""
+    quiet: bool = True
+    """Boot with ``quiet``: fewer console writes, which are slow on emulating hosts. Errors and
+    panics are still printed."""
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Default environment of every command (``exec`` may replace it)."""
+
+    def validated(self) -> VmConfig:
+        if self.memory_mib < 64:
+            raise VmError(f"memory_mib must be at least 64, got {self.memory_mib}")
+        if not 1 <= self.vcpus <= 64:
+            raise VmError(f"vcpus must be between 1 and 64, got {self.vcpus}")
+        if self.boot_timeout <= 0:
+            raise VmError(f"boot_timeout must be positive, got {self.boot_timeout}")
+        for path, what in [(self.rootfs, "rootfs"), (self.kernel, "kernel"), (self.initramfs, "initramfs")]:
+            if path is not None and not Path(path).is_file():
+                raise VmError(f"{what} {path} does not exist or is not a file")
+        for disk in self.disks:
+            if not Path(disk.path).is_file():
+                raise VmError(f"disk {disk.path} does not exist or is not a file")
+        return self
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a VM ended."""
+
+    kind: Literal["poweroff", "reset", "panic", "crash", "stopped"]
+    detail: str = ""
+    code: int | None = None
+
+
+def check_kvm(path: str = "/dev/kvm") -> None:
+    """Raises :class:`KvmUnavailableError` naming the reason if KVM cannot be used here."""
+    if not os.path.exists(path):
+        raise KvmUnavailableError(f"{path} does not exist: this host has no KVM (no virtualization support?)")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise KvmUnavailableError(f"{path} is not accessible: add this user to the 'kvm' group")
+
+
+class Vm:
+    """A running microVM. Use :meth:`start`; stop it with :meth:`stop` or a ``with`` block."""
+
+    def __init__(self, handle: _core.Vm, config: VmConfig, runtime_dir: Path) -> None:
+        self._handle = handle
+        self.config = config
+        self._runtime_dir = runtime_dir
+        self._vsock = runtime_dir / "vsock.sock"
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, config: VmConfig | None = None, **overrides: object) -> Vm:
+        """Boots a VM and returns once its agent answers.
+
+        ``Vm.start(rootfs="x.squashfs", memory_mib=256)`` is short for
+        ``Vm.start(VmConfig(rootfs=..., memory_mib=...))``.
+        """
+        if config is None:
+            config = VmConfig(**overrides)  # type: ignore[arg-type]
+        elif overrides:
+            raise TypeError("pass either a VmConfig or keyword arguments, not both")
+        config = config.validated()
+        check_kvm()
+        vmlinux = Path(config.kernel) if config.kernel is not None else kernel.kernel_path()
+        initrd = Path(config.initramfs) if config.initramfs is not None else initramfs.initramfs_path()
+        runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
+        disks: list[_core.VmDisk] = []
+        if config.rootfs is not None:
+            disks.append({"path": str(config.rootfs), "read_only": True})
+        disks += [{"path": str(d.path), "read_only": d.read_only} for d in config.disks]
+        try:
+            handle = _core.Vm.start(
+                {
+                    "kernel": str(vmlinux),
+                    "initramfs": str(initrd),
+                    "cmdline": _cmdline(config),
+                    "memory_mib": config.memory_mib,
+                    "vcpus": config.vcpus,
+                    "disks": disks,
+                    "vsock_path": str(runtime_dir / "vsock.sock"),
+                    "console_log": None if config.console_log is None else str(config.console_log),
+                    "cpu_template": config.cpu_template,
+                }
+            )
+        except (OSError, RuntimeError, ValueError) as exc:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            raise VmError(f"cannot start the VM: {exc}") from None
+        vm = cls(handle, config, runtime_dir)
+        try:
+            vm._wait_for_agent(config.boot_timeout)
+        except BaseException:
+            vm.stop()
+            raise
+        return vm
+
+    def _wait_for_agent(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._raise_if_ended("while booting")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                tail = self.console_log.strip().splitlines()[-1:] or ["(no console output)"]
+                raise VmError(f"the guest agent did not answer within {timeout:g} s; console: {tail[0]}")
+            try:
+                with agent.connect_vsock_uds(self._vsock, timeout=min(remaining, 2.0)) as client:
+                    client.ping()
+                return
+            except AgentUnreachable:
+                continue
+
+    def _raise_if_ended(self, when: str) -> None:
+        outcome = self.outcome
+        if outcome is None:
+            return
+        if outcome.kind == "panic":
+            raise GuestPanickedError(f"the guest kernel panicked {when}: {outcome.detail}")
+        raise VmError(
+            f"the VM ended {when} ({outcome.kind}{': ' + outcome.detail if outcome.detail else ''})"
+        )
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """``None`` while the VM runs; then how it ended."""
+        raw = self._handle.outcome
+        if raw is None:
+            return None
+        kind = str(raw.get("kind", "crash"))
+        detail = str(raw.get("reason", ""))
+        code = raw.get("code")
+        if kind in ("reset", "crash"):
+            # Without a panic device the console is the witness: the kernel prints the panic line,
+            # then (panic=-1, reboot=k) resets the machine.
+            match = _PANIC_LINE.search(self._handle.console())
+            if match:
+                kind, detail = "panic", match.group().decode(errors="replace")
+        if kind not in ("poweroff", "reset", "panic", "crash", "stopped"):
+            kind = "crash"
+        return Outcome(kind, detail, code if isinstance(code, int) else None)  # type: ignore[arg-type]
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        """Waits until the VM ends by itself; ``None`` if ``timeout`` passed first."""
+        self._handle.wait(timeout)
+        return self.outcome
+
+    def stop(self) -> None:
+        """Stops the VM at once (no guest shutdown) and frees its resources. Idempotent."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._handle.stop()
+        shutil.rmtree(self._runtime_dir, ignore_errors=True)
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def pause(self) -> None:
+        """Freezes every vCPU."""
+        self._handle.pause()
+
+    def resume(self) -> None:
+        self._handle.resume()
+
+    @property
+    def console_log(self) -> str:
+        """Everything the guest wrote to its serial console so far (bounded ring)."""
+        return self._handle.console().decode(errors="replace")
+
+    # -- the guest agent --------------------------------------------------------------------------
+
+    def _client(self, timeout: float = 10.0) -> agent.AgentClient:
+        if self._stopped:
+            raise VmError("the VM was stopped")
+        self._raise_if_ended("")
+        return agent.connect_vsock_uds(self._vsock, timeout=timeout)
+
+    def exec(
+        self,
+        argv: Sequence[Argument],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Argument | None = None,
+        user: str | int | None = None,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+    ) -> ExecResult:
+        """Runs ``argv`` in the guest to completion.
+
+        ``env`` replaces the environment (default: the config's ``env`` plus ``PATH``/``HOME``).
+        A timeout kills the command's process group and is reported as ``timed_out``; with
+        ``check`` it raises :class:`ExecTimeoutError`, and a non-zero exit raises
+        :class:`CommandFailedError`.
+        """
+        with self._client() as client:
+            result = client.exec(argv, env=self._env(env), cwd=cwd, user=user, input=input, timeout=timeout)
+        if check:
+            shown = " ".join(os.fsdecode(a) for a in argv)
+            if result.timed_out:
+                raise ExecTimeoutError(f"{shown!r} timed out after {timeout:g} s and was killed")
+            if result.returncode != 0:
+                raise CommandFailedError(f"{shown!r} failed with exit status {result.returncode}")
+        return result
+
+    def spawn(
+        self,
+        argv: Sequence[Argument],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Argument | None = None,
+        user: str | int | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+    ) -> Process:
+        """Starts ``argv`` and returns a :class:`Process` that streams its output as it comes."""
+        client = self._client()
+        try:
+            return client.spawn(argv, env=self._env(env), cwd=cwd, user=user, stdin=stdin, timeout=timeout)
+        except BaseException:
+            client.close()
+            raise
+
+    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        """Writes a file in the guest atomically."""
+        with self._client() as client:
+            client.write_file(path, data, mode=mode)
+
+    def read_file(self, path: str) -> bytes:
+        with self._client() as client:
+            return client.read_file(path)
+
+    def _env(self, env: Mapping[str, str] | None) -> Mapping[str, str] | None:
+        if env is not None:
+            return env
+        if not self.config.env:
+            return None
+        return {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            **self.config.env,
+        }
+
+
+def _cmdline(config: VmConfig) -> str:
+    parts = ["console=ttyS0", "reboot=k", "panic=-1"]
+    if config.quiet:
+        parts.append("quiet")
+    if config.rootfs is None:
+        parts.append("sm.root=none")
+    else:
+        parts += ["sm.root=/dev/vda", f"sm.rootfstype={config.rootfs_type}"]
+    if config.kernel_args:
+        parts.append(config.kernel_args)
+    return " ".join(parts)
