@@ -281,3 +281,27 @@ pub fn boot() -> Result<String, String> {
     loopback_up();
     Ok(root)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Cmdline;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = Cmdline::parse("console=ttyS0 reboot=k panic=-1\n");
+        assert_eq!(
+            (c.root.as_str(), c.fstype.as_str(), c.hostname.as_str()),
+            ("/dev/vda", "squashfs", "supermachine")
+        );
+        let c = Cmdline::parse("sm.root=none sm.rootfstype=ext4 quiet sm.hostname=box sm.rootx=1");
+        assert_eq!(
+            (c.root.as_str(), c.fstype.as_str(), c.hostname.as_str()),
+            ("none", "ext4", "box")
+        );
+        // The last occurrence wins, as for kernel parameters.
+        assert_eq!(
+            Cmdline::parse("sm.root=/dev/vdb sm.root=/dev/vdc").root,
+            "/dev/vdc"
+        );
+    }
+}

@@ -399,3 +399,70 @@ pub fn send_error(
         .finish();
     send(fd, kind::ERROR, &payload)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SCHEMA: &[(u8, u8)] = &[(1, LIST), (2, BYTES), (3, UINT)];
+
+    fn list(items: &[&[u8]]) -> Vec<u8> {
+        let mut out = vec![1, LIST];
+        out.extend_from_slice(&(items.len() as u32).to_le_bytes());
+        for item in items {
+            out.extend_from_slice(&(item.len() as u32).to_le_bytes());
+            out.extend_from_slice(item);
+        }
+        out
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut payload = list(&[b"echo", b"", b"x"]);
+        payload.extend(Encoder::new().bytes(2, b"/tmp").uint(3, 7).finish());
+        let fields = Fields::decode(&payload, SCHEMA).unwrap();
+        assert_eq!(fields.list(1).unwrap(), &[&b"echo"[..], b"", b"x"]);
+        assert_eq!(fields.bytes(2), Some(&b"/tmp"[..]));
+        assert_eq!(fields.uint(3), Some(7));
+        assert_eq!(fields.uint(2), None);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let err = |payload: &[u8]| Fields::decode(payload, SCHEMA).err().unwrap();
+        assert_eq!(err(&[9, UINT, 0, 0, 0, 0, 0, 0, 0, 0]), "unknown field 9");
+        assert_eq!(
+            err(&[3, BYTES, 0, 0, 0, 0]),
+            "field 3 has kind 2, expected 1"
+        );
+        assert_eq!(err(&[3, UINT, 1, 2]), "truncated integer field");
+        assert_eq!(err(&[2, BYTES, 5, 0, 0, 0, b'a']), "truncated byte string");
+        assert_eq!(
+            err(&[1, LIST, 255, 255, 255, 255]),
+            "list count exceeds the frame"
+        );
+        let twice = Encoder::new().uint(3, 1).uint(3, 2).finish();
+        assert_eq!(err(&twice), "field 3 appears twice");
+    }
+
+    #[test]
+    fn random_input_never_panics() {
+        // xorshift: deterministic pseudo-random payloads, many of them plausible field headers.
+        let mut state: u64 = 0x9e3779b97f4a7c15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20000 {
+            let len = (next() % 64) as usize;
+            let mut payload: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if len > 2 && next() % 2 == 0 {
+                payload[0] = (next() % 4) as u8;
+                payload[1] = (next() % 4) as u8;
+            }
+            let _ = Fields::decode(&payload, SCHEMA);
+        }
+    }
+}
