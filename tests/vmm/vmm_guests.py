@@ -174,6 +174,74 @@ VIRTIO_DRIVER = (
     + _power_off(0)
 )
 
+# A doorbell-driven virtio-mmio driver for three queues: the guest only sets the device up and
+# turns host "doorbell rings" into queue notifications, so the test can play the driver's part in
+# guest RAM. Parameters (PARAMS + offset): 0x08 mmio base, 0x10 queue size (u32),
+# 0x18 + 0x18 * q: descriptor table, available ring, used ring of queue q (q = 0, 1, 2),
+# 0x80 doorbell (u32, bump to notify; 0xffffffff powers off), 0x88 queue to notify (u32).
+# Results: 0x100 = 1 once set up, 0x108 device status after DRIVER_OK, 0x110 last doorbell seen.
+VIRTIO_DOORBELL = (
+    PRELUDE
+    + f"""
+    mov r15, {PARAMS}
+20: mov rax, qword ptr [r15]
+    test rax, rax
+    jz 20b
+    mov rbx, qword ptr [r15 + 0x08]
+    mov dword ptr [rbx + 0x70], 0
+    mov dword ptr [rbx + 0x70], 1
+    mov dword ptr [rbx + 0x70], 3
+    mov dword ptr [rbx + 0x24], 1
+    mov dword ptr [rbx + 0x20], 1
+    mov dword ptr [rbx + 0x24], 0
+    mov dword ptr [rbx + 0x20], 0
+    mov dword ptr [rbx + 0x70], 11
+    xor ecx, ecx
+    lea rsi, [r15 + 0x18]
+21: mov dword ptr [rbx + 0x30], ecx
+    mov eax, dword ptr [r15 + 0x10]
+    mov dword ptr [rbx + 0x38], eax
+    mov rax, qword ptr [rsi]
+    mov dword ptr [rbx + 0x80], eax
+    shr rax, 32
+    mov dword ptr [rbx + 0x84], eax
+    mov rax, qword ptr [rsi + 8]
+    mov dword ptr [rbx + 0x90], eax
+    shr rax, 32
+    mov dword ptr [rbx + 0x94], eax
+    mov rax, qword ptr [rsi + 16]
+    mov dword ptr [rbx + 0xa0], eax
+    shr rax, 32
+    mov dword ptr [rbx + 0xa4], eax
+    mov dword ptr [rbx + 0x44], 1
+    add rsi, 0x18
+    inc ecx
+    cmp ecx, 3
+    jne 21b
+    mov dword ptr [rbx + 0x70], 15
+    mov eax, dword ptr [rbx + 0x70]
+    mov dword ptr [r15 + 0x108], eax
+    mov qword ptr [r15 + 0x100], 1
+    xor r14d, r14d
+22: mov eax, dword ptr [r15 + 0x80]
+    cmp eax, r14d
+    je 22b
+    mov r14d, eax
+    cmp eax, 0xffffffff
+    je 23f
+    mov eax, dword ptr [r15 + 0x88]
+    mov dword ptr [rbx + 0x50], eax
+    mov eax, dword ptr [rbx + 0x60]
+    mov dword ptr [rbx + 0x64], eax
+    mov eax, dword ptr [rbx + 0x70]
+    mov dword ptr [r15 + 0x108], eax
+    mov dword ptr [r15 + 0x110], r14d
+    jmp 22b
+23:
+"""
+    + _power_off(0)
+)
+
 REAL_MODE = """
 .intel_syntax noprefix
 .code16
