@@ -251,3 +251,21 @@ def test_many_requests_on_one_connection(client: AgentClient) -> None:
 
 def test_ping_reports_version(client: AgentClient) -> None:
     assert client.ping() == "0.1.0"
+
+
+def test_no_agent_descriptors_leak_into_processes(agent: AgentServer) -> None:
+    # Several connections open at once, so the agent holds several sockets and pipes.
+    with agent.connect() as other, agent.connect() as client:
+        assert other.ping()
+        result = client.exec(["sh", "-c", "ls /proc/$$/fd"])
+    assert sorted(int(fd) for fd in result.stdout.split()) == [0, 1, 2]
+
+
+def test_signal_dispositions_are_reset(client: AgentClient) -> None:
+    # The agent ignores SIGPIPE itself; its children must get the default (killed by SIGPIPE).
+    result = client.exec(
+        ["sh", "-c", "yes | head -c 1 >/dev/null; grep -E '^Sig(Ign|Blk)' /proc/self/status"]
+    )
+    lines = dict(line.split(":\t") for line in result.stdout.decode().splitlines())
+    assert int(lines["SigBlk"], 16) == 0
+    assert int(lines["SigIgn"], 16) == 0
