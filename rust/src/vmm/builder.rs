@@ -272,6 +272,11 @@ impl Vmm {
                 cmdline,
             } => {
                 let mut full = cmdline.trim().to_string();
+                if template == CpuTemplate::Compat && !full.contains("clearcpuid=") {
+                    full = format!("{} {full}", super::cpuid::COMPAT_KERNEL_PARAMS)
+                        .trim()
+                        .to_string();
+                }
                 for d in &devices {
                     if !full.is_empty() {
                         full.push(' ');

@@ -11,6 +11,13 @@
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
+/// Kernel parameters that hide the same features from a Linux guest. Emulating hosts do not
+/// honour every `KVM_SET_CPUID2` mask (measured: the vendor string and CX16 are applied, XSAVE,
+/// POPCNT, SMAP and friends still show), so with `Compat` the VMM also passes these.
+pub const COMPAT_KERNEL_PARAMS: &str = "noxsave clearcpuid=smap,smep,pku,ospke,fsgsbase,rdpid,\
+rdrand,rdseed,popcnt,serialize,pcid,invpcid,cx16,movbe,bmi1,bmi2,erms,fsrm,la57,waitpkg,movdiri,\
+movdir64b,clflushopt,clwb";
+
 /// A CPUID template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CpuTemplate {

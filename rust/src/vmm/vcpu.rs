@@ -104,8 +104,9 @@ fn run(mut ctx: VcpuContext) {
                     // SAFETY: run_ptr is this vCPU's live kvm_run mapping and the exit reason is
                     // KVM_EXIT_INTERNAL_ERROR, so the `internal` union member is the active one.
                     let suberror = unsafe { (*run_ptr).__bindgen_anon_1.internal.suberror };
+                    let rip = ctx.fd.get_regs().map(|r| r.rip).unwrap_or(0);
                     Outcome::Crash {
-                        reason: format!("{reason} (suberror {suberror})"),
+                        reason: format!("{reason} (suberror {suberror}, rip {rip:#x})"),
                     }
                 }
                 o => o,
