@@ -43,6 +43,10 @@ __all__ = ["Disk", "ExecResult", "Outcome", "Process", "Vm", "VmConfig"]
 CpuTemplate = Literal["auto", "normal", "compat"]
 Argument = str | bytes | os.PathLike[str]
 
+DEFAULT_ENV: Mapping[str, str] = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root",
+}
 _PANIC_LINE = re.compile(rb"Kernel panic - not syncing:[^\r\n]*")
 
 
@@ -317,15 +321,20 @@ class Vm:
             return client.read_file(path)
 
     def _env(self, env: Mapping[str, str] | None) -> Mapping[str, str] | None:
-        if env is not None:
-            return env
-        if not self.config.env:
-            return None
-        return {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": "/root",
-            **self.config.env,
-        }
+        """The environment a command gets: ``env``, else the config's ``env`` over the defaults.
+
+        On emulating hosts (``compat`` CPU template) ``GLIBC_TUNABLES`` keeps glibc off AVX unless
+        the caller sets it: there the guest kernel cannot preserve AVX registers across context
+        switches (see the compat notes in ``guest/kernel/README.md``)."""
+        compat = self._handle.cpu_template == "compat"
+        if env is None and not self.config.env and not compat:
+            return None  # the agent's own default
+        merged = dict(DEFAULT_ENV) if env is None else dict(env)
+        if env is None:
+            merged.update(self.config.env)
+        if compat:
+            merged.setdefault("GLIBC_TUNABLES", _core.COMPAT_GLIBC_TUNABLES)
+        return merged
 
 
 def _cmdline(config: VmConfig) -> str:

@@ -65,17 +65,12 @@ def boot(
     if rootfs is not None and not rootfs.is_file():
         raise InputError(f"root filesystem image {rootfs} does not exist")
     env = parse_env(env_pairs)
-    config = VmConfig(rootfs=rootfs, memory_mib=memory_mib, vcpus=vcpus, kernel=kernel)
+    config = VmConfig(rootfs=rootfs, memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, env=env)
     with ui.stderr.status("booting the microVM", spinner="dots") if ui.stderr.is_terminal else nullcontext():
         vm = Vm.start(config)
     with vm:
         process = vm.spawn(
             list(command),
-            env={
-                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "HOME": "/root",
-                **env,
-            },
             cwd=workdir,
             user=user,
             timeout=timeout,

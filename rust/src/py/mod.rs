@@ -40,6 +40,10 @@ pub(crate) fn with_threads<T: Send>(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PAGE_SIZE", crate::pages::PAGE_SIZE)?;
+    m.add(
+        "COMPAT_GLIBC_TUNABLES",
+        crate::vmm::cpuid::COMPAT_GLIBC_TUNABLES,
+    )?;
     cdc::register(m)?;
     pages::register(m)?;
     layers::register(m)?;

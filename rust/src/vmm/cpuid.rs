@@ -11,12 +11,34 @@
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
+/// glibc's tunable that keeps its string and memory routines off AVX. On emulating hosts guest
+/// *user* code runs natively and sees the host's AVX state enabled (CPUID.OSXSAVE = 1, XCR0 with
+/// AVX and AVX-512 bits), while the guest kernel, booted with `noxsave` because it cannot run
+/// `xrstor`, context-switches only x87/SSE state: AVX registers would leak between guest
+/// processes and corrupt, e.g., a `memcpy` that is preempted. Both spellings (glibc >= 2.33 and
+/// 2.26-2.32) are given; unknown names are ignored.
+macro_rules! compat_glibc_tunables {
+    () => {
+        "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_VNNI,\
+-FMA,-FMA4,-F16C,-AVX_Usable,-AVX2_Usable,-AVX512F_Usable,-AVX512VL_Usable,-AVX512BW_Usable,\
+-AVX512DQ_Usable,-FMA_Usable,-FMA4_Usable,-F16C_Usable"
+    };
+}
+
+/// The `GLIBC_TUNABLES` value for processes in a `Compat` guest (see `compat_glibc_tunables`).
+pub const COMPAT_GLIBC_TUNABLES: &str = compat_glibc_tunables!();
+
 /// Kernel parameters that hide the same features from a Linux guest. Emulating hosts do not
 /// honour every `KVM_SET_CPUID2` mask (measured: the vendor string and CX16 are applied, XSAVE,
-/// POPCNT, SMAP and friends still show), so with `Compat` the VMM also passes these.
-pub const COMPAT_KERNEL_PARAMS: &str = "noxsave clearcpuid=smap,smep,pku,ospke,fsgsbase,rdpid,\
-rdrand,rdseed,popcnt,serialize,pcid,invpcid,cx16,movbe,bmi1,bmi2,erms,fsrm,la57,waitpkg,movdiri,\
-movdir64b,clflushopt,clwb";
+/// POPCNT, SMAP and friends still show), so with `Compat` the VMM also passes these. The last one
+/// is not a kernel parameter: the kernel hands it to init (the guest agent) as an environment
+/// variable, which keeps the agent's own glibc off AVX.
+pub const COMPAT_KERNEL_PARAMS: &str = concat!(
+    "noxsave clearcpuid=smap,smep,pku,ospke,fsgsbase,rdpid,rdrand,rdseed,popcnt,serialize,pcid,\
+invpcid,cx16,movbe,bmi1,bmi2,erms,fsrm,la57,waitpkg,movdiri,movdir64b,clflushopt,clwb \
+GLIBC_TUNABLES=",
+    compat_glibc_tunables!()
+);
 
 /// A CPUID template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,100 @@
+"""A real Linux guest: boot to the agent, run commands, move files, stop; a panic is reported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from supermachine.errors import ExecTimeoutError, GuestPanickedError, VmError
+from supermachine.vm import Vm, VmConfig
+
+pytestmark = pytest.mark.slow
+
+
+def test_echo(vm: Vm) -> None:
+    result = vm.exec(["/bin/echo", "hi"])
+    assert result.stdout == b"hi\n"
+    assert (result.status, result.signal, result.timed_out) == (0, None, False)
+
+
+def test_rootfs_is_mounted_with_a_writable_overlay(vm: Vm) -> None:
+    assert vm.exec(["cat", "/etc/motd"]).stdout == b"hello from the rootfs\n"
+    assert vm.exec(["sh", "-c", "echo changed > /etc/motd && cat /etc/motd"]).stdout == b"changed\n"
+    mounts = vm.exec(["cat", "/proc/mounts"]).stdout.decode()
+    assert "overlay / overlay" in mounts
+
+
+def test_exit_status_stderr_and_signals(vm: Vm) -> None:
+    failed = vm.exec(["sh", "-c", "echo oops >&2; exit 3"])
+    assert (failed.status, failed.stderr, failed.stdout) == (3, b"oops\n", b"")
+    killed = vm.exec(["sh", "-c", "kill -9 $$"])
+    assert (killed.status, killed.signal) == (None, 9)
+
+
+def test_stdin_env_cwd_user(vm: Vm) -> None:
+    data = os.urandom(200_000)
+    assert vm.exec(["cat"], input=data).stdout == data
+    env = vm.exec(["env"], env={"ONLY": "this", "PATH": "/bin"}).stdout.decode().split()
+    # On emulating hosts the VM adds GLIBC_TUNABLES (glibc kept off AVX); nothing else is added.
+    assert sorted(e for e in env if not e.startswith("GLIBC_TUNABLES=")) == ["ONLY=this", "PATH=/bin"]
+    assert vm.exec(["pwd"], cwd="/tmp").stdout == b"/tmp\n"
+    assert vm.exec(["id", "-u"], user="nobody").stdout == b"65534\n"
+
+
+def test_timeout_kills_the_command(vm: Vm) -> None:
+    result = vm.exec(["sh", "-c", "sleep 600 & sleep 600"], timeout=2)
+    assert result.timed_out and result.status is None
+    with pytest.raises(ExecTimeoutError, match="timed out after 1 s"):
+        vm.exec(["sleep", "600"], timeout=1, check=True)
+
+
+def test_file_round_trip(vm: Vm) -> None:
+    payload = os.urandom(300_000)
+    vm.write_file("/tmp/blob", payload, mode=0o600)
+    assert vm.read_file("/tmp/blob") == payload
+    assert vm.exec(["stat", "-c", "%a %s", "/tmp/blob"]).stdout == b"600 300000\n"
+    with pytest.raises(Exception, match="No such file"):
+        vm.read_file("/tmp/missing")
+
+
+def test_spawn_streams_output(vm: Vm) -> None:
+    process = vm.spawn(["sh", "-c", "echo one; sleep 1; echo two >&2"])
+    events = [(e.stream, e.data) for e in process]
+    result = process.wait()
+    assert result.status == 0
+    assert b"".join(d for s, d in events if s == "stdout") == b"one\n"
+    assert b"".join(d for s, d in events if s == "stderr") == b"two\n"
+
+
+def test_console_log_has_the_agent_ready_line(vm: Vm) -> None:
+    # The kernel boots with `quiet`; the agent announces itself on the console.
+    assert "supermachine-agent" in vm.console_log and "ready on vsock port 1024" in vm.console_log
+
+
+@pytest.mark.usefixtures("kvm")
+def test_kernel_panic_is_reported_with_the_console(tmp_path: Path) -> None:
+    """An initramfs whose /init exits makes the kernel panic ("Attempted to kill init")."""
+    root = tmp_path / "initrd"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (root / "bin" / "busybox").chmod(0o755)
+    (root / "init").write_text("#!/bin/busybox sh\nexit 7\n")
+    (root / "init").chmod(0o755)
+    initrd = tmp_path / "initrd.cpio"
+    with initrd.open("wb") as out:
+        files = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
+        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, stdout=out, check=True)
+    with pytest.raises(GuestPanickedError, match="Attempted to kill init"):
+        Vm.start(VmConfig(initramfs=initrd, memory_mib=128, boot_timeout=240))
+
+
+def test_stop_is_clean_and_final(vm: Vm) -> None:
+    """Runs last in this module: it stops the session's VM."""
+    assert vm.exec(["true"]).status == 0
+    vm.stop()
+    vm.stop()  # idempotent
+    assert vm.outcome is not None and vm.outcome.kind == "stopped"
+    with pytest.raises(VmError, match="stopped"):
+        vm.exec(["true"])
