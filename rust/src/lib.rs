@@ -8,6 +8,7 @@ pub mod cdc;
 pub mod devices;
 pub mod layers;
 pub mod pages;
+pub mod snapshot;
 pub mod source;
 pub mod vmm;
 

@@ -1,0 +1,343 @@
+//! VM snapshots: the `vmstate.bin` format and the state it holds.
+//!
+//! A snapshot is a directory with two files:
+//!
+//! * `memory.bin`: guest RAM, raw, laid out like the RAM file of a running VM (the part above
+//!   the 32-bit MMIO hole follows the part below it), so a restore maps it directly,
+//!   copy-on-write. Pages that were never written are holes.
+//! * `vmstate.bin`: everything else, in this layout (all integers little-endian):
+//!
+//! | offset | size     | field                                                      |
+//! | ------ | -------- | ---------------------------------------------------------- |
+//! | 0      | 8        | magic `SMVMSNAP`                                           |
+//! | 8      | 4        | format version ([`FORMAT_VERSION`])                        |
+//! | 12     | 4        | number of sections `n`                                     |
+//! | 16     | 8        | total file length                                          |
+//! | 24     | 24 × `n` | section table: id (u32), reserved (u32), offset, length    |
+//! | ...    |          | sections                                                   |
+//! | end-4  | 4        | CRC32 of every byte before it                              |
+//!
+//! Sections: [`SECTION_MACHINE`], [`SECTION_VM`], [`SECTION_VCPUS`], [`SECTION_DEVICES`].
+//! A reader refuses another format version before looking further, and checks the length and
+//! the checksum before decoding anything.
+
+pub mod codec;
+pub mod state;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use state::{DeviceState, MachineState, QueueState, TransportState, VcpuState, VmState};
+
+/// The snapshot format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MAGIC: [u8; 8] = *b"SMVMSNAP";
+pub const VMSTATE_FILE: &str = "vmstate.bin";
+pub const MEMORY_FILE: &str = "memory.bin";
+
+pub const SECTION_MACHINE: u32 = 1;
+pub const SECTION_VM: u32 = 2;
+pub const SECTION_VCPUS: u32 = 3;
+pub const SECTION_DEVICES: u32 = 4;
+
+const HEADER_LEN: usize = 24;
+const ENTRY_LEN: usize = 24;
+const MAX_SECTIONS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path} cannot be read: {msg}")]
+    Read { path: String, msg: String },
+    #[error("cannot write snapshot {path}: {msg}")]
+    Write { path: String, msg: String },
+    #[error("snapshot {path} is not a supermachine VM snapshot (bad magic)")]
+    NotASnapshot { path: String },
+    #[error("snapshot {path} is truncated")]
+    Truncated { path: String },
+    #[error("snapshot {path} is corrupt: {why}")]
+    Corrupt { path: String, why: String },
+    #[error(
+        "snapshot {path} has format version {found}, but this build reads only version {expected}"
+    )]
+    Version {
+        path: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error("snapshot memory {path} does not match the saved state: {why}")]
+    Memory { path: String, why: String },
+    #[error("cannot capture the VM state: {0}")]
+    Capture(String),
+    #[error("cannot restore the VM state: {0}")]
+    Restore(String),
+}
+
+/// Everything in `vmstate.bin`.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub machine: MachineState,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DeviceState,
+}
+
+impl Snapshot {
+    /// The complete `vmstate.bin` contents.
+    pub fn encode(&self) -> Vec<u8> {
+        let sections = [
+            (SECTION_MACHINE, self.machine.encode()),
+            (SECTION_VM, self.vm.encode()),
+            (SECTION_VCPUS, state::encode_vcpus(&self.vcpus)),
+            (SECTION_DEVICES, self.devices.encode()),
+        ];
+        let table_end = HEADER_LEN + ENTRY_LEN * sections.len();
+        let total = table_end + sections.iter().map(|(_, s)| s.len()).sum::<usize>() + 4;
+        let mut out = Vec::with_capacity(total);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(total as u64).to_le_bytes());
+        let mut offset = table_end as u64;
+        for (id, s) in &sections {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            offset += s.len() as u64;
+        }
+        for (_, s) in &sections {
+            out.extend_from_slice(s);
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Parses `vmstate.bin` contents; `path` only names the file in errors.
+    pub fn decode(data: &[u8], path: &str) -> Result<Snapshot, SnapshotError> {
+        let p = || path.to_string();
+        let corrupt = |why: String| SnapshotError::Corrupt { path: p(), why };
+        if data.len() < MAGIC.len() {
+            return Err(if MAGIC.starts_with(data) {
+                SnapshotError::Truncated { path: p() }
+            } else {
+                SnapshotError::NotASnapshot { path: p() }
+            });
+        }
+        if data[..8] != MAGIC {
+            return Err(SnapshotError::NotASnapshot { path: p() });
+        }
+        if data.len() < HEADER_LEN + 4 {
+            return Err(SnapshotError::Truncated { path: p() });
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(data[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().expect("8 bytes"));
+        let version = u32_at(8);
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::Version {
+                path: p(),
+                found: version,
+                expected: FORMAT_VERSION,
+            });
+        }
+        let total = u64_at(16);
+        if (data.len() as u64) < total {
+            return Err(SnapshotError::Truncated { path: p() });
+        }
+        if (data.len() as u64) > total {
+            return Err(corrupt(format!(
+                "{} bytes follow the recorded end of the file",
+                data.len() as u64 - total
+            )));
+        }
+        let (body, crc) = data.split_at(data.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(corrupt("checksum mismatch".into()));
+        }
+        let count = u32_at(12) as usize;
+        if count > MAX_SECTIONS || HEADER_LEN + count * ENTRY_LEN > body.len() {
+            return Err(corrupt(format!("bad section count {count}")));
+        }
+        let mut sections: Vec<(u32, &[u8])> = Vec::with_capacity(count);
+        for i in 0..count {
+            let e = HEADER_LEN + i * ENTRY_LEN;
+            let id = u32_at(e);
+            let (off, len) = (u64_at(e + 8), u64_at(e + 16));
+            let range = usize::try_from(off)
+                .ok()
+                .zip(usize::try_from(len).ok())
+                .and_then(|(o, l)| Some(o..o.checked_add(l)?))
+                .filter(|r| r.end <= body.len())
+                .ok_or_else(|| corrupt(format!("section {id} lies outside the file")))?;
+            sections.push((id, &body[range]));
+        }
+        let find = |id: u32, name: &str| {
+            sections
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map(|(_, s)| *s)
+                .ok_or_else(|| corrupt(format!("the {name} section is missing")))
+        };
+        let section = |name: &'static str| {
+            move |e: codec::DecodeError| corrupt(format!("the {name} section is invalid: {e}"))
+        };
+        Ok(Snapshot {
+            machine: MachineState::decode(find(SECTION_MACHINE, "machine")?)
+                .map_err(section("machine"))?,
+            vm: VmState::decode(find(SECTION_VM, "VM")?).map_err(section("VM"))?,
+            vcpus: state::decode_vcpus(find(SECTION_VCPUS, "vCPU")?).map_err(section("vCPU"))?,
+            devices: DeviceState::decode(find(SECTION_DEVICES, "device")?)
+                .map_err(section("device"))?,
+        })
+    }
+
+    /// Reads and checks `dir/vmstate.bin`.
+    pub fn load(dir: &Path) -> Result<Snapshot, SnapshotError> {
+        let path = dir.join(VMSTATE_FILE);
+        let shown = path.display().to_string();
+        let data = std::fs::read(&path).map_err(|e| SnapshotError::Read {
+            path: shown.clone(),
+            msg: crate::vmm::os_msg(&e),
+        })?;
+        Snapshot::decode(&data, &shown)
+    }
+}
+
+/// Writes files into a snapshot directory atomically: each goes to a temporary name, is synced,
+/// and all are renamed into place together by [`AtomicDir::commit`], followed by a directory
+/// sync. Dropping without committing removes the temporary files.
+pub struct AtomicDir {
+    dir: PathBuf,
+    pending: Vec<(PathBuf, PathBuf)>,
+}
+
+impl AtomicDir {
+    pub fn new(dir: &Path) -> Result<Self, SnapshotError> {
+        std::fs::create_dir_all(dir).map_err(|e| SnapshotError::Write {
+            path: dir.display().to_string(),
+            msg: crate::vmm::os_msg(&e),
+        })?;
+        Ok(AtomicDir {
+            dir: dir.to_path_buf(),
+            pending: Vec::new(),
+        })
+    }
+
+    fn err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+        move |e| SnapshotError::Write {
+            path: path.display().to_string(),
+            msg: crate::vmm::os_msg(&e),
+        }
+    }
+
+    /// Creates the temporary file for `name`; the caller fills it and hands it back to
+    /// [`AtomicDir::finish`].
+    pub fn create(&mut self, name: &str) -> Result<(File, PathBuf), SnapshotError> {
+        let final_path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let f = File::create(&tmp).map_err(Self::err(&tmp))?;
+        self.pending.push((tmp.clone(), final_path));
+        Ok((f, tmp))
+    }
+
+    /// Syncs a file created by [`AtomicDir::create`].
+    pub fn finish(&self, file: File, tmp: &Path) -> Result<(), SnapshotError> {
+        file.sync_all().map_err(Self::err(tmp))
+    }
+
+    /// Writes `data` as `name`.
+    pub fn write(&mut self, name: &str, data: &[u8]) -> Result<(), SnapshotError> {
+        let (mut f, tmp) = self.create(name)?;
+        f.write_all(data).map_err(Self::err(&tmp))?;
+        self.finish(f, &tmp)
+    }
+
+    /// Renames every file into place and syncs the directory.
+    pub fn commit(mut self) -> Result<(), SnapshotError> {
+        for (tmp, final_path) in std::mem::take(&mut self.pending) {
+            if let Err(e) = std::fs::rename(&tmp, &final_path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(Self::err(&final_path)(e));
+            }
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(Self::err(&self.dir))
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.pending {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            machine: MachineState {
+                memory_size: 16 << 20,
+                vcpus: 1,
+                template: 0,
+                cmdline: "console=ttyS0".into(),
+                console_capacity: 4096,
+                disks: vec![("/tmp/disk.img".into(), true)],
+                vsock_path: Some("/tmp/v.sock".into()),
+            },
+            vm: VmState::default(),
+            vcpus: vec![VcpuState::default()],
+            devices: DeviceState::default(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        let bytes = s.encode();
+        let back = Snapshot::decode(&bytes, "x").unwrap();
+        assert_eq!(back.machine, s.machine);
+        assert_eq!(back.vcpus.len(), 1);
+        assert_eq!(back.encode(), bytes);
+    }
+
+    #[test]
+    fn damage_gives_one_clear_error() {
+        let bytes = sample().encode();
+        for cut in 0..bytes.len() {
+            let e = Snapshot::decode(&bytes[..cut], "s")
+                .unwrap_err()
+                .to_string();
+            assert_eq!(e, "snapshot s is truncated", "cut at {cut}");
+        }
+        for i in 24..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            let e = Snapshot::decode(&b, "s").unwrap_err().to_string();
+            assert_eq!(e, "snapshot s is corrupt: checksum mismatch", "flip at {i}");
+        }
+        let mut b = bytes.clone();
+        b[8] = 2;
+        assert!(Snapshot::decode(&b, "s")
+            .unwrap_err()
+            .to_string()
+            .contains("format version 2"));
+        let mut b = bytes.clone();
+        b[0] = b'X';
+        assert!(Snapshot::decode(&b, "s")
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
+        let mut b = bytes;
+        b.push(0);
+        assert!(Snapshot::decode(&b, "s")
+            .unwrap_err()
+            .to_string()
+            .contains("is corrupt"));
+    }
+}
