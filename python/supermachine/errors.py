@@ -98,3 +98,11 @@ class ExecTimeoutError(AgentError):
 
 class CommandFailedError(AgentError):
     """A command exited non-zero or by a signal (raised only when asked to, with ``check``)."""
+
+
+class SnapshotError(SupermachineError):
+    """A snapshot directory or snapshot store is missing, inconsistent or cannot be processed."""
+
+
+class SnapshotMetadataError(SnapshotError):
+    """A snapshot's ``metadata.json`` is missing, not valid JSON, of an unknown version or malformed."""
