@@ -119,10 +119,29 @@ class VmTimings(TypedDict):
     running: float
     first_kvm_run: float | None
     first_console_byte: float | None
+    # Seconds per start-up phase, in order. Restore: load_state, memory, create_vm, devices,
+    # vm_state, vcpu_state, running.
+    phases: dict[str, float]
+    refused_msrs: int  # MSRs a restore could not load on this host
+
+class VmRestoreOverrides(TypedDict, total=False):
+    vsock_path: str | os.PathLike[str]
+    console_log: str | os.PathLike[str]
+    disks: Sequence[str | os.PathLike[str]]  # new paths, one per saved disk, in order
+
+class VmSnapshotReport(TypedDict):
+    memory_bytes: int  # guest RAM bytes written (all-zero pages stay holes)
+    state_bytes: int
+    phases: dict[str, float]  # pause, capture, memory, state, commit
 
 class Vm:
     @staticmethod
     def start(config: VmConfig) -> Vm: ...
+    # A snapshot directory holds memory.bin (raw guest RAM, mapped copy-on-write on restore)
+    # and vmstate.bin (versioned, checksummed). snapshot() leaves the VM paused.
+    @staticmethod
+    def restore(dir: str | os.PathLike[str], overrides: VmRestoreOverrides | None = None) -> Vm: ...
+    def snapshot(self, dir: str | os.PathLike[str]) -> VmSnapshotReport: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def stop(self) -> None: ...

@@ -9,6 +9,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::input::Input;
 use crate::vmm::builder::ErrorClass;
+use crate::vmm::persist::RestoreOverrides;
 use crate::vmm::{
     BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MemoryBacking, Outcome, RawMode,
     VmConfig, Vmm, VmmError,
@@ -192,6 +193,54 @@ impl PyVm {
         Ok(PyVm { inner })
     }
 
+    /// Restores a VM from a snapshot directory written by `Vm.snapshot` and starts it.
+    /// `overrides` may set "vsock_path", "console_log" and "disks" (a list of new paths, one per
+    /// saved disk, in order).
+    #[staticmethod]
+    #[pyo3(signature = (dir, overrides=None))]
+    fn restore(
+        py: Python<'_>,
+        dir: PathBuf,
+        overrides: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let mut ov = RestoreOverrides::default();
+        if let Some(d) = overrides {
+            for k in d.keys() {
+                let k: String = k
+                    .extract()
+                    .map_err(|_| PyTypeError::new_err("override keys must be strings"))?;
+                if !["vsock_path", "console_log", "disks"].contains(&k.as_str()) {
+                    return Err(PyValueError::new_err(format!(
+                        "unknown restore override '{k}' (known: vsock_path, console_log, disks)"
+                    )));
+                }
+            }
+            ov.vsock_path = get(d, "vsock_path")?;
+            ov.console_log = get(d, "console_log")?;
+            ov.disks = get(d, "disks")?;
+        }
+        let inner = py.detach(|| Vmm::restore(&dir, &ov)).map_err(vmm_err)?;
+        Ok(PyVm { inner })
+    }
+
+    /// Pauses the VM and writes a snapshot to `dir` (memory.bin + vmstate.bin, atomically).
+    /// The VM stays paused: call `resume()` or `stop()`. Returns {"memory_bytes",
+    /// "state_bytes", "phases": {name: seconds}}.
+    fn snapshot<'py>(&self, py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+        let report = py
+            .detach(|| self.inner.snapshot(&dir))
+            .map_err(|e| vmm_err(VmmError::Snapshot(e)))?;
+        let d = PyDict::new(py);
+        d.set_item("memory_bytes", report.memory_bytes)?;
+        d.set_item("state_bytes", report.state_bytes)?;
+        let phases = PyDict::new(py);
+        for (name, secs) in &report.phases {
+            phases.set_item(*name, *secs)?;
+        }
+        d.set_item("phases", phases)?;
+        Ok(d)
+    }
+
     /// Pauses every vCPU (returns once none runs guest code).
     fn pause(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.inner.pause())
@@ -340,8 +389,10 @@ impl PyVm {
         self.inner.unhandled_exits()
     }
 
-    /// Seconds from the start of `Vm.start` to: "running" (vCPU threads released),
-    /// "first_kvm_run", "first_console_byte" (None until they happen).
+    /// Seconds from the start of `Vm.start` (or `Vm.restore`) to: "running" (vCPU threads
+    /// released), "first_kvm_run", "first_console_byte" (None until they happen); "phases":
+    /// {name: seconds} of the start-up (restore: load_state, memory, create_vm, devices,
+    /// vm_state, vcpu_state, running); "refused_msrs": MSRs a restore could not load.
     #[getter]
     fn timings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let t = self.inner.times();
@@ -350,6 +401,12 @@ impl PyVm {
         d.set_item("running", since(t.running))?;
         d.set_item("first_kvm_run", t.first_run.map(since))?;
         d.set_item("first_console_byte", t.first_console_byte.map(since))?;
+        let phases = PyDict::new(py);
+        for (name, secs) in self.inner.phases() {
+            phases.set_item(*name, *secs)?;
+        }
+        d.set_item("phases", phases)?;
+        d.set_item("refused_msrs", self.inner.refused_msrs())?;
         Ok(d)
     }
 

@@ -47,6 +47,8 @@ const MAX_SECTIONS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    #[error("snapshot {path} does not exist")]
+    Missing { path: String },
     #[error("snapshot {path} cannot be read: {msg}")]
     Read { path: String, msg: String },
     #[error("cannot write snapshot {path}: {msg}")]
@@ -196,9 +198,17 @@ impl Snapshot {
     pub fn load(dir: &Path) -> Result<Snapshot, SnapshotError> {
         let path = dir.join(VMSTATE_FILE);
         let shown = path.display().to_string();
-        let data = std::fs::read(&path).map_err(|e| SnapshotError::Read {
-            path: shown.clone(),
-            msg: crate::vmm::os_msg(&e),
+        let data = std::fs::read(&path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                SnapshotError::Missing {
+                    path: shown.clone(),
+                }
+            } else {
+                SnapshotError::Read {
+                    path: shown.clone(),
+                    msg: crate::vmm::os_msg(&e),
+                }
+            }
         })?;
         Snapshot::decode(&data, &shown)
     }

@@ -15,7 +15,8 @@ use super::bus::{Bus, SharedDevice};
 use super::control::{Outcome, VmControl};
 use super::cpuid::CpuTemplate;
 use super::memory::{GuestRam, MemoryError};
-use super::vcpu::{self, ExitStats, VcpuContext};
+use super::persist;
+use super::vcpu::{self, ExitStats, SharedVcpu, VcpuContext};
 use super::vm::{self, VmError};
 use super::{os_msg, BootSource, CpuTemplateChoice, VmConfig};
 use crate::devices::legacy::{
@@ -25,6 +26,7 @@ use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::snapshot::{Snapshot, SnapshotError};
 
 /// First virtio-mmio window; devices follow every [`MMIO_LEN`] bytes.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
@@ -50,6 +52,8 @@ pub enum VmmError {
     Config(String),
     #[error("cannot open console log {path}: {msg}")]
     ConsoleLog { path: String, msg: String },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     #[error("{0}")]
     Setup(String),
 }
@@ -75,7 +79,19 @@ impl VmmError {
                 | BootError::InitramfsNotFound(_)
                 | BootError::RawNotFound(_),
             )
-            | VmmError::Block(BlockError::NotFound(_)) => ErrorClass::NotFound,
+            | VmmError::Block(BlockError::NotFound(_))
+            | VmmError::Snapshot(SnapshotError::Missing { .. }) => ErrorClass::NotFound,
+            VmmError::Snapshot(
+                SnapshotError::NotASnapshot { .. }
+                | SnapshotError::Truncated { .. }
+                | SnapshotError::Corrupt { .. }
+                | SnapshotError::Version { .. }
+                | SnapshotError::Memory { .. },
+            )
+            | VmmError::Memory(MemoryError::SnapshotSize { .. }) => ErrorClass::Value,
+            VmmError::Snapshot(SnapshotError::Read { .. } | SnapshotError::Write { .. }) => {
+                ErrorClass::Os
+            }
             VmmError::Vm(VmError::OpenKvm(_))
             | VmmError::Memory(MemoryError::File { .. } | MemoryError::Truncate { .. })
             | VmmError::Boot(
@@ -125,19 +141,52 @@ pub struct BootTimes {
 
 /// A running VM. Dropping it stops it.
 pub struct Vmm {
-    control: Arc<VmControl>,
+    pub(super) control: Arc<VmControl>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     console: Arc<ConsoleBuffer>,
     stats: Arc<ExitStats>,
-    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub(super) transports: Vec<Arc<Mutex<MmioTransport>>>,
     devices: Vec<DeviceInfo>,
     cmdline: String,
     template: CpuTemplate,
     vsock_path: Option<PathBuf>,
     times: BootTimes,
-    // Drop order: the VM fd (and its vCPUs, inside the joined threads) before guest RAM.
-    _vm: VmFd,
-    ram: GuestRam,
+    pub(super) config: VmConfig,
+    pub(super) serial: Arc<Mutex<SerialConsole>>,
+    pub(super) caps: persist::Caps,
+    /// Seconds spent in each start-up phase, in order.
+    pub(super) phases: Vec<(&'static str, f64)>,
+    /// MSRs a restore could not load on this host.
+    refused_msrs: usize,
+    // Drop order: the vCPU and VM fds before guest RAM.
+    pub(super) vcpus: Vec<SharedVcpu>,
+    pub(super) vm: VmFd,
+    pub(super) ram: GuestRam,
+}
+
+/// Durations of consecutive start-up phases.
+struct Phases {
+    last: Instant,
+    out: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn new(start: Instant) -> Self {
+        Phases {
+            last: start,
+            out: Vec::new(),
+        }
+    }
+
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.out.push((name, (now - self.last).as_secs_f64()));
+        self.last = now;
+    }
+
+    fn done(self) -> Vec<(&'static str, f64)> {
+        self.out
+    }
 }
 
 fn setup_err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError + '_ {
@@ -152,7 +201,14 @@ fn setup_err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError + '_ {
 impl Vmm {
     /// Builds the VM described by `config` and starts its vCPUs.
     pub fn start(config: &VmConfig) -> Result<Vmm, VmmError> {
+        Self::build(config, None)
+    }
+
+    /// Builds a VM, either booting `config.boot` or, with `restore`, loading a snapshot's state
+    /// (guest RAM must then be `MemoryBacking::Snapshot`).
+    pub(super) fn build(config: &VmConfig, restore: Option<&Snapshot>) -> Result<Vmm, VmmError> {
         let started = Instant::now();
+        let mut phases = Phases::new(started);
         if config.vcpus == 0 || config.vcpus > 32 {
             return Err(VmmError::Config(format!(
                 "vcpus must be between 1 and 32, got {}",
@@ -168,6 +224,7 @@ impl Vmm {
         vcpu::install_kick_handler().map_err(VmmError::Setup)?;
         let kvm = vm::open_kvm()?;
         let ram = GuestRam::new(config.memory_mib, &config.memory_backing)?;
+        phases.mark("memory");
         let vm = vm::create_vm(&kvm, &ram)?;
         let template = match config.cpu_template {
             CpuTemplateChoice::Auto => CpuTemplate::detect(),
@@ -175,6 +232,7 @@ impl Vmm {
         };
         let control = Arc::new(VmControl::new(vcpu::kick_signal()));
         let console = Arc::new(ConsoleBuffer::new(config.console_capacity.max(1)));
+        phases.mark("create_vm");
 
         // Legacy devices on the port bus.
         let mut pio = Bus::new();
@@ -195,14 +253,20 @@ impl Vmm {
                     })?,
             ),
         };
-        let serial: SharedDevice = Arc::new(Mutex::new(SerialConsole::new(
-            serial_evt,
-            console.clone(),
-            log,
-            control.clone(),
-        )));
+        let serial = match restore {
+            None => SerialConsole::new(serial_evt, console.clone(), log, control.clone()),
+            Some(snap) => SerialConsole::from_state(
+                &snap.devices.serial,
+                serial_evt,
+                console.clone(),
+                log,
+                control.clone(),
+            )
+            .map_err(|e| VmmError::Snapshot(SnapshotError::Restore(e)))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let legacy: [(u64, u64, SharedDevice); 5] = [
-            (SerialConsole::PORT, SerialConsole::LEN, serial),
+            (SerialConsole::PORT, SerialConsole::LEN, serial.clone()),
             (I8042::DATA_PORT, 1, Arc::new(Mutex::new(I8042Data))),
             (
                 I8042::COMMAND_PORT,
@@ -240,6 +304,15 @@ impl Vmm {
         if let Some(path) = &config.vsock_path {
             virtio.push(("vsock", path.clone(), Vsock::new(path)?));
         }
+        if let Some(snap) = restore {
+            if snap.devices.transports.len() != virtio.len() {
+                return Err(VmmError::Snapshot(SnapshotError::Restore(format!(
+                    "the snapshot has {} virtio devices, the configuration {}",
+                    snap.devices.transports.len(),
+                    virtio.len()
+                ))));
+            }
+        }
         for (i, (kind, path, dev)) in virtio.into_iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_LEN;
             let gsi = VIRTIO_FIRST_GSI + i as u32;
@@ -248,11 +321,18 @@ impl Vmm {
             })?;
             vm.register_irqfd(&evt, gsi)
                 .map_err(setup_err("KVM_IRQFD for a virtio device"))?;
-            let transport = Arc::new(Mutex::new(MmioTransport::new(
-                dev,
-                ram.mem.clone(),
-                Arc::new(Interrupt::new(evt)),
-            )));
+            let interrupt = Arc::new(Interrupt::new(evt));
+            let transport = match restore {
+                None => MmioTransport::new(dev, ram.mem.clone(), interrupt),
+                Some(snap) => MmioTransport::restore(
+                    dev,
+                    ram.mem.clone(),
+                    interrupt,
+                    &snap.devices.transports[i],
+                )
+                .map_err(|e| VmmError::Snapshot(SnapshotError::Restore(e)))?,
+            };
+            let transport = Arc::new(Mutex::new(transport));
             mmio.insert(base, MMIO_LEN, transport.clone())
                 .map_err(|e| VmmError::Setup(e.to_string()))?;
             transports.push(transport);
@@ -263,14 +343,23 @@ impl Vmm {
                 path,
             });
         }
+        phases.mark("devices");
 
-        // Boot image.
-        let (entry, cmdline) = match &config.boot {
-            BootSource::Kernel {
-                path,
-                initramfs,
-                cmdline,
-            } => {
+        // Boot image, or the saved VM-wide state.
+        let (mut entry, cmdline) = match (restore, &config.boot) {
+            (Some(snap), _) => {
+                persist::restore_vm(&vm, &snap.vm)
+                    .map_err(|e| VmmError::Snapshot(SnapshotError::Restore(e)))?;
+                (None, snap.machine.cmdline.clone())
+            }
+            (
+                None,
+                BootSource::Kernel {
+                    path,
+                    initramfs,
+                    cmdline,
+                },
+            ) => {
                 let mut full = cmdline.trim().to_string();
                 if template == CpuTemplate::Compat && !full.contains("clearcpuid=") {
                     full = format!("{} {full}", super::cpuid::COMPAT_KERNEL_PARAMS)
@@ -288,39 +377,70 @@ impl Vmm {
                 }
                 let entry =
                     boot::load_kernel(&ram.mem, ram.size, path, initramfs.as_deref(), &full)?;
-                (entry, full)
+                (Some(entry), full)
             }
-            BootSource::Raw {
-                path,
-                load_addr,
-                mode,
-            } => (
-                boot::load_raw(&ram.mem, ram.size, path, *load_addr, *mode)?,
+            (
+                None,
+                BootSource::Raw {
+                    path,
+                    load_addr,
+                    mode,
+                },
+            ) => (
+                Some(boot::load_raw(&ram.mem, ram.size, path, *load_addr, *mode)?),
                 String::new(),
             ),
         };
+        phases.mark(if restore.is_some() {
+            "vm_state"
+        } else {
+            "boot_image"
+        });
 
         // vCPUs.
         let pio = Arc::new(pio);
         let mmio = Arc::new(mmio);
         let stats = Arc::new(ExitStats::default());
         let barrier = Arc::new(Barrier::new(usize::from(config.vcpus) + 1));
+        let caps = persist::Caps::probe(&kvm).map_err(VmmError::Setup)?;
         let mut fds = Vec::new();
+        let mut refused_msrs = 0;
         for index in 0..config.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(index))
                 .map_err(setup_err("KVM_CREATE_VCPU"))?;
             boot::setup_vcpu(&kvm, &fd, template, index, config.vcpus)?;
-            if index == 0 {
-                boot::setup_boot_regs(&fd, &ram.mem, entry)?;
+            match restore {
+                Some(snap) => {
+                    refused_msrs +=
+                        persist::restore_vcpu(&fd, &snap.vcpus[usize::from(index)], &caps)
+                            .map_err(|e| {
+                                VmmError::Snapshot(SnapshotError::Restore(format!(
+                                    "vCPU {index}: {e}"
+                                )))
+                            })?;
+                }
+                None => {
+                    if let (0, Some(entry)) = (index, entry.take()) {
+                        boot::setup_boot_regs(&fd, &ram.mem, entry)?;
+                    }
+                }
             }
-            fds.push(fd);
+            fds.push(Arc::new(Mutex::new(fd)));
+        }
+        if restore.is_some() {
+            // Tell a kvmclock-aware guest it was stopped, so it does not report soft lockups.
+            // Guests without kvmclock refuse this; that is fine.
+            for fd in &fds {
+                let _ = fd.lock().unwrap_or_else(|e| e.into_inner()).kvmclock_ctrl();
+            }
+            phases.mark("vcpu_state");
         }
         let mut threads = Vec::new();
-        for (index, fd) in fds.into_iter().enumerate() {
+        for (index, fd) in fds.iter().enumerate() {
             let ctx = VcpuContext {
                 index: index as u8,
-                fd,
+                fd: fd.clone(),
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 control: control.clone(),
@@ -349,6 +469,7 @@ impl Vmm {
             }
         }
         barrier.wait();
+        phases.mark("running");
         Ok(Vmm {
             control,
             threads: Mutex::new(threads),
@@ -365,7 +486,13 @@ impl Vmm {
                 first_run: None,
                 first_console_byte: None,
             },
-            _vm: vm,
+            config: config.clone(),
+            serial,
+            caps,
+            phases: phases.done(),
+            refused_msrs,
+            vcpus: fds,
+            vm,
             ram,
         })
     }
@@ -393,6 +520,12 @@ impl Vmm {
 
     pub fn resume(&self) -> Result<(), String> {
         if self.control.resume() {
+            // Devices a snapshot quiesced go back to work (a no-op otherwise).
+            for t in &self.transports {
+                t.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_quiesced(false);
+            }
             Ok(())
         } else {
             let kind = self.control.outcome().map_or("stopping", |o| o.kind());
@@ -485,6 +618,16 @@ impl Vmm {
             self.stats.unhandled_pio.load(Relaxed),
             self.stats.unhandled_mmio.load(Relaxed),
         )
+    }
+
+    /// Seconds spent in each start-up (or restore) phase, in order.
+    pub fn phases(&self) -> &[(&'static str, f64)] {
+        &self.phases
+    }
+
+    /// MSRs that a restore could not load on this host (0 after a normal start).
+    pub fn refused_msrs(&self) -> usize {
+        self.refused_msrs
     }
 
     pub fn times(&self) -> BootTimes {

@@ -24,6 +24,7 @@ pub mod bus;
 pub mod control;
 pub mod cpuid;
 pub mod memory;
+pub mod persist;
 pub mod vcpu;
 pub mod vm;
 

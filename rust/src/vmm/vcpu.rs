@@ -4,7 +4,7 @@
 //! is not lost.
 
 use std::cell::Cell;
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
 use kvm_bindings::kvm_run;
@@ -54,9 +54,13 @@ pub struct ExitStats {
     pub first_run: std::sync::OnceLock<std::time::Instant>,
 }
 
+/// A vCPU fd: its thread holds the lock only around `KVM_RUN` and exit handling, so the owner
+/// can read and write vCPU state while the VM is paused.
+pub type SharedVcpu = Arc<Mutex<VcpuFd>>;
+
 pub struct VcpuContext {
     pub index: u8,
-    pub fd: VcpuFd,
+    pub fd: SharedVcpu,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub control: Arc<VmControl>,
@@ -72,11 +76,15 @@ pub fn spawn(ctx: VcpuContext) -> std::io::Result<JoinHandle<()>> {
         .spawn(move || run(ctx))
 }
 
-fn run(mut ctx: VcpuContext) {
+fn run(ctx: VcpuContext) {
     let index = ctx.index as usize;
     // The creating thread may block real-time signals; this one must receive the kick.
     let _ = unblock_signal(kick_signal());
-    let run_ptr: *mut kvm_run = ctx.fd.get_kvm_run();
+    let run_ptr: *mut kvm_run = ctx
+        .fd
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_kvm_run();
     KVM_RUN.with(|c| c.set(run_ptr));
     ctx.control.register_thread(index);
     ctx.started.wait();
@@ -84,11 +92,12 @@ fn run(mut ctx: VcpuContext) {
         if index == 0 {
             ctx.stats.first_run.get_or_init(std::time::Instant::now);
         }
-        let exit = ctx.fd.run();
+        let mut fd = ctx.fd.lock().unwrap_or_else(|e| e.into_inner());
+        let exit = fd.run();
         let outcome = match exit {
             Ok(exit) => handle_exit(&ctx.pio, &ctx.mmio, &ctx.stats, ctx.index, exit),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                ctx.fd.set_kvm_immediate_exit(0);
+                fd.set_kvm_immediate_exit(0);
                 None
             }
             Err(e) => Some(Outcome::Crash {
@@ -104,7 +113,7 @@ fn run(mut ctx: VcpuContext) {
                     // SAFETY: run_ptr is this vCPU's live kvm_run mapping and the exit reason is
                     // KVM_EXIT_INTERNAL_ERROR, so the `internal` union member is the active one.
                     let suberror = unsafe { (*run_ptr).__bindgen_anon_1.internal.suberror };
-                    let rip = ctx.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let rip = fd.get_regs().map(|r| r.rip).unwrap_or(0);
                     Outcome::Crash {
                         reason: format!("{reason} (suberror {suberror}, rip {rip:#x})"),
                     }

@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
+
+use crate::snapshot::state::SerialRegs;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -148,6 +150,54 @@ impl SerialConsole {
         };
         SerialConsole {
             serial: Serial::new(IrqTrigger(irq), sink),
+        }
+    }
+
+    /// A console whose UART registers come from a snapshot.
+    pub fn from_state(
+        state: &SerialRegs,
+        irq: EventFd,
+        buffer: Arc<ConsoleBuffer>,
+        log: Option<File>,
+        control: Arc<VmControl>,
+    ) -> Result<Self, String> {
+        let sink = ConsoleSink {
+            buffer,
+            log,
+            line: Vec::new(),
+            control,
+        };
+        let st = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&st, IrqTrigger(irq), NoEvents, sink)
+            .map_err(|e| format!("the saved serial port state is invalid: {e:?}"))?;
+        Ok(SerialConsole { serial })
+    }
+
+    /// The UART registers, for a snapshot.
+    pub fn state(&self) -> SerialRegs {
+        let s = self.serial.state();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 }

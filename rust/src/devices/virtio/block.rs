@@ -335,6 +335,10 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
     }
+
+    fn live_queues(&self) -> Option<Vec<Queue>> {
+        self.active.as_ref().map(|a| vec![a.queue.clone()])
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::queue::Queue;
 use super::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::snapshot::TransportState;
 use crate::vmm::bus::BusDevice;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -93,6 +94,92 @@ impl MmioTransport {
             s |= status::DEVICE_NEEDS_RESET;
         }
         s
+    }
+
+    /// Saves the registers and the queues (the device's live copies once activated).
+    pub fn save(&self) -> TransportState {
+        let live = if self.activated {
+            self.device.live_queues()
+        } else {
+            None
+        };
+        let queues = match live {
+            Some(q) if q.len() == self.queues.len() => q,
+            _ => self.queues.clone(),
+        };
+        let states = queues.iter().map(Queue::state).collect();
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            activated: self.activated,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues: states,
+        }
+    }
+
+    /// Rebuilds a transport from [`MmioTransport::save`] around a freshly opened `device`,
+    /// re-activating it with the saved queues when it was live.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        state: &TransportState,
+    ) -> Result<Self, String> {
+        let mut t = MmioTransport::new(device, mem, interrupt);
+        if state.device_type != t.device.device_type() {
+            return Err(format!(
+                "a virtio device of type {} was saved where this configuration has type {}",
+                state.device_type,
+                t.device.device_type()
+            ));
+        }
+        if state.queues.len() != t.queues.len()
+            || state
+                .queues
+                .iter()
+                .zip(&t.queues)
+                .any(|(s, q)| s.max_size != q.max_size)
+        {
+            return Err(format!(
+                "the saved queues of virtio device type {} do not match the device",
+                state.device_type
+            ));
+        }
+        if state.driver_features & !t.device.features() != 0 {
+            return Err(format!(
+                "virtio device type {} no longer offers the features the driver accepted",
+                state.device_type
+            ));
+        }
+        t.queues = state.queues.iter().map(Queue::from_state).collect();
+        t.queue_sel = state.queue_sel;
+        t.device_features_sel = state.device_features_sel;
+        t.driver_features_sel = state.driver_features_sel;
+        t.driver_features = state.driver_features;
+        t.status = state.status;
+        t.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        if state.activated {
+            t.activate();
+            if !t.activated {
+                return Err(format!(
+                    "virtio device type {} could not be re-activated with its saved queues",
+                    state.device_type
+                ));
+            }
+            t.device.restored();
+        }
+        Ok(t)
+    }
+
+    /// Pauses or restarts the device's background work (see [`VirtioDevice::set_quiesced`]).
+    pub fn set_quiesced(&mut self, quiesced: bool) {
+        self.device.set_quiesced(quiesced);
     }
 
     /// Stops the device for good (the VM is going away).

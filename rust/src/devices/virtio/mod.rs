@@ -77,6 +77,12 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets the status register and the "needs reset" flag to saved values (no signal).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
@@ -114,4 +120,14 @@ pub trait VirtioDevice: Send {
     fn shutdown(&mut self) {
         self.reset();
     }
+    /// The live queues of an activated device (their ring indices move on as the device
+    /// works), or `None` when the transport's copy is current.
+    fn live_queues(&self) -> Option<Vec<Queue>> {
+        None
+    }
+    /// Stops (`true`) or restarts background work that touches guest memory, so a snapshot
+    /// sees memory and queues at rest.
+    fn set_quiesced(&mut self, _quiesced: bool) {}
+    /// Called once after the device was re-activated from a snapshot.
+    fn restored(&mut self) {}
 }

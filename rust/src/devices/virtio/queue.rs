@@ -110,6 +110,34 @@ impl Queue {
         *self = Queue::new(self.max_size);
     }
 
+    /// Everything a snapshot needs to rebuild this queue.
+    pub fn state(&self) -> crate::snapshot::QueueState {
+        crate::snapshot::QueueState {
+            max_size: self.max_size,
+            size: self.size,
+            ready: self.ready,
+            desc_table: self.desc_table,
+            avail_ring: self.avail_ring,
+            used_ring: self.used_ring,
+            next_avail: self.next_avail.0,
+            next_used: self.next_used.0,
+        }
+    }
+
+    /// A queue as saved by [`Queue::state`] (validate it before use).
+    pub fn from_state(s: &crate::snapshot::QueueState) -> Self {
+        Queue {
+            max_size: s.max_size,
+            size: s.size,
+            ready: s.ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: Wrapping(s.next_avail),
+            next_used: Wrapping(s.next_used),
+        }
+    }
+
     /// Checks the size and the three ring areas against guest RAM.
     pub fn validate(&self, mem: &GuestMemoryMmap) -> Result<(), QueueError> {
         let size = self.size;

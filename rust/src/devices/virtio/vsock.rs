@@ -34,6 +34,9 @@ pub const HOST_CID: u64 = 2;
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
+const EVT: usize = 2;
+/// virtio_vsock_event id: the transport was reset; the driver drops its connections.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 const HDR_LEN: usize = 44;
 const TYPE_STREAM: u16 = 1;
@@ -124,6 +127,8 @@ struct SharedState {
     /// Bumped on every reset, so the worker drops connections of the old driver.
     resets: u64,
     stop: bool,
+    /// While set the worker leaves guest memory and the queues alone (snapshots).
+    quiesced: bool,
 }
 
 /// The virtio-vsock device (the transport side); the worker thread does the relaying.
@@ -228,6 +233,46 @@ impl VirtioDevice for Vsock {
         let mut g = self.lock();
         if g.active.take().is_some() {
             g.resets += 1;
+        }
+        drop(g);
+        let _ = self.kick.write(1);
+    }
+
+    fn live_queues(&self) -> Option<Vec<Queue>> {
+        self.lock().active.as_ref().map(|a| a.queues.clone())
+    }
+
+    fn set_quiesced(&mut self, quiesced: bool) {
+        self.lock().quiesced = quiesced;
+        let _ = self.kick.write(1);
+    }
+
+    /// Connections do not survive a snapshot: tell the driver with a transport-reset event so
+    /// it drops the stale ones (listening sockets stay).
+    fn restored(&mut self) {
+        let mut g = self.lock();
+        let Some(active) = g.active.as_mut() else {
+            return;
+        };
+        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
+        let Active {
+            mem,
+            queues,
+            interrupt,
+        } = active;
+        match queues[EVT].pop(mem) {
+            Ok(Some(chain)) => {
+                let written = scatter(mem, &chain.descs, &[&event]).unwrap_or(0);
+                if queues[EVT].add_used(mem, chain.head, written).is_ok() {
+                    interrupt.signal_used();
+                }
+            }
+            Ok(None) => {}
+            Err(Ok(bad)) => {
+                let _ = queues[EVT].add_used(mem, bad.head, 0);
+                interrupt.signal_used();
+            }
+            Err(Err(_)) => interrupt.set_needs_reset(),
         }
         drop(g);
         let _ = self.kick.write(1);
@@ -377,6 +422,9 @@ impl Worker {
             self.resets_seen = g.resets;
             self.conns.clear();
             self.replies.clear();
+        }
+        if g.quiesced {
+            return (false, Vec::new());
         }
         let Some(active) = g.active.as_mut() else {
             return (false, Vec::new());

@@ -1,0 +1,426 @@
+//! Capturing and loading KVM state for snapshots (the file format lives in
+//! [`crate::snapshot`]).
+
+use kvm_bindings::{
+    kvm_irqchip, kvm_msr_entry, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::builder::{Vmm, VmmError};
+use super::{
+    os_msg, BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MemoryBacking, RawMode,
+    VmConfig,
+};
+use crate::snapshot::state::FpuState;
+use crate::snapshot::{
+    AtomicDir, DeviceState, MachineState, Snapshot, SnapshotError, VcpuState, VmState, MEMORY_FILE,
+    VMSTATE_FILE,
+};
+
+/// MSRs moved per KVM_GET_MSRS / KVM_SET_MSRS call.
+const MSR_CHUNK: usize = 64;
+/// Size of `struct kvm_xsave`; larger XSAVE state needs KVM_GET_XSAVE2.
+const XSAVE_LEGACY_SIZE: i32 = 4096;
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> String {
+    move |e| {
+        format!(
+            "{what} failed: {}",
+            os_msg(&std::io::Error::from_raw_os_error(e.errno()))
+        )
+    }
+}
+
+/// What the host KVM supports that decides how vCPU state is moved.
+#[derive(Debug, Clone)]
+pub struct Caps {
+    pub xsave: bool,
+    pub xcrs: bool,
+    /// MSRs KVM lists as saveable (KVM_GET_MSR_INDEX_LIST).
+    pub msrs: Vec<u32>,
+}
+
+impl Caps {
+    pub fn probe(kvm: &Kvm) -> Result<Caps, String> {
+        let xsave2 = kvm.check_extension_int(Cap::Xsave2);
+        let xsave = kvm.check_extension(Cap::Xsave) && xsave2 <= XSAVE_LEGACY_SIZE;
+        let msrs = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        Ok(Caps {
+            xsave,
+            xcrs: kvm.check_extension(Cap::Xcrs),
+            msrs,
+        })
+    }
+}
+
+fn msrs_of(indices: &[(u32, u64)]) -> Result<Msrs, String> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|_| "too many MSRs in one call".to_string())
+}
+
+/// Reads every listed MSR that KVM lets us read (some listed ones refuse on some hosts; they
+/// are left out).
+fn get_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, String> {
+    let mut out = Vec::with_capacity(list.len());
+    let mut rest = list;
+    while !rest.is_empty() {
+        let chunk: Vec<(u32, u64)> = rest[..rest.len().min(MSR_CHUNK)]
+            .iter()
+            .map(|&i| (i, 0))
+            .collect();
+        let mut msrs = msrs_of(&chunk)?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
+        out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+        // Entry `n` (if any) was refused: skip it and go on after it.
+        rest = &rest[(n + usize::from(n < chunk.len())).min(rest.len())..];
+    }
+    Ok(out)
+}
+
+/// Writes MSRs; ones this host refuses are skipped. Returns how many were refused.
+fn set_msrs(fd: &VcpuFd, values: &[(u32, u64)]) -> Result<usize, String> {
+    let mut refused = 0;
+    let mut rest = values;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(MSR_CHUNK)];
+        let n = fd
+            .set_msrs(&msrs_of(chunk)?)
+            .map_err(kvm_err("KVM_SET_MSRS"))?;
+        if n < chunk.len() {
+            refused += 1;
+        }
+        rest = &rest[(n + usize::from(n < chunk.len())).min(rest.len())..];
+    }
+    Ok(refused)
+}
+
+/// Captures one paused vCPU.
+pub fn save_vcpu(fd: &VcpuFd, caps: &Caps) -> Result<VcpuState, String> {
+    // KVM_GET_MP_STATE first: it may complete pending APIC work that the rest then reflects.
+    let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
+    let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+    let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let fpu = if caps.xsave {
+        FpuState::Xsave(Box::new(fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?))
+    } else {
+        FpuState::Fpu(Box::new(fd.get_fpu().map_err(kvm_err("KVM_GET_FPU"))?))
+    };
+    let xcrs = if caps.xcrs {
+        Some(fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?)
+    } else {
+        None
+    };
+    let debugregs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+    let lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    let msrs = get_msrs(fd, &caps.msrs)?;
+    let events = fd
+        .get_vcpu_events()
+        .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+    Ok(VcpuState {
+        regs,
+        sregs,
+        fpu,
+        xcrs,
+        msrs,
+        lapic,
+        events,
+        debugregs,
+        mp_state,
+    })
+}
+
+/// Loads one vCPU's state (after its CPUID is set and before it first runs), in the order KVM
+/// needs: special registers (APIC base) before the LAPIC, the LAPIC before MSRs such as the TSC
+/// deadline, and pending events last. Returns how many MSRs the host refused.
+pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState, caps: &Caps) -> Result<usize, String> {
+    fd.set_mp_state(s.mp_state)
+        .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+    fd.set_regs(&s.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+    fd.set_sregs(&s.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    match &s.fpu {
+        FpuState::Xsave(x) => {
+            if !caps.xsave {
+                return Err(
+                    "the snapshot holds XSAVE state, but this host's KVM cannot load it".into(),
+                );
+            }
+            // SAFETY: `caps.xsave` is only set when KVM_CAP_XSAVE2 reports at most 4096 bytes
+            // of XSAVE state, so the kernel reads no further than the end of `kvm_xsave`.
+            unsafe { fd.set_xsave(x) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        }
+        FpuState::Fpu(f) => fd.set_fpu(f).map_err(kvm_err("KVM_SET_FPU"))?,
+    }
+    if let Some(x) = &s.xcrs {
+        if caps.xcrs {
+            fd.set_xcrs(x).map_err(kvm_err("KVM_SET_XCRS"))?;
+        }
+    }
+    fd.set_debug_regs(&s.debugregs)
+        .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+    fd.set_lapic(&s.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+    let refused = set_msrs(fd, &s.msrs)?;
+    fd.set_vcpu_events(&s.events)
+        .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+    Ok(refused)
+}
+
+fn chip(id: u32) -> kvm_irqchip {
+    kvm_irqchip {
+        chip_id: id,
+        ..Default::default()
+    }
+}
+
+/// Captures the in-kernel interrupt controllers, PIT and clock.
+pub fn save_vm(vm: &VmFd) -> Result<VmState, String> {
+    let mut pic_master = chip(KVM_IRQCHIP_PIC_MASTER);
+    let mut pic_slave = chip(KVM_IRQCHIP_PIC_SLAVE);
+    let mut ioapic = chip(KVM_IRQCHIP_IOAPIC);
+    for c in [&mut pic_master, &mut pic_slave, &mut ioapic] {
+        vm.get_irqchip(c).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+    }
+    let pit = vm.get_pit2().map_err(kvm_err("KVM_GET_PIT2"))?;
+    let clock = vm.get_clock().map_err(kvm_err("KVM_GET_CLOCK"))?;
+    Ok(VmState {
+        pic_master,
+        pic_slave,
+        ioapic,
+        pit,
+        clock,
+    })
+}
+
+/// Loads VM-wide state (before any vCPU runs). The clock continues from the saved value, so the
+/// guest sees no jump for the time it spent on disk.
+pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), String> {
+    vm.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: s.clock.clock,
+        // Only the value is meaningful on another host or later; flags such as
+        // KVM_CLOCK_TSC_STABLE or a realtime pair must not be replayed.
+        flags: 0,
+        ..Default::default()
+    };
+    vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
+    for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+        let expected = [
+            KVM_IRQCHIP_PIC_MASTER,
+            KVM_IRQCHIP_PIC_SLAVE,
+            KVM_IRQCHIP_IOAPIC,
+        ];
+        if !expected.contains(&c.chip_id) {
+            return Err(format!("the saved irqchip id {} is unknown", c.chip_id));
+        }
+        vm.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}
+
+/// What may differ between the VM that was snapshotted and the one restored from it.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOverrides {
+    /// Host Unix socket for vsock (the saved path is used when `None`).
+    pub vsock_path: Option<PathBuf>,
+    /// Where serial output is appended (none when `None`).
+    pub console_log: Option<PathBuf>,
+    /// New paths for the disks, in device order (each keeps its saved read-only flag).
+    pub disks: Option<Vec<PathBuf>>,
+}
+
+/// Measurements of one snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotReport {
+    /// Seconds spent in each phase, in order: pause, capture, memory, state, commit.
+    pub phases: Vec<(&'static str, f64)>,
+    /// Bytes of guest RAM written (all-zero pages are left as holes).
+    pub memory_bytes: u64,
+    pub state_bytes: u64,
+}
+
+fn write_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
+    move |e| SnapshotError::Write {
+        path: path.display().to_string(),
+        msg: os_msg(&e),
+    }
+}
+
+impl Vmm {
+    /// Pauses the VM, captures its state, and writes `dir/memory.bin` and `dir/vmstate.bin`
+    /// atomically (temporary files, fsync, rename, directory fsync). The VM stays paused;
+    /// [`Vmm::resume`] continues it.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport, SnapshotError> {
+        let mut clock = Instant::now();
+        let mut phases = Vec::new();
+        let mut mark = |name: &'static str| {
+            let now = Instant::now();
+            phases.push((name, (now - clock).as_secs_f64()));
+            clock = now;
+        };
+        self.pause().map_err(SnapshotError::Capture)?;
+        for t in &self.transports {
+            t.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_quiesced(true);
+        }
+        mark("pause");
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (i, fd) in self.vcpus.iter().enumerate() {
+            let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
+            vcpus.push(
+                save_vcpu(&fd, &self.caps)
+                    .map_err(|e| SnapshotError::Capture(format!("vCPU {i}: {e}")))?,
+            );
+        }
+        let vm = save_vm(&self.vm).map_err(SnapshotError::Capture)?;
+        let devices = DeviceState {
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
+            transports: self
+                .transports
+                .iter()
+                .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save())
+                .collect(),
+        };
+        let machine = MachineState {
+            memory_size: self.ram.size,
+            vcpus: self.config.vcpus,
+            template: match self.cpu_template() {
+                CpuTemplate::Normal => 0,
+                CpuTemplate::Compat => 1,
+            },
+            cmdline: self.cmdline().to_string(),
+            console_capacity: self.config.console_capacity as u64,
+            disks: self
+                .config
+                .disks
+                .iter()
+                .map(|d| (d.path.to_string_lossy().into_owned(), d.read_only))
+                .collect(),
+            vsock_path: self
+                .config
+                .vsock_path
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+        };
+        let state = Snapshot {
+            machine,
+            vm,
+            vcpus,
+            devices,
+        }
+        .encode();
+        mark("capture");
+
+        let mut out = AtomicDir::new(dir)?;
+        let (file, tmp) = out.create(MEMORY_FILE)?;
+        file.set_len(self.ram.size).map_err(write_err(&tmp))?;
+        let memory_bytes = self.ram.write_to(&file).map_err(write_err(&tmp))?;
+        out.finish(file, &tmp)?;
+        mark("memory");
+        out.write(VMSTATE_FILE, &state)?;
+        mark("state");
+        out.commit()?;
+        mark("commit");
+        Ok(SnapshotReport {
+            phases,
+            memory_bytes,
+            state_bytes: state.len() as u64,
+        })
+    }
+
+    /// Builds a VM from the snapshot in `dir` and starts it where it was saved. Guest RAM maps
+    /// `dir/memory.bin` copy-on-write, so the cost does not grow with the RAM size and the file
+    /// is never modified.
+    pub fn restore(dir: &Path, overrides: &RestoreOverrides) -> Result<Vmm, VmmError> {
+        let started = Instant::now();
+        let snap = Snapshot::load(dir)?;
+        let m = &snap.machine;
+        let memory_path = dir.join(MEMORY_FILE);
+        let bad = |why: String| {
+            VmmError::Snapshot(SnapshotError::Memory {
+                path: memory_path.display().to_string(),
+                why,
+            })
+        };
+        if m.memory_size == 0 || m.memory_size % (1 << 20) != 0 {
+            return Err(bad(format!(
+                "the saved RAM size {} is not a whole number of MiB",
+                m.memory_size
+            )));
+        }
+        if usize::from(m.vcpus) != snap.vcpus.len() {
+            return Err(VmmError::Snapshot(SnapshotError::Restore(format!(
+                "the snapshot names {} vCPUs but holds the state of {}",
+                m.vcpus,
+                snap.vcpus.len()
+            ))));
+        }
+        // The boot source is not used by a restore; it only fills the field.
+        let mut cfg = VmConfig::new(BootSource::Raw {
+            path: dir.join(VMSTATE_FILE),
+            load_addr: 0,
+            mode: RawMode::Long,
+        });
+        cfg.memory_mib = m.memory_size >> 20;
+        cfg.vcpus = m.vcpus;
+        cfg.memory_backing = MemoryBacking::Snapshot(memory_path.clone());
+        cfg.console_capacity = usize::try_from(m.console_capacity).unwrap_or(usize::MAX);
+        cfg.console_log = overrides.console_log.clone();
+        cfg.cpu_template = CpuTemplateChoice::Fixed(if m.template == 1 {
+            CpuTemplate::Compat
+        } else {
+            CpuTemplate::Normal
+        });
+        let disk_paths: Vec<PathBuf> = match &overrides.disks {
+            None => m.disks.iter().map(|(p, _)| PathBuf::from(p)).collect(),
+            Some(paths) if paths.len() == m.disks.len() => paths.clone(),
+            Some(paths) => {
+                return Err(VmmError::Config(format!(
+                    "the snapshot has {} disks but {} disk paths were given",
+                    m.disks.len(),
+                    paths.len()
+                )))
+            }
+        };
+        cfg.disks = disk_paths
+            .into_iter()
+            .zip(&m.disks)
+            .map(|(path, (_, read_only))| DiskConfig {
+                path,
+                read_only: *read_only,
+            })
+            .collect();
+        cfg.vsock_path = match (&m.vsock_path, &overrides.vsock_path) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(VmmError::Config(
+                    "the snapshot has no vsock device, so vsock_path cannot be set".into(),
+                ))
+            }
+            (Some(saved), None) => Some(PathBuf::from(saved)),
+            (Some(_), Some(p)) => Some(p.clone()),
+        };
+        let loaded = started.elapsed().as_secs_f64();
+        let mut vmm = Vmm::build(&cfg, Some(&snap))?;
+        vmm.phases.insert(0, ("load_state", loaded));
+        Ok(vmm)
+    }
+}

@@ -1,0 +1,236 @@
+"""VM snapshots on real KVM with tiny guests: state survives, clones diverge, damage is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import snap_guests as g
+from supermachine import _core
+
+
+def counter(vm: Any, offset: int = 0) -> int:
+    return int(struct.unpack("<Q", vm.read_memory(g.RESULTS + offset, 8))[0])
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_counter_continues_from_the_saved_value(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.COUNTER)
+    wait_until(lambda: counter(vm) > 10_000, what="the guest to count")
+    report = vm.snapshot(str(tmp_path))
+    assert set(report["phases"]) == {"pause", "capture", "memory", "state", "commit"}
+    # Paused: the counter stands still and the saved RAM holds exactly that value.
+    saved = counter(vm)
+    time.sleep(0.05)
+    assert counter(vm) == saved
+    mem = (tmp_path / "memory.bin").read_bytes()
+    assert len(mem) == 16 << 20
+    assert struct.unpack_from("<Q", mem, g.RESULTS)[0] == saved
+    vm.stop()
+
+    clone = vms.restore(tmp_path)
+    first = counter(clone)
+    assert first >= saved
+    wait_until(lambda: counter(clone) > saved + 10_000, what="the restored guest to count on")
+    assert clone.outcome is None
+    assert clone.memory_size == 16 << 20
+    phases = clone.timings["phases"]
+    assert list(phases)[:2] == ["load_state", "memory"]
+    assert "vcpu_state" in phases
+
+
+def test_the_source_vm_resumes_after_a_snapshot(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.COUNTER)
+    wait_until(lambda: counter(vm) > 1000, what="the guest to count")
+    vm.snapshot(str(tmp_path / "s"))
+    saved = counter(vm)
+    vm.resume()
+    wait_until(lambda: counter(vm) > saved + 1000, what="the resumed guest to count")
+
+
+def test_two_clones_diverge_and_the_snapshot_stays_unchanged(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.CLONE)
+    wait_until(lambda: counter(vm) > 1000, what="the guest to start")
+    assert vm.console() == b"up\n"
+    vm.snapshot(str(tmp_path))
+    vm.stop()
+    before = {name: digest(tmp_path / name) for name in ("memory.bin", "vmstate.bin")}
+
+    a = vms.restore(tmp_path)
+    b = vms.restore(tmp_path)
+    a.write_memory(g.PARAMS, struct.pack("<Q", 3))
+    b.write_memory(g.PARAMS, struct.pack("<Q", 5))
+    assert a.wait(10) == {"kind": "poweroff", "code": 3, "reason": "guest powered off with code 3"}
+    assert b.wait(10)["code"] == 5
+    # Serial output goes on after the restore, each clone with its own.
+    assert a.console() == b"clone 3\n"
+    assert b.console() == b"clone 5\n"
+    assert counter(a, 8) == 0x0303030303030303
+    assert counter(b, 8) == 0x0505050505050505
+    assert a.read_memory(0x400000, 0x10000) == b"\x03" * 0x10000
+    assert b.read_memory(0x400000, 0x10000) == b"\x05" * 0x10000
+    after = {name: digest(tmp_path / name) for name in before}
+    assert after == before
+
+
+def test_a_restored_vm_can_be_snapshotted_again(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.CLONE)
+    wait_until(lambda: counter(vm) > 1000, what="the guest to start")
+    vm.snapshot(str(tmp_path / "one"))
+    vm.stop()
+    mid = vms.restore(tmp_path / "one")
+    wait_until(lambda: counter(mid) > 0, what="the restored guest to run")
+    # Written by the host into the private copy: must reach the second snapshot.
+    mid.write_memory(0x500000, b"second generation")
+    mid.snapshot(str(tmp_path / "two"))
+    mid.stop()
+    last = vms.restore(tmp_path / "two")
+    assert last.read_memory(0x500000, 17) == b"second generation"
+    last.write_memory(g.PARAMS, struct.pack("<Q", 7))
+    assert last.wait(10)["code"] == 7
+    assert last.console() == b"clone 7\n"
+
+
+def test_snapshot_memory_leaves_untouched_ram_as_holes(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.COUNTER, memory_mib=256)
+    wait_until(lambda: counter(vm) > 1000, what="the guest to count")
+    report = vm.snapshot(str(tmp_path))
+    assert report["memory_bytes"] < 1 << 20
+    mem = tmp_path / "memory.bin"
+    assert mem.stat().st_size == 256 << 20
+    assert mem.stat().st_blocks * 512 < 8 << 20
+
+
+DESC, AVAIL, USED, HEADER, DATA, STATUS = 0x400000, 0x401000, 0x402000, 0x410000, 0x411000, 0x412000
+
+
+def _blk_read_request(vm: Any, sector: int, slot: int) -> None:
+    vm.write_memory(HEADER, struct.pack("<IIQ", 0, 0, sector))  # VIRTIO_BLK_T_IN
+    vm.write_memory(DESC, struct.pack("<QIHH", HEADER, 16, 1, 1))
+    vm.write_memory(DESC + 16, struct.pack("<QIHH", DATA, 512, 1 | 2, 2))
+    vm.write_memory(DESC + 32, struct.pack("<QIHH", STATUS, 1, 2, 0))
+    vm.write_memory(STATUS, b"\xff")
+    vm.write_memory(AVAIL + 4 + 2 * slot, struct.pack("<H", 0))
+    vm.write_memory(AVAIL + 2, struct.pack("<H", slot + 1))
+
+
+def _used_idx(vm: Any) -> int:
+    return int(struct.unpack("<H", vm.read_memory(USED + 2, 2))[0])
+
+
+def test_virtio_blk_keeps_working_after_restore(vms: Any, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"".join(bytes([ord("a") + i]) * 512 for i in range(8)))
+    vm = vms.start(g.VIRTIO_ONE_QUEUE, disks=[str(disk)])
+    vm.write_memory(g.PARAMS + 0x10, struct.pack("<IIQQQ", 8, 0, DESC, AVAIL, USED))
+    vm.write_memory(g.PARAMS, struct.pack("<Q", 1))
+    wait_until(lambda: vm.read_memory(g.PARAMS + 0x100, 1) == b"\x01", what="the driver set-up")
+    _blk_read_request(vm, 2, 0)
+    vm.write_memory(g.PARAMS + 0x80, struct.pack("<I", 1))
+    wait_until(lambda: _used_idx(vm) == 1, what="the first request")
+    assert vm.read_memory(DATA, 512) == b"c" * 512
+    snap = tmp_path / "snap"
+    vm.snapshot(str(snap))
+    vm.stop()
+
+    moved = tmp_path / "moved.img"
+    disk.rename(moved)
+    with pytest.raises(FileNotFoundError):
+        _core.Vm.restore(str(snap))
+    clone = vms.restore(snap, disks=[str(moved)])
+    assert clone.devices[0]["kind"] == "blk"
+    assert clone.device_status(0) == 15
+    _blk_read_request(clone, 5, 1)
+    clone.write_memory(g.PARAMS + 0x80, struct.pack("<I", 2))
+    wait_until(lambda: _used_idx(clone) == 2, what="the request after the restore")
+    assert clone.read_memory(DATA, 512) == b"f" * 512
+    assert clone.read_memory(STATUS, 1) == b"\x00"
+    clone.write_memory(g.PARAMS + 0x80, struct.pack("<I", 0xFFFFFFFF))
+    assert clone.wait(10)["kind"] == "poweroff"
+
+
+@pytest.fixture
+def snapshot_dir(vms: Any, tmp_path: Path) -> Path:
+    vm = vms.start(g.COUNTER)
+    wait_until(lambda: counter(vm) > 100, what="the guest to count")
+    vm.snapshot(str(tmp_path / "snap"))
+    vm.stop()
+    return tmp_path / "snap"
+
+
+def _restore_error(directory: Path) -> str:
+    with pytest.raises(ValueError) as e:
+        _core.Vm.restore(str(directory))
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_truncated_state_is_refused(snapshot_dir: Path) -> None:
+    state = snapshot_dir / "vmstate.bin"
+    data = state.read_bytes()
+    for cut in (0, 5, 30, len(data) // 2, len(data) - 1):
+        state.write_bytes(data[:cut])
+        assert _restore_error(snapshot_dir) == f"snapshot {state} is truncated"
+
+
+def test_bit_flips_in_the_state_are_refused(snapshot_dir: Path) -> None:
+    state = snapshot_dir / "vmstate.bin"
+    data = state.read_bytes()
+    for at in (30, 100, len(data) // 2, len(data) - 2):
+        flipped = bytearray(data)
+        flipped[at] ^= 0x04
+        state.write_bytes(bytes(flipped))
+        assert _restore_error(snapshot_dir) == f"snapshot {state} is corrupt: checksum mismatch"
+
+
+def test_other_format_versions_and_foreign_files_are_refused(snapshot_dir: Path) -> None:
+    state = snapshot_dir / "vmstate.bin"
+    data = bytearray(state.read_bytes())
+    data[8:12] = struct.pack("<I", 99)
+    state.write_bytes(bytes(data))
+    assert _restore_error(snapshot_dir) == (
+        f"snapshot {state} has format version 99, but this build reads only version 1"
+    )
+    state.write_bytes(b"#!/bin/sh\necho not a snapshot\n")
+    assert "not a supermachine VM snapshot" in _restore_error(snapshot_dir)
+
+
+def test_memory_file_of_the_wrong_size_is_refused(snapshot_dir: Path) -> None:
+    with open(snapshot_dir / "memory.bin", "r+b") as f:
+        f.truncate(8 << 20)
+    assert "has 8388608 bytes, but the VM had 16777216" in _restore_error(snapshot_dir)
+
+
+def test_missing_snapshot_and_bad_overrides(kvm: None, snapshot_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _core.Vm.restore(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="unknown restore override 'memory_mib'"):
+        _core.Vm.restore(str(snapshot_dir), {"memory_mib": 4})
+    with pytest.raises(ValueError, match="no vsock device"):
+        _core.Vm.restore(str(snapshot_dir), {"vsock_path": str(tmp_path / "v.sock")})
+
+
+def test_snapshot_of_an_ended_vm_fails_cleanly(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.CLONE)
+    wait_until(lambda: counter(vm) > 0, what="the guest to start")
+    vm.write_memory(g.PARAMS, struct.pack("<Q", 1))
+    assert vm.wait(10)["kind"] == "poweroff"
+    with pytest.raises(RuntimeError, match="has ended"):
+        vm.snapshot(str(tmp_path / "s"))
+    assert not (tmp_path / "s" / "vmstate.bin").exists()
