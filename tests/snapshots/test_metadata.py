@@ -102,3 +102,27 @@ def test_save_replaces_atomically(tmp_path: Path) -> None:
     metadata.save(tmp_path, base_meta(ram_size=2, vcpus=4))
     assert metadata.load(tmp_path).vcpus == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json"]
+
+
+def test_describe_hashes_ram_and_takes_base_hash(tmp_path: Path) -> None:
+    base = write_snapshot(tmp_path, "base", b"b" * 8192)
+    diff = tmp_path / "diff"
+    diff.mkdir()
+    (diff / "memory.bin").write_bytes(b"d" * 4096)
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"kernel")
+    tmpl = base_meta()
+    meta = metadata.describe(
+        diff,
+        image=tmpl.image,
+        memory_mib=64,
+        vcpus=2,
+        kernel=metadata.FileIdentity.of(kernel),
+        agent=tmpl.agent,
+        base="base",
+    )
+    assert meta.ram_size == 4096 and meta.ram_blake3 == metadata.blake3_file(diff / "memory.bin")
+    assert meta.base_blake3 == metadata.load(base).ram_blake3
+    assert meta.kernel.sha256.startswith("sha256:") and len(meta.kernel.sha256) == 71
+    metadata.save(diff, meta)
+    assert metadata.load(diff) == meta

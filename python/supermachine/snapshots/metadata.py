@@ -215,6 +215,37 @@ def ram_identity(snapshot_dir: str | os.PathLike[str]) -> tuple[int, str]:
         raise SnapshotMetadataError(f"{path}: cannot read RAM file: {exc.strerror or exc}") from None
 
 
+def describe(
+    snapshot_dir: str | os.PathLike[str],
+    *,
+    image: ImageIdentity,
+    memory_mib: int,
+    vcpus: int,
+    kernel: FileIdentity,
+    agent: FileIdentity,
+    base: str | None = None,
+    created: float | None = None,
+) -> SnapshotMetadata:
+    """Metadata for a freshly written snapshot directory: hashes its ``memory.bin`` and, for a diff,
+    takes the base's content hash from the base's own metadata (a sibling directory named ``base``).
+    Call :func:`save` with the result."""
+    directory = Path(snapshot_dir)
+    size, digest = ram_identity(directory)
+    base_blake3 = None if base is None else load(directory.parent / base).ram_blake3
+    return SnapshotMetadata(
+        image=image,
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        kernel=kernel,
+        agent=agent,
+        ram_size=size,
+        ram_blake3=digest,
+        created=time.time() if created is None else created,
+        base=base,
+        base_blake3=base_blake3,
+    )
+
+
 def load(snapshot_dir: str | os.PathLike[str]) -> SnapshotMetadata:
     """The metadata of a snapshot directory. Raises :class:`SnapshotMetadataError` (one line)."""
     path = Path(snapshot_dir) / METADATA_FILE
