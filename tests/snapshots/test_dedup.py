@@ -159,3 +159,21 @@ def test_auto_dedup_respects_switch(xfs_store: Path, ram, monkeypatch: pytest.Mo
     result = dedup.auto_dedup(fresh)
     assert result is not None and result.status == "deduped" and result.golden == "golden"
     assert (fresh / "memory.bin").read_bytes() == ram.sibling
+
+
+def test_zero_pages_of_a_sparse_snapshot_stay_holes(reflink_store: Path) -> None:
+    size = 8 << 20
+    golden_ram = os.urandom(size)
+    g = write_snapshot(reflink_store, "golden", golden_ram, created=T0)
+    # The sibling: the golden with its second half zero, written sparse (a hole), as snapshots are.
+    s = reflink_store / "sibling"
+    s.mkdir()
+    with open(s / "memory.bin", "wb") as f:
+        f.write(golden_ram[: size // 2])
+        f.truncate(size)
+    expected = golden_ram[: size // 2] + bytes(size // 2)
+    result = dedup.dedup_file(s / "memory.bin", g / "memory.bin")
+    assert result.status == "deduped", result.message
+    assert result.holes_punched == size // 2 // pages.PAGE_SIZE and result.bytes_written == 0
+    assert (s / "memory.bin").read_bytes() == expected
+    assert os.stat(s / "memory.bin").st_blocks * 512 <= size // 2 + (1 << 20)

@@ -62,6 +62,8 @@ class DedupResult:
     """Bytes of differing pages written over the clone (would be written, for a dry run)."""
     bytes_saved: int = 0
     """Free space gained on the filesystem (``statvfs``); for a dry run, the estimate."""
+    holes_punched: int = 0
+    """Differing pages that are zero in the original, deallocated instead of written."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,6 +197,18 @@ def _small_cow_extents(fd: int) -> None:
         pass
 
 
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _punch_hole(fd: int, offset: int, size: int) -> bool:
+    """Deallocate a byte range (it then reads as zeros); ``False`` if the filesystem cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    return bool(libc.fallocate(fd, mode, offset, size) == 0)
+
+
 def _write_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
@@ -252,13 +266,17 @@ def dedup_file(
         return result
 
     try:
-        diff = differing_pages(pages.digest_pages(target), pages.digest_pages(golden))
+        target_digests = pages.digest_pages(target)
+        diff = differing_pages(target_digests, pages.digest_pages(golden))
     except (OSError, ValueError) as exc:
         result.message = f"cannot hash pages: {exc}"
         return result
     result.pages = (tst.st_size + pages.PAGE_SIZE - 1) // pages.PAGE_SIZE
     result.differ_pages = len(diff)
-    runs = list(page_runs(diff))
+    # Differing pages that are zero in the original become holes (snapshots are written sparse).
+    zero = [i for i in diff if target_digests.is_zero_page(i)]
+    runs = list(page_runs([i for i in diff if not target_digests.is_zero_page(i)]))
+    zero_runs = list(page_runs(zero))
     to_write = sum(
         min(count * pages.PAGE_SIZE, tst.st_size - first * pages.PAGE_SIZE) for first, count in runs
     )
@@ -297,6 +315,14 @@ def dedup_file(
                 result.bytes_written += size
                 if n == 0:
                     _pause("writing")
+            for first, count in zero_runs:
+                offset = first * pages.PAGE_SIZE
+                size = min(count * pages.PAGE_SIZE, tst.st_size - offset)
+                if _punch_hole(fd, offset, size):
+                    result.holes_punched += count
+                else:
+                    _write_all(fd, bytes(size), offset)
+                    result.bytes_written += size
         finally:
             os.close(src)
         _pause("written")
