@@ -56,6 +56,8 @@ struct Shared {
     groups: *const libc::gid_t,
     ngroups: usize,
     fds: [RawFd; 3],
+    /// Bit `n - 1` set: signal `n` is ignored by the agent and must be reset in the child.
+    ignored: u64,
     // Written by the child on failure.
     stage: i32,
     errno: i32,
@@ -107,16 +109,21 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
                 return fail(s, Stage::Dup, e);
             }
         }
-        // The agent ignores SIGPIPE (ignored dispositions survive execve) and blocks every signal
-        // around the clone: give the program the defaults.
+        // Ignored dispositions survive execve (the agent ignores SIGPIPE, and may inherit more
+        // from whoever started it), and every signal is blocked around the clone: give the
+        // program the defaults. Only the ignored signals need a system call each.
         let default_action = [0u64; 4];
-        let _ = raw(
-            libc::SYS_rt_sigaction,
-            libc::SIGPIPE as usize,
-            default_action.as_ptr() as usize,
-            0,
-            8,
-        );
+        for sig in 1..=64usize {
+            if s.ignored >> (sig - 1) & 1 == 1 {
+                let _ = raw(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    default_action.as_ptr() as usize,
+                    0,
+                    8,
+                );
+            }
+        }
         let empty: u64 = 0;
         let _ = raw(
             libc::SYS_rt_sigprocmask,
@@ -176,6 +183,26 @@ fn pointers(items: &[CString]) -> Vec<*const libc::c_char> {
 
 /// Starts the process. Returns its pid and a pidfd (readable once it has exited), or the failure.
 /// `stack` is reused between calls; it only hosts the child until `execve`.
+/// The signals this process ignores, as a bit set (bit `n - 1` for signal `n`). Read once: the
+/// agent sets its dispositions at start-up and never changes them afterwards.
+fn ignored_signals() -> u64 {
+    static IGNORED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *IGNORED.get_or_init(|| {
+        let mut mask = 0u64;
+        for sig in 1..=64usize {
+            let mut old = [0u64; 4];
+            // SAFETY: a query only (no new action); `old` has room for the kernel's sigaction
+            // (handler, flags, restorer, 8-byte mask).
+            let queried =
+                unsafe { raw(libc::SYS_rt_sigaction, sig, 0, old.as_mut_ptr() as usize, 8) };
+            if queried.is_ok() && old[0] == libc::SIG_IGN as u64 {
+                mask |= 1 << (sig - 1);
+            }
+        }
+        mask
+    })
+}
+
 pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd), Failure> {
     let candidates = pointers(&spec.candidates);
     let argv = pointers(&spec.argv);
@@ -196,6 +223,7 @@ pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd),
         groups: groups.as_ptr(),
         ngroups: groups.len(),
         fds: [spec.stdin, spec.stdout, spec.stderr],
+        ignored: ignored_signals(),
         stage: 0,
         errno: 0,
         failed_candidate: 0,

@@ -15,12 +15,13 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 /// *user* code runs natively and sees the host's AVX state enabled (CPUID.OSXSAVE = 1, XCR0 with
 /// AVX and AVX-512 bits), while the guest kernel, booted with `noxsave` because it cannot run
 /// `xrstor`, context-switches only x87/SSE state: AVX registers would leak between guest
-/// processes and corrupt, e.g., a `memcpy` that is preempted. Both spellings (glibc >= 2.33 and
-/// 2.26-2.32) are given; unknown names are ignored.
+/// processes and corrupt, e.g., a `memcpy` that is preempted. `AVX_Fast_Unaligned_Load` is the
+/// preference that selects the AVX `memcpy`/`memmove`; clearing the AVX features alone leaves it
+/// set. Both spellings (glibc >= 2.33 and 2.26-2.32) are given; unknown names are ignored.
 macro_rules! compat_glibc_tunables {
     () => {
-        "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_VNNI,\
--FMA,-FMA4,-F16C,-AVX_Usable,-AVX2_Usable,-AVX512F_Usable,-AVX512VL_Usable,-AVX512BW_Usable,\
+        "glibc.cpu.hwcaps=-AVX_Fast_Unaligned_Load,-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,\
+-AVX512DQ,-AVX512CD,-AVX_VNNI,-FMA,-FMA4,-F16C,-AVX_Usable,-AVX2_Usable,-AVX512F_Usable,-AVX512VL_Usable,-AVX512BW_Usable,\
 -AVX512DQ_Usable,-FMA_Usable,-FMA4_Usable,-F16C_Usable"
     };
 }
