@@ -17,11 +17,12 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from supermachine.cli import images, probe, vm
+    from supermachine.cli import images, probe, snapshots, vm
 
     probe.register(cli)
     images.register(cli)
     vm.register(cli)
+    snapshots.register(cli)
 
 
 def main() -> None:
