@@ -1,0 +1,285 @@
+"""VM snapshots: VMM-side restore latency for 128 MiB, 512 MiB and 2 GiB of guest RAM (it should
+not grow with the RAM size: memory.bin is mapped copy-on-write, never read up front), the time to
+write a snapshot, and QEMU's restore from a migration file (`-incoming "exec:cat FILE"`) of a tiny
+guest for comparison.
+
+Every snapshot holds the same 32 MiB of non-zero data written by the host, so only the RAM size
+varies. These are host-side figures and meaningful on any host; the guest does no work after the
+restore that is timed here (on emulating hosts such as kvm_pvm guest kernel code would be slow)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from supermachine import _core
+
+MiB = 1 << 20
+SIZES_MIB = (128, 512, 2048)
+DATA_MIB = 32
+RESULTS = 0x300100
+EMULATING = os.path.exists("/sys/module/kvm_pvm")
+
+COUNTER = f"""
+.intel_syntax noprefix
+.code64
+.globl _start
+.text
+_start:
+    mov rdi, {RESULTS}
+1:  inc qword ptr [rdi]
+    jmp 1b
+"""
+
+# For QEMU: a PVH ELF whose 32-bit entry spins forever.
+PVH_SPIN = """
+.section .note.Xen, "a", @note
+.balign 4
+.long 4
+.long 4
+.long 18
+.asciz "Xen"
+.long _start
+.text
+.code32
+.globl _start
+_start:
+1:  jmp 1b
+"""
+
+
+def _assemble(d: Path, name: str, source: str, flat: bool) -> Path:
+    (d / f"{name}.S").write_text(source)
+    subprocess.run(["as", "--64", "-o", str(d / f"{name}.o"), str(d / f"{name}.S")], check=True)
+    elf = d / f"{name}.elf"
+    link = ["ld", "-m", "elf_x86_64", "-nostdlib", "-Ttext=0x100000", "-e", "_start"]
+    subprocess.run([*link, "-o", str(elf), str(d / f"{name}.o")], check=True)
+    if not flat:
+        return elf
+    out = d / f"{name}.bin"
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(elf), str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError as e:
+        pytest.skip(f"/dev/kvm is not usable: {e.strerror}")
+    for tool in ("as", "ld", "objcopy"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} (binutils) is needed to build the benchmark guest")
+    return tmp_path_factory.mktemp("snapshot-bench")
+
+
+def _counter(vm: Any) -> int:
+    return int.from_bytes(vm.read_memory(RESULTS, 8), "little")
+
+
+def _running_vm(workdir: Path, memory_mib: int) -> Any:
+    guest = _assemble(workdir, "counter", COUNTER, flat=True)
+    vm = _core.Vm.start({"raw": str(guest), "memory_mib": memory_mib})
+    deadline = time.monotonic() + 10
+    while _counter(vm) == 0:
+        assert time.monotonic() < deadline, "the guest never ran"
+        time.sleep(0.001)
+    # The same 32 MiB of non-zero data for every size, spread over the RAM.
+    chunk = bytes(range(256)) * (MiB // 256)
+    for i in range(DATA_MIB):
+        vm.write_memory((4 + i * (memory_mib - 8) // DATA_MIB) * MiB, chunk)
+    return vm
+
+
+@pytest.fixture(scope="module")
+def snapshots(workdir: Path) -> dict[int, Path]:
+    out = {}
+    for size in SIZES_MIB:
+        vm = _running_vm(workdir, size)
+        out[size] = workdir / f"snap-{size}"
+        vm.snapshot(str(out[size]))
+        vm.stop()
+    return out
+
+
+@pytest.mark.parametrize("memory_mib", SIZES_MIB)
+def test_snapshot_write(benchmark: Any, workdir: Path, memory_mib: int) -> None:
+    """Vm.snapshot of a running VM: pause, capture, write memory.bin (32 MiB of data, the rest
+    holes) and vmstate.bin with fsync, rename. A fresh VM per round (untimed)."""
+    vms: list[Any] = []
+    reports: list[dict[str, Any]] = []
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        while vms:
+            vms.pop().stop()
+        vm = _running_vm(workdir, memory_mib)
+        vms.append(vm)
+        return (vm,), {}
+
+    def snap(vm: Any) -> None:
+        reports.append(vm.snapshot(str(workdir / f"bench-write-{memory_mib}")))
+
+    benchmark.pedantic(snap, setup=setup, rounds=5)
+    while vms:
+        vms.pop().stop()
+    benchmark.extra_info["memory_bytes"] = reports[-1]["memory_bytes"]
+    for phase in reports[-1]["phases"]:
+        values = [r["phases"][phase] for r in reports]
+        benchmark.extra_info[f"{phase}_ms_median"] = round(statistics.median(values) * 1e3, 3)
+
+
+@pytest.mark.parametrize("memory_mib", SIZES_MIB)
+def test_restore_latency(benchmark: Any, snapshots: dict[int, Path], memory_mib: int) -> None:
+    """Vm.restore until the vCPUs run again (VMM side). The previous clone is stopped between
+    rounds, untimed. Should be flat across RAM sizes."""
+    live: list[Any] = []
+    phases: list[dict[str, float]] = []
+
+    def drop_previous() -> None:
+        while live:
+            live.pop().stop()
+        gc.collect()
+
+    def restore() -> None:
+        vm = _core.Vm.restore(str(snapshots[memory_mib]))
+        live.append(vm)
+        phases.append(dict(vm.timings["phases"]))
+
+    benchmark.pedantic(restore, setup=drop_previous, rounds=20, warmup_rounds=2)
+    # The restored guest really runs on.
+    vm = live[-1]
+    before = _counter(vm)
+    deadline = time.monotonic() + 10
+    while _counter(vm) == before:
+        assert time.monotonic() < deadline, "the restored guest does not run"
+        time.sleep(0.001)
+    drop_previous()
+    for name in phases[0]:
+        values = [p[name] for p in phases]
+        benchmark.extra_info[f"{name}_ms_median"] = round(statistics.median(values) * 1e3, 3)
+
+
+class _Qmp:
+    def __init__(self, path: Path, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.001)
+        self.buf = b""
+        self._read()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("QMP closed")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return dict(json.loads(line))
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        self.sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        while True:
+            msg = self._read()
+            if "return" in msg:
+                return msg["return"]
+            if "error" in msg:
+                raise RuntimeError(msg["error"])
+
+
+def _qemu_cmd(qemu: str, elf: Path, memory_mib: int, qmp: Path) -> list[str]:
+    return [
+        qemu,
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,acpi=off,pic=on,pit=on,isa-serial=off",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities" if EMULATING else "host",
+        "-m",
+        str(memory_mib),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-qmp",
+        f"unix:{qmp},server=on,wait=off",
+        "-kernel",
+        str(elf),
+    ]
+
+
+@pytest.mark.parametrize("memory_mib", (128, 2048))
+def test_qemu_incoming_restore(benchmark: Any, workdir: Path, memory_mib: int) -> None:
+    """QEMU microvm restoring a tiny guest from a migration file: process start until QMP reports
+    the VM running. Includes QEMU's process start-up, which Vm.restore (a library call) does not
+    pay; see test_bench_vmm for QEMU's bare start-up cost."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    elf = _assemble(workdir, "spin", PVH_SPIN, flat=False)
+    state = workdir / f"qemu-{memory_mib}.mig"
+    qmp_path = workdir / f"qmp-{memory_mib}.sock"
+    src = subprocess.Popen(_qemu_cmd(qemu, elf, memory_mib, qmp_path), stderr=subprocess.PIPE)
+    try:
+        qmp = _Qmp(qmp_path)
+        time.sleep(0.2)
+        # Migrated while running, so the destination resumes (a stopped source would stay paused).
+        qmp.cmd("migrate", uri=f"exec:cat > {state}")
+        deadline = time.monotonic() + 120
+        while qmp.cmd("query-migrate").get("status") != "completed":
+            assert time.monotonic() < deadline, "QEMU migration to a file did not complete"
+            time.sleep(0.01)
+        qmp.cmd("quit")
+        src.wait(30)
+    finally:
+        src.kill()
+        src.wait()
+
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def drop_previous() -> None:
+        while procs:
+            p = procs.pop()
+            p.kill()
+            p.wait()
+        qmp_path.unlink(missing_ok=True)
+
+    def restore() -> None:
+        cmd = [*_qemu_cmd(qemu, elf, memory_mib, qmp_path), "-incoming", f"exec:cat {state}"]
+        p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        procs.append(p)
+        qmp = _Qmp(qmp_path)
+        deadline = time.monotonic() + 120
+        while qmp.cmd("query-status").get("status") != "running":
+            assert p.poll() is None, "QEMU exited during the incoming migration"
+            assert time.monotonic() < deadline, "QEMU did not finish the incoming migration"
+            time.sleep(0.0005)
+        qmp.sock.close()
+
+    t = time.monotonic()
+    restore()
+    drop_previous()
+    if time.monotonic() - t > 30:
+        pytest.skip("QEMU takes over 30 s per restore here")
+    benchmark.pedantic(restore, setup=drop_previous, rounds=5, warmup_rounds=1)
+    drop_previous()
+    benchmark.extra_info["migration_file_bytes"] = state.stat().st_size
