@@ -434,6 +434,11 @@ impl Vmm {
             for fd in &fds {
                 let _ = fd.lock().unwrap_or_else(|e| e.into_inner()).kvmclock_ctrl();
             }
+            // Only now may devices raise interrupts: loading the irqchip and LAPIC state above
+            // would have dropped them.
+            for t in &transports {
+                t.lock().unwrap_or_else(|e| e.into_inner()).after_restore();
+            }
             phases.mark("vcpu_state");
         }
         let mut threads = Vec::new();

@@ -172,9 +172,17 @@ impl MmioTransport {
                     state.device_type
                 ));
             }
-            t.device.restored();
         }
         Ok(t)
+    }
+
+    /// Lets a re-activated device tell the driver about the restore (see
+    /// [`VirtioDevice::restored`]). Call it once the interrupt controllers and vCPUs hold their
+    /// saved state, or the interrupt it may raise is lost.
+    pub fn after_restore(&mut self) {
+        if self.activated {
+            self.device.restored();
+        }
     }
 
     /// Pauses or restarts the device's background work (see [`VirtioDevice::set_quiesced`]).

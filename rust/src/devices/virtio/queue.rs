@@ -167,6 +167,11 @@ impl Queue {
     }
 
     /// Whether the driver has made chains available that were not popped yet.
+    /// The driver's available index (how many buffers it has ever offered, modulo 2^16).
+    pub fn avail_idx(&self, mem: &GuestMemoryMmap) -> Result<u16, QueueError> {
+        Self::read_u16(mem, self.avail_ring + 2)
+    }
+
     pub fn has_available(&self, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
         if !self.ready {
             return Ok(false);

@@ -129,7 +129,13 @@ struct SharedState {
     stop: bool,
     /// While set the worker leaves guest memory and the queues alone (snapshots).
     quiesced: bool,
+    /// After a restore: the event queue's available index when the transport-reset event was
+    /// sent, and when. Nothing goes to the guest until the index moves or a grace time passes.
+    reset_wait: Option<(u16, std::time::Instant)>,
 }
+
+/// Longest wait for the driver to handle a transport-reset event.
+const RESET_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The virtio-vsock device (the transport side); the worker thread does the relaying.
 pub struct Vsock {
@@ -265,6 +271,11 @@ impl VirtioDevice for Vsock {
                 let written = scatter(mem, &chain.descs, &[&event]).unwrap_or(0);
                 if queues[EVT].add_used(mem, chain.head, written).is_ok() {
                     interrupt.signal_used();
+                    // Hold host connections back until the driver has handled the event (it
+                    // then refills the event queue), or it would reset them as well.
+                    if let Ok(idx) = queues[EVT].avail_idx(mem) {
+                        g.reset_wait = Some((idx, std::time::Instant::now()));
+                    }
                 }
             }
             Ok(None) => {}
@@ -426,9 +437,19 @@ impl Worker {
         if g.quiesced {
             return (false, Vec::new());
         }
-        let Some(active) = g.active.as_mut() else {
+        let SharedState {
+            active, reset_wait, ..
+        } = &mut *g;
+        let Some(active) = active.as_mut() else {
             return (false, Vec::new());
         };
+        if let Some((idx, since)) = *reset_wait {
+            let now = active.queues[EVT].avail_idx(&active.mem).unwrap_or(idx);
+            if now == idx && since.elapsed() < RESET_GRACE {
+                return (false, Vec::new());
+            }
+            *reset_wait = None;
+        }
         let mut used = false;
         used |= self.process_tx(active);
         used |= self.send_replies(active);
