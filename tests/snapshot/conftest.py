@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import snap_guests
 from supermachine import _core
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: boots a real Linux guest (tens of seconds on emulating hosts)")
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +59,3 @@ def vms(kvm: None, guest_dir: Path) -> Iterator[Any]:
     yield v
     for vm in v.all:
         vm.stop()
-
-
-WaitFor = Callable[[Callable[[], Any], float], Any]
