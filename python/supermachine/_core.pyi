@@ -103,6 +103,7 @@ class VmConfig(TypedDict, total=False):
     console_log: str | os.PathLike[str] | None
     console_capacity: int  # bytes of serial output kept in memory, default 1 MiB
     cpu_template: str  # "auto" (default) | "normal" | "compat"
+    track_dirty_pages: bool  # KVM dirty-page logging for Vm.dirty_pages(), default False
 
 class VmOutcome(TypedDict, total=False):
     kind: str  # "poweroff" | "reset" | "panic" | "crash" | "stopped"
@@ -128,6 +129,7 @@ class VmRestoreOverrides(TypedDict, total=False):
     vsock_path: str | os.PathLike[str]
     console_log: str | os.PathLike[str]
     disks: Sequence[str | os.PathLike[str]]  # new paths, one per saved disk, in order
+    track_dirty_pages: bool
 
 class VmSnapshotReport(TypedDict):
     memory_bytes: int  # guest RAM bytes written (all-zero pages stay holes)
@@ -142,6 +144,9 @@ class Vm:
     @staticmethod
     def restore(dir: str | os.PathLike[str], overrides: VmRestoreOverrides | None = None) -> Vm: ...
     def snapshot(self, dir: str | os.PathLike[str]) -> VmSnapshotReport: ...
+    # One bit per 4 KiB page the guest wrote since the start or the last call (LSB first);
+    # VMM writes are not logged. Needs track_dirty_pages.
+    def dirty_pages(self) -> bytes: ...
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def stop(self) -> None: ...

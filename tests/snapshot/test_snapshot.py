@@ -234,3 +234,39 @@ def test_snapshot_of_an_ended_vm_fails_cleanly(vms: Any, tmp_path: Path) -> None
     with pytest.raises(RuntimeError, match="has ended"):
         vm.snapshot(str(tmp_path / "s"))
     assert not (tmp_path / "s" / "vmstate.bin").exists()
+
+
+def _dirty(bitmap: bytes) -> set[int]:
+    return {i * 8 + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1}
+
+
+def test_dirty_pages_report_what_the_guest_wrote(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.CLONE, track_dirty_pages=True)
+    wait_until(lambda: counter(vm) > 1000, what="the guest to start")
+    first = vm.dirty_pages()
+    assert len(first) == (16 << 20) // 4096 // 8
+    assert g.RESULTS // 4096 in _dirty(first)
+    vm.write_memory(0x600000, b"host write")  # not the guest's: not logged
+    second: set[int] = set()
+
+    def counter_page_dirty_again() -> bool:
+        second.update(_dirty(vm.dirty_pages()))
+        return g.RESULTS // 4096 in second
+
+    wait_until(counter_page_dirty_again, what="the counter page to be logged again")
+    assert 0x600000 // 4096 not in second
+    assert len(second) < 8
+    # The guest fills 0x400000..0x410000 (16 pages) once the host asks.
+    vm.write_memory(g.PARAMS, struct.pack("<Q", 2))
+    assert vm.wait(10)["code"] == 2
+    assert set(range(0x400, 0x410)) <= _dirty(vm.dirty_pages())
+
+
+def test_dirty_pages_need_tracking(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.COUNTER)
+    with pytest.raises(RuntimeError, match="dirty-page tracking is off"):
+        vm.dirty_pages()
+    vm.snapshot(str(tmp_path))
+    vm.stop()
+    clone = vms.restore(tmp_path, track_dirty_pages=True)
+    wait_until(lambda: g.RESULTS // 4096 in _dirty(clone.dirty_pages()), what="the restored guest's writes")

@@ -40,6 +40,7 @@ const KEYS: &[&str] = &[
     "console_log",
     "console_capacity",
     "cpu_template",
+    "track_dirty_pages",
 ];
 
 fn get<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<Option<T>> {
@@ -151,6 +152,7 @@ fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
     }
     cfg.vsock_path = get(d, "vsock_path")?;
     cfg.console_log = get(d, "console_log")?;
+    cfg.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
     if let Some(c) = get(d, "console_capacity")? {
         cfg.console_capacity = c;
     }
@@ -209,15 +211,19 @@ impl PyVm {
                 let k: String = k
                     .extract()
                     .map_err(|_| PyTypeError::new_err("override keys must be strings"))?;
-                if !["vsock_path", "console_log", "disks"].contains(&k.as_str()) {
+                const KNOWN: [&str; 4] =
+                    ["vsock_path", "console_log", "disks", "track_dirty_pages"];
+                if !KNOWN.contains(&k.as_str()) {
                     return Err(PyValueError::new_err(format!(
-                        "unknown restore override '{k}' (known: vsock_path, console_log, disks)"
+                        "unknown restore override '{k}' (known: {})",
+                        KNOWN.join(", ")
                     )));
                 }
             }
             ov.vsock_path = get(d, "vsock_path")?;
             ov.console_log = get(d, "console_log")?;
             ov.disks = get(d, "disks")?;
+            ov.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
         }
         let inner = py.detach(|| Vmm::restore(&dir, &ov)).map_err(vmm_err)?;
         Ok(PyVm { inner })
@@ -239,6 +245,16 @@ impl PyVm {
         }
         d.set_item("phases", phases)?;
         Ok(d)
+    }
+
+    /// Pages the guest wrote since the start or the previous call: one bit per 4 KiB page, least
+    /// significant bit first, in guest RAM order (RAM above the MMIO hole follows the part
+    /// below). VMM writes (devices, write_memory) are not logged. Needs track_dirty_pages.
+    fn dirty_pages<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let bits = py
+            .detach(|| self.inner.dirty_pages())
+            .map_err(PyRuntimeError::new_err)?;
+        Ok(PyBytes::new(py, &bits))
     }
 
     /// Pauses every vCPU (returns once none runs guest code).

@@ -225,7 +225,7 @@ impl Vmm {
         let kvm = vm::open_kvm()?;
         let ram = GuestRam::new(config.memory_mib, &config.memory_backing)?;
         phases.mark("memory");
-        let vm = vm::create_vm(&kvm, &ram)?;
+        let vm = vm::create_vm(&kvm, &ram, config.track_dirty_pages)?;
         let template = match config.cpu_template {
             CpuTemplateChoice::Auto => CpuTemplate::detect(),
             CpuTemplateChoice::Fixed(t) => t,
@@ -628,6 +628,32 @@ impl Vmm {
     /// Seconds spent in each start-up (or restore) phase, in order.
     pub fn phases(&self) -> &[(&'static str, f64)] {
         &self.phases
+    }
+
+    /// Guest RAM pages the guest wrote since the VM started or the previous call, one bit per
+    /// 4 KiB page (least significant bit first) in RAM-file order, as KVM logged them. Writes by
+    /// the VMM itself (devices, `write_memory`) are not included. Needs `track_dirty_pages`.
+    pub fn dirty_pages(&self) -> Result<Vec<u8>, String> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        if !self.config.track_dirty_pages {
+            return Err("dirty-page tracking is off; start the VM with track_dirty_pages".into());
+        }
+        let mut out = Vec::with_capacity((self.ram.size / 4096 / 8) as usize);
+        for (slot, region) in self.ram.mem.iter().enumerate() {
+            let pages = (region.len() / 4096) as usize;
+            let words = self
+                .vm
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(|e| {
+                    format!(
+                        "KVM_GET_DIRTY_LOG failed: {}",
+                        os_msg(&std::io::Error::from_raw_os_error(e.errno()))
+                    )
+                })?;
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            out.extend_from_slice(&bytes[..pages.div_ceil(8)]);
+        }
+        Ok(out)
     }
 
     /// MSRs that a restore could not load on this host (0 after a normal start).

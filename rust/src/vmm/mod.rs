@@ -92,6 +92,9 @@ pub struct VmConfig {
     /// Bytes of serial output kept in memory (the oldest are dropped first).
     pub console_capacity: usize,
     pub cpu_template: CpuTemplateChoice,
+    /// Log guest writes to RAM in KVM (for [`Vmm::dirty_pages`]); costs a write fault per
+    /// page per logging round.
+    pub track_dirty_pages: bool,
 }
 
 impl VmConfig {
@@ -107,6 +110,7 @@ impl VmConfig {
             console_log: None,
             console_capacity: 1 << 20,
             cpu_template: CpuTemplateChoice::Auto,
+            track_dirty_pages: false,
         }
     }
 }

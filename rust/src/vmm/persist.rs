@@ -240,6 +240,8 @@ pub struct RestoreOverrides {
     pub console_log: Option<PathBuf>,
     /// New paths for the disks, in device order (each keeps its saved read-only flag).
     pub disks: Option<Vec<PathBuf>>,
+    /// Log guest writes from the restore on (see [`Vmm::dirty_pages`]).
+    pub track_dirty_pages: bool,
 }
 
 /// Measurements of one snapshot.
@@ -384,6 +386,7 @@ impl Vmm {
         cfg.memory_backing = MemoryBacking::Snapshot(memory_path.clone());
         cfg.console_capacity = usize::try_from(m.console_capacity).unwrap_or(usize::MAX);
         cfg.console_log = overrides.console_log.clone();
+        cfg.track_dirty_pages = overrides.track_dirty_pages;
         cfg.cpu_template = CpuTemplateChoice::Fixed(if m.template == 1 {
             CpuTemplate::Compat
         } else {

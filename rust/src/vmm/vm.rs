@@ -59,9 +59,9 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
     Ok(kvm)
 }
 
-/// Creates the VM: TSS and identity map, guest RAM slots, in-kernel irqchip (before any vCPU)
-/// and PIT.
-pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
+/// Creates the VM: TSS and identity map, guest RAM slots (with KVM dirty-page logging when
+/// `dirty_log` is set), in-kernel irqchip (before any vCPU) and PIT.
+pub fn create_vm(kvm: &Kvm, ram: &GuestRam, dirty_log: bool) -> Result<VmFd, VmError> {
     let vm = kvm
         .create_vm()
         .map_err(|e| VmError::CreateVm(os_msg(&std::io::Error::from_raw_os_error(e.errno()))))?;
@@ -78,7 +78,11 @@ pub fn create_vm(kvm: &Kvm, ram: &GuestRam) -> Result<VmFd, VmError> {
             })?;
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if dirty_log {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
