@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import time
 from collections.abc import Callable
@@ -270,3 +271,27 @@ def test_dirty_pages_need_tracking(vms: Any, tmp_path: Path) -> None:
     vm.stop()
     clone = vms.restore(tmp_path, track_dirty_pages=True)
     wait_until(lambda: g.RESULTS // 4096 in _dirty(clone.dirty_pages()), what="the restored guest's writes")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_restore_maps_memory_without_reading_it(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.COUNTER, memory_mib=1024)
+    wait_until(lambda: counter(vm) > 100, what="the guest to count")
+    data = bytes(range(256)) * ((4 << 20) // 256)
+    for i in range(4):
+        vm.write_memory((256 + 128 * i) << 20, data)
+    vm.snapshot(str(tmp_path))
+    vm.stop()
+    before = _rss_bytes()
+    clones = [vms.restore(tmp_path) for _ in range(2)]
+    grown = _rss_bytes() - before
+    assert grown < 48 << 20, f"restoring two 1 GiB clones grew RSS by {grown >> 20} MiB"
+    for clone in clones:
+        wait_until(lambda c=clone: counter(c) > 0, what="the clone to run")
+        assert clone.read_memory(640 << 20, len(data)) == data
+    clones[0].write_memory(640 << 20, b"mine")
+    assert clones[1].read_memory(640 << 20, 4) == data[:4]
