@@ -538,6 +538,59 @@ mod tests {
     }
 
     #[test]
+    fn saved_state_restores_a_live_transport_and_refuses_a_mismatch() {
+        let mut t = transport();
+        negotiate(&mut t);
+        w(&mut t, REG_QUEUE_NUM, 8);
+        w(&mut t, REG_QUEUE_DESC_LOW, DESC as u32);
+        w(&mut t, REG_QUEUE_DRIVER_LOW, AVAIL as u32);
+        w(&mut t, REG_QUEUE_DEVICE_LOW, USED as u32);
+        w(&mut t, REG_QUEUE_READY, 1);
+        w(
+            &mut t,
+            REG_STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert!(t.activated);
+        let saved = t.save();
+        assert!(saved.activated);
+        assert_eq!(saved.driver_features, VIRTIO_F_VERSION_1);
+        assert_eq!(saved.queues[0].size, 8);
+        let dev = Box::new(Dummy {
+            activated: false,
+            notified: vec![],
+        });
+        let mem = t.mem.clone();
+        let mut back = MmioTransport::restore(
+            dev,
+            mem.clone(),
+            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+            &saved,
+        )
+        .unwrap();
+        assert!(back.activated);
+        assert_eq!(back.save(), saved);
+        assert_eq!(r(&mut back, REG_STATUS), t.status());
+        w(&mut back, REG_QUEUE_NOTIFY, 0);
+
+        let mut other = saved.clone();
+        other.device_type = 2;
+        let dev = Box::new(Dummy {
+            activated: false,
+            notified: vec![],
+        });
+        let err = MmioTransport::restore(
+            dev,
+            mem,
+            Arc::new(Interrupt::new(EventFd::new(0).unwrap())),
+            &other,
+        )
+        .err()
+        .unwrap();
+        assert!(err.contains("type 2"), "{err}");
+    }
+
+    #[test]
     fn wild_offsets_and_sizes_are_harmless() {
         let mut t = transport();
         let mut b = [0xaau8; 8];
