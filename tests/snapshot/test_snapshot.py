@@ -295,3 +295,20 @@ def test_restore_maps_memory_without_reading_it(vms: Any, tmp_path: Path) -> Non
         assert clone.read_memory(640 << 20, len(data)) == data
     clones[0].write_memory(640 << 20, b"mine")
     assert clones[1].read_memory(640 << 20, 4) == data[:4]
+
+
+def test_vsock_socket_of_a_running_vm_is_not_taken(vms: Any, tmp_path: Path) -> None:
+    sock = tmp_path / "v.sock"
+    vm = vms.start(g.COUNTER, vsock_path=str(sock))
+    wait_until(lambda: counter(vm) > 100, what="the guest to count")
+    vm.snapshot(str(tmp_path / "snap"))
+    with pytest.raises(ValueError, match="is in use"):
+        _core.Vm.restore(str(tmp_path / "snap"))
+    clone = vms.restore(tmp_path / "snap", vsock_path=str(tmp_path / "clone.sock"))
+    assert clone.vsock_path == str(tmp_path / "clone.sock")
+    assert [d["kind"] for d in clone.devices] == ["vsock"]
+    vm.stop()
+    clone.stop()
+    again = vms.restore(tmp_path / "snap")
+    assert again.vsock_path == str(sock)
+    wait_until(lambda: counter(again) > 100, what="the restored guest to count")

@@ -130,6 +130,8 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
     pub debugregs: kvm_debugregs,
     pub mp_state: kvm_mp_state,
+    /// Guest TSC frequency in kHz (0 when KVM could not tell).
+    pub tsc_khz: u32,
 }
 
 pub fn encode_vcpus(vcpus: &[VcpuState]) -> Vec<u8> {
@@ -161,6 +163,7 @@ pub fn encode_vcpus(vcpus: &[VcpuState]) -> Vec<u8> {
         w.pod(&v.events);
         w.pod(&v.debugregs);
         w.pod(&v.mp_state);
+        w.u32(v.tsc_khz);
     }
     w.buf
 }
@@ -196,6 +199,7 @@ pub fn decode_vcpus(b: &[u8]) -> Result<Vec<VcpuState>, DecodeError> {
             events: r.pod()?,
             debugregs: r.pod()?,
             mp_state: r.pod()?,
+            tsc_khz: r.u32()?,
         });
     }
     r.finish()?;

@@ -141,6 +141,7 @@ pub fn save_vcpu(fd: &VcpuFd, caps: &Caps) -> Result<VcpuState, String> {
         events,
         debugregs,
         mp_state,
+        tsc_khz: fd.get_tsc_khz().unwrap_or(0),
     })
 }
 
@@ -148,6 +149,18 @@ pub fn save_vcpu(fd: &VcpuFd, caps: &Caps) -> Result<VcpuState, String> {
 /// needs: special registers (APIC base) before the LAPIC, the LAPIC before MSRs such as the TSC
 /// deadline, and pending events last. Returns how many MSRs the host refused.
 pub fn restore_vcpu(fd: &VcpuFd, s: &VcpuState, caps: &Caps) -> Result<usize, String> {
+    // The guest calibrated its clocks against the saved TSC frequency: keep it.
+    let here = fd.get_tsc_khz().unwrap_or(0);
+    if s.tsc_khz != 0 && here != 0 && here.abs_diff(s.tsc_khz) > s.tsc_khz / 4000 {
+        fd.set_tsc_khz(s.tsc_khz).map_err(|e| {
+            format!(
+                "the snapshot's TSC runs at {} kHz, this host's at {here} kHz, and KVM cannot \
+                 scale it: {}",
+                s.tsc_khz,
+                os_msg(&std::io::Error::from_raw_os_error(e.errno()))
+            )
+        })?;
+    }
     fd.set_mp_state(s.mp_state)
         .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     fd.set_regs(&s.regs).map_err(kvm_err("KVM_SET_REGS"))?;
@@ -418,7 +431,16 @@ impl Vmm {
                     "the snapshot has no vsock device, so vsock_path cannot be set".into(),
                 ))
             }
-            (Some(saved), None) => Some(PathBuf::from(saved)),
+            (Some(saved), None) => {
+                // Binding would take the socket away from a VM still serving it.
+                if std::os::unix::net::UnixStream::connect(saved).is_ok() {
+                    return Err(VmmError::Config(format!(
+                        "the saved vsock socket {saved} is in use (is the snapshotted VM still \
+                         running?); pass another vsock_path"
+                    )));
+                }
+                Some(PathBuf::from(saved))
+            }
             (Some(_), Some(p)) => Some(p.clone()),
         };
         let loaded = started.elapsed().as_secs_f64();
