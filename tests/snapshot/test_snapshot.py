@@ -312,3 +312,16 @@ def test_vsock_socket_of_a_running_vm_is_not_taken(vms: Any, tmp_path: Path) -> 
     again = vms.restore(tmp_path / "snap")
     assert again.vsock_path == str(sock)
     wait_until(lambda: counter(again) > 100, what="the restored guest to count")
+
+
+def test_every_vcpu_is_saved_and_restored(vms: Any, tmp_path: Path) -> None:
+    # vCPU 0 counts; the others wait for a start-up IPI, and must still be waiting afterwards.
+    vm = vms.start(g.COUNTER, vcpus=3)
+    wait_until(lambda: counter(vm) > 1000, what="the guest to count")
+    vm.snapshot(str(tmp_path))
+    saved = counter(vm)
+    vm.stop()
+    clone = vms.restore(tmp_path)
+    wait_until(lambda: counter(clone) > saved + 1000, what="the restored guest to count")
+    assert clone.outcome is None
+    assert clone.timings["refused_msrs"] == 0
