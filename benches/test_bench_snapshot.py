@@ -283,3 +283,44 @@ def test_qemu_incoming_restore(benchmark: Any, workdir: Path, memory_mib: int) -
     benchmark.pedantic(restore, setup=drop_previous, rounds=5, warmup_rounds=1)
     drop_previous()
     benchmark.extra_info["migration_file_bytes"] = state.stat().st_size
+
+
+def _rollup() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == "kB":
+                out[parts[0].rstrip(":")] = int(parts[1]) * 1024
+    return out
+
+
+def test_clones_share_memory(benchmark: Any, snapshots: dict[int, Path]) -> None:
+    """Eight clones of the 512 MiB snapshot, each with its 32 MiB of data read: the data pages
+    come from one page cache copy (proportional set size grows by about 32 MiB, not 8 x 32 MiB);
+    only pages a clone writes become its own. The timed part is the eight restores."""
+    clones: list[Any] = []
+
+    def drop() -> None:
+        while clones:
+            clones.pop().stop()
+        gc.collect()
+
+    def restore_eight() -> None:
+        clones.extend(_core.Vm.restore(str(snapshots[512])) for _ in range(8))
+
+    benchmark.pedantic(restore_eight, setup=drop, rounds=3)
+    drop()
+    before = _rollup()
+    restore_eight()
+    for vm in clones:
+        for i in range(DATA_MIB):
+            vm.read_memory((4 + i * (512 - 8) // DATA_MIB) * MiB, MiB)
+    after = _rollup()
+    drop()
+    grown_pss = after.get("Pss", 0) - before.get("Pss", 0)
+    grown_rss = after.get("Rss", 0) - before.get("Rss", 0)
+    benchmark.extra_info["clones"] = 8
+    benchmark.extra_info["data_read_per_clone_mib"] = DATA_MIB
+    benchmark.extra_info["rss_growth_mib"] = round(grown_rss / MiB, 1)
+    benchmark.extra_info["pss_growth_mib"] = round(grown_pss / MiB, 1)
