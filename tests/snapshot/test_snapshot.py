@@ -325,3 +325,19 @@ def test_every_vcpu_is_saved_and_restored(vms: Any, tmp_path: Path) -> None:
     wait_until(lambda: counter(clone) > saved + 1000, what="the restored guest to count")
     assert clone.outcome is None
     assert clone.timings["refused_msrs"] == 0
+
+
+def test_ram_above_the_mmio_hole_survives(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.COUNTER, memory_mib=3328)  # 3 GiB below the hole, 256 MiB above 4 GiB
+    wait_until(lambda: counter(vm) > 100, what="the guest to count")
+    high = (4 << 30) + (100 << 20)
+    vm.write_memory(high, b"above the hole")
+    vm.snapshot(str(tmp_path))
+    vm.stop()
+    mem = tmp_path / "memory.bin"
+    with open(mem, "rb") as f:
+        f.seek((3 << 30) + (100 << 20))  # the file continues where low RAM ends
+        assert f.read(14) == b"above the hole"
+    clone = vms.restore(tmp_path)
+    assert clone.read_memory(high, 14) == b"above the hole"
+    wait_until(lambda: counter(clone) > 100, what="the restored guest to count")
