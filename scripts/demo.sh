@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: build two releases of a small image with real OCI tools, serve them from a
-# registry on loopback, pull both with supermachine into its content-addressed layer cache, and
-# measure how much of the layers is redundant below the layer level.
+# registry on loopback, pull both with supermachine into its content-addressed layer cache, run
+# one in a KVM microVM, and measure how much of the layers is redundant below the layer level.
 #
 # Everything is local: the registry listens on 127.0.0.1 only, and the cache is .demo/cache
 # (set SUPERMACHINE_CACHE_DIR to use another one).
@@ -39,7 +39,7 @@ umoci new --image "$layout:v1"
 umoci unpack --image "$layout:v1" "$work/b1" >/dev/null
 mkdir -p "$work/b1/rootfs/bin"
 cp /bin/busybox "$work/b1/rootfs/bin/busybox"
-for applet in sh ls cat echo env; do ln -s busybox "$work/b1/rootfs/bin/$applet"; done
+for applet in sh ls cat echo env uname wc; do ln -s busybox "$work/b1/rootfs/bin/$applet"; done
 umoci repack --image "$layout:v1" "$work/b1"
 umoci unpack --image "$layout:v1" "$work/b1b" >/dev/null
 make_payload "$work/b1b/rootfs/usr/lib"
@@ -79,6 +79,10 @@ log "pulling both releases with supermachine into $SUPERMACHINE_CACHE_DIR"
 supermachine pull "127.0.0.1:$port/demo/app:v1"
 supermachine pull "127.0.0.1:$port/demo/app:v2"
 supermachine images
+
+log "running demo/app:v1 in a microVM (the first boot also builds the guest kernel and agent)"
+supermachine run "127.0.0.1:$port/demo/app:v1" -- sh -c \
+  'echo "hello from $(uname -n), Linux $(uname -r)"; echo "$(ls /usr/lib | wc -l) entries in /usr/lib"'
 
 log "sub-layer redundancy of the layer cache"
 supermachine probe chunk-dedup

@@ -5,7 +5,28 @@ The Rust core (``supermachine._core``) does the heavy lifting; this package is t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from supermachine.errors import SupermachineError
 
-__all__ = ["SupermachineError", "__version__"]
+if TYPE_CHECKING:
+    from supermachine.image import Image
+    from supermachine.vm import Vm, VmConfig
+
+__all__ = ["Image", "SupermachineError", "Vm", "VmConfig", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # The VM API is imported on first use, so `import supermachine` stays cheap for the probes.
+    if name == "Image":
+        from supermachine.image import Image
+
+        return Image
+    if name in ("Vm", "VmConfig"):
+        from supermachine import vm
+
+        return getattr(vm, name)
+    raise AttributeError(f"module 'supermachine' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"

@@ -87,6 +87,11 @@ class VmConfig:
     panics are still printed."""
     env: Mapping[str, str] = field(default_factory=dict)
     """Default environment of every command (``exec`` may replace it)."""
+    workdir: str | None = None
+    """Default working directory of every command (default ``/``)."""
+    user: str | None = None
+    """Default user of every command: ``name``, ``uid``, ``name:group`` or ``uid:gid``
+    (default root)."""
 
     def validated(self) -> VmConfig:
         if self.memory_mib < 64:
@@ -284,7 +289,14 @@ class Vm:
         :class:`CommandFailedError`.
         """
         with self._client() as client:
-            result = client.exec(argv, env=self._env(env), cwd=cwd, user=user, input=input, timeout=timeout)
+            result = client.exec(
+                argv,
+                env=self._env(env),
+                cwd=cwd if cwd is not None else self.config.workdir,
+                user=user if user is not None else self.config.user,
+                input=input,
+                timeout=timeout,
+            )
         if check:
             shown = " ".join(os.fsdecode(a) for a in argv)
             if result.timed_out:
@@ -306,7 +318,14 @@ class Vm:
         """Starts ``argv`` and returns a :class:`Process` that streams its output as it comes."""
         client = self._client()
         try:
-            return client.spawn(argv, env=self._env(env), cwd=cwd, user=user, stdin=stdin, timeout=timeout)
+            return client.spawn(
+                argv,
+                env=self._env(env),
+                cwd=cwd if cwd is not None else self.config.workdir,
+                user=user if user is not None else self.config.user,
+                stdin=stdin,
+                timeout=timeout,
+            )
         except BaseException:
             client.close()
             raise

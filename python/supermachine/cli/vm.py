@@ -1,4 +1,5 @@
-"""``supermachine boot``: boot a microVM on a root filesystem image and run one command in it."""
+"""Commands that run something in a microVM: ``run IMAGE`` (OCI images) and ``boot`` (a raw
+root filesystem image, for development)."""
 
 from __future__ import annotations
 
@@ -32,49 +33,16 @@ def exit_status(status: int | None, signal: int | None, timed_out: bool) -> int:
     return status or 0
 
 
-@click.command(context_settings={"ignore_unknown_options": False})
-@click.option("--rootfs", type=click.Path(path_type=Path), help="Root filesystem image (squashfs).")
-@click.option("--memory", "memory_mib", default=512, show_default=True, help="Guest RAM in MiB.")
-@click.option("--vcpus", default=1, show_default=True, help="Virtual CPUs.")
-@click.option("-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Environment variable.")
-@click.option("-w", "--workdir", help="Working directory in the guest.")
-@click.option("-u", "--user", help="User to run as (name, uid, name:group or uid:gid).")
-@click.option("--timeout", type=float, help="Kill the command after this many seconds (exit 124).")
-@click.option("--kernel", type=click.Path(path_type=Path), help="vmlinux to boot [default: built-in].")
-@click.option("--console", "show_console", is_flag=True, help="Print the guest's console log at the end.")
-@click.argument("command", nargs=-1, required=True)
-def boot(
-    rootfs: Path | None,
-    memory_mib: int,
-    vcpus: int,
-    env_pairs: tuple[str, ...],
-    workdir: str | None,
-    user: str | None,
-    timeout: float | None,
-    kernel: Path | None,
-    show_console: bool,
-    command: tuple[str, ...],
-) -> None:
-    """Boot a microVM and run COMMAND in it, streaming its output; exit with its status.
-
-    A development entry point: it takes a root filesystem image directly. `supermachine run IMAGE`
-    does the same for OCI images.
-    """
+def _run_streaming(config: object, argv: list[str], timeout: float | None, show_console: bool) -> int:
+    """Boots a VM from ``config``, runs ``argv`` streaming its output, returns the exit status."""
     from supermachine.vm import Vm, VmConfig
 
-    if rootfs is not None and not rootfs.is_file():
-        raise InputError(f"root filesystem image {rootfs} does not exist")
-    env = parse_env(env_pairs)
-    config = VmConfig(rootfs=rootfs, memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, env=env)
-    with ui.stderr.status("booting the microVM", spinner="dots") if ui.stderr.is_terminal else nullcontext():
+    assert isinstance(config, VmConfig)
+    status = ui.stderr.status("booting the microVM", spinner="dots")
+    with status if ui.stderr.is_terminal else nullcontext():
         vm = Vm.start(config)
     with vm:
-        process = vm.spawn(
-            list(command),
-            cwd=workdir,
-            user=user,
-            timeout=timeout,
-        )
+        process = vm.spawn(argv, timeout=timeout)
         for event in process:
             stream = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
             stream.write(event.data)
@@ -84,8 +52,122 @@ def boot(
             ui.stderr.print(vm.console_log, markup=False, highlight=False)
     if result.timed_out:
         ui.warn(f"command timed out after {timeout:g} s and was killed")
-    sys.exit(exit_status(result.status, result.signal, result.timed_out))
+    return exit_status(result.status, result.signal, result.timed_out)
+
+
+def vm_options(f: click.decorators.FC) -> click.decorators.FC:
+    """Options shared by every command that starts a VM."""
+    for option in reversed(
+        [
+            click.option("--memory", "memory_mib", default=512, show_default=True, help="Guest RAM in MiB."),
+            click.option("--vcpus", default=1, show_default=True, help="Virtual CPUs."),
+            click.option(
+                "-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Set a variable."
+            ),
+            click.option("-w", "--workdir", help="Working directory in the guest."),
+            click.option("-u", "--user", help="User to run as (name, uid, name:group or uid:gid)."),
+            click.option(
+                "--timeout", type=float, help="Kill the command after this many seconds (exit 124)."
+            ),
+            click.option(
+                "--kernel", type=click.Path(path_type=Path), help="vmlinux to boot [default: built-in]."
+            ),
+            click.option(
+                "--console", "show_console", is_flag=True, help="Print the guest console log at the end."
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@vm_options
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform to pick from a multi-arch image.")
+@click.option("--insecure/--secure", default=None, help="Plain HTTP (default: only for loopback registries).")
+@click.option(
+    "--pull",
+    type=click.Choice(["missing", "always", "never"]),
+    default="missing",
+    show_default=True,
+    help="When to fetch the image from its registry.",
+)
+@click.argument("image")
+@click.argument("command", nargs=-1)
+def run(
+    image: str,
+    command: tuple[str, ...],
+    memory_mib: int,
+    vcpus: int,
+    env_pairs: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    timeout: float | None,
+    kernel: Path | None,
+    show_console: bool,
+    platform: str | None,
+    insecure: bool | None,
+    pull: str,
+) -> None:
+    """Run IMAGE in a microVM, like docker run: its Entrypoint with COMMAND (or its Cmd), its Env,
+    WorkingDir and User; output is streamed and the exit status passed on.
+
+    IMAGE is a registry reference, oci:DIR[:TAG] or docker-archive:FILE; it is pulled if needed.
+    Put COMMAND after `--` when it has options of its own.
+    """
+    from supermachine.image import Image, PullPolicy
+    from supermachine.oci.progress import RichProgress
+    from supermachine.vm import VmConfig
+
+    if command[:1] == ("--",):  # options stop at IMAGE, so click keeps a `--` that follows it
+        command = command[1:]
+    env = parse_env(env_pairs)
+    policy: PullPolicy = "always" if pull == "always" else "never" if pull == "never" else "missing"
+    with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
+        img = Image.from_oci(image, platform=platform, insecure=insecure, pull=policy, progress=progress)
+    argv = img.argv(command or None)
+    config = img.vm_config(
+        VmConfig(memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, env=env, workdir=workdir, user=user)
+    )
+    sys.exit(_run_streaming(config, argv, timeout, show_console))
+
+
+@click.command()
+@vm_options
+@click.option("--rootfs", type=click.Path(path_type=Path), help="Root filesystem image (squashfs).")
+@click.argument("command", nargs=-1, required=True)
+def boot(
+    rootfs: Path | None,
+    command: tuple[str, ...],
+    memory_mib: int,
+    vcpus: int,
+    env_pairs: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    timeout: float | None,
+    kernel: Path | None,
+    show_console: bool,
+) -> None:
+    """Boot a microVM on a root filesystem image and run COMMAND in it; exit with its status.
+
+    A development entry point; `supermachine run IMAGE` does the same for OCI images.
+    """
+    from supermachine.vm import VmConfig
+
+    if rootfs is not None and not rootfs.is_file():
+        raise InputError(f"root filesystem image {rootfs} does not exist")
+    config = VmConfig(
+        rootfs=rootfs,
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        kernel=kernel,
+        env=parse_env(env_pairs),
+        workdir=workdir,
+        user=user,
+    )
+    sys.exit(_run_streaming(config, list(command), timeout, show_console))
 
 
 def register(group: click.Group) -> None:
+    group.add_command(run)
     group.add_command(boot)

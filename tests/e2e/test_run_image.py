@@ -1,0 +1,123 @@
+"""OCI images end to end: built with umoci, pushed with skopeo to a real registry on loopback,
+pulled and run in a microVM with the image's Entrypoint/Cmd, Env, WorkingDir and User."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oci"))
+from _support import Registry, missing_tools, skopeo_copy, start_registry, umoci_image
+from supermachine import paths
+from supermachine.errors import ImageNotFoundError, InputError
+from supermachine.image import Image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def registry_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, str]]:
+    """``127.0.0.1:PORT/e2e/busybox:latest``: every busybox applet, a ``nobody`` user, and a config
+    whose Cmd reports what the runtime applied."""
+    if missing := missing_tools():
+        pytest.fail(f"missing tools {missing}; run scripts/setup.sh")
+    work = tmp_path_factory.mktemp("image")
+    root = work / "rootfs"
+    for d in ("bin", "etc", "tmp", "srv", "root"):
+        (root / d).mkdir(parents=True)
+    shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True, check=True).stdout
+    for applet in applets.split():
+        if applet != "busybox":
+            os.symlink("busybox", root / "bin" / applet)
+    (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nnobody:x:65534:65534::/tmp:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    os.chmod(root / "tmp", 0o1777)
+    layout = work / "layout"
+    umoci_image(
+        layout,
+        "latest",
+        root,
+        work,
+        {
+            "env": "GREETING=hello",
+            "workingdir": "/srv",
+            "user": "nobody",
+            "cmd": "sh",
+        },
+    )
+    # umoci's --config.cmd takes one word per flag; add the rest of the Cmd.
+    subprocess.run(
+        [
+            "umoci",
+            "config",
+            "--image",
+            f"{layout}:latest",
+            "--clear=config.cmd",
+            "--config.cmd=sh",
+            "--config.cmd=-c",
+            '--config.cmd=echo "$GREETING from $(pwd) as $(id -u)"; exit 3',
+        ],
+        check=True,
+    )
+    registry = start_registry(work / "registry")
+    try:
+        skopeo_copy(f"oci:{layout}:latest", f"docker://{registry.host}/e2e/busybox:latest")
+        yield registry, f"{registry.host}/e2e/busybox:latest"
+    finally:
+        registry.stop()
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private image cache, sharing only the built guest kernel and agent with the user's cache
+    (they are keyed by their inputs; rebuilding them per test would take minutes)."""
+    shared = paths.cache_dir()
+    private = tmp_path / "cache"
+    private.mkdir()
+    for artefact in ("kernels", "agent", "initramfs"):
+        (shared / artefact).mkdir(parents=True, exist_ok=True)
+        (private / artefact).symlink_to(shared / artefact)
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(private))
+    return private
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_run_echo_hi(registry_image: tuple[Registry, str], cache: Path) -> None:
+    _, ref = registry_image
+    proc = subprocess.run(
+        [sys.executable, "-m", "supermachine", "run", ref, "--", "echo", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "hi\n"), proc.stderr
+    assert (cache / "rootfs").is_dir()  # pulled and converted on the way
+
+
+@pytest.mark.usefixtures("kvm", "cache")
+def test_image_start_applies_the_image_config(registry_image: tuple[Registry, str]) -> None:
+    _, ref = registry_image
+    image = Image.from_oci(ref)
+    assert image.argv() == ["sh", "-c", 'echo "$GREETING from $(pwd) as $(id -u)"; exit 3']
+    assert image.argv(["id"]) == ["id"]
+    with image.start(memory_mib=256) as vm:
+        result = vm.exec(image.argv())
+        assert (result.stdout, result.status) == (b"hello from /srv as 65534\n", 3)
+        assert vm.exec(["id", "-u"], user="root").stdout == b"0\n"  # a call may override the image
+        assert vm.exec(["pwd"], cwd="/").stdout == b"/\n"
+
+
+@pytest.mark.usefixtures("cache")
+def test_pull_policy_never_and_bad_refs(registry_image: tuple[Registry, str]) -> None:
+    registry, _ = registry_image
+    with pytest.raises(ImageNotFoundError, match="no stored image matches"):
+        Image.from_oci(f"{registry.host}/e2e/busybox:latest", pull="never")
+    with pytest.raises(InputError, match="pull must be"):
+        Image.from_oci("x", pull="sometimes")  # type: ignore[arg-type]
