@@ -3,14 +3,23 @@
 # registry on loopback, pull both with supermachine into its content-addressed layer cache, run
 # one in a KVM microVM, and measure how much of the layers is redundant below the layer level.
 #
-# Everything is local: the registry listens on 127.0.0.1 only, and the cache is .demo/cache
-# (set SUPERMACHINE_CACHE_DIR to use another one).
+# Everything is local: the registry listens on 127.0.0.1 only, and the image cache is .demo/cache
+# (set SUPERMACHINE_CACHE_DIR to use another one); the guest kernel and agent, which are slow to
+# build and keyed by their inputs, are shared with the user's cache.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 work=$(mktemp -d)
 demo=$PWD/.demo
-export SUPERMACHINE_CACHE_DIR="${SUPERMACHINE_CACHE_DIR:-$demo/cache}"
+if [ -z "${SUPERMACHINE_CACHE_DIR:-}" ]; then
+  shared=$(python -c 'from supermachine import paths; print(paths.cache_dir())')
+  mkdir -p "$demo/cache"
+  for artefact in kernels agent initramfs; do
+    mkdir -p "$shared/$artefact"
+    [ -e "$demo/cache/$artefact" ] || ln -s "$shared/$artefact" "$demo/cache/$artefact"
+  done
+  export SUPERMACHINE_CACHE_DIR="$demo/cache"
+fi
 registry_pid=""
 cleanup() {
   [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null || true
@@ -82,7 +91,7 @@ supermachine images
 
 log "running demo/app:v1 in a microVM (the first boot also builds the guest kernel and agent)"
 supermachine run "127.0.0.1:$port/demo/app:v1" -- sh -c \
-  'echo "hello from $(uname -n), Linux $(uname -r)"; echo "$(ls /usr/lib | wc -l) entries in /usr/lib"'
+  'echo "hello from $(uname -n), Linux $(uname -r)"; echo "$(find /usr/lib -type f | wc -l) files under /usr/lib"'
 
 log "sub-layer redundancy of the layer cache"
 supermachine probe chunk-dedup
