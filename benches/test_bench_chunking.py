@@ -49,7 +49,7 @@ PEERS: dict[str, Callable[[bytes], int]] = {
 @pytest.mark.parametrize("impl", list(PEERS))
 def test_chunking_single_thread(benchmark: object, random_256m: bytes, impl: str) -> None:
     fn = PEERS[impl]
-    chunks = benchmark.pedantic(fn, args=(random_256m,), rounds=5, warmup_rounds=1)  # type: ignore[attr-defined]
+    chunks = benchmark.pedantic(fn, args=(random_256m,), rounds=9, warmup_rounds=1)  # type: ignore[attr-defined]
     assert 8_000 < chunks < 24_000  # every peer finds chunks of about the same average size
     throughput(benchmark, len(random_256m))
 
