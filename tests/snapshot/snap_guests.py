@@ -6,13 +6,14 @@ identity-mapped, interrupts off) and talk to the test through two RAM mailboxes.
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
+import sys
 from pathlib import Path
 
-LOAD_ADDR = 0x100000
-PARAMS = 0x300000  # host -> guest
-RESULTS = 0x300100  # guest -> host
+# The VMM tests' guest toolkit: the same load address, mailboxes and assembler pipeline.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "vmm"))
+from vmm_guests import LOAD_ADDR, PARAMS, RESULTS, build
+
+__all__ = ["CLONE", "COUNTER", "LOAD_ADDR", "PARAMS", "RESULTS", "VIRTIO_ONE_QUEUE", "build"]
 
 _HEAD = """
 .intel_syntax noprefix
@@ -132,20 +133,3 @@ VIRTIO_ONE_QUEUE = (
     jmp 4b
 """
 )
-
-
-def build(source: str, workdir: Path) -> Path:
-    """Assembles and links `source` at LOAD_ADDR; returns the flat binary (cached by content)."""
-    key = hashlib.sha256(source.encode()).hexdigest()[:16]
-    out = workdir / f"snap-{key}.bin"
-    if out.exists():
-        return out
-    src, obj, elf = (workdir / f"snap-{key}{ext}" for ext in (".S", ".o", ".elf"))
-    src.write_text(source)
-    r = subprocess.run(["as", "--64", "-o", str(obj), str(src)], capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"assembling the test guest failed: {r.stderr.strip()}")
-    link = ["ld", "-m", "elf_x86_64", "-nostdlib", f"-Ttext={LOAD_ADDR:#x}", "-e", "_start"]
-    subprocess.run([*link, "-o", str(elf), str(obj)], check=True, capture_output=True)
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(elf), str(out)], check=True)
-    return out
