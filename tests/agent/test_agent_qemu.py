@@ -13,6 +13,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,14 +23,13 @@ import pytest
 from supermachine import initramfs, kernel
 from supermachine.agent import DEFAULT_PORT, AgentClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "guest"))
+from qemu_boot import qemu_command
+
 BOOT_TIMEOUT_S = 300
 READY = "supermachine-agent: 0.1.0 ready on vsock port 1024"
 SQUASHFS_TEXT = b"hello from the squashfs root\n"
 # CPUID features the compat kernel must not use (their instructions cannot be emulated there).
-COMPAT_CLEARCPUID = (
-    "smap,smep,pku,ospke,fsgsbase,rdpid,rdrand,rdseed,popcnt,serialize,pcid,invpcid,cx16,movbe,"
-    "bmi1,bmi2,erms,fsrm,la57,waitpkg,movdiri,movdir64b,clflushopt,clwb"
-)
 
 
 def _skip_reason() -> str | None:
@@ -54,47 +54,9 @@ def _vsock_reason() -> str | None:
 def _qemu_command(
     vmlinux: Path, initrd: Path, append: list[str], disk: Path | None, cid: int | None
 ) -> list[str]:
+    """The kernel tests' QEMU microvm command line, plus a vhost-vsock device when ``cid`` is given."""
     profile = kernel.default_profile()
-    append = ["console=ttyS0", "reboot=k", "panic=-1", "loglevel=4", *append]
-    cpu = "host"
-    if profile == "compat":
-        append += ["noxsave", f"clearcpuid={COMPAT_CLEARCPUID}"]
-        cpu = "host,vendor=GenuineIntel,-arch-capabilities"
-    command = [
-        "qemu-system-x86_64",
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,acpi=off,pic=on,pit=on,isa-serial=on",
-        "-enable-kvm",
-        "-cpu",
-        cpu,
-        "-smp",
-        "1",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-monitor",
-        "none",
-        "-no-reboot",
-        "-device",
-        "i8042",
-        "-kernel",
-        str(vmlinux),
-        "-initrd",
-        str(initrd),
-        "-append",
-        " ".join(append),
-    ]
-    if disk is not None:
-        command += [
-            "-drive",
-            f"id=d0,file={disk},format=raw,if=none,readonly=on",
-            "-device",
-            "virtio-blk-device,drive=d0",
-        ]
+    command = qemu_command(vmlinux, initrd, profile, extra_append=" ".join(append), disk=disk)
     if cid is not None:
         command += ["-device", f"vhost-vsock-device,guest-cid={cid}"]
     return command
