@@ -97,7 +97,7 @@ def test_zero_length_frame(agent: AgentServer) -> None:
     _still_serving(agent)
 
 
-@pytest.mark.parametrize("kind", [0x00, 0x0B, 0x81, 0x8F, 0xFF])
+@pytest.mark.parametrize("kind", [0x00, 0x0C, 0x81, 0x8F, 0xFF])
 def test_unknown_frame_type(agent: AgentServer, kind: int) -> None:
     message = _fatal_error(_exchange(agent, HELLO + struct.pack("<IB", 1, kind)))
     assert message == f"unknown frame type 0x{kind:02x}"
@@ -109,6 +109,21 @@ def test_malformed_exec_fields(agent: AgentServer) -> None:
     payload = bytes([1, 3]) + struct.pack("<I", 0xFFFFFFFF) + b"abcd"
     message = _fatal_error(_exchange(agent, HELLO + struct.pack("<IB", len(payload) + 1, 0x01) + payload))
     assert message.startswith("malformed exec request: ")
+    _still_serving(agent)
+
+
+@pytest.mark.parametrize(
+    ("payload", "problem"),
+    [
+        (bytes([9, 1]) + struct.pack("<Q", 0), "unknown field 9"),
+        (bytes([1, 2]) + struct.pack("<I", 1) + b"x", "field 1 has kind 2, expected 1"),
+        (bytes([2, 2]) + struct.pack("<I", 64) + b"short", "truncated byte string"),
+        (struct.pack("<BBQBBQ", 1, 1, 1, 1, 1, 2), "field 1 appears twice"),
+    ],
+)
+def test_malformed_sync_fields(agent: AgentServer, payload: bytes, problem: str) -> None:
+    message = _fatal_error(_exchange(agent, HELLO + struct.pack("<IB", len(payload) + 1, 0x0B) + payload))
+    assert message == f"malformed sync request: {problem}"
     _still_serving(agent)
 
 

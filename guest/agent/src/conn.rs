@@ -3,7 +3,7 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::proto::{self, kind, Encoder, Fields, Frame, ReadError};
-use crate::{exec, files, power, Context};
+use crate::{exec, files, power, sync, Context};
 
 /// Why a connection ends early.
 pub enum End {
@@ -126,6 +126,7 @@ fn run(conn: &mut Conn, ctx: &'static Context) -> Result<(), End> {
                 proto::send(conn.fd(), kind::OK, &[])?;
                 power::shutdown(action, ctx);
             }
+            kind::SYNC => sync::run(conn, &frame, ctx)?,
             // Input for a process that has already finished may race with its exit report.
             kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL => {}
             other => {

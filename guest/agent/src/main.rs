@@ -12,6 +12,7 @@ mod power;
 mod proto;
 mod reaper;
 mod spawn;
+mod sync;
 mod sys;
 mod users;
 

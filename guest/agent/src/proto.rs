@@ -27,6 +27,7 @@ pub mod kind {
     pub const READ_FILE: u8 = 0x08;
     pub const PING: u8 = 0x09;
     pub const SHUTDOWN: u8 = 0x0a;
+    pub const SYNC: u8 = 0x0b;
 
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -50,13 +51,14 @@ pub mod kind {
             READ_FILE => "read_file",
             PING => "ping",
             SHUTDOWN => "shutdown",
+            SYNC => "sync",
             _ => "unknown",
         }
     }
 
     /// Whether a client may send this type at all.
     pub fn is_client(kind: u8) -> bool {
-        (EXEC..=SHUTDOWN).contains(&kind)
+        (EXEC..=SYNC).contains(&kind)
     }
 }
 
