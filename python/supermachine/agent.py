@@ -35,6 +35,7 @@ __all__ = [
     "ExecResult",
     "Output",
     "Process",
+    "SyncResult",
     "connect_unix",
     "connect_vsock_uds",
 ]
@@ -60,6 +61,7 @@ FILE_END = 0x07
 READ_FILE = 0x08
 PING = 0x09
 SHUTDOWN = 0x0A
+SYNC = 0x0B
 # Agent to client.
 STARTED = 0x81
 STDOUT = 0x82
@@ -70,6 +72,9 @@ END = 0x86
 PONG = 0x87
 OK = 0x88
 ERROR = 0x8F
+
+#: Most entropy one ``sync`` request may carry (the agent refuses more).
+MAX_SYNC_ENTROPY = 512
 
 # Field value kinds.
 _UINT = 1
@@ -180,6 +185,18 @@ class Output:
 
     stream: Literal["stdout", "stderr"]
     data: bytes
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What a ``sync`` request changed in the guest."""
+
+    clock_set: bool
+    """The agent set the guest's wall clock (only an agent that is PID 1 of a VM does)."""
+    entropy_added: int
+    """Bytes of entropy added to the guest kernel's pool and credited (0 outside a VM)."""
+    guest_time_ns: int
+    """The guest's wall-clock time (Unix time in ns) right after the request."""
 
 
 class Process:
@@ -486,6 +503,35 @@ class AgentClient:
                 return bytes(data)
             else:
                 self._unexpected(kind, payload, "in reply to read_file")
+
+    def sync(self, time_ns: int | None = None, entropy: bytes | None = None) -> SyncResult:
+        """Sets the guest's wall clock and adds entropy to its kernel's random pool.
+
+        Meant for a VM restored from a memory snapshot, whose clock lags and whose random state is
+        shared with every other clone of the snapshot. ``time_ns`` (Unix time in ns) defaults to
+        :func:`time.time_ns`, ``entropy`` (at most :data:`MAX_SYNC_ENTROPY` bytes) to 64 bytes of
+        :func:`os.urandom`. An agent outside a VM changes nothing and says so in the result.
+        Raises :class:`AgentRequestError` when the agent refuses the values or a system call
+        fails, and :class:`ProtocolError` from an agent too old to know ``sync`` (it closes the
+        connection).
+        """
+        self._begin()
+        if time_ns is None:
+            time_ns = time.time_ns()
+        if entropy is None:
+            entropy = os.urandom(64)
+        if not 0 <= time_ns < 1 << 64:
+            raise AgentError(f"time_ns must be a Unix time in ns between 0 and 2**64 - 1, got {time_ns}")
+        self._send(SYNC, _encode([(1, time_ns), (2, entropy)]))
+        kind, payload = self._recv_frame()
+        if kind != OK:
+            self._unexpected(kind, payload, "in reply to sync")
+        fields = _decode(payload)
+        return SyncResult(
+            clock_set=bool(_uint(fields, 1)),
+            entropy_added=_uint(fields, 2) or 0,
+            guest_time_ns=_uint(fields, 3) or 0,
+        )
 
     def shutdown(self, action: Literal["poweroff", "reboot"] = "poweroff") -> None:
         """Stops the VM (or, for an agent outside a VM, the agent). The connection is closed after."""

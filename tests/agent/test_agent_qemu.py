@@ -29,6 +29,10 @@ from qemu_boot import qemu_command
 BOOT_TIMEOUT_S = 300
 READY = "supermachine-agent: 0.1.0 ready on vsock port 1024"
 SQUASHFS_TEXT = b"hello from the squashfs root\n"
+# 2031-01-01T00:00:00Z, for the sync check: years away from any real clock.
+Y2031_NS = 1_924_992_000 * 10**9
+# A static busybox to run `date` in a guest whose initramfs holds only the agent.
+BUSYBOX = Path("/bin/busybox")
 # CPUID features the compat kernel must not use (their instructions cannot be emulated there).
 
 
@@ -102,6 +106,21 @@ def _connect_vsock(cid: int, timeout: float = 60) -> AgentClient:
         return client
 
 
+def _check_sync(agent: AgentClient) -> None:
+    """sync as PID 1 sets the guest's wall clock and credits the entropy."""
+    entropy = os.urandom(64)
+    result = agent.sync(time_ns=Y2031_NS, entropy=entropy)
+    assert result.clock_set
+    assert result.entropy_added == len(entropy)
+    assert Y2031_NS <= result.guest_time_ns < Y2031_NS + 600 * 10**9
+    if not BUSYBOX.is_file():
+        print(f"skipping `date` in the guest: {BUSYBOX} is missing (Debian package busybox-static)")
+        return
+    agent.write_file("/tmp/busybox", BUSYBOX.read_bytes(), mode=0o755)
+    date = agent.exec(["/tmp/busybox", "date", "+%Y"])
+    assert date.stdout == b"2031\n", date
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("root", ["none", "squashfs"])
 def test_agent_boots_as_pid1_in_qemu(tmp_path: Path, root: str) -> None:
@@ -160,6 +179,7 @@ def test_agent_boots_as_pid1_in_qemu(tmp_path: Path, root: str) -> None:
                 assert agent.read_file("/hello.txt") == SQUASHFS_TEXT
                 agent.write_file("/hello.txt", b"changed in the overlay\n")
                 assert agent.read_file("/hello.txt") == b"changed in the overlay\n"
+            _check_sync(agent)
             agent.shutdown()
         assert process.wait(timeout=120) == 0
 
