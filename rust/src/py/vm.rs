@@ -8,6 +8,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::input::Input;
+use crate::snapshot::memory::id_hex;
+use crate::snapshot::Snapshot;
 use crate::vmm::builder::ErrorClass;
 use crate::vmm::persist::RestoreOverrides;
 use crate::vmm::{
@@ -196,8 +198,9 @@ impl PyVm {
     }
 
     /// Restores a VM from a snapshot directory written by `Vm.snapshot` and starts it.
-    /// `overrides` may set "vsock_path", "console_log" and "disks" (a list of new paths, one per
-    /// saved disk, in order).
+    /// `overrides` may set "vsock_path", "console_log", "disks" (a list of new paths, one per
+    /// saved disk, in order), "track_dirty_pages" and "base" (where a diff's base snapshot is,
+    /// if not at the path it recorded).
     #[staticmethod]
     #[pyo3(signature = (dir, overrides=None))]
     fn restore(
@@ -211,8 +214,13 @@ impl PyVm {
                 let k: String = k
                     .extract()
                     .map_err(|_| PyTypeError::new_err("override keys must be strings"))?;
-                const KNOWN: [&str; 4] =
-                    ["vsock_path", "console_log", "disks", "track_dirty_pages"];
+                const KNOWN: [&str; 5] = [
+                    "vsock_path",
+                    "console_log",
+                    "disks",
+                    "track_dirty_pages",
+                    "base",
+                ];
                 if !KNOWN.contains(&k.as_str()) {
                     return Err(PyValueError::new_err(format!(
                         "unknown restore override '{k}' (known: {})",
@@ -224,21 +232,32 @@ impl PyVm {
             ov.console_log = get(d, "console_log")?;
             ov.disks = get(d, "disks")?;
             ov.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
+            ov.base = get(d, "base")?;
         }
         let inner = py.detach(|| Vmm::restore(&dir, &ov)).map_err(vmm_err)?;
         Ok(PyVm { inner })
     }
 
     /// Pauses the VM and writes a snapshot to `dir` (memory.bin + vmstate.bin, atomically).
+    /// With `base` (a snapshot directory) only the pages that differ from the base are stored.
     /// The VM stays paused: call `resume()` or `stop()`. Returns {"memory_bytes",
-    /// "state_bytes", "phases": {name: seconds}}.
-    fn snapshot<'py>(&self, py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    /// "state_bytes", "memory_id", "diff_pages", "compared_pages", "phases": {name: seconds}}.
+    #[pyo3(signature = (dir, base=None))]
+    fn snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        dir: PathBuf,
+        base: Option<PathBuf>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let report = py
-            .detach(|| self.inner.snapshot(&dir))
+            .detach(|| self.inner.snapshot(&dir, base.as_deref()))
             .map_err(|e| vmm_err(VmmError::Snapshot(e)))?;
         let d = PyDict::new(py);
         d.set_item("memory_bytes", report.memory_bytes)?;
         d.set_item("state_bytes", report.state_bytes)?;
+        d.set_item("memory_id", id_hex(&report.memory_id))?;
+        d.set_item("diff_pages", report.diff_pages)?;
+        d.set_item("compared_pages", report.compared_pages)?;
         let phases = PyDict::new(py);
         for (name, secs) in &report.phases {
             phases.set_item(*name, *secs)?;
@@ -448,7 +467,41 @@ impl PyVm {
     }
 }
 
+/// What a snapshot directory's `vmstate.bin` says, checked (magic, version, length, CRC):
+/// {"memory_size", "vcpus", "cmdline", "cpu_template", "disks": [(path, read_only)],
+/// "vsock": bool, "memory_id", "base": None | {"path", "memory_id"}, "diff_pages"}.
+#[pyfunction]
+fn snapshot_info<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let snap = py
+        .detach(|| Snapshot::load(&dir))
+        .map_err(|e| vmm_err(VmmError::Snapshot(e)))?;
+    let d = PyDict::new(py);
+    let m = &snap.machine;
+    d.set_item("memory_size", m.memory_size)?;
+    d.set_item("vcpus", m.vcpus)?;
+    d.set_item("cmdline", &m.cmdline)?;
+    d.set_item(
+        "cpu_template",
+        if m.template == 1 { "compat" } else { "normal" },
+    )?;
+    d.set_item("disks", m.disks.clone())?;
+    d.set_item("vsock", m.vsock_path.is_some())?;
+    d.set_item("memory_id", id_hex(&snap.memory.id))?;
+    match &snap.memory.base {
+        None => d.set_item("base", py.None())?,
+        Some(b) => {
+            let base = PyDict::new(py);
+            base.set_item("path", &b.path)?;
+            base.set_item("memory_id", id_hex(&b.id))?;
+            d.set_item("base", base)?;
+        }
+    }
+    d.set_item("diff_pages", snap.memory.stored_pages())?;
+    Ok(d)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(snapshot_info, m)?)?;
     m.add_class::<PyVm>()?;
     Ok(())
 }

@@ -17,21 +17,25 @@
 //! | ...    |          | sections                                                   |
 //! | end-4  | 4        | CRC32 of every byte before it                              |
 //!
-//! Sections: [`SECTION_MACHINE`], [`SECTION_VM`], [`SECTION_VCPUS`], [`SECTION_DEVICES`].
+//! Sections: [`SECTION_MACHINE`], [`SECTION_VM`], [`SECTION_VCPUS`], [`SECTION_DEVICES`],
+//! [`SECTION_MEMORY`] (see [`memory`]: a full snapshot, or a diff against a base snapshot).
 //! A reader refuses another format version before looking further, and checks the length and
 //! the checksum before decoding anything.
 
 pub mod codec;
+pub mod memory;
 pub mod state;
 
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+pub use memory::{BaseRef, MemoryId, MemoryLayer, MemoryState};
 pub use state::{DeviceState, MachineState, QueueState, TransportState, VcpuState, VmState};
 
 /// The snapshot format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the memory section (identity, base, page bitmap).
+pub const FORMAT_VERSION: u32 = 2;
 pub const MAGIC: [u8; 8] = *b"SMVMSNAP";
 pub const VMSTATE_FILE: &str = "vmstate.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
@@ -40,6 +44,7 @@ pub const SECTION_MACHINE: u32 = 1;
 pub const SECTION_VM: u32 = 2;
 pub const SECTION_VCPUS: u32 = 3;
 pub const SECTION_DEVICES: u32 = 4;
+pub const SECTION_MEMORY: u32 = 5;
 
 const HEADER_LEN: usize = 24;
 const ENTRY_LEN: usize = 24;
@@ -73,6 +78,10 @@ pub enum SnapshotError {
     Capture(String),
     #[error("cannot restore the VM state: {0}")]
     Restore(String),
+    #[error("base snapshot {path} does not exist")]
+    BaseMissing { path: String },
+    #[error("base snapshot {path} cannot be used: {why}")]
+    Base { path: String, why: String },
 }
 
 /// Everything in `vmstate.bin`.
@@ -82,6 +91,7 @@ pub struct Snapshot {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceState,
+    pub memory: MemoryState,
 }
 
 impl Snapshot {
@@ -92,6 +102,7 @@ impl Snapshot {
             (SECTION_VM, self.vm.encode()),
             (SECTION_VCPUS, state::encode_vcpus(&self.vcpus)),
             (SECTION_DEVICES, self.devices.encode()),
+            (SECTION_MEMORY, self.memory.encode()),
         ];
         let table_end = HEADER_LEN + ENTRY_LEN * sections.len();
         let total = table_end + sections.iter().map(|(_, s)| s.len()).sum::<usize>() + 4;
@@ -184,9 +195,13 @@ impl Snapshot {
         let section = |name: &'static str| {
             move |e: codec::DecodeError| corrupt(format!("the {name} section is invalid: {e}"))
         };
+        let machine =
+            MachineState::decode(find(SECTION_MACHINE, "machine")?).map_err(section("machine"))?;
+        let memory = MemoryState::decode(find(SECTION_MEMORY, "memory")?, machine.memory_size)
+            .map_err(section("memory"))?;
         Ok(Snapshot {
-            machine: MachineState::decode(find(SECTION_MACHINE, "machine")?)
-                .map_err(section("machine"))?,
+            machine,
+            memory,
             vm: VmState::decode(find(SECTION_VM, "VM")?).map_err(section("VM"))?,
             vcpus: state::decode_vcpus(find(SECTION_VCPUS, "vCPU")?).map_err(section("vCPU"))?,
             devices: DeviceState::decode(find(SECTION_DEVICES, "device")?)
@@ -303,6 +318,7 @@ mod tests {
             vm: VmState::default(),
             vcpus: vec![VcpuState::default()],
             devices: DeviceState::default(),
+            memory: MemoryState::default(),
         }
     }
 
@@ -332,11 +348,11 @@ mod tests {
             assert_eq!(e, "snapshot s is corrupt: checksum mismatch", "flip at {i}");
         }
         let mut b = bytes.clone();
-        b[8] = 2;
+        b[8] = 1;
         assert!(Snapshot::decode(&b, "s")
             .unwrap_err()
             .to_string()
-            .contains("format version 2"));
+            .contains("format version 1"));
         let mut b = bytes.clone();
         b[0] = b'X';
         assert!(Snapshot::decode(&b, "s")

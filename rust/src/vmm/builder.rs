@@ -80,9 +80,12 @@ impl VmmError {
                 | BootError::RawNotFound(_),
             )
             | VmmError::Block(BlockError::NotFound(_))
-            | VmmError::Snapshot(SnapshotError::Missing { .. }) => ErrorClass::NotFound,
+            | VmmError::Snapshot(
+                SnapshotError::Missing { .. } | SnapshotError::BaseMissing { .. },
+            ) => ErrorClass::NotFound,
             VmmError::Snapshot(
                 SnapshotError::NotASnapshot { .. }
+                | SnapshotError::Base { .. }
                 | SnapshotError::Truncated { .. }
                 | SnapshotError::Corrupt { .. }
                 | SnapshotError::Version { .. }
@@ -158,6 +161,8 @@ pub struct Vmm {
     pub(super) phases: Vec<(&'static str, f64)>,
     /// MSRs a restore could not load on this host.
     refused_msrs: usize,
+    /// Memory identity of the snapshot this VM was restored from.
+    pub(super) restored_from: Option<crate::snapshot::MemoryId>,
     // Drop order: the vCPU and VM fds before guest RAM.
     pub(super) vcpus: Vec<SharedVcpu>,
     pub(super) vm: VmFd,
@@ -496,6 +501,7 @@ impl Vmm {
             caps,
             phases: phases.done(),
             refused_msrs,
+            restored_from: None,
             vcpus: fds,
             vm,
             ram,

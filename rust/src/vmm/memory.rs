@@ -10,6 +10,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 use super::os_msg;
+use crate::snapshot::memory::{self as snapmem, IdHasher, MemoryId, MemoryLayer};
 
 /// Start of the 32-bit MMIO hole; RAM that would fall in it continues at 4 GiB.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
@@ -23,10 +24,15 @@ pub enum MemoryBacking {
     Memfd,
     /// A file at this path, created or truncated to the RAM size, mapped shared.
     File(PathBuf),
-    /// A snapshot's `memory.bin`, opened read-only and mapped private (copy-on-write): VMs
-    /// restored from one file share every page none of them wrote, and the file never changes.
-    Snapshot(PathBuf),
+    /// A snapshot's memory chain, base first (see [`crate::snapshot::memory`]): every file is
+    /// opened read-only and mapped private (copy-on-write), each diff's pages over the base's,
+    /// so VMs restored from one chain share every page none of them wrote, and no file changes.
+    Snapshot(Vec<MemoryLayer>),
 }
+
+/// Most separate mappings one VM's diff overlays may add (each run of diff pages is one VMA;
+/// the kernel caps a process at about 65 000). Shorter runs beyond it are copied in instead.
+const MAX_OVERLAY_MAPS: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -55,6 +61,18 @@ pub struct GuestRam {
     pub size: u64,
     /// Mapped private (copy-on-write over `file`).
     pub private: bool,
+    /// The snapshot chain this RAM was restored from (empty after a boot).
+    pub layers: Vec<MemoryLayer>,
+}
+
+/// What a memory write produced.
+#[derive(Debug, Clone)]
+pub struct MemoryWrite {
+    /// Bytes of page data written (all-zero pages are holes).
+    pub bytes: u64,
+    pub id: MemoryId,
+    /// For a diff: the pages stored.
+    pub pages: Option<Vec<u8>>,
 }
 
 /// `(guest address, length, file offset)` of each RAM region for `size` bytes of RAM.
@@ -96,27 +114,13 @@ impl GuestRam {
                     path: path.display().to_string(),
                     msg: os_msg(&e),
                 })?,
-            MemoryBacking::Snapshot(path) => {
-                let shown = path.display().to_string();
-                let file = File::open(path).map_err(|e| MemoryError::File {
-                    path: shown.clone(),
-                    msg: os_msg(&e),
-                })?;
-                let found = file
-                    .metadata()
-                    .map_err(|e| MemoryError::File {
-                        path: shown.clone(),
-                        msg: os_msg(&e),
-                    })?
-                    .len();
-                if found != size {
-                    return Err(MemoryError::SnapshotSize {
-                        path: shown,
-                        expected: size,
-                        found,
-                    });
+            MemoryBacking::Snapshot(layers) => {
+                let mut base = None;
+                for layer in layers {
+                    let f = open_layer(&layer.path, size)?;
+                    base.get_or_insert(f);
                 }
-                file
+                base.ok_or_else(|| MemoryError::Mmap("the snapshot chain is empty".into()))?
             }
         };
         let private = matches!(backing, MemoryBacking::Snapshot(_));
@@ -148,34 +152,129 @@ impl GuestRam {
         }
         let mem =
             GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        Ok(GuestRam {
+        let layers = match backing {
+            MemoryBacking::Snapshot(layers) => layers.clone(),
+            _ => Vec::new(),
+        };
+        let ram = GuestRam {
             mem,
             file,
             size,
             private,
-        })
+            layers,
+        };
+        ram.map_overlays()?;
+        Ok(ram)
+    }
+
+    /// Host address of the start of each region, with its `(guest address, length, file
+    /// offset)`.
+    fn regions(&self) -> Vec<(*mut u8, u64, u64)> {
+        use vm_memory::GuestMemoryRegion;
+        self.mem
+            .iter()
+            .zip(layout(self.size))
+            .map(|(region, (_, len, off))| {
+                let host = region
+                    .get_host_address(vm_memory::MemoryRegionAddress(0))
+                    .expect("offset 0 lies in every region");
+                (host, len, off)
+            })
+            .collect()
+    }
+
+    /// Maps every diff layer's pages over the base, copy-on-write; past [`MAX_OVERLAY_MAPS`]
+    /// runs the shortest runs are copied instead.
+    fn map_overlays(&self) -> Result<(), MemoryError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::FileExt;
+        let diffs: Vec<&MemoryLayer> = self.layers.iter().skip(1).collect();
+        if diffs.is_empty() {
+            return Ok(());
+        }
+        let mut work = Vec::new(); // (run length, layer index, host, file offset)
+        for (i, layer) in diffs.iter().enumerate() {
+            let Some(bitmap) = &layer.pages else { continue };
+            for &(host, len, off) in &self.regions() {
+                let first = off as usize / snapmem::PAGE_SIZE;
+                let last = first + len as usize / snapmem::PAGE_SIZE;
+                for (start, count) in snapmem::runs(bitmap, first, last) {
+                    let rel = ((start - first) * snapmem::PAGE_SIZE) as isize;
+                    // SAFETY: `rel` lies within this region's mapping (start is in [first, last)).
+                    let at = unsafe { host.offset(rel) };
+                    work.push((count, i, at, (start * snapmem::PAGE_SIZE) as u64));
+                }
+            }
+        }
+        // Later layers must land over earlier ones: map in layer order, but choose which runs
+        // are mapped (rather than copied) by length.
+        let mut by_len: Vec<usize> = (0..work.len()).collect();
+        by_len.sort_by_key(|&k| std::cmp::Reverse(work[k].0));
+        let mut mapped = vec![false; work.len()];
+        for &k in by_len.iter().take(MAX_OVERLAY_MAPS) {
+            mapped[k] = true;
+        }
+        let files: Vec<File> = diffs
+            .iter()
+            .map(|l| open_layer(&l.path, self.size))
+            .collect::<Result<_, _>>()?;
+        for (k, &(count, layer, at, file_off)) in work.iter().enumerate() {
+            let len = count * snapmem::PAGE_SIZE;
+            if mapped[k] {
+                // SAFETY: `[at, at + len)` lies inside a guest RAM mapping this GuestRam owns and
+                // no vCPU runs yet; MAP_FIXED replaces those pages with the diff file's.
+                let p = unsafe {
+                    libc::mmap(
+                        at.cast(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                        files[layer].as_raw_fd(),
+                        file_off as libc::off_t,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    return Err(MemoryError::Mmap(os_msg(&std::io::Error::last_os_error())));
+                }
+            } else {
+                // SAFETY: as above; the slice covers exactly the run's pages.
+                let dst = unsafe { std::slice::from_raw_parts_mut(at, len) };
+                files[layer]
+                    .read_exact_at(dst, file_off)
+                    .map_err(|e| MemoryError::File {
+                        path: diffs[layer].path.display().to_string(),
+                        msg: os_msg(&e),
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes RAM to `out` (already sized to the RAM size) at the same offsets as the RAM file,
-    /// leaving every all-zero page a hole. Only pages that can hold data are read: the backing
-    /// file's data extents, plus (for a private mapping) the pages resident in this process.
-    /// Returns the number of bytes written.
-    pub fn write_to(&self, out: &File) -> std::io::Result<u64> {
-        use std::os::unix::fs::FileExt;
-        use vm_memory::GuestMemoryRegion;
-        const PAGE: usize = 4096;
-        let mut written = 0u64;
-        for (region, (_, len, file_off)) in self.mem.iter().zip(layout(self.size)) {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let pages = len as usize / PAGE;
+    /// leaving every all-zero page a hole, and computes the memory identity. Only pages that can
+    /// hold data are read: the backing file's data extents, every page of a diff layer, plus
+    /// (for a private mapping) the pages resident in this process.
+    pub fn write_to(&self, out: &File) -> std::io::Result<MemoryWrite> {
+        let mut hasher = IdHasher::full();
+        let mut bytes = 0u64;
+        for (host, len, file_off) in self.regions() {
+            let pages = len as usize / snapmem::PAGE_SIZE;
+            let first = file_off as usize / snapmem::PAGE_SIZE;
             let mut wanted = vec![false; pages];
             for (start, end) in data_extents(&self.file, file_off, len)? {
-                for w in &mut wanted[((start - file_off) as usize / PAGE)
-                    ..((end - file_off) as usize).div_ceil(PAGE).min(pages)]
+                for w in &mut wanted[((start - file_off) as usize / snapmem::PAGE_SIZE)
+                    ..((end - file_off) as usize)
+                        .div_ceil(snapmem::PAGE_SIZE)
+                        .min(pages)]
                 {
                     *w = true;
+                }
+            }
+            for layer in self.layers.iter().skip(1) {
+                if let Some(bm) = &layer.pages {
+                    for (p, w) in wanted.iter_mut().enumerate() {
+                        *w |= snapmem::bit(bm, first + p);
+                    }
                 }
             }
             if self.private {
@@ -192,34 +291,133 @@ impl GuestRam {
                     *w |= r & 1 != 0;
                 }
             }
-            // SAFETY: the mapping is live for `len` bytes while `self` is borrowed; the vCPUs
-            // are paused, and devices only write through the same mapping, so reading it as
-            // bytes here cannot tear anything we rely on.
-            let ram = unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) };
-            let mut page = 0;
-            while page < pages {
-                let nonzero =
-                    |p: usize| wanted[p] && ram[p * PAGE..(p + 1) * PAGE].iter().any(|&b| b != 0);
-                if !nonzero(page) {
-                    page += 1;
+            let ram = region_bytes(host, len);
+            let page = |p: usize| &ram[p * snapmem::PAGE_SIZE..(p + 1) * snapmem::PAGE_SIZE];
+            let nonzero = |p: usize| wanted[p] && page(p).iter().any(|&b| b != 0);
+            let mut p = 0;
+            while p < pages {
+                if !nonzero(p) {
+                    p += 1;
                     continue;
                 }
-                let start = page;
-                while page < pages && nonzero(page) {
-                    page += 1;
+                let start = p;
+                while p < pages && nonzero(p) {
+                    hasher.page(first + p, page(p));
+                    p += 1;
                 }
-                let bytes = &ram[start * PAGE..page * PAGE];
-                out.write_all_at(bytes, file_off + (start * PAGE) as u64)?;
-                written += bytes.len() as u64;
+                let run = &ram[start * snapmem::PAGE_SIZE..p * snapmem::PAGE_SIZE];
+                write_at(out, run, file_off + (start * snapmem::PAGE_SIZE) as u64)?;
+                bytes += run.len() as u64;
             }
         }
-        Ok(written)
+        Ok(MemoryWrite {
+            bytes,
+            id: hasher.finish(),
+            pages: None,
+        })
+    }
+
+    /// Writes to `out` only the pages that differ from `base` (the same-sized RAM of the base
+    /// snapshot, mapped), with the diff identity over `base_id`. `candidates`, when known (the
+    /// pages written since this RAM was restored from that same base), limits the comparison;
+    /// otherwise every page is compared.
+    pub fn write_diff(
+        &self,
+        out: &File,
+        base: &GuestRam,
+        base_id: &MemoryId,
+        candidates: Option<&[bool]>,
+    ) -> std::io::Result<MemoryWrite> {
+        let mut hasher = IdHasher::diff(base_id);
+        let mut bitmap = vec![0u8; snapmem::bitmap_len(self.size)];
+        let mut bytes = 0u64;
+        for ((host, len, file_off), (base_host, base_len, _)) in
+            self.regions().into_iter().zip(base.regions())
+        {
+            if base_len != len {
+                return Err(std::io::Error::other("the base RAM has another layout"));
+            }
+            let ram = region_bytes(host, len);
+            let old = region_bytes(base_host, len);
+            let first = file_off as usize / snapmem::PAGE_SIZE;
+            for p in 0..len as usize / snapmem::PAGE_SIZE {
+                if candidates.is_some_and(|c| !c[first + p]) {
+                    continue;
+                }
+                let range = p * snapmem::PAGE_SIZE..(p + 1) * snapmem::PAGE_SIZE;
+                let (now, was) = (&ram[range.clone()], &old[range]);
+                if now == was {
+                    continue;
+                }
+                snapmem::set_bit(&mut bitmap, first + p);
+                hasher.page(first + p, now);
+                if now.iter().any(|&b| b != 0) {
+                    write_at(out, now, file_off + (p * snapmem::PAGE_SIZE) as u64)?;
+                    bytes += snapmem::PAGE_SIZE as u64;
+                }
+            }
+        }
+        Ok(MemoryWrite {
+            bytes,
+            id: hasher.finish(),
+            pages: Some(bitmap),
+        })
+    }
+
+    /// Pages written since this RAM was mapped copy-on-write from a snapshot, in RAM-file order
+    /// (see [`snapmem::written_pages`]); `None` for RAM that is not a private mapping.
+    pub fn written_pages(&self) -> std::io::Result<Option<Vec<bool>>> {
+        if !self.private {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(self.size as usize / snapmem::PAGE_SIZE);
+        for (host, len, _) in self.regions() {
+            out.extend(snapmem::written_pages(host, len as usize)?);
+        }
+        Ok(Some(out))
     }
 
     /// Whether `[gpa, gpa + len)` lies entirely in guest RAM.
     pub fn contains(&self, gpa: u64, len: usize) -> bool {
         range_in_ram(&self.mem, gpa, len as u64)
     }
+}
+
+/// Opens one file of a snapshot's memory chain read-only and checks its size.
+fn open_layer(path: &std::path::Path, size: u64) -> Result<File, MemoryError> {
+    let shown = path.display().to_string();
+    let file = File::open(path).map_err(|e| MemoryError::File {
+        path: shown.clone(),
+        msg: os_msg(&e),
+    })?;
+    let found = file
+        .metadata()
+        .map_err(|e| MemoryError::File {
+            path: shown.clone(),
+            msg: os_msg(&e),
+        })?
+        .len();
+    if found != size {
+        return Err(MemoryError::SnapshotSize {
+            path: shown,
+            expected: size,
+            found,
+        });
+    }
+    Ok(file)
+}
+
+/// One RAM region as bytes.
+fn region_bytes<'a>(host: *mut u8, len: u64) -> &'a [u8] {
+    // SAFETY: `host` is the start of a live guest RAM mapping of `len` bytes owned by a GuestRam
+    // that the caller borrows for the slice's use; vCPUs are paused while snapshots read it, and
+    // devices only write through the same mapping, so reading it as bytes tears nothing.
+    unsafe { std::slice::from_raw_parts(host as *const u8, len as usize) }
+}
+
+fn write_at(out: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    out.write_all_at(data, offset)
 }
 
 /// `[start, end)` file ranges holding data within `[off, off + len)` (SEEK_DATA/SEEK_HOLE; the

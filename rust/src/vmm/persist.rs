@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::builder::{Vmm, VmmError};
+use super::memory::GuestRam;
 use super::{
     os_msg, BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MemoryBacking, RawMode,
     VmConfig,
 };
+use crate::snapshot::memory::{self as snapmem, BaseRef, MemoryState};
 use crate::snapshot::state::FpuState;
 use crate::snapshot::{
     AtomicDir, DeviceState, MachineState, Snapshot, SnapshotError, VcpuState, VmState, MEMORY_FILE,
@@ -255,6 +257,9 @@ pub struct RestoreOverrides {
     pub disks: Option<Vec<PathBuf>>,
     /// Log guest writes from the restore on (see [`Vmm::dirty_pages`]).
     pub track_dirty_pages: bool,
+    /// Where the base of a diff snapshot is (default: the path the diff recorded, relative to
+    /// its directory).
+    pub base: Option<PathBuf>,
 }
 
 /// Measurements of one snapshot.
@@ -265,6 +270,11 @@ pub struct SnapshotReport {
     /// Bytes of guest RAM written (all-zero pages are left as holes).
     pub memory_bytes: u64,
     pub state_bytes: u64,
+    /// Identity of the snapshot's memory (see [`crate::snapshot::memory`]).
+    pub memory_id: snapmem::MemoryId,
+    /// For a diff: pages stored, and how many pages were compared with the base.
+    pub diff_pages: Option<u64>,
+    pub compared_pages: Option<u64>,
 }
 
 fn write_err(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
@@ -278,7 +288,16 @@ impl Vmm {
     /// Pauses the VM, captures its state, and writes `dir/memory.bin` and `dir/vmstate.bin`
     /// atomically (temporary files, fsync, rename, directory fsync). The VM stays paused;
     /// [`Vmm::resume`] continues it.
-    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotReport, SnapshotError> {
+    ///
+    /// With `base` (a snapshot directory with the same RAM size) the snapshot is a diff: only
+    /// pages that differ from the base's memory are stored. When this VM was itself restored from
+    /// that base, only the pages written since (copy-on-write copies, plus KVM's dirty log when
+    /// tracking is on) are compared; otherwise every page is.
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        base: Option<&Path>,
+    ) -> Result<SnapshotReport, SnapshotError> {
         let mut clock = Instant::now();
         let mut phases = Vec::new();
         let mut mark = |name: &'static str| {
@@ -335,30 +354,120 @@ impl Vmm {
                 .as_ref()
                 .map(|p| p.to_string_lossy().into_owned()),
         };
+        mark("capture");
+
+        let base = base.map(|b| self.open_base(dir, b)).transpose()?;
+        let mut out = AtomicDir::new(dir)?;
+        let (file, tmp) = out.create(MEMORY_FILE)?;
+        file.set_len(self.ram.size).map_err(write_err(&tmp))?;
+        let mut compared_pages = None;
+        let written = match &base {
+            None => self.ram.write_to(&file),
+            Some((base_ref, base_ram)) => {
+                let candidates = self.pages_written_since(&base_ref.id)?;
+                compared_pages = Some(
+                    candidates
+                        .as_ref()
+                        .map_or(self.ram.size / snapmem::PAGE_SIZE as u64, |c| {
+                            c.iter().filter(|&&w| w).count() as u64
+                        }),
+                );
+                self.ram
+                    .write_diff(&file, base_ram, &base_ref.id, candidates.as_deref())
+            }
+        }
+        .map_err(write_err(&tmp))?;
+        out.finish(file, &tmp)?;
+        mark("memory");
+        let memory = MemoryState {
+            id: written.id,
+            base: base.map(|(r, _)| r),
+            pages: written.pages,
+        };
+        let diff_pages = memory.base.as_ref().map(|_| memory.stored_pages());
         let state = Snapshot {
             machine,
             vm,
             vcpus,
             devices,
+            memory,
         }
         .encode();
-        mark("capture");
-
-        let mut out = AtomicDir::new(dir)?;
-        let (file, tmp) = out.create(MEMORY_FILE)?;
-        file.set_len(self.ram.size).map_err(write_err(&tmp))?;
-        let memory_bytes = self.ram.write_to(&file).map_err(write_err(&tmp))?;
-        out.finish(file, &tmp)?;
-        mark("memory");
         out.write(VMSTATE_FILE, &state)?;
         mark("state");
         out.commit()?;
         mark("commit");
         Ok(SnapshotReport {
             phases,
-            memory_bytes,
+            memory_bytes: written.bytes,
             state_bytes: state.len() as u64,
+            memory_id: written.id,
+            diff_pages,
+            compared_pages,
         })
+    }
+
+    /// Loads the base of a diff about to be written to `dir`: the reference the diff records
+    /// (its path relative to `dir` where they share a parent) and its memory, mapped
+    /// copy-on-write for comparison.
+    fn open_base(&self, dir: &Path, base: &Path) -> Result<(BaseRef, GuestRam), SnapshotError> {
+        let shown = base.display().to_string();
+        let fail = |why: String| SnapshotError::Base {
+            path: shown.clone(),
+            why,
+        };
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        if abs(base) == abs(dir) {
+            return Err(fail("a snapshot cannot be its own base".into()));
+        }
+        let snap = snapmem::load_base(base)?;
+        if snap.machine.memory_size != self.ram.size {
+            return Err(fail(format!(
+                "it has {} MiB of RAM, this VM {} MiB",
+                snap.machine.memory_size >> 20,
+                self.ram.size >> 20
+            )));
+        }
+        let layers = snapmem::resolve_chain(base, &snap, None)?;
+        let ram = GuestRam::new(self.ram.size >> 20, &super::MemoryBacking::Snapshot(layers))
+            .map_err(|e| fail(e.to_string()))?;
+        let (memory_len, memory_mtime_ns) =
+            snapmem::file_stamp(&base.join(MEMORY_FILE)).map_err(|e| fail(e.to_string()))?;
+        Ok((
+            BaseRef {
+                path: relative_to(&abs(base), &abs(dir)),
+                id: snap.memory.id,
+                memory_len,
+                memory_mtime_ns,
+            },
+            ram,
+        ))
+    }
+
+    /// The pages written since this VM's RAM was restored from the snapshot whose memory is
+    /// `base_id`; `None` when it was not (then every page must be compared).
+    fn pages_written_since(
+        &self,
+        base_id: &snapmem::MemoryId,
+    ) -> Result<Option<Vec<bool>>, SnapshotError> {
+        if self.restored_from.as_ref() != Some(base_id) {
+            return Ok(None);
+        }
+        let capture = |e: String| SnapshotError::Capture(e);
+        let Some(mut written) = self
+            .ram
+            .written_pages()
+            .map_err(|e| capture(format!("cannot read /proc/self/pagemap: {}", os_msg(&e))))?
+        else {
+            return Ok(None);
+        };
+        if self.config.track_dirty_pages {
+            let dirty = self.dirty_pages().map_err(capture)?;
+            for (p, w) in written.iter_mut().enumerate() {
+                *w |= snapmem::bit(&dirty, p);
+            }
+        }
+        Ok(Some(written))
     }
 
     /// Builds a VM from the snapshot in `dir` and starts it where it was saved. Guest RAM maps
@@ -396,7 +505,6 @@ impl Vmm {
         });
         cfg.memory_mib = m.memory_size >> 20;
         cfg.vcpus = m.vcpus;
-        cfg.memory_backing = MemoryBacking::Snapshot(memory_path.clone());
         cfg.console_capacity = usize::try_from(m.console_capacity).unwrap_or(usize::MAX);
         cfg.console_log = overrides.console_log.clone();
         cfg.track_dirty_pages = overrides.track_dirty_pages;
@@ -443,9 +551,23 @@ impl Vmm {
             }
             (Some(_), Some(p)) => Some(p.clone()),
         };
+        let layers = snapmem::resolve_chain(dir, &snap, overrides.base.as_deref())?;
+        cfg.memory_backing = MemoryBacking::Snapshot(layers);
         let loaded = started.elapsed().as_secs_f64();
         let mut vmm = Vmm::build(&cfg, Some(&snap))?;
+        vmm.restored_from = Some(snap.memory.id);
         vmm.phases.insert(0, ("load_state", loaded));
         Ok(vmm)
+    }
+}
+
+/// `../name` when `target` is a sibling of `from` (snapshots in one store), so a store moved as
+/// a whole keeps working; otherwise `target` as an absolute path.
+fn relative_to(target: &Path, from: &Path) -> String {
+    match (target.parent(), from.parent(), target.file_name()) {
+        (Some(a), Some(b), Some(name)) if a == b => {
+            Path::new("..").join(name).display().to_string()
+        }
+        _ => target.display().to_string(),
     }
 }

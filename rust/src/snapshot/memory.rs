@@ -1,0 +1,454 @@
+//! The memory section of a snapshot: what `memory.bin` holds, its identity, and for a diff
+//! snapshot the base it applies to and which pages it stores.
+//!
+//! A full snapshot's `memory.bin` is the whole guest RAM. A diff snapshot's `memory.bin` has the
+//! same size but holds only the pages set in its page bitmap (the rest are holes); every other
+//! page comes from its base, which may itself be a diff. A restore maps the base chain
+//! copy-on-write, oldest first, each diff's pages over the one before.
+//!
+//! The identity of a snapshot's memory is a 128-bit xxh3 over its content, computed while the
+//! pages are written: for a full snapshot over (page index, page bytes) of every non-zero page;
+//! for a diff over the base's identity and (page index, page bytes) of every stored page. A diff
+//! records its base's identity and refuses a base whose identity differs.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use super::codec::{DecodeError, Reader, Writer};
+use super::{Snapshot, SnapshotError, MEMORY_FILE};
+
+pub const PAGE_SIZE: usize = 4096;
+/// Longest base chain a restore follows (a diff of a diff of ...); deeper chains, and cycles,
+/// are refused.
+pub const MAX_CHAIN: usize = 16;
+
+/// 128-bit content identity of a snapshot's memory.
+pub type MemoryId = [u8; 16];
+
+/// The base a diff snapshot was taken against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseRef {
+    /// The base snapshot directory, relative to the diff's directory when it was given that way
+    /// (so a store can be moved as a whole), else absolute.
+    pub path: String,
+    /// The base's memory identity when the diff was taken.
+    pub id: MemoryId,
+    /// Size and modification time (ns) of the base's `memory.bin` then: if either changed, a
+    /// restore hashes the base's content again before trusting it.
+    pub memory_len: u64,
+    pub memory_mtime_ns: i64,
+}
+
+/// Section 5 of `vmstate.bin`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MemoryState {
+    pub id: MemoryId,
+    pub base: Option<BaseRef>,
+    /// For a diff: one bit per page of RAM (least significant bit first), set for the pages
+    /// stored in this snapshot's `memory.bin`.
+    pub pages: Option<Vec<u8>>,
+}
+
+impl MemoryState {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.buf.extend_from_slice(&self.id);
+        w.bool(self.base.is_some());
+        if let Some(b) = &self.base {
+            w.str(&b.path);
+            w.buf.extend_from_slice(&b.id);
+            w.u64(b.memory_len);
+            w.u64(b.memory_mtime_ns as u64);
+        }
+        w.bytes(self.pages.as_deref().unwrap_or(&[]));
+        w.buf
+    }
+
+    pub fn decode(b: &[u8], memory_size: u64) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(b);
+        let id: MemoryId = r.take(16)?.try_into().expect("16 bytes");
+        let base = if r.bool()? {
+            let path = r.str()?;
+            let id: MemoryId = r.take(16)?.try_into().expect("16 bytes");
+            let memory_len = r.u64()?;
+            let memory_mtime_ns = r.u64()? as i64;
+            Some(BaseRef {
+                path,
+                id,
+                memory_len,
+                memory_mtime_ns,
+            })
+        } else {
+            None
+        };
+        let pages = r.bytes()?.to_vec();
+        r.finish()?;
+        let expected = bitmap_len(memory_size);
+        let pages = match (&base, pages.is_empty()) {
+            (None, true) => None,
+            (None, false) => {
+                return Err(DecodeError::Bad(
+                    "a full snapshot carries a page bitmap".into(),
+                ))
+            }
+            (Some(_), _) if pages.len() != expected => {
+                return Err(DecodeError::Bad(format!(
+                    "the page bitmap has {} bytes, but {} MiB of RAM needs {expected}",
+                    pages.len(),
+                    memory_size >> 20
+                )))
+            }
+            (Some(_), _) => Some(pages),
+        };
+        Ok(MemoryState { id, base, pages })
+    }
+
+    /// Number of pages a diff stores (0 for a full snapshot).
+    pub fn stored_pages(&self) -> u64 {
+        self.pages
+            .as_deref()
+            .map_or(0, |p| p.iter().map(|b| u64::from(b.count_ones())).sum())
+    }
+}
+
+/// Bytes of a bitmap with one bit per page of `memory_size` bytes of RAM.
+pub fn bitmap_len(memory_size: u64) -> usize {
+    (memory_size / PAGE_SIZE as u64).div_ceil(8) as usize
+}
+
+pub fn bit(bitmap: &[u8], page: usize) -> bool {
+    bitmap[page / 8] & (1 << (page % 8)) != 0
+}
+
+pub fn set_bit(bitmap: &mut [u8], page: usize) {
+    bitmap[page / 8] |= 1 << (page % 8);
+}
+
+/// Runs `(first page, page count)` of set bits among pages `[from, to)`.
+pub fn runs(bitmap: &[u8], from: usize, to: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut page = from;
+    while page < to {
+        if bitmap[page / 8] == 0 && page % 8 == 0 {
+            page += 8;
+            continue;
+        }
+        if !bit(bitmap, page) {
+            page += 1;
+            continue;
+        }
+        let start = page;
+        while page < to && bit(bitmap, page) {
+            page += 1;
+        }
+        out.push((start, page - start));
+    }
+    out
+}
+
+/// Accumulates a memory identity page by page.
+pub struct IdHasher(Xxh3);
+
+impl IdHasher {
+    pub fn full() -> Self {
+        let mut h = Xxh3::new();
+        h.update(b"supermachine-memory-full");
+        IdHasher(h)
+    }
+
+    pub fn diff(base: &MemoryId) -> Self {
+        let mut h = Xxh3::new();
+        h.update(b"supermachine-memory-diff");
+        h.update(base);
+        IdHasher(h)
+    }
+
+    pub fn page(&mut self, index: usize, bytes: &[u8]) {
+        self.0.update(&(index as u64).to_le_bytes());
+        self.0.update(bytes);
+    }
+
+    pub fn finish(self) -> MemoryId {
+        self.0.digest128().to_le_bytes()
+    }
+}
+
+/// Hex form of an identity, for messages and metadata.
+pub fn id_hex(id: &MemoryId) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One file of a restore's memory chain: the snapshot's `memory.bin` and, for a diff, which of
+/// its pages apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLayer {
+    pub path: PathBuf,
+    pub pages: Option<Vec<u8>>,
+}
+
+/// Size and modification time (ns) of a file.
+pub fn file_stamp(path: &Path) -> std::io::Result<(u64, i64)> {
+    let m = std::fs::metadata(path)?;
+    Ok((m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec()))
+}
+
+/// Recomputes a snapshot's memory identity from its `memory.bin` (for a diff: from its stored
+/// pages and recorded base identity).
+pub fn hash_memory_file(dir: &Path, state: &MemoryState, size: u64) -> Result<MemoryId, String> {
+    let path = dir.join(MEMORY_FILE);
+    let file = File::open(&path).map_err(|e| format!("{}: {}", path.display(), e))?;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    if len != size {
+        return Err(format!(
+            "{} has {len} bytes, expected {size}",
+            path.display()
+        ));
+    }
+    if size == 0 {
+        return Ok(IdHasher::full().finish());
+    }
+    // SAFETY: the file is opened read-only and mapped read-only; snapshot files are only ever
+    // replaced by rename, never rewritten in place, so the mapping does not change under us.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
+    let pages = size as usize / PAGE_SIZE;
+    let mut h = match (&state.base, &state.pages) {
+        (Some(b), Some(_)) => IdHasher::diff(&b.id),
+        _ => IdHasher::full(),
+    };
+    for page in 0..pages {
+        let bytes = &map[page * PAGE_SIZE..(page + 1) * PAGE_SIZE];
+        let include = match &state.pages {
+            Some(bm) => bit(bm, page),
+            None => bytes.iter().any(|&b| b != 0),
+        };
+        if include {
+            h.page(page, bytes);
+        }
+    }
+    Ok(h.finish())
+}
+
+/// The memory chain of the snapshot in `dir` (already loaded as `snap`), base first. Each base
+/// is found at the path the diff recorded (relative to the diff's directory), or for the first
+/// link at `base_override`; its identity must match the one the diff recorded.
+pub fn resolve_chain(
+    dir: &Path,
+    snap: &Snapshot,
+    base_override: Option<&Path>,
+) -> Result<Vec<MemoryLayer>, SnapshotError> {
+    let size = snap.machine.memory_size;
+    let mut layers = vec![MemoryLayer {
+        path: dir.join(MEMORY_FILE),
+        pages: snap.memory.pages.clone(),
+    }];
+    let mut seen = vec![dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())];
+    let mut current_dir = dir.to_path_buf();
+    let mut base = snap.memory.base.clone();
+    let mut first = true;
+    while let Some(b) = base {
+        let base_dir = match (first, base_override) {
+            (true, Some(p)) => p.to_path_buf(),
+            _ => normalize(&current_dir.join(&b.path)),
+        };
+        first = false;
+        let shown = base_dir.display().to_string();
+        let fail = |why: String| SnapshotError::Base {
+            path: shown.clone(),
+            why,
+        };
+        let canonical = base_dir.canonicalize().unwrap_or_else(|_| base_dir.clone());
+        if seen.contains(&canonical) {
+            return Err(fail("the chain of bases loops back on itself".into()));
+        }
+        if seen.len() > MAX_CHAIN {
+            return Err(fail(format!(
+                "the chain of bases is deeper than {MAX_CHAIN} snapshots"
+            )));
+        }
+        seen.push(canonical);
+        let base_snap = load_base(&base_dir)?;
+        if base_snap.machine.memory_size != size {
+            return Err(fail(format!(
+                "it has {} MiB of RAM, the diff {} MiB",
+                base_snap.machine.memory_size >> 20,
+                size >> 20
+            )));
+        }
+        if base_snap.memory.id != b.id {
+            return Err(fail(format!(
+                "its content hash is {}, but the diff was taken against {}",
+                id_hex(&base_snap.memory.id),
+                id_hex(&b.id)
+            )));
+        }
+        let memory = base_dir.join(MEMORY_FILE);
+        let stamp = file_stamp(&memory).map_err(|e| fail(format!("{}: {e}", memory.display())))?;
+        if stamp != (b.memory_len, b.memory_mtime_ns) {
+            // The file was replaced or touched since the diff was taken: trust only its content.
+            let found = hash_memory_file(&base_dir, &base_snap.memory, size).map_err(fail)?;
+            if found != b.id {
+                return Err(fail(format!(
+                    "its memory.bin changed: content hash {}, but the diff was taken against {}",
+                    id_hex(&found),
+                    id_hex(&b.id)
+                )));
+            }
+        }
+        layers.push(MemoryLayer {
+            path: memory,
+            pages: base_snap.memory.pages.clone(),
+        });
+        base = base_snap.memory.base.clone();
+        current_dir = base_dir;
+    }
+    layers.reverse();
+    Ok(layers)
+}
+
+/// Loads a base snapshot's state; errors name it as the base.
+pub fn load_base(dir: &Path) -> Result<Snapshot, SnapshotError> {
+    let path = dir.display().to_string();
+    Snapshot::load(dir).map_err(|e| match e {
+        SnapshotError::Missing { .. } => SnapshotError::BaseMissing { path },
+        e => SnapshotError::Base {
+            path,
+            why: e.to_string(),
+        },
+    })
+}
+
+/// `a/b/../c` as `a/c`, without touching the file system (the directories may be symlinks the
+/// user meant, but a recorded `../base` is always meant lexically).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c.as_os_str()),
+        }
+    }
+    out
+}
+
+/// Reads which pages of `[host, host + len)` this process wrote since they were mapped
+/// copy-on-write: present (or swapped) pages that are no longer the file's page-cache page.
+/// Unlike KVM's dirty log this also sees writes made by the VMM itself (virtio devices), and
+/// reading it resets nothing.
+pub fn written_pages(host: *const u8, len: usize) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const FILE_OR_SHARED: u64 = 1 << 61;
+    const BATCH: usize = 1 << 16;
+    let pagemap = File::open("/proc/self/pagemap")?;
+    let pages = len / PAGE_SIZE;
+    let first = host as u64 / PAGE_SIZE as u64;
+    let mut out = Vec::with_capacity(pages);
+    let mut buf = vec![0u8; BATCH * 8];
+    let mut done = 0;
+    while done < pages {
+        let n = (pages - done).min(BATCH);
+        pagemap.read_exact_at(&mut buf[..n * 8], (first + done as u64) * 8)?;
+        out.extend(buf[..n * 8].chunks_exact(8).map(|e| {
+            let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            e & SWAPPED != 0 || (e & PRESENT != 0 && e & FILE_OR_SHARED == 0)
+        }));
+        done += n;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_checks_the_bitmap() {
+        let size = 8 << 20;
+        let full = MemoryState {
+            id: [7; 16],
+            base: None,
+            pages: None,
+        };
+        assert_eq!(MemoryState::decode(&full.encode(), size).unwrap(), full);
+        let mut bm = vec![0u8; bitmap_len(size)];
+        set_bit(&mut bm, 3);
+        let diff = MemoryState {
+            id: [1; 16],
+            base: Some(BaseRef {
+                path: "../golden".into(),
+                id: [2; 16],
+                memory_len: size,
+                memory_mtime_ns: 1_700_000_000_123_456_789,
+            }),
+            pages: Some(bm),
+        };
+        assert_eq!(MemoryState::decode(&diff.encode(), size).unwrap(), diff);
+        assert_eq!(diff.stored_pages(), 1);
+        let e = MemoryState::decode(&diff.encode(), size * 2).unwrap_err();
+        assert!(e.to_string().contains("page bitmap"), "{e}");
+    }
+
+    #[test]
+    fn runs_find_every_stretch() {
+        let mut bm = vec![0u8; 4];
+        for p in [0, 1, 2, 9, 17, 18, 31] {
+            set_bit(&mut bm, p);
+        }
+        assert_eq!(runs(&bm, 0, 32), vec![(0, 3), (9, 1), (17, 2), (31, 1)]);
+        assert_eq!(runs(&bm, 1, 18), vec![(1, 2), (9, 1), (17, 1)]);
+    }
+
+    #[test]
+    fn written_pages_sees_copy_on_write() {
+        use std::io::Write;
+        let mut f = tempfile_in_tmp();
+        f.write_all(&vec![1u8; 4 * PAGE_SIZE]).unwrap();
+        // SAFETY: a private mapping of a file we own; nothing else maps it.
+        let mut map = unsafe { memmap2::MmapOptions::new().map_copy(f.as_file()) }.unwrap();
+        let _ = map[0]; // read only: still the file's page
+        map[2 * PAGE_SIZE] = 9; // written: a private copy
+        let w = written_pages(map.as_ptr(), map.len()).unwrap();
+        assert_eq!(w, vec![false, false, true, false]);
+    }
+
+    struct Temp(File, PathBuf);
+    impl Temp {
+        fn as_file(&self) -> &File {
+            &self.0
+        }
+    }
+    impl std::io::Write for Temp {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.1);
+        }
+    }
+    fn tempfile_in_tmp() -> Temp {
+        let p = std::env::temp_dir().join(format!("sm-pagemap-{}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        Temp(f, p)
+    }
+}
