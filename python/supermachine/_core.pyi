@@ -130,20 +130,45 @@ class VmRestoreOverrides(TypedDict, total=False):
     console_log: str | os.PathLike[str]
     disks: Sequence[str | os.PathLike[str]]  # new paths, one per saved disk, in order
     track_dirty_pages: bool
+    base: str | os.PathLike[str]  # where a diff's base is, if not where the diff recorded it
 
 class VmSnapshotReport(TypedDict):
     memory_bytes: int  # guest RAM bytes written (all-zero pages stay holes)
     state_bytes: int
+    memory_id: str  # hex content identity of the snapshot's memory
+    diff_pages: int | None  # pages a diff stores; None for a full snapshot
+    compared_pages: int | None  # pages a diff compared with its base
     phases: dict[str, float]  # pause, capture, memory, state, commit
+
+class SnapshotBase(TypedDict):
+    path: str  # "../name" for a sibling in the same store, else absolute
+    memory_id: str
+
+class SnapshotInfo(TypedDict):
+    memory_size: int
+    vcpus: int
+    cmdline: str
+    cpu_template: str
+    disks: list[tuple[str, bool]]
+    vsock: bool
+    memory_id: str
+    base: SnapshotBase | None
+    diff_pages: int
+
+# Reads and checks a snapshot directory's vmstate.bin (magic, version, length, CRC).
+def snapshot_info(dir: str | os.PathLike[str]) -> SnapshotInfo: ...
 
 class Vm:
     @staticmethod
     def start(config: VmConfig) -> Vm: ...
     # A snapshot directory holds memory.bin (raw guest RAM, mapped copy-on-write on restore)
-    # and vmstate.bin (versioned, checksummed). snapshot() leaves the VM paused.
+    # and vmstate.bin (versioned, checksummed). snapshot() leaves the VM paused; with a base
+    # it stores only the pages that differ from the base snapshot's memory.
     @staticmethod
     def restore(dir: str | os.PathLike[str], overrides: VmRestoreOverrides | None = None) -> Vm: ...
-    def snapshot(self, dir: str | os.PathLike[str]) -> VmSnapshotReport: ...
+    def snapshot(
+        self, dir: str | os.PathLike[str], base: str | os.PathLike[str] | None = None
+    ) -> VmSnapshotReport: ...
     # One bit per 4 KiB page the guest wrote since the start or the last call (LSB first);
     # VMM writes are not logged. Needs track_dirty_pages.
     def dirty_pages(self) -> bytes: ...
