@@ -6,10 +6,20 @@ image = Image.from_oci("127.0.0.1:5000/busybox:latest")   # pulled once, cached,
 with image.start() as vm:                                 # a microVM on the image's rootfs
     vm.exec(["echo", "hi"])                               # Env, WorkingDir, User applied
 image.run().stdout                                        # Entrypoint + Cmd, like docker run
+
+A running VM can be snapshotted; the snapshot is an image too, and starting it restores the VM in
+milliseconds, copy-on-write, with its agent already waiting::
+
+    with image.start() as vm:
+        vm.exec(["sh", "-c", "echo warm > /tmp/state"])
+        baked = vm.snapshot(store / "warm")               # diff against a golden if one exists
+    with baked.start() as clone:                          # == Image.from_snapshot(store / "warm")
+        clone.exec(["cat", "/tmp/state"]).stdout          # b"warm\n"
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,8 +27,10 @@ from typing import Literal
 
 from supermachine import oci
 from supermachine.agent import ExecResult
-from supermachine.errors import ImageNotFoundError, InputError
+from supermachine.errors import ImageNotFoundError, InputError, SnapshotError
 from supermachine.oci.progress import ProgressReporter
+from supermachine.snapshots import metadata as snapshot_metadata
+from supermachine.snapshots.metadata import ImageIdentity, SnapshotMetadata
 from supermachine.vm import Vm, VmConfig
 
 PullPolicy = Literal["missing", "always", "never"]
@@ -26,13 +38,57 @@ PullPolicy = Literal["missing", "always", "never"]
 
 @dataclass(frozen=True)
 class Image:
-    """An OCI image ready to boot: its config and its read-only squashfs root filesystem."""
+    """What a microVM starts from: an OCI image (its config and read-only squashfs root
+    filesystem), or a VM snapshot (:meth:`from_snapshot`), which starts by restoring."""
 
     ref: str
     config: oci.ImageConfig
-    rootfs: Path
+    rootfs: Path | None
     """The squashfs image given to the guest as its root disk."""
-    oci_image: oci.Image
+    oci_image: oci.Image | None = None
+    snapshot: Path | None = None
+    """The snapshot directory, for an image made by :meth:`from_snapshot`."""
+    snapshot_meta: SnapshotMetadata | None = None
+
+    @property
+    def identity(self) -> ImageIdentity:
+        """What snapshots of VMs started from this image record as their image."""
+        if self.snapshot_meta is not None:
+            return self.snapshot_meta.image
+        digest = self.oci_image.config_digest if self.oci_image is not None else "none"
+        return ImageIdentity(self.ref, digest)
+
+    @classmethod
+    def from_snapshot(cls, directory: str | os.PathLike[str]) -> Image:
+        """The snapshot in ``directory`` (written by :meth:`Vm.snapshot <supermachine.vm.Vm.snapshot>`).
+        Its metadata and state file are checked now; :meth:`start` restores it."""
+        from supermachine import _core
+
+        path = Path(directory)
+        meta = snapshot_metadata.load(path)
+        try:
+            info = _core.snapshot_info(str(path))
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(str(exc)) from None
+        if info["memory_size"] != meta.memory_mib << 20:
+            raise SnapshotError(
+                f"{path}: metadata says {meta.memory_mib} MiB of RAM, "
+                f"the VM state {info['memory_size'] >> 20} MiB"
+            )
+        if (info["base"] is None) != (meta.base is None):
+            raise SnapshotError(f"{path}: metadata and VM state disagree on whether it is a diff snapshot")
+        run = meta.run or snapshot_metadata.RunDefaults()
+        config = oci.ImageConfig(
+            architecture="amd64",
+            os="linux",
+            env=tuple(f"{k}={v}" for k, v in run.env.items()),
+            entrypoint=run.entrypoint,
+            cmd=run.cmd,
+            working_dir=run.workdir or "",
+            user=run.user or "",
+        )
+        rootfs = None if run.rootfs is None else Path(run.rootfs)
+        return cls(ref=meta.image.ref, config=config, rootfs=rootfs, snapshot=path, snapshot_meta=meta)
 
     @classmethod
     def from_oci(
@@ -81,11 +137,45 @@ class Image:
 
     def start(self, config: VmConfig | None = None, **overrides: object) -> Vm:
         """Boots a microVM on this image; every command in it gets the image's Env, WorkingDir
-        and User unless the call says otherwise."""
+        and User unless the call says otherwise.
+
+        For a snapshot image this restores the snapshot instead: the VM's shape is fixed by the
+        snapshot, so only ``console_log``, ``boot_timeout``, ``env``, ``workdir`` and ``user``
+        may be given."""
         if config is not None and overrides:
             raise TypeError("pass either a VmConfig or keyword arguments, not both")
+        if self.snapshot is not None:
+            return self._restore(config, overrides)
         base = config if config is not None else VmConfig(**overrides)  # type: ignore[arg-type]
-        return Vm.start(self.vm_config(base))
+        return Vm._boot(
+            self.vm_config(base),
+            image=self.identity,
+            run_defaults=(self.config.entrypoint, self.config.cmd),
+        )
+
+    def _restore(self, config: VmConfig | None, overrides: dict[str, object]) -> Vm:
+        assert self.snapshot is not None
+        given = config if config is not None else VmConfig(**overrides)  # type: ignore[arg-type]
+        defaults = VmConfig()
+        allowed = {"console_log", "boot_timeout", "env", "workdir", "user"}
+        fixed = sorted(
+            name
+            for name in VmConfig.__dataclass_fields__
+            if name not in allowed and getattr(given, name) != getattr(defaults, name)
+        )
+        if fixed:
+            raise InputError(
+                f"a snapshot fixes the VM's shape; cannot set {', '.join(fixed)} "
+                f"when starting {self.snapshot}"
+            )
+        return Vm.restore(
+            self.snapshot,
+            console_log=given.console_log,
+            boot_timeout=given.boot_timeout if given.boot_timeout != defaults.boot_timeout else 120.0,
+            env={**self.config.environment(), **given.env} if given.env else None,
+            workdir=given.workdir,
+            user=given.user,
+        )
 
     def argv(self, command: Sequence[str] | None = None) -> list[str]:
         """What ``run`` executes: Entrypoint + (``command`` or the image's Cmd), as docker run does."""

@@ -15,6 +15,7 @@ several threads at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -25,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from supermachine import _core, agent, initramfs, kernel
 from supermachine.agent import ExecResult, Process
@@ -35,8 +36,17 @@ from supermachine.errors import (
     ExecTimeoutError,
     GuestPanickedError,
     KvmUnavailableError,
+    ProtocolError,
+    SnapshotError,
     VmError,
 )
+
+if TYPE_CHECKING:
+    from supermachine.image import Image
+    from supermachine.snapshots.bake import BaseChoice
+    from supermachine.snapshots.metadata import ImageIdentity
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Disk", "ExecResult", "Outcome", "Process", "Vm", "VmConfig"]
 
@@ -129,13 +139,32 @@ def check_kvm(path: str = "/dev/kvm") -> None:
 class Vm:
     """A running microVM. Use :meth:`start`; stop it with :meth:`stop` or a ``with`` block."""
 
-    def __init__(self, handle: _core.Vm, config: VmConfig, runtime_dir: Path) -> None:
+    def __init__(
+        self,
+        handle: _core.Vm,
+        config: VmConfig,
+        runtime_dir: Path,
+        *,
+        kernel_path: Path | None = None,
+        initramfs_path: Path | None = None,
+        image: ImageIdentity | None = None,
+        run_defaults: tuple[tuple[str, ...] | None, tuple[str, ...] | None] = (None, None),
+        snapshot_dir: Path | None = None,
+    ) -> None:
         self._handle = handle
         self.config = config
         self._runtime_dir = runtime_dir
         self._vsock = runtime_dir / "vsock.sock"
         self._stopped = False
         self._lock = threading.Lock()
+        self._kernel_path = kernel_path
+        self._initramfs_path = initramfs_path
+        self._image = image
+        self._entrypoint_cmd = run_defaults
+        self.snapshot_dir = snapshot_dir
+        """The snapshot this VM was restored from (``None`` after a boot)."""
+        self.restore_seconds: float | None = None
+        """Seconds from the restore call until the agent answered (``None`` after a boot)."""
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -150,6 +179,16 @@ class Vm:
             config = VmConfig(**overrides)  # type: ignore[arg-type]
         elif overrides:
             raise TypeError("pass either a VmConfig or keyword arguments, not both")
+        return cls._boot(config)
+
+    @classmethod
+    def _boot(
+        cls,
+        config: VmConfig,
+        *,
+        image: ImageIdentity | None = None,
+        run_defaults: tuple[tuple[str, ...] | None, tuple[str, ...] | None] = (None, None),
+    ) -> Vm:
         config = config.validated()
         check_kvm()
         vmlinux = Path(config.kernel) if config.kernel is not None else kernel.kernel_path()
@@ -176,7 +215,15 @@ class Vm:
         except (OSError, RuntimeError, ValueError) as exc:
             shutil.rmtree(runtime_dir, ignore_errors=True)
             raise VmError(f"cannot start the VM: {exc}") from None
-        vm = cls(handle, config, runtime_dir)
+        vm = cls(
+            handle,
+            config,
+            runtime_dir,
+            kernel_path=vmlinux,
+            initramfs_path=initrd,
+            image=image,
+            run_defaults=run_defaults,
+        )
         try:
             vm._wait_for_agent(config.boot_timeout)
         except BaseException:
@@ -184,7 +231,128 @@ class Vm:
             raise
         return vm
 
-    def _wait_for_agent(self, timeout: float) -> None:
+    @classmethod
+    def restore(
+        cls,
+        snapshot_dir: str | os.PathLike[str],
+        *,
+        console_log: Path | str | None = None,
+        boot_timeout: float = 120.0,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        user: str | None = None,
+    ) -> Vm:
+        """Restores a VM from a snapshot directory written by :meth:`snapshot` and returns once its
+        agent answers. Guest RAM maps the snapshot (and, for a diff, its base) copy-on-write, so
+        this costs the same for any RAM size. The guest's wall clock and entropy are refreshed
+        first, so clones of one snapshot do not share random state.
+
+        ``env``, ``workdir`` and ``user`` replace the defaults saved with the snapshot.
+        """
+        from supermachine.snapshots import metadata
+
+        directory = Path(snapshot_dir)
+        meta = metadata.load(directory)
+        saved = meta.run or metadata.RunDefaults()
+        check_kvm()
+        started = time.monotonic()
+        config = VmConfig(
+            rootfs=saved.rootfs,
+            memory_mib=meta.memory_mib,
+            vcpus=meta.vcpus,
+            kernel=meta.kernel.path,
+            initramfs=meta.agent.path,
+            console_log=console_log,
+            boot_timeout=boot_timeout,
+            env=dict(saved.env) if env is None else dict(env),
+            workdir=saved.workdir if workdir is None else workdir,
+            user=saved.user if user is None else user,
+        )
+        runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
+        overrides: _core.VmRestoreOverrides = {"vsock_path": str(runtime_dir / "vsock.sock")}
+        if console_log is not None:
+            overrides["console_log"] = str(console_log)
+        base = None
+        if meta.base is not None:
+            base = Path(meta.base) if os.path.isabs(meta.base) else directory.parent / meta.base
+            overrides["base"] = str(base)
+        try:
+            handle = _core.Vm.restore(str(directory), overrides)
+        except (OSError, RuntimeError, ValueError) as exc:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            raise SnapshotError(f"cannot restore {directory}: {exc}") from None
+        vm = cls(
+            handle,
+            config,
+            runtime_dir,
+            kernel_path=Path(meta.kernel.path),
+            initramfs_path=Path(meta.agent.path),
+            image=meta.image,
+            run_defaults=(saved.entrypoint, saved.cmd),
+            snapshot_dir=directory,
+        )
+        try:
+            vm._wait_for_agent(boot_timeout, refresh=True)
+        except BaseException:
+            vm.stop()
+            raise
+        vm.restore_seconds = time.monotonic() - started
+        return vm
+
+    def snapshot(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        base: BaseChoice = "auto",
+        stop: bool = False,
+    ) -> Image:
+        """Writes a snapshot of this VM to ``directory`` and returns it as an :class:`Image` whose
+        :meth:`~supermachine.image.Image.start` restores it in milliseconds.
+
+        The VM is paused while its state is captured, then resumed (or stopped with ``stop``).
+        ``base="auto"`` (default) stores the snapshot as a diff against its golden: the newest
+        compatible full snapshot beside ``directory`` (same image, memory size and supermachine
+        version), unless ``SUPERMACHINE_AUTO_DEDUP=0``; ``base=None`` writes a full snapshot;
+        a path names the base snapshot directory.
+        """
+        from supermachine.image import Image
+        from supermachine.snapshots import bake, metadata
+
+        if self._stopped:
+            raise VmError("the VM was stopped")
+        self._raise_if_ended("before the snapshot")
+        if self._kernel_path is None or self._initramfs_path is None:
+            raise SnapshotError("this VM was not started by Vm.start or Vm.restore; it cannot be snapshotted")
+        identity = self._image or bake.rootfs_identity(self.config.rootfs)
+        entrypoint, cmd = self._entrypoint_cmd
+        run = metadata.RunDefaults(
+            env=dict(self.config.env),
+            workdir=self.config.workdir,
+            user=self.config.user,
+            entrypoint=entrypoint,
+            cmd=cmd,
+            rootfs=None if self.config.rootfs is None else os.path.abspath(self.config.rootfs),
+        )
+        try:
+            bake.bake(
+                self._handle,
+                directory,
+                image=identity,
+                memory_mib=self.config.memory_mib,
+                vcpus=self.config.vcpus,
+                kernel=self._kernel_path,
+                initramfs=self._initramfs_path,
+                run=run,
+                base=base,
+            )
+        finally:
+            if stop:
+                self.stop()
+            elif self._handle.outcome is None:
+                self._handle.resume()
+        return Image.from_snapshot(directory)
+
+    def _wait_for_agent(self, timeout: float, *, refresh: bool = False) -> None:
         deadline = time.monotonic() + timeout
         while True:
             self._raise_if_ended("while booting")
@@ -195,9 +363,25 @@ class Vm:
             try:
                 with agent.connect_vsock_uds(self._vsock, timeout=min(remaining, 2.0)) as client:
                     client.ping()
+                    if refresh:
+                        self._refresh(client)
                 return
             except AgentUnreachable:
                 continue
+
+    @staticmethod
+    def _refresh(client: agent.AgentClient) -> None:
+        """After a restore: the guest clock stood still while the snapshot was on disk, and every
+        clone starts with the same random state; the agent sets the time and reseeds the guest RNG.
+        """
+        try:
+            result = client.sync()
+        except ProtocolError:
+            # Agents older than the sync request close the connection; the VM still works.
+            log.warning("the snapshot's agent cannot refresh the guest clock and entropy (too old)")
+            return
+        if not result.clock_set:
+            log.warning("the guest agent did not set the guest clock after the restore")
 
     def _raise_if_ended(self, when: str) -> None:
         outcome = self.outcome

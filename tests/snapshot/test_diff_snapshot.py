@@ -186,7 +186,7 @@ def test_many_scattered_pages_are_mapped_or_copied(vms: Any, base: Path) -> None
     vm.stop()
     assert report["diff_pages"] >= len(pages)
     clone = vms.restore(base.parent / "scattered")
-    for p in pages[::97] + [pages[-1]]:
+    for p in [*pages[::97], pages[-1]]:
         assert clone.read_memory(start + p * PAGE, 64) == struct.pack("<Q", p) * 8
         assert clone.read_memory(start + (p + 1) * PAGE, 8) == bytes(8)
     clone.write_memory(g.PARAMS, struct.pack("<Q", 1))

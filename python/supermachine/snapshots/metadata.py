@@ -73,6 +73,29 @@ class FileIdentity:
 
 
 @dataclass(frozen=True)
+class RunDefaults:
+    """How commands run in VMs restored from the snapshot, and what the image runs by default."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    user: str | None = None
+    entrypoint: tuple[str, ...] | None = None
+    cmd: tuple[str, ...] | None = None
+    rootfs: str | None = None
+    """The root filesystem image the VM had (a restore needs it at the same path)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "env": dict(self.env),
+            "workdir": self.workdir,
+            "user": self.user,
+            "entrypoint": None if self.entrypoint is None else list(self.entrypoint),
+            "cmd": None if self.cmd is None else list(self.cmd),
+            "rootfs": self.rootfs,
+        }
+
+
+@dataclass(frozen=True)
 class SnapshotMetadata:
     image: ImageIdentity
     memory_mib: int
@@ -90,8 +113,16 @@ class SnapshotMetadata:
     """Directory name of the snapshot this one is a diff against (a sibling in the store)."""
     base_blake3: str | None = None
     """``blake3:<hex>`` of the base's ``memory.bin`` when this snapshot was taken."""
+    run: RunDefaults | None = None
+    """Command defaults for restored VMs (absent in metadata written by hand or by old tools)."""
 
     def to_json(self) -> dict[str, Any]:
+        out = self._core_json()
+        if self.run is not None:
+            out["run"] = self.run.to_json()
+        return out
+
+    def _core_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -136,6 +167,7 @@ class SnapshotMetadata:
             baked_by_version=p.string("baked_by_version"),
             base=p.optional_str("base"),
             base_blake3=p.optional_hash("base_blake3"),
+            run=None if data.get("run") is None else p.obj("run").run_defaults(),
         )
         if (meta.base is None) != (meta.base_blake3 is None):
             raise SnapshotMetadataError(f"{source}: 'base' and 'base_blake3' must be set together")
@@ -172,6 +204,29 @@ class _Fields:
 
     def optional_str(self, key: str) -> str | None:
         return None if self._data.get(key) is None else self.string(key)
+
+    def optional_strings(self, key: str) -> tuple[str, ...] | None:
+        value = self._data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self._fail(key, "must be a list of strings")
+        return tuple(value)
+
+    def run_defaults(self) -> RunDefaults:
+        env = self._data.get("env", {})
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            self._fail("env", "must be an object of strings")
+        return RunDefaults(
+            env=dict(env),
+            workdir=self.optional_str("workdir"),
+            user=self.optional_str("user"),
+            entrypoint=self.optional_strings("entrypoint"),
+            cmd=self.optional_strings("cmd"),
+            rootfs=self.optional_str("rootfs"),
+        )
 
     def hash(self, key: str) -> str:
         value = self.string(key)
@@ -225,6 +280,7 @@ def describe(
     agent: FileIdentity,
     base: str | None = None,
     created: float | None = None,
+    run: RunDefaults | None = None,
 ) -> SnapshotMetadata:
     """Metadata for a freshly written snapshot directory: hashes its ``memory.bin`` and, for a diff,
     takes the base's content hash from the base's own metadata (a sibling directory named ``base``).
@@ -243,6 +299,7 @@ def describe(
         created=time.time() if created is None else created,
         base=base,
         base_blake3=base_blake3,
+        run=run,
     )
 
 

@@ -1,0 +1,159 @@
+"""Taking a snapshot of a running VM into a store: choose the base, write, describe.
+
+A snapshot directory is complete once ``metadata.json`` is in it: the VMM writes ``memory.bin`` and
+``vmstate.bin`` atomically, then the metadata is written atomically after them. A failure on the way
+removes what was written, so a store never holds a half snapshot under its final name.
+
+Bake-time dedup: unless told otherwise (``base=None``, or ``SUPERMACHINE_AUTO_DEDUP=0``), a fresh
+snapshot is stored as a *diff* against its golden (see :mod:`.golden`): only the pages that differ
+from the golden's RAM are written, and a restore maps the golden copy-on-write under them, so every
+VM restored from any snapshot on that golden shares the golden's pages in the host page cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from supermachine.errors import SnapshotError
+from supermachine.snapshots import golden, metadata
+from supermachine.snapshots.metadata import FileIdentity, ImageIdentity, RunDefaults, SnapshotMetadata
+
+BaseChoice = str | os.PathLike[str] | Literal["auto"] | None
+
+
+class _Snapshottable(Protocol):
+    def snapshot(self, dir: str, base: str | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    directory: Path
+    meta: SnapshotMetadata
+    report: dict[str, Any]
+    """The VMM's report: ``memory_bytes``, ``diff_pages``, ``compared_pages``, ``phases``..."""
+    seconds: float
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(path: str, size: int, mtime_ns: int) -> FileIdentity:
+    return FileIdentity.of(path)
+
+
+def file_identity(path: str | os.PathLike[str]) -> FileIdentity:
+    """:class:`FileIdentity` of a file, hashed once per (path, size, mtime) in this process."""
+    st = os.stat(path)
+    return _identity(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _rootfs_digest(path: str, size: int, mtime_ns: int) -> str:
+    return metadata.blake3_file(path)
+
+
+def rootfs_identity(rootfs: str | os.PathLike[str] | None) -> ImageIdentity:
+    """The image identity of a VM booted on a bare root filesystem image (not from an OCI image):
+    the file's content hash stands in for the config digest."""
+    if rootfs is None:
+        return ImageIdentity("rootfs:none", "none")
+    path = os.path.abspath(rootfs)
+    st = os.stat(path)
+    return ImageIdentity(f"rootfs:{path}", _rootfs_digest(path, st.st_size, st.st_mtime_ns))
+
+
+def choose_base(target: Path, prospective: SnapshotMetadata, base: BaseChoice) -> Path | None:
+    """The snapshot directory a new snapshot at ``target`` is stored against, or ``None`` for a
+    full one. ``"auto"`` picks the golden among ``target``'s siblings, unless auto dedup is off."""
+    if base is None:
+        return None
+    if base != "auto":
+        path = Path(base)
+        if not (path / metadata.METADATA_FILE).is_file():
+            raise SnapshotError(f"base snapshot {path} has no {metadata.METADATA_FILE} (not a snapshot?)")
+        return path
+    if not golden.auto_dedup_enabled() or not target.parent.is_dir():
+        return None
+    fresh = golden.Snapshot(target, prospective, time.time_ns())
+    return None if (choice := golden.select_golden(target.parent, fresh).golden) is None else choice.path
+
+
+def bake(
+    handle: _Snapshottable,
+    target: str | os.PathLike[str],
+    *,
+    image: ImageIdentity,
+    memory_mib: int,
+    vcpus: int,
+    kernel: str | os.PathLike[str],
+    initramfs: str | os.PathLike[str],
+    run: RunDefaults,
+    base: BaseChoice = "auto",
+) -> BakeResult:
+    """Pauses the VM behind ``handle`` and writes a complete snapshot directory at ``target`` (which
+    must not hold a snapshot yet). The VM stays paused."""
+    started = time.monotonic()
+    directory = Path(target)
+    if (directory / metadata.VMSTATE_FILE).exists() or (directory / metadata.METADATA_FILE).exists():
+        raise SnapshotError(f"{directory} already holds a snapshot; remove it or choose another directory")
+    created_dir = not directory.exists()
+    kernel_id = file_identity(kernel)
+    agent_id = file_identity(initramfs)
+    prospective = SnapshotMetadata(
+        image=image,
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        kernel=kernel_id,
+        agent=agent_id,
+        ram_size=memory_mib << 20,
+        ram_blake3=metadata.BLAKE3_PREFIX + "0" * 64,
+        run=run,
+    )
+    base_dir = choose_base(directory, prospective, base)
+    if base_dir is not None:
+        base_meta = metadata.load(base_dir)
+        if base_meta.memory_mib != memory_mib:
+            raise SnapshotError(
+                f"base snapshot {base_dir} has {base_meta.memory_mib} MiB of RAM, this VM {memory_mib} MiB"
+            )
+    try:
+        try:
+            report = dict(handle.snapshot(str(directory), None if base_dir is None else str(base_dir)))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise SnapshotError(f"cannot snapshot the VM: {exc}") from None
+        base_name = None
+        if base_dir is not None:
+            same_store = base_dir.resolve().parent == directory.resolve().parent
+            base_name = base_dir.name if same_store else str(base_dir.resolve())
+        meta = metadata.describe(
+            directory,
+            image=image,
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            kernel=kernel_id,
+            agent=agent_id,
+            base=base_name,
+            run=run,
+        )
+        metadata.save(directory, meta)
+    except BaseException:
+        _remove_partial(directory, created_dir)
+        raise
+    return BakeResult(directory, meta, report, time.monotonic() - started)
+
+
+def _remove_partial(directory: Path, created_dir: bool) -> None:
+    if created_dir:
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    for name in (metadata.METADATA_FILE, metadata.VMSTATE_FILE, metadata.MEMORY_FILE):
+        with contextlib.suppress(OSError):
+            (directory / name).unlink()
+
+
+__all__ = ["BakeResult", "BaseChoice", "bake", "choose_base", "file_identity", "rootfs_identity"]

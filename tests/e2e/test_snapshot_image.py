@@ -1,0 +1,91 @@
+"""The product snapshot API on a real Linux guest: ``vm.snapshot(dir) -> Image``,
+``Image.from_snapshot(dir).start()``, bake-time diffs against a golden, clock and entropy refresh.
+
+One booted VM (the session's) is snapshotted; everything else restores, which is fast.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from supermachine import _core
+from supermachine.errors import InputError, SnapshotError, SnapshotMetadataError
+from supermachine.image import Image
+from supermachine.vm import Vm
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="module")
+def golden(vm: Vm, store: Path) -> Image:
+    vm.exec(["sh", "-c", "echo baked > /tmp/state"], check=True)
+    image = vm.snapshot(store / "golden", base=None)
+    # The source VM goes on running after its snapshot.
+    assert vm.exec(["cat", "/tmp/state"]).stdout == b"baked\n"
+    return image
+
+
+def test_a_snapshot_image_restores_with_its_state(golden: Image, store: Path) -> None:
+    assert golden.snapshot == store / "golden"
+    assert golden.snapshot_meta is not None and golden.snapshot_meta.base is None
+    again = Image.from_snapshot(store / "golden")
+    assert again.snapshot_meta == golden.snapshot_meta
+    with golden.start() as clone:
+        assert clone.exec(["cat", "/tmp/state"]).stdout == b"baked\n"
+        assert clone.snapshot_dir == store / "golden"
+        assert clone.restore_seconds is not None
+        print(f"restore to agent answering: {clone.restore_seconds:.3f} s")
+        # The image's defaults survive: HOME from the default environment, cwd /.
+        assert clone.exec(["sh", "-c", "pwd"]).stdout == b"/\n"
+
+
+def test_restored_clocks_are_current_and_clones_do_not_share_random_state(golden: Image) -> None:
+    time.sleep(3)  # the snapshot's clock stood still meanwhile
+    with golden.start() as a, golden.start() as b:
+        host = time.time()
+        guest = float(a.exec(["date", "+%s"]).stdout)
+        assert abs(guest - host) < 2.5, f"guest clock {guest} vs host {host}"
+        read = ["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1"]
+        assert a.exec(read).stdout != b.exec(read).stdout
+
+
+def test_a_snapshot_of_a_clone_is_stored_as_a_diff_against_the_golden(golden: Image, store: Path) -> None:
+    with golden.start() as clone:
+        clone.exec(["sh", "-c", "echo more > /tmp/more"], check=True)
+        child = clone.snapshot(store / "child")
+        assert clone.exec(["cat", "/tmp/more"]).stdout == b"more\n"  # still running
+    assert child.snapshot_meta is not None
+    assert child.snapshot_meta.base == "golden"
+    info = _core.snapshot_info(str(store / "child"))
+    assert info["base"] is not None and info["base"]["path"] == "../golden"
+    total = info["memory_size"] // 4096
+    assert 0 < info["diff_pages"] < total // 4, info
+    allocated = (store / "child" / "memory.bin").stat().st_blocks * 512
+    full = (store / "golden" / "memory.bin").stat().st_blocks * 512
+    assert allocated < full / 2
+    with child.start() as grandchild:
+        out = grandchild.exec(["cat", "/tmp/state", "/tmp/more"]).stdout
+        assert out == b"baked\nmore\n"
+
+
+def test_auto_dedup_off_and_bad_requests(golden: Image, store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUPERMACHINE_AUTO_DEDUP", "0")
+    with golden.start() as clone:
+        full = clone.snapshot(store / "full")
+        assert full.snapshot_meta is not None and full.snapshot_meta.base is None
+        with pytest.raises(SnapshotError, match="already holds a snapshot"):
+            clone.snapshot(store / "full")
+        # The failed attempt left the VM running.
+        assert clone.exec(["true"]).returncode == 0
+    assert _core.snapshot_info(str(store / "full"))["base"] is None
+    with pytest.raises(SnapshotMetadataError, match="metadata.json: missing"):
+        Image.from_snapshot(store / "nowhere")
+    with pytest.raises(InputError, match="cannot set memory_mib"):
+        golden.start(memory_mib=1024)
