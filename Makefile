@@ -7,7 +7,7 @@ VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 setup:
-	scripts/setup.sh test,lint
+	scripts/setup.sh test,lint,plot
 
 demo: setup
 	scripts/demo.sh
