@@ -1,7 +1,9 @@
 """VM snapshots: VMM-side restore latency for 128 MiB, 512 MiB and 2 GiB of guest RAM (it should
 not grow with the RAM size: memory.bin is mapped copy-on-write, never read up front), the time to
-write a snapshot, and QEMU's restore from a migration file (`-incoming "exec:cat FILE"`) of a tiny
-guest for comparison.
+write a snapshot, the time to write a diff snapshot against the base the VM was restored from as
+the number of dirty pages grows (side by side with a full snapshot of the same VM), restore from a
+diff, and QEMU's restore from a migration file (`-incoming "exec:cat FILE"`) of a tiny guest for
+comparison.
 
 Every snapshot holds the same 32 MiB of non-zero data written by the host, so only the RAM size
 varies. These are host-side figures and meaningful on any host; the guest does no work after the
@@ -166,6 +168,91 @@ def test_restore_latency(benchmark: Any, snapshots: dict[int, Path], memory_mib:
     for name in phases[0]:
         values = [p[name] for p in phases]
         benchmark.extra_info[f"{name}_ms_median"] = round(statistics.median(values) * 1e3, 3)
+
+
+DIFF_BASE_MIB = 512
+DIRTY_PAGES = (256, 4096, 32768)
+
+
+@pytest.fixture(scope="module")
+def diff_base(workdir: Path) -> Path:
+    vm = _running_vm(workdir, DIFF_BASE_MIB)
+    vm.snapshot(str(workdir / "diff-base"))
+    vm.stop()
+    return workdir / "diff-base"
+
+
+def _restored_and_dirtied(base: Path, pages: int) -> Any:
+    """A clone of ``base`` whose host wrote ``pages`` pages, every other page from 64 MiB on."""
+    vm = _core.Vm.restore(str(base))
+    page = os.urandom(4096)
+    for i in range(pages):
+        vm.write_memory(64 * MiB + 2 * i * 4096, page)
+    return vm
+
+
+def _snapshot_rounds(benchmark: Any, workdir: Path, base: Path, pages: int, as_diff: bool) -> None:
+    vms: list[Any] = []
+    reports: list[dict[str, Any]] = []
+    target = workdir / f"bench-{'diff' if as_diff else 'full'}-{pages}"
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        while vms:
+            vms.pop().stop()
+        shutil.rmtree(target, ignore_errors=True)
+        vms.append(_restored_and_dirtied(base, pages))
+        return (vms[-1],), {}
+
+    def snap(vm: Any) -> None:
+        reports.append(vm.snapshot(str(target), str(base) if as_diff else None))
+
+    benchmark.pedantic(snap, setup=setup, rounds=5)
+    while vms:
+        vms.pop().stop()
+    last = reports[-1]
+    benchmark.extra_info["dirty_pages"] = pages
+    benchmark.extra_info["memory_bytes_written"] = last["memory_bytes"]
+    benchmark.extra_info["allocated_bytes"] = (target / "memory.bin").stat().st_blocks * 512
+    if as_diff:
+        benchmark.extra_info["diff_pages"] = last["diff_pages"]
+        benchmark.extra_info["compared_pages"] = last["compared_pages"]
+    benchmark.extra_info["memory_ms_median"] = round(
+        statistics.median(r["phases"]["memory"] for r in reports) * 1e3, 3
+    )
+
+
+@pytest.mark.parametrize("pages", DIRTY_PAGES)
+def test_diff_snapshot_write(benchmark: Any, workdir: Path, diff_base: Path, pages: int) -> None:
+    """Diff snapshot of a 512 MiB clone against the snapshot it was restored from: only the pages
+    written since the restore (found in /proc/self/pagemap) are compared and stored."""
+    _snapshot_rounds(benchmark, workdir, diff_base, pages, as_diff=True)
+
+
+@pytest.mark.parametrize("pages", DIRTY_PAGES)
+def test_full_snapshot_write_same_vm(benchmark: Any, workdir: Path, diff_base: Path, pages: int) -> None:
+    """Peer of test_diff_snapshot_write: a full snapshot of the same dirtied clone."""
+    _snapshot_rounds(benchmark, workdir, diff_base, pages, as_diff=False)
+
+
+@pytest.mark.parametrize("kind", ("full", "diff-4096-scattered-pages"))
+def test_restore_latency_diff_vs_full(benchmark: Any, workdir: Path, diff_base: Path, kind: str) -> None:
+    """Restore of a 512 MiB snapshot: the full base, or a diff over it whose 4096 scattered pages
+    are mapped copy-on-write run by run over the base."""
+    directory = diff_base
+    if kind != "full":
+        directory = workdir / "restore-diff"
+        if not directory.exists():
+            vm = _restored_and_dirtied(diff_base, 4096)
+            vm.snapshot(str(directory), str(diff_base))
+            vm.stop()
+    live: list[Any] = []
+
+    def drop_previous() -> None:
+        while live:
+            live.pop().stop()
+
+    benchmark.pedantic(lambda: live.append(_core.Vm.restore(str(directory))), setup=drop_previous, rounds=20)
+    drop_previous()
 
 
 class _Qmp:
