@@ -89,6 +89,18 @@ def test_diffs_of_diffs_layer_in_order(vms: Any, base: Path) -> None:
     assert last.read_memory(0xA00000, 10) == b"D" * 10
     last.write_memory(g.PARAMS, struct.pack("<Q", 6))
     assert last.wait(10)["code"] == 6
+    # A clone of the second diff stored against the base itself: only the pages the two diffs
+    # hold and the pages written since are compared, and the result holds all of them.
+    third = vms.restore(store / "two")
+    third.write_memory(0xB00000, b"E" * 10)
+    report = third.snapshot(str(store / "flat-diff"), str(base))
+    third.stop()
+    assert report["compared_pages"] <= 32, report
+    assert _core.snapshot_info(str(store / "flat-diff"))["base"]["path"] == "../base"
+    check = vms.restore(store / "flat-diff")
+    assert check.read_memory(0x800000, 2 * PAGE) == b"A" * PAGE + b"C" * PAGE
+    assert check.read_memory(0xA00000, 10) == b"D" * 10
+    assert check.read_memory(0xB00000, 10) == b"E" * 10
     # A full snapshot of a VM restored from a diff holds every layer's pages.
     again = vms.restore(store / "two")
     again.snapshot(str(store / "full"))

@@ -187,6 +187,8 @@ pub fn id_hex(id: &MemoryId) -> String {
 pub struct MemoryLayer {
     pub path: PathBuf,
     pub pages: Option<Vec<u8>>,
+    /// The layer's snapshot memory identity (the whole chain up to and including it).
+    pub id: MemoryId,
 }
 
 /// Size and modification time (ns) of a file.
@@ -243,6 +245,7 @@ pub fn resolve_chain(
     let mut layers = vec![MemoryLayer {
         path: dir.join(MEMORY_FILE),
         pages: snap.memory.pages.clone(),
+        id: snap.memory.id,
     }];
     let mut seen = vec![dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())];
     let mut current_dir = dir.to_path_buf();
@@ -300,6 +303,7 @@ pub fn resolve_chain(
         layers.push(MemoryLayer {
             path: memory,
             pages: base_snap.memory.pages.clone(),
+            id: base_snap.memory.id,
         });
         base = base_snap.memory.base.clone();
         current_dir = base_dir;

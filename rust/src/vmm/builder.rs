@@ -161,8 +161,6 @@ pub struct Vmm {
     pub(super) phases: Vec<(&'static str, f64)>,
     /// MSRs a restore could not load on this host.
     refused_msrs: usize,
-    /// Memory identity of the snapshot this VM was restored from.
-    pub(super) restored_from: Option<crate::snapshot::MemoryId>,
     // Drop order: the vCPU and VM fds before guest RAM.
     pub(super) vcpus: Vec<SharedVcpu>,
     pub(super) vm: VmFd,
@@ -501,7 +499,6 @@ impl Vmm {
             caps,
             phases: phases.done(),
             refused_msrs,
-            restored_from: None,
             vcpus: fds,
             vm,
             ram,

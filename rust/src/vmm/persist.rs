@@ -444,15 +444,18 @@ impl Vmm {
         ))
     }
 
-    /// The pages written since this VM's RAM was restored from the snapshot whose memory is
-    /// `base_id`; `None` when it was not (then every page must be compared).
+    /// The pages that may differ from the snapshot whose memory is `base_id`, when this VM's
+    /// RAM was restored from it or from a diff chain over it: the pages written since the
+    /// restore plus the pages of every diff layered above it. `None` when the base is not in
+    /// this VM's chain (then every page must be compared).
     fn pages_written_since(
         &self,
         base_id: &snapmem::MemoryId,
     ) -> Result<Option<Vec<bool>>, SnapshotError> {
-        if self.restored_from.as_ref() != Some(base_id) {
+        let layers = &self.ram.layers;
+        let Some(at) = layers.iter().position(|l| &l.id == base_id) else {
             return Ok(None);
-        }
+        };
         let capture = |e: String| SnapshotError::Capture(e);
         let Some(mut written) = self
             .ram
@@ -461,6 +464,13 @@ impl Vmm {
         else {
             return Ok(None);
         };
+        for layer in &layers[at + 1..] {
+            if let Some(bm) = &layer.pages {
+                for (p, w) in written.iter_mut().enumerate() {
+                    *w |= snapmem::bit(bm, p);
+                }
+            }
+        }
         if self.config.track_dirty_pages {
             let dirty = self.dirty_pages().map_err(capture)?;
             for (p, w) in written.iter_mut().enumerate() {
@@ -555,7 +565,7 @@ impl Vmm {
         cfg.memory_backing = MemoryBacking::Snapshot(layers);
         let loaded = started.elapsed().as_secs_f64();
         let mut vmm = Vmm::build(&cfg, Some(&snap))?;
-        vmm.restored_from = Some(snap.memory.id);
+
         vmm.phases.insert(0, ("load_state", loaded));
         Ok(vmm)
     }
