@@ -3,6 +3,7 @@ pulled and run in a microVM with the image's Entrypoint/Cmd, Env, WorkingDir and
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -121,3 +122,30 @@ def test_pull_policy_never_and_bad_refs(registry_image: tuple[Registry, str]) ->
         Image.from_oci(f"{registry.host}/e2e/busybox:latest", pull="never")
     with pytest.raises(InputError, match="pull must be"):
         Image.from_oci("x", pull="sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_snapshot_then_run_from_it(registry_image: tuple[Registry, str], cache: Path) -> None:
+    """`supermachine snapshot IMAGE -- WARM` bakes after the warm-up; `run snapshot:NAME` restores
+    it with the image's config still applied; `snapshots` lists it."""
+    _, ref = registry_image
+
+    def sm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "supermachine", *args], capture_output=True, text=True, timeout=600
+        )
+
+    baked = sm("snapshot", "--name", "warm", "--memory", "256", ref, "--", "sh", "-c", "echo warm > /tmp/w")
+    assert baked.returncode == 0, baked.stderr
+    assert "warm: full, 256 MiB RAM" in baked.stdout
+    ran = sm("run", "snapshot:warm", "--", "sh", "-c", 'cat /tmp/w; echo "$GREETING in $(pwd) as $(id -u)"')
+    assert (ran.returncode, ran.stdout) == (0, "warm\nhello in /srv as 65534\n"), ran.stderr
+    # The image's Cmd (exit 3) is the default command, and its status is passed on.
+    assert sm("run", "snapshot:warm").returncode == 3
+    listed = sm("snapshots", "--json")
+    assert [(s["name"], s["image"], s["base"]) for s in json.loads(listed.stdout)] == [("warm", ref, None)]
+    again = sm("snapshot", "--name", "warm", ref)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1
+    assert "already holds a snapshot" in again.stderr
+    missing = sm("run", "snapshot:nowhere", "--", "true")
+    assert missing.returncode == 1 and "metadata.json: missing" in missing.stderr

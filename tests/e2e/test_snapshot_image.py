@@ -85,7 +85,7 @@ def test_auto_dedup_off_and_bad_requests(golden: Image, store: Path, monkeypatch
         # The failed attempt left the VM running.
         assert clone.exec(["true"]).returncode == 0
     assert _core.snapshot_info(str(store / "full"))["base"] is None
-    with pytest.raises(SnapshotMetadataError, match="metadata.json: missing"):
+    with pytest.raises(SnapshotMetadataError, match=r"metadata\.json: missing"):
         Image.from_snapshot(store / "nowhere")
     with pytest.raises(InputError, match="cannot set memory_mib"):
         golden.start(memory_mib=1024)

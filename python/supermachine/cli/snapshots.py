@@ -1,18 +1,168 @@
-"""``supermachine dedup``: store snapshot RAM files against their goldens with reflinks."""
+"""Snapshot commands: ``snapshot IMAGE`` bakes one, ``snapshots`` lists a store, ``dedup`` stores
+RAM files against their goldens with reflinks. ``run snapshot:DIR`` (in :mod:`.vm`) restores one."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
 
 from supermachine import ui
+from supermachine.cli.vm import parse_env, vm_options
+from supermachine.errors import CommandFailedError, InputError, SnapshotError
 from supermachine.snapshots import dedup as dedup_mod
-from supermachine.snapshots import store_dir
+from supermachine.snapshots import golden, metadata, store_dir
 from supermachine.units import human_bytes, percent
+
+
+def _default_name(image: str) -> str:
+    """``<last path part of the reference>-<UTC time>``, safe as a directory name."""
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", image.rstrip("/").rsplit("/", 1)[-1]).strip("-.") or "snapshot"
+    return f"{tail}-{datetime.datetime.now(datetime.UTC).strftime('%Y%m%dT%H%M%S.%fZ')}"
+
+
+@click.command("snapshot", context_settings={"allow_interspersed_args": False})
+@vm_options
+@click.option("--name", help="Directory name in the store [default: IMAGE's name and the time].")
+@click.option(
+    "--output", type=click.Path(path_type=Path, file_okay=False), help="Write here instead of the store."
+)
+@click.option(
+    "--base",
+    default="auto",
+    show_default=True,
+    metavar="auto|none|DIR",
+    help="Store as a diff against the golden sibling (auto), in full (none), or against DIR.",
+)
+@click.option("--insecure/--secure", default=None, help="Plain HTTP (default: only for loopback registries).")
+@click.argument("image")
+@click.argument("warm", nargs=-1)
+def snapshot_cmd(
+    image: str,
+    warm: tuple[str, ...],
+    name: str | None,
+    output: Path | None,
+    base: str,
+    insecure: bool | None,
+    memory_mib: int,
+    vcpus: int,
+    env_pairs: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+    timeout: float | None,
+    kernel: Path | None,
+    show_console: bool,
+) -> None:
+    """Boot IMAGE, run the WARM command in it (if given; it must succeed), and snapshot the VM.
+
+    `supermachine run snapshot:DIR -- CMD` (or `Image.from_snapshot(DIR)`) then starts from that
+    point in milliseconds. In the store, the snapshot is kept as a diff against its golden (the
+    newest full snapshot of the same image and memory size) unless --base none or
+    SUPERMACHINE_AUTO_DEDUP=0.
+    """
+    from supermachine.image import Image
+    from supermachine.oci.progress import RichProgress
+    from supermachine.vm import VmConfig
+
+    if warm[:1] == ("--",):
+        warm = warm[1:]
+    target = output if output is not None else store_dir() / (name or _default_name(image))
+    if output is not None and name is not None:
+        raise click.BadParameter("give --name or --output, not both")
+    if (target / metadata.METADATA_FILE).exists():
+        raise InputError(f"{target} already holds a snapshot")
+    base_choice: str | None = None if base == "none" else base
+    with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
+        img = Image.from_oci(image, insecure=insecure, progress=progress)
+    config = VmConfig(
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        kernel=kernel,
+        env=parse_env(env_pairs),
+        workdir=workdir,
+        user=user,
+    )
+    status = ui.stderr.status("booting the microVM", spinner="dots")
+    with status if ui.stderr.is_terminal else nullcontext():
+        vm = img.start(config)
+    with vm:
+        if warm:
+            result = vm.exec(list(warm), timeout=timeout)
+            sys.stdout.buffer.write(result.stdout)
+            sys.stderr.buffer.write(result.stderr)
+            if result.returncode != 0:
+                raise CommandFailedError(
+                    f"the warm-up command failed with exit status {result.returncode}; no snapshot taken"
+                )
+        if show_console:
+            ui.stderr.print(vm.console_log, markup=False, highlight=False)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        baked = vm.snapshot(target, base=base_choice, stop=True)
+    took = time.monotonic() - started
+    meta = baked.snapshot_meta
+    assert meta is not None
+    kind = "full" if meta.base is None else f"diff against {meta.base}"
+    ui.stdout.print(
+        f"{target}: {kind}, {memory_mib} MiB RAM, {human_bytes(_allocated(target))} on disk, {took:.2f} s"
+    )
+
+
+def _allocated(directory: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in directory.iterdir() if p.is_file())
+
+
+@click.command("snapshots")
+@click.argument("store", required=False, type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+def snapshots_cmd(store: Path | None, as_json: bool) -> None:
+    """List the snapshots in STORE (default: supermachine's snapshot store), oldest first."""
+    directory = store if store is not None else store_dir()
+    if not directory.is_dir():
+        if store is not None:
+            raise SnapshotError(f"{directory}: no such snapshot store")
+        found: list[golden.Snapshot] = []
+        problems: list[str] = []
+    else:
+        found, problems = golden.list_snapshots(directory)
+    for line in problems:
+        ui.warn(line)
+    rows: list[dict[str, Any]] = [
+        {
+            "name": s.name,
+            "image": s.meta.image.ref,
+            "memory_mib": s.meta.memory_mib,
+            "base": s.meta.base,
+            "created": s.meta.created,
+            "allocated_bytes": _allocated(s.path),
+        }
+        for s in found
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"snapshots in {directory}", title_justify="left")
+    for col in ("name", "image", "RAM", "base", "created", "on disk"):
+        table.add_column(col, justify="right" if col in ("RAM", "on disk") else "left")
+    for r in rows:
+        created = datetime.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(
+            r["name"],
+            r["image"],
+            f"{r['memory_mib']} MiB",
+            r["base"] or "(full)",
+            created,
+            human_bytes(r["allocated_bytes"]),
+        )
+    ui.stdout.print(table)
 
 
 @click.command("dedup")
@@ -67,6 +217,8 @@ def _print_report(report: dedup_mod.StoreReport) -> None:
 
 
 def register(group: click.Group) -> None:
+    group.add_command(snapshot_cmd)
+    group.add_command(snapshots_cmd)
     group.add_command(dedup_cmd)
 
 

@@ -33,14 +33,21 @@ def exit_status(status: int | None, signal: int | None, timed_out: bool) -> int:
     return status or 0
 
 
-def _run_streaming(config: object, argv: list[str], timeout: float | None, show_console: bool) -> int:
-    """Boots a VM from ``config``, runs ``argv`` streaming its output, returns the exit status."""
+def _run_streaming(
+    config: object, argv: list[str], timeout: float | None, show_console: bool, snapshot: Path | None = None
+) -> int:
+    """Boots a VM from ``config`` (or restores ``snapshot``), runs ``argv`` streaming its output,
+    returns the exit status."""
     from supermachine.vm import Vm, VmConfig
 
     assert isinstance(config, VmConfig)
-    status = ui.stderr.status("booting the microVM", spinner="dots")
+    doing = "booting the microVM" if snapshot is None else "restoring the microVM"
+    status = ui.stderr.status(doing, spinner="dots")
     with status if ui.stderr.is_terminal else nullcontext():
-        vm = Vm.start(config)
+        if snapshot is None:
+            vm = Vm.start(config)
+        else:
+            vm = Vm.restore(snapshot, env=config.env or None, workdir=config.workdir, user=config.user)
     with vm:
         process = vm.spawn(argv, timeout=timeout)
         for event in process:
@@ -113,6 +120,8 @@ def run(
     WorkingDir and User; output is streamed and the exit status passed on.
 
     IMAGE is a registry reference, oci:DIR[:TAG] or docker-archive:FILE; it is pulled if needed.
+    snapshot:DIR restores a snapshot made by `supermachine snapshot` (or `vm.snapshot`) instead
+    of booting; a bare name there is looked up in the snapshot store.
     Put COMMAND after `--` when it has options of its own.
     """
     from supermachine.image import Image, PullPolicy
@@ -122,6 +131,9 @@ def run(
     if command[:1] == ("--",):  # options stop at IMAGE, so click keeps a `--` that follows it
         command = command[1:]
     env = parse_env(env_pairs)
+    if image.startswith("snapshot:"):
+        where = image.removeprefix("snapshot:")
+        sys.exit(_run_snapshot(where, command, env, workdir, user, timeout, show_console))
     policy: PullPolicy = "always" if pull == "always" else "never" if pull == "never" else "missing"
     with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
         img = Image.from_oci(image, platform=platform, insecure=insecure, pull=policy, progress=progress)
@@ -130,6 +142,28 @@ def run(
         VmConfig(memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, env=env, workdir=workdir, user=user)
     )
     sys.exit(_run_streaming(config, argv, timeout, show_console))
+
+
+def _run_snapshot(
+    where: str,
+    command: tuple[str, ...],
+    env: dict[str, str],
+    workdir: str | None,
+    user: str | None,
+    timeout: float | None,
+    show_console: bool,
+) -> int:
+    from supermachine.image import Image
+    from supermachine.snapshots import store_dir
+    from supermachine.vm import VmConfig
+
+    directory = Path(where)
+    if "/" not in where and not directory.exists():
+        directory = store_dir() / where
+    img = Image.from_snapshot(directory)
+    argv = img.argv(command or None)
+    config = img.vm_config(VmConfig(env=env, workdir=workdir, user=user))
+    return _run_streaming(config, argv, timeout, show_console, snapshot=directory)
 
 
 @click.command()
