@@ -93,5 +93,9 @@ log "running demo/app:v1 in a microVM (the first boot also builds the guest kern
 supermachine run "127.0.0.1:$port/demo/app:v1" -- sh -c \
   'echo "hello from $(uname -n), Linux $(uname -r)"; echo "$(find /usr/lib -type f | wc -l) files under /usr/lib"'
 
+log "baking a snapshot of demo/app:v1 after a warm-up command, then restoring it instead of booting"
+supermachine snapshot --name app-warm --memory 256 "127.0.0.1:$port/demo/app:v1" -- sh -c 'echo warmed > /tmp/state'
+supermachine run snapshot:app-warm -- sh -c 'echo "restored: $(cat /tmp/state)"'
+supermachine snapshots
 log "sub-layer redundancy of the layer cache"
 supermachine probe chunk-dedup
