@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: build two releases of a small image with real OCI tools, serve them from a
 # registry on loopback, pull both with supermachine into its content-addressed layer cache, run
-# one in a KVM microVM, and measure how much of the layers is redundant below the layer level.
+# one in a KVM microVM, bake a warm snapshot of it and run from that, and measure how much of the
+# layers is redundant below the layer level.
 #
 # Everything is local: the registry listens on 127.0.0.1 only, and the image cache is .demo/cache
 # (set SUPERMACHINE_CACHE_DIR to use another one); the guest kernel and agent, which are slow to
@@ -94,8 +95,11 @@ supermachine run "127.0.0.1:$port/demo/app:v1" -- sh -c \
   'echo "hello from $(uname -n), Linux $(uname -r)"; echo "$(find /usr/lib -type f | wc -l) files under /usr/lib"'
 
 log "baking a snapshot of demo/app:v1 after a warm-up command, then restoring it instead of booting"
-supermachine snapshot --name app-warm --memory 256 "127.0.0.1:$port/demo/app:v1" -- sh -c 'echo warmed > /tmp/state'
-supermachine run snapshot:app-warm -- sh -c 'echo "restored: $(cat /tmp/state)"'
+# A new name per run: from the second run on, the new snapshot is stored as a diff against the
+# first (its golden), which `supermachine snapshots` shows.
+snap=app-warm-$(date +%Y%m%d-%H%M%S)
+supermachine snapshot --name "$snap" --memory 256 "127.0.0.1:$port/demo/app:v1" -- sh -c 'echo warmed > /tmp/state'
+supermachine run "snapshot:$snap" -- sh -c 'echo "restored: $(cat /tmp/state)"'
 supermachine snapshots
 log "sub-layer redundancy of the layer cache"
 supermachine probe chunk-dedup
