@@ -241,3 +241,19 @@ def test_vsock_socket_is_removed_on_stop(vsock_vm: tuple[Any, Driver, Path]) -> 
     assert path.exists()
     vm.stop()
     assert not path.exists()
+
+
+def test_a_socket_another_vm_listens_on_is_not_taken(
+    vsock_vm: tuple[Any, Driver, Path], start_vm: Callable[..., Any]
+) -> None:
+    vm, _drv, path = vsock_vm
+    with pytest.raises(OSError, match=r"vsock socket .* is in use \(by another VM\?\)"):
+        start_vm(g.VIRTIO_DOORBELL, vsock_path=str(path))
+    assert path.exists() and vm.outcome is None  # the first VM keeps its socket
+    vm.stop()
+    # A stale socket file (nobody listening) is replaced.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    other = start_vm(g.VIRTIO_DOORBELL, vsock_path=str(path))
+    assert other.vsock_path == str(path)

@@ -64,6 +64,8 @@ pub enum VsockError {
     Listen { path: String, msg: String },
     #[error("cannot start the vsock worker: {0}")]
     Worker(String),
+    #[error("vsock socket {path} is in use (by another VM?); choose another path")]
+    InUse { path: String },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -146,7 +148,8 @@ pub struct Vsock {
 }
 
 impl Vsock {
-    /// Listens on `path` (replacing a stale socket file) and starts the worker.
+    /// Listens on `path` (replacing a stale socket file, but never one something still listens
+    /// on, such as another VM) and starts the worker.
     pub fn new(path: &Path) -> Result<Box<Self>, VsockError> {
         let listen_err = |e: std::io::Error| VsockError::Listen {
             path: path.display().to_string(),
@@ -155,6 +158,11 @@ impl Vsock {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if meta.file_type().is_socket() {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(VsockError::InUse {
+                        path: path.display().to_string(),
+                    });
+                }
                 let _ = std::fs::remove_file(path);
             }
         }
