@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 from supermachine.cli import images as images_cli
 from supermachine.errors import ImageNotFoundError
 from supermachine.oci import ImageStore, build_squashfs, load_image, pull
+from supermachine.snapshots import metadata
 
 
 @pytest.fixture
@@ -113,3 +115,30 @@ def test_console_errors_are_one_line(store: ImageStore, registry: Registry) -> N
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: manifest for ")
+
+
+def test_rmi_keeps_a_rootfs_a_snapshot_boots_from(store: ImageStore, busybox_pushed: str) -> None:
+    image = pull(busybox_pushed)
+    squashfs = build_squashfs(image)
+    # A snapshot in the store beside the cache that was baked on this root filesystem.
+    snap = store.root / "snapshots" / "warm"
+    snap.mkdir(parents=True)
+    (snap / metadata.MEMORY_FILE).write_bytes(bytes(4096))
+    ident = metadata.FileIdentity("/boot/vmlinux", "sha256:" + "0" * 64)
+    metadata.save(
+        snap,
+        metadata.SnapshotMetadata(
+            image=metadata.ImageIdentity(image.ref, image.config_digest),
+            memory_mib=256,
+            vcpus=1,
+            kernel=ident,
+            agent=ident,
+            ram_size=4096,
+            ram_blake3=metadata.blake3_file(snap / metadata.MEMORY_FILE),
+            run=metadata.RunDefaults(rootfs=str(squashfs)),
+        ),
+    )
+    result = store.remove(image.ref)[1]
+    assert squashfs.exists() and result.rootfs_images == 0
+    shutil.rmtree(snap)
+    assert store.prune().rootfs_images == 1 and not squashfs.exists()

@@ -378,9 +378,26 @@ class ImageStore:
     def rootfs_path(self, config_digest: str) -> Path:
         return self.rootfs_dir / f"{hex_of(config_digest)}.squashfs"
 
+    def _rootfs_used_by_snapshots(self) -> set[str]:
+        """Names of built root filesystems that snapshots in the store beside this cache boot from:
+        a snapshot outlives the image it was baked from, and restoring it needs the same disk."""
+        from supermachine.snapshots import golden
+
+        store = self.root / "snapshots"
+        if not store.is_dir():
+            return set()
+        found, _problems = golden.list_snapshots(store)
+        used = set()
+        for snap in found:
+            rootfs = snap.meta.run.rootfs if snap.meta.run is not None else None
+            if rootfs is not None and Path(rootfs).parent == self.rootfs_dir:
+                used.add(Path(rootfs).name)
+        return used
+
     # ---- garbage collection --------------------------------------------------------------------
     def prune(self) -> PruneResult:
-        """Delete blobs and root filesystems no stored image refers to, and stale temporary files."""
+        """Delete blobs and root filesystems no stored image or snapshot refers to, and stale
+        temporary files."""
         with self.exclusive():
             return self._prune_locked()
 
@@ -388,6 +405,7 @@ class ImageStore:
         images = self._read_index().values()
         keep_blobs = set().union(*(r.blobs() for r in images)) if images else set()
         keep_rootfs = {f"{hex_of(r.config_digest)}.squashfs" for r in images}
+        keep_rootfs |= self._rootfs_used_by_snapshots()
         freed = removed_blobs = removed_rootfs = 0
         if self.blobs.dir.is_dir():
             for entry in os.scandir(self.blobs.dir):
