@@ -165,6 +165,9 @@ class Vm:
         """The snapshot this VM was restored from (``None`` after a boot)."""
         self.restore_seconds: float | None = None
         """Seconds from the restore call until the agent answered (``None`` after a boot)."""
+        self.refreshed: agent.SyncResult | None = None
+        """What the agent did about the guest clock and entropy after the restore (``None`` after
+        a boot, or when the snapshot's agent is too old to be asked)."""
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -364,13 +367,13 @@ class Vm:
                 with agent.connect_vsock_uds(self._vsock, timeout=min(remaining, 2.0)) as client:
                     client.ping()
                     if refresh:
-                        self._refresh(client)
+                        self.refreshed = self._refresh(client)
                 return
             except AgentUnreachable:
                 continue
 
     @staticmethod
-    def _refresh(client: agent.AgentClient) -> None:
+    def _refresh(client: agent.AgentClient) -> agent.SyncResult | None:
         """After a restore: the guest clock stood still while the snapshot was on disk, and every
         clone starts with the same random state; the agent sets the time and reseeds the guest RNG.
         """
@@ -379,9 +382,10 @@ class Vm:
         except ProtocolError:
             # Agents older than the sync request close the connection; the VM still works.
             log.warning("the snapshot's agent cannot refresh the guest clock and entropy (too old)")
-            return
+            return None
         if not result.clock_set:
             log.warning("the guest agent did not set the guest clock after the restore")
+        return result
 
     def _raise_if_ended(self, when: str) -> None:
         outcome = self.outcome

@@ -46,12 +46,16 @@ def test_a_snapshot_image_restores_with_its_state(golden: Image, store: Path) ->
         assert clone.exec(["sh", "-c", "pwd"]).stdout == b"/\n"
 
 
-def test_restored_clocks_are_current_and_clones_do_not_share_random_state(golden: Image) -> None:
+def test_restored_clocks_are_current_and_clones_get_fresh_entropy(golden: Image) -> None:
     time.sleep(3)  # the snapshot's clock stood still meanwhile
     with golden.start() as a, golden.start() as b:
         host = time.time()
         guest = float(a.exec(["date", "+%s"]).stdout)
         assert abs(guest - host) < 2.5, f"guest clock {guest} vs host {host}"
+        # Each clone's agent credited fresh host entropy and reseeded the guest RNG.
+        for clone in (a, b):
+            assert clone.refreshed is not None
+            assert clone.refreshed.clock_set and clone.refreshed.entropy_added == 64
         read = ["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1"]
         assert a.exec(read).stdout != b.exec(read).stdout
 
