@@ -70,6 +70,8 @@ pub fn serve(sock: OwnedFd, ctx: &'static Context) {
     if let Err(End::Fatal(message)) = run(&mut conn, ctx) {
         let _ = proto::send_error(conn.fd(), "protocol", None, &message, true);
         // Let the error frame reach the peer before the socket is torn down.
+        // SAFETY: shutdown takes only integers and touches no memory of ours; `conn.sock` owns the
+        // descriptor and stays open until `conn` is dropped after this call.
         unsafe { libc::shutdown(conn.fd(), libc::SHUT_WR) };
     }
 }

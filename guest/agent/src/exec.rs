@@ -53,6 +53,7 @@ fn prepare(fields: &Fields<'_>) -> Result<(Spec, bool, Option<Duration>), String
         None => {
             let home: &[u8] = match &identity {
                 Some(id) => &id.home,
+                // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
                 None if unsafe { libc::geteuid() } == 0 => b"/root",
                 None => b"/",
             };
@@ -302,7 +303,9 @@ impl Running {
         chunk.clear();
         chunk.reserve(HEADER + CHUNK);
         chunk.extend_from_slice(&[0u8; HEADER]);
-        // SAFETY: the reservation leaves at least CHUNK bytes of spare capacity after the header.
+        // SAFETY: after `clear`, `reserve(HEADER + CHUNK)` and the HEADER-byte extend, the vector
+        // has length HEADER and at least CHUNK bytes of spare capacity from `as_mut_ptr() + HEADER`,
+        // so the kernel may write up to CHUNK bytes there. `chunk` is a local the call borrows.
         let ret =
             unsafe { libc::read(fd.as_raw_fd(), chunk.as_mut_ptr().add(HEADER).cast(), CHUNK) };
         let more = if ret < 0 {
@@ -311,6 +314,8 @@ impl Running {
         } else if ret == 0 {
             false
         } else {
+            // SAFETY: 0 < ret <= CHUNK, so `HEADER + ret` is within the capacity reserved above,
+            // and read initialised exactly those `ret` bytes after the header.
             unsafe { chunk.set_len(HEADER + ret as usize) };
             if self.connected && proto::send_prefixed(conn.fd(), frame_kind, &mut chunk).is_err() {
                 self.disconnect();

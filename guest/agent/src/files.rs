@@ -77,13 +77,17 @@ impl Temp {
         let fd = file.as_raw_fd();
         if uid.is_some() || gid.is_some() {
             let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+            // SAFETY: fchown takes only integers; `fd` belongs to `file`, which stays open until
+            // the `drop(file)` below.
             sys::cvt(unsafe { libc::fchown(fd, u, g) })?;
         }
         // After chown, which may clear set-id bits; explicit, so the umask does not apply.
+        // SAFETY: fchmod takes only integers; `fd` still belongs to the open `file`.
         sys::cvt(unsafe { libc::fchmod(fd, mode & 0o7777) })?;
         drop(file);
         let target = std::ffi::CString::new(target)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: both arguments are NUL-terminated CStrings that outlive the call.
         sys::cvt(unsafe { libc::rename(self.path.as_ptr(), target.as_ptr()) })?;
         self.path = std::ffi::CString::default();
         Ok(())
@@ -93,6 +97,7 @@ impl Temp {
 impl Drop for Temp {
     fn drop(&mut self) {
         if !self.path.as_bytes().is_empty() {
+            // SAFETY: `self.path` is a NUL-terminated CString that outlives the call.
             unsafe { libc::unlink(self.path.as_ptr()) };
         }
     }
@@ -191,6 +196,9 @@ pub fn read(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
         chunk.clear();
         chunk.reserve(HEADER + CHUNK);
         chunk.extend_from_slice(&[0u8; HEADER]);
+        // SAFETY: after `clear`, `reserve(HEADER + CHUNK)` and the HEADER-byte extend, the vector
+        // has length HEADER and at least CHUNK bytes of spare capacity from `as_mut_ptr() + HEADER`,
+        // so the kernel may write up to CHUNK bytes there.
         let ret = unsafe {
             libc::read(
                 file.as_raw_fd(),
@@ -208,6 +216,8 @@ pub fn read(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
         if ret == 0 {
             break Ok(());
         }
+        // SAFETY: 0 < ret <= CHUNK, so `HEADER + ret` is within the capacity reserved above, and
+        // read initialised exactly those `ret` bytes after the header.
         unsafe { chunk.set_len(HEADER + ret as usize) };
         size += ret as u64;
         if proto::send_prefixed(conn.fd(), kind::DATA, &mut chunk).is_err() {

@@ -48,6 +48,8 @@ fn mount_raw(
     let (source, target) = (c(source), c(target));
     let fstype = fstype.map(c);
     let data = data.map(c);
+    // SAFETY: source and target are NUL-terminated CStrings, fstype and data are either such
+    // CStrings or null (which mount accepts for both); all outlive the call.
     let ret = unsafe {
         libc::mount(
             source.as_ptr(),
@@ -63,6 +65,7 @@ fn mount_raw(
 
 fn mkdir(path: &str, mode: libc::mode_t) -> io::Result<()> {
     let p = c(path);
+    // SAFETY: `p` is a NUL-terminated CString that outlives the call.
     match sys::cvt(unsafe { libc::mkdir(p.as_ptr(), mode) }) {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
         other => other.map(|_| ()),
@@ -94,14 +97,22 @@ fn mount(
 
 fn ensure_stdio() {
     for fd in 0..3 {
+        // SAFETY: F_GETFD takes no argument and only inspects the descriptor table; on a closed
+        // descriptor it fails with EBADF.
         if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
             let console = c("/dev/console");
+            // SAFETY: `console` is a NUL-terminated CString that outlives the call; without
+            // O_CREAT no mode argument is read.
             let mut opened = unsafe { libc::open(console.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) };
             if opened < 0 {
                 let null = c("/dev/null");
+                // SAFETY: as above, a live CString and no O_CREAT.
                 opened = unsafe { libc::open(null.as_ptr(), libc::O_RDWR) };
             }
             if opened >= 0 && opened != fd {
+                // SAFETY: integers only. `opened` was just opened here and nothing else owns it;
+                // `fd` was found closed, so dup2 replaces no descriptor that any OwnedFd or File
+                // owns. This runs during boot, before any other thread exists.
                 unsafe {
                     libc::dup2(opened, fd);
                     libc::close(opened);
@@ -223,6 +234,8 @@ fn switch_root(cmd: &Cmdline) -> Result<(), String> {
         format!("{what}: {}", sys::errno_text(&e))
     };
     let (root, dot, slash) = (c("/mnt/root"), c("."), c("/"));
+    // SAFETY: every pointer is a NUL-terminated CString that outlives the block, or null where
+    // mount accepts null (no file system type or data for MS_MOVE).
     unsafe {
         if libc::chdir(root.as_ptr()) != 0 {
             return Err(fail("chdir /mnt/root"));
@@ -248,6 +261,10 @@ fn switch_root(cmd: &Cmdline) -> Result<(), String> {
 }
 
 fn loopback_up() {
+    // SAFETY: `sock` is a raw descriptor created and closed here and owned by nothing else.
+    // `ifreq` is a plain C struct (a name array and a union of integers, sockaddrs and a raw
+    // pointer), for which all zeroes is valid; the name "lo" is copied in and stays NUL-terminated by the
+    // zeroes after it. SIOCSIFFLAGS reads one ifreq from `&req`, which outlives the call.
     unsafe {
         let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if sock < 0 {
@@ -277,6 +294,8 @@ pub fn boot() -> Result<String, String> {
         switch_root(&cmd)?;
         format!("root: {} ({}) + tmpfs overlay", cmd.root, cmd.fstype)
     };
+    // SAFETY: sethostname reads exactly `len` bytes from the string's buffer (no NUL needed); the
+    // kernel rejects lengths above its limit with EINVAL.
     unsafe { libc::sethostname(cmd.hostname.as_ptr().cast(), cmd.hostname.len()) };
     loopback_up();
     Ok(root)

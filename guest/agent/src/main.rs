@@ -4,6 +4,9 @@
 //! protocol (PROTOCOL.md) on vsock port 1024. As an ordinary process
 //! (`supermachine-agent --listen unix:PATH`) it only serves the protocol, for tests.
 
+// Every unsafe block says why it is sound, and unsafe functions spell out their unsafe operations.
+#![warn(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
+
 mod conn;
 mod exec;
 mod files;
@@ -92,6 +95,10 @@ fn parse_args(pid1: bool) -> Result<Listen, String> {
 }
 
 fn listen_vsock(port: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: socket's result is checked before it is wrapped, so `sock` owns a new descriptor
+    // nothing else owns (and closes it on the error returns; `fd` is only used while `sock`
+    // lives). sockaddr_vm is a plain C struct of integers, for which all zeroes is valid; bind
+    // reads exactly `len` = its size bytes from `addr`, a live local.
     unsafe {
         let fd = sys::cvt(libc::socket(
             libc::AF_VSOCK,
@@ -124,6 +131,8 @@ fn listen_unix(path: &PathBuf) -> std::io::Result<OwnedFd> {
 
 fn serve(listener: OwnedFd, ctx: &'static Context) -> ! {
     loop {
+        // SAFETY: null address and length pointers are allowed (the peer address is not wanted);
+        // `listener` is borrowed, so it stays open for the call.
         let fd = unsafe {
             libc::accept4(
                 listener.as_raw_fd(),
@@ -143,6 +152,7 @@ fn serve(listener: OwnedFd, ctx: &'static Context) -> ! {
             }
             continue;
         }
+        // SAFETY: accept4 succeeded (fd >= 0), so `fd` is a new descriptor that nothing else owns.
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
         // A thread that cannot be started drops (closes) its connection; the agent carries on.
         let _ = std::thread::Builder::new()
@@ -172,6 +182,7 @@ fn main() {
         }
     } else {
         // Orphans of the processes we start come back to us, as they would to PID 1, and are reaped.
+        // SAFETY: PR_SET_CHILD_SUBREAPER takes integer arguments only; no memory is involved.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     }
     let devnull = sys::open(

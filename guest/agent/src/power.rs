@@ -18,6 +18,8 @@ pub fn console(line: &str) {
 /// forever, so power-off falls back to a reset: supermachine's VMM (and QEMU with `-no-reboot`)
 /// treats the reset of a kernel booted with `reboot=k` as the end of the VM.
 fn stop_machine(action: Action) -> ! {
+    // SAFETY: sync, reboot and pause take only integers (or nothing) and have no memory-safety
+    // preconditions; reboot either ends the machine or fails with an errno.
     unsafe {
         libc::sync();
         if matches!(action, Action::PowerOff) && std::path::Path::new("/sys/firmware/acpi").exists()

@@ -21,6 +21,8 @@ pub fn get() -> &'static Reaper {
 }
 
 fn sigchld_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is a plain bit array, for which all zeroes is a valid value;
+    // sigemptyset and sigaddset only write to the local `set` they are given.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -32,6 +34,7 @@ fn sigchld_set() -> libc::sigset_t {
 /// Blocks SIGCHLD in the calling thread; call from `main` before any other thread starts.
 pub fn block_sigchld() {
     let set = sigchld_set();
+    // SAFETY: `set` is a valid sigset_t borrowed for the call; a null old-set pointer is allowed.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
@@ -63,10 +66,14 @@ impl Reaper {
     fn run(&self) -> ! {
         let set = sigchld_set();
         loop {
+            // SAFETY: siginfo_t is a plain C struct of integers (and a union of them), for which
+            // all zeroes is a valid value.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `set` and `info` are valid locals; the kernel writes one siginfo_t to `info`.
             unsafe { libc::sigwaitinfo(&set, &mut info) };
             loop {
                 let mut status: libc::c_int = 0;
+                // SAFETY: waitpid writes one int to `status`, a valid local.
                 let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
                 if pid <= 0 {
                     if pid < 0

@@ -64,17 +64,41 @@ struct Shared {
     failed_candidate: usize,
 }
 
+/// One system call with up to four arguments, `Err(errno)` on failure. It takes no locks and
+/// allocates nothing, so the child below may use it while it shares the parent's memory.
+///
+/// # Safety
+///
+/// The arguments must be valid for system call `n`: every pointer among them must point to live
+/// memory of the size and layout that call reads or writes, and the call must not invalidate
+/// anything Rust code relies on (for example close a descriptor that an `OwnedFd` owns).
 unsafe fn raw(n: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> Result<(), i32> {
-    let ret = libc::syscall(n, a, b, c, d);
-    if ret < 0 {
-        Err(*libc::__errno_location())
-    } else {
-        Ok(())
+    // SAFETY: the caller guarantees the arguments suit system call `n`; `__errno_location` returns
+    // the calling thread's errno, which is valid to read.
+    unsafe {
+        let ret = libc::syscall(n, a, b, c, d);
+        if ret < 0 {
+            Err(*libc::__errno_location())
+        } else {
+            Ok(())
+        }
     }
 }
 
 /// Runs in the child, on its own stack, sharing the parent's memory. Raw system calls only.
 extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: only the `clone` in `spawn` runs this function, with `arg` pointing to that call's
+    // `Shared`. CLONE_VFORK suspends the calling thread until this child has called execve or
+    // exited, so `Shared`, the stack buffer this runs on (which `spawn` borrows exclusively) and
+    // everything `Shared` points to (the NUL-terminated candidate, argv, envp and cwd strings,
+    // the null-terminated pointer arrays and the group list, owned by `spawn`'s frame and its
+    // `Spec`) stay alive, and the `&mut Shared` aliases nothing in use meanwhile. The other threads
+    // keep running in this same memory, so the child touches nothing else: raw system calls only
+    // (no allocator, locks or stdio), and `candidates` is indexed below `ncandidates`. The
+    // sigaction and sigset buffers are locals of the kernel's sizes (32 and 8 bytes on x86_64).
+    // The errno that `raw` writes and reads is the suspended thread's thread-local (the child
+    // keeps its thread pointer), which no running thread uses. All signals stay blocked until
+    // the mask is cleared just before execve, so no handler runs on this stack before that.
     unsafe {
         let s = &mut *(arg as *mut Shared);
         let fail = |s: &mut Shared, stage: Stage, errno: i32| -> libc::c_int {
@@ -236,6 +260,15 @@ pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd),
     let top = ((stack.as_mut_ptr() as usize + stack.len()) & !15) as *mut libc::c_void;
 
     let mut pidfd: libc::c_int = -1;
+    // SAFETY: the sigsets are plain bit arrays (all zeroes is valid) passed as live pointers.
+    // For clone: `child` is the entry point written for it (see its comment); `top` is the
+    // 16-byte aligned end of `stack`'s STACK bytes, memory that `spawn` borrows exclusively; `arg`
+    // is `shared`, whose pointers refer to `candidates`, `argv`, `envp` and `spec`, all alive
+    // until `spawn` returns; with CLONE_VFORK this thread, and so this frame, stays suspended
+    // until the child has called execve or exited. CLONE_PIDFD stores the new pidfd in `pidfd`,
+    // a live local. Every signal is blocked across the clone so that no handler can run on the
+    // child's stack while it shares our memory; the previous mask is restored afterwards. errno
+    // is read right after the failed clone, on this thread.
     let (pid, clone_errno) = unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
@@ -269,7 +302,12 @@ pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd),
             path: None,
         });
     }
+    // SAFETY: clone succeeded with CLONE_PIDFD, so the kernel stored a new (close-on-exec)
+    // descriptor in `pidfd` that nothing else owns.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: `&shared.stage` is a valid, aligned, initialised i32. The child wrote it (if at all)
+    // through the pointer passed to clone before it exited or called execve, which CLONE_VFORK
+    // waited for, so the read does not race with the write.
     let stage = unsafe { std::ptr::read_volatile(&shared.stage) };
     if stage != 0 {
         // The child has exited; collect it.

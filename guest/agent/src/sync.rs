@@ -45,9 +45,13 @@ fn add_entropy(data: &[u8]) -> io::Result<()> {
     let urandom = std::ffi::CString::new("/dev/urandom").expect("literal");
     let file = sys::open(&urandom, libc::O_WRONLY, 0)?;
     let info = pool_info(data);
+    // SAFETY: RNDADDENTROPY reads a `struct rand_pool_info`: two ints, then `buf_size` bytes.
+    // `pool_info` sets `buf_size` to `data.len()` and allocates 2 + ceil(len / 4) u32 words, so the
+    // kernel reads only inside `info`, which outlives the call. Nothing is written back.
     sys::cvt(unsafe { libc::ioctl(file.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) })?;
     // Crediting alone leaves the CRNG on its old key until its next scheduled reseed; clones of a
     // snapshot would hand out the same random bytes until then.
+    // SAFETY: RNDRESEEDCRNG takes no argument, so the kernel touches no memory of ours.
     match sys::cvt(unsafe { libc::ioctl(file.as_raw_fd(), RNDRESEEDCRNG) }) {
         // ENOTTY/EINVAL: a kernel before 4.17 without the ioctl. ENODATA: the CRNG is not seeded
         // yet; it seeds itself from the pool, entropy included, once it is.
@@ -72,6 +76,7 @@ fn timespec(ns: u64) -> libc::timespec {
 
 fn set_clock(ns: u64) -> io::Result<()> {
     let ts = timespec(ns);
+    // SAFETY: clock_settime only reads the timespec `ts`, a live local.
     sys::cvt(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(|_| ())
 }
 

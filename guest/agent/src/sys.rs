@@ -39,11 +39,16 @@ pub fn read_spare(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
     let len = buf.len();
     let spare = buf.capacity() - len;
     loop {
+        // SAFETY: `buf.as_mut_ptr().add(len)` stays inside (or one past the end of) `buf`'s
+        // allocation, and the `spare` bytes from there are allocated and unused, so the kernel may
+        // write up to `spare` bytes into them. `buf` is exclusively borrowed for the call.
         let ret = unsafe { libc::read(fd, buf.as_mut_ptr().add(len).cast(), spare) };
         match cvt_size(ret) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
             Ok(n) => {
+                // SAFETY: read returned n <= spare, so `len + n` is within the capacity and the
+                // kernel has initialised the n bytes after the old length.
                 unsafe { buf.set_len(len + n) };
                 return Ok(n);
             }
@@ -53,6 +58,7 @@ pub fn read_spare(fd: RawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
 
 pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {
+        // SAFETY: the kernel reads at most `buf.len()` bytes from `buf`, a live borrowed slice.
         let ret = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
         match cvt_size(ret) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -85,6 +91,8 @@ pub fn write_all2(fd: RawFd, mut first: &[u8], mut second: &[u8]) -> io::Result<
                 iov_len: second.len(),
             },
         ];
+        // SAFETY: `iov` holds exactly 2 entries, each describing a live borrowed slice by its own
+        // pointer and length; writev only reads them (the `*mut` casts are for the C type).
         let ret = unsafe { libc::writev(fd, iov.as_ptr(), 2) };
         let n = match cvt_size(ret) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -105,22 +113,30 @@ pub fn write_all2(fd: RawFd, mut first: &[u8], mut second: &[u8]) -> io::Result<
 /// A pipe with both ends close-on-exec: (read end, write end).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two ints into `fds`, which has room for exactly two.
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both are new open descriptors that nothing else owns; each is
+    // wrapped once and closed by its OwnedFd.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 pub fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     // Our pipe ends carry no other status flags, so one F_SETFL suffices.
+    // SAFETY: fcntl(F_SETFL) takes an integer argument and touches no memory of ours; `fd` is
+    // borrowed, so the descriptor stays open for the call.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) }).map(|_| ())
 }
 
 pub fn open(path: &CString, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
     loop {
+        // SAFETY: `path` is a NUL-terminated CString borrowed for the call; the mode is passed as
+        // the `unsigned int` the variadic open expects.
         let ret =
             unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
         match cvt(ret) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
+            // SAFETY: open succeeded, so `fd` is a new open descriptor that nothing else owns.
             Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
         }
     }
@@ -128,6 +144,8 @@ pub fn open(path: &CString, flags: libc::c_int, mode: libc::mode_t) -> io::Resul
 
 pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> {
     loop {
+        // SAFETY: poll reads and writes back exactly `fds.len()` pollfd entries of the exclusively
+        // borrowed slice.
         let ret = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         match cvt(ret) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -139,6 +157,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usi
 
 /// Sends `sig` to the process group led by `pgid` (and to `pgid` itself, should it have left it).
 pub fn kill_group(pgid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: kill takes only integers and has no memory-safety preconditions.
     unsafe {
         if libc::kill(-pgid, sig) != 0 {
             libc::kill(pgid, sig);
