@@ -11,9 +11,10 @@ from supermachine.errors import SupermachineError
 
 if TYPE_CHECKING:
     from supermachine.image import Image
+    from supermachine.pool import Pool
     from supermachine.vm import Vm, VmConfig
 
-__all__ = ["Image", "SupermachineError", "Vm", "VmConfig", "__version__"]
+__all__ = ["Image", "Pool", "SupermachineError", "Vm", "VmConfig", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from supermachine.image import Image
 
         return Image
+    if name == "Pool":
+        from supermachine.pool import Pool
+
+        return Pool
     if name in ("Vm", "VmConfig"):
         from supermachine import vm
 

@@ -106,3 +106,7 @@ class SnapshotError(SupermachineError):
 
 class SnapshotMetadataError(SnapshotError):
     """A snapshot's ``metadata.json`` is missing, not valid JSON, of an unknown version or malformed."""
+
+
+class PoolError(SupermachineError):
+    """A warm pool cannot hand out a VM: it is closed, none became free in time, or restores fail."""

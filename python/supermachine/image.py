@@ -29,6 +29,7 @@ from supermachine import oci
 from supermachine.agent import ExecResult
 from supermachine.errors import ImageNotFoundError, InputError, SnapshotError
 from supermachine.oci.progress import ProgressReporter
+from supermachine.pool import Pool
 from supermachine.snapshots import metadata as snapshot_metadata
 from supermachine.snapshots.metadata import ImageIdentity, SnapshotMetadata
 from supermachine.vm import Vm, VmConfig
@@ -152,6 +153,12 @@ class Image:
             image=self.identity,
             run_defaults=(self.config.entrypoint, self.config.cmd),
         )
+
+    def pool(self, min: int = 1, max: int = 4) -> Pool:
+        """A warm pool of VMs restored from this snapshot image: ``min`` kept idle, at most ``max``
+        alive; ``pool.acquire()`` hands one out in milliseconds (see :mod:`supermachine.pool`).
+        Only snapshot images can be pooled."""
+        return Pool(self, min=min, max=max)
 
     def _restore(self, config: VmConfig | None, overrides: dict[str, object]) -> Vm:
         assert self.snapshot is not None
