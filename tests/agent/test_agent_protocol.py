@@ -10,6 +10,7 @@ import os
 import random
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,9 @@ from supermachine.agent import HELLO, MAX_FRAME, AgentClient, _decode
 from supermachine.errors import ProtocolError
 
 
-def _raw(agent: AgentServer) -> socket.socket:
+def _raw(agent: AgentServer, timeout: float = 10) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
+    sock.settimeout(timeout)
     sock.connect(str(agent.socket))
     return sock
 
@@ -174,3 +175,28 @@ def test_abrupt_disconnects(agent: AgentServer) -> None:
         with _raw(agent) as sock:
             sock.sendall(HELLO + os.urandom(3))
     _still_serving(agent)
+
+
+def test_a_connection_without_a_hello_is_closed_after_10_s(agent: AgentServer) -> None:
+    # One client says nothing, the other stops halfway through its hello. The socket timeout makes
+    # the test fail instead of hanging should the agent never close them.
+    with _raw(agent, timeout=20) as silent, _raw(agent, timeout=20) as partial:
+        partial.sendall(HELLO[:4])
+        started = time.monotonic()
+        for sock in (silent, partial):
+            assert _fatal_error(_read_all(sock)) == "no hello within 10 s"
+        elapsed = time.monotonic() - started
+    assert 9 < elapsed < 15, f"closed after {elapsed:.1f} s"
+    _still_serving(agent)
+
+
+def test_the_hello_timeout_ends_with_the_hello(agent: AgentServer) -> None:
+    # A hello after 1 s is in time. After it the connection may idle for longer than the hello timeout
+    # (the agent then blocks reading the next request) and still be served.
+    sock = _raw(agent, timeout=30)
+    time.sleep(1)
+    with AgentClient(sock) as client:
+        time.sleep(11)
+        result = client.exec(["sh", "-c", "sleep 1; echo done"])
+        assert (result.status, result.stdout) == (0, b"done\n")
+        client.ping()

@@ -1,6 +1,7 @@
 //! One client connection: hello, then one request at a time until the client closes.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use crate::proto::{self, kind, Encoder, Fields, Frame, ReadError};
 use crate::{exec, files, power, sync, Context};
@@ -16,7 +17,7 @@ pub enum End {
 impl From<ReadError> for End {
     fn from(e: ReadError) -> Self {
         match e {
-            ReadError::Eof | ReadError::Io => End::Closed,
+            ReadError::Eof | ReadError::Io | ReadError::TimedOut => End::Closed,
             ReadError::Protocol(msg) => End::Fatal(msg),
         }
     }
@@ -59,6 +60,10 @@ pub const PONG_PROTOCOL: u8 = 2;
 pub const PONG_PID: u8 = 3;
 pub const SHUTDOWN_ACTION: u8 = 1;
 
+/// How long a new connection may take to send its hello before the agent closes it, so that clients
+/// which connect and never speak do not hold a thread each forever.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub fn serve(sock: OwnedFd, ctx: &'static Context) {
     let fd = sock.as_raw_fd();
     let mut conn = Conn {
@@ -78,7 +83,15 @@ pub fn serve(sock: OwnedFd, ctx: &'static Context) {
 
 fn run(conn: &mut Conn, ctx: &'static Context) -> Result<(), End> {
     proto::send_hello(conn.fd())?;
-    let hello = conn.reader.read_hello()?;
+    let hello = match conn.reader.read_hello(HELLO_TIMEOUT) {
+        Err(ReadError::TimedOut) => {
+            return Err(End::Fatal(format!(
+                "no hello within {} s",
+                HELLO_TIMEOUT.as_secs()
+            )))
+        }
+        other => other?,
+    };
     if &hello[..4] != proto::MAGIC {
         return Err(End::Fatal(
             "bad hello: this is a supermachine agent (protocol magic SMAG)".into(),

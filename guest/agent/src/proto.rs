@@ -2,6 +2,7 @@
 
 use std::io;
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use crate::sys;
 
@@ -207,6 +208,8 @@ pub enum ReadError {
     Eof,
     /// Reading failed (connection reset and the like).
     Io,
+    /// The hello did not arrive in time.
+    TimedOut,
     /// The peer broke the protocol; the message says how.
     Protocol(String),
 }
@@ -253,9 +256,17 @@ impl Reader {
         Ok(self.fill(want)? > 0)
     }
 
-    /// Reads the peer's 8-byte hello.
-    pub fn read_hello(&mut self) -> Result<[u8; HELLO_LEN], ReadError> {
+    /// Reads the peer's 8-byte hello, waiting at most `timeout` for all of it. The socket's receive
+    /// timeout bounds each read meanwhile and is cleared once the hello is complete, so later reads
+    /// (requests, stdin) wait as long as they need to.
+    pub fn read_hello(&mut self, timeout: Duration) -> Result<[u8; HELLO_LEN], ReadError> {
+        let deadline = Instant::now() + timeout;
         while self.available().len() < HELLO_LEN {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ReadError::TimedOut);
+            }
+            sys::set_recv_timeout(self.fd, Some(left)).map_err(|_| ReadError::Io)?;
             match self.fill(HELLO_LEN) {
                 Ok(0) if self.available().is_empty() => return Err(ReadError::Eof),
                 Ok(0) => {
@@ -264,9 +275,11 @@ impl Reader {
                     ))
                 }
                 Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(ReadError::TimedOut),
                 Err(_) => return Err(ReadError::Io),
             }
         }
+        sys::set_recv_timeout(self.fd, None).map_err(|_| ReadError::Io)?;
         let mut hello = [0u8; HELLO_LEN];
         hello.copy_from_slice(&self.available()[..HELLO_LEN]);
         self.start += HELLO_LEN;

@@ -3,6 +3,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 /// Turns a `-1` return into the current `errno`.
 pub fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -163,4 +164,33 @@ pub fn kill_group(pgid: libc::pid_t, sig: libc::c_int) {
             libc::kill(pgid, sig);
         }
     }
+}
+
+/// Sets (`Some`) or clears (`None`) the socket's receive timeout (SO_RCVTIMEO): a blocking read
+/// that waits longer fails with EAGAIN. A `Some` timeout is at least 1 µs, since 0 means none.
+pub fn set_recv_timeout(fd: RawFd, timeout: Option<Duration>) -> io::Result<()> {
+    let tv = match timeout {
+        None => libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        Some(t) => {
+            let t = t.max(Duration::from_micros(1));
+            libc::timeval {
+                tv_sec: t.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+                tv_usec: t.subsec_micros() as libc::suseconds_t,
+            }
+        }
+    };
+    // SAFETY: the option value is `tv`, a live timeval, and the length passed is exactly its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
 }
