@@ -64,3 +64,35 @@ def test_chunking_many_inputs(benchmark: object, random_256m: bytes, threads: in
     )
     assert len(result) == 8
     throughput(benchmark, len(random_256m))
+
+
+@pytest.mark.benchmark(group="chunking: peers interleaved round by round, one thread")
+def test_chunking_interleaved(benchmark: object, random_256m: bytes) -> None:
+    """Every peer once per round, in rotating order, so a shared machine's slow and fast phases
+    fall on all of them alike (the per-peer tests above run their rounds back to back). The timed
+    unit is one whole round; each peer's min and median go to extra_info, with its median per
+    round relative to supermachine's."""
+    import statistics
+    import time
+
+    names = list(PEERS)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    rounds = 0
+
+    def one_round() -> None:
+        nonlocal rounds
+        order = names[rounds % len(names) :] + names[: rounds % len(names)]
+        rounds += 1
+        for name in order:
+            started = time.perf_counter()
+            PEERS[name](random_256m)
+            times[name].append(time.perf_counter() - started)
+
+    benchmark.pedantic(one_round, rounds=11, warmup_rounds=1)  # type: ignore[attr-defined]
+    ours = times["supermachine"]
+    info = benchmark.extra_info  # type: ignore[attr-defined]
+    for name in names:
+        info[f"{name}_min_ms"] = round(min(times[name]) * 1e3, 1)
+        info[f"{name}_median_ms"] = round(statistics.median(times[name]) * 1e3, 1)
+        ratios = [t / s for t, s in zip(times[name], ours, strict=True)]
+        info[f"{name}_vs_supermachine_median_ratio"] = round(statistics.median(ratios), 3)
