@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -11,13 +17,21 @@ from rich.table import Table
 from supermachine import paths, ui
 from supermachine.cdc import ChunkParams
 from supermachine.errors import InputError
-from supermachine.probes import chunk_dedup, page_overlap
+from supermachine.probes import chunk_dedup, density, mem_dedup, page_overlap
 from supermachine.units import human_bytes
+from supermachine.vm import VmConfig
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+MiB = 1 << 20
+PLOT_HELP = "Also draw the result into this PNG file (needs the 'plot' extra: matplotlib)."
 
 
 @click.group()
 def probe() -> None:
-    """Measure what makes VMs dense: sub-layer redundancy of images, page overlap of RAM images."""
+    """Measure what makes VMs dense: sub-layer redundancy of images, page overlap of RAM images,
+    RAM shared between snapshots, host memory per restored or booted VM."""
 
 
 @probe.command("chunk-dedup")
@@ -156,6 +170,315 @@ def page_overlap_cmd(files: tuple[Path, ...], algo: str, threads: int | None, as
         f"all images: {report.total_pages:,} pages, {report.unique_pages:,} unique "
         f"({report.unique_pct:.1f}%), {report.redundant_pct:.1f}% redundant"
     )
+
+
+@probe.command("mem-dedup")
+@click.argument(
+    "snapshot_dirs", nargs=-1, required=True, metavar="SNAP_DIR...", type=click.Path(path_type=Path)
+)
+@click.option("--hash", "algo", type=click.Choice(["xxh3", "blake3"]), default="xxh3", show_default=True)
+@click.option("--no-sibling", is_flag=True, help="Skip the same-image sibling (for images without sh).")
+@click.option("--threads", type=click.IntRange(min=1), help="Hashing threads [default: one per core].")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png", help=PLOT_HELP)
+def mem_dedup_cmd(
+    snapshot_dirs: tuple[Path, ...],
+    algo: str,
+    no_sibling: bool,
+    threads: int | None,
+    as_json: bool,
+    plot: Path | None,
+) -> None:
+    """RAM shared between VM snapshots, by their full logical RAM. The first SNAP_DIR is the golden.
+
+    Each snapshot is restored and written again as a full snapshot into a temporary directory
+    (under $TMPDIR, removed afterwards), so diff snapshots count by their whole RAM. A sibling is
+    added: the first snapshot restored once more after running a small command in it. Per snapshot:
+    zero pages, pages that differ from the golden (what a diff stores), pages shared with it.
+    """
+    _check_plot(plot)
+    with _steps(mem_dedup.steps(len(snapshot_dirs), not no_sibling)) as step:
+        report = mem_dedup.measure(
+            list(snapshot_dirs),
+            algo="blake3" if algo == "blake3" else "xxh3",
+            sibling=not no_sibling,
+            threads=threads,
+            step=step,
+        )
+    if plot is not None:
+        _save_figure(_mem_dedup_figure(report), plot)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    _print_mem_dedup(report)
+    if plot is not None:
+        ui.stdout.print(f"plot written to {plot}")
+
+
+def _print_mem_dedup(report: mem_dedup.MemDedupReport) -> None:
+    table = Table(
+        title=f"RAM of snapshots against golden {report.golden} ({report.algo}, 4 KiB pages, full RAM)",
+        title_justify="left",
+    )
+    for col in ("snapshot", "stored as", "stored size", "pages", "zero", "differ (diff stores)"):
+        table.add_column(col, justify="left" if col in ("snapshot", "stored as") else "right")
+    table.add_column("shared with golden", justify="right")
+    table.add_column("restore", justify="right")
+    for i, row in enumerate(report.rows):
+        table.add_row(
+            f"{row.label} (golden)" if i == 0 else row.label,
+            _stored_as(row),
+            "-" if row.stored_bytes is None else human_bytes(row.stored_bytes),
+            f"{row.pages:,}",
+            f"{row.zero_pct:.1f}%",
+            f"{row.differ_pct:.1f}%",
+            f"{row.shared_pct:.1f}%",
+            f"{row.restore_seconds:.2f} s",
+        )
+    ui.stdout.print(table)
+    ui.stdout.print(
+        f"all snapshots: {report.total_pages:,} pages, {report.unique_pages:,} unique "
+        f"({report.unique_pct:.1f}%), {report.redundant_pct:.1f}% redundant"
+    )
+
+
+def _stored_as(row: mem_dedup.SnapshotRow) -> str:
+    if row.kind == "sibling":
+        return "sibling (not kept)"
+    return "full" if row.base is None else f"diff of {row.base}"
+
+
+@probe.command("density")
+@click.option("--vms", type=click.IntRange(min=1), default=4, show_default=True, help="VMs in each mode.")
+@click.option("--rootfs", type=click.Path(path_type=Path), help="Root filesystem image (squashfs).")
+@click.option("--image", "image_ref", metavar="REF", help="OCI image to run (pulled if needed).")
+@click.option("--memory-mib", type=click.IntRange(min=64), default=256, show_default=True, help="Guest RAM.")
+@click.option(
+    "--blob-mib", type=click.IntRange(min=1), default=32, show_default=True, help="Blob each VM reads."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png", help=PLOT_HELP)
+def density_cmd(
+    vms: int,
+    rootfs: Path | None,
+    image_ref: str | None,
+    memory_mib: int,
+    blob_mib: int,
+    as_json: bool,
+    plot: Path | None,
+) -> None:
+    """Host memory per VM: clones restored from one snapshot (A) vs cold boots (B).
+
+    Every VM gets the same file of random bytes as a read-only disk and reads it whole. A: one VM
+    is booted, reads it and is snapshotted; VMS clones are restored from the snapshot and read it
+    again (from the snapshot's page cache, shared copy-on-write). B: VMS VMs are booted and each
+    reads it into its own RAM. Reports the RSS and PSS each VM adds to this process (the VMs run
+    in it) and its start time. The image needs sh and dd.
+    """
+    _check_plot(plot)
+    config = _density_config(rootfs, image_ref, VmConfig(memory_mib=memory_mib))
+    with _steps(density.steps(vms)) as step:
+        report = density.measure(config, vms=vms, blob_mib=blob_mib, step=step)
+    if plot is not None:
+        _save_figure(_density_figure(report), plot)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    _print_density(report)
+    if plot is not None:
+        ui.stdout.print(f"plot written to {plot}")
+
+
+def _density_config(rootfs: Path | None, image_ref: str | None, base: VmConfig) -> VmConfig:
+    """``base`` with the root filesystem (and, for an image, its Env, WorkingDir and User)."""
+    if rootfs is not None and image_ref is not None:
+        raise InputError("give either --rootfs or --image, not both")
+    if rootfs is not None:
+        return replace(base, rootfs=rootfs)
+    if image_ref is None:
+        raise InputError("no root filesystem for the VMs: give --rootfs SQUASHFS or --image REF")
+    from supermachine.image import Image
+    from supermachine.oci.progress import RichProgress
+
+    with RichProgress() if ui.stderr.is_terminal else contextlib.nullcontext() as progress:
+        image = Image.from_oci(image_ref, progress=progress)
+    return image.vm_config(base)
+
+
+def _print_density(report: density.DensityReport) -> None:
+    a, b = report.restore, report.boot
+    table = Table(
+        title=(
+            f"host memory added per VM, each reading a {human_bytes(report.blob_bytes)} blob "
+            f"({report.memory_mib} MiB guests): A = clones restored from one snapshot, B = cold boots"
+        ),
+        title_justify="left",
+    )
+    table.add_column("VM", justify="right")
+    for col in ("A start", "A RSS", "A PSS", "B start", "B RSS", "B PSS"):
+        table.add_column(col, justify="right")
+    for i, (sa, sb) in enumerate(zip(a.samples, b.samples, strict=True), start=1):
+        table.add_row(str(i), *_sample_cells(sa), *_sample_cells(sb))
+    table.add_row(
+        "mean",
+        *_mean_cells(a),
+        *_mean_cells(b),
+        style="bold",
+    )
+    ui.stdout.print(table)
+    ratio = report.pss_ratio
+    verdict = "n/a" if ratio is None else f"{ratio:.1f}x"
+    ui.stdout.print(
+        f"PSS per VM: A {_signed_bytes(a.mean_pss_added)}, B {_signed_bytes(b.mean_pss_added)}: "
+        f"a cold-booted VM costs {verdict} the host memory of a restored clone"
+    )
+    if a.marginal_pss_added is not None and b.marginal_pss_added is not None:
+        ui.stdout.print(
+            f"each VM after the first: A {_signed_bytes(a.marginal_pss_added)}, "
+            f"B {_signed_bytes(b.marginal_pss_added)} (the first clone maps the shared pages)"
+        )
+    ui.stdout.print(
+        f"[dim]A's snapshot: VM booted in {report.golden_boot_seconds:.1f} s, snapshotted in "
+        f"{report.golden_snapshot_seconds:.2f} s (not counted above). start = until the guest agent "
+        "answers; PSS shares each page among the VMs mapping it, RSS counts it in each.[/dim]"
+    )
+
+
+def _sample_cells(sample: density.VmSample) -> tuple[str, str, str]:
+    return (
+        f"{sample.start_seconds:.2f} s",
+        _signed_bytes(sample.rss_added),
+        _signed_bytes(sample.pss_added),
+    )
+
+
+def _mean_cells(result: density.ModeResult) -> tuple[str, str, str]:
+    return (
+        f"{result.mean_start_seconds:.2f} s",
+        _signed_bytes(result.mean_rss_added),
+        _signed_bytes(result.mean_pss_added),
+    )
+
+
+def _signed_bytes(n: float) -> str:
+    """Memory growth can be negative (the process freed something meanwhile)."""
+    return "-" + human_bytes(-n) if n < 0 else human_bytes(n)
+
+
+# -- progress and plots -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _steps(total: int) -> Iterator[mem_dedup.StepCallback]:
+    """A step counter on stderr whose description names the step under way."""
+    with ui.count_progress("starting", total) as bar:
+        task = bar.task_ids[0]
+        started = 0
+
+        def step(description: str) -> None:
+            nonlocal started
+            bar.update(task, description=description, completed=started)
+            started += 1
+
+        yield step
+
+
+def _check_plot(plot: Path | None) -> None:
+    """Fails before any slow work if ``--plot`` cannot be honoured."""
+    if plot is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'supermachine[plot]'") from None
+    if not plot.parent.is_dir():
+        raise InputError(f"--plot: directory {plot.parent} does not exist")
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    # The Agg canvas draws without a display, and without pyplot's global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save_figure(figure: Figure, path: Path) -> None:
+    """Writes a PNG atomically: a temp file beside ``path``, renamed over it once complete."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            figure.savefig(f, format="png", dpi=120)
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _mem_dedup_figure(report: mem_dedup.MemDedupReport) -> Figure:
+    """Grouped horizontal bars per snapshot: zero, differing and shared pages in percent."""
+    rows = report.rows
+    figure = _new_figure(8, 2 + 0.7 * len(rows))
+    ax = figure.add_subplot()
+    height = 0.27
+    series = (
+        ("zero", [r.zero_pct for r in rows], "tab:gray"),
+        ("differ from golden (a diff stores)", [r.differ_pct for r in rows], "tab:red"),
+        ("shared with golden", [r.shared_pct for r in rows], "tab:green"),
+    )
+    for k, (label, values, color) in enumerate(series):
+        positions = [i + (k - 1) * height for i in range(len(rows))]
+        bars = ax.barh(positions, values, height, label=label, color=color)
+        # Diffs are often a fraction of a percent: the numbers say what the bars cannot show.
+        ax.bar_label(bars, fmt="%.1f%%", padding=3, fontsize="x-small")
+    names = [("sibling" if r.kind == "sibling" else Path(r.label).name) for r in rows]
+    if names[0] != "golden":
+        names[0] += "\n(golden)"
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 112)
+    ax.set_xticks(range(0, 101, 20))
+    ax.set_xlabel("% of guest RAM pages (full logical RAM of each snapshot)")
+    ax.set_title(f"RAM pages against the golden; over all snapshots {report.unique_pct:.1f}% are unique")
+    figure.legend(loc="outside lower center", ncols=3, fontsize="small")
+    ax.grid(axis="x", alpha=0.3)
+    return figure
+
+
+def _density_figure(report: density.DensityReport) -> Figure:
+    """Cumulative host memory added against the number of VMs, PSS solid and RSS dashed."""
+    from matplotlib.ticker import MaxNLocator
+
+    figure = _new_figure(8, 5)
+    ax = figure.add_subplot()
+    x = list(range(report.vms + 1))
+    for result, label, color in (
+        (report.restore, "A: restored clones", "tab:blue"),
+        (report.boot, "B: cold boots", "tab:orange"),
+    ):
+        for what, style, marker in (("pss", "-", "o"), ("rss", "--", "s")):
+            values = [v / MiB for v in result.cumulative("pss" if what == "pss" else "rss")]
+            ax.plot(
+                x,
+                values,
+                style,
+                marker=marker,
+                markerfacecolor=color if what == "pss" else "none",
+                color=color,
+                label=f"{label}, {what.upper()}",
+            )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("VMs")
+    ax.set_ylabel("host memory added, cumulative (MiB)")
+    blob = human_bytes(report.blob_bytes)
+    ax.set_title(f"Host memory per VM: {report.memory_mib} MiB guests, each reading a {blob} blob")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return figure
 
 
 def register(group: click.Group) -> None:
