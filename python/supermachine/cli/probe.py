@@ -220,8 +220,9 @@ def _print_mem_dedup(report: mem_dedup.MemDedupReport) -> None:
         title=f"RAM of snapshots against golden {report.golden} ({report.algo}, 4 KiB pages, full RAM)",
         title_justify="left",
     )
-    for col in ("snapshot", "stored as", "stored size", "pages", "zero", "differ (diff stores)"):
-        table.add_column(col, justify="left" if col in ("snapshot", "stored as") else "right")
+    table.add_column("snapshot", overflow="fold")  # a long path folds rather than losing its end
+    for col in ("stored as", "stored size", "pages", "zero", "differ (diff stores)"):
+        table.add_column(col, justify="left" if col == "stored as" else "right")
     table.add_column("shared with golden", justify="right")
     table.add_column("restore", justify="right")
     for i, row in enumerate(report.rows):

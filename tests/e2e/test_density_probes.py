@@ -1,0 +1,174 @@
+"""``supermachine probe mem-dedup`` and ``probe density`` on a real Linux guest, run as the CLI in a
+child process (its memory figures are then its own, not this test process's).
+
+mem-dedup restores its snapshots, so it is fast; density cold-boots 1 + N VMs (N = 2 here), tens of
+seconds each on hosts that emulate guest kernel code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from supermachine.vm import Vm
+
+pytestmark = pytest.mark.slow
+
+MiB = 1 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RAM_PAGES = 256 * MiB // 4096  # the session VM's 256 MiB
+
+
+def run_cli(*args: str, tmpdir: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """The installed CLI in a child process; ``tmpdir`` becomes its ``$TMPDIR``."""
+    env = dict(os.environ)
+    if tmpdir is not None:
+        tmpdir.mkdir(exist_ok=True)
+        env["TMPDIR"] = str(tmpdir)
+    return subprocess.run(
+        [sys.executable, "-m", "supermachine", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def snapshots(vm: Vm, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A full snapshot of the session VM, and a diff child of it taken from a restored clone."""
+    store = tmp_path_factory.mktemp("mem-dedup-store")
+    vm.exec(["sh", "-c", "echo golden > /tmp/golden"], check=True)
+    vm.snapshot(store / "golden", base=None)
+    with Vm.restore(store / "golden") as clone:
+        clone.exec(["sh", "-c", "head -c 2000000 /dev/urandom > /tmp/child"], check=True)
+        clone.snapshot(store / "child", base=store / "golden")
+    return store / "golden", store / "child"
+
+
+def test_mem_dedup_compares_full_ram_of_full_and_diff_snapshots(
+    snapshots: tuple[Path, Path], tmp_path: Path
+) -> None:
+    golden, child = snapshots
+    proc = run_cli("probe", "mem-dedup", str(golden), str(child), "--json", tmpdir=tmp_path / "tmp")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    rows = report["rows"]
+    assert [r["kind"] for r in rows] == ["full", "diff", "sibling"]
+    assert [r["label"] for r in rows] == [str(golden), str(child), f"sibling of {golden}"]
+    for row in rows:
+        # Every row is the whole logical RAM, a diff included.
+        assert row["pages"] == RAM_PAGES
+        assert row["same_as_golden"] + row["differ_from_golden"] == row["pages"]
+        for key in ("zero_pct", "differ_pct", "shared_pct"):
+            assert 0 <= row[key] <= 100, (key, row)
+        assert row["differ_pct"] + row["shared_pct"] == pytest.approx(100)
+        # A guest booted on busybox leaves most of its RAM untouched.
+        assert row["zero_pct"] > 30, row
+    golden_row, child_row, sibling = rows
+    assert golden_row["differ_from_golden"] == 0 and golden_row["shared_pct"] == 100
+    # The child wrote 2 MB of random bytes (about 490 pages) into its tmpfs.
+    assert 0.5 < child_row["differ_pct"] < 15, child_row
+    assert child_row["base"] == "golden"
+    assert 0 < child_row["stored_bytes"] < golden_row["stored_bytes"]
+    # A sibling that ran one small command differs from the golden in a few pages only.
+    assert 0 < sibling["differ_pct"] < 5, sibling
+    assert sibling["stored_bytes"] is None
+    assert report["total_pages"] == 3 * RAM_PAGES
+    assert 0 < report["unique_pages"] < report["total_pages"]
+    assert report["unique_pct"] + report["redundant_pct"] == pytest.approx(100)
+    assert list((tmp_path / "tmp").iterdir()) == [], "the temporary full snapshots were left behind"
+
+
+def test_mem_dedup_table_and_plot(snapshots: tuple[Path, Path], tmp_path: Path) -> None:
+    golden, child = snapshots
+    png = tmp_path / "mem-dedup.png"
+    proc = run_cli("probe", "mem-dedup", str(golden), str(child), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    # Long paths fold inside their table cell, so look for the short parts.
+    assert "(golden)" in proc.stdout
+    assert "diff of golden" in proc.stdout and "sibling (not kept)" in proc.stdout
+    assert "all snapshots: 196,608 pages" in proc.stdout
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert [p.name for p in tmp_path.iterdir()] == ["mem-dedup.png"]  # no temp file beside it
+
+
+def test_mem_dedup_bad_input_is_one_line(snapshots: tuple[Path, Path], tmp_path: Path) -> None:
+    golden, _child = snapshots
+    proc = run_cli("probe", "mem-dedup", str(golden), str(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path / 'metadata.json'}: missing (not a snapshot directory?)"
+    assert proc.stdout == ""
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    shutil.copy(golden / "metadata.json", corrupt)
+    (corrupt / "vmstate.bin").write_bytes((golden / "vmstate.bin").read_bytes()[:100])
+    proc = run_cli("probe", "mem-dedup", str(corrupt))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "vmstate.bin" in lines[0], proc.stderr
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
+    # sys.modules[name] = None makes "import matplotlib" fail as if it were not installed.
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; "
+        "sys.argv = ['supermachine'] + sys.argv[1:]; "
+        "from supermachine.cli import main; main()"
+    )
+    args = ["probe", "mem-dedup", str(tmp_path), "--plot", str(tmp_path / "x.png")]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: --plot needs matplotlib: pip install 'supermachine[plot]'"
+
+
+def test_density_restored_clones_share_what_cold_boots_duplicate(
+    kvm: None, rootfs: Path, tmp_path: Path
+) -> None:
+    png = tmp_path / "density.png"
+    args = ["--vms", "2", "--blob-mib", "16", "--memory-mib", "256", "--rootfs", str(rootfs)]
+    proc = run_cli("probe", "density", *args, "--json", "--plot", str(png), tmpdir=tmp_path / "tmp")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    print(json.dumps(report, indent=2))
+    assert report["vms"] == 2 and report["memory_mib"] == 256 and report["blob_bytes"] == 16 * MiB
+    blob = report["blob_bytes"]
+    restore, boot = report["restore"], report["boot"]
+    for mode in (restore, boot):
+        assert len(mode["vms"]) == 2
+        for sample in mode["vms"]:
+            assert sample["start_seconds"] > 0 and sample["read_seconds"] > 0
+        assert mode["total_pss_added"] == sum(s["pss_added"] for s in mode["vms"])
+    # Each cold boot reads the blob into RAM of its own; a clone reads the snapshot's page cache,
+    # whose pages the second clone shares with the first: RSS counts them again, PSS does not.
+    # (PSS also moves when other processes on the host map or unmap the same libraries, by a few
+    # MiB at most: hence the margins.)
+    for sample in boot["vms"]:
+        assert sample["pss_added"] > blob, sample
+    second = restore["vms"][1]
+    assert second["rss_added"] - second["pss_added"] > blob, second
+    assert second["pss_added"] < 0.25 * boot["mean_pss_added"], report
+    assert restore["mean_pss_added"] < 0.75 * boot["mean_pss_added"], report
+    assert report["pss_ratio"] == pytest.approx(boot["mean_pss_added"] / restore["mean_pss_added"])
+    assert png.read_bytes()[:8] == PNG_SIGNATURE
+    assert list((tmp_path / "tmp").iterdir()) == [], "the blob or the snapshot was left behind"
+
+
+def test_density_rejects_bad_arguments(rootfs: Path) -> None:
+    proc = run_cli("probe", "density", "--vms", "0", "--rootfs", str(rootfs))
+    assert proc.returncode == 2
+    assert "Invalid value for '--vms'" in proc.stderr
+    proc = run_cli("probe", "density", "--vms", "1")
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip() == "error: no root filesystem for the VMs: give --rootfs SQUASHFS or --image REF"
+    )
+    proc = run_cli("probe", "density", "--rootfs", str(rootfs), "--blob-mib", "200")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: a 200 MiB blob does not stay in the page cache")
