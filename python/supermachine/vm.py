@@ -257,10 +257,17 @@ class Vm:
         directory = Path(snapshot_dir)
         meta = metadata.load(directory)
         saved = meta.run or metadata.RunDefaults()
+        try:
+            saved_disks = _core.snapshot_info(str(directory))["disks"]
+        except (OSError, ValueError) as exc:
+            raise SnapshotError(f"cannot restore {directory}: {exc}") from None
+        # The root filesystem is the first disk; the rest were the VM's extra disks.
+        extra = saved_disks[1:] if saved.rootfs is not None else saved_disks
         check_kvm()
         started = time.monotonic()
         config = VmConfig(
             rootfs=saved.rootfs,
+            disks=tuple(Disk(Path(path), read_only) for path, read_only in extra),
             memory_mib=meta.memory_mib,
             vcpus=meta.vcpus,
             kernel=meta.kernel.path,
