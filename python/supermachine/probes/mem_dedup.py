@@ -20,6 +20,7 @@ from typing import Literal
 from supermachine import pages
 from supermachine.errors import InputError, SnapshotError
 from supermachine.probes import page_overlap
+from supermachine.probes.page_overlap import UniquePages
 from supermachine.snapshots import metadata
 from supermachine.units import percent
 
@@ -85,7 +86,7 @@ class SnapshotRow:
 
 
 @dataclass(frozen=True)
-class MemDedupReport:
+class MemDedupReport(UniquePages):
     algo: str
     rows: list[SnapshotRow]
     total_pages: int
@@ -95,24 +96,13 @@ class MemDedupReport:
     def golden(self) -> str:
         return self.rows[0].label
 
-    @property
-    def unique_pct(self) -> float:
-        return percent(self.unique_pages, self.total_pages)
-
-    @property
-    def redundant_pct(self) -> float:
-        return 100.0 - self.unique_pct if self.total_pages else 0.0
-
     def to_json(self) -> dict[str, object]:
         return {
             "algo": self.algo,
             "page_size": pages.PAGE_SIZE,
             "golden": self.golden,
             "rows": [row.to_json() for row in self.rows],
-            "total_pages": self.total_pages,
-            "unique_pages": self.unique_pages,
-            "unique_pct": self.unique_pct,
-            "redundant_pct": self.redundant_pct,
+            **self.unique_json(),
         }
 
 

@@ -39,16 +39,11 @@ class ImageRow:
         return percent(self.same_as_golden, self.pages)
 
 
-@dataclass(frozen=True)
-class OverlapReport:
-    algo: str
-    images: list[ImageRow]
+class UniquePages:
+    """Over all inputs: how many pages there are and how many are distinct."""
+
     total_pages: int
     unique_pages: int
-
-    @property
-    def golden(self) -> str:
-        return self.images[0].path
 
     @property
     def unique_pct(self) -> float:
@@ -57,6 +52,26 @@ class OverlapReport:
     @property
     def redundant_pct(self) -> float:
         return 100.0 - self.unique_pct if self.total_pages else 0.0
+
+    def unique_json(self) -> dict[str, object]:
+        return {
+            "total_pages": self.total_pages,
+            "unique_pages": self.unique_pages,
+            "unique_pct": self.unique_pct,
+            "redundant_pct": self.redundant_pct,
+        }
+
+
+@dataclass(frozen=True)
+class OverlapReport(UniquePages):
+    algo: str
+    images: list[ImageRow]
+    total_pages: int
+    unique_pages: int
+
+    @property
+    def golden(self) -> str:
+        return self.images[0].path
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -77,10 +92,7 @@ class OverlapReport:
                 }
                 for r in self.images
             ],
-            "total_pages": self.total_pages,
-            "unique_pages": self.unique_pages,
-            "unique_pct": self.unique_pct,
-            "redundant_pct": self.redundant_pct,
+            **self.unique_json(),
         }
 
 
