@@ -20,9 +20,8 @@ from typing import Literal
 from supermachine import pages
 from supermachine.errors import InputError, SnapshotError
 from supermachine.probes import page_overlap
-from supermachine.probes.page_overlap import UniquePages
+from supermachine.probes.page_overlap import PageShares, UniquePages
 from supermachine.snapshots import metadata
-from supermachine.units import percent
 
 SIBLING_COMMAND: tuple[str, ...] = ("sh", "-c", "echo sibling > /tmp/x")
 COMMAND_TIMEOUT = 120.0
@@ -44,7 +43,7 @@ class Source:
 
 
 @dataclass(frozen=True)
-class SnapshotRow:
+class SnapshotRow(PageShares):
     label: str
     kind: RowKind
     base: str | None
@@ -56,18 +55,6 @@ class SnapshotRow:
     same_as_golden: int
     differ_from_golden: int
 
-    @property
-    def zero_pct(self) -> float:
-        return percent(self.zero_pages, self.pages)
-
-    @property
-    def differ_pct(self) -> float:
-        return percent(self.differ_from_golden, self.pages)
-
-    @property
-    def shared_pct(self) -> float:
-        return percent(self.same_as_golden, self.pages)
-
     def to_json(self) -> dict[str, object]:
         return {
             "label": self.label,
@@ -75,13 +62,7 @@ class SnapshotRow:
             "base": self.base,
             "stored_bytes": self.stored_bytes,
             "restore_seconds": self.restore_seconds,
-            "pages": self.pages,
-            "zero_pages": self.zero_pages,
-            "same_as_golden": self.same_as_golden,
-            "differ_from_golden": self.differ_from_golden,
-            "zero_pct": self.zero_pct,
-            "differ_pct": self.differ_pct,
-            "shared_pct": self.shared_pct,
+            **self.shares_json(),
         }
 
 

@@ -17,10 +17,10 @@ from supermachine.errors import InputError
 from supermachine.units import percent
 
 
-@dataclass(frozen=True)
-class ImageRow:
-    path: str
-    bytes: int
+class PageShares:
+    """One RAM image against the golden: its zero pages, and the pages equal to or differing
+    from the golden's page at the same offset."""
+
     pages: int
     zero_pages: int
     same_as_golden: int
@@ -37,6 +37,27 @@ class ImageRow:
     @property
     def shared_pct(self) -> float:
         return percent(self.same_as_golden, self.pages)
+
+    def shares_json(self) -> dict[str, object]:
+        return {
+            "pages": self.pages,
+            "zero_pages": self.zero_pages,
+            "same_as_golden": self.same_as_golden,
+            "differ_from_golden": self.differ_from_golden,
+            "zero_pct": self.zero_pct,
+            "differ_pct": self.differ_pct,
+            "shared_pct": self.shared_pct,
+        }
+
+
+@dataclass(frozen=True)
+class ImageRow(PageShares):
+    path: str
+    bytes: int
+    pages: int
+    zero_pages: int
+    same_as_golden: int
+    differ_from_golden: int
 
 
 class UniquePages:
@@ -78,20 +99,7 @@ class OverlapReport(UniquePages):
             "algo": self.algo,
             "page_size": pages.PAGE_SIZE,
             "golden": self.golden,
-            "images": [
-                {
-                    "path": r.path,
-                    "bytes": r.bytes,
-                    "pages": r.pages,
-                    "zero_pages": r.zero_pages,
-                    "same_as_golden": r.same_as_golden,
-                    "differ_from_golden": r.differ_from_golden,
-                    "zero_pct": r.zero_pct,
-                    "differ_pct": r.differ_pct,
-                    "shared_pct": r.shared_pct,
-                }
-                for r in self.images
-            ],
+            "images": [{"path": r.path, "bytes": r.bytes, **r.shares_json()} for r in self.images],
             **self.unique_json(),
         }
 
