@@ -115,6 +115,7 @@ class VmDevice(TypedDict):
     mmio_base: int
     gsi: int
     path: str
+    read_only: bool  # disks only; False for vsock
 
 class VmTimings(TypedDict):
     running: float

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
@@ -257,17 +257,10 @@ class Vm:
         directory = Path(snapshot_dir)
         meta = metadata.load(directory)
         saved = meta.run or metadata.RunDefaults()
-        try:
-            saved_disks = _core.snapshot_info(str(directory))["disks"]
-        except (OSError, ValueError) as exc:
-            raise SnapshotError(f"cannot restore {directory}: {exc}") from None
-        # The root filesystem is the first disk; the rest were the VM's extra disks.
-        extra = saved_disks[1:] if saved.rootfs is not None else saved_disks
         check_kvm()
         started = time.monotonic()
         config = VmConfig(
             rootfs=saved.rootfs,
-            disks=tuple(Disk(Path(path), read_only) for path, read_only in extra),
             memory_mib=meta.memory_mib,
             vcpus=meta.vcpus,
             kernel=meta.kernel.path,
@@ -282,7 +275,6 @@ class Vm:
         overrides: _core.VmRestoreOverrides = {"vsock_path": str(runtime_dir / "vsock.sock")}
         if console_log is not None:
             overrides["console_log"] = str(console_log)
-        base = None
         if meta.base is not None:
             base = Path(meta.base) if os.path.isabs(meta.base) else directory.parent / meta.base
             overrides["base"] = str(base)
@@ -291,6 +283,9 @@ class Vm:
         except (OSError, RuntimeError, ValueError) as exc:
             shutil.rmtree(runtime_dir, ignore_errors=True)
             raise SnapshotError(f"cannot restore {directory}: {exc}") from None
+        # The disks the snapshot re-attached: the root filesystem first, then the extra ones.
+        disks = [Disk(Path(d["path"]), d["read_only"]) for d in handle.devices if d["kind"] == "blk"]
+        config = replace(config, disks=tuple(disks[1:] if saved.rootfs is not None else disks))
         vm = cls(
             handle,
             config,

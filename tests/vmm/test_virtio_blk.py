@@ -94,7 +94,9 @@ def blk_vm(start_vm: StartVm, tmp_path: Path) -> Callable[..., Any]:
     def start(read_only: bool = False, sectors: int = 8) -> Any:
         disk = make_disk(tmp_path / "disk.img", sectors)
         vm = start_vm(g.VIRTIO_DRIVER, disks=[{"path": str(disk), "read_only": read_only}])
-        assert vm.devices == [{"kind": "blk", "mmio_base": 0xD0000000, "gsi": 5, "path": str(disk)}]
+        assert vm.devices == [
+            {"kind": "blk", "mmio_base": 0xD0000000, "gsi": 5, "path": str(disk), "read_only": read_only}
+        ]
         return vm
 
     return start

@@ -405,6 +405,7 @@ impl PyVm {
                 d.set_item("mmio_base", dev.mmio_base)?;
                 d.set_item("gsi", dev.gsi)?;
                 d.set_item("path", dev.path.to_string_lossy())?;
+                d.set_item("read_only", dev.read_only)?;
                 Ok(d)
             })
             .collect()

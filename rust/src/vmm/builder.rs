@@ -128,6 +128,8 @@ pub struct DeviceInfo {
     pub mmio_base: u64,
     pub gsi: u32,
     pub path: PathBuf,
+    /// For a disk: whether the guest may only read it.
+    pub read_only: bool,
 }
 
 /// Timestamps of the start-up, for measurements.
@@ -296,16 +298,17 @@ impl Vmm {
         let mut mmio = Bus::new();
         let mut transports = Vec::new();
         let mut devices = Vec::new();
-        let mut virtio: Vec<(&'static str, PathBuf, Box<dyn VirtioDevice>)> = Vec::new();
+        let mut virtio: Vec<(&'static str, PathBuf, bool, Box<dyn VirtioDevice>)> = Vec::new();
         for disk in &config.disks {
             virtio.push((
                 "blk",
                 disk.path.clone(),
+                disk.read_only,
                 Box::new(Block::open(&disk.path, disk.read_only)?),
             ));
         }
         if let Some(path) = &config.vsock_path {
-            virtio.push(("vsock", path.clone(), Vsock::new(path)?));
+            virtio.push(("vsock", path.clone(), false, Vsock::new(path)?));
         }
         if let Some(snap) = restore {
             if snap.devices.transports.len() != virtio.len() {
@@ -316,7 +319,7 @@ impl Vmm {
                 ))));
             }
         }
-        for (i, (kind, path, dev)) in virtio.into_iter().enumerate() {
+        for (i, (kind, path, read_only, dev)) in virtio.into_iter().enumerate() {
             let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_LEN;
             let gsi = VIRTIO_FIRST_GSI + i as u32;
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
@@ -344,6 +347,7 @@ impl Vmm {
                 mmio_base: base,
                 gsi,
                 path,
+                read_only,
             });
         }
         phases.mark("devices");
