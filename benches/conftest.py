@@ -20,6 +20,14 @@ def pytest_report_header() -> list[str]:
     ]
 
 
+def skip_unless_kvm() -> None:
+    """Skips the calling benchmark, with the reason printed, where /dev/kvm cannot be opened."""
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR))
+    except OSError as e:
+        pytest.skip(f"/dev/kvm is not usable: {e.strerror}")
+
+
 @pytest.fixture(scope="session")
 def random_256m() -> bytes:
     """256 MiB of incompressible bytes (random data defeats no chunker and favours none)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import skip_unless_kvm
 from supermachine import _core, initramfs, kernel
 
 READY = b"ready on vsock port"
@@ -30,8 +31,7 @@ CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet sm.root=none"
 
 @pytest.fixture(scope="module")
 def guest() -> tuple[Path, Path]:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("/dev/kvm is not usable here")
+    skip_unless_kvm()
     return kernel.kernel_path(), initramfs.initramfs_path()
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import skip_unless_kvm
 from supermachine.probes import density
 from supermachine.vm import Vm, VmConfig
 
@@ -54,10 +55,7 @@ def _busybox_squashfs(dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
     """The root filesystem, the blob, and A's snapshot (one cold boot, untimed)."""
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR))
-    except OSError as e:
-        pytest.skip(f"/dev/kvm is not usable: {e.strerror}")
+    skip_unless_kvm()
     for tool in ("busybox", "mksquashfs"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is needed to build the benchmark's root filesystem")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import skip_unless_kvm
 from supermachine.image import Image
 from supermachine.pool import Pool
 from supermachine.vm import Vm, VmConfig
@@ -28,10 +29,7 @@ GROUP = "ready VM: warm pool acquire vs restore"
 
 @pytest.fixture(scope="module")
 def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR))
-    except OSError as e:
-        pytest.skip(f"/dev/kvm is not usable: {e.strerror}")
+    skip_unless_kvm()
     directory = tmp_path_factory.mktemp("pool-bench") / "snapshot"
     with Vm.start(VmConfig(memory_mib=256)) as vm:
         vm.snapshot(directory, base=None)

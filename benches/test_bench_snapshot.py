@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import skip_unless_kvm
 from supermachine import _core
 
 MiB = 1 << 20
@@ -74,10 +75,7 @@ def _assemble(d: Path, name: str, source: str, flat: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR))
-    except OSError as e:
-        pytest.skip(f"/dev/kvm is not usable: {e.strerror}")
+    skip_unless_kvm()
     for tool in ("as", "ld", "objcopy"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} (binutils) is needed to build the benchmark guest")

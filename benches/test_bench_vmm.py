@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import skip_unless_kvm
 from supermachine import _core
 
 EMULATING = os.path.exists("/sys/module/kvm_pvm")
@@ -51,19 +52,9 @@ _start:
 """
 
 
-def _kvm_usable() -> str | None:
-    try:
-        os.close(os.open("/dev/kvm", os.O_RDWR))
-    except OSError as e:
-        return f"/dev/kvm is not usable: {e.strerror}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def pvh_elf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    problem = _kvm_usable()
-    if problem:
-        pytest.skip(problem)
+    skip_unless_kvm()
     d = tmp_path_factory.mktemp("vmm-bench")
     (d / "g.S").write_text(PVH_GUEST)
     subprocess.run(["as", "--64", "-o", str(d / "g.o"), str(d / "g.S")], check=True)
