@@ -93,6 +93,7 @@ impl GuestRam {
             return Err(MemoryError::BadSize(memory_mib));
         }
         let size = memory_mib << 20;
+        let mut overlay_files = Vec::new();
         let file = match backing {
             MemoryBacking::Memfd => {
                 let name = CString::new("supermachine-guest-ram").expect("no NUL in literal");
@@ -115,12 +116,15 @@ impl GuestRam {
                     msg: os_msg(&e),
                 })?,
             MemoryBacking::Snapshot(layers) => {
-                let mut base = None;
+                // Every file of the chain is opened (and its size checked) before anything is
+                // mapped; the diffs' files are kept for `map_overlays`.
                 for layer in layers {
-                    let f = open_layer(&layer.path, size)?;
-                    base.get_or_insert(f);
+                    overlay_files.push(open_layer(&layer.path, size)?);
                 }
-                base.ok_or_else(|| MemoryError::Mmap("the snapshot chain is empty".into()))?
+                if overlay_files.is_empty() {
+                    return Err(MemoryError::Mmap("the snapshot chain is empty".into()));
+                }
+                overlay_files.remove(0)
             }
         };
         let private = matches!(backing, MemoryBacking::Snapshot(_));
@@ -163,7 +167,7 @@ impl GuestRam {
             private,
             layers,
         };
-        ram.map_overlays()?;
+        ram.map_overlays(&overlay_files)?;
         Ok(ram)
     }
 
@@ -183,9 +187,10 @@ impl GuestRam {
             .collect()
     }
 
-    /// Maps every diff layer's pages over the base, copy-on-write; past [`MAX_OVERLAY_MAPS`]
-    /// runs the shortest runs are copied instead.
-    fn map_overlays(&self) -> Result<(), MemoryError> {
+    /// Maps every diff layer's pages over the base, copy-on-write, from `files` (the diff
+    /// layers' `memory.bin`, opened, in layer order); past [`MAX_OVERLAY_MAPS`] runs the
+    /// shortest runs are copied instead.
+    fn map_overlays(&self, files: &[File]) -> Result<(), MemoryError> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::FileExt;
         let diffs: Vec<&MemoryLayer> = self.layers.iter().skip(1).collect();
@@ -214,10 +219,6 @@ impl GuestRam {
         for &k in by_len.iter().take(MAX_OVERLAY_MAPS) {
             mapped[k] = true;
         }
-        let files: Vec<File> = diffs
-            .iter()
-            .map(|l| open_layer(&l.path, self.size))
-            .collect::<Result<_, _>>()?;
         for (k, &(count, layer, at, file_off)) in work.iter().enumerate() {
             let len = count * snapmem::PAGE_SIZE;
             if mapped[k] {
