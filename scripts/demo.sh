@@ -62,7 +62,10 @@ cp -a "$work/b1/rootfs/." "$work/b2/rootfs/"
 umoci repack --image "$layout:v2" "$work/b2"
 umoci unpack --image "$layout:v2" "$work/b2b" >/dev/null
 make_payload "$work/b2b/rootfs/usr/lib"
-find "$work/b2b/rootfs/usr/lib" -name '*.py' | sort | head -n 25 | while read -r f; do echo "# patched" >> "$f"; done
+# The first 25 sources in sorted order. No `| head` in a pipeline: under pipefail, the writer that
+# head stops reading from dies of SIGPIPE and fails the script on hosts with many files.
+mapfile -t sources < <(find "$work/b2b/rootfs/usr/lib" -name '*.py' | LC_ALL=C sort)
+for f in "${sources[@]:0:25}"; do echo "# patched" >> "$f"; done
 echo "release 2" > "$work/b2b/rootfs/RELEASE"
 umoci repack --image "$layout:v2" "$work/b2b"
 umoci config --image "$layout:v2" --config.cmd /bin/sh >/dev/null
