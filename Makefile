@@ -1,7 +1,7 @@
 # The two entry points the README promises. Both do all set-up first (idempotent).
 #   make demo   - the main job
 #   make test   - lint + type checks + Rust tests + the pytest suite
-.PHONY: setup demo test lint rust-test py-test bench bench-setup clean
+.PHONY: setup demo test lint rust-test fuzz py-test bench bench-setup clean
 
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -21,6 +21,13 @@ lint: setup
 
 rust-test:
 	cargo test -p supermachine-core -q
+
+# The fuzz harnesses (rust/tests/fuzz_*.rs, guest/agent/src/*fuzz*): every corpus entry, then
+# FUZZ_SECONDS of random mutations per target. `cargo test` alone gives each target one second.
+FUZZ_SECONDS ?= 20
+fuzz:
+	SUPERMACHINE_FUZZ_SECONDS=$(FUZZ_SECONDS) cargo test -p supermachine-core -q --release --test 'fuzz_*'
+	cd guest/agent && SUPERMACHINE_FUZZ_SECONDS=$(FUZZ_SECONDS) cargo test -q --release fuzz
 
 py-test: setup
 	$(VENV)/pytest -q tests
