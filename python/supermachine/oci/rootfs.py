@@ -255,18 +255,16 @@ class _Tree:
     def open_dir(self, names: tuple[str, ...]) -> int | None:
         """An fd of the directory ``names`` below the root, if every component is a real directory now."""
         fd = os.dup(self.fd)
-        try:
-            for name in names:
-                try:
-                    child = os.open(name, _O_DIR, dir_fd=fd)
-                except OSError:
-                    os.close(fd)
-                    return None
+        for name in names:
+            try:
+                child = os.open(name, _O_DIR, dir_fd=fd)
+            except OSError:
+                child = -1
+            finally:
                 os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
+            if child < 0:
+                return None
+            fd = child
         return fd
 
     def finish(self, default_root_mode: int | None) -> None:
@@ -402,8 +400,6 @@ class _Applier:
         try:
             self._apply(tar, member, parts)
         except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG or exc.errno == errno.ELOOP:
-                raise LayerError(f"{self.what}: entry {member.name!r}: {exc.strerror}") from None
             raise LayerError(
                 f"{self.what}: cannot write entry {member.name!r} under {self.tree.path}:"
                 f" {exc.strerror or exc}"
