@@ -11,6 +11,7 @@ import contextlib
 import gzip
 import io
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -358,6 +359,26 @@ def test_data_past_the_end_of_the_tar_counts_too(tmp_path: Path) -> None:
         apply_layer(
             tree_root(tmp_path), io.BytesIO(gzip.compress(tail)), limits=LayerLimits(floor_bytes=1 << 20)
         )
+
+
+@pytest.mark.skipif(not shutil.which("tar"), reason="needs GNU tar to write a sparse member")
+def test_sparse_member_counts_its_expanded_size(tmp_path: Path) -> None:
+    """A sparse member is a few bytes in the stream but its full size on the disk."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "holes", "wb") as f:
+        f.truncate(64 << 20)
+    run(["tar", "-C", str(src), "-cSf", str(tmp_path / "sparse.tar"), "holes"])
+    layer = (tmp_path / "sparse.tar").read_bytes()
+    assert len(layer) < 1 << 20
+    with pytest.raises(LayerTooLargeError, match=r"^sparse layer expands to more than 8\.0 MiB"):
+        apply_layer(
+            tree_root(tmp_path),
+            io.BytesIO(layer),
+            what="sparse layer",
+            limits=LayerLimits(floor_bytes=8 << 20),
+        )
+    assert not (tmp_path / "rootfs/holes").exists()
 
 
 def test_gzip_bomb_through_the_cli_is_one_line_and_leaves_no_tree(

@@ -208,7 +208,7 @@ class BlobStore:
         try:
             return open(self.path(digest), "rb")
         except FileNotFoundError:
-            raise InputError(f"blob {digest} is not in the cache") from None
+            raise InputError(f"blob {digest} is not in the cache; pull the image again") from None
 
     def read_bytes(self, digest: str) -> bytes:
         """A small blob (manifest, config), checked against its digest: one that rotted on disk is
