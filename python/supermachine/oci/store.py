@@ -235,14 +235,16 @@ class BlobStore:
         return f"sha256:{h.hexdigest()}" == digest
 
     def cached(self, digest: str, size: int | None = None) -> CachedState:
-        """Whether ``digest`` is stored intact: a stored copy of the wrong size or content is
-        deleted (``"discarded"``) so that it is fetched again. The caller holds :meth:`lock`."""
+        """Whether ``digest`` is stored intact: a stored copy whose content no longer matches the
+        digest is deleted (``"discarded"``) so that it is fetched again. One that matches but not
+        the ``size`` a descriptor claims is kept (other images may use it) and reported missing, so
+        the download's own size check names the problem. The caller holds :meth:`lock`."""
         if not self.path(digest).exists():
             return "missing"
-        if self.has(digest, size) and self.verify(digest):
-            return "valid"
-        self._discard(digest)
-        return "discarded"
+        if not self.verify(digest):
+            self._discard(digest)
+            return "discarded"
+        return "valid" if self.has(digest, size) else "missing"
 
     def discard_if_corrupt(self, digest: str) -> bool:
         """Delete the stored blob if it no longer matches its digest; True if it was deleted."""
