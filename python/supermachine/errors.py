@@ -110,3 +110,19 @@ class SnapshotMetadataError(SnapshotError):
 
 class PoolError(SupermachineError):
     """A warm pool cannot hand out a VM: it is closed, none became free in time, or restores fail."""
+
+
+class LayerLimitError(LayerError):
+    """A layer exceeds a bound on what it may put on the disk: entries, path length or depth."""
+
+
+class LayerTooLargeError(LayerLimitError):
+    """A layer expands to more bytes than allowed (its ratio to the compressed size, or free space)."""
+
+
+class CorruptBlobError(DigestMismatchError):
+    """A blob in the local cache no longer matches its digest; it has been discarded."""
+
+
+class CacheWriteError(SupermachineError):
+    """Writing to the local image cache failed (disk full, permissions, I/O error)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 from _support import Entry, FaultyProxy, LayoutWriter, Registry, make_layer, sha256_file, skopeo_copy
 from conftest import manifest_digest
-from supermachine.errors import DigestMismatchError, ManifestError, RegistryError
-from supermachine.oci import ImageStore, Platform, load_image, pull
+from supermachine.errors import CorruptBlobError, DigestMismatchError, ManifestError, RegistryError
+from supermachine.oci import ImageStore, Platform, build_squashfs, load_image, pull
 
 
 def _random_image(
@@ -196,3 +197,87 @@ def test_two_concurrent_pulls_share_the_cache(store: ImageStore, registry: Regis
     for name in files:
         assert hashlib.sha256((store.blobs.dir / name).read_bytes()).hexdigest() == name
     assert [r.ref for r in store.images()] == [ref]
+
+
+# ---- a cached blob that rotted on disk is never trusted ---------------------------------------------------
+class NoteRecorder:
+    """A real progress reporter that keeps the final note of every blob."""
+
+    def __init__(self) -> None:
+        self.notes: dict[str, str] = {}
+
+    def start(self, key: str, description: str, total: int) -> None:
+        pass
+
+    def update(self, key: str, completed: int) -> None:
+        pass
+
+    def finish(self, key: str, note: str) -> None:
+        self.notes[key] = note
+
+
+def _flip_a_byte(path: Path) -> None:
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # same size, different bytes
+    path.write_bytes(bytes(content))
+
+
+def test_pull_discards_a_corrupt_cached_blob_and_fetches_it_again(
+    store: ImageStore, registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ref, _ = _random_image(tmp_path, registry, "test/rot", [300_000])
+    image = pull(ref)
+    layer = image.layers[0].digest
+    _flip_a_byte(store.blobs.path(layer))
+    notes = NoteRecorder()
+    with caplog.at_level(logging.WARNING, logger="supermachine.oci.store"):
+        again = pull(ref, progress=notes)
+    assert "corrupt" in notes.notes[layer] and "fetched again" in notes.notes[layer]
+    assert notes.notes[image.config_digest] == "cached"
+    assert any(layer in r.getMessage() and "discarded" in r.getMessage() for r in caplog.records)
+    assert sha256_file(store.blobs.path(layer)) == layer
+    assert build_squashfs(again).is_file()
+
+
+def test_build_discards_a_corrupt_layer_and_the_next_pull_heals_it(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
+    ref, _ = _random_image(tmp_path, registry, "test/rot-build", [300_000])
+    image = pull(ref)
+    layer = image.layers[0].digest
+    _flip_a_byte(store.blobs.path(layer))
+    with pytest.raises(CorruptBlobError) as info:
+        build_squashfs(image)
+    message = str(info.value)
+    assert (
+        "\n" not in message
+        and message.startswith(f"layer 1/1 ({layer})")
+        and "pull the image again" in message
+    )
+    assert not store.blobs.has(layer)
+    assert not list(store.tmp_dir.iterdir()) and not store.rootfs_path(image.config_digest).exists()
+    assert build_squashfs(pull(ref)).is_file()
+
+
+def test_cli_pull_heals_a_corrupt_cache_and_says_so(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
+    ref, _ = _random_image(tmp_path, registry, "test/rot-cli", [200_000])
+    image = pull(ref)
+    for digest in (image.config_digest, image.layers[0].digest):
+        _flip_a_byte(store.blobs.path(digest))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "python")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "supermachine", "pull", "-q", "--rootfs", ref],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.strip() == image.record.image_id
+    for digest in (image.config_digest, image.layers[0].digest):
+        assert f"discarded cached blob {digest}" in proc.stderr
+        assert sha256_file(store.blobs.path(digest)) == digest
+    assert store.rootfs_path(image.config_digest).is_file()

@@ -110,10 +110,12 @@ def rmi_command(refs: tuple[str, ...]) -> None:
 
 @click.command("prune")
 def prune_command() -> None:
-    """Delete cached blobs and root filesystems that no image uses, and leftover temporary files."""
+    """Delete cached blobs and root filesystems that no image uses, and what interrupted pulls and
+    builds left behind (partial downloads, temporary files and build trees)."""
     result = ImageStore().prune()
     click.echo(
         f"Deleted {result.blobs} blobs and {result.rootfs_images} root filesystems,"
+        f" {result.partial_files} partial or temporary files and {result.temp_trees} build trees;"
         f" {_size(result.bytes_freed)} freed"
     )
 

@@ -171,7 +171,8 @@ def _downloader(
         if progress:
             progress.start(key, f"{label} {desc.digest[7:19]}", desc.size)
         with store.blobs.lock(desc.digest):
-            if store.blobs.has(desc.digest, desc.size):
+            state = store.blobs.cached(desc.digest, desc.size)
+            if state == "valid":
                 if progress:
                     progress.finish(key, "cached")
                 return
@@ -189,9 +190,13 @@ def _downloader(
                 writer.close()  # keeps a resumable partial unless the writer already discarded it
                 raise
         if progress:
-            progress.finish(key, "done")
+            progress.finish(key, _CORRUPT_NOTE if state == "discarded" else "done")
 
     return fetch
+
+
+# Said (on the progress bar, and logged by the store) when a cached copy did not match its digest.
+_CORRUPT_NOTE = "done (the cached copy was corrupt: discarded and fetched again)"
 
 
 def _parallel(fetch: _Fetch, layers: tuple[Descriptor, ...], jobs: int) -> None:
@@ -240,11 +245,13 @@ def _import_local(
                 progress.start(
                     desc.digest, f"layer {i + 1}/{len(manifest.layers)} {desc.digest[7:19]}", desc.size
                 )
-            if not store.blobs.has(desc.digest, desc.size):
+            with store.blobs.lock(desc.digest):
+                state = store.blobs.cached(desc.digest, desc.size)
+            if state != "valid":
                 with container.open(layer_files[desc.digest]) as f:
                     store.blobs.put_stream(desc.digest, desc.size, f, "layer")
             if progress:
-                progress.finish(desc.digest, "imported")
+                progress.finish(desc.digest, _CORRUPT_NOTE if state == "discarded" else "imported")
         config_digest = store.blobs.put_bytes(image.config_raw, manifest.config.digest, "config")
         manifest_digest = store.blobs.put_bytes(image.manifest_raw, None, "manifest")
         index_digest = (

@@ -3,12 +3,19 @@
 Layers are tar streams (uncompressed, gzip or zstd; detected from their first bytes, not from the
 media type). Entries are applied in order with OCI whiteout semantics: ``.wh.<name>`` deletes
 ``<name>`` from lower layers and ``.wh..wh..opq`` empties its directory of lower-layer content.
-Ownership, modes, xattrs, device nodes and hard links are reproduced (this needs root).
+Ownership, modes, xattrs, device nodes and hard links are reproduced (this needs root). A later
+entry replaces an earlier one of the same name (a directory replaced by a file goes, contents and
+all), as ``docker`` does.
 
-Safety: an entry with an absolute name or a ``..`` component is refused, and so is one whose
-parent directories lead outside the root through a symlink. Symlinks inside the root are resolved
-as a container would see them (absolute targets are relative to the image root). Nothing is ever
-written through a symlink in the final path component: existing entries are replaced, not followed.
+Safety: layers are untrusted. Every operation on the tree is made relative to a directory file
+descriptor reached from the root one component at a time with ``O_NOFOLLOW``; no host path that
+passes through a symlink a layer created is ever used. Symlinks in an entry's parent directories
+are resolved as a container would see them (absolute targets are relative to the image root);
+one that leads outside the root is refused, and nothing is written through a symlink in the final
+path component: existing entries are replaced, not followed. Hard links must name a regular file
+in the tree. The uncompressed size, the number of entries and path lengths and depths are bounded
+(:class:`LayerLimits`). The tree stays private (mode 0700) until every layer is in, so setuid files
+and device nodes from the image are never reachable by other users while it is built.
 """
 
 from __future__ import annotations
@@ -25,15 +32,27 @@ import shutil
 import stat
 import subprocess
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
 import zstandard
 
-from supermachine.errors import DigestMismatchError, LayerError, RootfsError, UnsafeLayerError
+from supermachine.errors import (
+    CorruptBlobError,
+    DigestMismatchError,
+    InputError,
+    LayerError,
+    LayerLimitError,
+    LayerTooLargeError,
+    RootfsError,
+    SupermachineError,
+    UnsafeLayerError,
+)
 from supermachine.oci.image import Image
-from supermachine.oci.store import file_lock, fsync_dir, hex_of
+from supermachine.oci.store import BlobStore, file_lock, fsync_dir, hex_of
+from supermachine.units import human_bytes
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -41,14 +60,23 @@ _MAX_SYMLINK_HOPS = 40
 
 
 class _HashingReader:
-    """A read-only stream that hashes what passes through it."""
+    """A read-only stream that hashes what passes through it, and fails with ``overflow()`` once
+    more than ``limit`` bytes have passed."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(
+        self, raw: IO[bytes], limit: int | None = None, overflow: Callable[[], Exception] | None = None
+    ) -> None:
         self.raw = raw
         self.hash = hashlib.sha256()
+        self.count = 0
+        self.limit = limit
+        self.overflow = overflow
 
     def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
+        data = self.raw.read(n if n >= 0 or self.limit is None else self.limit - self.count + 1)
+        self.count += len(data)
+        if self.limit is not None and self.count > self.limit:
+            raise self.overflow() if self.overflow else LayerTooLargeError("too much data")
         self.hash.update(data)
         return data
 
@@ -80,7 +108,7 @@ class _Prefixed(io.RawIOBase):
 
 
 @contextlib.contextmanager
-def open_layer(raw: IO[bytes]) -> Iterator[IO[bytes]]:
+def open_layer(raw: IO[bytes], what: str = "layer") -> Iterator[IO[bytes]]:
     """The uncompressed tar stream of a layer, whatever its compression."""
     head = raw.read(6)
     peek = io.BufferedReader(_Prefixed(raw, head), 1 << 20)
@@ -94,186 +122,493 @@ def open_layer(raw: IO[bytes]) -> Iterator[IO[bytes]]:
         with lzma.LZMAFile(peek, "rb") as xz:
             yield xz
     elif head.startswith(b"BZh"):
-        raise LayerError("bzip2-compressed layers are not supported")
+        raise LayerError(f"{what} is bzip2-compressed, which is not supported")
     else:
         yield peek
 
 
-def _check_name(name: str, what: str, kind: str = "entry") -> list[str]:
+# ---- bounds on what one layer may put on the disk (the single owner of every default) ------------
+MAX_LAYER_BYTES_ENV = "SUPERMACHINE_MAX_LAYER_BYTES"
+DEFAULT_EXPANSION_RATIO = 50  # a layer may expand to 50 times its compressed size ...
+DEFAULT_FLOOR_BYTES = 1 << 30  # ... or to 1 GiB, whichever is more ...
+DEFAULT_FREE_RESERVE_BYTES = 256 << 20  # ... and must leave this much free (at most 1/16 of the disk)
+DEFAULT_MAX_ENTRIES = 1_000_000  # tar entries in one layer
+DEFAULT_MAX_PATH_BYTES = 4096  # an entry name or link target (PATH_MAX)
+DEFAULT_MAX_DEPTH = 256  # directory levels, as named and as resolved through symlinks
+MAX_HEADER_BYTES = 1 << 20  # one pax or GNU long-name header (tarfile reads it into memory)
+
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str, what: str) -> int:
+    """``"512M"`` -> bytes (suffixes K, M, G, T are powers of 1024; a trailing ``iB``/``B`` is allowed)."""
+    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, suffix = (raw[:-1], raw[-1]) if raw[-1:] in _SIZE_SUFFIXES else (raw, "")
+    if not number.isdigit():
+        raise InputError(f"{what}={text!r} is not a size (bytes, or a number with K, M, G or T)")
+    return int(number) * _SIZE_SUFFIXES[suffix]
+
+
+@dataclass(frozen=True)
+class LayerLimits:
+    """How much one layer may write. ``max_bytes`` replaces the ratio rule with a fixed cap; the
+    free space of the target filesystem (minus a reserve) always caps it too."""
+
+    max_bytes: int | None = None
+    expansion_ratio: int = DEFAULT_EXPANSION_RATIO
+    floor_bytes: int = DEFAULT_FLOOR_BYTES
+    free_reserve_bytes: int = DEFAULT_FREE_RESERVE_BYTES
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    max_path_bytes: int = DEFAULT_MAX_PATH_BYTES
+    max_depth: int = DEFAULT_MAX_DEPTH
+
+    @classmethod
+    def from_env(cls) -> LayerLimits:
+        """The defaults, with ``SUPERMACHINE_MAX_LAYER_BYTES`` (e.g. ``8G``) as a fixed cap if set."""
+        text = os.environ.get(MAX_LAYER_BYTES_ENV, "").strip()
+        return cls(max_bytes=parse_size(text, MAX_LAYER_BYTES_ENV)) if text else cls()
+
+    def byte_cap(self, compressed_size: int, dir_fd: int) -> tuple[int, str]:
+        """The most bytes a layer of ``compressed_size`` may expand to on the filesystem of
+        ``dir_fd``, and why that is the cap (for the error message)."""
+        if self.max_bytes is not None:
+            cap, why = self.max_bytes, f"the cap set by {MAX_LAYER_BYTES_ENV}"
+        else:
+            cap = max(self.expansion_ratio * compressed_size, self.floor_bytes)
+            why = (
+                f"{self.expansion_ratio}x its compressed size of {human_bytes(compressed_size)}"
+                f" or {human_bytes(self.floor_bytes)}, whichever is more;"
+                f" set {MAX_LAYER_BYTES_ENV} to allow more"
+            )
+        fs = os.fstatvfs(dir_fd)
+        free = fs.f_bavail * fs.f_frsize
+        reserve = min(self.free_reserve_bytes, fs.f_blocks * fs.f_frsize // 16)
+        if free - reserve < cap:
+            cap = max(0, free - reserve)
+            why = f"the free space ({human_bytes(free)} free, {human_bytes(reserve)} kept in reserve)"
+        return cap, why
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses pax and GNU long-name headers larger than :data:`MAX_HEADER_BYTES` before tarfile
+    reads them into memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _META_TYPES and self.size > MAX_HEADER_BYTES:
+            raise LayerLimitError(
+                f"has a {self.size}-byte extended header (more than {MAX_HEADER_BYTES} bytes)"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
+
+
+_META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE)
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _check_name(name: str, what: str, limits: LayerLimits, kind: str = "entry") -> list[str]:
+    if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_bytes:
+        raise LayerLimitError(f"{what}: {kind} {name[:64]!r}... is longer than {limits.max_path_bytes} bytes")
     if name.startswith("/"):
         raise UnsafeLayerError(f"{what}: {kind} {name!r} is an absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise UnsafeLayerError(f"{what}: {kind} {name!r} contains '..'")
+    if len(parts) > limits.max_depth:
+        raise LayerLimitError(f"{what}: {kind} {name[:64]!r}... is more than {limits.max_depth} levels deep")
     return parts
 
 
-class _Applier:
-    """Applies tar entries of one layer onto ``root``."""
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
 
-    def __init__(self, root: Path, what: str, dir_times: dict[str, int]) -> None:
-        self.root = str(root)
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Delete ``name`` in ``dir_fd`` (a directory with everything in it); symlinks are never followed."""
+    st = _lstat_at(dir_fd, name)
+    if st is None:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dir_fd)  # the fd-based walk: it never follows a symlink
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+class _Tree:
+    """The directory a root filesystem is built in, reached only through file descriptors.
+
+    Directory mtimes are collected (by resolved path below the root) and set by :meth:`finish`,
+    after the last layer, because creating entries changes them.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.path = str(root)
+        self.fd = os.open(root, _O_DIR)
+        self.dir_times: dict[tuple[str, ...], int] = {}
+        self.root_mode: int | None = None  # from a layer's "./" entry; applied by finish()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def open_dir(self, names: tuple[str, ...]) -> int | None:
+        """An fd of the directory ``names`` below the root, if every component is a real directory now."""
+        fd = os.dup(self.fd)
+        for name in names:
+            try:
+                child = os.open(name, _O_DIR, dir_fd=fd)
+            except OSError:
+                child = -1
+            finally:
+                os.close(fd)
+            if child < 0:
+                return None
+            fd = child
+        return fd
+
+    def finish(self, default_root_mode: int | None) -> None:
+        """Set the collected directory times (without following symlinks) and the root's mode."""
+        for names, mtime_ns in sorted(self.dir_times.items(), key=lambda kv: len(kv[0]), reverse=True):
+            fd = self.open_dir(names)
+            if fd is None:
+                continue  # replaced or deleted by a later entry
+            try:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+        mode = self.root_mode if self.root_mode is not None else default_root_mode
+        if mode is not None:
+            os.chmod(self.fd, mode)
+
+
+@contextlib.contextmanager
+def _open_tree(root: Path) -> Iterator[_Tree]:
+    tree = _Tree(root)
+    try:
+        yield tree
+    finally:
+        tree.close()
+
+
+class _DirWalk:
+    """The directories of one resolution: a stack of fds below the root (closed by :meth:`close`)."""
+
+    def __init__(self, tree: _Tree) -> None:
+        self.tree = tree
+        self.stack: list[tuple[str, int]] = []
+
+    @property
+    def fd(self) -> int:
+        return self.stack[-1][1] if self.stack else self.tree.fd
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.stack)
+
+    def push(self, name: str, fd: int) -> None:
+        self.stack.append((name, fd))
+
+    def pop(self) -> None:
+        os.close(self.stack.pop()[1])
+
+    def close(self) -> None:
+        while self.stack:
+            self.pop()
+
+
+class _Applier:
+    """Applies the tar entries of one layer to a :class:`_Tree`."""
+
+    def __init__(self, tree: _Tree, what: str, limits: LayerLimits, byte_cap: tuple[int, str]) -> None:
+        self.tree = tree
         self.what = what
-        self.created: set[str] = set()  # paths (relative, resolved) this layer has put in place
-        self.dir_times = dir_times
+        self.limits = limits
+        self.byte_cap, self.cap_reason = byte_cap
+        self.created: set[tuple[str, ...]] = set()  # resolved paths this layer has put in place
+        self.written = 0  # bytes of file content written by this layer
+        self.entries = 0
         self.privileged = os.geteuid() == 0
 
-    # -- path resolution -------------------------------------------------------------------------
-    def _resolve_dir(self, parts: list[str], name: str, *, create: bool) -> list[str] | None:
-        """Resolve directory components inside the root, following in-root symlinks.
+    def too_large(self) -> LayerTooLargeError:
+        return LayerTooLargeError(
+            f"{self.what} expands to more than {human_bytes(self.byte_cap)} ({self.cap_reason}); refused"
+        )
 
-        Returns the resolved components, or ``None`` if a component is missing and ``create`` is False.
-        """
-        resolved: list[str] = []
-        queue = list(parts)
+    # -- path resolution -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _walk(self, parts: list[str], name: str, *, create: bool) -> Iterator[_DirWalk | None]:
+        """The directory ``parts`` resolved below the root, following in-root symlinks as a
+        container would. Missing directories are created if ``create``, else this yields ``None``."""
+        walk = _DirWalk(self.tree)
+        try:
+            yield walk if self._descend(walk, parts, name, create=create) else None
+        finally:
+            walk.close()
+
+    def _descend(self, walk: _DirWalk, parts: list[str], name: str, *, create: bool) -> bool:
+        queue = list(reversed(parts))  # a stack: the next component is at the end
         hops = 0
         while queue:
-            comp = queue.pop(0)
+            comp = queue.pop()
             if comp in ("", "."):
                 continue
             if comp == "..":
-                if not resolved:
+                if not walk.stack:
                     raise UnsafeLayerError(
                         f"{self.what}: entry {name!r} resolves outside the root through a symlink"
                     )
-                resolved.pop()
+                walk.pop()
                 continue
-            path = os.path.join(self.root, *resolved, comp)
+            if len(walk.stack) >= self.limits.max_depth:
+                raise LayerLimitError(
+                    f"{self.what}: entry {name!r} resolves more than {self.limits.max_depth} levels deep"
+                )
             try:
-                st = os.lstat(path)
+                walk.push(comp, os.open(comp, _O_DIR, dir_fd=walk.fd))
+                continue
             except FileNotFoundError:
                 if not create:
-                    return None
-                os.mkdir(path, 0o755)
-                self.created.add("/".join([*resolved, comp]))
-                resolved.append(comp)
+                    return False
+                os.mkdir(comp, 0o755, dir_fd=walk.fd)
+                walk.push(comp, os.open(comp, _O_DIR, dir_fd=walk.fd))
+                self.created.add(walk.names)
                 continue
-            if stat.S_ISLNK(st.st_mode):
-                hops += 1
-                if hops > _MAX_SYMLINK_HOPS:
-                    raise UnsafeLayerError(f"{self.what}: entry {name!r}: too many levels of symlinks")
-                target = os.readlink(path)
-                if target.startswith("/"):
-                    resolved = []
-                queue = target.split("/") + queue
-            elif stat.S_ISDIR(st.st_mode):
-                resolved.append(comp)
-            else:
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+            st = _lstat_at(walk.fd, comp)
+            if st is None or not stat.S_ISLNK(st.st_mode):
                 raise LayerError(
-                    f"{self.what}: entry {name!r}: {'/'.join([*resolved, comp])!r} is not a directory"
+                    f"{self.what}: entry {name!r}: {'/'.join([*walk.names, comp])!r} is not a directory"
                 )
-        return resolved
-
-    def _remove(self, path: str) -> None:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
+            hops += 1
+            if hops > _MAX_SYMLINK_HOPS:
+                raise UnsafeLayerError(f"{self.what}: entry {name!r}: too many levels of symlinks")
+            target = os.readlink(comp, dir_fd=walk.fd)
+            if target.startswith("/"):
+                walk.close()  # absolute targets are relative to the image root
+            queue.extend(reversed(target.split("/")))
+        return True
 
     # -- entries ---------------------------------------------------------------------------------
     def apply(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
-        parts = _check_name(member.name, self.what)
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise LayerLimitError(f"{self.what} has more than {self.limits.max_entries} entries")
+        parts = _check_name(member.name, self.what, self.limits)
+        try:
+            self._apply(tar, member, parts)
+        except OSError as exc:
+            raise LayerError(
+                f"{self.what}: cannot write entry {member.name!r} under {self.tree.path}:"
+                f" {exc.strerror or exc}"
+            ) from None
+
+    def _apply(self, tar: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str]) -> None:
         if not parts:  # the root directory itself
-            self._metadata(self.root, member)
+            if not member.isdir():
+                raise LayerError(f"{self.what}: entry {member.name!r} names the root but is not a directory")
+            self._metadata(self.tree.fd, ".", member, self.tree.fd, ())
             return
         base = parts[-1]
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, member.name)
             return
-        parent = self._resolve_dir(parts[:-1], member.name, create=True)
-        assert parent is not None
-        rel = "/".join([*parent, base])
-        dest = os.path.join(self.root, rel)
-        try:
-            existing = os.lstat(dest)
-        except FileNotFoundError:
-            existing = None
-        if existing is not None and not (member.isdir() and stat.S_ISDIR(existing.st_mode)):
-            self._remove(dest)
-        if member.isdir():
-            if existing is None or not stat.S_ISDIR(existing.st_mode):
-                os.mkdir(dest, 0o700)
-        elif member.isreg():
-            src = tar.extractfile(member)
-            assert src is not None
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        elif member.issym():
-            os.symlink(member.linkname, dest)
-        elif member.islnk():
-            self._hardlink(member, dest)
+        with self._walk(parts[:-1], member.name, create=True) as walk:
+            assert walk is not None
+            rel = (*walk.names, base)
+            self._create(tar, member, walk.fd, base, rel)
             self.created.add(rel)
-            return  # a hard link shares its target's inode and metadata
-        elif member.ischr() or member.isblk():
-            if not self.privileged:
-                return  # device nodes need root; skip them in unprivileged builds
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            os.mknod(dest, kind | 0o600, os.makedev(member.devmajor, member.devminor))
-        elif member.isfifo():
-            os.mkfifo(dest, 0o600)
+
+    def _create(
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, pfd: int, base: str, rel: tuple[str, ...]
+    ) -> None:
+        existing = _lstat_at(pfd, base)
+        keep_dir = member.isdir() and existing is not None and stat.S_ISDIR(existing.st_mode)
+        if existing is not None and not keep_dir:
+            _remove_at(pfd, base)  # a later entry replaces an earlier one, whatever either is
+        if member.isdir():
+            if not keep_dir:
+                os.mkdir(base, 0o700, dir_fd=pfd)
+            self._with_fd(os.open(base, _O_DIR, dir_fd=pfd), pfd, base, member, rel)
+        elif member.isreg():
+            self._write_file(tar, member, pfd, base, rel)
+        elif member.issym():
+            if len(member.linkname.encode("utf-8", "surrogateescape")) > self.limits.max_path_bytes:
+                raise LayerLimitError(f"{self.what}: symlink {member.name!r} has an overlong target")
+            os.symlink(member.linkname, base, dir_fd=pfd)
+            self._metadata(pfd, base, member, None, rel)
+        elif member.islnk():
+            self._hardlink(member, pfd, base)  # shares its target's inode and metadata
+        elif member.ischr() or member.isblk() or member.isfifo():
+            if not self._make_node(member, pfd, base):
+                return
+            self._metadata(pfd, base, member, None, rel)
         else:
             raise LayerError(f"{self.what}: entry {member.name!r} has unsupported tar type {member.type!r}")
-        self.created.add(rel)
-        self._metadata(dest, member)
 
-    def _hardlink(self, member: tarfile.TarInfo, dest: str) -> None:
-        parts = _check_name(member.linkname, self.what, "hard link target")
+    def _with_fd(self, fd: int, pfd: int, base: str, member: tarfile.TarInfo, rel: tuple[str, ...]) -> None:
+        try:
+            self._metadata(pfd, base, member, fd, rel)
+        finally:
+            os.close(fd)
+
+    def _write_file(
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, pfd: int, base: str, rel: tuple[str, ...]
+    ) -> None:
+        if self.written + member.size > self.byte_cap:
+            raise self.too_large()
+        src = tar.extractfile(member)
+        assert src is not None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(base, flags, 0o600, dir_fd=pfd), "wb") as out:
+            while chunk := src.read(1 << 20):
+                out.write(chunk)
+            out.flush()
+            self.written += member.size
+            self._metadata(pfd, base, member, out.fileno(), rel)
+
+    def _make_node(self, member: tarfile.TarInfo, pfd: int, base: str) -> bool:
+        if member.isfifo():
+            os.mkfifo(base, 0o600, dir_fd=pfd)
+            return True
+        if not self.privileged:
+            return False  # device nodes need root; skip them in unprivileged builds
+        kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+        os.mknod(base, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=pfd)
+        return True
+
+    def _hardlink(self, member: tarfile.TarInfo, pfd: int, base: str) -> None:
+        parts = _check_name(member.linkname, self.what, self.limits, "hard link target")
         if not parts:
             raise UnsafeLayerError(f"{self.what}: hard link {member.name!r} points at the root directory")
-        parent = self._resolve_dir(parts[:-1], member.linkname, create=False)
-        target = os.path.join(self.root, *(parent or []), parts[-1])
-        if parent is None or not os.path.lexists(target):
-            raise LayerError(f"{self.what}: hard link {member.name!r} points at missing {member.linkname!r}")
-        if stat.S_ISDIR(os.lstat(target).st_mode):
-            raise LayerError(f"{self.what}: hard link {member.name!r} points at a directory")
-        os.link(target, dest, follow_symlinks=False)
+        with self._walk(parts[:-1], member.linkname, create=False) as walk:
+            target = _lstat_at(walk.fd, parts[-1]) if walk is not None else None
+            if walk is None or target is None:
+                raise LayerError(
+                    f"{self.what}: hard link {member.name!r} points at missing {member.linkname!r}"
+                )
+            if not stat.S_ISREG(target.st_mode):
+                raise LayerError(
+                    f"{self.what}: hard link {member.name!r} points at {member.linkname!r},"
+                    " which is not a regular file"
+                )
+            os.link(parts[-1], base, src_dir_fd=walk.fd, dst_dir_fd=pfd, follow_symlinks=False)
 
     def _whiteout(self, parts: list[str], name: str) -> None:
         base = parts[-1]
         if base[len(WHITEOUT_PREFIX) :] in ("", ".", ".."):
             raise UnsafeLayerError(f"{self.what}: whiteout {name!r} names no file")
-        parent = self._resolve_dir(parts[:-1], name, create=False)
-        if parent is None:
-            return
-        parent_path = os.path.join(self.root, *parent)
-        if base == OPAQUE_MARKER:
-            for entry in os.listdir(parent_path):
-                if "/".join([*parent, entry]) not in self.created:
-                    self._remove(os.path.join(parent_path, entry))
-            return
-        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+        if base != OPAQUE_MARKER and base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
             return  # other AUFS metadata (.wh..wh.plnk, ...): not content
-        victim = base[len(WHITEOUT_PREFIX) :]
-        if "/".join([*parent, victim]) not in self.created:
-            self._remove(os.path.join(parent_path, victim))
+        with self._walk(parts[:-1], name, create=False) as walk:
+            if walk is None:
+                return
+            opaque = base == OPAQUE_MARKER
+            victims = os.listdir(walk.fd) if opaque else [base[len(WHITEOUT_PREFIX) :]]
+            for victim in victims:
+                if (*walk.names, victim) not in self.created:  # whiteouts only hide lower layers
+                    _remove_at(walk.fd, victim)
 
-    def _metadata(self, path: str, member: tarfile.TarInfo) -> None:
-        is_link = member.issym()
+    # -- metadata --------------------------------------------------------------------------------
+    def _metadata(
+        self, pfd: int, base: str, member: tarfile.TarInfo, fd: int | None, rel: tuple[str, ...]
+    ) -> None:
+        """Owner, mode, xattrs and time of the entry just made: through ``fd`` when there is one,
+        else relative to ``pfd`` without following ``base`` (symlinks, device nodes, fifos)."""
         if self.privileged:
-            os.chown(path, member.uid, member.gid, follow_symlinks=False)
-        if not is_link:
-            os.chmod(path, member.mode & 0o7777)
-        for key, value in member.pax_headers.items():
-            if key.startswith("SCHILY.xattr."):
-                try:
-                    os.setxattr(
-                        path, key[13:], value.encode("utf-8", "surrogateescape"), follow_symlinks=False
-                    )
-                except OSError as exc:
-                    if self.privileged and exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                        raise LayerError(
-                            f"{self.what}: cannot set xattr {key[13:]} on {member.name!r}: {exc.strerror}"
-                        ) from None
+            if fd is not None:
+                os.fchown(fd, member.uid, member.gid)
+            else:
+                os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+        mode = member.mode & 0o7777
+        if not rel:
+            self.tree.root_mode = mode  # the root stays private until the last layer is in
+        elif fd is not None:
+            os.fchmod(fd, mode)  # after chown, which clears setuid bits
+        elif not member.issym():
+            self._chmod_node(pfd, base, mode)
+        self._xattrs(pfd, base, member, fd)
         mtime_ns = int(member.mtime * 1_000_000_000)
         if member.isdir():
-            self.dir_times[path] = mtime_ns
+            self.tree.dir_times[rel] = mtime_ns
+        elif fd is not None:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
         else:
-            os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            os.utime(base, ns=(mtime_ns, mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    @staticmethod
+    def _chmod_node(pfd: int, base: str, mode: int) -> None:
+        """chmod a device node or fifo without opening it (which could block or touch a device)."""
+        fd = os.open(base, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                return
+            os.chmod(f"/proc/self/fd/{fd}", mode)  # the inode behind the O_PATH fd, not a name
+        finally:
+            os.close(fd)
+
+    def _xattrs(self, pfd: int, base: str, member: tarfile.TarInfo, fd: int | None) -> None:
+        for key, value in member.pax_headers.items():
+            if not key.startswith("SCHILY.xattr."):
+                continue
+            data = value.encode("utf-8", "surrogateescape")
+            try:
+                if fd is not None:
+                    os.setxattr(fd, key[13:], data)
+                else:  # the directory fd's own name, then base without following it
+                    os.setxattr(f"/proc/self/fd/{pfd}/{base}", key[13:], data, follow_symlinks=False)
+            except OSError as exc:
+                if self.privileged and exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise LayerError(
+                        f"{self.what}: cannot set xattr {key[13:]} on {member.name!r}: {exc.strerror}"
+                    ) from None
+
+
+_DECODE_ERRORS = (tarfile.TarError, EOFError, zstandard.ZstdError, lzma.LZMAError, gzip.BadGzipFile)
+
+
+def _apply_to_tree(
+    tree: _Tree,
+    blob: IO[bytes],
+    what: str,
+    diff_id: str | None,
+    limits: LayerLimits,
+    compressed_size: int,
+) -> None:
+    applier = _Applier(tree, what, limits, limits.byte_cap(compressed_size, tree.fd))
+    try:
+        with open_layer(blob, what) as plain:
+            counting = _HashingReader(plain, applier.byte_cap, applier.too_large)
+            with tarfile.open(  # type: ignore[call-overload]
+                fileobj=counting, mode="r|", errors="surrogateescape", tarinfo=_BoundedTarInfo
+            ) as tar:
+                while (member := tar.next()) is not None:
+                    applier.apply(tar, member)
+                    tar.members.clear()  # a stream needs no index; keeping one grows with the layer
+            counting.drain()
+    except LayerLimitError as exc:
+        if str(exc).startswith(what):
+            raise
+        raise LayerLimitError(f"{what} {exc}") from None  # raised inside tarfile, without the layer name
+    except _DECODE_ERRORS as exc:
+        raise LayerError(f"{what} is not a valid tar stream: {' '.join(str(exc).split())}") from None
+    except OSError as exc:
+        raise LayerError(f"{what}: cannot read the layer: {exc.strerror or exc}") from None
+    if diff_id is not None:
+        actual = f"sha256:{counting.hash.hexdigest()}"
+        if actual != diff_id:
+            raise DigestMismatchError(
+                f"{what}: uncompressed content has digest {actual}, the config says {diff_id}"
+            )
+
+
+def _blob_size(blob: IO[bytes]) -> int:
+    try:
+        return os.fstat(blob.fileno()).st_size
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        return 0
 
 
 def apply_layer(
@@ -282,56 +617,68 @@ def apply_layer(
     *,
     what: str = "layer",
     diff_id: str | None = None,
-    dir_times: dict[str, int] | None = None,
+    limits: LayerLimits | None = None,
 ) -> None:
     """Apply one layer (a possibly compressed tar stream) to the directory ``root``.
 
-    If ``diff_id`` is given, the uncompressed stream must hash to it. Directory mtimes are collected
-    in ``dir_times`` (path → ns) so the caller can set them after the last layer; without it they
-    are set when the layer is done.
+    If ``diff_id`` is given, the uncompressed stream must hash to it. ``limits`` default to
+    :meth:`LayerLimits.from_env`. Directory times (and a mode the layer gives the root) are set
+    when the layer is done.
     """
-    times: dict[str, int] = {} if dir_times is None else dir_times
-    applier = _Applier(root, what, times)
-    try:
-        with open_layer(blob) as plain:
-            hashing = _HashingReader(plain)
-            with tarfile.open(fileobj=hashing, mode="r|", errors="surrogateescape") as tar:  # type: ignore[call-overload]
-                for member in tar:
-                    applier.apply(tar, member)
-            hashing.drain()
-    except (tarfile.TarError, EOFError, zstandard.ZstdError, lzma.LZMAError, gzip.BadGzipFile) as exc:
-        raise LayerError(f"{what} is not a valid tar stream: {' '.join(str(exc).split())}") from None
-    except OSError as exc:
-        raise LayerError(f"{what}: {exc.strerror or exc} ({exc.filename or ''})") from None
-    if diff_id is not None:
-        actual = f"sha256:{hashing.hash.hexdigest()}"
-        if actual != diff_id:
-            raise DigestMismatchError(
-                f"{what}: uncompressed content has digest {actual}, the config says {diff_id}"
+    with _open_tree(root) as tree:
+        _apply_to_tree(tree, blob, what, diff_id, limits or LayerLimits.from_env(), _blob_size(blob))
+        tree.finish(None)
+
+
+def _apply_cached_layer(image: Image, index: int, tree: _Tree, limits: LayerLimits) -> None:
+    """Apply layer ``index`` from the cache, checking the blob's own digest as it is read: a blob
+    that no longer matches it is discarded (the next pull fetches it again)."""
+    layer = image.layers[index]
+    what = f"layer {index + 1}/{len(image.layers)} ({layer.digest})"
+    diff_ids = image.config.diff_ids
+    blobs = image.store.blobs
+    with blobs.open(layer.digest) as f:
+        raw = _HashingReader(f)
+        try:
+            _apply_to_tree(
+                tree, cast(IO[bytes], raw), what, diff_ids[index] if diff_ids else None, limits, layer.size
             )
-    if dir_times is None:
-        _set_dir_times(times)
+        except SupermachineError:
+            raw.drain()
+            if f"sha256:{raw.hash.hexdigest()}" != layer.digest:
+                raise _corrupt(blobs, layer.digest, what) from None
+            raise
+        raw.drain()
+        if f"sha256:{raw.hash.hexdigest()}" != layer.digest:
+            raise _corrupt(blobs, layer.digest, what)
 
 
-def _set_dir_times(times: dict[str, int]) -> None:
-    for path in sorted(times, key=len, reverse=True):
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(path, ns=(times[path], times[path]), follow_symlinks=False)
+def _corrupt(blobs: BlobStore, digest: str, what: str) -> CorruptBlobError:
+    blobs.discard_if_corrupt(digest)
+    return CorruptBlobError(
+        f"{what}: the cached blob does not match its digest (corrupt on disk); it has been discarded,"
+        " pull the image again"
+    )
 
 
-def build_rootfs(image: Image, dest: Path) -> Path:
-    """Apply every layer of ``image`` in order into the (new or empty) directory ``dest``."""
+def build_rootfs(image: Image, dest: Path, *, limits: LayerLimits | None = None) -> Path:
+    """Apply every layer of ``image`` in order into the (new or empty) directory ``dest``.
+
+    ``dest`` is mode 0700 until the last layer is in; then it gets the image's root mode (0755 by
+    default). ``limits`` default to :meth:`LayerLimits.from_env`.
+    """
+    limits = limits or LayerLimits.from_env()
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise RootfsError(f"{dest} is not empty")
-    os.chmod(dest, 0o755)
-    times: dict[str, int] = {}
-    diff_ids = image.config.diff_ids
-    for i, layer in enumerate(image.layers):
-        what = f"layer {i + 1}/{len(image.layers)} ({layer.digest})"
-        with image.store.blobs.open(layer.digest) as blob:
-            apply_layer(dest, blob, what=what, diff_id=diff_ids[i] if diff_ids else None, dir_times=times)
-    _set_dir_times(times)
+    os.chmod(dest, 0o700)
+    with _open_tree(dest) as tree:
+        for index in range(len(image.layers)):
+            _apply_cached_layer(image, index, tree, limits)
+        try:
+            tree.finish(0o755)
+        except OSError as exc:
+            raise RootfsError(f"cannot set directory times in {dest}: {exc.strerror}") from None
     return dest
 
 
@@ -350,28 +697,48 @@ def mksquashfs(tree: Path, out: Path, *, compression: str = "gzip", processors: 
 
 
 def build_squashfs(
-    image: Image, *, compression: str = "gzip", processors: int | None = None, force: bool = False
+    image: Image,
+    *,
+    compression: str = "gzip",
+    processors: int | None = None,
+    force: bool = False,
+    limits: LayerLimits | None = None,
 ) -> Path:
-    """The read-only squashfs root filesystem of ``image``, built once and cached by config digest."""
+    """The read-only squashfs root filesystem of ``image``, built once and cached by config digest.
+
+    The tree is built in a private (0700) directory under the cache's ``tmp/``, so nothing in it
+    (setuid binaries, device nodes) is reachable by other users, and removed afterwards.
+    """
     store = image.store
     out = store.rootfs_path(image.config_digest)
     with store.using(), file_lock(store.locks / f"rootfs-{hex_of(image.config_digest)}.lock"):
         if out.exists() and not force:
             return out
-        store.tmp_dir.mkdir(parents=True, exist_ok=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(6)
-        tree = store.tmp_dir / f"rootfs-{hex_of(image.config_digest)[:12]}-{token}"
+        work = store.tmp_dir / f"rootfs-{hex_of(image.config_digest)[:12]}-{token}"
         tmp_out = out.with_name(f".{out.name}.tmp-{token}")
         try:
-            build_rootfs(image, tree)
+            _private_dir(work)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tree = build_rootfs(image, work / "tree", limits=limits)
             mksquashfs(tree, tmp_out, compression=compression, processors=processors)
             with open(tmp_out, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp_out, out)
             fsync_dir(out.parent)
+        except OSError as exc:
+            raise RootfsError(
+                f"cannot build the root filesystem {out}: {exc.strerror or exc}"
+                + (f" ({exc.filename})" if exc.filename else "")
+            ) from None
         finally:
             tmp_out.unlink(missing_ok=True)
-            if tree.exists():
-                shutil.rmtree(tree, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and its parent) with mode 0700, whatever the umask."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.mkdir(mode=0o700)
+    os.chmod(path, 0o700)

@@ -6,7 +6,13 @@ Layout under :func:`supermachine.paths.cache_dir`::
     blobs/sha256/<hex>.partial  a download in progress (resumable), guarded by locks/<hex>.lock
     images.json                 ref -> manifest digest, config digest, layers (written atomically)
     rootfs/<config hex>.squashfs
+    tmp/                        (0700) root filesystem trees being built; private to the owner
     locks/                      flock(2) files
+
+A blob only ever appears under its digest name by rename after its content was verified and
+fsynced, so a killed process leaves at most a ``.partial`` file. Content that rots on disk later
+is caught when it is read (manifests, configs), pulled again (every blob) or applied (layers):
+the blob is discarded and fetched again rather than trusted.
 
 Concurrency: every writer of a blob holds that blob's lock, so two pulls of the same image share the
 work instead of corrupting each other. Pulls and builds hold the store lock shared; ``prune`` and
@@ -19,22 +25,39 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, Literal
 
 from supermachine import paths
-from supermachine.errors import DigestMismatchError, ImageNotFoundError, ImageReferenceError, InputError
+from supermachine.errors import (
+    CacheWriteError,
+    CorruptBlobError,
+    DigestMismatchError,
+    ImageNotFoundError,
+    ImageReferenceError,
+    InputError,
+)
 from supermachine.oci.reference import Reference, validate_digest
 
 _HEX = re.compile(r"[a-f0-9]{64}")
 INDEX_VERSION = 1
+_log = logging.getLogger(__name__)
+
+CachedState = Literal["missing", "valid", "discarded"]
+
+
+def _write_error(exc: OSError, what: str, path: Path) -> CacheWriteError:
+    """One line naming what was being written, where, and why it failed (e.g. a full disk)."""
+    return CacheWriteError(f"cannot write {what} to {path}: {exc.strerror or exc}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -92,7 +115,10 @@ class BlobWriter:
         self.final = store.path(digest)
         self.partial = self.final.with_name(self.final.name + ".partial")
         self._hash = hashlib.sha256()
-        self._file: BinaryIO = open(self.partial, "r+b" if resume and self.partial.exists() else "w+b")  # noqa: SIM115
+        try:
+            self._file: BinaryIO = open(self.partial, "r+b" if resume and self.partial.exists() else "w+b")  # noqa: SIM115
+        except OSError as exc:
+            raise _write_error(exc, f"{what} {digest}", self.partial) from None
         if resume:
             self._file.seek(0)
             while chunk := self._file.read(1 << 20):
@@ -114,7 +140,11 @@ class BlobWriter:
             raise DigestMismatchError(
                 f"{self.what} {self.digest}: got more than the expected {self.size} bytes; download discarded"
             )
-        self._file.write(chunk)
+        try:
+            self._file.write(chunk)
+        except OSError as exc:
+            self.discard()  # a full disk: free what this download took instead of keeping it to resume
+            raise _write_error(exc, f"{self.what} {self.digest}", self.partial) from None
         self._hash.update(chunk)
         self.offset += len(chunk)
 
@@ -131,18 +161,24 @@ class BlobWriter:
             raise DigestMismatchError(
                 f"{self.what} {self.digest}: content has digest {actual}; download discarded"
             )
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self.partial, self.final)
-        fsync_dir(self.final.parent)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.partial, self.final)
+            fsync_dir(self.final.parent)
+        except OSError as exc:
+            self.discard()
+            raise _write_error(exc, f"{self.what} {self.digest}", self.final) from None
         return self.final
 
     def close(self) -> None:
         """Stop writing but keep the partial file for a later resume."""
         if not self._file.closed:
-            self._file.flush()
-            self._file.close()
+            # A failed flush (full disk) still closes the file; what did not reach it is fetched
+            # again on resume, or the partial is discarded.
+            with contextlib.suppress(OSError):
+                self._file.close()
 
     def discard(self) -> None:
         """Stop writing and delete the partial file."""
@@ -172,11 +208,56 @@ class BlobStore:
         try:
             return open(self.path(digest), "rb")
         except FileNotFoundError:
-            raise InputError(f"blob {digest} is not in the cache") from None
+            raise InputError(f"blob {digest} is not in the cache; pull the image again") from None
 
     def read_bytes(self, digest: str) -> bytes:
+        """A small blob (manifest, config), checked against its digest: one that rotted on disk is
+        discarded and reported rather than trusted."""
         with self.open(digest) as f:
-            return f.read()
+            data = f.read()
+        if f"sha256:{hashlib.sha256(data).hexdigest()}" != digest:
+            self.discard_if_corrupt(digest)
+            raise CorruptBlobError(
+                f"cached blob {digest} does not match its digest (corrupt on disk); it has been"
+                " discarded, pull the image again"
+            )
+        return data
+
+    def verify(self, digest: str) -> bool:
+        """Whether the stored blob (if any) still hashes to its digest."""
+        h = hashlib.sha256()
+        try:
+            with open(self.path(digest), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except FileNotFoundError:
+            return False
+        return f"sha256:{h.hexdigest()}" == digest
+
+    def cached(self, digest: str, size: int | None = None) -> CachedState:
+        """Whether ``digest`` is stored intact: a stored copy whose content no longer matches the
+        digest is deleted (``"discarded"``) so that it is fetched again. One that matches but not
+        the ``size`` a descriptor claims is kept (other images may use it) and reported missing, so
+        the download's own size check names the problem. The caller holds :meth:`lock`."""
+        if not self.path(digest).exists():
+            return "missing"
+        if not self.verify(digest):
+            self._discard(digest)
+            return "discarded"
+        return "valid" if self.has(digest, size) else "missing"
+
+    def discard_if_corrupt(self, digest: str) -> bool:
+        """Delete the stored blob if it no longer matches its digest; True if it was deleted."""
+        with self.lock(digest):
+            if not self.path(digest).exists() or self.verify(digest):
+                return False
+            self._discard(digest)
+            return True
+
+    def _discard(self, digest: str) -> None:
+        _log.warning("discarded cached blob %s: its content does not match its digest", digest)
+        self.path(digest).unlink(missing_ok=True)
+        fsync_dir(self.dir)
 
     @contextlib.contextmanager
     def lock(self, digest: str) -> Iterator[None]:
@@ -187,13 +268,16 @@ class BlobStore:
     def writer(self, digest: str, size: int | None, *, resume: bool = True, what: str = "blob") -> BlobWriter:
         """A :class:`BlobWriter` for ``digest``; the caller must hold :meth:`lock`."""
         validate_digest(digest)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(exc, f"{what} {digest}", self.dir) from None
         return BlobWriter(self, digest, size, resume=resume, what=what)
 
     def put_stream(self, digest: str, size: int | None, stream: IO[bytes], what: str = "blob") -> Path:
         """Copy ``stream`` into the store as ``digest`` (verified); a no-op if it is already there."""
         with self.lock(digest):
-            if self.has(digest, size):
+            if self.cached(digest, size) == "valid":
                 return self.path(digest)
             w = self.writer(digest, size, resume=False, what=what)
             try:
@@ -210,7 +294,7 @@ class BlobStore:
         if digest is not None and digest != actual:
             raise DigestMismatchError(f"{what} {digest}: content has digest {actual}")
         with self.lock(actual):
-            if not self.has(actual, len(data)):
+            if self.cached(actual, len(data)) != "valid":
                 w = self.writer(actual, len(data), resume=False, what=what)
                 try:
                     w.write(data)
@@ -282,6 +366,8 @@ class PruneResult:
     blobs: int
     rootfs_images: int
     bytes_freed: int
+    partial_files: int = 0  # interrupted downloads and temporary files of interrupted writes
+    temp_trees: int = 0  # root filesystem trees left by interrupted builds
 
 
 class ImageStore:
@@ -406,29 +492,56 @@ class ImageStore:
         keep_blobs = set().union(*(r.blobs() for r in images)) if images else set()
         keep_rootfs = {f"{hex_of(r.config_digest)}.squashfs" for r in images}
         keep_rootfs |= self._rootfs_used_by_snapshots()
-        freed = removed_blobs = removed_rootfs = 0
-        if self.blobs.dir.is_dir():
-            for entry in os.scandir(self.blobs.dir):
-                name = entry.name
-                is_blob = _HEX.fullmatch(name) is not None
-                if is_blob and f"sha256:{name}" in keep_blobs:
-                    continue
-                # Complete unreferenced blobs, interrupted downloads and temp files all go:
-                # with the store lock held exclusively no pull is running.
-                freed += entry.stat(follow_symlinks=False).st_size
-                os.unlink(entry.path)
-                removed_blobs += is_blob
-        if self.rootfs_dir.is_dir():
-            for entry in os.scandir(self.rootfs_dir):
-                if entry.name in keep_rootfs:
-                    continue
-                freed += entry.stat(follow_symlinks=False).st_size
-                os.unlink(entry.path)
-                removed_rootfs += entry.name.endswith(".squashfs") and not entry.name.startswith(".")
-        if self.tmp_dir.is_dir():
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        freed = removed_blobs = removed_rootfs = partial = trees = 0
+        # With the store lock held exclusively no pull or build is running: every partial download,
+        # temporary file and build tree is left over from one that was killed.
+        for entry in _entries(self.blobs.dir):
+            is_blob = _HEX.fullmatch(entry.name) is not None
+            if is_blob and f"sha256:{entry.name}" in keep_blobs:
+                continue
+            freed += _remove_entry(entry)
+            removed_blobs += is_blob
+            partial += not is_blob
+        for entry in _entries(self.rootfs_dir):
+            if entry.name in keep_rootfs:
+                continue
+            freed += _remove_entry(entry)
+            is_image = entry.name.endswith(".squashfs") and not entry.name.startswith(".")
+            removed_rootfs += is_image
+            partial += not is_image
+        for entry in _entries(self.tmp_dir):
+            freed += _remove_entry(entry)
+            trees += 1
+        for entry in _entries(self.root):
+            if entry.name.startswith(f".{self.index_path.name}.tmp-"):
+                freed += _remove_entry(entry)
+                partial += 1
         if self.locks.is_dir():  # per-blob lock files; nobody holds one while we hold the store lock
             for entry in os.scandir(self.locks):
                 if entry.name.endswith(".lock") and _HEX.fullmatch(entry.name[:-5]):
                     os.unlink(entry.path)
-        return PruneResult(removed_blobs, removed_rootfs, freed)
+        return PruneResult(removed_blobs, removed_rootfs, freed, partial, trees)
+
+
+def _entries(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+
+
+def _remove_entry(entry: os.DirEntry[str]) -> int:
+    """Delete a file or a whole directory tree (never following symlinks); the bytes it held."""
+    if not entry.is_dir(follow_symlinks=False):
+        size = entry.stat(follow_symlinks=False).st_size
+        os.unlink(entry.path)
+        return size
+    size = 0
+    for top, dirs, files in os.walk(entry.path):  # does not descend into symlinked directories
+        for name in (*dirs, *files):
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(top, name))
+                size += 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+    shutil.rmtree(entry.path, ignore_errors=True)
+    return size
