@@ -33,6 +33,7 @@ from supermachine.oci.transport import (
     plain,
     raw_chunks,
     read_capped,
+    same_origin,
     send,
 )
 
@@ -152,7 +153,7 @@ class RegistryClient:
             except NETWORK_ERRORS as exc:
                 self._failed(exc)
             # Only the registry's own challenges are answered, not those of a host it redirected to.
-            if resp.status_code != 401 or round_ == 2 or not resp.url.startswith(self.base_url + "/"):
+            if resp.status_code != 401 or round_ == 2 or not same_origin(resp.url, self.base_url):
                 return resp
             challenge = resp.headers.get("WWW-Authenticate")
             resp.close()

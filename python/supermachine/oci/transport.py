@@ -63,13 +63,19 @@ class Deadline:
         self._outer: Deadline | None = None
 
     def watch(self, sock: socket.socket) -> None:
+        # A duplicate descriptor of the connection: it stays valid when the original socket object
+        # is wrapped for TLS (which detaches it) or closed, and is never reused for another socket.
+        try:
+            dup = socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+        except OSError:
+            return  # already closed
         with self._lock:
-            if self._done:
+            if not self._done:
+                self._sockets.append(dup)
+                if self.fired:
+                    _shutdown(dup)
                 return
-            if self.fired:
-                _shutdown(sock)
-            else:
-                self._sockets.append(sock)
+        dup.close()
 
     def check(self) -> None:
         """Raise the deadline's error if the budget is spent."""
@@ -93,6 +99,8 @@ class Deadline:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         with self._lock:
             self._done = True
+            for sock in self._sockets:
+                sock.close()
             self._sockets.clear()
         self._timer.cancel()
         _current.deadline = self._outer
@@ -102,10 +110,9 @@ class Deadline:
 
 
 def _shutdown(sock: socket.socket) -> None:
-    # The base class method: an SSLSocket's own shutdown() would also drop its TLS state under the
-    # feet of the thread blocked in it. OSError: already closed.
-    with contextlib.suppress(OSError):
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    """Wake every thread blocked on the connection ``sock`` duplicates (they read end-of-file)."""
+    with contextlib.suppress(OSError):  # the peer may have closed it already
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _watch(sock: socket.socket | None) -> None:
@@ -189,7 +196,13 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 def _origin(url: str) -> tuple[str, str, int | None]:
     parsed = urllib3.util.parse_url(url)
-    return (parsed.scheme or "", (parsed.host or "").lower(), parsed.port)
+    scheme = (parsed.scheme or "").lower()
+    return (scheme, (parsed.host or "").lower(), parsed.port or {"http": 80, "https": 443}.get(scheme))
+
+
+def same_origin(a: str, b: str) -> bool:
+    """True if URLs ``a`` and ``b`` have the same scheme, host and port."""
+    return _origin(a) == _origin(b)
 
 
 def send(
@@ -231,6 +244,9 @@ def send(
         target = requests.compat.urljoin(url, location)
         if _origin(target)[0] not in ("http", "https"):
             raise RegistryError(f"{_host(url)} redirected to a non-HTTP URL")
+        if data is not None and resp.status_code in (307, 308) and _origin(target) != origin:
+            # The form would be posted again, and it carries a credential (a refresh token).
+            raise RegistryError(f"{_host(url)} redirected a credential-bearing request to another host")
         if resp.status_code in (301, 302, 303) and method != "GET":
             method, data = "GET", None
         url, params = target, None  # the Location carries its own query
