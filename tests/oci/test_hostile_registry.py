@@ -216,6 +216,23 @@ def test_trickling_registry_hits_the_deadline(where: str) -> None:
     )
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+@pytest.mark.timeout(60)
+def test_silent_registry_hits_the_deadline(tls: bool) -> None:
+    """A server that accepts connections and never says a word (not even a TLS handshake)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # the kernel completes the TCP handshake; nobody ever reads
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        client = RegistryClient(Reference.parse(f"{host}/x/y:v1"), insecure=not tls, deadline=2.0, retries=0)
+        started = time.monotonic()
+        with pytest.raises(RegistryError) as info, client:
+            client.get_manifest("x/y", "v1")
+        elapsed = time.monotonic() - started
+    assert elapsed < 2.0 + 3.0, f"took {elapsed:.1f} s"
+    assert _one_line(info.value) == f"registry {host} did not deliver manifest {host}/x/y:v1 within 2 s"
+
+
 @pytest.mark.timeout(60)
 def test_trickling_blob_hits_its_deadline(store: ImageStore) -> None:
     config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"diff_ids": []}}).encode()
@@ -320,6 +337,17 @@ def test_connection_refused_through_the_cli_is_one_plain_line(store: ImageStore)
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(f"error: cannot connect to registry 127.0.0.1:{port}: connection refused")
     assert "Traceback" not in proc.stderr and "HTTPConnectionPool" not in proc.stderr
+
+
+def test_tls_failure_is_one_plain_line() -> None:
+    """HTTPS forced against a server that only speaks plain HTTP: the handshake fails, once."""
+    with HostileServer(lambda s, h: answer(h, 404)) as server:
+        client = RegistryClient(Reference.parse(f"{server.host}/x/y:v1"), insecure=False, retries=3)
+        with pytest.raises(RegistryError) as info, client:
+            client.get_manifest("x/y", "v1")
+    message = _one_line(info.value)
+    assert message.startswith(f"TLS error talking to registry {server.host}: "), message
+    assert "failed after" not in message  # a TLS failure is not retried
 
 
 # ---- hostile documents ----------------------------------------------------------------------------------
