@@ -206,7 +206,8 @@ def check_realm(realm: str, registry: str, plain_http_host: str | None) -> str:
         return realm
     raise AuthenticationError(
         f"registry {registry} named a token server on plain HTTP ({shown}); refusing to send credentials"
-        " unencrypted to another host (a token realm must be HTTPS unless it is on this machine)"
+        " or token requests unencrypted to another host (a token realm must be HTTPS unless it is on"
+        " this machine)"
     )
 
 

@@ -57,12 +57,6 @@ class Cancelled(Exception):
     """Raised inside a download when another part of the same pull failed."""
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line."""
-    text = " ".join(str(exc).split())
-    return text or exc.__class__.__name__
-
-
 def _registry_message(resp: requests.Response) -> str:
     """The first ``errors[].message`` of a registry error body (read capped), else the HTTP reason."""
     reason = plain(resp.reason or "")
