@@ -148,6 +148,16 @@ def test_endless_chunked_manifest_is_refused(store: ImageStore) -> None:
     _one_line(info.value)
 
 
+def test_error_text_from_the_registry_is_made_printable(store: ImageStore) -> None:
+    hostile = "\x1b]0;owned\x07\x1b[2J line one\nline two\r" + "x" * 5000
+    body = json.dumps({"errors": [{"code": "DENIED", "message": hostile}]}).encode()
+    with HostileServer(lambda s, h: answer(h, 403, body)) as server, pytest.raises(RegistryError) as info:
+        pull(f"{server.host}/x/y:v1", retries=0)
+    message = _one_line(info.value)
+    assert message.isprintable(), repr(message)
+    assert "DENIED: ]0;owned [2J line one line two xxx" in message
+
+
 # ---- redirects ------------------------------------------------------------------------------------------
 def test_redirect_loop_is_one_line(store: ImageStore) -> None:
     def respond(server: HostileServer, h: http.server.BaseHTTPRequestHandler) -> None:
@@ -397,6 +407,7 @@ def test_manifest_limits() -> None:
         (_manifest({**config, "mediaType": "application/vnd.cncf.helm.config.v1+json"}, []), "not a contai"),
         (_manifest(config, [{**layer, "mediaType": "text/plain\n" + "x" * 10_000}]), "invalid media type"),
         (b" " * (5 << 20), "larger than 4194304 bytes"),
+        (b'{"schemaVersion": ' + b"2" * 5000 + b"}", "number too long"),
     ]
     for raw, pattern in cases:
         with pytest.raises(ManifestError, match=pattern) as info:

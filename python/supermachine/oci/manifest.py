@@ -193,6 +193,8 @@ def _load_json(raw: bytes, what: str, limit: int = MAX_MANIFEST_BYTES) -> dict[s
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{what} is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    except ValueError:  # a number with more digits than int() converts
+        raise ManifestError(f"{what} holds a number too long to convert") from None
     except RecursionError:
         raise ManifestError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from None
     if _too_deep(data, MAX_JSON_DEPTH):
