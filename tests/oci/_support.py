@@ -519,3 +519,80 @@ def env(**values: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# ---- hostile servers: registries that misbehave on purpose (loopback only) -----------------------------
+@dataclass
+class HostileServer:
+    """A threaded HTTP/1.1 server on 127.0.0.1; ``respond(server, handler)`` answers every request.
+
+    Every request is recorded as ``(method, path, headers)`` before it is answered.
+    """
+
+    respond: Callable[[HostileServer, http.server.BaseHTTPRequestHandler], None]
+    requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    port: int = 0
+    httpd: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> HostileServer:
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _answer(self) -> None:
+                server.requests.append((self.command, self.path, dict(self.headers.items())))
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    server.respond(server, self)
+
+            do_GET = do_POST = _answer
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False  # a trickling handler ends when its client is gone
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.httpd:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def __enter__(self) -> HostileServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def answer(
+    handler: http.server.BaseHTTPRequestHandler,
+    status: int,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Send a complete response with a Content-Length."""
+    handler.send_response(status)
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def gzip_bomb(expanded: int) -> bytes:
+    """A gzip stream of ``expanded`` zero bytes (about a thousandth of that on the wire)."""
+    out = io.BytesIO()
+    zeros = bytes(1 << 20)
+    with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9, mtime=0) as f:
+        for _ in range(expanded // len(zeros)):
+            f.write(zeros)
+    return out.getvalue()

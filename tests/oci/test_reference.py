@@ -114,7 +114,8 @@ def test_manifest_and_config_parsing() -> None:
         }
     ).encode()
     assert Manifest.parse(raw).layers[0].size == 10
-    bad = json.dumps({"schemaVersion": 2, "config": layer, "layers": [{**layer, "size": -1}]}).encode()
+    config_desc = {**layer, "mediaType": "application/vnd.oci.image.config.v1+json"}
+    bad = json.dumps({"schemaVersion": 2, "config": config_desc, "layers": [{**layer, "size": -1}]}).encode()
     with pytest.raises(ManifestError, match="invalid size -1"):
         Manifest.parse(bad)
     config = ImageConfig.parse(

@@ -6,6 +6,9 @@ Registries answer an unauthenticated request with ``401`` and a ``WWW-Authentica
 * ``Bearer realm="https://auth/token",service="...",scope="repository:foo:pull"``: fetch a token from
   the realm (with the credentials as HTTP basic auth, if any; anonymously otherwise) and send it as
   ``Authorization: Bearer <token>``. Tokens are cached per scope until they expire.
+
+The realm is chosen by the registry, so it is checked first (:func:`check_realm`): credentials never
+travel in clear text to a host other than the registry the user named, or this machine.
 """
 
 from __future__ import annotations
@@ -23,8 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import urllib3.exceptions
+import urllib3.util
 
 from supermachine.errors import AuthenticationError, RegistryError
+from supermachine.oci.reference import is_loopback_host
+from supermachine.oci.transport import (
+    NETWORK_ERRORS,
+    BodyTooLarge,
+    describe_failure,
+    plain,
+    read_capped,
+    send,
+)
 
 DOCKER_HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 _HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
@@ -164,16 +178,61 @@ def _entry_credentials(entry: dict[str, Any], registry: str) -> Credentials | No
     return None
 
 
+MAX_TOKEN_RESPONSE_BYTES = 1 << 20
+"""The most of a token server's answer that is read (tokens are a few kilobytes)."""
+MAX_TOKEN_LIFETIME = 3600.0
+"""Seconds a token is reused at most, whatever ``expires_in`` says."""
+_BEARER_TOKEN = re.compile(r"[\x21-\x7e]{1,65536}")  # printable ASCII: safe in a header
+
+
+def check_realm(realm: str, registry: str, plain_http_host: str | None) -> str:
+    """Return ``realm`` if credentials and scopes may be sent there, else raise.
+
+    A token realm must be HTTPS, or on a loopback host, or (when the user chose plain HTTP for the
+    registry) on the registry's own host: otherwise a registry could have the Docker credentials sent
+    in clear text to any host it names.
+    """
+    shown = plain(realm, 120)
+    try:
+        parsed = urllib3.util.parse_url(realm)
+    except urllib3.exceptions.LocationParseError:
+        parsed = None
+    host = (parsed.host or "").strip("[]").lower() if parsed else ""
+    if parsed is None or parsed.scheme not in ("http", "https") or not host:
+        raise AuthenticationError(f"registry {registry} sent an invalid token realm {shown!r}")
+    if parsed.scheme == "https" or is_loopback_host(host):
+        return realm
+    if plain_http_host is not None and host == plain_http_host.strip("[]").lower():
+        return realm
+    raise AuthenticationError(
+        f"registry {registry} named a token server on plain HTTP ({shown}); refusing to send credentials"
+        " or token requests unencrypted to another host (a token realm must be HTTPS unless it is on"
+        " this machine)"
+    )
+
+
 class Authenticator:
-    """Answers registry challenges and remembers the resulting ``Authorization`` header per scope."""
+    """Answers registry challenges and remembers the resulting ``Authorization`` header per scope.
+
+    ``plain_http_host`` is the registry's host name when the user chose to reach it over plain HTTP.
+    Token requests run on the caller's thread, so a :class:`~supermachine.oci.transport.Deadline`
+    active there bounds them too.
+    """
 
     def __init__(
-        self, session: requests.Session, registry: str, credentials: Credentials | None, timeout: float = 30.0
+        self,
+        session: requests.Session,
+        registry: str,
+        credentials: Credentials | None,
+        timeout: tuple[float, float] = (10.0, 60.0),
+        *,
+        plain_http_host: str | None = None,
     ) -> None:
         self.session = session
         self.registry = registry
         self.credentials = credentials
         self.timeout = timeout
+        self.plain_http_host = plain_http_host
         self._lock = threading.Lock()
         self._headers: dict[str, tuple[str, float]] = {}  # scope -> (Authorization value, expiry)
         self._basic: str | None = None
@@ -213,7 +272,8 @@ class Authenticator:
                 self._basic = "Basic " + base64.b64encode(raw).decode()
             return
         raise AuthenticationError(
-            f"registry {self.registry} answered 401 without a usable challenge ({www_authenticate or 'none'})"
+            f"registry {self.registry} answered 401 without a usable challenge"
+            f" ({plain(www_authenticate or '', 120) or 'none'})"
         )
 
     def _rejected(self) -> AuthenticationError:
@@ -224,6 +284,8 @@ class Authenticator:
         realm = challenge.params.get("realm")
         if not realm:
             raise AuthenticationError(f"registry {self.registry} sent a Bearer challenge without a realm")
+        check_realm(realm, self.registry, self.plain_http_host)
+        server = f"token server {plain(urllib3.util.parse_url(realm).netloc or '', 80)}"
         scopes = [s for s in {challenge.params.get("scope") or "", scope} if s]
         params: list[tuple[str, str]] = [("scope", s) for s in sorted(scopes)]
         if challenge.params.get("service"):
@@ -236,26 +298,41 @@ class Authenticator:
                     grant_type="refresh_token", refresh_token=creds.identity_token, client_id="supermachine"
                 )
                 form["scope"] = " ".join(scopes)
-                resp = self.session.post(realm, data=form, timeout=self.timeout)
+                resp = send(self.session, "POST", realm, headers={}, data=form, timeout=self.timeout)
             else:
                 if creds and creds.username:
                     params.append(("account", creds.username))
                 auth = (creds.username, creds.password) if creds and creds.username else None
-                resp = self.session.get(realm, params=params, auth=auth, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise RegistryError(f"token server {realm} unreachable: {' '.join(str(exc).split())}") from None
-        with contextlib.closing(resp):
-            if resp.status_code in (401, 403):
-                raise self._rejected()
-            if resp.status_code != 200:
-                raise AuthenticationError(f"token server {realm} answered HTTP {resp.status_code}")
-            try:
-                data = resp.json()
-            except ValueError:
-                raise AuthenticationError(f"token server {realm} did not return JSON") from None
+                resp = send(
+                    self.session, "GET", realm, headers={}, params=params, auth=auth, timeout=self.timeout
+                )
+            with contextlib.closing(resp):
+                if resp.status_code in (401, 403):
+                    raise self._rejected()
+                if resp.status_code != 200:
+                    raise AuthenticationError(f"{server} answered HTTP {resp.status_code}")
+                body = read_capped(resp, MAX_TOKEN_RESPONSE_BYTES)
+        except BodyTooLarge:
+            raise AuthenticationError(
+                f"{server} sent an answer larger than {MAX_TOKEN_RESPONSE_BYTES} bytes"
+            ) from None
+        except NETWORK_ERRORS as exc:
+            raise RegistryError(describe_failure(exc, server, *self.timeout)[0]) from None
+        return self._token_from(body, server)
+
+    def _token_from(self, body: bytes, server: str) -> tuple[str, float]:
+        """The ``Authorization`` value and its expiry from a token server's JSON answer."""
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise AuthenticationError(f"{server} did not return JSON") from None
         token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
-            raise AuthenticationError(f"token server {realm} returned no token")
+            raise AuthenticationError(f"{server} returned no token")
+        if not _BEARER_TOKEN.fullmatch(token):
+            raise AuthenticationError(f"{server} returned a token with characters a header cannot carry")
         expires_in = data.get("expires_in")
-        lifetime = float(expires_in) if isinstance(expires_in, (int, float)) and expires_in > 0 else 60.0
+        lifetime = 60.0
+        if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool) and expires_in > 0:
+            lifetime = float(min(expires_in, MAX_TOKEN_LIFETIME))  # also tames 1e400 and inf
         return f"Bearer {token}", time.monotonic() + max(lifetime - 10.0, 5.0)

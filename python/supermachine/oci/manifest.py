@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform as _host_platform
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,28 @@ LAYER_TYPES = (
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
 )
+
+CONFIG_TYPES = (OCI_CONFIG, DOCKER_CONFIG)
+
+MAX_MANIFEST_BYTES = 4 << 20
+"""Largest manifest or image index accepted (the limit the distribution spec asks registries to take)."""
+MAX_CONFIG_BYTES = 8 << 20
+"""Largest image config accepted (it is read into memory whole)."""
+MAX_LAYERS = 512
+"""Most layers one image may have."""
+MAX_INDEX_ENTRIES = 1024
+"""Most entries one image index may have."""
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects accepted in any of these documents."""
+
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+
+
+def _shown(value: object) -> str:
+    """A value from an untrusted document, quoted and capped for an error message."""
+    text = str(value)
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
 
 _ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64", "armhf": "arm", "armel": "arm"}
 
@@ -126,11 +149,14 @@ class Descriptor:
             raise ManifestError(f"{where}: {exc}") from None
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ManifestError(f"{where}: descriptor {digest} has an invalid size {size!r}")
+        media_type = data.get("mediaType", "")
+        if media_type and (not isinstance(media_type, str) or not _MEDIA_TYPE.fullmatch(media_type)):
+            raise ManifestError(f"{where}: descriptor {digest} has invalid media type {_shown(media_type)}")
         plat = data.get("platform")
         annotations = data.get("annotations") or {}
         urls = data.get("urls") or ()
         return cls(
-            media_type=str(data.get("mediaType", "")),
+            media_type=media_type,
             digest=digest,
             size=size,
             platform=Platform.from_json(plat) if isinstance(plat, Mapping) else None,
@@ -145,11 +171,34 @@ class Descriptor:
         return out
 
 
-def _load_json(raw: bytes, what: str) -> dict[str, Any]:
+def _too_deep(value: Any, limit: int) -> bool:
+    """True if ``value`` nests arrays/objects more than ``limit`` levels (checked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _load_json(raw: bytes, what: str, limit: int = MAX_MANIFEST_BYTES) -> dict[str, Any]:
+    """Parse an untrusted JSON document: at most ``limit`` bytes and :data:`MAX_JSON_DEPTH` levels."""
+    if len(raw) > limit:
+        raise ManifestError(f"{what} is larger than {limit} bytes")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{what} is not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    except ValueError:  # a number with more digits than int() converts
+        raise ManifestError(f"{what} holds a number too long to convert") from None
+    except RecursionError:
+        raise ManifestError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from None
+    if _too_deep(data, MAX_JSON_DEPTH):
+        raise ManifestError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(data, dict):
         raise ManifestError(f"{what} is not a JSON object")
     return data
@@ -167,7 +216,7 @@ def sniff_media_type(raw: bytes, declared: str | None, what: str) -> str:
         return OCI_INDEX
     if "layers" in data and "config" in data:
         return OCI_MANIFEST
-    raise ManifestError(f"{what} has unsupported media type {media or 'unknown'!r}")
+    raise ManifestError(f"{what} has unsupported media type {_shown(media or 'unknown')}")
 
 
 @dataclass(frozen=True)
@@ -185,16 +234,24 @@ class Manifest:
             raise ManifestError(f"{what} has schemaVersion {data.get('schemaVersion')!r}, expected 2")
         media = str(data.get("mediaType") or OCI_MANIFEST)
         if media not in MANIFEST_TYPES:
-            raise ManifestError(f"{what} is a {media!r}, not an image manifest")
+            raise ManifestError(f"{what} is a {_shown(media)}, not an image manifest")
         layers = data.get("layers")
         if not isinstance(layers, list):
             raise ManifestError(f"{what} has no 'layers' list")
+        if len(layers) > MAX_LAYERS:
+            raise ManifestError(f"{what} has {len(layers)} layers, more than the {MAX_LAYERS} supported")
         config = Descriptor.from_json(data.get("config"), f"{what} config")
+        if config.media_type and config.media_type not in CONFIG_TYPES:
+            raise ManifestError(
+                f"{what} is not a container image (config media type {_shown(config.media_type)})"
+            )
+        if config.size > MAX_CONFIG_BYTES:
+            raise ManifestError(f"{what}: config is {config.size} bytes, more than {MAX_CONFIG_BYTES}")
         parsed = tuple(Descriptor.from_json(layer, f"{what} layer {i}") for i, layer in enumerate(layers))
         for layer in parsed:
             if layer.media_type and layer.media_type not in LAYER_TYPES:
                 raise ManifestError(
-                    f"{what}: layer {layer.digest} has unsupported media type {layer.media_type!r}"
+                    f"{what}: layer {layer.digest} has unsupported media type {_shown(layer.media_type)}"
                 )
         return cls(media, config, parsed)
 
@@ -214,6 +271,10 @@ class Index:
         entries = data.get("manifests")
         if not isinstance(entries, list):
             raise ManifestError(f"{what} has no 'manifests' list")
+        if len(entries) > MAX_INDEX_ENTRIES:
+            raise ManifestError(
+                f"{what} has {len(entries)} entries, more than the {MAX_INDEX_ENTRIES} supported"
+            )
         media = str(data.get("mediaType") or OCI_INDEX)
         return cls(media, tuple(Descriptor.from_json(m, f"{what} entry {i}") for i, m in enumerate(entries)))
 
@@ -227,10 +288,15 @@ class Index:
             raise ManifestError(
                 f"{what} has no image for {wanted} (available: {', '.join(available) or 'none'})"
             )
-        for d in candidates:
-            if d.platform and d.platform.variant == wanted.variant:
-                return d
-        return candidates[0]
+        chosen = next((d for d in candidates if d.platform and d.platform.variant == wanted.variant), None)
+        chosen = chosen or candidates[0]
+        if chosen.media_type and chosen.media_type not in MANIFEST_TYPES + INDEX_TYPES:
+            raise ManifestError(
+                f"{what}: the entry for {wanted} has unsupported media type {_shown(chosen.media_type)}"
+            )
+        if chosen.size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{what}: the manifest for {wanted} exceeds {MAX_MANIFEST_BYTES} bytes")
+        return chosen
 
 
 @dataclass(frozen=True)
@@ -253,7 +319,7 @@ class ImageConfig:
 
     @classmethod
     def parse(cls, raw: bytes, what: str = "image config") -> ImageConfig:
-        data = _load_json(raw, what)
+        data = _load_json(raw, what, MAX_CONFIG_BYTES)
         cfg = data.get("config") or {}
         if not isinstance(cfg, Mapping):
             raise ManifestError(f"{what}: 'config' is not an object")

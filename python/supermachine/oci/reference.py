@@ -26,11 +26,23 @@ _HOST = re.compile(
 )
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` (and ``*.localhost``) and loopback addresses; ``host`` has no port."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def validate_digest(digest: str) -> str:
     """Return ``digest`` if it is a well-formed ``sha256:<64 hex>`` digest, else raise."""
     algorithm, _, hex_part = digest.partition(":")
     if algorithm != "sha256" or not _SHA256_HEX.fullmatch(hex_part):
-        raise ImageReferenceError(f"unsupported or malformed digest {digest!r} (expected sha256:<64 hex>)")
+        shown = digest if len(digest) <= 80 else digest[:77] + "..."  # may come from an untrusted manifest
+        raise ImageReferenceError(f"unsupported or malformed digest {shown!r} (expected sha256:<64 hex>)")
     return digest
 
 
@@ -104,13 +116,7 @@ class Reference:
     @property
     def is_loopback(self) -> bool:
         """True for ``localhost`` and loopback addresses (these default to plain HTTP)."""
-        host = self.hostname
-        if host == "localhost" or host.endswith(".localhost"):
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.hostname)
 
     @property
     def reference(self) -> str:

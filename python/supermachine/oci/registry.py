@@ -1,71 +1,90 @@
-"""A client for the Docker Registry HTTP API v2 / OCI distribution API (pull side only)."""
+"""A client for the Docker Registry HTTP API v2 / OCI distribution API (pull side only).
+
+Registries are untrusted: every body is read with a cap (after decoding), every exchange has a
+wall-clock deadline, redirects are followed a bounded number of times without credentials to other
+hosts, and every failure is reported as one plain line.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import random
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import requests
-import urllib3.exceptions
-from requests.adapters import HTTPAdapter
 
 from supermachine import __version__
 from supermachine.errors import DigestMismatchError, RegistryError
 from supermachine.oci.auth import Authenticator, Credentials, load_credentials
-from supermachine.oci.manifest import ACCEPT_MANIFESTS, Descriptor
+from supermachine.oci.manifest import ACCEPT_MANIFESTS, MAX_MANIFEST_BYTES, Descriptor
 from supermachine.oci.reference import Reference
 from supermachine.oci.store import BlobWriter
+from supermachine.oci.transport import (
+    NETWORK_ERRORS,
+    BodyTooLarge,
+    Deadline,
+    describe_failure,
+    new_session,
+    plain,
+    raw_chunks,
+    read_capped,
+    same_origin,
+    send,
+)
 
-MAX_MANIFEST_BYTES = 4 << 20
-CHUNK = 1 << 20
+REQUEST_DEADLINE = 60.0
+"""Seconds one exchange (a manifest, with its redirects and token fetch) may take in all."""
+MIN_BLOB_THROUGHPUT = 64 << 10
+"""Bytes per second a blob download must average: a blob gets REQUEST_DEADLINE + size / this seconds,
+retries included."""
+MAX_ERROR_BODY_BYTES = 64 << 10
+"""The most of an error response that is read for its message."""
 
 
 class _Retry(Exception):
-    """A transient failure worth another attempt."""
+    """A transient failure worth another attempt; the message is a plain sentence."""
 
 
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-_RETRYABLE: tuple[type[BaseException], ...] = (
-    _Retry,
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    urllib3.exceptions.HTTPError,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 class Cancelled(Exception):
     """Raised inside a download when another part of the same pull failed."""
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line."""
-    text = " ".join(str(exc).split())
-    return text or exc.__class__.__name__
-
-
 def _registry_message(resp: requests.Response) -> str:
-    """The first ``errors[].message`` of a registry error body, if there is one."""
+    """The first ``errors[].message`` of a registry error body (read capped), else the HTTP reason."""
+    reason = plain(resp.reason or "")
+    unreadable = (
+        BodyTooLarge,
+        RegistryError,
+        ValueError,
+        LookupError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+    )
     try:
-        data = resp.json()
-        err = data["errors"][0]
-        return f"{err.get('code', '')}: {err.get('message', '')}".strip(": ")
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return resp.reason or ""
+        body = read_capped(resp, MAX_ERROR_BODY_BYTES)
+        err = json.loads(body)["errors"][0]
+        message = f"{err.get('code', '')}: {err.get('message', '')}".strip(": ")
+    except unreadable + NETWORK_ERRORS:
+        return reason
+    return plain(message) or reason
 
 
 class RegistryClient:
     """Talks to one registry host. Thread-safe for concurrent blob downloads.
 
     ``insecure=None`` means plain HTTP for loopback hosts and HTTPS otherwise; ``True`` forces plain
-    HTTP, ``False`` forces HTTPS. Credentials default to the Docker config file's.
+    HTTP, ``False`` forces HTTPS. Credentials default to the Docker config file's. ``deadline`` is the
+    wall-clock budget of one manifest exchange; a blob gets ``deadline + size / min_throughput``
+    seconds (see :data:`REQUEST_DEADLINE`, :data:`MIN_BLOB_THROUGHPUT`).
     """
 
     def __init__(
@@ -78,24 +97,28 @@ class RegistryClient:
         backoff: float = 0.25,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        deadline: float = REQUEST_DEADLINE,
+        min_throughput: int = MIN_BLOB_THROUGHPUT,
         pool_size: int = 8,
     ) -> None:
         self.registry = reference.registry
         self.host = reference.api_host
-        plain = reference.is_loopback if insecure is None else insecure
-        self.base_url = f"{'http' if plain else 'https'}://{self.host}"
+        plain_http = reference.is_loopback if insecure is None else insecure
+        self.base_url = f"{'http' if plain_http else 'https'}://{self.host}"
         self.retries = retries
         self.backoff = backoff
         self.timeout = (connect_timeout, read_timeout)
-        self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.headers["User-Agent"] = f"supermachine/{__version__}"
+        self.deadline = deadline
+        self.min_throughput = min_throughput
+        self.session = new_session(f"supermachine/{__version__}", pool_size)
         if credentials is None:
             credentials = load_credentials(self.registry)
         self.auth = Authenticator(
-            self.session, self.registry, credentials, timeout=connect_timeout + read_timeout
+            self.session,
+            self.registry,
+            credentials,
+            timeout=self.timeout,
+            plain_http_host=reference.hostname if plain_http else None,
         )
 
     def close(self) -> None:
@@ -108,17 +131,40 @@ class RegistryClient:
         self.close()
 
     # ---- plumbing --------------------------------------------------------------------------------
-    def _send(self, url: str, scope: str, headers: dict[str, str], *, stream: bool) -> requests.Response:
+    def _failed(self, exc: BaseException) -> NoReturn:
+        """Re-raise a network failure as one plain line: :class:`_Retry` if trying again can help."""
+        message, retryable = describe_failure(exc, f"registry {self.registry}", *self.timeout)
+        if retryable:
+            raise _Retry(message) from None
+        raise RegistryError(message) from None
+
+    def _send(self, url: str, scope: str, headers: dict[str, str]) -> requests.Response:
         """GET with authentication: answers up to two 401 challenges, then gives up."""
         for round_ in range(3):
             sent = {**headers, **self.auth.header(scope)}
-            resp = self.session.get(url, headers=sent, stream=stream, timeout=self.timeout)
-            if resp.status_code != 401 or round_ == 2:
+            try:
+                resp = send(self.session, "GET", url, headers=sent, timeout=self.timeout)
+            except NETWORK_ERRORS as exc:
+                self._failed(exc)
+            # Only the registry's own challenges are answered, not those of a host it redirected to.
+            if resp.status_code != 401 or round_ == 2 or not same_origin(resp.url, self.base_url):
                 return resp
             challenge = resp.headers.get("WWW-Authenticate")
             resp.close()
             self.auth.answer(challenge, scope, sent)
         raise AssertionError("unreachable")
+
+    def _chunks(self, resp: requests.Response) -> Iterator[bytes]:
+        """The raw body of ``resp``, with network failures turned into plain errors."""
+        chunks = raw_chunks(resp)
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                return
+            except NETWORK_ERRORS as exc:
+                self._failed(exc)
+            yield chunk
 
     def _sleep(self, attempt: int) -> None:
         delay = min(self.backoff * (2**attempt), 8.0)
@@ -129,13 +175,20 @@ class RegistryClient:
         while True:
             try:
                 return fn()
-            except _RETRYABLE as exc:
+            except _Retry as exc:
                 attempt += 1
                 if attempt > self.retries:
-                    raise RegistryError(
-                        f"{what} from {self.registry} failed after {attempt} attempts: {one_line(exc)}"
-                    ) from None
+                    raise RegistryError(f"{exc}; {what} failed after {attempt} attempts") from None
                 self._sleep(attempt - 1)
+
+    def _status_error(self, resp: requests.Response, what: str) -> NoReturn:
+        """Raise for a response that is not the content asked for."""
+        if resp.status_code in _RETRY_STATUS:
+            raise _Retry(f"registry {self.registry} answered HTTP {resp.status_code}")
+        if resp.status_code == 404:
+            raise RegistryError(f"{what} not found ({_registry_message(resp)})")
+        status, detail = resp.status_code, _registry_message(resp)
+        raise RegistryError(f"registry {self.registry} answered HTTP {status} for {what} ({detail})")
 
     # ---- manifests -------------------------------------------------------------------------------
     def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]:
@@ -146,26 +199,23 @@ class RegistryClient:
         url = f"{self.base_url}/v2/{repository}/manifests/{reference}"
         scope = f"repository:{repository}:pull"
         where = f"{self.registry}/{repository}{'@' if reference.startswith('sha256:') else ':'}{reference}"
+        late = f"registry {self.registry} did not deliver manifest {where} within {self.deadline:g} s"
 
         def attempt() -> tuple[bytes, str]:
-            resp = self._send(url, scope, {"Accept": ACCEPT_MANIFESTS}, stream=True)
-            with contextlib.closing(resp):
-                if resp.status_code in _RETRY_STATUS:
-                    raise _Retry(f"HTTP {resp.status_code}")
-                if resp.status_code == 404:
-                    raise RegistryError(f"manifest for {where} not found ({_registry_message(resp)})")
-                if resp.status_code != 200:
-                    raise RegistryError(
-                        f"registry {self.registry} answered HTTP {resp.status_code} for manifest {where}"
-                        f" ({_registry_message(resp)})"
-                    )
-                raw = resp.raw.read(MAX_MANIFEST_BYTES + 1, decode_content=True)
-                if len(raw) > MAX_MANIFEST_BYTES:
-                    raise RegistryError(f"manifest for {where} is larger than {MAX_MANIFEST_BYTES} bytes")
-                declared = resp.headers.get("Content-Length")
-                if declared is not None and declared.isdigit() and int(declared) != len(raw):
-                    raise _Retry(f"short manifest body ({len(raw)} of {declared} bytes)")
-                return raw, resp.headers.get("Content-Type", "")
+            with Deadline(self.deadline, late):
+                resp = self._send(url, scope, {"Accept": ACCEPT_MANIFESTS, "Accept-Encoding": "gzip"})
+                with contextlib.closing(resp):
+                    if resp.status_code != 200:
+                        self._status_error(resp, f"manifest for {where}")
+                    try:
+                        raw = read_capped(resp, MAX_MANIFEST_BYTES)
+                    except BodyTooLarge:
+                        raise RegistryError(
+                            f"manifest for {where} is larger than {MAX_MANIFEST_BYTES} bytes"
+                        ) from None
+                    except NETWORK_ERRORS as exc:
+                        self._failed(exc)
+                    return raw, plain(resp.headers.get("Content-Type", ""))
 
         raw, media_type = self._retrying(f"manifest {where}", attempt)
         digest = f"sha256:{hashlib.sha256(raw).hexdigest()}"
@@ -176,6 +226,10 @@ class RegistryClient:
         return raw, media_type, digest
 
     # ---- blobs -----------------------------------------------------------------------------------
+    def blob_deadline(self, size: int) -> float:
+        """Seconds a blob of ``size`` bytes may take to download, retries included."""
+        return self.deadline + size / self.min_throughput
+
     def fetch_blob(
         self,
         repository: str,
@@ -192,27 +246,37 @@ class RegistryClient:
         """
         url = f"{self.base_url}/v2/{repository}/blobs/{desc.digest}"
         scope = f"repository:{repository}:pull"
+        budget = self.blob_deadline(desc.size)
+        late = (
+            f"blob {desc.digest} ({desc.size} bytes) from registry {self.registry}"
+            f" did not arrive within {budget:.0f} s"
+        )
         attempt = 0
-        while writer.offset < desc.size or desc.size == 0:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled
-            start = writer.offset
-            try:
-                self._fetch_once(url, scope, desc, writer, on_progress, cancel)
-                if writer.offset < desc.size:
-                    raise _Retry(f"connection closed after {writer.offset} of {desc.size} bytes")
-                return
-            except _RETRYABLE as exc:
-                if writer.offset > start:
-                    attempt = 0  # progress was made: this is a flaky link, not a dead one
-                attempt += 1
-                if attempt > self.retries:
-                    writer.close()
-                    raise RegistryError(
-                        f"blob {desc.digest} from {self.registry} failed after {attempt} attempts"
-                        f" at byte {writer.offset}/{desc.size}: {one_line(exc)}"
-                    ) from None
-                self._sleep(attempt - 1)
+        with Deadline(budget, late) as deadline:
+            while writer.offset < desc.size or desc.size == 0:
+                deadline.check()
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled
+                start = writer.offset
+                try:
+                    self._fetch_once(url, scope, desc, writer, on_progress, cancel)
+                    if writer.offset < desc.size:
+                        raise _Retry(
+                            f"registry {self.registry} closed the connection after"
+                            f" {writer.offset} of {desc.size} bytes"
+                        )
+                    return
+                except _Retry as exc:
+                    if writer.offset > start:
+                        attempt = 0  # progress was made: this is a flaky link, not a dead one
+                    attempt += 1
+                    if attempt > self.retries:
+                        writer.close()
+                        raise RegistryError(
+                            f"{exc}; blob {desc.digest} failed after {attempt} attempts"
+                            f" at byte {writer.offset}/{desc.size}"
+                        ) from None
+                    self._sleep(attempt - 1)
 
     def _fetch_once(
         self,
@@ -226,33 +290,25 @@ class RegistryClient:
         headers = {"Accept-Encoding": "identity"}
         if writer.offset:
             headers["Range"] = f"bytes={writer.offset}-"
-        resp = self._send(url, scope, headers, stream=True)
+        resp = self._send(url, scope, headers)
         with contextlib.closing(resp):
             if resp.status_code == 206:
                 content_range = resp.headers.get("Content-Range", "")
                 if not content_range.startswith(f"bytes {writer.offset}-"):
                     writer.restart()
-                    raise _Retry(f"unexpected Content-Range {content_range!r}")
+                    raise _Retry(f"registry {self.registry} sent an unexpected Content-Range")
             elif resp.status_code == 200:
                 if writer.offset:
                     writer.restart()  # the server ignored the Range header
             elif resp.status_code == 416:
                 writer.restart()
-                raise _Retry("range not satisfiable")
-            elif resp.status_code in _RETRY_STATUS:
-                raise _Retry(f"HTTP {resp.status_code}")
-            elif resp.status_code == 404:
-                raise RegistryError(
-                    f"blob {desc.digest} not found in {self.registry} ({_registry_message(resp)})"
-                )
+                raise _Retry(f"registry {self.registry} found the requested range not satisfiable")
             else:
-                raise RegistryError(
-                    f"registry {self.registry} answered HTTP {resp.status_code} for blob {desc.digest}"
-                    f" ({_registry_message(resp)})"
-                )
+                self._status_error(resp, f"blob {desc.digest} in {self.registry}")
             if on_progress:
                 on_progress(writer.offset)
-            for chunk in resp.raw.stream(CHUNK, decode_content=False):
+            # The writer refuses more than desc.size bytes, so an endless body stops there.
+            for chunk in self._chunks(resp):
                 writer.write(chunk)
                 if on_progress:
                     on_progress(writer.offset)
