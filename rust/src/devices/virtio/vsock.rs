@@ -387,6 +387,16 @@ pub struct Served {
     pub more: bool,
 }
 
+/// What one [`VsockBackend::poll`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Polled {
+    /// The kick eventfd fired (its counter was cleared).
+    pub kicked: bool,
+    /// Host sockets (listener, connections) that had something to report. With no new host
+    /// activity this reaches zero: nothing can make poll report the same event over and over.
+    pub ready: usize,
+}
+
 /// A chain taken from a queue, or why there is none.
 enum Popped {
     Chain(DescriptorChain),
@@ -705,15 +715,14 @@ impl VsockBackend {
     /// Waits up to `timeout` for the host sockets (and `kick`, when given), then handles what
     /// happened: new host connections, CONNECT lines, hang-ups and errors, and sockets that
     /// can take queued guest data. Reading host data is left to [`VsockBackend::serve`]:
-    /// sockets with data are only polled for reading while `rx_ready`. Returns whether `kick`
-    /// fired (its counter is then cleared).
+    /// sockets with data are only polled for reading while `rx_ready`.
     pub fn poll(
         &mut self,
         kick: Option<&EventFd>,
         rx_ready: bool,
         timeout: Duration,
         now: Instant,
-    ) -> bool {
+    ) -> Polled {
         let mut fds = Vec::new();
         let pollfd = |fd: RawFd, events: libc::c_short| libc::pollfd {
             fd,
@@ -750,9 +759,10 @@ impl VsockBackend {
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
         if n <= 0 {
-            return false;
+            return Polled::default();
         }
         let kicked = kick.is_some_and(|kick| fds[0].revents != 0 && kick.read().is_ok());
+        let reported = n as usize - usize::from(kick.is_some() && fds[0].revents != 0);
         let ready: Vec<usize> = (0..first_conn - first_pending)
             .filter(|i| fds[first_pending + i].revents != 0)
             .collect();
@@ -770,7 +780,10 @@ impl VsockBackend {
                 self.flush_host(*key);
             }
         }
-        kicked
+        Polled {
+            kicked,
+            ready: reported,
+        }
     }
 
     /// What to poll a connection's socket for; `None`: not at all. Every polled socket reports
