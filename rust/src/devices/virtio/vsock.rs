@@ -629,12 +629,20 @@ impl VsockBackend {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if meta.file_type().is_socket() {
-                if connect_nonblocking(path).is_ok() {
-                    return Err(VsockError::InUse {
-                        path: path.display().to_string(),
-                    });
+                let in_use = || VsockError::InUse {
+                    path: path.display().to_string(),
+                };
+                match connect_nonblocking(path) {
+                    // A full backlog (WouldBlock) is a listener too, only a busy one.
+                    Ok(_) => return Err(in_use()),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Err(in_use()),
+                    // Nobody listens: a stale file left by a VM that is gone.
+                    Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(listen_err(e)),
                 }
-                let _ = std::fs::remove_file(path);
             }
         }
         let listener = UnixListener::bind(path).map_err(listen_err)?;
@@ -1354,6 +1362,25 @@ mod tests {
         assert_eq!(b.connection_count(), 1);
         b.expire(now + CONNECT_LINE_TIMEOUT);
         assert_eq!(b.connection_count(), 0);
+    }
+
+    #[test]
+    fn a_socket_whose_listener_is_busy_is_in_use_not_stale() {
+        let (b, path) = backend("busy");
+        drop(b);
+        std::fs::remove_file(&path).unwrap();
+        let other_vm = UnixListener::bind(&path).unwrap();
+        // SAFETY: listen(2) on a socket `other_vm` owns.
+        assert_eq!(unsafe { libc::listen(other_vm.as_raw_fd(), 0) }, 0);
+        let _queued = UnixStream::connect(&path).unwrap(); // the backlog is now full
+        let err = VsockBackend::bind(&path)
+            .err()
+            .expect("the socket is taken");
+        assert!(matches!(err, VsockError::InUse { .. }), "{err}");
+        assert!(path.exists());
+        drop(other_vm);
+        // Once nobody listens the stale file is replaced.
+        assert!(VsockBackend::bind(&path).is_ok());
     }
 
     /// Listens on the host socket for guest port `port`, with room for `backlog` connections.
