@@ -1383,6 +1383,52 @@ mod tests {
         assert!(VsockBackend::bind(&path).is_ok());
     }
 
+    /// Runs in a child process (it lowers the descriptor limit, which is process-wide).
+    #[test]
+    fn a_failing_accept_does_not_wake_poll_over_and_over() {
+        const NAME: &str =
+            "devices::virtio::vsock::tests::a_failing_accept_does_not_wake_poll_over_and_over";
+        if std::env::var_os("SM_VSOCK_EMFILE_CHILD").is_none() {
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--test-threads=1"])
+                .env("SM_VSOCK_EMFILE_CHILD", "1")
+                .status()
+                .unwrap();
+            assert!(status.success(), "the child test failed");
+            return;
+        }
+        let (mut b, path) = backend("emfile");
+        let _host = UnixStream::connect(&path).unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit with a valid rlimit struct; this process is the child.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            limit.rlim_cur = limit.rlim_cur.min(256);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+        let mut hold = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            hold.push(f);
+        }
+        let now = Instant::now();
+        assert_eq!(b.poll(None, false, Duration::ZERO, now).ready, 1);
+        assert_eq!(
+            b.poll(None, false, Duration::ZERO, now).ready,
+            0,
+            "the listener whose accept failed is polled again at once"
+        );
+        drop(hold);
+        b.poll(None, false, Duration::ZERO, now + ACCEPT_BACKOFF);
+        assert_eq!(
+            b.connection_count(),
+            1,
+            "accepted once descriptors are free"
+        );
+    }
+
     /// Listens on the host socket for guest port `port`, with room for `backlog` connections.
     fn host_listener(path: &Path, port: u32, backlog: i32) -> UnixListener {
         let l = UnixListener::bind(format!("{}_{port}", path.display())).unwrap();
