@@ -3,6 +3,7 @@ queue notifications) and the host side through the Unix socket protocol."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -231,7 +232,7 @@ def test_malformed_tx_is_contained(vsock_vm: tuple[Any, Driver, Path], kw: dict[
     vm, drv, _path = vsock_vm
     drv.send(OP_RW, 5, 6, b"x", **kw)
     assert drv.status() & NEEDS_RESET
-    assert vm.outcome is None
+    assert not vm.outcome  # (not `is None`: mypy would keep that narrowing past stop())
     vm.stop()
     assert vm.outcome["kind"] == "stopped"
 
@@ -257,3 +258,107 @@ def test_a_socket_another_vm_listens_on_is_not_taken(
     stale.close()
     other = start_vm(g.VIRTIO_DOORBELL, vsock_path=str(path))
     assert other.vsock_path == str(path)
+
+
+# Mirrors of the device's limits (rust/src/devices/virtio/vsock.rs).
+MAX_CONNECTIONS = 128  # MAX_CONNECTIONS
+CONNECT_TIMEOUT = 5.0  # CONNECT_TIMEOUT, seconds
+CLOSE_TIMEOUT = 5.0  # CLOSE_TIMEOUT, seconds
+
+
+def vsock_thread_cpu_seconds() -> float:
+    """CPU time (user + system) used so far by the VMM's vsock worker threads in this process."""
+    ticks = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() != "vsock":
+                continue
+            # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue  # the thread ended meanwhile
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def open_host_connection(drv: Driver, path: Path, port: int) -> tuple[socket.socket, int]:
+    """A host connection to guest `port` whose REQUEST the guest has received (not answered)."""
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.settimeout(10)
+    host.connect(str(path))
+    host.sendall(f"CONNECT {port}\n".encode())
+    fields, _ = drv.recv()
+    assert (fields[3], fields[6]) == (port, OP_REQUEST)
+    return host, int(fields[2])
+
+
+@pytest.mark.parametrize("state", ["connecting", "closing"])
+def test_a_host_hangup_the_guest_ignores_does_not_spin_the_device(
+    vsock_vm: tuple[Any, Driver, Path], state: str
+) -> None:
+    """The host closes while the guest never answers (the REQUEST, or our SHUTDOWN): the worker
+    must not keep waking up for the closed socket."""
+    vm, drv, path = vsock_vm
+    host, host_port = open_host_connection(drv, path, 52)
+    if state == "closing":
+        drv.send(OP_RESPONSE, 52, host_port)
+        assert host.recv(64) == f"OK {host_port}\n".encode()
+    host.close()
+    before = vsock_thread_cpu_seconds()
+    time.sleep(2)
+    used = vsock_thread_cpu_seconds() - before
+    assert used < 0.1, f"the vsock worker used {used:.2f} s of CPU in 2 s while idle"
+    fields, _ = drv.recv()
+    if state == "connecting":
+        assert (fields[2], fields[6]) == (host_port, OP_RST)
+    else:
+        assert (fields[2], fields[6], fields[7]) == (host_port, OP_SHUTDOWN, 3)
+    assert vm.outcome is None and drv.status() == 0xF
+
+
+def test_a_host_connection_the_guest_never_answers_times_out(vsock_vm: tuple[Any, Driver, Path]) -> None:
+    _vm, drv, path = vsock_vm
+    host, host_port = open_host_connection(drv, path, 52)
+    host.settimeout(CONNECT_TIMEOUT + 5)
+    assert host.recv(64) == b"", "the host connection is closed"
+    fields, _ = drv.recv()
+    assert (fields[2], fields[3], fields[6]) == (host_port, 52, OP_RST)
+
+
+def test_a_shutdown_the_guest_never_acknowledges_times_out(vsock_vm: tuple[Any, Driver, Path]) -> None:
+    assert CLOSE_TIMEOUT < 10
+    _vm, drv, path = vsock_vm
+    host, host_port = open_host_connection(drv, path, 53)
+    drv.send(OP_RESPONSE, 53, host_port)
+    assert host.recv(64) == f"OK {host_port}\n".encode()
+    host.close()
+    fields, _ = drv.recv()
+    assert (fields[6], fields[7]) == (OP_SHUTDOWN, 3)
+    # The guest never sends its RST: the device gives up on its own (recv waits 10 s).
+    fields, _ = drv.recv()
+    assert (fields[2], fields[6]) == (host_port, OP_RST)
+
+
+def test_the_guest_cannot_open_more_than_max_connections(vsock_vm: tuple[Any, Driver, Path]) -> None:
+    _vm, drv, path = vsock_vm
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(f"{path}_1234")
+    server.listen(MAX_CONNECTIONS * 2)
+    for i in range(MAX_CONNECTIONS):
+        drv.send(OP_REQUEST, 3000 + i, 1234)
+        fields, _ = drv.recv()
+        assert (fields[3], fields[6]) == (3000 + i, OP_RESPONSE)
+    drv.send(OP_REQUEST, 9999, 1234)
+    fields, _ = drv.recv()
+    assert (fields[3], fields[6]) == (9999, OP_RST)
+    # The host cannot get in either while the guest holds every connection.
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.settimeout(10)
+    host.connect(str(path))
+    assert host.recv(64) == b""
+    # A connection the guest gives up makes room again.
+    drv.send(OP_RST, 3000, 1234)
+    drv.send(OP_REQUEST, 9999, 1234)
+    fields, _ = drv.recv()
+    assert (fields[3], fields[6]) == (9999, OP_RESPONSE)
+    server.close()

@@ -4,8 +4,9 @@
 //! Request layout: a 16-byte header (type, reserved, sector) in the readable part, data
 //! buffers, and a final writable status byte. Malformed requests (buffers outside RAM, wrong
 //! directions, lengths that are not whole sectors, ranges past the end of the disk, writes to a
-//! read-only disk) complete with `VIRTIO_BLK_S_IOERR`; chains without a usable status byte or
-//! that cannot be walked mark the device `DEVICE_NEEDS_RESET`.
+//! read-only disk, transfers over [`MAX_REQUEST_BYTES`]) complete with `VIRTIO_BLK_S_IOERR`;
+//! chains without a usable status byte or that cannot be walked mark the device
+//! `DEVICE_NEEDS_RESET`, after which nothing more is served until the driver resets it.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -28,6 +29,9 @@ const VIRTIO_ID_BLOCK: u32 = 2;
 const QUEUE_SIZE: u16 = 256;
 /// Bytes moved per host read/write call (bounce buffer size).
 const CHUNK: usize = 1 << 20;
+/// Largest data transfer of one request. Linux sends at most a few MiB (one segment, since
+/// no segment limit is offered); anything larger is refused rather than tying the vCPU up.
+pub const MAX_REQUEST_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -98,16 +102,24 @@ impl Block {
         })
     }
 
+    /// Serves the available requests: at most a queue's worth per notification (the driver
+    /// notifies after publishing each batch, so nothing is left behind, and a driver that keeps
+    /// publishing on another vCPU cannot keep this one here forever). Nothing is served once
+    /// the device needs a reset.
     fn process(&mut self) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
         let mem = active.mem.clone();
         let mut used_any = false;
-        loop {
+        for _ in 0..active.queue.size {
+            if active.interrupt.needs_reset() {
+                break;
+            }
             match active.queue.pop(&mem) {
                 Ok(None) => break,
                 Ok(Some(chain)) => {
+                    used_any = true;
                     let descs = chain.descs;
                     let Some(status_desc) = descs
                         .last()
@@ -117,8 +129,7 @@ impl Block {
                         // No place to report the status: the driver broke the protocol.
                         let _ = active.queue.add_used(&mem, chain.head, 0);
                         active.interrupt.set_needs_reset();
-                        used_any = true;
-                        continue;
+                        break;
                     };
                     let c = serve(
                         &self.file,
@@ -138,7 +149,6 @@ impl Block {
                         active.interrupt.set_needs_reset();
                         break;
                     }
-                    used_any = true;
                 }
                 Err(Ok(bad)) => {
                     let _ = active.queue.add_used(&mem, bad.head, 0);
@@ -219,7 +229,7 @@ pub fn serve(
             if segments.iter().any(|d| d.is_write_only() == write) {
                 return ioerr();
             }
-            if data_len % SECTOR_SIZE != 0 {
+            if data_len % SECTOR_SIZE != 0 || data_len > MAX_REQUEST_BYTES {
                 return ioerr();
             }
             let end = sector
@@ -344,8 +354,9 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::queue::tests::{publish, put_desc, queue, ram, USED};
+    use crate::devices::virtio::queue::tests::{publish, put_desc, queue, ram, AVAIL, USED};
     use crate::devices::virtio::queue::{VIRTQ_DESC_F_NEXT as N, VIRTQ_DESC_F_WRITE as W};
+    use std::path::PathBuf;
     use vmm_sys_util::eventfd::EventFd;
 
     fn disk(read_only: bool) -> (Block, std::path::PathBuf) {
@@ -462,6 +473,125 @@ mod tests {
         blk.notify(0);
         assert_eq!(status(&m, 0xa000), VIRTIO_BLK_S_IOERR as u8);
         assert_eq!(std::fs::read(&path).unwrap()[0], b'A');
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// A read-write disk of `sectors` sectors, each filled by `fill(sector, bytes)`.
+    fn disk_with(name: &str, sectors: u64, fill: impl Fn(u64, &mut [u8])) -> (Block, PathBuf) {
+        let path = std::env::temp_dir().join(format!("sm-blk-{}-{name}.img", std::process::id()));
+        let mut data = vec![0u8; (sectors * SECTOR_SIZE) as usize];
+        for (i, chunk) in data.chunks_mut(SECTOR_SIZE as usize).enumerate() {
+            fill(i as u64, chunk);
+        }
+        std::fs::write(&path, data).unwrap();
+        (Block::open(&path, false).unwrap(), path)
+    }
+
+    fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj(GuestAddress(USED + 2)).unwrap()
+    }
+
+    #[test]
+    fn a_read_that_keeps_publishing_requests_ends_with_the_notification() {
+        // Each read lands on the available ring and its own request header: sector k makes
+        // request k + 1 available and points it at sector k + 1, so without a bound the
+        // device would serve this one notification until the disk ends (or forever).
+        const HEADER: u64 = AVAIL + 0x100;
+        let (mut blk, path) = disk_with("self-publishing", 64, |k, b| {
+            b[2..4].copy_from_slice(&(k as u16 + 2).to_le_bytes());
+            b[0x108..0x110].copy_from_slice(&(k + 1).to_le_bytes());
+        });
+        let r = ram();
+        let m = r.mem.clone();
+        let irq = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
+        blk.activate(m.clone(), vec![queue(8)], irq.clone())
+            .unwrap();
+        header(&m, HEADER, VIRTIO_BLK_T_IN, 0);
+        put_desc(&m, 0, HEADER, 16, N, 1);
+        put_desc(&m, 1, AVAIL, 512, N | W, 2);
+        put_desc(&m, 2, 0xa000, 1, W, 0);
+        publish(&m, 0, 0, 1);
+        blk.notify(0);
+        assert_eq!(
+            used_idx(&m),
+            8,
+            "one notification serves at most a queue's worth"
+        );
+        assert_eq!(status(&m, 0xa000), VIRTIO_BLK_S_OK as u8);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn nothing_is_served_after_the_device_needs_a_reset() {
+        let (mut blk, path) = disk_with("needs-reset", 8, |_, _| {});
+        let r = ram();
+        let m = r.mem.clone();
+        let irq = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
+        blk.activate(m.clone(), vec![queue(8)], irq.clone())
+            .unwrap();
+        // A chain without a status byte, then a good request.
+        put_desc(&m, 3, 0x8000, 16, 0, 0);
+        header(&m, 0x8000, VIRTIO_BLK_T_IN, 0);
+        put_desc(&m, 0, 0x8000, 16, N, 1);
+        put_desc(&m, 1, 0x9000, 512, N | W, 2);
+        put_desc(&m, 2, 0xa000, 1, W, 0);
+        m.write_obj(0xffu8, GuestAddress(0xa000)).unwrap();
+        publish(&m, 0, 3, 1);
+        publish(&m, 1, 0, 2);
+        blk.notify(0);
+        assert!(irq.needs_reset());
+        assert_eq!(used_idx(&m), 1, "only the broken chain is returned");
+        assert_eq!(status(&m, 0xa000), 0xff);
+        blk.notify(0);
+        assert_eq!(used_idx(&m), 1);
+        // The avail index jumping far beyond the queue is no reason to loop either.
+        let (mut blk, path2) = disk_with("index-jump", 8, |_, _| {});
+        let irq = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
+        let r = ram();
+        let m = r.mem.clone();
+        blk.activate(m.clone(), vec![queue(8)], irq.clone())
+            .unwrap();
+        m.write_obj(40000u16, GuestAddress(AVAIL + 2)).unwrap();
+        blk.notify(0);
+        assert!(irq.needs_reset());
+        assert_eq!(used_idx(&m), 0);
+        std::fs::remove_file(path).unwrap();
+        std::fs::remove_file(path2).unwrap();
+    }
+
+    #[test]
+    fn oversized_requests_are_refused() {
+        // 130 overlapping 512 KiB buffers: 65 MiB in one request, in 1 MiB of guest RAM.
+        let path = std::env::temp_dir().join(format!("sm-blk-{}-big.img", std::process::id()));
+        let f = File::create(&path).unwrap();
+        f.set_len(MAX_REQUEST_BYTES * 2).unwrap();
+        let mut blk = Block::open(&path, false).unwrap();
+        let r = ram();
+        let m = r.mem.clone();
+        let irq = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
+        let mut q = queue(256);
+        q.desc_table = 0x4000;
+        q.avail_ring = 0x6000;
+        q.used_ring = 0x7000;
+        blk.activate(m.clone(), vec![q], irq.clone()).unwrap();
+        let put = |i: u16, addr: u64, len: u32, flags: u16| {
+            let at = 0x4000 + 16 * u64::from(i);
+            m.write_obj(addr, GuestAddress(at)).unwrap();
+            m.write_obj(len, GuestAddress(at + 8)).unwrap();
+            m.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            m.write_obj(i + 1, GuestAddress(at + 14)).unwrap();
+        };
+        header(&m, 0x8000, VIRTIO_BLK_T_IN, 0);
+        put(0, 0x8000, 16, N);
+        for i in 1..=130 {
+            put(i, 0x10000, 512 << 10, N | W);
+        }
+        put(131, 0xa000, 1, W);
+        m.write_obj(0u16, GuestAddress(0x6000 + 4)).unwrap();
+        m.write_obj(1u16, GuestAddress(0x6000 + 2)).unwrap();
+        blk.notify(0);
+        assert_eq!(status(&m, 0xa000), VIRTIO_BLK_S_IOERR as u8);
+        assert!(!irq.needs_reset());
         std::fs::remove_file(path).unwrap();
     }
 }

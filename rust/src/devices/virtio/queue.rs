@@ -294,7 +294,8 @@ pub fn gather(
             continue;
         }
         let n = ((dlen - skip) as usize).min(out.len() - done);
-        let addr = d.addr + skip;
+        // Callers check buffers against guest RAM first; stay safe for those that do not.
+        let addr = d.addr.checked_add(skip).ok_or(QueueError::Memory(d.addr))?;
         mem.read_slice(&mut out[done..done + n], GuestAddress(addr))
             .map_err(|_| QueueError::Memory(addr))?;
         done += n;
@@ -485,5 +486,12 @@ pub(crate) mod tests {
         assert_eq!(&out, b"cdefg");
         let mut too_much = [0u8; 9];
         assert!(gather(m, &descs, 0, &mut too_much).is_err());
+        // A buffer at the very top of the address space: an error, not an overflow.
+        let top = [Descriptor {
+            addr: u64::MAX - 2,
+            len: 16,
+            flags: 0,
+        }];
+        assert!(gather(m, &top, 4, &mut [0u8; 4]).is_err());
     }
 }
