@@ -112,3 +112,11 @@ def plain_store(request: pytest.FixtureRequest) -> Iterator[Path]:
     """An empty snapshot store on a filesystem without reflinks (tmpfs, then ext4)."""
     mnt = request.getfixturevalue(f"{request.param}_mount")
     yield from _store_in(mnt, request)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache directory of the test's own, so verification records never touch the user's."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(cache))
+    return cache

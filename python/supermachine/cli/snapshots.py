@@ -8,7 +8,7 @@ import json
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -117,14 +117,23 @@ def snapshot_cmd(
 
 
 def _allocated(directory: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in directory.iterdir() if p.is_file())
+    """Bytes allocated to a snapshot's files (``du``; shared extents count in full)."""
+    total = 0
+    for name in (metadata.MEMORY_FILE, metadata.VMSTATE_FILE, metadata.METADATA_FILE):
+        with suppress(OSError):
+            total += (directory / name).lstat().st_blocks * 512
+    return total
 
 
 @click.command("snapshots")
 @click.argument("store", required=False, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 def snapshots_cmd(store: Path | None, as_json: bool) -> None:
-    """List the snapshots in STORE (default: supermachine's snapshot store), oldest first."""
+    """List the snapshots in STORE (default: supermachine's snapshot store), oldest first.
+
+    A directory that is not a readable snapshot gets one warning line on stderr and the exit status
+    is 1; the others are still listed.
+    """
     directory = store if store is not None else store_dir()
     if not directory.is_dir():
         if store is not None:
@@ -135,6 +144,12 @@ def snapshots_cmd(store: Path | None, as_json: bool) -> None:
         found, problems = golden.list_snapshots(directory)
     for line in problems:
         ui.warn(line)
+    _print_listing(directory, found, as_json)
+    if problems:
+        sys.exit(1)  # like ls: the rest was listed, but not everything could be read
+
+
+def _print_listing(directory: Path, found: list[golden.Snapshot], as_json: bool) -> None:
     rows: list[dict[str, Any]] = [
         {
             "name": s.name,
