@@ -120,3 +120,18 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def raw_guests(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory to build the tiny test guests in; skips where KVM or binutils are missing."""
+    if not os.path.exists("/dev/kvm"):
+        _skip("/dev/kvm does not exist (no KVM on this machine)")
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        _skip(f"/dev/kvm is not usable: {e.strerror}")
+    for tool in ("as", "ld", "objcopy"):
+        if shutil.which(tool) is None:
+            _skip(f"{tool} (binutils) is needed to build the test guests")
+    return tmp_path_factory.mktemp("raw-guests")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from supermachine.errors import SnapshotError, SnapshotMetadataError
-from supermachine.snapshots import metadata
+from supermachine.snapshots import metadata, verify
 from supermachine.snapshots.metadata import SnapshotMetadata
 
 log = logging.getLogger(__name__)
@@ -109,16 +109,12 @@ def compatible(fresh: SnapshotMetadata, candidate: SnapshotMetadata) -> bool:
 
 
 def verify_ram(snapshot: Snapshot) -> str | None:
-    """``None`` if the snapshot's RAM file matches its metadata (size and blake3), else why not."""
+    """``None`` if the snapshot's RAM file matches its metadata (size and blake3), else why not.
+    A file verified before and unchanged since is not hashed again (see :mod:`.verify`)."""
     try:
-        size = snapshot.ram_path.stat().st_size
-        if size != snapshot.meta.ram_size:
-            return f"{snapshot.ram_path}: size {size} does not match metadata ({snapshot.meta.ram_size})"
-        digest = metadata.blake3_file(snapshot.ram_path)
-    except OSError as exc:
-        return f"{snapshot.ram_path}: cannot read: {exc.strerror or exc}"
-    if digest != snapshot.meta.ram_blake3:
-        return f"{snapshot.ram_path}: content hash does not match its metadata (corrupt?)"
+        verify.check_file(snapshot.ram_path, snapshot.meta.ram_size, snapshot.meta.ram_blake3)
+    except SnapshotError as exc:
+        return str(exc)
     return None
 
 
