@@ -110,3 +110,7 @@ class SnapshotMetadataError(SnapshotError):
 
 class PoolError(SupermachineError):
     """A warm pool cannot hand out a VM: it is closed, none became free in time, or restores fail."""
+
+
+class SnapshotBusyError(SnapshotError):
+    """Another process (or thread) is writing a snapshot of the same name right now."""

@@ -10,7 +10,7 @@ import sys
 import time
 from contextlib import nullcontext, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -19,8 +19,11 @@ from supermachine import ui
 from supermachine.cli.vm import parse_env, vm_options
 from supermachine.errors import CommandFailedError, InputError, SnapshotError
 from supermachine.snapshots import dedup as dedup_mod
-from supermachine.snapshots import golden, metadata, store_dir
+from supermachine.snapshots import golden, metadata, publish, store_dir
 from supermachine.units import human_bytes, percent
+
+if TYPE_CHECKING:
+    from supermachine.vm import VmConfig
 
 
 def _default_name(image: str) -> str:
@@ -68,20 +71,13 @@ def snapshot_cmd(
     newest full snapshot of the same image and memory size) unless --base none or
     SUPERMACHINE_AUTO_DEDUP=0.
     """
-    from supermachine.image import Image
-    from supermachine.oci.progress import RichProgress
     from supermachine.vm import VmConfig
 
     if warm[:1] == ("--",):
         warm = warm[1:]
-    target = output if output is not None else store_dir() / (name or _default_name(image))
     if output is not None and name is not None:
         raise click.BadParameter("give --name or --output, not both")
-    if (target / metadata.METADATA_FILE).exists():
-        raise InputError(f"{target} already holds a snapshot")
-    base_choice: str | None = None if base == "none" else base
-    with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
-        img = Image.from_oci(image, insecure=insecure, progress=progress)
+    target = output if output is not None else store_dir() / publish.check_name(name or _default_name(image))
     config = VmConfig(
         memory_mib=memory_mib,
         vcpus=vcpus,
@@ -90,6 +86,39 @@ def snapshot_cmd(
         workdir=workdir,
         user=user,
     )
+    # Held from before the pull and the boot until the snapshot is in place: a second writer of
+    # this name fails now, not after booting a VM.
+    with publish.name_lock(target):
+        _pull_boot_and_bake(
+            image,
+            warm,
+            target,
+            config,
+            base=None if base == "none" else base,
+            insecure=insecure,
+            timeout=timeout,
+            show_console=show_console,
+        )
+
+
+def _pull_boot_and_bake(
+    image: str,
+    warm: tuple[str, ...],
+    target: Path,
+    config: VmConfig,
+    *,
+    base: str | None,
+    insecure: bool | None,
+    timeout: float | None,
+    show_console: bool,
+) -> None:
+    from supermachine.image import Image
+    from supermachine.oci.progress import RichProgress
+
+    if (target / metadata.METADATA_FILE).exists():
+        raise InputError(f"{target} already holds a snapshot")
+    with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
+        img = Image.from_oci(image, insecure=insecure, progress=progress)
     status = ui.stderr.status("booting the microVM", spinner="dots")
     with status if ui.stderr.is_terminal else nullcontext():
         vm = img.start(config)
@@ -104,15 +133,15 @@ def snapshot_cmd(
                 )
         if show_console:
             ui.stderr.print(vm.console_log, markup=False, highlight=False)
-        target.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        baked = vm.snapshot(target, base=base_choice, stop=True)
+        baked = vm.snapshot(target, base=base, stop=True)
     took = time.monotonic() - started
     meta = baked.snapshot_meta
     assert meta is not None
     kind = "full" if meta.base is None else f"diff against {meta.base}"
     ui.stdout.print(
-        f"{target}: {kind}, {memory_mib} MiB RAM, {human_bytes(_allocated(target))} on disk, {took:.2f} s"
+        f"{target}: {kind}, {meta.memory_mib} MiB RAM, {human_bytes(_allocated(target))} on disk,"
+        f" {took:.2f} s"
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from supermachine.errors import SnapshotError, SnapshotMetadataError
-from supermachine.snapshots import metadata, verify
+from supermachine.snapshots import metadata, publish, verify
 from supermachine.snapshots.metadata import SnapshotMetadata
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,9 @@ def open_snapshot(snapshot_dir: str | os.PathLike[str]) -> Snapshot:
 
 def list_snapshots(store_dir: str | os.PathLike[str]) -> tuple[list[Snapshot], list[str]]:
     """Every snapshot directory directly under ``store_dir`` (oldest first), and one line per
-    directory that looks like a snapshot but cannot be opened."""
+    directory that looks like a snapshot but cannot be opened: a broken snapshot is reported and
+    skipped, never fatal to the store. Hidden entries (partial snapshots being written, locks)
+    are not snapshots."""
     store = Path(store_dir)
     try:
         entries = sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -88,7 +90,13 @@ def list_snapshots(store_dir: str | os.PathLike[str]) -> tuple[list[Snapshot], l
     found: list[Snapshot] = []
     problems: list[str] = []
     for entry in entries:
-        if not (entry / metadata.METADATA_FILE).exists() and not (entry / metadata.MEMORY_FILE).exists():
+        has_meta = os.path.lexists(entry / metadata.METADATA_FILE)
+        if not has_meta and not os.path.lexists(entry / metadata.MEMORY_FILE):
+            continue
+        if not has_meta and publish.is_debris(entry):
+            problems.append(
+                f"{entry}: incomplete snapshot left by an interrupted write; `supermachine prune` removes it"
+            )
             continue
         try:
             found.append(open_snapshot(entry))
