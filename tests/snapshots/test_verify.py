@@ -183,9 +183,12 @@ def test_vm_restore_checks_the_ram_file(raw_guests: Path, tmp_path: Path) -> Non
     identity.write_bytes(b"stands in for the kernel and the agent")
     vm = raw.start_counter(raw_guests, 16, vsock_path=str(tmp_path / "v.sock"))
     try:
-        snap = raw.bake_raw(vm, tmp_path / "snap", identity, 16).directory
+        baked = raw.bake_raw(vm, tmp_path / "snap", identity, 16)
     finally:
         vm.stop()
+    snap = baked.directory
+    # The bake recorded the hash it had just taken: the first restore need not hash again.
+    assert verify.recorded_digest(_stamp(snap / "memory.bin")) == baked.meta.ram_blake3
     # Intact: the restore gets past the check and runs the guest (which has no agent to answer).
     with pytest.raises(VmError, match="agent did not answer"):
         Vm.restore(snap, boot_timeout=1)
@@ -193,3 +196,7 @@ def test_vm_restore_checks_the_ram_file(raw_guests: Path, tmp_path: Path) -> Non
     with pytest.raises(SnapshotError) as err:
         Vm.restore(snap, boot_timeout=5)
     assert str(err.value) == f"{snap / 'memory.bin'}: content hash does not match its metadata (corrupt?)"
+    # A record for the file as it is now is taken at its word: the restore does not hash.
+    _plant_record(snap)
+    with pytest.raises(VmError, match="agent did not answer"):
+        Vm.restore(snap, boot_timeout=1)
