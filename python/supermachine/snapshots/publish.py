@@ -176,20 +176,20 @@ def prepare(target: Path) -> Path:
     check_name(target.name)
     if os.path.lexists(target / metadata.METADATA_FILE):
         raise SnapshotError(f"{target} already holds a snapshot; remove it or choose another name")
-    if os.path.lexists(target):
-        if target.is_symlink() or not target.is_dir():
-            raise SnapshotError(f"{target} exists and is not a directory")
-        if any(target.iterdir()):
-            if not is_debris(target):
-                raise SnapshotError(f"{target} is not empty and holds no snapshot; choose another name")
-            shutil.rmtree(target)  # an interrupted write of an older supermachine version
     partial = partial_path(target)
     try:
+        if os.path.lexists(target):
+            if target.is_symlink() or not target.is_dir():
+                raise SnapshotError(f"{target} exists and is not a directory")
+            if any(target.iterdir()):
+                if not is_debris(target):
+                    raise SnapshotError(f"{target} is not empty and holds no snapshot; choose another name")
+                shutil.rmtree(target)  # an interrupted write of an older supermachine version
         if os.path.lexists(partial):
             _remove(partial)
         partial.mkdir()
     except OSError as exc:
-        raise SnapshotError(f"{partial}: cannot prepare the snapshot: {exc.strerror or exc}") from None
+        raise SnapshotError(f"{target}: cannot prepare the snapshot: {exc.strerror or exc}") from None
     return partial
 
 
