@@ -173,3 +173,21 @@ def test_golden_selection_skips_a_deeply_nested_sibling(tmp_path: Path) -> None:
     prospective = base_meta(ram_size=len(RAM), ram_blake3="blake3:" + "00" * 32)
     chosen = bake.choose_base(tmp_path / "fresh", prospective, "auto")
     assert chosen == tmp_path / "good"
+
+
+def test_identity_hashes_read_only_regular_files(tmp_path: Path) -> None:
+    """A kernel or agent path (which a restored snapshot's metadata names) that is a FIFO or a
+    device is refused at once instead of blocking or hashing forever; a symlink to a file is fine."""
+    os.mkfifo(tmp_path / "fifo")
+    code = "import sys; from supermachine.snapshots import metadata; metadata.sha256_file(sys.argv[1])"
+    for path in (tmp_path / "fifo", Path("/dev/zero")):
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"hashing {path} did not return")
+        assert "not a regular file" in proc.stderr.strip().splitlines()[-1]
+    (tmp_path / "vmlinux").write_bytes(b"kernel")
+    (tmp_path / "link").symlink_to(tmp_path / "vmlinux")
+    assert metadata.sha256_file(tmp_path / "link") == metadata.sha256_file(tmp_path / "vmlinux")

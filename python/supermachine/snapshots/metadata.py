@@ -52,13 +52,15 @@ MAX_CREATED = 253_402_300_799.0
 """Last second of the year 9999: later times cannot be shown as dates."""
 
 
-def open_regular(path: str | os.PathLike[str]) -> int:
+def open_regular(path: str | os.PathLike[str], *, follow_symlinks: bool = False) -> int:
     """Open ``path`` read-only if it is a regular file, and return the descriptor.
 
-    A symlink as the last component is refused and a FIFO is not waited on (``O_NONBLOCK``); the
-    type is checked on the open descriptor, so the file checked is the file read. Anything else
-    raises :class:`OSError` (``strerror`` ``not a regular file`` for other types)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    A symlink as the last component is refused unless ``follow_symlinks``, and a FIFO is not waited
+    on (``O_NONBLOCK``); the type is checked on the open descriptor, so the file checked is the file
+    read. Anything else raises :class:`OSError` (``strerror`` ``not a regular file`` for other
+    types)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
@@ -91,9 +93,10 @@ def blake3_file(path: str | os.PathLike[str]) -> str:
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """``sha256:<hex>`` of a file's content, streamed in large blocks."""
+    """``sha256:<hex>`` of a regular file's content, streamed in large blocks (a FIFO or device
+    raises :class:`OSError` instead of blocking or never ending, see :func:`open_regular`)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, follow_symlinks=True), "rb") as f:
         while block := f.read(_READ_BLOCK):
             digest.update(block)
     return SHA256_PREFIX + digest.hexdigest()
