@@ -35,9 +35,10 @@ MAX_RECORD_BYTES = 4096
 MAX_BASE_CHAIN = 16
 """Most bases under one diff snapshot (the VMM refuses deeper chains as well)."""
 STAMP_SETTLE_NS = 20_000_000
-"""How long after a file's last change its stamp is trusted: the kernel stamps changes with a
-coarse clock (one tick, up to 10 ms), so a write in the same tick as the change before it would
-leave the stamp as it was. A file is hashed only once its ctime is this far in the past."""
+"""How long after a file's last change its stamp can vouch for its content: the kernel stamps
+changes with a coarse clock (one tick, up to 10 ms), so a write in the same tick as the change
+before it leaves the stamp as it was. A stamp taken sooner is never recorded (a check waits up to
+this long for the file to settle before it hashes)."""
 
 
 @dataclass(frozen=True)
