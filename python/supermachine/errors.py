@@ -126,3 +126,7 @@ class CorruptBlobError(DigestMismatchError):
 
 class CacheWriteError(SupermachineError):
     """Writing to the local image cache failed (disk full, permissions, I/O error)."""
+
+
+class SnapshotBusyError(SnapshotError):
+    """Another process (or thread) is writing a snapshot of the same name right now."""

@@ -252,10 +252,11 @@ class Vm:
 
         ``env``, ``workdir`` and ``user`` replace the defaults saved with the snapshot.
         """
-        from supermachine.snapshots import metadata
+        from supermachine.snapshots import metadata, verify
 
         directory = Path(snapshot_dir)
         meta = metadata.load(directory)
+        verify.check_ram(directory, meta)
         saved = meta.run or metadata.RunDefaults()
         check_kvm()
         started = time.monotonic()

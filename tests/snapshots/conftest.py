@@ -112,3 +112,26 @@ def plain_store(request: pytest.FixtureRequest) -> Iterator[Path]:
     """An empty snapshot store on a filesystem without reflinks (tmpfs, then ext4)."""
     mnt = request.getfixturevalue(f"{request.param}_mount")
     yield from _store_in(mnt, request)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache directory of the test's own, so verification records never touch the user's."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def raw_guests(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory to build the tiny test guests in; skips where KVM or binutils are missing."""
+    if not os.path.exists("/dev/kvm"):
+        _skip("/dev/kvm does not exist (no KVM on this machine)")
+    try:
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+    except OSError as e:
+        _skip(f"/dev/kvm is not usable: {e.strerror}")
+    for tool in ("as", "ld", "objcopy"):
+        if shutil.which(tool) is None:
+            _skip(f"{tool} (binutils) is needed to build the test guests")
+    return tmp_path_factory.mktemp("raw-guests")

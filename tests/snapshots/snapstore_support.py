@@ -76,3 +76,20 @@ def run_dedup_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.C
         env={**os.environ, **(env or {})},
         timeout=300,
     )
+
+
+DEEP_JSON = b"[" * 100_000
+"""A ``metadata.json`` that sends a recursive JSON parser past Python's recursion limit."""
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``supermachine ARGS`` in a child process (the real entry point: one-line errors, exit codes)."""
+    return subprocess.run(
+        [sys.executable, "-m", "supermachine", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )

@@ -9,9 +9,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from supermachine import snapshots
 from supermachine.errors import ImageReferenceError
 from supermachine.oci import ImageStore, RichProgress, build_squashfs, pull
 from supermachine.oci.reference import Reference
+from supermachine.snapshots import publish
 
 
 def _size(n: float) -> str:
@@ -111,13 +113,24 @@ def rmi_command(refs: tuple[str, ...]) -> None:
 @click.command("prune")
 def prune_command() -> None:
     """Delete cached blobs and root filesystems that no image uses, and what interrupted pulls and
-    builds left behind (partial downloads, temporary files and build trees)."""
+    builds left behind (partial downloads, temporary files and build trees).
+
+    In the snapshot store it deletes what interrupted snapshot writes left (partial snapshots, lock
+    files) and verification records of RAM files that changed or are gone; snapshots being written
+    right now are left alone.
+    """
     result = ImageStore().prune()
     click.echo(
         f"Deleted {result.blobs} blobs and {result.rootfs_images} root filesystems,"
         f" {result.partial_files} partial or temporary files and {result.temp_trees} build trees;"
         f" {_size(result.bytes_freed)} freed"
     )
+    debris = publish.prune_store(snapshots.store_dir())
+    if debris.partial or debris.incomplete or debris.locks:
+        click.echo(
+            f"Deleted {debris.partial + debris.incomplete} incomplete snapshots"
+            f" and {debris.locks} stale lock files from the snapshot store"
+        )
 
 
 def register(group: click.Group) -> None:

@@ -8,9 +8,9 @@ import json
 import re
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -19,8 +19,11 @@ from supermachine import ui
 from supermachine.cli.vm import parse_env, vm_options
 from supermachine.errors import CommandFailedError, InputError, SnapshotError
 from supermachine.snapshots import dedup as dedup_mod
-from supermachine.snapshots import golden, metadata, store_dir
+from supermachine.snapshots import golden, metadata, publish, store_dir
 from supermachine.units import human_bytes, percent
+
+if TYPE_CHECKING:
+    from supermachine.vm import VmConfig
 
 
 def _default_name(image: str) -> str:
@@ -68,20 +71,13 @@ def snapshot_cmd(
     newest full snapshot of the same image and memory size) unless --base none or
     SUPERMACHINE_AUTO_DEDUP=0.
     """
-    from supermachine.image import Image
-    from supermachine.oci.progress import RichProgress
     from supermachine.vm import VmConfig
 
     if warm[:1] == ("--",):
         warm = warm[1:]
-    target = output if output is not None else store_dir() / (name or _default_name(image))
     if output is not None and name is not None:
         raise click.BadParameter("give --name or --output, not both")
-    if (target / metadata.METADATA_FILE).exists():
-        raise InputError(f"{target} already holds a snapshot")
-    base_choice: str | None = None if base == "none" else base
-    with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
-        img = Image.from_oci(image, insecure=insecure, progress=progress)
+    target = output if output is not None else store_dir() / publish.check_name(name or _default_name(image))
     config = VmConfig(
         memory_mib=memory_mib,
         vcpus=vcpus,
@@ -90,6 +86,39 @@ def snapshot_cmd(
         workdir=workdir,
         user=user,
     )
+    # Held from before the pull and the boot until the snapshot is in place: a second writer of
+    # this name fails now, not after booting a VM.
+    with publish.name_lock(target):
+        _pull_boot_and_bake(
+            image,
+            warm,
+            target,
+            config,
+            base=None if base == "none" else base,
+            insecure=insecure,
+            timeout=timeout,
+            show_console=show_console,
+        )
+
+
+def _pull_boot_and_bake(
+    image: str,
+    warm: tuple[str, ...],
+    target: Path,
+    config: VmConfig,
+    *,
+    base: str | None,
+    insecure: bool | None,
+    timeout: float | None,
+    show_console: bool,
+) -> None:
+    from supermachine.image import Image
+    from supermachine.oci.progress import RichProgress
+
+    if (target / metadata.METADATA_FILE).exists():
+        raise InputError(f"{target} already holds a snapshot")
+    with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
+        img = Image.from_oci(image, insecure=insecure, progress=progress)
     status = ui.stderr.status("booting the microVM", spinner="dots")
     with status if ui.stderr.is_terminal else nullcontext():
         vm = img.start(config)
@@ -104,27 +133,36 @@ def snapshot_cmd(
                 )
         if show_console:
             ui.stderr.print(vm.console_log, markup=False, highlight=False)
-        target.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        baked = vm.snapshot(target, base=base_choice, stop=True)
+        baked = vm.snapshot(target, base=base, stop=True)
     took = time.monotonic() - started
     meta = baked.snapshot_meta
     assert meta is not None
     kind = "full" if meta.base is None else f"diff against {meta.base}"
     ui.stdout.print(
-        f"{target}: {kind}, {memory_mib} MiB RAM, {human_bytes(_allocated(target))} on disk, {took:.2f} s"
+        f"{target}: {kind}, {meta.memory_mib} MiB RAM, {human_bytes(_allocated(target))} on disk,"
+        f" {took:.2f} s"
     )
 
 
 def _allocated(directory: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in directory.iterdir() if p.is_file())
+    """Bytes allocated to a snapshot's files (``du``; shared extents count in full)."""
+    total = 0
+    for name in (metadata.MEMORY_FILE, metadata.VMSTATE_FILE, metadata.METADATA_FILE):
+        with suppress(OSError):
+            total += (directory / name).lstat().st_blocks * 512
+    return total
 
 
 @click.command("snapshots")
 @click.argument("store", required=False, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
 def snapshots_cmd(store: Path | None, as_json: bool) -> None:
-    """List the snapshots in STORE (default: supermachine's snapshot store), oldest first."""
+    """List the snapshots in STORE (default: supermachine's snapshot store), oldest first.
+
+    A directory that is not a readable snapshot gets one warning line on stderr and the exit status
+    is 1; the others are still listed.
+    """
     directory = store if store is not None else store_dir()
     if not directory.is_dir():
         if store is not None:
@@ -135,6 +173,12 @@ def snapshots_cmd(store: Path | None, as_json: bool) -> None:
         found, problems = golden.list_snapshots(directory)
     for line in problems:
         ui.warn(line)
+    _print_listing(directory, found, as_json)
+    if problems:
+        sys.exit(1)  # like ls: the rest was listed, but not everything could be read
+
+
+def _print_listing(directory: Path, found: list[golden.Snapshot], as_json: bool) -> None:
     rows: list[dict[str, Any]] = [
         {
             "name": s.name,

@@ -1,8 +1,9 @@
 """Taking a snapshot of a running VM into a store: choose the base, write, describe.
 
-A snapshot directory is complete once ``metadata.json`` is in it: the VMM writes ``memory.bin`` and
-``vmstate.bin`` atomically, then the metadata is written atomically after them. A failure on the way
-removes what was written, so a store never holds a half snapshot under its final name.
+A snapshot is written into a hidden partial directory beside its target and renamed into place
+once ``memory.bin``, ``vmstate.bin`` and ``metadata.json`` are all in it (see :mod:`.publish`), so
+a store never holds a half snapshot under its final name, even if the writer is killed. The writer
+holds the name's lock throughout; a second writer of the same name fails at once.
 
 Bake-time dedup: unless told otherwise (``base=None``, or ``SUPERMACHINE_AUTO_DEDUP=0``), a fresh
 snapshot is stored as a *diff* against its golden (see :mod:`.golden`): only the pages that differ
@@ -12,20 +13,20 @@ VM restored from any snapshot on that golden shares the golden's pages in the ho
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Concatenate, Literal, ParamSpec, Protocol
 
 from supermachine.errors import SnapshotError
-from supermachine.snapshots import golden, metadata
+from supermachine.snapshots import golden, metadata, publish, verify
 from supermachine.snapshots.metadata import FileIdentity, ImageIdentity, RunDefaults, SnapshotMetadata
 
 BaseChoice = str | os.PathLike[str] | Literal["auto"] | None
+_P = ParamSpec("_P")
 
 
 class _Snapshottable(Protocol):
@@ -83,6 +84,22 @@ def choose_base(target: Path, prospective: SnapshotMetadata, base: BaseChoice) -
     return None if (choice := golden.select_golden(target.parent, fresh).golden) is None else choice.path
 
 
+def _under_name_lock(
+    write: Callable[Concatenate[_Snapshottable, str | os.PathLike[str], _P], BakeResult],
+) -> Callable[Concatenate[_Snapshottable, str | os.PathLike[str], _P], BakeResult]:
+    """Run a snapshot writer holding the lock of its target's name (:func:`.publish.name_lock`)."""
+
+    def locked(
+        handle: _Snapshottable, target: str | os.PathLike[str], /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> BakeResult:
+        with publish.name_lock(target):
+            return write(handle, target, *args, **kwargs)
+
+    functools.update_wrapper(locked, write)
+    return locked
+
+
+@_under_name_lock
 def bake(
     handle: _Snapshottable,
     target: str | os.PathLike[str],
@@ -96,12 +113,10 @@ def bake(
     base: BaseChoice = "auto",
 ) -> BakeResult:
     """Pauses the VM behind ``handle`` and writes a complete snapshot directory at ``target`` (which
-    must not hold a snapshot yet). The VM stays paused."""
+    must not hold a snapshot yet). The VM stays paused. Raises :class:`SnapshotBusyError` at once if
+    another writer holds the name."""
     started = time.monotonic()
     directory = Path(target)
-    if (directory / metadata.VMSTATE_FILE).exists() or (directory / metadata.METADATA_FILE).exists():
-        raise SnapshotError(f"{directory} already holds a snapshot; remove it or choose another directory")
-    created_dir = not directory.exists()
     kernel_id = file_identity(kernel)
     agent_id = file_identity(initramfs)
     prospective = SnapshotMetadata(
@@ -116,17 +131,16 @@ def bake(
     )
     # The VMM refuses a base of another RAM size itself (one line, before it writes anything).
     base_dir = choose_base(directory, prospective, base)
+    partial = publish.prepare(directory)
     try:
         try:
-            report = dict(handle.snapshot(str(directory), None if base_dir is None else str(base_dir)))
+            report = dict(handle.snapshot(str(partial), None if base_dir is None else str(base_dir)))
         except (OSError, ValueError, RuntimeError) as exc:
             raise SnapshotError(f"cannot snapshot the VM: {exc}") from None
-        base_name = None
-        if base_dir is not None:
-            same_store = base_dir.resolve().parent == directory.resolve().parent
-            base_name = base_dir.name if same_store else str(base_dir.resolve())
+        ram = verify.hash_ram(partial / metadata.MEMORY_FILE)
+        base_name = _base_name(base_dir, directory)
         meta = metadata.describe(
-            directory,
+            partial,
             image=image,
             memory_mib=memory_mib,
             vcpus=vcpus,
@@ -134,21 +148,24 @@ def bake(
             agent=agent_id,
             base=base_name,
             run=run,
+            ram=(ram.size, ram.digest),
         )
-        metadata.save(directory, meta)
+        metadata.save(partial, meta)
+        publish.publish(partial, directory)
     except BaseException:
-        _remove_partial(directory, created_dir)
+        publish.discard(partial)
         raise
+    if ram.stamp is not None:
+        verify.record(ram.stamp, ram.digest, directory / metadata.MEMORY_FILE)
     return BakeResult(directory, meta, report, time.monotonic() - started)
 
 
-def _remove_partial(directory: Path, created_dir: bool) -> None:
-    if created_dir:
-        shutil.rmtree(directory, ignore_errors=True)
-        return
-    for name in (metadata.METADATA_FILE, metadata.VMSTATE_FILE, metadata.MEMORY_FILE):
-        with contextlib.suppress(OSError):
-            (directory / name).unlink()
+def _base_name(base_dir: Path | None, target: Path) -> str | None:
+    """How the metadata names the base: a sibling by its name, anything else by absolute path."""
+    if base_dir is None:
+        return None
+    same_store = base_dir.resolve().parent == target.parent.resolve()
+    return base_dir.name if same_store else str(base_dir.resolve())
 
 
 __all__ = ["BakeResult", "BaseChoice", "bake", "choose_base", "file_identity", "rootfs_identity"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from supermachine.errors import SnapshotError, SnapshotMetadataError
-from supermachine.snapshots import metadata
+from supermachine.snapshots import metadata, publish, verify
 from supermachine.snapshots.metadata import SnapshotMetadata
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,9 @@ def open_snapshot(snapshot_dir: str | os.PathLike[str]) -> Snapshot:
 
 def list_snapshots(store_dir: str | os.PathLike[str]) -> tuple[list[Snapshot], list[str]]:
     """Every snapshot directory directly under ``store_dir`` (oldest first), and one line per
-    directory that looks like a snapshot but cannot be opened."""
+    directory that looks like a snapshot but cannot be opened: a broken snapshot is reported and
+    skipped, never fatal to the store. Hidden entries (partial snapshots being written, locks)
+    are not snapshots."""
     store = Path(store_dir)
     try:
         entries = sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -88,7 +90,13 @@ def list_snapshots(store_dir: str | os.PathLike[str]) -> tuple[list[Snapshot], l
     found: list[Snapshot] = []
     problems: list[str] = []
     for entry in entries:
-        if not (entry / metadata.METADATA_FILE).exists() and not (entry / metadata.MEMORY_FILE).exists():
+        has_meta = os.path.lexists(entry / metadata.METADATA_FILE)
+        if not has_meta and not os.path.lexists(entry / metadata.MEMORY_FILE):
+            continue
+        if not has_meta and publish.is_debris(entry):
+            problems.append(
+                f"{entry}: incomplete snapshot left by an interrupted write; `supermachine prune` removes it"
+            )
             continue
         try:
             found.append(open_snapshot(entry))
@@ -109,16 +117,12 @@ def compatible(fresh: SnapshotMetadata, candidate: SnapshotMetadata) -> bool:
 
 
 def verify_ram(snapshot: Snapshot) -> str | None:
-    """``None`` if the snapshot's RAM file matches its metadata (size and blake3), else why not."""
+    """``None`` if the snapshot's RAM file matches its metadata (size and blake3), else why not.
+    A file verified before and unchanged since is not hashed again (see :mod:`.verify`)."""
     try:
-        size = snapshot.ram_path.stat().st_size
-        if size != snapshot.meta.ram_size:
-            return f"{snapshot.ram_path}: size {size} does not match metadata ({snapshot.meta.ram_size})"
-        digest = metadata.blake3_file(snapshot.ram_path)
-    except OSError as exc:
-        return f"{snapshot.ram_path}: cannot read: {exc.strerror or exc}"
-    if digest != snapshot.meta.ram_blake3:
-        return f"{snapshot.ram_path}: content hash does not match its metadata (corrupt?)"
+        verify.check_file(snapshot.ram_path, snapshot.meta.ram_size, snapshot.meta.ram_blake3)
+    except SnapshotError as exc:
+        return str(exc)
     return None
 
 

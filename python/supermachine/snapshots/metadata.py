@@ -9,15 +9,18 @@ blake3 content hash. Loading reports every problem as a one-line :class:`Snapsho
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import blake3
 
@@ -33,20 +36,67 @@ BLAKE3_PREFIX = "blake3:"
 SHA256_PREFIX = "sha256:"
 _READ_BLOCK = 8 << 20
 
+MAX_METADATA_BYTES = 1 << 20
+"""Largest ``metadata.json`` read: real ones are a few KiB (the environment is the largest part)."""
+MAX_JSON_DEPTH = 8
+"""Deepest nesting of arrays and objects accepted in ``metadata.json`` (real ones use 3)."""
+MAX_STRING = 4096
+"""Longest string field (paths, references, environment entries)."""
+MAX_ITEMS = 4096
+"""Most entries of a list or object field (``run.env``, ``run.cmd``, ``run.entrypoint``)."""
+MAX_VERSION_STRING = 128
+MAX_MEMORY_MIB = 1 << 20
+"""Largest guest RAM a snapshot may claim: 1 TiB."""
+MAX_VCPUS = 64
+MAX_CREATED = 253_402_300_799.0
+"""Last second of the year 9999: later times cannot be shown as dates."""
 
-def blake3_file(path: str | os.PathLike[str]) -> str:
-    """``blake3:<hex>`` of a file's content: memory-mapped and hashed on all cores."""
+
+def open_regular(path: str | os.PathLike[str], *, follow_symlinks: bool = False) -> int:
+    """Open ``path`` read-only if it is a regular file, and return the descriptor.
+
+    A symlink as the last component is refused unless ``follow_symlinks``, and a FIFO is not waited
+    on (``O_NONBLOCK``); the type is checked on the open descriptor, so the file checked is the file
+    read. Anything else raises :class:`OSError` (``strerror`` ``not a regular file`` for other
+    types)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def blake3_fd(fd: int) -> str:
+    """``blake3:<hex>`` of an open file's content from its start, read in large blocks and hashed on
+    all cores. Reading (not mapping) keeps a file truncated meanwhile from killing the process."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    if os.path.getsize(path) == 0:
-        return BLAKE3_PREFIX + hasher.hexdigest()
-    hasher.update_mmap(os.fspath(path))
+    buffer = bytearray(_READ_BLOCK)
+    view = memoryview(buffer)
+    offset = 0
+    while n := os.preadv(fd, [buffer], offset):
+        hasher.update(view[:n])
+        offset += n
     return BLAKE3_PREFIX + hasher.hexdigest()
 
 
+def blake3_file(path: str | os.PathLike[str]) -> str:
+    """``blake3:<hex>`` of a regular file's content (see :func:`blake3_fd`)."""
+    fd = open_regular(path)
+    try:
+        return blake3_fd(fd)
+    finally:
+        os.close(fd)
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """``sha256:<hex>`` of a file's content, streamed in large blocks."""
+    """``sha256:<hex>`` of a regular file's content, streamed in large blocks (a FIFO or device
+    raises :class:`OSError` instead of blocking or never ending, see :func:`open_regular`)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path, follow_symlinks=True), "rb") as f:
         while block := f.read(_READ_BLOCK):
             digest.update(block)
     return SHA256_PREFIX + digest.hexdigest()
@@ -155,17 +205,18 @@ class SnapshotMetadata:
         kernel = p.obj("kernel")
         agent = p.obj("agent")
         ram = p.obj("ram")
+        memory_mib = p.integer("memory_mib", 1, MAX_MEMORY_MIB)
         meta = cls(
             image=ImageIdentity(image.string("ref"), image.string("config_digest")),
-            memory_mib=p.positive_int("memory_mib"),
-            vcpus=p.positive_int("vcpus"),
-            kernel=FileIdentity(kernel.string("path"), kernel.string("sha256")),
-            agent=FileIdentity(agent.string("path"), agent.string("sha256")),
-            ram_size=ram.non_negative_int("size"),
+            memory_mib=memory_mib,
+            vcpus=p.integer("vcpus", 1, MAX_VCPUS),
+            kernel=FileIdentity(kernel.string("path"), kernel.digest("sha256", SHA256_PREFIX)),
+            agent=FileIdentity(agent.string("path"), agent.digest("sha256", SHA256_PREFIX)),
+            ram_size=ram.integer("size", 0, memory_mib << 20),
             ram_blake3=ram.hash("blake3"),
             created=p.time("created"),
-            baked_by_version=p.string("baked_by_version"),
-            base=p.optional_str("base"),
+            baked_by_version=p.string("baked_by_version", MAX_VERSION_STRING),
+            base=p.optional_base("base"),
             base_blake3=p.optional_hash("base_blake3"),
             run=None if data.get("run") is None else p.obj("run").run_defaults(),
         )
@@ -175,7 +226,7 @@ class SnapshotMetadata:
 
 
 class _Fields:
-    """Typed access to one JSON object's fields, naming the dotted field path in errors."""
+    """Typed, bounded access to one JSON object's fields, naming the dotted field path in errors."""
 
     def __init__(self, data: dict[str, Any], source: str, prefix: str = "") -> None:
         self._data = data
@@ -187,7 +238,7 @@ class _Fields:
             self._fail(key, "is missing")
         return self._data[key]
 
-    def _fail(self, key: str, problem: str) -> None:
+    def _fail(self, key: str, problem: str) -> NoReturn:
         raise SnapshotMetadataError(f"{self._source}: field '{self._prefix}{key}' {problem}")
 
     def obj(self, key: str) -> _Fields:
@@ -196,21 +247,46 @@ class _Fields:
             self._fail(key, "must be an object")
         return _Fields(value, self._source, f"{self._prefix}{key}.")
 
-    def string(self, key: str) -> str:
-        value = self._get(key)
+    def _check_text(self, key: str, value: object, limit: int, what: str) -> str:
         if not isinstance(value, str) or not value:
-            self._fail(key, "must be a non-empty string")
-        return str(value)
+            self._fail(key, f"must be {what}")
+        if len(value) > limit:
+            self._fail(key, f"is longer than {limit} characters")
+        if "\0" in value:
+            self._fail(key, "must not contain NUL characters")
+        return value
+
+    def string(self, key: str, limit: int = MAX_STRING) -> str:
+        return self._check_text(key, self._get(key), limit, "a non-empty string")
 
     def optional_str(self, key: str) -> str | None:
         return None if self._data.get(key) is None else self.string(key)
+
+    def optional_base(self, key: str) -> str | None:
+        """A base snapshot: a sibling's directory name, or an absolute path without ``..``."""
+        value = self.optional_str(key)
+        if value is None:
+            return None
+        if os.path.isabs(value):
+            if os.path.normpath(value) != value or "/../" in f"{value}/":
+                self._fail(key, "must be a normalised absolute path")
+        elif "/" in value or value in (".", ".."):
+            self._fail(key, "must be a sibling snapshot's name or an absolute path")
+        return value
 
     def optional_strings(self, key: str) -> tuple[str, ...] | None:
         value = self._data.get(key)
         if value is None:
             return None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, list):
             self._fail(key, "must be a list of strings")
+        if len(value) > MAX_ITEMS:
+            self._fail(key, f"has more than {MAX_ITEMS} entries")
+        if not all(isinstance(v, str) for v in value):
+            self._fail(key, "must be a list of strings")
+        for item in value:
+            if len(item) > MAX_STRING or "\0" in item:
+                self._fail(key, f"entries must be at most {MAX_STRING} characters, without NUL")
         return tuple(value)
 
     def run_defaults(self) -> RunDefaults:
@@ -219,6 +295,14 @@ class _Fields:
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
         ):
             self._fail("env", "must be an object of strings")
+        if len(env) > MAX_ITEMS:
+            self._fail("env", f"has more than {MAX_ITEMS} entries")
+        for name, value in env.items():
+            self._check_text("env", name, MAX_STRING, "an object whose names are non-empty strings")
+            if "=" in name:
+                self._fail("env", f"has a name with '=' in it: {name[:40]!r}")
+            if len(value) > MAX_STRING or "\0" in value:
+                self._fail("env", f"values must be at most {MAX_STRING} characters, without NUL")
         return RunDefaults(
             env=dict(env),
             workdir=self.optional_str("workdir"),
@@ -228,32 +312,33 @@ class _Fields:
             rootfs=self.optional_str("rootfs"),
         )
 
-    def hash(self, key: str) -> str:
+    def digest(self, key: str, prefix: str) -> str:
         value = self.string(key)
-        hexpart = value.removeprefix(BLAKE3_PREFIX)
-        if not value.startswith(BLAKE3_PREFIX) or len(hexpart) != 64 or not _is_hex(hexpart):
-            self._fail(key, "must be 'blake3:' and 64 hex digits")
+        hexpart = value.removeprefix(prefix)
+        if not value.startswith(prefix) or len(hexpart) != 64 or not _is_hex(hexpart):
+            self._fail(key, f"must be '{prefix}' and 64 hex digits")
         return value
+
+    def hash(self, key: str) -> str:
+        return self.digest(key, BLAKE3_PREFIX)
 
     def optional_hash(self, key: str) -> str | None:
         return None if self._data.get(key) is None else self.hash(key)
 
-    def non_negative_int(self, key: str) -> int:
+    def integer(self, key: str, low: int, high: int) -> int:
         value = self._get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            self._fail(key, "must be a non-negative integer")
+        if not isinstance(value, int) or isinstance(value, bool):
+            self._fail(key, "must be an integer")
+        if not low <= value <= high:
+            self._fail(key, f"must be between {low} and {high}")
         return int(value)
-
-    def positive_int(self, key: str) -> int:
-        value = self.non_negative_int(key)
-        if value == 0:
-            self._fail(key, "must be positive")
-        return value
 
     def time(self, key: str) -> float:
         value = self._get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             self._fail(key, "must be a finite number (Unix time)")
+        if not 0 <= value <= MAX_CREATED:
+            self._fail(key, f"must be a Unix time between 0 and {MAX_CREATED:.0f}")
         return float(value)
 
 
@@ -265,9 +350,19 @@ def ram_identity(snapshot_dir: str | os.PathLike[str]) -> tuple[int, str]:
     """``(size, blake3)`` of a snapshot directory's ``memory.bin``."""
     path = Path(snapshot_dir) / MEMORY_FILE
     try:
-        return path.stat().st_size, blake3_file(path)
+        fd = open_regular(path)
+        try:
+            return os.fstat(fd).st_size, blake3_fd(fd)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise SnapshotMetadataError(f"{path}: cannot read RAM file: {exc.strerror or exc}") from None
+
+
+def base_directory(snapshot_dir: str | os.PathLike[str], base: str) -> Path:
+    """The directory of a diff's base: ``base`` (from :attr:`SnapshotMetadata.base`) is a sibling's
+    name or an absolute path."""
+    return Path(base) if os.path.isabs(base) else Path(snapshot_dir).parent / base
 
 
 def describe(
@@ -281,12 +376,13 @@ def describe(
     base: str | None = None,
     created: float | None = None,
     run: RunDefaults | None = None,
+    ram: tuple[int, str] | None = None,
 ) -> SnapshotMetadata:
-    """Metadata for a freshly written snapshot directory: hashes its ``memory.bin`` and, for a diff,
-    takes the base's content hash from the base's own metadata (a sibling directory named ``base``).
-    Call :func:`save` with the result."""
+    """Metadata for a freshly written snapshot directory: hashes its ``memory.bin`` (unless ``ram``
+    gives its ``(size, blake3)`` already) and, for a diff, takes the base's content hash from the
+    base's own metadata (a sibling directory named ``base``). Call :func:`save` with the result."""
     directory = Path(snapshot_dir)
-    size, digest = ram_identity(directory)
+    size, digest = ram_identity(directory) if ram is None else ram
     base_blake3 = None if base is None else load(directory.parent / base).ram_blake3
     return SnapshotMetadata(
         image=image,
@@ -306,21 +402,68 @@ def describe(
 def load(snapshot_dir: str | os.PathLike[str]) -> SnapshotMetadata:
     """The metadata of a snapshot directory. Raises :class:`SnapshotMetadataError` (one line)."""
     path = Path(snapshot_dir) / METADATA_FILE
+    data = parse_json(read_capped(path), str(path))
+    return SnapshotMetadata.from_json(data, str(path))
+
+
+def read_capped(path: Path, limit: int = MAX_METADATA_BYTES) -> bytes:
+    """The content of the regular file ``path`` if it is at most ``limit`` bytes; otherwise (or if
+    it is missing, a FIFO, a symlink, unreadable) a one-line :class:`SnapshotMetadataError`."""
     try:
-        text = path.read_bytes()
+        fd = open_regular(path)
     except FileNotFoundError:
         raise SnapshotMetadataError(f"{path}: missing (not a snapshot directory?)") from None
     except OSError as exc:
-        raise SnapshotMetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot open: {exc.strerror or exc}"
+        raise SnapshotMetadataError(f"{path}: {why}") from None
     try:
-        data = json.loads(text)
+        if os.fstat(fd).st_size > limit:
+            raise SnapshotMetadataError(f"{path}: larger than {limit} bytes (not snapshot metadata)")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            text = f.read(limit + 1)
+    except OSError as exc:
+        raise SnapshotMetadataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(text) > limit:
+        raise SnapshotMetadataError(f"{path}: larger than {limit} bytes (not snapshot metadata)")
+    return text
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def nesting_depth(text: bytes) -> int:
+    """The deepest nesting of JSON arrays and objects in ``text`` (brackets inside strings do not
+    count). Checked before parsing, so no input can make the parser recurse deeply."""
+    brackets = _JSON_STRING.sub(b"", text).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for b in brackets:
+        depth = depth + 1 if b in b"[{" else depth - 1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(text: bytes, source: str, max_depth: int = MAX_JSON_DEPTH) -> object:
+    """Parse untrusted JSON: bounded nesting, no ``NaN``/``Infinity``, every failure one
+    :class:`SnapshotMetadataError` line naming ``source``."""
+    if nesting_depth(text) > max_depth:
+        raise SnapshotMetadataError(f"{source}: JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
     except UnicodeDecodeError:
-        raise SnapshotMetadataError(f"{path}: not valid JSON (not UTF-8 text)") from None
+        raise SnapshotMetadataError(f"{source}: not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as exc:
         raise SnapshotMetadataError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
-    return SnapshotMetadata.from_json(data, str(path))
+    except (ValueError, RecursionError) as exc:
+        raise SnapshotMetadataError(f"{source}: not valid JSON ({exc})") from None
 
 
 def save(snapshot_dir: str | os.PathLike[str], meta: SnapshotMetadata) -> Path:
@@ -331,6 +474,8 @@ def save(snapshot_dir: str | os.PathLike[str], meta: SnapshotMetadata) -> Path:
     data = meta.to_json()
     SnapshotMetadata.from_json(data, str(path))  # never write what load would refuse
     payload = (json.dumps(data, indent=2) + "\n").encode()
+    if len(payload) > MAX_METADATA_BYTES:
+        raise SnapshotMetadataError(f"{path}: metadata larger than {MAX_METADATA_BYTES} bytes")
     fd, tmp = tempfile.mkstemp(prefix=f".{METADATA_FILE}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

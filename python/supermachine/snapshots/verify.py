@@ -1,0 +1,238 @@
+"""Checking a snapshot's RAM file against the content hash in its metadata, once per file version.
+
+Hashing ``memory.bin`` costs time linear in the RAM size; a restore should not. So a successful
+check is recorded as the exact stat stamp of the file it hashed: device, inode, size, mtime and
+ctime in nanoseconds. A later check that finds the same stamp skips the hash. Any write,
+truncation, replacement or rename of the file changes its ctime, which no user can set, so a record
+never vouches for content it did not see.
+
+Records live in supermachine's cache, never in the snapshot directory: whoever can write a snapshot
+directory could forge a record there. They are an optimisation: a missing, unreadable or damaged
+record only means the file is hashed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from supermachine import paths
+from supermachine.errors import SnapshotError, SnapshotMetadataError
+from supermachine.snapshots import metadata
+from supermachine.snapshots.metadata import SnapshotMetadata
+
+log = logging.getLogger(__name__)
+
+RECORDS_DIR = "verified-ram"
+"""Directory under the cache holding one record per verified RAM file (device and inode)."""
+MAX_RECORD_BYTES = 4096
+MAX_BASE_CHAIN = 16
+"""Most bases under one diff snapshot (the VMM refuses deeper chains as well)."""
+STAMP_SETTLE_NS = 20_000_000
+"""How long after a file's last change its stamp can vouch for its content: the kernel stamps
+changes with a coarse clock (one tick, up to 10 ms), so a write in the same tick as the change
+before it leaves the stamp as it was. A stamp taken sooner is never recorded (a check waits up to
+this long for the file to settle before it hashes)."""
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies one version of a file without reading it."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    @property
+    def whole_seconds(self) -> bool:
+        """Both times fall on whole seconds: likely a filesystem with coarse timestamps, where a
+        stamp cannot tell two versions of a file apart within a second."""
+        return self.mtime_ns % 1_000_000_000 == 0 and self.ctime_ns % 1_000_000_000 == 0
+
+
+def records_dir() -> Path:
+    return paths.cache_dir() / RECORDS_DIR
+
+
+def _record_path(stamp: FileStamp) -> Path:
+    return records_dir() / f"{stamp.dev:x}-{stamp.ino:x}.json"
+
+
+def recorded_digest(stamp: FileStamp) -> str | None:
+    """The content hash recorded for exactly this file version, or ``None``."""
+    path = _record_path(stamp)
+    try:
+        data = metadata.parse_json(metadata.read_capped(path, MAX_RECORD_BYTES), str(path))
+    except SnapshotMetadataError:
+        return None
+    if not isinstance(data, dict) or data.get("stamp") != asdict(stamp):
+        return None
+    digest = data.get("blake3")
+    return digest if isinstance(digest, str) else None
+
+
+def record(stamp: FileStamp, digest: str, path: str | os.PathLike[str]) -> None:
+    """Remember that the file version ``stamp`` (at ``path``) hashes to ``digest``. Written
+    atomically; a failure is logged and otherwise ignored (the next check hashes again)."""
+    if stamp.whole_seconds:
+        return
+    directory = records_dir()
+    payload = json.dumps({"stamp": asdict(stamp), "blake3": digest, "path": os.fspath(path)}).encode()
+    tmp = None
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".record-", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, _record_path(stamp))
+        tmp = None
+    except OSError as exc:
+        log.warning("cannot record the verification of %s: %s", path, exc.strerror or exc)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _settled_stamp(fd: int) -> tuple[FileStamp, bool]:
+    """The file's stamp, and whether it is settled: taken when the file's last change was at least
+    :data:`STAMP_SETTLE_NS` old, so any later write changes it. Waits at most that long."""
+    for _attempt in range(2):
+        taken_at = time.time_ns()
+        stamp = FileStamp.of(os.fstat(fd))
+        wait_ns = stamp.ctime_ns + STAMP_SETTLE_NS - taken_at
+        if wait_ns <= 0:
+            return stamp, True
+        if wait_ns > STAMP_SETTLE_NS:
+            break  # changed "in the future": the clock was set back; trust no stamp of it
+        time.sleep(wait_ns / 1e9)
+    return stamp, False
+
+
+@dataclass(frozen=True)
+class HashedFile:
+    size: int
+    digest: str
+    """``blake3:<hex>`` of the content."""
+    stamp: FileStamp | None
+    """The version hashed, if its stamp vouches for exactly that content (settled before the hash,
+    unchanged after it); ``None`` if the file changed too recently to tell."""
+
+
+def _hash_open_file(fd: int, path: Path) -> HashedFile:
+    before, settled = _settled_stamp(fd)
+    digest = metadata.blake3_fd(fd)
+    if FileStamp.of(os.fstat(fd)) != before:
+        raise SnapshotError(f"{path}: changed while it was being hashed")
+    return HashedFile(before.size, digest, before if settled else None)
+
+
+def hash_ram(path: str | os.PathLike[str]) -> HashedFile:
+    """Hash a RAM file that was just written. Pass the result to :func:`record` once the file is
+    where it stays (renaming its directory keeps the stamp)."""
+    ram = Path(path)
+    try:
+        fd = metadata.open_regular(ram)
+    except OSError as exc:
+        raise SnapshotError(f"{ram}: cannot read RAM file: {exc.strerror or exc}") from None
+    try:
+        return _hash_open_file(fd, ram)
+    except OSError as exc:
+        raise SnapshotError(f"{ram}: cannot read RAM file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def check_file(path: str | os.PathLike[str], size: int, digest: str) -> None:
+    """Raise :class:`SnapshotError` (one line naming the file) unless the regular file ``path``
+    has ``size`` bytes and the content hash ``digest``. Hashes only if no record vouches for the
+    file as it is now, and records a successful hash."""
+    ram = Path(path)
+    try:
+        fd = metadata.open_regular(ram)
+    except OSError as exc:
+        raise SnapshotError(f"{ram}: cannot read RAM file: {exc.strerror or exc}") from None
+    try:
+        now = FileStamp.of(os.fstat(fd))
+        if now.size != size:
+            raise SnapshotError(f"{ram}: size {now.size} does not match metadata ({size})")
+        if recorded_digest(now) == digest:
+            return
+        hashed = _hash_open_file(fd, ram)
+    except OSError as exc:
+        raise SnapshotError(f"{ram}: cannot read RAM file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if hashed.digest != digest:
+        raise SnapshotError(f"{ram}: content hash does not match its metadata (corrupt?)")
+    if hashed.stamp is not None:
+        record(hashed.stamp, hashed.digest, ram)
+
+
+def check_ram(snapshot_dir: str | os.PathLike[str], meta: SnapshotMetadata) -> None:
+    """Raise :class:`SnapshotError` (one line) unless the RAM file of the snapshot in
+    ``snapshot_dir`` (described by ``meta``) and, for a diff, of every base under it match their
+    metadata, and each base is the one its diff was taken against (same content hash)."""
+    directory, current = Path(snapshot_dir), meta
+    for _ in range(MAX_BASE_CHAIN + 1):
+        check_file(directory / metadata.MEMORY_FILE, current.ram_size, current.ram_blake3)
+        if current.base is None:
+            return
+        base_dir = metadata.base_directory(directory, current.base)
+        base = metadata.load(base_dir)
+        if base.ram_blake3 != current.base_blake3:
+            raise SnapshotError(
+                f"{base_dir}: this base's RAM is not the one {directory} was taken against"
+                " (the base changed since)"
+            )
+        directory, current = base_dir, base
+    raise SnapshotError(f"{snapshot_dir}: the chain of bases is deeper than {MAX_BASE_CHAIN} snapshots")
+
+
+def prune_records() -> int:
+    """Remove records whose file no longer exists as recorded; returns how many."""
+    removed = 0
+    directory = records_dir()
+    if not directory.is_dir():
+        return 0
+    for entry in directory.iterdir():
+        if entry.name.startswith(".record-") or _stale(entry):
+            with contextlib.suppress(OSError):
+                entry.unlink()
+                removed += 1
+    return removed
+
+
+def _stale(entry: Path) -> bool:
+    try:
+        data = metadata.parse_json(metadata.read_capped(entry, MAX_RECORD_BYTES), str(entry))
+        if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+            return True
+        st = os.stat(data["path"], follow_symlinks=False)
+    except (SnapshotMetadataError, OSError, ValueError):
+        return True
+    return bool(data.get("stamp") != asdict(FileStamp.of(st)))
+
+
+__all__ = [
+    "FileStamp",
+    "HashedFile",
+    "check_file",
+    "check_ram",
+    "hash_ram",
+    "prune_records",
+    "record",
+    "records_dir",
+]
