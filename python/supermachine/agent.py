@@ -530,7 +530,9 @@ class AgentClient:
             with self._socket_in_use() as sock:
                 self._wait_ready(sock, select.POLLIN, deadline, what)
                 try:
-                    chunk = sock.recv(max(n - len(self._buf), _RECV_SIZE))
+                    # Never more than a chunk at a time: memory follows what the agent really
+                    # sent, not what a frame header announced.
+                    chunk = sock.recv(_RECV_SIZE)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as e:
