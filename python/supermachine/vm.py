@@ -397,11 +397,10 @@ class Vm:
         outcome = self.outcome
         if outcome is None:
             return
+        detail = agent.printable_line(outcome.detail)  # a panic line is guest text
         if outcome.kind == "panic":
-            raise GuestPanickedError(f"the guest kernel panicked {when}: {outcome.detail}")
-        raise VmError(
-            f"the VM ended {when} ({outcome.kind}{': ' + outcome.detail if outcome.detail else ''})"
-        )
+            raise GuestPanickedError(f"the guest kernel panicked {when}: {detail}")
+        raise VmError(f"the VM ended {when} ({outcome.kind}{': ' + detail if detail else ''})")
 
     @property
     def outcome(self) -> Outcome | None:

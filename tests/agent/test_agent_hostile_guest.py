@@ -40,6 +40,7 @@ from supermachine.agent import (
 from supermachine.errors import (
     AgentRequestError,
     AgentTimeoutError,
+    GuestPanickedError,
     OutputLimitError,
     ProtocolError,
     VmError,
@@ -391,6 +392,21 @@ def test_agent_text_reaches_the_user_as_one_printable_line(fake: Callable[..., F
     assert text.startswith("no [2J ]0;owned such file !!!")
     assert text.isprintable() and len(text) == MAX_TEXT and text.endswith("…")
     assert info.value.kind == "os [31m"
+
+
+def test_a_guest_panic_line_reaches_the_user_printable(fake: Callable[..., FakeAgent]) -> None:
+    class Panicked(_VmmStandIn):
+        outcome = {"kind": "reset"}  # noqa: RUF012
+
+        def console(self) -> bytes:
+            return b"Kernel panic - not syncing: \x1b]0;owned\x07\x1b[2Jboom\x00" + b"!" * 5000 + b"\n"
+
+    vm = Vm(Panicked(), VmConfig(), fake(silent).path.parent)  # type: ignore[arg-type]
+    with pytest.raises(GuestPanickedError) as info:
+        vm.exec(["true"])
+    text = str(info.value)
+    assert text.startswith("the guest kernel panicked : Kernel panic - not syncing: ]0;owned [2Jboom !!!")
+    assert text.isprintable() and len(text) < 2 * MAX_TEXT
 
 
 # -- environment ------------------------------------------------------------------------------------
