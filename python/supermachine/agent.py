@@ -72,8 +72,9 @@ CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 60.0
 #: Seconds the host waits past a command's ``timeout`` for the agent to report its end. The agent
 #: kills the command at the timeout; the grace covers the kill, output still in flight and slow
-#: (emulated) guests. An agent silent beyond it is stuck or hostile: the host gives up.
-EXEC_GRACE = 5.0
+#: guests: on hosts that emulate guest kernel code, tearing down a process group on a cold path
+#: was measured at 20 s. An agent silent beyond it is stuck or hostile: the host gives up.
+EXEC_GRACE = 30.0
 #: Default limit, in bytes, of each output stream (stdout, stderr) that ``exec`` collects.
 MAX_OUTPUT = 64 << 20
 #: Default limit, in bytes, of a file that ``read_file`` reads.
