@@ -608,10 +608,10 @@ class AgentClient:
         self.close()
 
     def _begin(self) -> None:
-        if self._busy:
-            raise AgentError("connection busy: a process started with spawn() has not been waited for")
         if self._closed:
             raise AgentUnreachable("connection to the agent is closed")
+        if self._busy:
+            raise AgentError("connection busy: a process started with spawn() has not been waited for")
 
     def _request(self, kind: int, payload: bytes, reply: int, name: str, deadline: _Deadline) -> bytes:
         """Sends a one-frame request and returns the payload of its one-frame ``reply``."""
