@@ -15,22 +15,36 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import select
 import socket
 import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, NoReturn
 
-from supermachine.errors import AgentError, AgentRequestError, AgentUnreachable, ProtocolError
+from supermachine.errors import (
+    AgentError,
+    AgentRequestError,
+    AgentTimeoutError,
+    AgentUnreachable,
+    OutputLimitError,
+    ProtocolError,
+)
 
 __all__ = [
+    "CONNECT_TIMEOUT",
     "DEFAULT_PORT",
+    "EXEC_GRACE",
+    "MAX_OUTPUT",
+    "MAX_READ",
     "PROTOCOL_VERSION",
+    "REQUEST_TIMEOUT",
     "AgentClient",
     "ExecResult",
     "Output",
@@ -49,6 +63,26 @@ MAX_FRAME = 1 << 20
 CHUNK = 64 * 1024
 #: The vsock port the agent listens on inside a VM.
 DEFAULT_PORT = 1024
+
+# Every wait on the guest has a deadline: the guest is untrusted and may answer slowly or never.
+#: Seconds to connect, pass the VMM's ``CONNECT`` handshake and exchange hellos.
+CONNECT_TIMEOUT = 10.0
+#: Default seconds of every request that is not a running command: ``ping``, ``sync``,
+#: ``shutdown``, ``read_file``, ``write_file`` and the start of an ``exec``.
+REQUEST_TIMEOUT = 60.0
+#: Seconds the host waits past a command's ``timeout`` for the agent to report its end. The agent
+#: kills the command at the timeout; the grace covers the kill, output still in flight and slow
+#: guests: on hosts that emulate guest kernel code, tearing down a process group on a cold path
+#: was measured at 20 s. An agent silent beyond it is stuck or hostile: the host gives up.
+EXEC_GRACE = 30.0
+#: Default limit, in bytes, of each output stream (stdout, stderr) that ``exec`` collects.
+MAX_OUTPUT = 64 << 20
+#: Default limit, in bytes, of a file that ``read_file`` reads.
+MAX_READ = 64 << 20
+#: Most characters of text (error messages, versions) taken from the agent.
+MAX_TEXT = 500
+#: Bytes asked of the socket per read.
+_RECV_SIZE = 256 * 1024
 
 # Frame types: client to agent.
 EXEC = 0x01
@@ -75,6 +109,9 @@ ERROR = 0x8F
 
 #: Most entropy one ``sync`` request may carry (the agent refuses more).
 MAX_SYNC_ENTROPY = 512
+#: Highest signal number an ``exit`` may report (Linux real-time signals end at 64).
+_MAX_SIGNAL = 64
+_SIGKILL = 9
 
 # Field value kinds.
 _UINT = 1
@@ -103,13 +140,20 @@ def _encode(fields: Sequence[tuple[int, FieldValue | None]]) -> bytes:
 
 
 def _decode(payload: bytes) -> dict[int, FieldValue]:
-    """Decodes a field-encoded message. Unknown tags are kept (and ignored by callers)."""
+    """Decodes a field-encoded message. Unknown tags are kept (and ignored by callers).
+
+    Every length and count is checked against the bytes that are left before anything is
+    allocated for it, so a message never costs more than a small multiple of its own size.
+    """
     fields: dict[int, FieldValue] = {}
+    end = len(payload)
     pos = 0
     try:
-        while pos < len(payload):
+        while pos < end:
             tag, kind = payload[pos], payload[pos + 1]
             pos += 2
+            if tag in fields:
+                raise ProtocolError(f"agent sent field {tag} twice in one message")
             if kind == _UINT:
                 (number,) = struct.unpack_from("<Q", payload, pos)
                 fields[tag] = int(number)
@@ -117,18 +161,20 @@ def _decode(payload: bytes) -> dict[int, FieldValue]:
             elif kind == _BYTES:
                 (length,) = struct.unpack_from("<I", payload, pos)
                 pos += 4
-                if pos + length > len(payload):
+                if length > end - pos:
                     raise ProtocolError("agent sent a truncated field")
                 fields[tag] = payload[pos : pos + length]
                 pos += length
             elif kind == _LIST:
                 (count,) = struct.unpack_from("<I", payload, pos)
                 pos += 4
+                if count > (end - pos) // 4:
+                    raise ProtocolError(f"agent sent a list of {count} items in {end - pos} bytes")
                 items: list[bytes] = []
                 for _ in range(count):
                     (length,) = struct.unpack_from("<I", payload, pos)
                     pos += 4
-                    if pos + length > len(payload):
+                    if length > end - pos:
                         raise ProtocolError("agent sent a truncated field")
                     items.append(payload[pos : pos + length])
                     pos += length
@@ -145,15 +191,54 @@ def _uint(fields: Mapping[int, FieldValue], tag: int) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def printable_line(text: str, limit: int = MAX_TEXT) -> str:
+    """``text`` from the guest made safe to show: one line, no control characters (no terminal
+    escape sequences), at most ``limit`` characters."""
+    shown = " ".join("".join(c if c.isprintable() else " " for c in text[: limit * 2]).split())
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
 def _text(fields: Mapping[int, FieldValue], tag: int) -> str:
     value = fields.get(tag)
     if not isinstance(value, bytes):
         return ""
-    return " ".join(value.decode("utf-8", "replace").split())
+    return printable_line(value[: MAX_TEXT * 4].decode("utf-8", "replace"))
 
 
 def _bytes_arg(value: Argument) -> bytes:
     return value if isinstance(value, bytes) else os.fsencode(value)
+
+
+def _shown(argv: Sequence[Argument]) -> str:
+    """The command for messages: quoted, shortened."""
+    text = " ".join(os.fsdecode(a) for a in argv)
+    return repr(text if len(text) <= 80 else text[:79] + "…")
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):g} MiB" if size >= 1 << 20 else f"{size} bytes"
+
+
+@dataclass(frozen=True)
+class _Deadline:
+    """When the host stops waiting (``time.monotonic``); ``seconds`` is the budget, for messages."""
+
+    at: float
+    seconds: float
+
+    @classmethod
+    def after(cls, seconds: float) -> _Deadline:
+        return cls(time.monotonic() + seconds, seconds)
+
+    @classmethod
+    def at_time(cls, at: float) -> _Deadline:
+        return cls(at, max(0.0, at - time.monotonic()))
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def earliest(self, other: _Deadline | None) -> _Deadline:
+        return self if other is None or self.at <= other.at else other
 
 
 @dataclass(frozen=True)
@@ -202,61 +287,86 @@ class SyncResult:
 class Process:
     """A process started with :meth:`AgentClient.spawn`; owns the connection until it has exited.
 
-    Iterate over it for :class:`Output` events as they arrive; :meth:`wait` collects whatever output
-    was not iterated over and returns the :class:`ExecResult`.
+    Iterate over it for :class:`Output` events as they arrive (unbounded: the caller decides what
+    to keep); :meth:`wait` collects whatever output was not iterated over, up to a limit, and
+    returns the :class:`ExecResult`. When the spawn had a ``timeout``, neither waits past it plus
+    :data:`EXEC_GRACE`.
     """
 
-    def __init__(self, client: AgentClient, pid: int, stdin: bool) -> None:
+    def __init__(
+        self,
+        client: AgentClient,
+        pid: int,
+        stdin: bool,
+        *,
+        deadline: _Deadline | None = None,
+        command: str = "the command",
+        waiting: str | None = None,
+    ) -> None:
         self._client = client
         self.pid = pid
         self._stdin_open = stdin
         self._result: ExecResult | None = None
+        self._deadline = deadline
+        self._command = command
+        self._waiting = waiting or f"waiting for {command} to end"
 
     @property
     def result(self) -> ExecResult | None:
         """The result once the process has exited and its exit was read, else ``None``."""
         return self._result
 
-    def _events(self, out: bytearray, err: bytearray, collect: bool) -> Iterator[Output]:
+    def _next_event(self) -> Output | ExecResult:
+        """The next output chunk, or the exit (an :class:`ExecResult` without output)."""
         client = self._client
-        while self._result is None:
-            kind, payload = client._recv_frame()
-            if kind == STDOUT:
-                if collect:
-                    out += payload
-                else:
-                    yield Output("stdout", payload)
-            elif kind == STDERR:
-                if collect:
-                    err += payload
-                else:
-                    yield Output("stderr", payload)
-            elif kind == EXIT:
-                fields = _decode(payload)
-                status = _uint(fields, 1)
-                signal = _uint(fields, 2)
-                self._result = ExecResult(
-                    status=status if signal is None else None,
-                    signal=signal,
-                    stdout=bytes(out),
-                    stderr=bytes(err),
-                    duration=(_uint(fields, 4) or 0) / 1000,
-                    timed_out=bool(_uint(fields, 3)),
-                )
-                client._busy = False
-            else:
-                client._unexpected(kind, payload, "while a process runs")
+        kind, payload = client._recv_frame(self._deadline, self._waiting)
+        if kind == STDOUT:
+            return Output("stdout", payload)
+        if kind == STDERR:
+            return Output("stderr", payload)
+        if kind == EXIT:
+            result = client._exit_result(payload)
+            client._busy = False
+            return result
+        client._unexpected(kind, payload, "while a process runs")
 
     def __iter__(self) -> Iterator[Output]:
-        return self._events(bytearray(), bytearray(), collect=False)
+        while self._result is None:
+            event = self._next_event()
+            if isinstance(event, Output):
+                yield event
+            else:
+                self._result = event
 
-    def wait(self) -> ExecResult:
-        """Reads the remaining output and the exit; returns the result (again, if already known)."""
-        if self._result is None:
-            for _ in self._events(bytearray(), bytearray(), collect=True):
-                pass
-        assert self._result is not None
-        return self._result
+    def wait(self, max_output: int | None = MAX_OUTPUT) -> ExecResult:
+        """Reads the remaining output and the exit; returns the result (again, if already known).
+
+        Each stream keeps at most ``max_output`` bytes (``None``: no limit). Past it the process
+        is killed, the connection closed and :class:`OutputLimitError` raised with the output
+        collected up to the limit.
+        """
+        if self._result is not None:
+            return self._result
+        collected: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        while True:
+            event = self._next_event()
+            if isinstance(event, ExecResult):
+                self._result = replace(
+                    event, stdout=bytes(collected["stdout"]), stderr=bytes(collected["stderr"])
+                )
+                return self._result
+            buffer = collected[event.stream]
+            if max_output is not None and len(buffer) + len(event.data) > max_output:
+                buffer += event.data[: max_output - len(buffer)]
+                self._client._kill_and_close()
+                raise OutputLimitError(
+                    f"{event.stream} of {self._command} exceeded the limit of {_mib(max_output)} "
+                    "(max_output); the command was killed",
+                    limit=max_output,
+                    stdout=bytes(collected["stdout"]),
+                    stderr=bytes(collected["stderr"]),
+                )
+            buffer += event.data
 
     def write_stdin(self, data: bytes) -> None:
         """Sends ``data`` to the process's stdin (ignored by the agent once the process has exited)."""
@@ -264,43 +374,68 @@ class Process:
             raise AgentError("stdin is closed or was not requested (spawn(..., stdin=True))")
         view = memoryview(data)
         for start in range(0, len(view), CHUNK):
-            self._client._send(STDIN, bytes(view[start : start + CHUNK]))
+            self._client._send(STDIN, bytes(view[start : start + CHUNK]), self._deadline, "sending stdin")
 
     def close_stdin(self) -> None:
         """Closes the process's stdin once everything sent before has been written to it."""
         if self._stdin_open:
             self._stdin_open = False
-            self._client._send(STDIN_CLOSE)
+            self._client._send(STDIN_CLOSE, b"", self._deadline, "closing stdin")
 
     def signal(self, sig: int) -> None:
         """Sends ``sig`` to the process's process group (it runs in a session of its own)."""
         if self._result is None:
-            self._client._send(SIGNAL, _encode([(1, int(sig))]))
+            self._client._send(SIGNAL, _encode([(1, int(sig))]), self._deadline, "sending a signal")
 
 
 class AgentClient:
     """A connection to a guest agent. Sends the hello and checks the agent's on construction.
 
-    Raises :class:`AgentUnreachable` when the connection breaks, :class:`ProtocolError` when the
-    agent says something that is not protocol, and :class:`AgentRequestError` when it refuses a
-    request (the connection then stays usable).
+    Every wait on the agent has a deadline: the hello ``timeout``; ``request_timeout`` (seconds,
+    changeable) for ``ping``, ``sync``, ``shutdown``, file transfers without a ``timeout`` of their
+    own and the start of a command; a command's ``timeout`` plus :data:`EXEC_GRACE` for the rest
+    of it (a command without a timeout may run, silent, as long as it likes).
+
+    Raises :class:`AgentUnreachable` when the connection breaks, :class:`AgentTimeoutError` when a
+    deadline passes, :class:`ProtocolError` when the agent says something that is not protocol (each
+    of them closes the connection), :class:`OutputLimitError` when it sends more than the call's
+    size limit, and :class:`AgentRequestError` when it refuses a request (the connection then
+    stays usable).
     """
 
-    def __init__(self, sock: socket.socket, *, _initial: bytes = b"") -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float = CONNECT_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
+        _initial: bytes = b"",
+    ) -> None:
         self._sock = sock
         self._buf = bytearray(_initial)
         self._send_lock = threading.Lock()
+        # Guards _closed and _users: the socket is closed only when no thread waits on it, so a
+        # waiting thread never polls a descriptor number that was closed (and maybe reused).
+        self._state_lock = threading.Lock()
+        self._users = 0
         self._busy = False
         self._closed = False
-        self._send_raw(HELLO)
-        hello = self._recv_exact(len(HELLO), "the agent's hello")
-        if hello[:4] != MAGIC:
+        self.request_timeout = request_timeout
+        try:
+            sock.setblocking(False)
+            self._hello(_Deadline.after(timeout))
+        except BaseException:
             self.close()
-            raise ProtocolError(f"peer is not a supermachine agent (hello {hello[:8]!r})")
+            raise
+
+    def _hello(self, deadline: _Deadline) -> None:
+        self._send_raw(HELLO, deadline, "sending the hello")
+        hello = self._recv_exact(len(HELLO), deadline, "reading the agent's hello")
+        if hello[:4] != MAGIC:
+            raise self._violation(f"peer is not a supermachine agent (hello {hello[:8]!r})")
         (version,) = struct.unpack_from("<H", hello, 4)
         if version != PROTOCOL_VERSION:
-            self.close()
-            raise ProtocolError(
+            raise self._violation(
                 f"agent speaks protocol version {version}; this client speaks {PROTOCOL_VERSION}"
             )
 
@@ -315,83 +450,184 @@ class AgentClient:
         self.close()
 
     def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.close()
+        """Closes the connection; a thread blocked on it wakes up with :class:`AgentUnreachable`."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            if self._users:
+                return  # the last user closes it
+        self._sock.close()
+
+    @contextlib.contextmanager
+    def _socket_in_use(self) -> Iterator[socket.socket]:
+        with self._state_lock:
+            if self._closed:
+                raise AgentUnreachable("connection to the agent is closed")
+            self._users += 1
+        try:
+            yield self._sock
+        finally:
+            with self._state_lock:
+                self._users -= 1
+                last = self._closed and not self._users
+            if last:
+                self._sock.close()
 
     def _broken(self, what: str) -> AgentUnreachable:
         self.close()
         return AgentUnreachable(f"connection to the agent broke {what}")
 
-    def _send_raw(self, data: bytes) -> None:
-        if self._closed:
-            raise AgentUnreachable("connection to the agent is closed")
-        try:
-            with self._send_lock:
-                self._sock.sendall(data)
-        except TimeoutError:
-            raise self._broken("(send timed out)") from None
-        except OSError as e:
-            raise self._broken(f"while sending ({e.strerror or e})") from None
+    def _violation(self, message: str) -> ProtocolError:
+        self.close()
+        return ProtocolError(message)
 
-    def _send(self, kind: int, payload: bytes = b"") -> None:
+    def _timed_out(self, deadline: _Deadline, what: str) -> AgentTimeoutError:
+        self.close()
+        return AgentTimeoutError(f"the agent did not answer within {round(deadline.seconds, 2):g} s ({what})")
+
+    def _wait_ready(self, sock: socket.socket, event: int, deadline: _Deadline | None, what: str) -> None:
+        """Blocks until ``sock`` is ready for ``event`` (or failed); raises once ``deadline`` passed."""
+        poller = select.poll()
+        poller.register(sock, event)
+        while True:
+            wait_ms = None
+            if deadline is not None:
+                remaining = deadline.remaining()
+                if remaining <= 0:
+                    raise self._timed_out(deadline, what)
+                wait_ms = math.ceil(remaining * 1000)
+            if poller.poll(wait_ms):
+                return
+
+    def _send_raw(self, data: bytes, deadline: _Deadline | None, what: str) -> None:
+        with self._send_lock, self._socket_in_use() as sock:
+            view = memoryview(data)
+            while view:
+                self._wait_ready(sock, select.POLLOUT, deadline, what)
+                try:
+                    sent = sock.send(view)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as e:
+                    raise self._broken(f"while {what} ({e.strerror or e})") from None
+                view = view[sent:]
+
+    def _send(
+        self,
+        kind: int,
+        payload: bytes = b"",
+        deadline: _Deadline | None = None,
+        what: str = "sending a frame",
+    ) -> None:
         if len(payload) + 1 > MAX_FRAME:
             raise AgentError(f"frame of {len(payload) + 1} bytes exceeds the limit of {MAX_FRAME} bytes")
-        self._send_raw(struct.pack("<IB", len(payload) + 1, kind) + payload)
+        self._send_raw(struct.pack("<IB", len(payload) + 1, kind) + payload, deadline, what)
 
-    def _recv_exact(self, n: int, what: str) -> bytes:
+    def _recv_exact(self, n: int, deadline: _Deadline | None, what: str) -> bytes:
         while len(self._buf) < n:
-            if self._closed:
-                raise AgentUnreachable("connection to the agent is closed")
-            try:
-                chunk = self._sock.recv(max(n - len(self._buf), 256 * 1024))
-            except TimeoutError:
-                raise self._broken(f"(no answer in time while reading {what})") from None
-            except OSError as e:
-                raise self._broken(f"while reading {what} ({e.strerror or e})") from None
+            with self._socket_in_use() as sock:
+                self._wait_ready(sock, select.POLLIN, deadline, what)
+                try:
+                    # Never more than a chunk at a time: memory follows what the agent really
+                    # sent, not what a frame header announced.
+                    chunk = sock.recv(_RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as e:
+                    raise self._broken(f"while {what} ({e.strerror or e})") from None
             if not chunk:
-                raise self._broken(f"(closed by the agent while reading {what})")
+                if self._closed:  # by another thread of ours, e.g. on its timeout
+                    raise AgentUnreachable(f"connection to the agent was closed while {what}")
+                raise self._broken(f"(closed by the agent while {what})")
             self._buf += chunk
         data = bytes(self._buf[:n])
         del self._buf[:n]
         return data
 
-    def _recv_frame(self) -> tuple[int, bytes]:
-        length, kind = struct.unpack("<IB", self._recv_exact(5, "a frame header"))
+    def _recv_frame(
+        self, deadline: _Deadline | None = None, what: str = "reading a frame"
+    ) -> tuple[int, bytes]:
+        """One frame. Its length is checked before anything is read (or allocated) for it."""
+        length, kind = struct.unpack("<IB", self._recv_exact(5, deadline, what))
         if length == 0 or length > MAX_FRAME:
-            self.close()
-            raise ProtocolError(f"agent sent a frame of {length} bytes (limit {MAX_FRAME})")
-        return kind, self._recv_exact(length - 1, "a frame")
+            raise self._violation(f"agent sent a frame of {length} bytes (limit {MAX_FRAME})")
+        return kind, self._recv_exact(length - 1, deadline, what)
 
-    def _unexpected(self, kind: int, payload: bytes, when: str) -> None:
+    def _fields(self, payload: bytes) -> dict[int, FieldValue]:
+        try:
+            return _decode(payload)
+        except ProtocolError:
+            self.close()
+            raise
+
+    def _exit_result(self, payload: bytes) -> ExecResult:
+        """The ``exit`` message as a result without output; refuses impossible values."""
+        fields = self._fields(payload)
+        status, signal = _uint(fields, 1), _uint(fields, 2)
+        if (status is None) == (signal is None):
+            raise self._violation("agent sent an exit with neither or both of status and signal")
+        if status is not None and status > 255:
+            raise self._violation(f"agent sent exit status {status} (beyond 255)")
+        if signal is not None and not 1 <= signal <= _MAX_SIGNAL:
+            raise self._violation(f"agent sent exit signal {signal} (not 1 to {_MAX_SIGNAL})")
+        return ExecResult(
+            status=status,
+            signal=signal,
+            stdout=b"",
+            stderr=b"",
+            duration=(_uint(fields, 4) or 0) / 1000,
+            timed_out=bool(_uint(fields, 3)),
+        )
+
+    def _unexpected(self, kind: int, payload: bytes, when: str) -> NoReturn:
         """Raises for an error frame (as a request error unless fatal) or an unexpected frame."""
         if kind == ERROR:
-            fields = _decode(payload)
+            fields = self._fields(payload)
             message = _text(fields, 3) or "unspecified error"
             if _uint(fields, 4):
-                self.close()
-                raise ProtocolError(f"agent closed the connection: {message}")
+                raise self._violation(f"agent closed the connection: {message}")
             self._busy = False
             raise AgentRequestError(message, kind=_text(fields, 1) or "request", errno=_uint(fields, 2))
+        raise self._violation(f"agent sent an unexpected frame of type 0x{kind:02x} {when}")
+
+    def _kill_and_close(self) -> None:
+        """Stops the running command: SIGKILL if the connection is free to send it at once, then
+        the disconnect, on which the agent kills the process group anyway."""
+        frame = struct.pack("<IB", 11, SIGNAL) + _encode([(1, _SIGKILL)])
+        if self._send_lock.acquire(blocking=False):
+            try:
+                with self._socket_in_use() as sock, contextlib.suppress(OSError):
+                    sock.send(frame)
+            except AgentUnreachable:
+                pass
+            finally:
+                self._send_lock.release()
         self.close()
-        raise ProtocolError(f"agent sent an unexpected frame of type 0x{kind:02x} {when}")
 
     def _begin(self) -> None:
-        if self._busy:
-            raise AgentError("connection busy: a process started with spawn() has not been waited for")
         if self._closed:
             raise AgentUnreachable("connection to the agent is closed")
+        if self._busy:
+            raise AgentError("connection busy: a process started with spawn() has not been waited for")
+
+    def _request(self, kind: int, payload: bytes, reply: int, name: str, deadline: _Deadline) -> bytes:
+        """Sends a one-frame request and returns the payload of its one-frame ``reply``."""
+        self._begin()
+        self._send(kind, payload, deadline, f"sending {name}")
+        got, answer = self._recv_frame(deadline, f"waiting for the reply to {name}")
+        if got != reply:
+            self._unexpected(got, answer, f"in reply to {name}")
+        return answer
 
     # -- requests ---------------------------------------------------------------------------------
 
     def ping(self) -> str:
         """Round trip; returns the agent's version."""
-        self._begin()
-        self._send(PING)
-        kind, payload = self._recv_frame()
-        if kind != PONG:
-            self._unexpected(kind, payload, "in reply to ping")
-        return _text(_decode(payload), 1)
+        pong = self._request(PING, b"", PONG, "ping", _Deadline.after(self.request_timeout))
+        return _text(self._fields(pong), 1)
 
     def spawn(
         self,
@@ -401,13 +637,17 @@ class AgentClient:
         user: str | int | None = None,
         stdin: bool = False,
         timeout: float | None = None,
+        *,
+        deadline: float | None = None,
     ) -> Process:
         """Starts a process and returns as soon as it runs.
 
         ``env`` replaces the whole environment (default: ``PATH`` and ``HOME``); ``cwd`` defaults to
         ``/``; ``user`` is ``name``, ``uid``, ``name:group`` or ``uid:gid`` (default: the agent's
         own, root in a VM); with ``stdin`` false the process reads ``/dev/null``. After ``timeout``
-        seconds the agent kills the process group and reports ``timed_out``. Raises
+        seconds the agent kills the process group and reports ``timed_out``; the host waits for
+        that report until ``timeout`` + :data:`EXEC_GRACE` from now, or until ``deadline`` (a
+        :func:`time.monotonic` value) if given, then raises :class:`AgentTimeoutError`. Raises
         :class:`AgentRequestError` when the process cannot be started (command not found, ...).
         """
         self._begin()
@@ -415,6 +655,15 @@ class AgentClient:
             raise AgentError("exec needs a non-empty argv")
         if timeout is not None and timeout <= 0:
             raise AgentError(f"timeout must be positive, got {timeout}")
+        shown = _shown(argv)
+        end: _Deadline | None = None
+        waiting = None
+        if deadline is not None:
+            end = _Deadline.at_time(deadline)
+        elif timeout is not None:
+            end = _Deadline.after(timeout + EXEC_GRACE)
+        if timeout is not None:
+            waiting = f"waiting for {shown} to end; its timeout was {timeout:g} s"
         env_list = None if env is None else [f"{k}={v}".encode() for k, v in env.items()]
         payload = _encode(
             [
@@ -426,13 +675,14 @@ class AgentClient:
                 (6, None if timeout is None else max(1, round(timeout * 1000))),
             ]
         )
-        self._send(EXEC, payload)
-        kind, reply = self._recv_frame()
+        start = _Deadline.after(self.request_timeout).earliest(end)
+        self._send(EXEC, payload, start, f"sending the request to run {shown}")
+        kind, reply = self._recv_frame(start, f"waiting for {shown} to start")
         if kind != STARTED:
             self._unexpected(kind, reply, "in reply to exec")
-        pid = _uint(_decode(reply), 1) or 0
+        pid = _uint(self._fields(reply), 1) or 0
         self._busy = True
-        return Process(self, pid, stdin)
+        return Process(self, pid, stdin, deadline=end, command=shown, waiting=waiting)
 
     def exec(
         self,
@@ -442,62 +692,99 @@ class AgentClient:
         user: str | int | None = None,
         input: bytes | None = None,
         timeout: float | None = None,
+        *,
+        max_output: int | None = MAX_OUTPUT,
+        deadline: float | None = None,
     ) -> ExecResult:
         """Runs a process to completion and returns its output and exit (see :meth:`spawn`).
 
         ``input`` is written to its stdin (then closed) while its output is read. A timeout is
-        reported in the result (``timed_out``), not raised.
+        reported in the result (``timed_out``), not raised; an agent that does not report the end
+        in time raises :class:`AgentTimeoutError`. Each of stdout and stderr keeps at most
+        ``max_output`` bytes (default :data:`MAX_OUTPUT`, ``None``: no limit); past it the process
+        is killed and :class:`OutputLimitError` raised, holding the output up to the limit.
         """
-        process = self.spawn(argv, env=env, cwd=cwd, user=user, stdin=input is not None, timeout=timeout)
+        process = self.spawn(
+            argv, env=env, cwd=cwd, user=user, stdin=input is not None, timeout=timeout, deadline=deadline
+        )
         if input is None:
-            return process.wait()
+            return process.wait(max_output)
         stop = threading.Event()
-        failure: list[BaseException] = []
 
         def feed() -> None:
-            try:
-                view = memoryview(input)
+            view = memoryview(input)
+            # A failure here breaks the connection; the reader reports it.
+            with contextlib.suppress(AgentError):
                 for start in range(0, len(view), CHUNK):
                     if stop.is_set():
                         return
-                    self._send(STDIN, bytes(view[start : start + CHUNK]))
+                    process.write_stdin(bytes(view[start : start + CHUNK]))
                 if not stop.is_set():
                     process.close_stdin()
-            except AgentError as e:
-                failure.append(e)
 
         writer = threading.Thread(target=feed, name="agent-stdin", daemon=True)
         writer.start()
         try:
-            result = process.wait()
+            return process.wait(max_output)
         finally:
             # Stale stdin must not reach the next request on this connection.
             stop.set()
-            writer.join()
-        return result
+            writer.join(EXEC_GRACE)
+            if writer.is_alive():
+                # The agent stopped reading stdin: closing the connection wakes the writer.
+                self.close()
+                writer.join()
 
     def write_file(
-        self, path: str, data: bytes, mode: int = 0o644, uid: int | None = None, gid: int | None = None
+        self,
+        path: str,
+        data: bytes,
+        mode: int = 0o644,
+        uid: int | None = None,
+        gid: int | None = None,
+        *,
+        timeout: float | None = None,
     ) -> None:
-        """Writes ``data`` to the absolute ``path`` atomically (temporary file, then rename)."""
+        """Writes ``data`` to the absolute ``path`` atomically (temporary file, then rename).
+
+        The whole transfer has ``timeout`` seconds (default: :attr:`request_timeout`).
+        """
         self._begin()
-        self._send(WRITE_FILE, _encode([(1, os.fsencode(path)), (2, mode), (3, uid), (4, gid)]))
+        deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
+        what = f"writing {path}"
+        self._send(
+            WRITE_FILE, _encode([(1, os.fsencode(path)), (2, mode), (3, uid), (4, gid)]), deadline, what
+        )
         view = memoryview(data)
         for start in range(0, len(view), CHUNK):
-            self._send(FILE_DATA, bytes(view[start : start + CHUNK]))
-        self._send(FILE_END)
-        kind, payload = self._recv_frame()
+            self._send(FILE_DATA, bytes(view[start : start + CHUNK]), deadline, what)
+        self._send(FILE_END, b"", deadline, what)
+        kind, payload = self._recv_frame(deadline, f"waiting for the reply to writing {path}")
         if kind != OK:
             self._unexpected(kind, payload, "in reply to write_file")
 
-    def read_file(self, path: str) -> bytes:
-        """The content of the absolute ``path``. Raises :class:`AgentRequestError` (with the errno)."""
+    def read_file(
+        self, path: str, *, max_bytes: int | None = MAX_READ, timeout: float | None = None
+    ) -> bytes:
+        """The content of the absolute ``path``. Raises :class:`AgentRequestError` (with the errno).
+
+        A file larger than ``max_bytes`` (default :data:`MAX_READ`, ``None``: no limit) raises
+        :class:`OutputLimitError`; the whole transfer has ``timeout`` seconds (default:
+        :attr:`request_timeout`).
+        """
         self._begin()
-        self._send(READ_FILE, _encode([(1, os.fsencode(path))]))
+        deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
+        self._send(READ_FILE, _encode([(1, os.fsencode(path))]), deadline, f"asking for {path}")
         data = bytearray()
         while True:
-            kind, payload = self._recv_frame()
+            kind, payload = self._recv_frame(deadline, f"reading {path}")
             if kind == DATA:
+                if max_bytes is not None and len(data) + len(payload) > max_bytes:
+                    self.close()  # the agent stops sending when the connection goes
+                    raise OutputLimitError(
+                        f"{path} is larger than the limit of {_mib(max_bytes)} (max_bytes); reading stopped",
+                        limit=max_bytes,
+                    )
                 data += payload
             elif kind == END:
                 return bytes(data)
@@ -522,11 +809,9 @@ class AgentClient:
             entropy = os.urandom(64)
         if not 0 <= time_ns < 1 << 64:
             raise AgentError(f"time_ns must be a Unix time in ns between 0 and 2**64 - 1, got {time_ns}")
-        self._send(SYNC, _encode([(1, time_ns), (2, entropy)]))
-        kind, payload = self._recv_frame()
-        if kind != OK:
-            self._unexpected(kind, payload, "in reply to sync")
-        fields = _decode(payload)
+        deadline = _Deadline.after(self.request_timeout)
+        reply = self._request(SYNC, _encode([(1, time_ns), (2, entropy)]), OK, "sync", deadline)
+        fields = self._fields(reply)
         return SyncResult(
             clock_set=bool(_uint(fields, 1)),
             entropy_added=_uint(fields, 2) or 0,
@@ -535,20 +820,21 @@ class AgentClient:
 
     def shutdown(self, action: Literal["poweroff", "reboot"] = "poweroff") -> None:
         """Stops the VM (or, for an agent outside a VM, the agent). The connection is closed after."""
-        self._begin()
-        self._send(SHUTDOWN, _encode([(1, action.encode())]))
-        kind, payload = self._recv_frame()
-        if kind != OK:
-            self._unexpected(kind, payload, "in reply to shutdown")
+        deadline = _Deadline.after(self.request_timeout)
+        self._request(SHUTDOWN, _encode([(1, action.encode())]), OK, "shutdown", deadline)
         self.close()
 
 
-def connect_unix(path: str | Path, timeout: float | None = None) -> AgentClient:
+def connect_unix(
+    path: str | Path, timeout: float | None = None, *, request_timeout: float = REQUEST_TIMEOUT
+) -> AgentClient:
     """Connects to an agent listening on a Unix socket (``supermachine-agent --listen unix:PATH``).
 
-    With ``timeout``, keeps retrying while the socket is missing or refuses connections.
+    With ``timeout``, keeps retrying while the socket is missing or refuses connections; the hello
+    must be exchanged within ``timeout`` (default :data:`CONNECT_TIMEOUT`).
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
     delay = 0.01
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -561,13 +847,18 @@ def connect_unix(path: str | Path, timeout: float | None = None) -> AgentClient:
             time.sleep(delay)
             delay = min(delay * 2, 0.2)
             continue
-        return AgentClient(sock)
+        hello = CONNECT_TIMEOUT if deadline is None else max(0.0, deadline - time.monotonic())
+        return AgentClient(sock, timeout=hello, request_timeout=request_timeout)
 
 
-def _read_line(sock: socket.socket, limit: int = 128) -> bytes:
+def _read_line(sock: socket.socket, deadline: float, limit: int = 128) -> bytes:
     """One line, read byte by byte so nothing after it (the agent's hello) is consumed."""
     line = bytearray()
     while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no handshake reply in time")
+        sock.settimeout(remaining)
         byte = sock.recv(1)
         if not byte:
             raise ConnectionResetError("closed before the handshake reply")
@@ -577,34 +868,41 @@ def _read_line(sock: socket.socket, limit: int = 128) -> bytes:
     return bytes(line)
 
 
-def connect_vsock_uds(path: str | Path, port: int = DEFAULT_PORT, timeout: float = 10.0) -> AgentClient:
+def connect_vsock_uds(
+    path: str | Path,
+    port: int = DEFAULT_PORT,
+    timeout: float = CONNECT_TIMEOUT,
+    *,
+    request_timeout: float = REQUEST_TIMEOUT,
+) -> AgentClient:
     """Connects to the agent in a VM through the VMM's vsock Unix socket.
 
     Performs the ``CONNECT <port>\\n`` / ``OK <n>\\n`` handshake, then the protocol hello; retries
     until ``timeout`` seconds have passed (the agent may still be starting), then raises
-    :class:`AgentUnreachable` naming the last failure.
+    :class:`AgentUnreachable` naming the last failure (:class:`AgentTimeoutError` if the last
+    attempt got no answer in time). ``request_timeout`` is the client's (see :class:`AgentClient`).
     """
     deadline = time.monotonic() + timeout
     delay = 0.01
     last = "no attempt made"
+    error: type[AgentUnreachable] = AgentUnreachable
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise AgentUnreachable(f"no agent on vsock port {port} via {path} within {timeout:g} s: {last}")
+            raise error(f"no agent on vsock port {port} via {path} within {timeout:g} s: {last}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(remaining)
         try:
             sock.connect(os.fspath(path))
             sock.sendall(f"CONNECT {port}\n".encode())
-            reply = _read_line(sock)
+            reply = _read_line(sock, deadline)
             if not reply.startswith(b"OK "):
                 raise ConnectionRefusedError(f"VMM answered {reply.decode('ascii', 'replace').strip()!r}")
-            client = AgentClient(sock)
+            hello = max(0.0, deadline - time.monotonic())
+            return AgentClient(sock, timeout=hello, request_timeout=request_timeout)
         except (OSError, AgentUnreachable) as e:
             sock.close()
             last = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            error = AgentTimeoutError if isinstance(e, TimeoutError | AgentTimeoutError) else AgentUnreachable
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.2)
-            continue
-        sock.settimeout(None)
-        return client

@@ -130,3 +130,24 @@ class CacheWriteError(SupermachineError):
 
 class SnapshotBusyError(SnapshotError):
     """Another process (or thread) is writing a snapshot of the same name right now."""
+
+
+class AgentTimeoutError(AgentUnreachable):
+    """The agent did not answer within the deadline of a request; the connection was closed.
+
+    Raised for connection hand-shakes, pings, file transfers and the starts of commands that take
+    too long, and for commands still running past their ``timeout`` plus a grace period that the
+    agent should have killed and reported (a stuck or misbehaving guest).
+    """
+
+
+class OutputLimitError(AgentError):
+    """What the guest sent back exceeded the size limit of the call (``max_output`` of ``exec``,
+    ``max_bytes`` of ``read_file``). The command was killed, the read stopped and the connection
+    closed; ``stdout`` and ``stderr`` hold what was collected up to the limit."""
+
+    def __init__(self, message: str, limit: int, stdout: bytes = b"", stderr: bytes = b"") -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.stdout = stdout
+        self.stderr = stderr

@@ -365,14 +365,18 @@ class Vm:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 tail = self.console_log.strip().splitlines()[-1:] or ["(no console output)"]
-                raise VmError(f"the guest agent did not answer within {timeout:g} s; console: {tail[0]}")
+                console = agent.printable_line(tail[0])
+                raise VmError(f"the guest agent did not answer within {timeout:g} s; console: {console}")
             try:
                 with agent.connect_vsock_uds(self._vsock, timeout=min(remaining, 2.0)) as client:
+                    # A guest that accepts the connection must still answer within the boot timeout.
+                    client.request_timeout = _seconds_left(deadline)
                     client.ping()
                     if refresh:
+                        client.request_timeout = _seconds_left(deadline)
                         self.refreshed = self._refresh(client)
                 return
-            except AgentUnreachable:
+            except AgentUnreachable:  # including AgentTimeoutError: try again while time is left
                 continue
 
     @staticmethod
@@ -394,11 +398,10 @@ class Vm:
         outcome = self.outcome
         if outcome is None:
             return
+        detail = agent.printable_line(outcome.detail)  # a panic line is guest text
         if outcome.kind == "panic":
-            raise GuestPanickedError(f"the guest kernel panicked {when}: {outcome.detail}")
-        raise VmError(
-            f"the VM ended {when} ({outcome.kind}{': ' + outcome.detail if outcome.detail else ''})"
-        )
+            raise GuestPanickedError(f"the guest kernel panicked {when}: {detail}")
+        raise VmError(f"the VM ended {when} ({outcome.kind}{': ' + detail if detail else ''})")
 
     @property
     def outcome(self) -> Outcome | None:
@@ -455,7 +458,7 @@ class Vm:
 
     # -- the guest agent --------------------------------------------------------------------------
 
-    def _client(self, timeout: float = 10.0) -> agent.AgentClient:
+    def _client(self, timeout: float = agent.CONNECT_TIMEOUT) -> agent.AgentClient:
         if self._stopped:
             raise VmError("the VM was stopped")
         self._raise_if_ended("")
@@ -466,27 +469,40 @@ class Vm:
         argv: Sequence[Argument],
         *,
         env: Mapping[str, str] | None = None,
+        replace_env: bool = False,
         cwd: Argument | None = None,
         user: str | int | None = None,
         input: bytes | None = None,
         timeout: float | None = None,
         check: bool = False,
+        max_output: int | None = agent.MAX_OUTPUT,
     ) -> ExecResult:
         """Runs ``argv`` in the guest to completion.
 
-        ``env`` replaces the environment (default: the config's ``env`` plus ``PATH``/``HOME``).
+        ``env`` adds to (and overrides) the command's environment: ``PATH``/``HOME``, then the
+        config's ``env`` (an image's Env and ``-e``), then ``env``, as ``supermachine run -e`` does;
+        with ``replace_env`` it is the whole environment instead. ``cwd`` and ``user`` default to
+        the config's.
+
         A timeout kills the command's process group and is reported as ``timed_out``; with
         ``check`` it raises :class:`ExecTimeoutError`, and a non-zero exit raises
-        :class:`CommandFailedError`.
+        :class:`CommandFailedError`. Whatever the guest does, the call returns or raises within
+        ``timeout`` + :data:`~supermachine.agent.EXEC_GRACE` seconds (:class:`AgentTimeoutError`
+        for a guest that stops answering). Each of stdout and stderr keeps at most ``max_output``
+        bytes (``None``: no limit); past it the command is killed and :class:`OutputLimitError`
+        raised.
         """
-        with self._client() as client:
+        deadline = None if timeout is None else time.monotonic() + timeout + agent.EXEC_GRACE
+        with self._client(_connect_timeout(deadline)) as client:
             result = client.exec(
                 argv,
-                env=self._env(env),
+                env=self._env(env, replace_env),
                 cwd=cwd if cwd is not None else self.config.workdir,
                 user=user if user is not None else self.config.user,
                 input=input,
                 timeout=timeout,
+                max_output=max_output,
+                deadline=deadline,
             )
         if check:
             shown = " ".join(os.fsdecode(a) for a in argv)
@@ -501,50 +517,73 @@ class Vm:
         argv: Sequence[Argument],
         *,
         env: Mapping[str, str] | None = None,
+        replace_env: bool = False,
         cwd: Argument | None = None,
         user: str | int | None = None,
         stdin: bool = False,
         timeout: float | None = None,
     ) -> Process:
-        """Starts ``argv`` and returns a :class:`Process` that streams its output as it comes."""
-        client = self._client()
+        """Starts ``argv`` and returns a :class:`Process` that streams its output as it comes
+        (without a size limit). ``env``, ``replace_env``, ``timeout``: as for :meth:`exec`."""
+        deadline = None if timeout is None else time.monotonic() + timeout + agent.EXEC_GRACE
+        client = self._client(_connect_timeout(deadline))
         try:
             return client.spawn(
                 argv,
-                env=self._env(env),
+                env=self._env(env, replace_env),
                 cwd=cwd if cwd is not None else self.config.workdir,
                 user=user if user is not None else self.config.user,
                 stdin=stdin,
                 timeout=timeout,
+                deadline=deadline,
             )
         except BaseException:
             client.close()
             raise
 
-    def write_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
-        """Writes a file in the guest atomically."""
-        with self._client() as client:
-            client.write_file(path, data, mode=mode)
+    def write_file(
+        self, path: str, data: bytes, mode: int = 0o644, *, timeout: float = agent.REQUEST_TIMEOUT
+    ) -> None:
+        """Writes a file in the guest atomically, within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            client.write_file(path, data, mode=mode, timeout=_seconds_left(deadline))
 
-    def read_file(self, path: str) -> bytes:
-        with self._client() as client:
-            return client.read_file(path)
+    def read_file(
+        self, path: str, *, max_bytes: int | None = agent.MAX_READ, timeout: float = agent.REQUEST_TIMEOUT
+    ) -> bytes:
+        """The content of a file in the guest, read within ``timeout`` seconds. A file larger than
+        ``max_bytes`` (``None``: no limit) raises :class:`OutputLimitError`."""
+        deadline = time.monotonic() + timeout
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            return client.read_file(path, max_bytes=max_bytes, timeout=_seconds_left(deadline))
 
-    def _env(self, env: Mapping[str, str] | None) -> Mapping[str, str] | None:
-        """The environment a command gets: ``env``, else the config's ``env`` over the defaults.
+    def _env(self, env: Mapping[str, str] | None, replace_env: bool = False) -> Mapping[str, str] | None:
+        """The environment a command gets: ``PATH``/``HOME``, the config's ``env``, then ``env``;
+        only ``env`` with ``replace_env``.
 
         On emulating hosts (``compat`` CPU template) ``GLIBC_TUNABLES`` keeps glibc off AVX unless
         the caller sets it: there the guest kernel cannot preserve AVX registers across context
         switches (see the compat notes in ``guest/kernel/README.md``)."""
         compat = self._handle.cpu_template == "compat"
-        if env is None and not self.config.env and not compat:
+        if not env and not replace_env and not self.config.env and not compat:
             return None  # the agent's own default
-        merged = dict(DEFAULT_ENV) if env is None else dict(env)
-        if env is None:
-            merged.update(self.config.env)
+        merged = {} if replace_env else {**DEFAULT_ENV, **self.config.env}
+        merged.update(env or {})
         if compat:
             merged.setdefault("GLIBC_TUNABLES", _core.COMPAT_GLIBC_TUNABLES)
         return merged
+
+
+def _seconds_left(deadline: float) -> float:
+    """Seconds until ``deadline`` (:func:`time.monotonic`), at least a millisecond: a wait that is
+    already late fails with a timeout rather than a complaint about its argument."""
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def _connect_timeout(deadline: float | None) -> float:
+    """Seconds to connect to the agent for a call that must end by ``deadline``."""
+    return agent.CONNECT_TIMEOUT if deadline is None else min(agent.CONNECT_TIMEOUT, _seconds_left(deadline))
 
 
 def _cmdline(config: VmConfig) -> str:

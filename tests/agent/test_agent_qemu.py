@@ -95,14 +95,13 @@ def _connect_vsock(cid: int, timeout: float = 60) -> AgentClient:
         sock.settimeout(30)
         try:
             sock.connect((cid, DEFAULT_PORT))
-            client = AgentClient(sock)
+            client = AgentClient(sock, timeout=30)
         except OSError:
             sock.close()
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
             continue
-        sock.settimeout(None)
         return client
 
 

@@ -102,6 +102,20 @@ def test_cli_run_echo_hi(registry_image: tuple[Registry, str], cache: Path) -> N
     assert (cache / "rootfs").is_dir()  # pulled and converted on the way
 
 
+@pytest.mark.usefixtures("kvm")
+def test_cli_run_interactive_passes_stdin(registry_image: tuple[Registry, str], cache: Path) -> None:
+    """`-i` streams our stdin to the command and closes it at end of file (so `cat` ends)."""
+    _, ref = registry_image
+    proc = subprocess.run(
+        [sys.executable, "-m", "supermachine", "run", "-i", ref, "--", "sh", "-c", "cat; echo done"],
+        input="hi\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert (proc.returncode, proc.stdout) == (0, "hi\ndone\n"), proc.stderr
+
+
 @pytest.mark.usefixtures("kvm", "cache")
 def test_image_start_applies_the_image_config(registry_image: tuple[Registry, str]) -> None:
     _, ref = registry_image

@@ -36,9 +36,12 @@ def test_exit_status_stderr_and_signals(vm: Vm) -> None:
 def test_stdin_env_cwd_user(vm: Vm) -> None:
     data = os.urandom(200_000)
     assert vm.exec(["cat"], input=data).stdout == data
-    env = vm.exec(["env"], env={"ONLY": "this", "PATH": "/bin"}).stdout.decode().split()
+    env = vm.exec(["env"], env={"ONLY": "this", "PATH": "/bin"}, replace_env=True).stdout.decode().split()
     # On emulating hosts the VM adds GLIBC_TUNABLES (glibc kept off AVX); nothing else is added.
     assert sorted(e for e in env if not e.startswith("GLIBC_TUNABLES=")) == ["ONLY=this", "PATH=/bin"]
+    # Without replace_env, env adds to the defaults (as `run -e` adds to the image's Env).
+    added = vm.exec(["env"], env={"EXTRA": "1"}).stdout.decode().split()
+    assert "EXTRA=1" in added and "HOME=/root" in added
     assert vm.exec(["pwd"], cwd="/tmp").stdout == b"/tmp\n"
     assert vm.exec(["id", "-u"], user="nobody").stdout == b"65534\n"
 

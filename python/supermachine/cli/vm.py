@@ -3,14 +3,25 @@ root filesystem image, for development)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import threading
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from supermachine import ui
-from supermachine.errors import InputError
+from supermachine.errors import AgentError, InputError, SupermachineError
+
+if TYPE_CHECKING:
+    from supermachine.agent import Process
+
+#: Bytes read from the host's stdin at a time with ``-i`` (one stdin frame).
+_STDIN_CHUNK = 64 * 1024
 
 
 def parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -33,11 +44,48 @@ def exit_status(status: int | None, signal: int | None, timed_out: bool) -> int:
     return status or 0
 
 
+def _forward_stdin(process: Process) -> None:
+    """Copies the host's stdin to the process until end of file, then closes the process's stdin
+    (also when our stdin cannot be read). Runs in a thread of its own; it stops quietly once the
+    process or the VM is gone."""
+    try:
+        with contextlib.suppress(AgentError, OSError, ValueError, AttributeError):
+            while chunk := os.read(sys.stdin.fileno(), _STDIN_CHUNK):
+                process.write_stdin(chunk)
+    finally:
+        with contextlib.suppress(AgentError):
+            process.close_stdin()
+
+
+def _copy_output(process: Process) -> bool:
+    """Writes the process's output to ours as it comes; ``False`` if our stdout or stderr was
+    closed by the reader (``| head``), which ends the copy (and, with the VM, the command)."""
+    try:
+        for event in process:
+            stream = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
+            stream.write(event.data)
+            stream.flush()
+    except BrokenPipeError:
+        # Nothing more can be shown; keep Python's exit-time flush from failing on the pipe too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
+    except OSError as e:
+        raise SupermachineError(f"cannot pass on the command's output: {e.strerror or e}") from None
+    return True
+
+
 def _run_streaming(
-    config: object, argv: list[str], timeout: float | None, show_console: bool, snapshot: Path | None = None
+    config: object,
+    argv: list[str],
+    timeout: float | None,
+    show_console: bool,
+    snapshot: Path | None = None,
+    interactive: bool = False,
 ) -> int:
-    """Boots a VM from ``config`` (or restores ``snapshot``), runs ``argv`` streaming its output,
-    returns the exit status."""
+    """Boots a VM from ``config`` (or restores ``snapshot``), runs ``argv`` streaming its output
+    (and, ``interactive``, our stdin to its stdin), returns the exit status."""
     from supermachine.vm import Vm, VmConfig
 
     assert isinstance(config, VmConfig)
@@ -49,11 +97,11 @@ def _run_streaming(
         else:
             vm = Vm.restore(snapshot, env=config.env or None, workdir=config.workdir, user=config.user)
     with vm:
-        process = vm.spawn(argv, timeout=timeout)
-        for event in process:
-            stream = sys.stdout.buffer if event.stream == "stdout" else sys.stderr.buffer
-            stream.write(event.data)
-            stream.flush()
+        process = vm.spawn(argv, timeout=timeout, stdin=interactive)
+        if interactive:
+            threading.Thread(target=_forward_stdin, args=(process,), name="stdin", daemon=True).start()
+        if not _copy_output(process):
+            return 128 + signal.SIGPIPE  # as a shell reports a command killed by SIGPIPE
         result = process.wait()
         if show_console:
             ui.stderr.print(vm.console_log, markup=False, highlight=False)
@@ -88,8 +136,18 @@ def vm_options(f: click.decorators.FC) -> click.decorators.FC:
     return f
 
 
+def interactive_option(f: click.decorators.FC) -> click.decorators.FC:
+    return click.option(
+        "-i",
+        "--interactive",
+        is_flag=True,
+        help="Pass this program's stdin to the command's stdin until end of file (not a TTY).",
+    )(f)
+
+
 @click.command(context_settings={"allow_interspersed_args": False})
 @vm_options
+@interactive_option
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform to pick from a multi-arch image.")
 @click.option("--insecure/--secure", default=None, help="Plain HTTP (default: only for loopback registries).")
 @click.option(
@@ -112,6 +170,7 @@ def run(
     timeout: float | None,
     kernel: Path | None,
     show_console: bool,
+    interactive: bool,
     platform: str | None,
     insecure: bool | None,
     pull: str,
@@ -122,7 +181,8 @@ def run(
     IMAGE is a registry reference, oci:DIR[:TAG] or docker-archive:FILE; it is pulled if needed.
     snapshot:DIR restores a snapshot made by `supermachine snapshot` (or `vm.snapshot`) instead
     of booting; a bare name there is looked up in the snapshot store.
-    Put COMMAND after `--` when it has options of its own.
+    Put COMMAND after `--` when it has options of its own. With -i, stdin is passed to COMMAND
+    (`echo hi | supermachine run -i IMAGE -- cat`); without it COMMAND reads nothing.
     """
     from supermachine.image import Image, PullPolicy
     from supermachine.oci.progress import RichProgress
@@ -133,7 +193,7 @@ def run(
     env = parse_env(env_pairs)
     if image.startswith("snapshot:"):
         where = image.removeprefix("snapshot:")
-        sys.exit(_run_snapshot(where, command, env, workdir, user, timeout, show_console))
+        sys.exit(_run_snapshot(where, command, env, workdir, user, timeout, show_console, interactive))
     policy: PullPolicy = "always" if pull == "always" else "never" if pull == "never" else "missing"
     with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
         img = Image.from_oci(image, platform=platform, insecure=insecure, pull=policy, progress=progress)
@@ -141,7 +201,7 @@ def run(
     config = img.vm_config(
         VmConfig(memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, env=env, workdir=workdir, user=user)
     )
-    sys.exit(_run_streaming(config, argv, timeout, show_console))
+    sys.exit(_run_streaming(config, argv, timeout, show_console, interactive=interactive))
 
 
 def _run_snapshot(
@@ -152,6 +212,7 @@ def _run_snapshot(
     user: str | None,
     timeout: float | None,
     show_console: bool,
+    interactive: bool = False,
 ) -> int:
     from supermachine.image import Image
     from supermachine.snapshots import store_dir
@@ -163,11 +224,12 @@ def _run_snapshot(
     img = Image.from_snapshot(directory)
     argv = img.argv(command or None)
     config = img.vm_config(VmConfig(env=env, workdir=workdir, user=user))
-    return _run_streaming(config, argv, timeout, show_console, snapshot=directory)
+    return _run_streaming(config, argv, timeout, show_console, snapshot=directory, interactive=interactive)
 
 
 @click.command()
 @vm_options
+@interactive_option
 @click.option("--rootfs", type=click.Path(path_type=Path), help="Root filesystem image (squashfs).")
 @click.argument("command", nargs=-1, required=True)
 def boot(
@@ -181,6 +243,7 @@ def boot(
     timeout: float | None,
     kernel: Path | None,
     show_console: bool,
+    interactive: bool,
 ) -> None:
     """Boot a microVM on a root filesystem image and run COMMAND in it; exit with its status.
 
@@ -199,7 +262,7 @@ def boot(
         workdir=workdir,
         user=user,
     )
-    sys.exit(_run_streaming(config, list(command), timeout, show_console))
+    sys.exit(_run_streaming(config, list(command), timeout, show_console, interactive=interactive))
 
 
 def register(group: click.Group) -> None:
