@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -48,13 +49,24 @@ def start_agent(binary: Path, directory: Path) -> AgentServer:
         process = subprocess.Popen(
             [str(binary), "--listen", f"unix:{sock}"], stdin=subprocess.DEVNULL, stdout=out, stderr=out
         )
+    # Listening means accepting a connection: the socket file appears at bind(), a moment before
+    # listen(), and a connect in between is refused (seen on a loaded host).
     deadline = time.monotonic() + 10
-    while not sock.exists():
+    while not _accepts(sock):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise AssertionError(f"agent did not start listening; log:\n{log.read_text()}")
         time.sleep(0.005)
     return AgentServer(process, sock, log)
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
 
 
 @pytest.fixture
