@@ -190,7 +190,7 @@ pub fn run(name: &str, mut target: impl FnMut(&[u8])) {
         "fuzz {name}: {} corpus entries, seed {seed} (SUPERMACHINE_FUZZ_SEED to repeat)",
         corpus.len()
     );
-    let mut check = |input: &[u8], target: &mut dyn FnMut(&[u8])| {
+    let check = |input: &[u8], target: &mut dyn FnMut(&[u8])| {
         if panic::catch_unwind(AssertUnwindSafe(|| target(input))).is_err() {
             let saved = record_failure(name, seed, input);
             panic!(
