@@ -60,6 +60,9 @@ fn fuzz_vmstate_decode() {
 }
 
 const RAM: u64 = 1 << 20;
+/// The modification time every memory.bin of a generated store gets (and every diff records), so
+/// the identity check passes without hashing and a chain goes as far as its layout lets it.
+const MTIME_NS: i64 = 1_600_000_000_000_000_000;
 const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
 const RECORDED: [&str; 10] = [
     "../a", "../b", "../c", "../d", "../e", "/tmp", "../../a", "a/b", "..", "../.",
@@ -112,24 +115,19 @@ fn chain_target(data: &[u8], root: &Path) {
         }
         std::fs::create_dir(&dir).unwrap();
         let memory = dir.join(MEMORY_FILE);
-        std::fs::File::create(&memory)
-            .unwrap()
-            .set_len(RAM)
-            .unwrap();
-        let base = (kind >= 4).then(|| {
-            let target = RECORDED[arg % RECORDED.len()];
-            let target_id = target
-                .strip_prefix("../")
-                .and_then(|n| NAMES.iter().position(|x| *x == n))
-                .unwrap_or(0) as u8;
-            BaseRef {
-                path: target.to_string(),
-                id: [target_id; 16],
-                memory_len: RAM,
-                memory_mtime_ns: 0,
-            }
+        let file = std::fs::File::create(&memory).unwrap();
+        file.set_len(RAM).unwrap();
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(MTIME_NS as u64);
+        file.set_modified(mtime).unwrap();
+        // Every snapshot has the same memory identity, so a chain only ends where the layout
+        // (or a refusal) ends it.
+        let base = (kind >= 4).then(|| BaseRef {
+            path: RECORDED[arg % RECORDED.len()].to_string(),
+            id: [7; 16],
+            memory_len: RAM,
+            memory_mtime_ns: MTIME_NS,
         });
-        let snap = snapshot_with(base, i as u8);
+        let snap = snapshot_with(base, 7);
         std::fs::write(dir.join(VMSTATE_FILE), snap.encode()).unwrap();
         match kind {
             5 => {
