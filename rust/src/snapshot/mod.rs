@@ -348,7 +348,7 @@ impl AtomicDir {
     pub fn create(&mut self, name: &str) -> Result<(File, PathBuf), SnapshotError> {
         let final_path = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let f = File::create(&tmp).map_err(Self::err(&tmp))?;
+        let f = create_fresh(&tmp).map_err(Self::err(&tmp))?;
         self.pending.push((tmp.clone(), final_path));
         Ok((f, tmp))
     }
@@ -376,6 +376,26 @@ impl AtomicDir {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(Self::err(&self.dir))
+    }
+}
+
+/// Creates `path` as a new file: a leftover of that name (a crashed writer's, or a symlink someone
+/// planted to make us write elsewhere) is removed first, never followed.
+fn create_fresh(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    };
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            open()
+        }
+        r => r,
     }
 }
 
@@ -448,6 +468,21 @@ mod tests {
         big.set_len(1 << 40).unwrap(); // sparse: refused by its size, never read
         let e = Snapshot::load(&d).unwrap_err().to_string();
         assert!(e.contains("more than the 16777216 bytes"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_planted_temporary_name_is_replaced_not_followed() {
+        let d = temp_dir("planted");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let tmp = d.join(format!(".{VMSTATE_FILE}.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let mut out = AtomicDir::new(&d).unwrap();
+        out.write(VMSTATE_FILE, &sample().encode()).unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(Snapshot::load(&d).is_ok());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
