@@ -127,9 +127,11 @@ class VmTimings(TypedDict):
     refused_msrs: int  # MSRs a restore could not load on this host
 
 class VmRestoreOverrides(TypedDict, total=False):
-    vsock_path: str | os.PathLike[str]
+    vsock_path: str | os.PathLike[str]  # required when the snapshot has a vsock device
     console_log: str | os.PathLike[str]
-    disks: Sequence[str | os.PathLike[str]]  # new paths, one per saved disk, in order
+    # The disks to attach, one per saved disk, in order (required: the snapshot names none); a
+    # disk is read-only if the caller or the snapshot says so.
+    disks: Sequence[VmDisk | str | os.PathLike[str]]
     track_dirty_pages: bool
     base: str | os.PathLike[str]  # where a diff's base is, if not where the diff recorded it
 
@@ -150,7 +152,7 @@ class SnapshotInfo(TypedDict):
     vcpus: int
     cmdline: str
     cpu_template: str
-    disks: list[tuple[str, bool]]
+    disks: list[bool]  # read-only flag of each disk, in device order (no paths are kept)
     vsock: bool
     memory_id: str
     base: SnapshotBase | None
@@ -184,6 +186,8 @@ class Vm:
     def write_memory(self, gpa: int, data: Buffer) -> None: ...
     @property
     def vsock_path(self) -> str | None: ...
+    @property
+    def console_capacity(self) -> int: ...  # bytes of serial output the console ring keeps
     @property
     def cmdline(self) -> str: ...
     @property

@@ -60,10 +60,15 @@ class Image:
         return ImageIdentity(self.ref, digest)
 
     @classmethod
-    def from_snapshot(cls, directory: str | os.PathLike[str]) -> Image:
+    def from_snapshot(
+        cls, directory: str | os.PathLike[str], *, rootfs: str | os.PathLike[str] | None = None
+    ) -> Image:
         """The snapshot in ``directory`` (written by :meth:`Vm.snapshot <supermachine.vm.Vm.snapshot>`).
-        Its metadata and state file are checked now; :meth:`start` restores it."""
+        Its metadata and state file are checked now. Its root filesystem is the image cache's for
+        the snapshot's image, or ``rootfs`` (needed for a snapshot of a VM booted on a bare root
+        filesystem image in another process; its content must match). :meth:`start` restores it."""
         from supermachine import _core
+        from supermachine.snapshots import attach
 
         path = Path(directory)
         meta = snapshot_metadata.load(path)
@@ -71,13 +76,7 @@ class Image:
             info = _core.snapshot_info(str(path))
         except (OSError, ValueError) as exc:
             raise SnapshotError(str(exc)) from None
-        if info["memory_size"] != meta.memory_mib << 20:
-            raise SnapshotError(
-                f"{path}: metadata says {meta.memory_mib} MiB of RAM, "
-                f"the VM state {info['memory_size'] >> 20} MiB"
-            )
-        if (info["base"] is None) != (meta.base is None):
-            raise SnapshotError(f"{path}: metadata and VM state disagree on whether it is a diff snapshot")
+        attach.check_state_matches(path, meta, info)
         run = meta.run or snapshot_metadata.RunDefaults()
         config = oci.ImageConfig(
             architecture="amd64",
@@ -88,8 +87,13 @@ class Image:
             working_dir=run.workdir or "",
             user=run.user or "",
         )
-        rootfs = None if run.rootfs is None else Path(run.rootfs)
-        return cls(ref=meta.image.ref, config=config, rootfs=rootfs, snapshot=path, snapshot_meta=meta)
+        try:
+            root = attach.snapshot_rootfs(path, meta, rootfs)
+        except SnapshotError:
+            if rootfs is not None:
+                raise
+            root = None  # not found yet: start() says what is missing
+        return cls(ref=meta.image.ref, config=config, rootfs=root, snapshot=path, snapshot_meta=meta)
 
     @classmethod
     def from_oci(
@@ -177,6 +181,7 @@ class Image:
             )
         return Vm.restore(
             self.snapshot,
+            rootfs=self.rootfs,
             console_log=given.console_log,
             boot_timeout=given.boot_timeout if given.boot_timeout != defaults.boot_timeout else 120.0,
             env={**self.config.environment(), **given.env} if given.env else None,

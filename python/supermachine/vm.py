@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
@@ -44,7 +44,7 @@ from supermachine.errors import (
 if TYPE_CHECKING:
     from supermachine.image import Image
     from supermachine.snapshots.bake import BaseChoice
-    from supermachine.snapshots.metadata import ImageIdentity
+    from supermachine.snapshots.metadata import FileIdentity, ImageIdentity
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ class Vm:
         config: VmConfig,
         runtime_dir: Path,
         *,
-        kernel_path: Path | None = None,
-        initramfs_path: Path | None = None,
+        kernel_path: Path | FileIdentity | None = None,
+        initramfs_path: Path | FileIdentity | None = None,
         image: ImageIdentity | None = None,
         run_defaults: tuple[tuple[str, ...] | None, tuple[str, ...] | None] = (None, None),
         snapshot_dir: Path | None = None,
@@ -239,6 +239,9 @@ class Vm:
         cls,
         snapshot_dir: str | os.PathLike[str],
         *,
+        rootfs: str | os.PathLike[str] | None = None,
+        disks: Sequence[Disk] = (),
+        base: str | os.PathLike[str] | None = None,
         console_log: Path | str | None = None,
         boot_timeout: float = 120.0,
         env: Mapping[str, str] | None = None,
@@ -250,22 +253,32 @@ class Vm:
         this costs the same for any RAM size. The guest's wall clock and entropy are refreshed
         first, so clones of one snapshot do not share random state.
 
+        No host path recorded in the snapshot is opened: the root filesystem of an OCI image's
+        snapshot is the image cache's for the image's config digest (or ``rootfs``); a snapshot of
+        a VM booted on a bare root filesystem needs ``rootfs`` with the same content; the VM's extra
+        disks must be passed as ``disks``, in order; a diff's base is its sibling snapshot in the
+        same store (or ``base``).
+
         ``env``, ``workdir`` and ``user`` replace the defaults saved with the snapshot.
         """
-        from supermachine.snapshots import metadata, verify
+        from supermachine.snapshots import attach, metadata, verify
 
         directory = Path(snapshot_dir)
         meta = metadata.load(directory)
         verify.check_ram(directory, meta)
         saved = meta.run or metadata.RunDefaults()
+        info = _snapshot_info(directory)
+        attach.check_state_matches(directory, meta, info)
+        root = attach.snapshot_rootfs(directory, meta, rootfs)
+        attached = attach.restore_disks(directory, root, disks, info)
+        base_dir = attach.base_override(directory, meta, info, base)
         check_kvm()
         started = time.monotonic()
         config = VmConfig(
-            rootfs=saved.rootfs,
+            rootfs=root,
             memory_mib=meta.memory_mib,
             vcpus=meta.vcpus,
-            kernel=meta.kernel.path,
-            initramfs=meta.agent.path,
+            disks=tuple(disks),
             console_log=console_log,
             boot_timeout=boot_timeout,
             env=dict(saved.env) if env is None else dict(env),
@@ -273,26 +286,27 @@ class Vm:
             user=saved.user if user is None else user,
         )
         runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
-        overrides: _core.VmRestoreOverrides = {"vsock_path": str(runtime_dir / "vsock.sock")}
+        overrides: _core.VmRestoreOverrides = {
+            "vsock_path": str(runtime_dir / "vsock.sock"),
+            "disks": attached,
+        }
         if console_log is not None:
             overrides["console_log"] = str(console_log)
-        if meta.base is not None:
-            base = Path(meta.base) if os.path.isabs(meta.base) else directory.parent / meta.base
-            overrides["base"] = str(base)
+        if base_dir is not None:
+            overrides["base"] = base_dir
         try:
             handle = _core.Vm.restore(str(directory), overrides)
         except (OSError, RuntimeError, ValueError) as exc:
             shutil.rmtree(runtime_dir, ignore_errors=True)
             raise SnapshotError(f"cannot restore {directory}: {exc}") from None
-        # The disks the snapshot re-attached: the root filesystem first, then the extra ones.
-        disks = [Disk(Path(d["path"]), d["read_only"]) for d in handle.devices if d["kind"] == "blk"]
-        config = replace(config, disks=tuple(disks[1:] if saved.rootfs is not None else disks))
         vm = cls(
             handle,
             config,
             runtime_dir,
-            kernel_path=Path(meta.kernel.path),
-            initramfs_path=Path(meta.agent.path),
+            # The kernel and agent as recorded: a later snapshot carries them forward without
+            # opening the paths the metadata names.
+            kernel_path=meta.kernel,
+            initramfs_path=meta.agent,
             image=meta.image,
             run_defaults=(saved.entrypoint, saved.cmd),
             snapshot_dir=directory,
@@ -322,7 +336,7 @@ class Vm:
         a path names the base snapshot directory.
         """
         from supermachine.image import Image
-        from supermachine.snapshots import bake, metadata
+        from supermachine.snapshots import attach, bake, metadata
 
         if self._stopped:
             raise VmError("the VM was stopped")
@@ -330,6 +344,7 @@ class Vm:
         if self._kernel_path is None or self._initramfs_path is None:
             raise SnapshotError("this VM was not started by Vm.start or Vm.restore; it cannot be snapshotted")
         identity = self._image or bake.rootfs_identity(self.config.rootfs)
+        attach.vouch_for_rootfs(identity, self.config.rootfs)
         entrypoint, cmd = self._entrypoint_cmd
         run = metadata.RunDefaults(
             env=dict(self.config.env),
@@ -356,7 +371,7 @@ class Vm:
                 self.stop()
             elif self._handle.outcome is None:
                 self._handle.resume()
-        return Image.from_snapshot(directory)
+        return Image.from_snapshot(directory, rootfs=self.config.rootfs)
 
     def _wait_for_agent(self, timeout: float, *, refresh: bool = False) -> None:
         deadline = time.monotonic() + timeout
@@ -584,6 +599,14 @@ def _seconds_left(deadline: float) -> float:
 def _connect_timeout(deadline: float | None) -> float:
     """Seconds to connect to the agent for a call that must end by ``deadline``."""
     return agent.CONNECT_TIMEOUT if deadline is None else min(agent.CONNECT_TIMEOUT, _seconds_left(deadline))
+
+
+def _snapshot_info(directory: Path) -> _core.SnapshotInfo:
+    """The snapshot's checked ``vmstate.bin``, its problems as one :class:`SnapshotError` line."""
+    try:
+        return _core.snapshot_info(str(directory))
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(str(exc)) from None
 
 
 def _cmdline(config: VmConfig) -> str:

@@ -6,13 +6,17 @@ One booted VM (the session's) is snapshotted; everything else restores, which is
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from supermachine import _core
 from supermachine.errors import InputError, SnapshotError, SnapshotMetadataError
 from supermachine.image import Image
+from supermachine.snapshots import metadata
 from supermachine.vm import Vm
 
 pytestmark = pytest.mark.slow
@@ -93,3 +97,36 @@ def test_auto_dedup_off_and_bad_requests(golden: Image, store: Path, monkeypatch
         Image.from_snapshot(store / "nowhere")
     with pytest.raises(InputError, match="cannot set memory_mib"):
         golden.start(memory_mib=1024)
+
+
+def test_the_kernel_and_agent_paths_a_snapshot_records_are_never_opened(
+    golden: Image, store: Path, tmp_path: Path
+) -> None:
+    """A later snapshot of a restored VM carries the recorded kernel and agent identities forward:
+    a FIFO (or any host file) named in metadata.json is not read."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("vmstate.bin", "memory.bin"):
+        os.link(store / "golden" / name, copy / name)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    meta = metadata.load(store / "golden")
+    hostile = replace(
+        meta, kernel=replace(meta.kernel, path=str(fifo)), agent=replace(meta.agent, path=str(fifo))
+    )
+    metadata.save(copy, hostile)
+    done: dict[str, metadata.SnapshotMetadata | None] = {}
+
+    def restore_and_snapshot() -> None:
+        with Vm.restore(copy, rootfs=golden.rootfs) as clone:
+            done["meta"] = clone.snapshot(tmp_path / "again", base=None).snapshot_meta
+
+    worker = threading.Thread(target=restore_and_snapshot, daemon=True)
+    worker.start()
+    worker.join(300)
+    if worker.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let the reader go
+        pytest.fail("restoring and snapshotting hung on the kernel path recorded in metadata.json")
+    again = done["meta"]
+    assert again is not None
+    assert again.kernel.sha256 == meta.kernel.sha256 and again.agent.sha256 == meta.agent.sha256

@@ -55,7 +55,14 @@ def test_linux_guest_answers_its_agent_after_restore(tmp_path: Path) -> None:
 
     vsock = tmp_path / "clone.sock"
     log = tmp_path / "clone.log"
-    clone = _core.Vm.restore(str(snap), {"vsock_path": str(vsock), "console_log": str(log)})
+    clone = _core.Vm.restore(
+        str(snap),
+        {
+            "vsock_path": str(vsock),
+            "console_log": str(log),
+            "disks": [{"path": str(rootfs), "read_only": True}],
+        },
+    )
     try:
         started = time.monotonic()
         with agent.connect_vsock_uds(vsock, timeout=120) as client:

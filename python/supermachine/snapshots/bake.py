@@ -107,18 +107,22 @@ def bake(
     image: ImageIdentity,
     memory_mib: int,
     vcpus: int,
-    kernel: str | os.PathLike[str],
-    initramfs: str | os.PathLike[str],
+    kernel: str | os.PathLike[str] | FileIdentity,
+    initramfs: str | os.PathLike[str] | FileIdentity,
     run: RunDefaults,
     base: BaseChoice = "auto",
 ) -> BakeResult:
     """Pauses the VM behind ``handle`` and writes a complete snapshot directory at ``target`` (which
     must not hold a snapshot yet). The VM stays paused. Raises :class:`SnapshotBusyError` at once if
-    another writer holds the name."""
+    another writer holds the name.
+
+    ``kernel`` and ``initramfs`` are the files the VM booted (hashed), or the identities recorded
+    by the snapshot it was restored from (carried forward: the paths a snapshot's metadata names
+    are never opened)."""
     started = time.monotonic()
     directory = Path(target)
-    kernel_id = file_identity(kernel)
-    agent_id = file_identity(initramfs)
+    kernel_id = kernel if isinstance(kernel, FileIdentity) else file_identity(kernel)
+    agent_id = initramfs if isinstance(initramfs, FileIdentity) else file_identity(initramfs)
     prospective = SnapshotMetadata(
         image=image,
         memory_mib=memory_mib,

@@ -61,6 +61,42 @@ fn get<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyR
     }
 }
 
+/// The "disks" entry of a config or restore overrides: paths (read-write, or for a restore as
+/// saved) or dicts {path, read_only}.
+fn parse_disks(d: &Bound<'_, PyDict>, what: &str) -> PyResult<Vec<DiskConfig>> {
+    let mut out = Vec::new();
+    if let Some(disks) = d.get_item("disks")?.filter(|v| !v.is_none()) {
+        let list = disks
+            .cast::<PyList>()
+            .map_err(|_| PyTypeError::new_err(format!("{what} key 'disks' must be a list")))?;
+        for item in list.iter() {
+            if let Ok(path) = item.extract::<PathBuf>() {
+                out.push(DiskConfig {
+                    path,
+                    read_only: false,
+                });
+                continue;
+            }
+            let disk = item.cast::<PyDict>().map_err(|_| {
+                PyTypeError::new_err("each disk must be a path or a dict {path, read_only}")
+            })?;
+            for k in disk.keys() {
+                let k: String = k.extract()?;
+                if k != "path" && k != "read_only" {
+                    return Err(PyValueError::new_err(format!("unknown disk key '{k}'")));
+                }
+            }
+            let path: PathBuf =
+                get(disk, "path")?.ok_or_else(|| PyValueError::new_err("a disk needs a 'path'"))?;
+            out.push(DiskConfig {
+                path,
+                read_only: get(disk, "read_only")?.unwrap_or(false),
+            });
+        }
+    }
+    Ok(out)
+}
+
 fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
     for k in d.keys() {
         let k: String = k
@@ -123,35 +159,7 @@ fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
     if let Some(v) = get(d, "vcpus")? {
         cfg.vcpus = v;
     }
-    if let Some(disks) = d.get_item("disks")?.filter(|v| !v.is_none()) {
-        let list = disks
-            .cast::<PyList>()
-            .map_err(|_| PyTypeError::new_err("config key 'disks' must be a list"))?;
-        for item in list.iter() {
-            if let Ok(path) = item.extract::<PathBuf>() {
-                cfg.disks.push(DiskConfig {
-                    path,
-                    read_only: false,
-                });
-                continue;
-            }
-            let disk = item.cast::<PyDict>().map_err(|_| {
-                PyTypeError::new_err("each disk must be a path or a dict {path, read_only}")
-            })?;
-            for k in disk.keys() {
-                let k: String = k.extract()?;
-                if k != "path" && k != "read_only" {
-                    return Err(PyValueError::new_err(format!("unknown disk key '{k}'")));
-                }
-            }
-            let path: PathBuf =
-                get(disk, "path")?.ok_or_else(|| PyValueError::new_err("a disk needs a 'path'"))?;
-            cfg.disks.push(DiskConfig {
-                path,
-                read_only: get(disk, "read_only")?.unwrap_or(false),
-            });
-        }
-    }
+    cfg.disks = parse_disks(d, "config")?;
     cfg.vsock_path = get(d, "vsock_path")?;
     cfg.console_log = get(d, "console_log")?;
     cfg.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
@@ -198,9 +206,11 @@ impl PyVm {
     }
 
     /// Restores a VM from a snapshot directory written by `Vm.snapshot` and starts it.
-    /// `overrides` may set "vsock_path", "console_log", "disks" (a list of new paths, one per
-    /// saved disk, in order), "track_dirty_pages" and "base" (where a diff's base snapshot is,
-    /// if not at the path it recorded).
+    /// `overrides` may set "vsock_path" (required when the snapshot has a vsock device),
+    /// "console_log", "disks" (the disks to attach, one per saved disk, in order: required when
+    /// the snapshot has disks, as the state file names none; a path or {path, read_only}, and a
+    /// disk is read-only if either the caller or the snapshot says so), "track_dirty_pages" and "base"
+    /// (where a diff's base snapshot is, if not the sibling directory it recorded).
     #[staticmethod]
     #[pyo3(signature = (dir, overrides=None))]
     fn restore(
@@ -230,7 +240,7 @@ impl PyVm {
             }
             ov.vsock_path = get(d, "vsock_path")?;
             ov.console_log = get(d, "console_log")?;
-            ov.disks = get(d, "disks")?;
+            ov.disks = parse_disks(d, "override")?;
             ov.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
             ov.base = get(d, "base")?;
         }
@@ -369,6 +379,12 @@ impl PyVm {
         Ok(())
     }
 
+    /// Bytes of serial output the console ring keeps.
+    #[getter]
+    fn console_capacity(&self) -> usize {
+        self.inner.console_capacity()
+    }
+
     /// Host path of the vsock Unix socket, if the VM has one.
     #[getter]
     fn vsock_path(&self) -> Option<String> {
@@ -469,7 +485,7 @@ impl PyVm {
 }
 
 /// What a snapshot directory's `vmstate.bin` says, checked (magic, version, length, CRC):
-/// {"memory_size", "vcpus", "cmdline", "cpu_template", "disks": [(path, read_only)],
+/// {"memory_size", "vcpus", "cmdline", "cpu_template", "disks": [read_only, ...],
 /// "vsock": bool, "memory_id", "base": None | {"path", "memory_id"}, "diff_pages"}.
 #[pyfunction]
 fn snapshot_info<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDict>> {
@@ -486,7 +502,7 @@ fn snapshot_info<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDi
         if m.template == 1 { "compat" } else { "normal" },
     )?;
     d.set_item("disks", m.disks.clone())?;
-    d.set_item("vsock", m.vsock_path.is_some())?;
+    d.set_item("vsock", m.vsock)?;
     d.set_item("memory_id", id_hex(&snap.memory.id))?;
     match &snap.memory.base {
         None => d.set_item("base", py.None())?,

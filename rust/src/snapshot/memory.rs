@@ -18,12 +18,14 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::codec::{DecodeError, Reader, Writer};
-use super::{Snapshot, SnapshotError, MEMORY_FILE};
+use super::{open_regular, Snapshot, SnapshotError, MEMORY_FILE};
 
 pub const PAGE_SIZE: usize = 4096;
 /// Longest base chain a restore follows (a diff of a diff of ...); deeper chains, and cycles,
 /// are refused.
 pub const MAX_CHAIN: usize = 16;
+/// Longest recorded base path decoded (a sibling name is at most a few hundred bytes).
+const MAX_BASE_PATH: usize = 4096;
 
 /// 128-bit content identity of a snapshot's memory.
 pub type MemoryId = [u8; 16];
@@ -72,6 +74,12 @@ impl MemoryState {
         let id: MemoryId = r.take(16)?.try_into().expect("16 bytes");
         let base = if r.bool()? {
             let path = r.str()?;
+            if path.len() > MAX_BASE_PATH {
+                return Err(DecodeError::Bad(format!(
+                    "a base path of {} bytes (at most {MAX_BASE_PATH})",
+                    path.len()
+                )));
+            }
             let id: MemoryId = r.take(16)?.try_into().expect("16 bytes");
             let memory_len = r.u64()?;
             let memory_mtime_ns = r.u64()? as i64;
@@ -191,9 +199,14 @@ pub struct MemoryLayer {
     pub id: MemoryId,
 }
 
-/// Size and modification time (ns) of a file.
+/// Size and modification time (ns) of a file, without following a symlink and without
+/// opening anything but a regular file.
 pub fn file_stamp(path: &Path) -> std::io::Result<(u64, i64)> {
-    let m = std::fs::metadata(path)?;
+    stamp_of(&open_regular(path)?)
+}
+
+fn stamp_of(file: &File) -> std::io::Result<(u64, i64)> {
+    let m = file.metadata()?;
     Ok((m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec()))
 }
 
@@ -201,7 +214,16 @@ pub fn file_stamp(path: &Path) -> std::io::Result<(u64, i64)> {
 /// pages and recorded base identity).
 pub fn hash_memory_file(dir: &Path, state: &MemoryState, size: u64) -> Result<MemoryId, String> {
     let path = dir.join(MEMORY_FILE);
-    let file = File::open(&path).map_err(|e| format!("{}: {}", path.display(), e))?;
+    let file = open_regular(&path).map_err(|e| format!("{}: {}", path.display(), e))?;
+    hash_memory(&file, &path, state, size)
+}
+
+fn hash_memory(
+    file: &File,
+    path: &Path,
+    state: &MemoryState,
+    size: u64,
+) -> Result<MemoryId, String> {
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     if len != size {
         return Err(format!(
@@ -214,7 +236,7 @@ pub fn hash_memory_file(dir: &Path, state: &MemoryState, size: u64) -> Result<Me
     }
     // SAFETY: the file is opened read-only and mapped read-only; snapshot files are only ever
     // replaced by rename, never rewritten in place, so the mapping does not change under us.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
+    let map = unsafe { memmap2::Mmap::map(file) }.map_err(|e| e.to_string())?;
     let pages = size as usize / PAGE_SIZE;
     let mut h = match (&state.base, &state.pages) {
         (Some(b), Some(_)) => IdHasher::diff(&b.id),
@@ -233,9 +255,57 @@ pub fn hash_memory_file(dir: &Path, state: &MemoryState, size: u64) -> Result<Me
     Ok(h.finish())
 }
 
+/// The directory name a diff recorded for its base, if it follows the one rule for recorded
+/// bases: `../NAME`, a sibling in the same store. Absolute paths, deeper or higher relative
+/// paths would let a snapshot file point a restore at any directory of the host.
+pub fn sibling_name(recorded: &str) -> Result<&str, String> {
+    let rule = "a recorded base must be a sibling directory `../NAME` in the same store \
+                (name another base explicitly)";
+    if recorded.starts_with('/') {
+        return Err(format!(
+            "its recorded path {recorded:?} is absolute; {rule}"
+        ));
+    }
+    match recorded.strip_prefix("../") {
+        Some(name)
+            if !name.is_empty()
+                && name != "."
+                && name != ".."
+                && !name.contains('/')
+                && !name.contains('\0') =>
+        {
+            Ok(name)
+        }
+        _ => Err(format!(
+            "its recorded path {recorded:?} is not a single name beside the diff; {rule}"
+        )),
+    }
+}
+
+/// Where the base of the snapshot in `dir` recorded as `recorded` lies: `NAME` in the directory
+/// holding `dir` (resolved through the caller's own path), refusing a symlink there.
+fn sibling_dir(dir: &Path, recorded: &str) -> Result<PathBuf, String> {
+    let name = sibling_name(recorded)?;
+    let store = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {}", dir.display(), crate::vmm::os_msg(&e)))?
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| "the diff has no parent directory to hold its base".to_string())?;
+    let base_dir = store.join(name);
+    match std::fs::symlink_metadata(&base_dir) {
+        Ok(m) if m.file_type().is_symlink() => Err(format!(
+            "{} is a symbolic link; a recorded base must be a real directory in the same store",
+            base_dir.display()
+        )),
+        _ => Ok(base_dir),
+    }
+}
+
 /// The memory chain of the snapshot in `dir` (already loaded as `snap`), base first. Each base
-/// is found at the path the diff recorded (relative to the diff's directory), or for the first
-/// link at `base_override`; its identity must match the one the diff recorded.
+/// is the sibling directory the diff recorded (see [`sibling_name`]), or for the first link
+/// `base_override` (the caller's choice, trusted); its identity must match the one the diff
+/// recorded. Only regular files are opened, never through a symlink.
 pub fn resolve_chain(
     dir: &Path,
     snap: &Snapshot,
@@ -254,7 +324,10 @@ pub fn resolve_chain(
     while let Some(b) = base {
         let base_dir = match (first, base_override) {
             (true, Some(p)) => p.to_path_buf(),
-            _ => normalize(&current_dir.join(&b.path)),
+            _ => sibling_dir(&current_dir, &b.path).map_err(|why| SnapshotError::Base {
+                path: b.path.clone(),
+                why,
+            })?,
         };
         first = false;
         let shown = base_dir.display().to_string();
@@ -288,10 +361,11 @@ pub fn resolve_chain(
             )));
         }
         let memory = base_dir.join(MEMORY_FILE);
-        let stamp = file_stamp(&memory).map_err(|e| fail(format!("{}: {e}", memory.display())))?;
+        let file = open_regular(&memory).map_err(|e| fail(format!("{}: {e}", memory.display())))?;
+        let stamp = stamp_of(&file).map_err(|e| fail(format!("{}: {e}", memory.display())))?;
         if stamp != (b.memory_len, b.memory_mtime_ns) {
             // The file was replaced or touched since the diff was taken: trust only its content.
-            let found = hash_memory_file(&base_dir, &base_snap.memory, size).map_err(fail)?;
+            let found = hash_memory(&file, &memory, &base_snap.memory, size).map_err(fail)?;
             if found != b.id {
                 return Err(fail(format!(
                     "its memory.bin changed: content hash {}, but the diff was taken against {}",
@@ -322,25 +396,6 @@ pub fn load_base(dir: &Path) -> Result<Snapshot, SnapshotError> {
             why: e.to_string(),
         },
     })
-}
-
-/// `a/b/../c` as `a/c`, without touching the file system (the directories may be symlinks the
-/// user meant, but a recorded `../base` is always meant lexically).
-fn normalize(path: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::ParentDir
-                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
-            {
-                out.pop();
-            }
-            Component::CurDir => {}
-            c => out.push(c.as_os_str()),
-        }
-    }
-    out
 }
 
 /// Reads which pages of `[host, host + len)` this process wrote since they were mapped
@@ -400,6 +455,25 @@ mod tests {
         assert_eq!(diff.stored_pages(), 1);
         let e = MemoryState::decode(&diff.encode(), size * 2).unwrap_err();
         assert!(e.to_string().contains("page bitmap"), "{e}");
+    }
+
+    #[test]
+    fn only_a_sibling_name_is_a_recorded_base() {
+        assert_eq!(sibling_name("../golden"), Ok("golden"));
+        for (bad, rule) in [
+            ("/etc", "is absolute"),
+            ("../../x", "not a single name"),
+            ("a/b", "not a single name"),
+            ("golden", "not a single name"),
+            ("..", "not a single name"),
+            ("../..", "not a single name"),
+            ("../.", "not a single name"),
+            ("../", "not a single name"),
+            ("../a/b", "not a single name"),
+        ] {
+            let e = sibling_name(bad).unwrap_err();
+            assert!(e.contains(rule) && e.contains("../NAME"), "{bad}: {e}");
+        }
     }
 
     #[test]

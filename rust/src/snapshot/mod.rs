@@ -50,6 +50,11 @@ const HEADER_LEN: usize = 24;
 const ENTRY_LEN: usize = 24;
 const MAX_SECTIONS: usize = 64;
 
+/// Largest `vmstate.bin` a restore reads. The biggest real state is the diff page bitmap of the
+/// largest RAM (64 GiB: 2 MiB of bitmap) plus 32 vCPUs of a few KiB each, well under 4 MiB; the
+/// cap leaves room for growth while keeping a hostile file from making us read gigabytes.
+pub const MAX_VMSTATE_LEN: u64 = 16 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("snapshot {path} does not exist")]
@@ -82,6 +87,42 @@ pub enum SnapshotError {
     BaseMissing { path: String },
     #[error("base snapshot {path} cannot be used: {why}")]
     Base { path: String, why: String },
+    #[error("snapshot {path} is {size} bytes, more than the {limit} bytes a VM state can have")]
+    TooLarge { path: String, size: u64, limit: u64 },
+}
+
+/// Opens a snapshot file for reading without following a symlink at its last component, without
+/// blocking on a FIFO or device, and refuses anything but a regular file (a FIFO would hang the
+/// restore, a device or symlink would read a host file the snapshot does not own).
+pub fn open_regular(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::other("it is a symbolic link, and snapshot files must not be")
+            } else {
+                e
+            }
+        })?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        };
+        return Err(std::io::Error::other(format!(
+            "it is {what}, not a regular file"
+        )));
+    }
+    Ok(file)
 }
 
 /// Everything in `vmstate.bin`.
@@ -199,21 +240,46 @@ impl Snapshot {
             MachineState::decode(find(SECTION_MACHINE, "machine")?).map_err(section("machine"))?;
         let memory = MemoryState::decode(find(SECTION_MEMORY, "memory")?, machine.memory_size)
             .map_err(section("memory"))?;
-        Ok(Snapshot {
+        let snap = Snapshot {
             machine,
             memory,
             vm: VmState::decode(find(SECTION_VM, "VM")?).map_err(section("VM"))?,
             vcpus: state::decode_vcpus(find(SECTION_VCPUS, "vCPU")?).map_err(section("vCPU"))?,
             devices: DeviceState::decode(find(SECTION_DEVICES, "device")?)
                 .map_err(section("device"))?,
-        })
+        };
+        snap.check_consistent().map_err(corrupt)?;
+        Ok(snap)
     }
 
-    /// Reads and checks `dir/vmstate.bin`.
+    /// The sections agree with each other: as many vCPU states as vCPUs, and one virtio
+    /// transport per device the machine names.
+    fn check_consistent(&self) -> Result<(), String> {
+        let m = &self.machine;
+        if usize::from(m.vcpus) != self.vcpus.len() {
+            return Err(format!(
+                "it names {} vCPUs but holds the state of {}",
+                m.vcpus,
+                self.vcpus.len()
+            ));
+        }
+        let devices = m.disks.len() + usize::from(m.vsock);
+        if self.devices.transports.len() != devices {
+            return Err(format!(
+                "it names {devices} virtio devices but holds the state of {}",
+                self.devices.transports.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads and checks `dir/vmstate.bin`: only a regular file, and only up to
+    /// [`MAX_VMSTATE_LEN`] bytes.
     pub fn load(dir: &Path) -> Result<Snapshot, SnapshotError> {
+        use std::io::Read;
         let path = dir.join(VMSTATE_FILE);
         let shown = path.display().to_string();
-        let data = std::fs::read(&path).map_err(|e| {
+        let read_err = |e: std::io::Error| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 SnapshotError::Missing {
                     path: shown.clone(),
@@ -224,7 +290,28 @@ impl Snapshot {
                     msg: crate::vmm::os_msg(&e),
                 }
             }
-        })?;
+        };
+        let file = open_regular(&path).map_err(read_err)?;
+        let size = file.metadata().map_err(read_err)?.len();
+        if size > MAX_VMSTATE_LEN {
+            return Err(SnapshotError::TooLarge {
+                path: shown,
+                size,
+                limit: MAX_VMSTATE_LEN,
+            });
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        // The file may grow after the size check: read no more than the cap allows.
+        file.take(MAX_VMSTATE_LEN + 1)
+            .read_to_end(&mut data)
+            .map_err(read_err)?;
+        if data.len() as u64 > MAX_VMSTATE_LEN {
+            return Err(SnapshotError::TooLarge {
+                path: shown,
+                size: data.len() as u64,
+                limit: MAX_VMSTATE_LEN,
+            });
+        }
         Snapshot::decode(&data, &shown)
     }
 }
@@ -261,7 +348,7 @@ impl AtomicDir {
     pub fn create(&mut self, name: &str) -> Result<(File, PathBuf), SnapshotError> {
         let final_path = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let f = File::create(&tmp).map_err(Self::err(&tmp))?;
+        let f = create_fresh(&tmp).map_err(Self::err(&tmp))?;
         self.pending.push((tmp.clone(), final_path));
         Ok((f, tmp))
     }
@@ -292,6 +379,26 @@ impl AtomicDir {
     }
 }
 
+/// Creates `path` as a new file: a leftover of that name (a crashed writer's, or a symlink someone
+/// planted to make us write elsewhere) is removed first, never followed.
+fn create_fresh(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    };
+    match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            open()
+        }
+        r => r,
+    }
+}
+
 impl Drop for AtomicDir {
     fn drop(&mut self) {
         for (tmp, _) in &self.pending {
@@ -312,12 +419,15 @@ mod tests {
                 template: 0,
                 cmdline: "console=ttyS0".into(),
                 console_capacity: 4096,
-                disks: vec![("/tmp/disk.img".into(), true)],
-                vsock_path: Some("/tmp/v.sock".into()),
+                disks: vec![true],
+                vsock: true,
             },
             vm: VmState::default(),
             vcpus: vec![VcpuState::default()],
-            devices: DeviceState::default(),
+            devices: DeviceState {
+                transports: vec![TransportState::default(); 2],
+                ..Default::default()
+            },
             memory: MemoryState::default(),
         }
     }
@@ -330,6 +440,77 @@ mod tests {
         assert_eq!(back.machine, s.machine);
         assert_eq!(back.vcpus.len(), 1);
         assert_eq!(back.encode(), bytes);
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("sm-snap-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let d = temp_dir("files");
+        let state = d.join(VMSTATE_FILE);
+        let c = std::ffi::CString::new(state.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = Snapshot::load(&d).unwrap_err().to_string();
+        assert!(e.contains("it is a FIFO, not a regular file"), "{e}");
+        std::fs::remove_file(&state).unwrap();
+        std::fs::write(d.join("real"), sample().encode()).unwrap();
+        std::os::unix::fs::symlink(d.join("real"), &state).unwrap();
+        let e = Snapshot::load(&d).unwrap_err().to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+        std::fs::remove_file(&state).unwrap();
+        let big = File::create(&state).unwrap();
+        big.set_len(1 << 40).unwrap(); // sparse: refused by its size, never read
+        let e = Snapshot::load(&d).unwrap_err().to_string();
+        assert!(e.contains("more than the 16777216 bytes"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_planted_temporary_name_is_replaced_not_followed() {
+        let d = temp_dir("planted");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let tmp = d.join(format!(".{VMSTATE_FILE}.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let mut out = AtomicDir::new(&d).unwrap();
+        out.write(VMSTATE_FILE, &sample().encode()).unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(Snapshot::load(&d).is_ok());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn decoded_counts_are_bounded_and_consistent() {
+        let mut s = sample();
+        s.machine.vcpus = 2;
+        let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
+        assert!(e.contains("names 2 vCPUs but holds the state of 1"), "{e}");
+        let mut s = sample();
+        s.devices.transports.pop();
+        let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
+        assert!(
+            e.contains("names 2 virtio devices but holds the state of 1"),
+            "{e}"
+        );
+        let mut s = sample();
+        s.vcpus[0].msrs = vec![(1, 1); state::MAX_MSRS + 1];
+        let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
+        assert!(e.contains("MSRs in one vCPU"), "{e}");
+        let mut s = sample();
+        s.machine.memory_size = 128 << 30;
+        let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
+        assert!(e.contains("not a whole number of MiB up to 64 GiB"), "{e}");
+        let mut s = sample();
+        s.devices.serial.in_buffer = vec![0; 65];
+        let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
+        assert!(e.contains("serial port holds 65"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,31 @@ use kvm_bindings::{
 
 use super::codec::{DecodeError, Reader, Writer};
 
+/// Largest guest RAM a snapshot may describe (what `GuestRam` accepts: 64 GiB).
+pub const MAX_MEMORY_SIZE: u64 = 64 << 30;
+/// Most vCPUs a VM may have (what the VMM builds).
+pub const MAX_VCPUS: usize = 32;
+/// Longest kernel command line kept in a snapshot (Linux's own x86 limit is 2048 bytes).
+pub const MAX_CMDLINE_LEN: usize = 4096;
+/// Most MSRs one vCPU's state may hold; KVM's list of saveable MSRs has a few hundred.
+pub const MAX_MSRS: usize = 4096;
+/// Most virtio-mmio devices a VM has (disks and vsock), as the VMM builds them.
+pub const MAX_DEVICES: usize = crate::vmm::builder::VIRTIO_MAX_DEVICES;
+/// Most virtqueues of one device (vsock has the most: 3).
+pub const MAX_QUEUES: usize = 8;
+/// Bytes the 8250's receive FIFO holds (vm-superio's FIFO size).
+pub const MAX_SERIAL_FIFO: usize = 64;
+
+fn bad(why: String) -> DecodeError {
+    DecodeError::Bad(why)
+}
+
 /// How the VM was configured (what a restore must rebuild).
+///
+/// Host paths are not part of it: a restore attaches the disks and the vsock socket the caller
+/// names, never paths read from the file (which an attacker may have written). Format version 2
+/// files still carry the paths the VM had; they are read past and ignored, and new files store
+/// empty strings in their place.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MachineState {
     pub memory_size: u64,
@@ -16,9 +40,10 @@ pub struct MachineState {
     pub template: u8,
     pub cmdline: String,
     pub console_capacity: u64,
-    /// (path, read-only) of each virtio-blk disk, in device order.
-    pub disks: Vec<(String, bool)>,
-    pub vsock_path: Option<String>,
+    /// Whether each virtio-blk disk was read-only, in device order.
+    pub disks: Vec<bool>,
+    /// Whether the VM had a vsock device.
+    pub vsock: bool,
 }
 
 impl MachineState {
@@ -30,12 +55,12 @@ impl MachineState {
         w.str(&self.cmdline);
         w.u64(self.console_capacity);
         w.u64(self.disks.len() as u64);
-        for (path, ro) in &self.disks {
-            w.str(path);
+        for ro in &self.disks {
+            w.str("");
             w.bool(*ro);
         }
-        w.bool(self.vsock_path.is_some());
-        w.str(self.vsock_path.as_deref().unwrap_or(""));
+        w.bool(self.vsock);
+        w.str("");
         w.buf
     }
 
@@ -47,15 +72,37 @@ impl MachineState {
         let cmdline = r.str()?;
         let console_capacity = r.u64()?;
         let n = r.count(9)?;
+        if n > MAX_DEVICES {
+            return Err(bad(format!("{n} disks (at most {MAX_DEVICES})")));
+        }
         let mut disks = Vec::with_capacity(n);
         for _ in 0..n {
-            disks.push((r.str()?, r.bool()?));
+            r.bytes()?; // the path the disk had (ignored)
+            disks.push(r.bool()?);
         }
-        let has_vsock = r.bool()?;
-        let vsock = r.str()?;
+        let vsock = r.bool()?;
+        r.bytes()?; // the vsock socket path (ignored)
         r.finish()?;
         if template > 1 {
-            return Err(DecodeError::Bad(format!("unknown CPU template {template}")));
+            return Err(bad(format!("unknown CPU template {template}")));
+        }
+        if memory_size == 0 || memory_size % (1 << 20) != 0 || memory_size > MAX_MEMORY_SIZE {
+            return Err(bad(format!(
+                "the RAM size {memory_size} is not a whole number of MiB up to {} GiB",
+                MAX_MEMORY_SIZE >> 30
+            )));
+        }
+        if vcpus == 0 || usize::from(vcpus) > MAX_VCPUS {
+            return Err(bad(format!("{vcpus} vCPUs (1 to {MAX_VCPUS})")));
+        }
+        if cmdline.len() > MAX_CMDLINE_LEN {
+            return Err(bad(format!(
+                "a kernel command line of {} bytes (at most {MAX_CMDLINE_LEN})",
+                cmdline.len()
+            )));
+        }
+        if n + usize::from(vsock) > MAX_DEVICES {
+            return Err(bad(format!("more than {MAX_DEVICES} virtio devices")));
         }
         Ok(MachineState {
             memory_size,
@@ -64,7 +111,7 @@ impl MachineState {
             cmdline,
             console_capacity,
             disks,
-            vsock_path: has_vsock.then_some(vsock),
+            vsock,
         })
     }
 }
@@ -171,8 +218,8 @@ pub fn encode_vcpus(vcpus: &[VcpuState]) -> Vec<u8> {
 pub fn decode_vcpus(b: &[u8]) -> Result<Vec<VcpuState>, DecodeError> {
     let mut r = Reader::new(b);
     let n = r.count(64)?;
-    if n == 0 || n > 32 {
-        return Err(DecodeError::Bad(format!("{n} vCPUs")));
+    if n == 0 || n > MAX_VCPUS {
+        return Err(bad(format!("{n} vCPUs")));
     }
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -185,6 +232,9 @@ pub fn decode_vcpus(b: &[u8]) -> Result<Vec<VcpuState>, DecodeError> {
         };
         let xcrs = if r.bool()? { Some(r.pod()?) } else { None };
         let m = r.count(12)?;
+        if m > MAX_MSRS {
+            return Err(bad(format!("{m} MSRs in one vCPU (at most {MAX_MSRS})")));
+        }
         let mut msrs = Vec::with_capacity(m);
         for _ in 0..m {
             msrs.push((r.u32()?, r.u64()?));
@@ -314,7 +364,16 @@ impl DeviceState {
             scratch: r.u8()?,
             in_buffer: r.bytes()?.to_vec(),
         };
+        if serial.in_buffer.len() > MAX_SERIAL_FIFO {
+            return Err(bad(format!(
+                "the serial port holds {} received bytes (its FIFO holds {MAX_SERIAL_FIFO})",
+                serial.in_buffer.len()
+            )));
+        }
         let n = r.count(40)?;
+        if n > MAX_DEVICES {
+            return Err(bad(format!("{n} virtio devices (at most {MAX_DEVICES})")));
+        }
         let mut transports = Vec::with_capacity(n);
         for _ in 0..n {
             let mut t = TransportState {
@@ -330,6 +389,11 @@ impl DeviceState {
                 queues: Vec::new(),
             };
             let m = r.count(33)?;
+            if m > MAX_QUEUES {
+                return Err(bad(format!(
+                    "a virtio device with {m} queues (at most {MAX_QUEUES})"
+                )));
+            }
             for _ in 0..m {
                 t.queues.push(QueueState {
                     max_size: r.u16()?,

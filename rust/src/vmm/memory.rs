@@ -384,10 +384,11 @@ impl GuestRam {
     }
 }
 
-/// Opens one file of a snapshot's memory chain read-only and checks its size.
+/// Opens one file of a snapshot's memory chain read-only (a regular file only, never through a
+/// symlink: see [`crate::snapshot::open_regular`]) and checks its size.
 fn open_layer(path: &std::path::Path, size: u64) -> Result<File, MemoryError> {
     let shown = path.display().to_string();
-    let file = File::open(path).map_err(|e| MemoryError::File {
+    let file = crate::snapshot::open_regular(path).map_err(|e| MemoryError::File {
         path: shown.clone(),
         msg: os_msg(&e),
     })?;

@@ -249,12 +249,15 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), String> {
 /// What may differ between the VM that was snapshotted and the one restored from it.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOverrides {
-    /// Host Unix socket for vsock (the saved path is used when `None`).
+    /// Host Unix socket for vsock; required when the snapshot has a vsock device.
     pub vsock_path: Option<PathBuf>,
     /// Where serial output is appended (none when `None`).
     pub console_log: Option<PathBuf>,
-    /// New paths for the disks, in device order (each keeps its saved read-only flag).
-    pub disks: Option<Vec<PathBuf>>,
+    /// The disks to attach, in device order, one per disk the snapshot has; a disk is read-only
+    /// if the caller or the snapshot says so (the snapshot cannot make a caller's read-only disk
+    /// writable). The snapshot file records no paths a restore would use: it may have been
+    /// written by anyone, and a path from it would hand the guest any host file.
+    pub disks: Vec<DiskConfig>,
     /// Log guest writes from the restore on (see [`Vmm::dirty_pages`]).
     pub track_dirty_pages: bool,
     /// Where the base of a diff snapshot is (default: the path the diff recorded, relative to
@@ -342,17 +345,8 @@ impl Vmm {
             },
             cmdline: self.cmdline().to_string(),
             console_capacity: self.config.console_capacity as u64,
-            disks: self
-                .config
-                .disks
-                .iter()
-                .map(|d| (d.path.to_string_lossy().into_owned(), d.read_only))
-                .collect(),
-            vsock_path: self
-                .config
-                .vsock_path
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned()),
+            disks: self.config.disks.iter().map(|d| d.read_only).collect(),
+            vsock: self.config.vsock_path.is_some(),
         };
         mark("capture");
 
@@ -487,26 +481,6 @@ impl Vmm {
         let started = Instant::now();
         let snap = Snapshot::load(dir)?;
         let m = &snap.machine;
-        let memory_path = dir.join(MEMORY_FILE);
-        let bad = |why: String| {
-            VmmError::Snapshot(SnapshotError::Memory {
-                path: memory_path.display().to_string(),
-                why,
-            })
-        };
-        if m.memory_size == 0 || m.memory_size % (1 << 20) != 0 {
-            return Err(bad(format!(
-                "the saved RAM size {} is not a whole number of MiB",
-                m.memory_size
-            )));
-        }
-        if usize::from(m.vcpus) != snap.vcpus.len() {
-            return Err(VmmError::Snapshot(SnapshotError::Restore(format!(
-                "the snapshot names {} vCPUs but holds the state of {}",
-                m.vcpus,
-                snap.vcpus.len()
-            ))));
-        }
         // The boot source is not used by a restore; it only fills the field.
         let mut cfg = VmConfig::new(BootSource::Raw {
             path: dir.join(VMSTATE_FILE),
@@ -515,7 +489,7 @@ impl Vmm {
         });
         cfg.memory_mib = m.memory_size >> 20;
         cfg.vcpus = m.vcpus;
-        cfg.console_capacity = usize::try_from(m.console_capacity).unwrap_or(usize::MAX);
+        cfg.console_capacity = restored_console_capacity(m.console_capacity);
         cfg.console_log = overrides.console_log.clone();
         cfg.track_dirty_pages = overrides.track_dirty_pages;
         cfg.cpu_template = CpuTemplateChoice::Fixed(if m.template == 1 {
@@ -523,43 +497,36 @@ impl Vmm {
         } else {
             CpuTemplate::Normal
         });
-        let disk_paths: Vec<PathBuf> = match &overrides.disks {
-            None => m.disks.iter().map(|(p, _)| PathBuf::from(p)).collect(),
-            Some(paths) if paths.len() == m.disks.len() => paths.clone(),
-            Some(paths) => {
-                return Err(VmmError::Config(format!(
-                    "the snapshot has {} disks but {} disk paths were given",
-                    m.disks.len(),
-                    paths.len()
-                )))
-            }
-        };
-        cfg.disks = disk_paths
-            .into_iter()
+        if overrides.disks.len() != m.disks.len() {
+            return Err(VmmError::Config(format!(
+                "the snapshot has {} disks but {} disk paths were given (a restore attaches only \
+                 the disks its caller names)",
+                m.disks.len(),
+                overrides.disks.len()
+            )));
+        }
+        cfg.disks = overrides
+            .disks
+            .iter()
             .zip(&m.disks)
-            .map(|(path, (_, read_only))| DiskConfig {
-                path,
-                read_only: *read_only,
+            .map(|(disk, saved_read_only)| DiskConfig {
+                path: disk.path.clone(),
+                read_only: disk.read_only || *saved_read_only,
             })
             .collect();
-        cfg.vsock_path = match (&m.vsock_path, &overrides.vsock_path) {
-            (None, None) => None,
-            (None, Some(_)) => {
+        cfg.vsock_path = match (m.vsock, &overrides.vsock_path) {
+            (false, None) => None,
+            (false, Some(_)) => {
                 return Err(VmmError::Config(
                     "the snapshot has no vsock device, so vsock_path cannot be set".into(),
                 ))
             }
-            (Some(saved), None) => {
-                // Binding would take the socket away from a VM still serving it.
-                if std::os::unix::net::UnixStream::connect(saved).is_ok() {
-                    return Err(VmmError::Config(format!(
-                        "the saved vsock socket {saved} is in use (is the snapshotted VM still \
-                         running?); pass another vsock_path"
-                    )));
-                }
-                Some(PathBuf::from(saved))
+            (true, None) => {
+                return Err(VmmError::Config(
+                    "the snapshot has a vsock device: pass the vsock_path to serve it on".into(),
+                ))
             }
-            (Some(_), Some(p)) => Some(p.clone()),
+            (true, Some(p)) => Some(p.clone()),
         };
         let layers = snapmem::resolve_chain(dir, &snap, overrides.base.as_deref())?;
         cfg.memory_backing = MemoryBacking::Snapshot(layers);
@@ -568,6 +535,24 @@ impl Vmm {
 
         vmm.phases.insert(0, ("load_state", loaded));
         Ok(vmm)
+    }
+}
+
+/// Largest console ring a restore keeps: the capacity comes from the snapshot file, and the
+/// ring grows with what the guest prints, so a hostile value would let a guest fill host
+/// memory. The default capacity is 1 MiB; this leaves room for callers that asked for more.
+pub const MAX_RESTORED_CONSOLE_CAPACITY: usize = 64 << 20;
+
+fn restored_console_capacity(saved: u64) -> usize {
+    usize::try_from(saved)
+        .unwrap_or(usize::MAX)
+        .clamp(1, MAX_RESTORED_CONSOLE_CAPACITY)
+}
+
+impl Vmm {
+    /// Bytes of serial output the console ring keeps.
+    pub fn console_capacity(&self) -> usize {
+        self.config.console_capacity
     }
 }
 

@@ -1,0 +1,351 @@
+"""Snapshot files written by an attacker (checksums recomputed: CRC32 is no signature): no host
+path, FIFO, symlink, size or count from them reaches the host."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import snap_guests as g
+from supermachine import _core
+from supermachine.errors import SnapshotError
+from supermachine.snapshots import metadata
+from supermachine.snapshots.metadata import FileIdentity, ImageIdentity
+from supermachine.vm import Vm
+from test_snapshot import DATA, _blk_read_request, _used_idx, counter, wait_until
+
+SECTION_MACHINE = 1
+SECTION_MEMORY = 5
+BOUND = 20.0  # seconds a refusal may take at most: a hang fails the test instead of blocking it
+
+# -- vmstate.bin surgery: sections taken apart, edited, put back with a fresh length and CRC --------
+
+
+def _sections(data: bytes) -> list[tuple[int, bytes]]:
+    count = struct.unpack_from("<I", data, 12)[0]
+    out = []
+    for i in range(count):
+        sid, _, off, length = struct.unpack_from("<IIQQ", data, 24 + 24 * i)
+        out.append((sid, data[off : off + length]))
+    return out
+
+
+def _assemble(sections: list[tuple[int, bytes]], version: int = 2) -> bytes:
+    table_end = 24 + 24 * len(sections)
+    total = table_end + sum(len(s) for _, s in sections) + 4
+    out = bytearray(b"SMVMSNAP" + struct.pack("<IIQ", version, len(sections), total))
+    offset = table_end
+    for sid, s in sections:
+        out += struct.pack("<IIQQ", sid, 0, offset, len(s))
+        offset += len(s)
+    for _, s in sections:
+        out += s
+    return bytes(out + struct.pack("<I", zlib.crc32(out)))
+
+
+def _edit(state: Path, section: int, edit: Any) -> None:
+    parts = [(sid, edit(s) if sid == section else s) for sid, s in _sections(state.read_bytes())]
+    state.write_bytes(_assemble(parts))
+
+
+def _string(s: bytes) -> bytes:
+    return struct.pack("<Q", len(s)) + s
+
+
+def _machine(
+    memory_size: int, vcpus: int, cmdline: bytes, console: int, disks: list[tuple[bytes, bool]], vsock: bool
+) -> bytes:
+    out = (
+        struct.pack("<QBB", memory_size, vcpus, 0)
+        + _string(cmdline)
+        + struct.pack("<QQ", console, len(disks))
+    )
+    for path, ro in disks:
+        out += _string(path) + bytes([ro])
+    return out + bytes([vsock]) + _string(b"/tmp/saved.sock" if vsock else b"")
+
+
+def _parse_machine(s: bytes) -> dict[str, Any]:
+    memory_size, vcpus, _template = struct.unpack_from("<QBB", s, 0)
+    at = 10
+    n = struct.unpack_from("<Q", s, at)[0]
+    cmdline = s[at + 8 : at + 8 + n]
+    at += 8 + n
+    console, ndisks = struct.unpack_from("<QQ", s, at)
+    at += 16
+    disks = []
+    for _ in range(ndisks):
+        n = struct.unpack_from("<Q", s, at)[0]
+        disks.append((s[at + 8 : at + 8 + n], bool(s[at + 8 + n])))
+        at += 9 + n
+    return {
+        "memory_size": memory_size,
+        "vcpus": vcpus,
+        "cmdline": cmdline,
+        "console": console,
+        "disks": disks,
+        "vsock": bool(s[at]),
+    }
+
+
+def _with_base_path(path: bytes) -> Any:
+    def edit(s: bytes) -> bytes:
+        assert s[16] == 1, "a diff"
+        n = struct.unpack_from("<Q", s, 17)[0]
+        return s[:17] + _string(path) + s[25 + n :]
+
+    return edit
+
+
+def _restore_error(directory: Path, overrides: dict[str, Any] | None = None) -> str:
+    with pytest.raises((ValueError, OSError)) as e:
+        _core.Vm.restore(str(directory), overrides)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+# -- 1. no host path from vmstate.bin ----------------------------------------------------------------
+
+
+def test_a_disk_path_written_into_the_state_never_reaches_the_host_file(vms: Any, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"".join(bytes([ord("a") + i]) * 512 for i in range(8)))
+    vm = vms.start(g.VIRTIO_ONE_QUEUE, disks=[{"path": str(disk), "read_only": True}])
+    vm.write_memory(g.PARAMS + 0x10, struct.pack("<IIQQQ", 8, 0, 0x400000, 0x401000, 0x402000))
+    vm.write_memory(g.PARAMS, struct.pack("<Q", 1))
+    wait_until(lambda: vm.read_memory(g.PARAMS + 0x100, 1) == b"\x01", what="the driver set-up")
+    snap = tmp_path / "snap"
+    vm.snapshot(str(snap))
+    vm.stop()
+    assert _core.snapshot_info(str(snap))["disks"] == [True]
+
+    # The attacker names a host file, writable, in a state file with a valid checksum.
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"S" * 4096)
+    before = hashlib.sha256(secret.read_bytes()).hexdigest()
+    state = snap / "vmstate.bin"
+
+    def rewrite(s: bytes) -> bytes:
+        m = _parse_machine(s)
+        return _machine(
+            m["memory_size"],
+            m["vcpus"],
+            m["cmdline"],
+            m["console"],
+            [(str(secret).encode(), False)],
+            m["vsock"],
+        )
+
+    _edit(state, SECTION_MACHINE, rewrite)
+    assert "the snapshot has 1 disks but 0 disk paths were given" in _restore_error(snap)
+
+    # With the caller's disk the guest reads the caller's disk, read-only as the caller asked.
+    clone = vms.restore(snap, disks=[{"path": str(disk), "read_only": True}])
+    assert [d["path"] for d in clone.devices] == [str(disk)]
+    assert clone.devices[0]["read_only"] is True
+    _blk_read_request(clone, 5, 0)
+    clone.write_memory(g.PARAMS + 0x80, struct.pack("<I", 1))
+    wait_until(lambda: _used_idx(clone) == 1, what="the request after the restore")
+    assert clone.read_memory(DATA, 512) == b"f" * 512
+    clone.stop()
+    assert hashlib.sha256(secret.read_bytes()).hexdigest() == before
+
+
+def test_a_saved_read_only_flag_cannot_make_a_callers_disk_writable(vms: Any, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    vm = vms.start(g.COUNTER, disks=[{"path": str(disk), "read_only": False}])
+    vm.snapshot(str(tmp_path / "snap"))
+    vm.stop()
+    clone = vms.restore(tmp_path / "snap", disks=[{"path": str(disk), "read_only": True}])
+    assert clone.devices[0]["read_only"] is True
+
+
+# -- 2. diff bases confined to the store -------------------------------------------------------------
+
+
+@pytest.fixture
+def diff(vms: Any, tmp_path: Path) -> Path:
+    """store/base (full) and store/diff (a diff against it)."""
+    vm = vms.start(g.COUNTER, memory_mib=16)
+    wait_until(lambda: counter(vm) > 100, what="the guest to count")
+    store = tmp_path / "store"
+    vm.snapshot(str(store / "base"))
+    vm.resume()
+    vm.snapshot(str(store / "diff"), str(store / "base"))
+    vm.stop()
+    return store / "diff"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "rule"),
+    [
+        ("ABSOLUTE", "is absolute; a recorded base must be a sibling directory `../NAME`"),
+        ("../../store/base", "is not a single name beside the diff; a recorded base must be a sibling"),
+        ("base", "is not a single name beside the diff"),
+        ("a/b", "is not a single name beside the diff"),
+    ],
+)
+def test_a_recorded_base_outside_the_store_is_refused(diff: Path, recorded: str, rule: str) -> None:
+    path = str(diff.parent / "base") if recorded == "ABSOLUTE" else recorded
+    _edit(diff / "vmstate.bin", SECTION_MEMORY, _with_base_path(path.encode()))
+    assert rule in _restore_error(diff)
+    # The caller may still name the base (its own input).
+    _core.Vm.restore(str(diff), {"base": str(diff.parent / "base")}).stop()
+
+
+def test_a_base_reached_through_a_symlink_is_refused(diff: Path, tmp_path: Path) -> None:
+    (diff.parent / "base").rename(tmp_path / "elsewhere")
+    (diff.parent / "base").symlink_to(tmp_path / "elsewhere")
+    assert "is a symbolic link; a recorded base must be a real directory" in _restore_error(diff)
+
+
+@pytest.mark.parametrize("name", ["memory.bin", "vmstate.bin"])
+def test_a_base_file_that_is_a_symlink_is_refused(diff: Path, tmp_path: Path, name: str) -> None:
+    real = tmp_path / f"real-{name}"
+    (diff.parent / "base" / name).rename(real)
+    (diff.parent / "base" / name).symlink_to(real)
+    assert "it is a symbolic link, and snapshot files must not be" in _restore_error(diff)
+
+
+# -- 3. FIFOs, sizes, capacities ---------------------------------------------------------------------
+
+
+def _restore_in_child(directory: Path) -> str:
+    """Restores in a child process, bounded: what it printed (the error), or a failure if it hung."""
+    code = (
+        "import sys\nfrom supermachine import _core\n"
+        "try:\n    _core.Vm.restore(sys.argv[1]).stop()\n    print('restored')\n"
+        "except Exception as e:\n    print(e)\n"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(directory)], capture_output=True, timeout=BOUND, text=True
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the restore of {directory} hung (still running after {BOUND:g} s)")
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["vmstate.bin", "memory.bin"])
+def test_a_fifo_in_place_of_a_snapshot_file_fails_promptly(diff: Path, name: str) -> None:
+    full = diff.parent / "base"
+    (full / name).unlink()
+    os.mkfifo(full / name)
+    assert "it is a FIFO, not a regular file" in _restore_in_child(full)
+
+
+def test_a_fifo_in_place_of_the_base_memory_fails_promptly(diff: Path) -> None:
+    base_memory = diff.parent / "base" / "memory.bin"
+    base_memory.unlink()
+    os.mkfifo(base_memory)
+    assert "it is a FIFO, not a regular file" in _restore_in_child(diff)
+
+
+def test_an_oversize_state_file_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    with open(snap / "vmstate.bin", "wb") as f:
+        f.truncate(1 << 40)  # sparse: reading it would take a terabyte of memory
+    code = (
+        "import sys\nfrom supermachine import _core\n"
+        "try:\n    _core.snapshot_info(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(snap)], capture_output=True, timeout=BOUND, text=True
+    )
+    assert done.stdout.strip() == (
+        f"snapshot {snap / 'vmstate.bin'} is {1 << 40} bytes, "
+        f"more than the {16 << 20} bytes a VM state can have"
+    )
+
+
+def test_a_huge_console_capacity_is_capped(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.COUNTER)
+    vm.snapshot(str(tmp_path / "snap"))
+    vm.stop()
+
+    def rewrite(s: bytes) -> bytes:
+        m = _parse_machine(s)
+        return _machine(m["memory_size"], m["vcpus"], m["cmdline"], 1 << 62, m["disks"], m["vsock"])
+
+    _edit(tmp_path / "snap" / "vmstate.bin", SECTION_MACHINE, rewrite)
+    clone = vms.restore(tmp_path / "snap")
+    assert clone.console_capacity == 64 << 20
+
+
+def test_a_vcpu_count_that_disagrees_with_the_state_is_refused(vms: Any, tmp_path: Path) -> None:
+    vm = vms.start(g.COUNTER)
+    vm.snapshot(str(tmp_path / "snap"))
+    vm.stop()
+
+    def rewrite(s: bytes) -> bytes:
+        m = _parse_machine(s)
+        return _machine(m["memory_size"], 4, m["cmdline"], m["console"], m["disks"], m["vsock"])
+
+    _edit(tmp_path / "snap" / "vmstate.bin", SECTION_MACHINE, rewrite)
+    assert "it names 4 vCPUs but holds the state of 1" in _restore_error(tmp_path / "snap")
+
+
+# -- metadata.json: Vm.restore checks it against the state and opens none of its paths ---------------
+
+
+def _describe(directory: Path, **changes: Any) -> None:
+    missing = FileIdentity("/nonexistent/vmlinux", "sha256:" + "0" * 64)
+    meta = metadata.describe(
+        directory,
+        image=ImageIdentity("rootfs:none", "none"),
+        memory_mib=16,
+        vcpus=1,
+        kernel=missing,
+        agent=missing,
+    )
+    metadata.save(directory, replace(meta, **changes))
+
+
+@pytest.mark.parametrize(
+    ("base", "rule"),
+    [
+        ("/abs/golden", "an absolute path; a diff's base must be a sibling snapshot in the same store"),
+        ("../../x", "not a single directory name; a diff's base must be a sibling snapshot"),
+        ("a/b", "not a single directory name"),
+        ("..", "not a single directory name"),
+        ("other", "metadata names the base 'other', but the VM state '../base'"),
+    ],
+)
+def test_a_metadata_base_outside_the_store_is_refused(kvm: None, diff: Path, base: str, rule: str) -> None:
+    _describe(diff, base=base, base_blake3="blake3:" + "0" * 64)
+    with pytest.raises(SnapshotError) as e:
+        Vm.restore(diff, boot_timeout=1)
+    assert rule in str(e.value)
+
+
+def test_metadata_vcpus_must_match_the_state(kvm: None, diff: Path) -> None:
+    full = diff.parent / "base"
+    _describe(full, vcpus=2)
+    with pytest.raises(SnapshotError, match="metadata says 2 vCPUs, the VM state 1"):
+        Vm.restore(full, boot_timeout=1)
+
+
+def test_extra_disks_must_be_given_by_the_caller(vms: Any, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(4096))
+    vm = vms.start(g.COUNTER, disks=[str(disk)])
+    vm.snapshot(str(tmp_path / "snap"))
+    vm.stop()
+    _describe(tmp_path / "snap")
+    with pytest.raises(
+        SnapshotError, match=r"has 1 disks, but 0 were given \(disks=\): pass the snapshot's extra"
+    ):
+        Vm.restore(tmp_path / "snap", boot_timeout=1)
