@@ -52,10 +52,13 @@ def snapshots(vm: Vm, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
 
 
 def test_mem_dedup_compares_full_ram_of_full_and_diff_snapshots(
-    snapshots: tuple[Path, Path], tmp_path: Path
+    snapshots: tuple[Path, Path], rootfs: Path, tmp_path: Path
 ) -> None:
     golden, child = snapshots
-    proc = run_cli("probe", "mem-dedup", str(golden), str(child), "--json", tmpdir=tmp_path / "tmp")
+    # The VM booted on a bare root filesystem: a restore in another process must be given it (the
+    # path a snapshot records is never opened).
+    args = ["probe", "mem-dedup", str(golden), str(child), "--rootfs", str(rootfs), "--json"]
+    proc = run_cli(*args, tmpdir=tmp_path / "tmp")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     rows = report["rows"]
@@ -85,10 +88,10 @@ def test_mem_dedup_compares_full_ram_of_full_and_diff_snapshots(
     assert list((tmp_path / "tmp").iterdir()) == [], "the temporary full snapshots were left behind"
 
 
-def test_mem_dedup_table_and_plot(snapshots: tuple[Path, Path], tmp_path: Path) -> None:
+def test_mem_dedup_table_and_plot(snapshots: tuple[Path, Path], rootfs: Path, tmp_path: Path) -> None:
     golden, child = snapshots
     png = tmp_path / "mem-dedup.png"
-    proc = run_cli("probe", "mem-dedup", str(golden), str(child), "--plot", str(png))
+    proc = run_cli("probe", "mem-dedup", str(golden), str(child), "--rootfs", str(rootfs), "--plot", str(png))
     assert proc.returncode == 0, proc.stderr
     # Long paths fold inside their table cell, so look for the short parts.
     assert "(golden)" in proc.stdout
@@ -104,6 +107,12 @@ def test_mem_dedup_bad_input_is_one_line(snapshots: tuple[Path, Path], tmp_path:
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: {tmp_path / 'metadata.json'}: missing (not a snapshot directory?)"
     assert proc.stdout == ""
+
+    # Without the root filesystem a bare-rootfs snapshot cannot be restored elsewhere: one line.
+    proc = run_cli("probe", "mem-dedup", str(golden), "--no-sibling")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "rootfs" in lines[0], proc.stderr
 
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()

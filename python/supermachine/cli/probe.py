@@ -181,6 +181,12 @@ def page_overlap_cmd(files: tuple[Path, ...], algo: str, threads: int | None, as
 @click.option("--threads", type=click.IntRange(min=1), help="Hashing threads [default: one per core].")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png", help=PLOT_HELP)
+@click.option(
+    "--rootfs",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="SQUASHFS",
+    help="Root filesystem of snapshots of VMs booted on a bare root filesystem (OCI images need none).",
+)
 def mem_dedup_cmd(
     snapshot_dirs: tuple[Path, ...],
     algo: str,
@@ -188,6 +194,7 @@ def mem_dedup_cmd(
     threads: int | None,
     as_json: bool,
     plot: Path | None,
+    rootfs: Path | None,
 ) -> None:
     """RAM shared between VM snapshots, by their full logical RAM. The first SNAP_DIR is the golden.
 
@@ -204,6 +211,7 @@ def mem_dedup_cmd(
             sibling=not no_sibling,
             threads=threads,
             step=step,
+            rootfs=rootfs,
         )
     if plot is not None:
         _save_figure(_mem_dedup_figure(report), plot)

@@ -117,10 +117,15 @@ def measure(
     threads: int | None = None,
     workdir: Path | None = None,
     step: StepCallback | None = None,
+    rootfs: Path | None = None,
 ) -> MemDedupReport:
     """Restores each snapshot, writes its full RAM to a temporary directory (under ``workdir``,
     default ``$TMPDIR``), adds the sibling of the first unless ``sibling`` is false, and compares
-    the RAM files with the first as the golden. The temporary files are removed in every case."""
+    the RAM files with the first as the golden. The temporary files are removed in every case.
+
+    ``rootfs`` is the root filesystem image of snapshots taken of VMs booted on a bare root
+    filesystem (a restore never opens the path a snapshot records); snapshots of OCI images find
+    theirs in the image cache."""
     if not snapshot_dirs:
         raise InputError("no snapshot directories given")
     sources = [open_source(Path(d)) for d in snapshot_dirs]  # fail before any slow work
@@ -130,12 +135,14 @@ def measure(
         seconds: list[float] = []
         for i, source in enumerate(sources):
             notify(f"restoring {source.path.name} and writing its full RAM")
-            ram, restore_seconds = full_ram(source.path, Path(tmp) / str(i))
+            ram, restore_seconds = full_ram(source.path, Path(tmp) / str(i), rootfs=rootfs)
             rams.append(ram)
             seconds.append(restore_seconds)
         if sibling:
             notify(f"restoring a sibling of {sources[0].path.name}")
-            ram, restore_seconds = full_ram(sources[0].path, Path(tmp) / "sibling", SIBLING_COMMAND)
+            ram, restore_seconds = full_ram(
+                sources[0].path, Path(tmp) / "sibling", SIBLING_COMMAND, rootfs=rootfs
+            )
             rams.append(ram)
             seconds.append(restore_seconds)
         notify("hashing and comparing pages")
@@ -143,12 +150,18 @@ def measure(
     return _report(sources, seconds, overlap)
 
 
-def full_ram(snapshot_dir: Path, target: Path, command: Sequence[str] | None = None) -> tuple[Path, float]:
-    """Restores ``snapshot_dir``, runs ``command`` in it if given, writes a full snapshot to
-    ``target`` and stops the VM. Returns the full RAM file and the restore time."""
+def full_ram(
+    snapshot_dir: Path,
+    target: Path,
+    command: Sequence[str] | None = None,
+    *,
+    rootfs: Path | None = None,
+) -> tuple[Path, float]:
+    """Restores ``snapshot_dir`` (on ``rootfs`` if given), runs ``command`` in it if given, writes a
+    full snapshot to ``target`` and stops the VM. Returns the full RAM file and the restore time."""
     from supermachine.vm import Vm
 
-    with Vm.restore(snapshot_dir) as vm:
+    with Vm.restore(snapshot_dir, rootfs=rootfs) as vm:
         if command is not None:
             vm.exec(list(command), timeout=COMMAND_TIMEOUT, check=True)
         # base=None: a full RAM image whatever goldens sit beside the target.
