@@ -265,13 +265,13 @@ class Vm:
 
         directory = Path(snapshot_dir)
         meta = metadata.load(directory)
-        verify.check_ram(directory, meta)
         saved = meta.run or metadata.RunDefaults()
         info = _snapshot_info(directory)
         attach.check_state_matches(directory, meta, info)
         root = attach.snapshot_rootfs(directory, meta, rootfs)
         attached = attach.restore_disks(directory, root, disks, info)
         base_dir = attach.base_override(directory, meta, info, base)
+        verify.check_ram(directory, meta, base_dir)
         check_kvm()
         started = time.monotonic()
         config = VmConfig(

@@ -140,6 +140,29 @@ def restore_disks(
     return wanted
 
 
+_SIBLING_RULE = (
+    "a diff's base must be a sibling snapshot in the same store, named by one directory name "
+    "(pass base= to name another)"
+)
+
+
+def sibling_base(directory: Path, name: str) -> Path:
+    """The base directory a snapshot's metadata names: ``name`` must be one directory name, a
+    sibling of ``directory`` that is not a symlink. Raises :class:`SnapshotError` naming the rule."""
+    if os.path.isabs(name):
+        raise SnapshotError(
+            f"{directory}: metadata names the base {name!r}, an absolute path; {_SIBLING_RULE}"
+        )
+    if "/" in name or name in ("", ".", "..") or "\0" in name:
+        raise SnapshotError(
+            f"{directory}: metadata names the base {name!r}, not a single directory name; {_SIBLING_RULE}"
+        )
+    path = directory.parent / name
+    if path.is_symlink():
+        raise SnapshotError(f"{directory}: the base {name!r} is a symlink; {_SIBLING_RULE}")
+    return path
+
+
 def base_override(
     directory: Path, meta: SnapshotMetadata, info: _core.SnapshotInfo, given: str | os.PathLike[str] | None
 ) -> str | None:
@@ -150,20 +173,18 @@ def base_override(
     if meta.base is None:
         return None
     name = meta.base
-    rule = (
-        "a diff's base must be a sibling snapshot in the same store, named by one directory name "
-        "(pass base= to name another)"
-    )
-    if os.path.isabs(name):
-        raise SnapshotError(f"{directory}: metadata names the base {name!r}, an absolute path; {rule}")
-    if "/" in name or name in (".", "..") or "\0" in name:
-        raise SnapshotError(
-            f"{directory}: metadata names the base {name!r}, not a single directory name; {rule}"
-        )
+    sibling_base(directory, name)
     recorded = info["base"]["path"] if info["base"] is not None else None
     if recorded != f"../{name}":
         raise SnapshotError(f"{directory}: metadata names the base {name!r}, but the VM state {recorded!r}")
     return None
 
 
-__all__ = ["base_override", "check_state_matches", "restore_disks", "snapshot_rootfs", "vouch_for_rootfs"]
+__all__ = [
+    "base_override",
+    "check_state_matches",
+    "restore_disks",
+    "sibling_base",
+    "snapshot_rootfs",
+    "vouch_for_rootfs",
+]

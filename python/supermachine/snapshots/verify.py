@@ -181,23 +181,35 @@ def check_file(path: str | os.PathLike[str], size: int, digest: str) -> None:
         record(hashed.stamp, hashed.digest, ram)
 
 
-def check_ram(snapshot_dir: str | os.PathLike[str], meta: SnapshotMetadata) -> None:
+def check_ram(
+    snapshot_dir: str | os.PathLike[str],
+    meta: SnapshotMetadata,
+    base: str | os.PathLike[str] | None = None,
+) -> None:
     """Raise :class:`SnapshotError` (one line) unless the RAM file of the snapshot in
     ``snapshot_dir`` (described by ``meta``) and, for a diff, of every base under it match their
-    metadata, and each base is the one its diff was taken against (same content hash)."""
+    metadata, and each base is the one its diff was taken against (same content hash).
+
+    ``base`` is the caller's choice of the first base; every other base is the sibling its diff's
+    metadata names (never an absolute path, ``..`` or a symlink: see :func:`attach.sibling_base`)."""
+    from supermachine.snapshots import attach
+
     directory, current = Path(snapshot_dir), meta
-    for _ in range(MAX_BASE_CHAIN + 1):
+    for level in range(MAX_BASE_CHAIN + 1):
         check_file(directory / metadata.MEMORY_FILE, current.ram_size, current.ram_blake3)
         if current.base is None:
             return
-        base_dir = metadata.base_directory(directory, current.base)
-        base = metadata.load(base_dir)
-        if base.ram_blake3 != current.base_blake3:
+        if level == 0 and base is not None:
+            base_dir = Path(base)
+        else:
+            base_dir = attach.sibling_base(directory, current.base)
+        base_meta = metadata.load(base_dir)
+        if base_meta.ram_blake3 != current.base_blake3:
             raise SnapshotError(
                 f"{base_dir}: this base's RAM is not the one {directory} was taken against"
                 " (the base changed since)"
             )
-        directory, current = base_dir, base
+        directory, current = base_dir, base_meta
     raise SnapshotError(f"{snapshot_dir}: the chain of bases is deeper than {MAX_BASE_CHAIN} snapshots")
 
 
