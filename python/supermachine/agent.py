@@ -401,20 +401,27 @@ class AgentClient:
         user: str | int | None = None,
         stdin: bool = False,
         timeout: float | None = None,
+        keep_background: bool = False,
+        pids_max: int | None = None,
     ) -> Process:
         """Starts a process and returns as soon as it runs.
 
         ``env`` replaces the whole environment (default: ``PATH`` and ``HOME``); ``cwd`` defaults to
         ``/``; ``user`` is ``name``, ``uid``, ``name:group`` or ``uid:gid`` (default: the agent's
         own, root in a VM); with ``stdin`` false the process reads ``/dev/null``. After ``timeout``
-        seconds the agent kills the process group and reports ``timed_out``. Raises
-        :class:`AgentRequestError` when the process cannot be started (command not found, ...).
+        seconds the agent kills the process group and reports ``timed_out``. When the process exits
+        the agent kills every process it left behind unless ``keep_background``; ``pids_max`` bounds
+        its process tree (agent default 1024, 0: no limit of its own). A program that is not found
+        or not executable exits with status 127 or 126 (and a line on stderr); other start failures
+        (bad ``cwd``, unknown ``user``) raise :class:`AgentRequestError`.
         """
         self._begin()
         if not argv:
             raise AgentError("exec needs a non-empty argv")
         if timeout is not None and timeout <= 0:
             raise AgentError(f"timeout must be positive, got {timeout}")
+        if pids_max is not None and pids_max < 0:
+            raise AgentError(f"pids_max must not be negative, got {pids_max}")
         env_list = None if env is None else [f"{k}={v}".encode() for k, v in env.items()]
         payload = _encode(
             [
@@ -424,6 +431,8 @@ class AgentClient:
                 (4, None if user is None else str(user).encode()),
                 (5, int(stdin)),
                 (6, None if timeout is None else max(1, round(timeout * 1000))),
+                (7, int(keep_background) if keep_background else None),
+                (8, pids_max),
             ]
         )
         self._send(EXEC, payload)
@@ -442,13 +451,24 @@ class AgentClient:
         user: str | int | None = None,
         input: bytes | None = None,
         timeout: float | None = None,
+        keep_background: bool = False,
+        pids_max: int | None = None,
     ) -> ExecResult:
         """Runs a process to completion and returns its output and exit (see :meth:`spawn`).
 
         ``input`` is written to its stdin (then closed) while its output is read. A timeout is
         reported in the result (``timed_out``), not raised.
         """
-        process = self.spawn(argv, env=env, cwd=cwd, user=user, stdin=input is not None, timeout=timeout)
+        process = self.spawn(
+            argv,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=input is not None,
+            timeout=timeout,
+            keep_background=keep_background,
+            pids_max=pids_max,
+        )
         if input is None:
             return process.wait()
         stop = threading.Event()

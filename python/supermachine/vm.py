@@ -470,13 +470,17 @@ class Vm:
         input: bytes | None = None,
         timeout: float | None = None,
         check: bool = False,
+        keep_background: bool = False,
+        pids_max: int | None = None,
     ) -> ExecResult:
         """Runs ``argv`` in the guest to completion.
 
         ``env`` replaces the environment (default: the config's ``env`` plus ``PATH``/``HOME``).
         A timeout kills the command's process group and is reported as ``timed_out``; with
         ``check`` it raises :class:`ExecTimeoutError`, and a non-zero exit raises
-        :class:`CommandFailedError`.
+        :class:`CommandFailedError`. Processes the command leaves behind are killed when it exits
+        unless ``keep_background``; ``pids_max`` bounds its process tree (see
+        :meth:`AgentClient.spawn`).
         """
         with self._client() as client:
             result = client.exec(
@@ -486,6 +490,8 @@ class Vm:
                 user=user if user is not None else self.config.user,
                 input=input,
                 timeout=timeout,
+                keep_background=keep_background,
+                pids_max=pids_max,
             )
         if check:
             shown = " ".join(os.fsdecode(a) for a in argv)
@@ -504,6 +510,8 @@ class Vm:
         user: str | int | None = None,
         stdin: bool = False,
         timeout: float | None = None,
+        keep_background: bool = False,
+        pids_max: int | None = None,
     ) -> Process:
         """Starts ``argv`` and returns a :class:`Process` that streams its output as it comes."""
         client = self._client()
@@ -515,6 +523,8 @@ class Vm:
                 user=user if user is not None else self.config.user,
                 stdin=stdin,
                 timeout=timeout,
+                keep_background=keep_background,
+                pids_max=pids_max,
             )
         except BaseException:
             client.close()
