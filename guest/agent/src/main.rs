@@ -14,6 +14,8 @@ mod files;
 mod init;
 mod power;
 mod proto;
+#[cfg(test)]
+mod proto_fuzz;
 mod reaper;
 mod spawn;
 mod sync;
