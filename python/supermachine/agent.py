@@ -639,6 +639,8 @@ class AgentClient:
         timeout: float | None = None,
         *,
         deadline: float | None = None,
+        keep_background: bool = False,
+        pids_max: int | None = None,
     ) -> Process:
         """Starts a process and returns as soon as it runs.
 
@@ -647,14 +649,19 @@ class AgentClient:
         own, root in a VM); with ``stdin`` false the process reads ``/dev/null``. After ``timeout``
         seconds the agent kills the process group and reports ``timed_out``; the host waits for
         that report until ``timeout`` + :data:`EXEC_GRACE` from now, or until ``deadline`` (a
-        :func:`time.monotonic` value) if given, then raises :class:`AgentTimeoutError`. Raises
-        :class:`AgentRequestError` when the process cannot be started (command not found, ...).
+        :func:`time.monotonic` value) if given, then raises :class:`AgentTimeoutError`. When the
+        process exits the agent kills every process it left behind unless ``keep_background``;
+        ``pids_max`` bounds its process tree (agent default 1024, 0: no limit of its own). A program
+        that is not found or not executable exits with status 127 or 126 (and a line on stderr);
+        other start failures (bad ``cwd``, unknown ``user``) raise :class:`AgentRequestError`.
         """
         self._begin()
         if not argv:
             raise AgentError("exec needs a non-empty argv")
         if timeout is not None and timeout <= 0:
             raise AgentError(f"timeout must be positive, got {timeout}")
+        if pids_max is not None and pids_max < 0:
+            raise AgentError(f"pids_max must not be negative, got {pids_max}")
         shown = _shown(argv)
         end: _Deadline | None = None
         waiting = None
@@ -673,6 +680,8 @@ class AgentClient:
                 (4, None if user is None else str(user).encode()),
                 (5, int(stdin)),
                 (6, None if timeout is None else max(1, round(timeout * 1000))),
+                (7, int(keep_background) if keep_background else None),
+                (8, pids_max),
             ]
         )
         start = _Deadline.after(self.request_timeout).earliest(end)
@@ -695,6 +704,8 @@ class AgentClient:
         *,
         max_output: int | None = MAX_OUTPUT,
         deadline: float | None = None,
+        keep_background: bool = False,
+        pids_max: int | None = None,
     ) -> ExecResult:
         """Runs a process to completion and returns its output and exit (see :meth:`spawn`).
 
@@ -705,7 +716,15 @@ class AgentClient:
         is killed and :class:`OutputLimitError` raised, holding the output up to the limit.
         """
         process = self.spawn(
-            argv, env=env, cwd=cwd, user=user, stdin=input is not None, timeout=timeout, deadline=deadline
+            argv,
+            env=env,
+            cwd=cwd,
+            user=user,
+            stdin=input is not None,
+            timeout=timeout,
+            deadline=deadline,
+            keep_background=keep_background,
+            pids_max=pids_max,
         )
         if input is None:
             return process.wait(max_output)

@@ -491,6 +491,8 @@ class Vm:
         timeout: float | None = None,
         check: bool = False,
         max_output: int | None = agent.MAX_OUTPUT,
+        keep_background: bool = False,
+        pids_max: int | None = None,
     ) -> ExecResult:
         """Runs ``argv`` in the guest to completion.
 
@@ -506,6 +508,8 @@ class Vm:
         for a guest that stops answering). Each of stdout and stderr keeps at most ``max_output``
         bytes (``None``: no limit); past it the command is killed and :class:`OutputLimitError`
         raised.
+        Processes the command leaves behind are killed when it exits unless ``keep_background``;
+        ``pids_max`` bounds its process tree (see :meth:`AgentClient.spawn`).
         """
         deadline = None if timeout is None else time.monotonic() + timeout + agent.EXEC_GRACE
         with self._client(_connect_timeout(deadline)) as client:
@@ -518,6 +522,8 @@ class Vm:
                 timeout=timeout,
                 max_output=max_output,
                 deadline=deadline,
+                keep_background=keep_background,
+                pids_max=pids_max,
             )
         if check:
             shown = " ".join(os.fsdecode(a) for a in argv)
@@ -537,6 +543,8 @@ class Vm:
         user: str | int | None = None,
         stdin: bool = False,
         timeout: float | None = None,
+        keep_background: bool = False,
+        pids_max: int | None = None,
     ) -> Process:
         """Starts ``argv`` and returns a :class:`Process` that streams its output as it comes
         (without a size limit). ``env``, ``replace_env``, ``timeout``: as for :meth:`exec`."""
@@ -551,6 +559,8 @@ class Vm:
                 stdin=stdin,
                 timeout=timeout,
                 deadline=deadline,
+                keep_background=keep_background,
+                pids_max=pids_max,
             )
         except BaseException:
             client.close()

@@ -131,19 +131,37 @@ def test_missing_cwd_is_a_request_error(client: AgentClient) -> None:
     assert client.ping()
 
 
-def test_command_not_found(client: AgentClient, tmp_path: Path) -> None:
-    with pytest.raises(AgentRequestError, match="command not found") as info:
-        client.exec(["definitely-not-a-command-xyz"])
-    assert info.value.kind == "exec"
-    assert "\n" not in str(info.value)
-    with pytest.raises(AgentRequestError, match=r"^exec /nonexistent/tool: No such file or directory$"):
-        client.exec(["/nonexistent/tool"])
+def test_command_not_found_exits_127(client: AgentClient) -> None:
+    result = client.exec(["definitely-not-a-command-xyz", "arg"])
+    assert (result.status, result.signal, result.timed_out) == (127, None, False)
+    assert result.returncode == 127
+    assert result.stderr == b"exec: definitely-not-a-command-xyz: not found\n"
+    assert result.stdout == b""
+    missing = client.exec(["/nonexistent/tool"])
+    assert (missing.returncode, missing.stderr) == (127, b"exec: /nonexistent/tool: not found\n")
+    assert client.exec(["true"]).status == 0
+
+
+def test_not_executable_exits_126(client: AgentClient, tmp_path: Path) -> None:
     not_executable = tmp_path / "data.txt"
     not_executable.write_text("data\n")
     not_executable.chmod(0o644)
-    with pytest.raises(AgentRequestError, match=r"^exec .*/data.txt: Permission denied$"):
-        client.exec([str(not_executable)])
+    result = client.exec([str(not_executable)])
+    assert result.returncode == 126
+    assert result.stderr == f"exec: {not_executable}: Permission denied\n".encode()
+    # Found in PATH but not executable: the path that was refused is named.
+    found = client.exec(["data.txt"], env={"PATH": str(tmp_path)})
+    assert (found.returncode, found.stderr) == (126, f"exec: {not_executable}: Permission denied\n".encode())
+    directory = client.exec([str(tmp_path)])
+    assert directory.returncode == 126
     assert client.exec(["true"]).status == 0
+
+
+def test_spawn_reports_a_missing_command_as_its_exit(client: AgentClient) -> None:
+    process = client.spawn(["definitely-not-a-command-xyz"])
+    result = process.wait()
+    assert result.returncode == 127
+    assert client.ping()
 
 
 def test_run_as_nobody(client: AgentClient) -> None:
@@ -180,9 +198,36 @@ def test_timeout_kills_the_process_group(client: AgentClient, tmp_path: Path) ->
 
 def test_exit_waits_for_output_but_not_for_lingering_background_children(client: AgentClient) -> None:
     started = time.monotonic()
-    result = client.exec(["sh", "-c", "sleep 3 & echo done"])
+    result = client.exec(["sh", "-c", "sleep 3 & echo done"], keep_background=True)
     assert result.stdout == b"done\n"
     assert time.monotonic() - started < 2
+
+
+def test_background_processes_end_with_the_exec(client: AgentClient, tmp_path: Path) -> None:
+    pidfile = tmp_path / "bg.pid"
+    result = client.exec(["sh", "-c", f"sleep 1000 >/dev/null 2>&1 & echo $! > {pidfile}"])
+    assert result.status == 0
+    assert _gone(int(pidfile.read_text())), "the background process outlived its exec"
+
+
+def test_keep_background_keeps_them(client: AgentClient, tmp_path: Path) -> None:
+    pidfile = tmp_path / "bg.pid"
+    result = client.exec(
+        ["sh", "-c", f"sleep 1000 >/dev/null 2>&1 & echo $! > {pidfile}"], keep_background=True
+    )
+    assert result.status == 0
+    pid = int(pidfile.read_text())
+    try:
+        assert not _gone(pid, within=0.5), "keep_background did not keep the background process"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_pids_max_is_validated(client: AgentClient) -> None:
+    with pytest.raises(AgentError, match="pids_max must not be negative"):
+        client.exec(["true"], pids_max=-1)
+    # Outside a VM there are no cgroups: the limit is accepted and has no effect.
+    assert client.exec(["true"], pids_max=5).status == 0
 
 
 def test_spawn_streams_output_as_it_arrives(client: AgentClient) -> None:

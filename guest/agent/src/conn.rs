@@ -59,6 +59,7 @@ pub const PONG_VERSION: u8 = 1;
 pub const PONG_PROTOCOL: u8 = 2;
 pub const PONG_PID: u8 = 3;
 pub const SHUTDOWN_ACTION: u8 = 1;
+pub const SHUTDOWN_SCHEMA: &[(u8, u8)] = &[(SHUTDOWN_ACTION, proto::BYTES)];
 
 /// How long a new connection may take to send its hello before the agent closes it, so that clients
 /// which connect and never speak do not hold a thread each forever.
@@ -124,7 +125,7 @@ fn run(conn: &mut Conn, ctx: &'static Context) -> Result<(), End> {
                 proto::send(conn.fd(), kind::PONG, &payload)?;
             }
             kind::SHUTDOWN => {
-                let fields = Conn::decode(&frame, &[(SHUTDOWN_ACTION, proto::BYTES)])?;
+                let fields = Conn::decode(&frame, SHUTDOWN_SCHEMA)?;
                 let action = match fields.bytes(SHUTDOWN_ACTION).unwrap_or(b"poweroff") {
                     b"poweroff" => power::Action::PowerOff,
                     b"reboot" => power::Action::Reboot,

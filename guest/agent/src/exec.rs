@@ -4,6 +4,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::cgroup::{self, ExecGroup};
 use crate::conn::{Conn, End};
 use crate::proto::{self, kind, Encoder, Fields, Frame, BYTES, CHUNK, HEADER, LIST, UINT};
 use crate::spawn::{self, Spec};
@@ -15,6 +16,8 @@ pub const CWD: u8 = 3;
 pub const USER: u8 = 4;
 pub const STDIN: u8 = 5;
 pub const TIMEOUT_MS: u8 = 6;
+pub const KEEP_BACKGROUND: u8 = 7;
+pub const PIDS_MAX: u8 = 8;
 
 pub const STARTED_PID: u8 = 1;
 pub const EXIT_STATUS: u8 = 1;
@@ -22,6 +25,7 @@ pub const EXIT_SIGNAL: u8 = 2;
 pub const EXIT_TIMED_OUT: u8 = 3;
 pub const EXIT_DURATION_MS: u8 = 4;
 pub const SIGNAL_NUMBER: u8 = 1;
+pub const SIGNAL_SCHEMA: &[(u8, u8)] = &[(SIGNAL_NUMBER, UINT)];
 
 pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Stop reading the socket while this much stdin is waiting for the process (back-pressure).
@@ -29,17 +33,30 @@ const STDIN_BACKLOG: usize = 1 << 20;
 /// How long output pipes may stay open after the process exited (a background child holding them).
 const LINGER: Duration = Duration::from_millis(100);
 
-const SCHEMA: &[(u8, u8)] = &[
+pub const SCHEMA: &[(u8, u8)] = &[
     (ARGV, LIST),
     (ENV, LIST),
     (CWD, BYTES),
     (USER, BYTES),
     (STDIN, UINT),
     (TIMEOUT_MS, UINT),
+    (KEEP_BACKGROUND, UINT),
+    (PIDS_MAX, UINT),
 ];
 
+/// An exec request, checked and converted for `spawn`.
+pub struct Request {
+    pub spec: Spec,
+    pub want_stdin: bool,
+    pub timeout: Option<Duration>,
+    /// Leave the processes the program started running when it exits (not after a timeout).
+    pub keep_background: bool,
+    /// `pids.max` of the exec's cgroup; 0: no limit of its own.
+    pub pids_max: u64,
+}
+
 /// What a request asks for, checked and converted for `spawn`. `Err` is a one-line request error.
-fn prepare(fields: &Fields<'_>) -> Result<(Spec, bool, Option<Duration>), String> {
+pub fn prepare(fields: &Fields<'_>) -> Result<Request, String> {
     let argv = fields.list(ARGV).unwrap_or(&[]);
     if argv.is_empty() || argv[0].is_empty() {
         return Err("exec needs a non-empty argv".into());
@@ -95,17 +112,53 @@ fn prepare(fields: &Fields<'_>) -> Result<(Spec, bool, Option<Duration>), String
         stdin: -1,
         stdout: -1,
         stderr: -1,
+        cgroup_procs: -1,
     };
-    Ok((spec, fields.uint(STDIN).unwrap_or(0) != 0, timeout))
+    Ok(Request {
+        spec,
+        want_stdin: fields.uint(STDIN).unwrap_or(0) != 0,
+        timeout,
+        keep_background: fields.uint(KEEP_BACKGROUND).unwrap_or(0) != 0,
+        pids_max: fields.uint(PIDS_MAX).unwrap_or(cgroup::DEFAULT_PIDS_MAX),
+    })
+}
+
+/// Reports a program that could not be executed the way a shell does: `started`, one line on
+/// stderr and exit status 127 (not found) or 126 (not executable), so callers see the status.
+fn report_exec_failure(
+    conn: &Conn,
+    pid: libc::pid_t,
+    failure: &spawn::Failure,
+    spec: &Spec,
+    started: Instant,
+) -> Result<(), End> {
+    let (status, line) = failure.exec_failure(spec);
+    let payload = Encoder::new().uint(STARTED_PID, pid as u64).finish();
+    proto::send(conn.fd(), kind::STARTED, &payload)?;
+    proto::send(conn.fd(), kind::STDERR, format!("{line}\n").as_bytes())?;
+    let payload = Encoder::new()
+        .uint(EXIT_STATUS, status as u64)
+        .uint(EXIT_TIMED_OUT, 0)
+        .uint(EXIT_DURATION_MS, started.elapsed().as_millis() as u64)
+        .finish();
+    proto::send(conn.fd(), kind::EXIT, &payload)?;
+    Ok(())
 }
 
 pub fn run(conn: &mut Conn, frame: &Frame, ctx: &Context) -> Result<(), End> {
     let fields = Conn::decode(frame, SCHEMA)?;
-    let (mut spec, want_stdin, timeout) = match prepare(&fields) {
+    let request = match prepare(&fields) {
         Ok(prepared) => prepared,
         Err(message) => return conn.reply_error("request", None, &message),
     };
     drop(fields);
+    let Request {
+        mut spec,
+        want_stdin,
+        timeout,
+        keep_background,
+        pids_max,
+    } = request;
 
     let pipes = (|| -> std::io::Result<_> {
         let stdin = if want_stdin || ctx.devnull.is_none() {
@@ -136,6 +189,8 @@ pub fn run(conn: &mut Conn, frame: &Frame, ctx: &Context) -> Result<(), End> {
     };
     spec.stdout = out_w.as_raw_fd();
     spec.stderr = err_w.as_raw_fd();
+    let group = ExecGroup::create(pids_max);
+    spec.cgroup_procs = group.as_ref().map_or(-1, ExecGroup::procs_fd);
 
     let started = Instant::now();
     let result = spawn::spawn(&spec, &mut conn.stack);
@@ -144,12 +199,13 @@ pub fn run(conn: &mut Conn, frame: &Frame, ctx: &Context) -> Result<(), End> {
     let (pid, pidfd) = match result {
         Ok(started) => started,
         Err(failure) => {
-            let what = if failure.stage == spawn::Stage::Exec {
-                "exec"
-            } else {
-                "os"
-            };
-            return conn.reply_error(what, Some(failure.errno), &failure.message(&spec));
+            if let Some(group) = group {
+                group.finish(false);
+            }
+            if failure.stage == spawn::Stage::Exec {
+                return report_exec_failure(conn, failure.pid, &failure, &spec, started);
+            }
+            return conn.reply_error("os", Some(failure.errno), &failure.message(&spec));
         }
     };
     if let Some(w) = &stdin_w {
@@ -173,11 +229,18 @@ pub fn run(conn: &mut Conn, frame: &Frame, ctx: &Context) -> Result<(), End> {
         timed_out: false,
         connected: true,
         violation: None,
+        group,
+        keep_background,
     };
     if proto::send(conn.fd(), kind::STARTED, &payload).is_err() {
         running.disconnect();
     }
-    running.relay(conn)?;
+    let relayed = running.relay(conn);
+    if let Some(group) = running.group.take() {
+        // A timeout or a vanished client ends the whole tree, whatever the request said.
+        group.finish(running.keep_background && !running.timed_out && running.connected);
+    }
+    relayed?;
     let status = running.status.unwrap_or(0);
     let duration = running.exited_at.unwrap_or_else(Instant::now) - started;
     if let Some(message) = running.violation {
@@ -217,6 +280,9 @@ struct Running {
     connected: bool,
     /// A protocol violation seen while the process ran: reported once it is gone.
     violation: Option<String>,
+    /// The exec's cgroup, where the kernel has them (see `cgroup`).
+    group: Option<ExecGroup>,
+    keep_background: bool,
 }
 
 fn ms_until(when: Instant, now: Instant) -> libc::c_int {
@@ -230,8 +296,18 @@ impl Running {
     fn disconnect(&mut self) {
         if self.connected {
             self.connected = false;
-            self.kill(libc::SIGKILL);
+            self.kill_tree();
         }
+    }
+
+    /// SIGKILL to everything the exec started: its cgroup, and its process group (all there is
+    /// to kill without cgroups). Safe after the process has exited: `kill_group_only` never falls
+    /// back to a single pid that may have been reused.
+    fn kill_tree(&self) {
+        if let Some(group) = &self.group {
+            group.kill();
+        }
+        sys::kill_group_only(self.pid, libc::SIGKILL);
     }
 
     fn kill(&self, sig: libc::c_int) {
@@ -271,7 +347,7 @@ impl Running {
                     }
                 }
                 kind::STDIN_CLOSE => self.stdin_closing = true,
-                kind::SIGNAL => match Fields::decode(&frame.payload, &[(SIGNAL_NUMBER, UINT)]) {
+                kind::SIGNAL => match Fields::decode(&frame.payload, SIGNAL_SCHEMA) {
                     Ok(f) => match f.uint(SIGNAL_NUMBER) {
                         Some(sig) if (1..=64).contains(&sig) => self.kill(sig as libc::c_int),
                         _ => {
@@ -344,6 +420,7 @@ impl Running {
                 if now >= deadline && !self.timed_out {
                     self.timed_out = true;
                     self.kill(libc::SIGKILL);
+                    self.kill_tree();
                 }
             }
 
@@ -408,6 +485,9 @@ impl Running {
                 self.status = Some(crate::reaper::get().wait(self.pid));
                 self.exited_at = Some(Instant::now());
                 self.stop_stdin();
+                if !self.keep_background {
+                    self.kill_tree();
+                }
             }
             let ready =
                 |i: usize| fds[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0;

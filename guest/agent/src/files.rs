@@ -14,6 +14,9 @@ pub const UID: u8 = 3;
 pub const GID: u8 = 4;
 pub const END_SIZE: u8 = 1;
 
+pub const WRITE_SCHEMA: &[(u8, u8)] = &[(PATH, BYTES), (MODE, UINT), (UID, UINT), (GID, UINT)];
+pub const READ_SCHEMA: &[(u8, u8)] = &[(PATH, BYTES)];
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn shown(path: &[u8]) -> String {
@@ -28,7 +31,7 @@ fn os_error(conn: &Conn, op: &str, path: &[u8], e: &io::Error) -> Result<(), End
     )
 }
 
-fn check_path(path: &[u8]) -> Result<(), String> {
+pub fn check_path(path: &[u8]) -> Result<(), String> {
     if path.first() != Some(&b'/') {
         return Err(format!("path {:?} is not absolute", shown(path)));
     }
@@ -104,10 +107,7 @@ impl Drop for Temp {
 }
 
 pub fn write(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
-    let fields = Conn::decode(
-        frame,
-        &[(PATH, BYTES), (MODE, UINT), (UID, UINT), (GID, UINT)],
-    )?;
+    let fields = Conn::decode(frame, WRITE_SCHEMA)?;
     let path = fields.bytes(PATH).unwrap_or(b"").to_vec();
     let mode = fields.uint(MODE).unwrap_or(0o644) as u32;
     let id = |tag| fields.uint(tag).map(|v| v as u32);
@@ -179,7 +179,7 @@ pub fn write(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
 }
 
 pub fn read(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
-    let fields = Conn::decode(frame, &[(PATH, BYTES)])?;
+    let fields = Conn::decode(frame, READ_SCHEMA)?;
     let path = fields.bytes(PATH).unwrap_or(b"").to_vec();
     drop(fields);
     if let Err(message) = check_path(&path) {

@@ -189,6 +189,18 @@ fn mount_api() -> Result<(), String> {
     Ok(())
 }
 
+/// Mounts the cgroup v2 hierarchy on `target` (for exec containment, see `cgroup`).
+pub fn mount_cgroup2(target: &str) -> Result<(), String> {
+    mount(
+        "cgroup2",
+        target,
+        Some("cgroup2"),
+        NOSUID_NODEV | libc::MS_NOEXEC,
+        None,
+        0o555,
+    )
+}
+
 /// Read-only root + tmpfs upper layer as an overlay, the API mounts moved into it, then the overlay
 /// moved onto `/` and made the root (what `switch_root` does; the initramfs itself cannot be
 /// unmounted and stays underneath).

@@ -7,12 +7,15 @@
 // Every unsafe block says why it is sound, and unsafe functions spell out their unsafe operations.
 #![warn(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+mod cgroup;
 mod conn;
 mod exec;
 mod files;
 mod init;
 mod power;
 mod proto;
+#[cfg(test)]
+mod proto_fuzz;
 mod reaper;
 mod spawn;
 mod sync;
@@ -179,6 +182,9 @@ fn main() {
         match init::boot() {
             Ok(description) => root = format!(", {description}"),
             Err(message) => power::fatal(&message, true),
+        }
+        if let Err(why) = cgroup::setup() {
+            power::console(&format!("exec containment off: {why}"));
         }
     } else {
         // Orphans of the processes we start come back to us, as they would to PID 1, and are reaped.

@@ -20,6 +20,9 @@ pub struct Spec {
     pub stdin: RawFd,
     pub stdout: RawFd,
     pub stderr: RawFd,
+    /// `cgroup.procs` of the exec's cgroup, open for writing, or -1: the child moves itself there
+    /// first, so that everything it starts is contained from the beginning.
+    pub cgroup_procs: RawFd,
 }
 
 /// The step at which the child failed.
@@ -34,9 +37,12 @@ pub enum Stage {
     Chdir,
     Dup,
     Exec,
+    Cgroup,
 }
 
 pub struct Failure {
+    /// The child that failed (already reaped), 0 if none was started.
+    pub pid: libc::pid_t,
     pub stage: Stage,
     pub errno: i32,
     /// For `Stage::Exec`: the candidate whose error is reported.
@@ -56,6 +62,7 @@ struct Shared {
     groups: *const libc::gid_t,
     ngroups: usize,
     fds: [RawFd; 3],
+    cgroup_procs: RawFd,
     /// Bit `n - 1` set: signal `n` is ignored by the agent and must be reset in the child.
     ignored: u64,
     // Written by the child on failure.
@@ -94,7 +101,8 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     // the null-terminated pointer arrays and the group list, owned by `spawn`'s frame and its
     // `Spec`) stay alive, and the `&mut Shared` aliases nothing in use meanwhile. The other threads
     // keep running in this same memory, so the child touches nothing else: raw system calls only
-    // (no allocator, locks or stdio), and `candidates` is indexed below `ncandidates`. The
+    // (no allocator, locks or stdio), and `candidates` is indexed below `ncandidates`; the one
+    // byte written to `cgroup_procs` comes from a static literal. The
     // sigaction and sigset buffers are locals of the kernel's sizes (32 and 8 bytes on x86_64).
     // The errno that `raw` writes and reads is the suspended thread's thread-local (the child
     // keeps its thread pointer), which no running thread uses. All signals stay blocked until
@@ -107,6 +115,19 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
             libc::syscall(libc::SYS_exit_group, 127);
             127
         };
+        if s.cgroup_procs >= 0 {
+            // "0" moves the writing process (cgroup v2); done before any privilege is dropped.
+            let zero = b"0";
+            if let Err(e) = raw(
+                libc::SYS_write,
+                s.cgroup_procs as usize,
+                zero.as_ptr() as usize,
+                1,
+                0,
+            ) {
+                return fail(s, Stage::Cgroup, e);
+            }
+        }
         if let Err(e) = raw(libc::SYS_setsid, 0, 0, 0, 0) {
             return fail(s, Stage::Setsid, e);
         }
@@ -247,6 +268,7 @@ pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd),
         groups: groups.as_ptr(),
         ngroups: groups.len(),
         fds: [spec.stdin, spec.stdout, spec.stderr],
+        cgroup_procs: spec.cgroup_procs,
         ignored: ignored_signals(),
         stage: 0,
         errno: 0,
@@ -297,6 +319,7 @@ pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd),
     };
     if pid < 0 {
         return Err(Failure {
+            pid: 0,
             stage: Stage::None,
             errno: clone_errno,
             path: None,
@@ -319,6 +342,7 @@ pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd),
             4 => Stage::Setuid,
             5 => Stage::Chdir,
             6 => Stage::Dup,
+            8 => Stage::Cgroup,
             _ => Stage::Exec,
         };
         let path = if stage == Stage::Exec {
@@ -327,6 +351,7 @@ pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd),
             None
         };
         return Err(Failure {
+            pid,
             stage,
             errno: shared.errno,
             path,
@@ -350,15 +375,23 @@ impl Failure {
                 spec.cwd.as_ref().map(show).unwrap_or_default()
             ),
             Stage::Dup => format!("dup2: {err}"),
-            Stage::Exec => {
-                let name = show(&spec.argv[0]);
-                if self.errno == libc::ENOENT && !spec.argv[0].as_bytes().contains(&b'/') {
-                    format!("exec {name}: command not found in PATH")
-                } else {
-                    let path = self.path.as_ref().map(show).unwrap_or(name);
-                    format!("exec {path}: {err}")
-                }
-            }
+            Stage::Cgroup => format!("cannot enter the exec's cgroup: {err}"),
+            Stage::Exec => self.exec_failure(spec).1,
+        }
+    }
+
+    /// For a failed `execve`: the exit status a shell (and docker) reports, 127 when the program
+    /// was not found and 126 when it was found but could not be executed, and the line a shell
+    /// would print, worded for supermachine: `exec: foo: not found`.
+    pub fn exec_failure(&self, spec: &Spec) -> (u8, String) {
+        let show = |c: &CString| String::from_utf8_lossy(c.as_bytes()).into_owned();
+        let name = show(&spec.argv[0]);
+        if matches!(self.errno, libc::ENOENT | libc::ENOTDIR) {
+            (127, format!("exec: {name}: not found"))
+        } else {
+            let err = crate::sys::errno_text(&io::Error::from_raw_os_error(self.errno));
+            let path = self.path.as_ref().map(show).unwrap_or(name);
+            (126, format!("exec: {path}: {err}"))
         }
     }
 }

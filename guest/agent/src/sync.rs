@@ -15,6 +15,8 @@ pub const OK_CLOCK_SET: u8 = 1;
 pub const OK_ENTROPY_ADDED: u8 = 2;
 pub const OK_TIME_NS: u8 = 3;
 
+pub const SCHEMA: &[(u8, u8)] = &[(TIME_NS, UINT), (ENTROPY, BYTES)];
+
 /// Most entropy one request may carry; the kernel's pool holds far less, so more would only make
 /// the request bigger.
 pub const MAX_ENTROPY: usize = 512;
@@ -88,7 +90,7 @@ fn now_ns() -> u64 {
 }
 
 pub fn run(conn: &Conn, frame: &Frame, ctx: &Context) -> Result<(), End> {
-    let fields = Conn::decode(frame, &[(TIME_NS, UINT), (ENTROPY, BYTES)])?;
+    let fields = Conn::decode(frame, SCHEMA)?;
     let time_ns = fields.uint(TIME_NS);
     let entropy = fields.bytes(ENTROPY).unwrap_or(b"");
     if entropy.len() > MAX_ENTROPY {

@@ -166,6 +166,14 @@ pub fn kill_group(pgid: libc::pid_t, sig: libc::c_int) {
     }
 }
 
+/// Sends `sig` to the process group `pgid` only. Unlike `kill_group` it may be used once the leader
+/// has been reaped: the group's id stays allocated while any member lives, and an empty group's id
+/// could only name another group after the kernel had cycled through every pid since the reap.
+pub fn kill_group_only(pgid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: kill takes only integers and has no memory-safety preconditions.
+    unsafe { libc::kill(-pgid, sig) };
+}
+
 /// Sets (`Some`) or clears (`None`) the socket's receive timeout (SO_RCVTIMEO): a blocking read
 /// that waits longer fails with EAGAIN. A `Some` timeout is at least 1 µs, since 0 means none.
 pub fn set_recv_timeout(fd: RawFd, timeout: Option<Duration>) -> io::Result<()> {

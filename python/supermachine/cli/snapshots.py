@@ -124,7 +124,9 @@ def _pull_boot_and_bake(
         vm = img.start(config)
     with vm:
         if warm:
-            result = vm.exec(list(warm), timeout=timeout)
+            # What the warm-up starts in the background (a server, a cache filler) is part of the
+            # state being snapshotted, so it outlives the command.
+            result = vm.exec(list(warm), timeout=timeout, keep_background=True)
             sys.stdout.buffer.write(result.stdout)
             sys.stderr.buffer.write(result.stderr)
             if result.returncode != 0:

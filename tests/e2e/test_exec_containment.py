@@ -1,0 +1,90 @@
+"""A real Linux guest: each exec's process tree is contained (cgroup v2) and ends with it.
+
+A fork bomb is limited and killed without taking the agent down; processes left behind die when the
+exec ends unless it asks to keep them; programs that cannot run exit 127/126 like in a shell.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from supermachine.vm import Vm
+
+pytestmark = pytest.mark.slow
+
+# Guest kernel code is emulated on some hosts: generous bounds, but bounds.
+GRACE = 120.0
+
+# User processes: neither kthreadd (pid 2) nor its children (kernel threads), and no zombies.
+COUNT_PROCESSES = (
+    "n=0; for d in /proc/[0-9]*; do "
+    'read -r s 2>/dev/null < "$d/stat" || continue; '
+    'set -- ${s##*) }; [ "$1" = Z ] || [ "$2" = 2 ] || [ "$d" = /proc/2 ] || n=$((n+1)); '
+    "done; echo $n"
+)
+
+
+def _process_count(vm: Vm) -> int:
+    return int(vm.exec(["sh", "-c", COUNT_PROCESSES], timeout=GRACE).stdout)
+
+
+def _alive(vm: Vm, pid: int) -> bool:
+    """Whether ``pid`` exists in the guest and is not a zombie."""
+    script = f'read -r s 2>/dev/null < /proc/{pid}/stat || exit 1; case "${{s##*) }}" in Z*) exit 1;; esac'
+    return vm.exec(["sh", "-c", script], timeout=GRACE).status == 0
+
+
+def test_exec_runs_in_its_own_cgroup_with_a_pids_limit(vm: Vm) -> None:
+    show = "g=$(cut -d: -f3 /proc/self/cgroup); echo $g; cat /sys/fs/cgroup$g/pids.max"
+    group, limit = vm.exec(["sh", "-c", show], timeout=GRACE).stdout.decode().split()
+    assert group.startswith("/exec/") and limit == "1024"
+    group, limit = vm.exec(["sh", "-c", show], pids_max=8, timeout=GRACE).stdout.decode().split()
+    assert limit == "8"
+    # A tree may not grow past its limit: the eighth concurrent process cannot be forked.
+    many = "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait"
+    forks = vm.exec(["sh", "-c", many], pids_max=8, timeout=GRACE)
+    assert b"fork" in forks.stderr.lower(), forks.stderr
+
+
+def test_fork_bomb_is_limited_killed_and_leaves_the_agent_responsive(vm: Vm) -> None:
+    before = _process_count(vm)
+    started = time.monotonic()
+    bomb = vm.exec(["sh", "-c", "bomb() { bomb | bomb & }; bomb; sleep 1000"], timeout=5)
+    assert time.monotonic() - started < 5 + GRACE
+    assert bomb.timed_out
+    # Every process of the bomb is gone once the exec has reported its end.
+    after = _process_count(vm)
+    assert after <= before, f"{after - before} processes of the fork bomb survived it"
+    started = time.monotonic()
+    assert vm.exec(["true"], timeout=GRACE).status == 0
+    assert time.monotonic() - started < GRACE
+    # The bomb's cgroup was removed: only the cgroup of the exec that looks is left.
+    groups = vm.exec(["sh", "-c", "ls /sys/fs/cgroup/exec | grep -c '^[0-9]'"], timeout=GRACE).stdout
+    assert groups == b"1\n"
+
+
+def test_background_processes_end_with_the_exec_unless_kept(vm: Vm) -> None:
+    # setsid: a new session and process group; only the cgroup still holds it.
+    start = "sleep 1000 >/dev/null 2>&1 & echo $!; setsid sleep 1000 >/dev/null 2>&1 & echo $!"
+    result = vm.exec(["sh", "-c", start], timeout=GRACE)
+    assert result.status == 0
+    pids = [int(p) for p in result.stdout.split()]
+    assert len(pids) == 2
+    assert not any(_alive(vm, pid) for pid in pids), "a background process outlived its exec"
+
+    kept = vm.exec(["sh", "-c", start], keep_background=True, timeout=GRACE)
+    pids = [int(p) for p in kept.stdout.split()]
+    try:
+        assert all(_alive(vm, pid) for pid in pids), "keep_background did not keep the processes"
+    finally:
+        vm.exec(["kill", "-9", *map(str, pids)], timeout=GRACE)
+
+
+def test_programs_that_cannot_run_exit_127_and_126(vm: Vm) -> None:
+    missing = vm.exec(["/nonexistent"], timeout=GRACE)
+    assert (missing.returncode, missing.stderr) == (127, b"exec: /nonexistent: not found\n")
+    assert vm.exec(["no-such-command"], timeout=GRACE).returncode == 127
+    # /etc/motd exists but is not executable (mode 0644).
+    refused = vm.exec(["/etc/motd"], timeout=GRACE)
+    assert (refused.returncode, refused.stderr) == (126, b"exec: /etc/motd: Permission denied\n")
