@@ -199,7 +199,8 @@ def read_blob(vm: Vm, device: str, *, hold: bool) -> None:
     read = f"dd if={device} of=/dev/null bs=1M"
     if hold:
         read = f"exec 3< {device}; sleep 2147483647 > /dev/null 2>&1 & {read}"
-    result = vm.exec(["sh", "-c", read], timeout=READ_TIMEOUT)
+    # The holder must outlive the command: the agent ends what an exec leaves behind unless asked.
+    result = vm.exec(["sh", "-c", read], timeout=READ_TIMEOUT, keep_background=hold)
     if result.timed_out or result.returncode != 0:
         detail = result.stderr.decode(errors="replace").strip().splitlines()[:1] or ["no output"]
         raise VmError(f"reading {device} in the guest failed (does the image have sh and dd?): {detail[0]}")
