@@ -325,7 +325,8 @@ def measure(
         with Fleet("restore", device) as clones:
             for i in range(vms):
                 notify(f"A: restoring clone {i + 1} of {vms}")
-                clones.add(lambda: Vm.restore(golden))
+                # A restore attaches only the disks it is given: the same root filesystem and blob.
+                clones.add(lambda: Vm.restore(golden, rootfs=config.rootfs, disks=config.disks))
             restore = clones.result()
         with Fleet("boot", device) as boots:
             for i in range(vms):
