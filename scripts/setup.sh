@@ -42,6 +42,11 @@ fi
 
 # 4. Build the Rust core in release mode and install the package (editable) with its extras.
 log "building the Rust core (release) and installing supermachine"
-maturin develop --release -q -E "$extras" 2>&1 | grep -v -e '^📦' -e '^🔗' -e '^🐍' -e '^🛠' -e '^📡' || true
+# Quiet when it works (pip lists every satisfied requirement); the whole log when it does not.
+if ! maturin develop --release -q -E "$extras" >.venv/build.log 2>&1; then
+  cat .venv/build.log >&2
+  echo "error: building or installing supermachine failed (log above, also in .venv/build.log)" >&2
+  exit 1
+fi
 python -c "import supermachine._core" || { echo "error: the extension did not build or import" >&2; exit 1; }
 touch "$stamp"
