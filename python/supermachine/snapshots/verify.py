@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,20 +140,28 @@ def _hash_open_file(fd: int, path: Path) -> HashedFile:
     return HashedFile(before.size, digest, before if settled else None)
 
 
-def hash_ram(path: str | os.PathLike[str]) -> HashedFile:
-    """Hash a RAM file that was just written. Pass the result to :func:`record` once the file is
-    where it stays (renaming its directory keeps the stamp)."""
-    ram = Path(path)
+@contextlib.contextmanager
+def _open_ram(ram: Path) -> Iterator[int]:
+    """The RAM file opened read-only (a regular file only), its read errors as one
+    :class:`SnapshotError` line naming it; closed on exit."""
     try:
         fd = metadata.open_regular(ram)
     except OSError as exc:
         raise SnapshotError(f"{ram}: cannot read RAM file: {exc.strerror or exc}") from None
     try:
-        return _hash_open_file(fd, ram)
+        yield fd
     except OSError as exc:
         raise SnapshotError(f"{ram}: cannot read RAM file: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+
+
+def hash_ram(path: str | os.PathLike[str]) -> HashedFile:
+    """Hash a RAM file that was just written. Pass the result to :func:`record` once the file is
+    where it stays (renaming its directory keeps the stamp)."""
+    ram = Path(path)
+    with _open_ram(ram) as fd:
+        return _hash_open_file(fd, ram)
 
 
 def check_file(path: str | os.PathLike[str], size: int, digest: str) -> None:
@@ -160,21 +169,13 @@ def check_file(path: str | os.PathLike[str], size: int, digest: str) -> None:
     has ``size`` bytes and the content hash ``digest``. Hashes only if no record vouches for the
     file as it is now, and records a successful hash."""
     ram = Path(path)
-    try:
-        fd = metadata.open_regular(ram)
-    except OSError as exc:
-        raise SnapshotError(f"{ram}: cannot read RAM file: {exc.strerror or exc}") from None
-    try:
+    with _open_ram(ram) as fd:
         now = FileStamp.of(os.fstat(fd))
         if now.size != size:
             raise SnapshotError(f"{ram}: size {now.size} does not match metadata ({size})")
         if recorded_digest(now) == digest:
             return
         hashed = _hash_open_file(fd, ram)
-    except OSError as exc:
-        raise SnapshotError(f"{ram}: cannot read RAM file: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
     if hashed.digest != digest:
         raise SnapshotError(f"{ram}: content hash does not match its metadata (corrupt?)")
     if hashed.stamp is not None:
