@@ -16,17 +16,15 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, Literal, ParamSpec, Protocol
+from typing import Any, Literal, Protocol
 
 from supermachine.errors import SnapshotError
 from supermachine.snapshots import golden, metadata, publish, verify
 from supermachine.snapshots.metadata import FileIdentity, ImageIdentity, RunDefaults, SnapshotMetadata
 
 BaseChoice = str | os.PathLike[str] | Literal["auto"] | None
-_P = ParamSpec("_P")
 
 
 class _Snapshottable(Protocol):
@@ -84,22 +82,6 @@ def choose_base(target: Path, prospective: SnapshotMetadata, base: BaseChoice) -
     return None if (choice := golden.select_golden(target.parent, fresh).golden) is None else choice.path
 
 
-def _under_name_lock(
-    write: Callable[Concatenate[_Snapshottable, str | os.PathLike[str], _P], BakeResult],
-) -> Callable[Concatenate[_Snapshottable, str | os.PathLike[str], _P], BakeResult]:
-    """Run a snapshot writer holding the lock of its target's name (:func:`.publish.name_lock`)."""
-
-    def locked(
-        handle: _Snapshottable, target: str | os.PathLike[str], /, *args: _P.args, **kwargs: _P.kwargs
-    ) -> BakeResult:
-        with publish.name_lock(target):
-            return write(handle, target, *args, **kwargs)
-
-    functools.update_wrapper(locked, write)
-    return locked
-
-
-@_under_name_lock
 def bake(
     handle: _Snapshottable,
     target: str | os.PathLike[str],
@@ -119,49 +101,50 @@ def bake(
     ``kernel`` and ``initramfs`` are the files the VM booted (hashed), or the identities recorded
     by the snapshot it was restored from (carried forward: the paths a snapshot's metadata names
     are never opened)."""
-    started = time.monotonic()
-    directory = Path(target)
-    kernel_id = kernel if isinstance(kernel, FileIdentity) else file_identity(kernel)
-    agent_id = initramfs if isinstance(initramfs, FileIdentity) else file_identity(initramfs)
-    prospective = SnapshotMetadata(
-        image=image,
-        memory_mib=memory_mib,
-        vcpus=vcpus,
-        kernel=kernel_id,
-        agent=agent_id,
-        ram_size=memory_mib << 20,
-        ram_blake3=metadata.BLAKE3_PREFIX + "0" * 64,
-        run=run,
-    )
-    # The VMM refuses a base of another RAM size itself (one line, before it writes anything).
-    base_dir = choose_base(directory, prospective, base)
-    partial = publish.prepare(directory)
-    try:
-        try:
-            report = dict(handle.snapshot(str(partial), None if base_dir is None else str(base_dir)))
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise SnapshotError(f"cannot snapshot the VM: {exc}") from None
-        ram = verify.hash_ram(partial / metadata.MEMORY_FILE)
-        base_name = _base_name(base_dir, directory)
-        meta = metadata.describe(
-            partial,
+    with publish.name_lock(target):
+        started = time.monotonic()
+        directory = Path(target)
+        kernel_id = kernel if isinstance(kernel, FileIdentity) else file_identity(kernel)
+        agent_id = initramfs if isinstance(initramfs, FileIdentity) else file_identity(initramfs)
+        prospective = SnapshotMetadata(
             image=image,
             memory_mib=memory_mib,
             vcpus=vcpus,
             kernel=kernel_id,
             agent=agent_id,
-            base=base_name,
+            ram_size=memory_mib << 20,
+            ram_blake3=metadata.BLAKE3_PREFIX + "0" * 64,
             run=run,
-            ram=(ram.size, ram.digest),
         )
-        metadata.save(partial, meta)
-        publish.publish(partial, directory)
-    except BaseException:
-        publish.discard(partial)
-        raise
-    if ram.stamp is not None:
-        verify.record(ram.stamp, ram.digest, directory / metadata.MEMORY_FILE)
-    return BakeResult(directory, meta, report, time.monotonic() - started)
+        # The VMM refuses a base of another RAM size itself (one line, before it writes anything).
+        base_dir = choose_base(directory, prospective, base)
+        partial = publish.prepare(directory)
+        try:
+            try:
+                report = dict(handle.snapshot(str(partial), None if base_dir is None else str(base_dir)))
+            except (OSError, ValueError, RuntimeError) as exc:
+                raise SnapshotError(f"cannot snapshot the VM: {exc}") from None
+            ram = verify.hash_ram(partial / metadata.MEMORY_FILE)
+            base_name = _base_name(base_dir, directory)
+            meta = metadata.describe(
+                partial,
+                image=image,
+                memory_mib=memory_mib,
+                vcpus=vcpus,
+                kernel=kernel_id,
+                agent=agent_id,
+                base=base_name,
+                run=run,
+                ram=(ram.size, ram.digest),
+            )
+            metadata.save(partial, meta)
+            publish.publish(partial, directory)
+        except BaseException:
+            publish.discard(partial)
+            raise
+        if ram.stamp is not None:
+            verify.record(ram.stamp, ram.digest, directory / metadata.MEMORY_FILE)
+        return BakeResult(directory, meta, report, time.monotonic() - started)
 
 
 def _base_name(base_dir: Path | None, target: Path) -> str | None:
