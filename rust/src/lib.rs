@@ -11,6 +11,7 @@ pub mod pages;
 pub mod snapshot;
 pub mod source;
 pub mod vmm;
+pub mod worker;
 
 #[cfg(feature = "python")]
 mod py;

@@ -1,0 +1,1 @@
+//! Resource limits per VM (placeholder).

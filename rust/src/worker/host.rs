@@ -1,0 +1,1 @@
+//! Host capability probes (placeholder).
