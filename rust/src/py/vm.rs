@@ -10,20 +10,66 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use super::input::Input;
 use crate::snapshot::memory::id_hex;
 use crate::snapshot::Snapshot;
-use crate::vmm::builder::ErrorClass;
+use crate::worker::client::{IsolationChoice, WorkerError, WorkerOptions, WorkerVm};
+use crate::worker::protocol::{ErrorKind, WireError};
+use crate::worker::server;
 use crate::vmm::persist::RestoreOverrides;
 use crate::vmm::{
     BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MemoryBacking, Outcome, RawMode,
     VmConfig, Vmm, VmmError,
 };
 
+/// The `supermachine.errors` class of each error kind, and the builtin it also derives from
+/// (raised when the errors module cannot be imported).
+fn error_class(kind: ErrorKind) -> (&'static str, fn(String) -> PyErr) {
+    match kind {
+        ErrorKind::NotFound => ("VmmFileNotFoundError", PyFileNotFoundError::new_err),
+        ErrorKind::Os => ("VmmOSError", PyOSError::new_err),
+        ErrorKind::Kvm => ("KvmUnavailableError", PyOSError::new_err),
+        ErrorKind::Config => ("VmConfigError", PyValueError::new_err),
+        ErrorKind::Snapshot => ("SnapshotStateError", PyValueError::new_err),
+        ErrorKind::SnapshotWrite => ("SnapshotWriteError", PyOSError::new_err),
+        ErrorKind::Jail => ("JailError", PyOSError::new_err),
+        ErrorKind::State => ("VmmStateError", PyRuntimeError::new_err),
+        ErrorKind::Runtime => ("VmmRuntimeError", PyRuntimeError::new_err),
+    }
+}
+
+/// Raises `name` from `supermachine.errors` with `msg`.
+fn raise(name: &str, fallback: fn(String) -> PyErr, msg: String) -> PyErr {
+    Python::attach(|py| {
+        match py
+            .import("supermachine.errors")
+            .and_then(|m| m.getattr(name))
+        {
+            Ok(class) => match class.call1((msg.clone(),)) {
+                Ok(exc) => PyErr::from_value(exc),
+                Err(e) => e,
+            },
+            Err(_) => fallback(msg),
+        }
+    })
+}
+
+fn wire_err(e: WireError) -> PyErr {
+    let (name, fallback) = error_class(e.kind);
+    raise(name, fallback, e.message)
+}
+
 fn vmm_err(e: VmmError) -> PyErr {
-    let msg = e.to_string();
-    match e.class() {
-        ErrorClass::NotFound => PyFileNotFoundError::new_err(msg),
-        ErrorClass::Os => PyOSError::new_err(msg),
-        ErrorClass::Value => PyValueError::new_err(msg),
-        ErrorClass::Runtime => PyRuntimeError::new_err(msg),
+    wire_err(server::wire_error(e))
+}
+
+fn worker_err(e: WorkerError) -> PyErr {
+    match e {
+        WorkerError::Vmm(w) => wire_err(w),
+        WorkerError::Crashed(o @ Outcome::OutOfMemory { .. }) => {
+            raise("VmOutOfMemoryError", PyRuntimeError::new_err, o.reason())
+        }
+        WorkerError::Crashed(o) => raise("VmmCrashedError", PyRuntimeError::new_err, o.reason()),
+        e @ WorkerError::Spawn { .. } => raise("WorkerStartError", PyOSError::new_err, e.to_string()),
+        e @ WorkerError::Limits(_) => raise("ResourceLimitError", PyOSError::new_err, e.to_string()),
+        e @ WorkerError::Snapshot(_) => raise("SnapshotWriteError", PyOSError::new_err, e.to_string()),
     }
 }
 
@@ -189,19 +235,139 @@ fn outcome_dict<'py>(py: Python<'py>, o: &Outcome) -> PyResult<Bound<'py, PyDict
     Ok(d)
 }
 
+const WORKER_KEYS: &[&str] = &[
+    "program",
+    "isolation",
+    "runtime_dir",
+    "uid",
+    "gid",
+    "seccomp",
+    "memory_max",
+    "cpu_max",
+    "pids_max",
+    "cgroup_name",
+    "console_capacity",
+];
+
+/// The "worker" argument of start/restore: how to run the VM's own VMM process.
+fn parse_worker(d: &Bound<'_, PyDict>) -> PyResult<WorkerOptions> {
+    for k in d.keys() {
+        let k: String = k
+            .extract()
+            .map_err(|_| PyTypeError::new_err("worker keys must be strings"))?;
+        if !WORKER_KEYS.contains(&k.as_str()) {
+            return Err(PyValueError::new_err(format!(
+                "unknown worker key '{k}' (known: {})",
+                WORKER_KEYS.join(", ")
+            )));
+        }
+    }
+    let program: PathBuf =
+        get(d, "program")?.ok_or_else(|| PyValueError::new_err("the worker needs a 'program'"))?;
+    let isolation = match get::<String>(d, "isolation")?.as_deref() {
+        None | Some("namespaces") => IsolationChoice::Namespaces,
+        Some("user_namespaces") => IsolationChoice::UserNamespaces,
+        Some("none") => IsolationChoice::None,
+        Some(other) => {
+            return Err(PyValueError::new_err(format!(
+                "isolation must be 'namespaces', 'user_namespaces' or 'none', got '{other}'"
+            )))
+        }
+    };
+    Ok(WorkerOptions {
+        program,
+        isolation,
+        runtime_dir: get(d, "runtime_dir")?,
+        uid: get(d, "uid")?,
+        gid: get(d, "gid")?,
+        seccomp: get(d, "seccomp")?.unwrap_or(true),
+        limits: crate::worker::cgroup::Limits {
+            memory_max: get(d, "memory_max")?,
+            cpu_max: get(d, "cpu_max")?,
+            pids_max: get(d, "pids_max")?,
+        },
+        cgroup_name: get(d, "cgroup_name")?,
+        console_capacity: get(d, "console_capacity")?.unwrap_or(1 << 20),
+    })
+}
+
+/// Where a VM's VMM runs.
+enum Backend {
+    /// In this process (threads): kept to measure against, and for callers without a worker.
+    InProcess(Vmm),
+    /// In its own jailed worker process.
+    Worker(WorkerVm),
+}
+
 /// A running microVM. Create with `Vm.start(config)`.
 #[pyclass(name = "Vm", module = "supermachine._core", frozen)]
 pub(crate) struct PyVm {
-    inner: Vmm,
+    inner: Backend,
+}
+
+fn parse_overrides(d: &Bound<'_, PyDict>) -> PyResult<RestoreOverrides> {
+    let mut ov = RestoreOverrides::default();
+    for k in d.keys() {
+        let k: String = k
+            .extract()
+            .map_err(|_| PyTypeError::new_err("override keys must be strings"))?;
+        const KNOWN: [&str; 5] = [
+            "vsock_path",
+            "console_log",
+            "disks",
+            "track_dirty_pages",
+            "base",
+        ];
+        if !KNOWN.contains(&k.as_str()) {
+            return Err(PyValueError::new_err(format!(
+                "unknown restore override '{k}' (known: {})",
+                KNOWN.join(", ")
+            )));
+        }
+    }
+    ov.vsock_path = get(d, "vsock_path")?;
+    ov.console_log = get(d, "console_log")?;
+    ov.disks = parse_disks(d, "override")?;
+    ov.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
+    ov.base = get(d, "base")?;
+    Ok(ov)
+}
+
+fn timeout_arg(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t.min(1e9)))),
+        Some(t) => Err(PyValueError::new_err(format!(
+            "timeout must be a non-negative number of seconds, got {t}"
+        ))),
+    }
 }
 
 #[pymethods]
 impl PyVm {
-    /// Builds and starts a VM from a config dict (see the type stubs for the keys).
+    /// Builds and starts a VM from a config dict (see the type stubs for the keys). With
+    /// `worker` (a dict: program, isolation, runtime_dir, uid, gid, seccomp, memory_max, cpu_max,
+    /// pids_max, cgroup_name, console_capacity) the VMM runs in its own jailed process;
+    /// without, in this one.
     #[staticmethod]
-    fn start(py: Python<'_>, config: &Bound<'_, PyDict>) -> PyResult<Self> {
+    #[pyo3(signature = (config, worker=None))]
+    fn start(
+        py: Python<'_>,
+        config: &Bound<'_, PyDict>,
+        worker: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
         let cfg = parse_config(config)?;
-        let inner = py.detach(|| Vmm::start(&cfg)).map_err(vmm_err)?;
+        let inner = match worker {
+            None => Backend::InProcess(py.detach(|| Vmm::start(&cfg)).map_err(vmm_err)?),
+            Some(w) => {
+                let mut options = parse_worker(w)?;
+                options.console_capacity = cfg.console_capacity;
+                Backend::Worker(
+                    py.detach(|| WorkerVm::start(&cfg, &options))
+                        .map_err(worker_err)?,
+                )
+            }
+        };
         Ok(PyVm { inner })
     }
 
@@ -210,41 +376,30 @@ impl PyVm {
     /// "console_log", "disks" (the disks to attach, one per saved disk, in order: required when
     /// the snapshot has disks, as the state file names none; a path or {path, read_only}, and a
     /// disk is read-only if either the caller or the snapshot says so), "track_dirty_pages" and "base"
-    /// (where a diff's base snapshot is, if not the sibling directory it recorded).
+    /// (where a diff's base snapshot is, if not the sibling directory it recorded). `worker`: as
+    /// for `start`.
     #[staticmethod]
-    #[pyo3(signature = (dir, overrides=None))]
+    #[pyo3(signature = (dir, overrides=None, worker=None))]
     fn restore(
         py: Python<'_>,
         dir: PathBuf,
         overrides: Option<&Bound<'_, PyDict>>,
+        worker: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let mut ov = RestoreOverrides::default();
-        if let Some(d) = overrides {
-            for k in d.keys() {
-                let k: String = k
-                    .extract()
-                    .map_err(|_| PyTypeError::new_err("override keys must be strings"))?;
-                const KNOWN: [&str; 5] = [
-                    "vsock_path",
-                    "console_log",
-                    "disks",
-                    "track_dirty_pages",
-                    "base",
-                ];
-                if !KNOWN.contains(&k.as_str()) {
-                    return Err(PyValueError::new_err(format!(
-                        "unknown restore override '{k}' (known: {})",
-                        KNOWN.join(", ")
-                    )));
-                }
+        let ov = match overrides {
+            Some(d) => parse_overrides(d)?,
+            None => RestoreOverrides::default(),
+        };
+        let inner = match worker {
+            None => Backend::InProcess(py.detach(|| Vmm::restore(&dir, &ov)).map_err(vmm_err)?),
+            Some(w) => {
+                let options = parse_worker(w)?;
+                Backend::Worker(
+                    py.detach(|| WorkerVm::restore(&dir, &ov, &options))
+                        .map_err(worker_err)?,
+                )
             }
-            ov.vsock_path = get(d, "vsock_path")?;
-            ov.console_log = get(d, "console_log")?;
-            ov.disks = parse_disks(d, "override")?;
-            ov.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
-            ov.base = get(d, "base")?;
-        }
-        let inner = py.detach(|| Vmm::restore(&dir, &ov)).map_err(vmm_err)?;
+        };
         Ok(PyVm { inner })
     }
 
@@ -259,18 +414,35 @@ impl PyVm {
         dir: PathBuf,
         base: Option<PathBuf>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let report = py
-            .detach(|| self.inner.snapshot(&dir, base.as_deref()))
-            .map_err(|e| vmm_err(VmmError::Snapshot(e)))?;
         let d = PyDict::new(py);
-        d.set_item("memory_bytes", report.memory_bytes)?;
-        d.set_item("state_bytes", report.state_bytes)?;
-        d.set_item("memory_id", id_hex(&report.memory_id))?;
-        d.set_item("diff_pages", report.diff_pages)?;
-        d.set_item("compared_pages", report.compared_pages)?;
         let phases = PyDict::new(py);
-        for (name, secs) in &report.phases {
-            phases.set_item(*name, *secs)?;
+        match &self.inner {
+            Backend::InProcess(vmm) => {
+                let report = py
+                    .detach(|| vmm.snapshot(&dir, base.as_deref()))
+                    .map_err(|e| vmm_err(VmmError::Snapshot(e)))?;
+                d.set_item("memory_bytes", report.memory_bytes)?;
+                d.set_item("state_bytes", report.state_bytes)?;
+                d.set_item("memory_id", id_hex(&report.memory_id))?;
+                d.set_item("diff_pages", report.diff_pages)?;
+                d.set_item("compared_pages", report.compared_pages)?;
+                for (name, secs) in &report.phases {
+                    phases.set_item(*name, *secs)?;
+                }
+            }
+            Backend::Worker(w) => {
+                let report = py
+                    .detach(|| w.snapshot(&dir, base.as_deref()))
+                    .map_err(worker_err)?;
+                d.set_item("memory_bytes", report.memory_bytes)?;
+                d.set_item("state_bytes", report.state_bytes)?;
+                d.set_item("memory_id", id_hex(&report.memory_id))?;
+                d.set_item("diff_pages", report.diff_pages)?;
+                d.set_item("compared_pages", report.compared_pages)?;
+                for (name, secs) in &report.phases {
+                    phases.set_item(name, *secs)?;
+                }
+            }
         }
         d.set_item("phases", phases)?;
         Ok(d)
@@ -280,26 +452,36 @@ impl PyVm {
     /// significant bit first, in guest RAM order (RAM above the MMIO hole follows the part
     /// below). VMM writes (devices, write_memory) are not logged. Needs track_dirty_pages.
     fn dirty_pages<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
-        let bits = py
-            .detach(|| self.inner.dirty_pages())
-            .map_err(PyRuntimeError::new_err)?;
+        let bits = match &self.inner {
+            Backend::InProcess(vmm) => py
+                .detach(|| vmm.dirty_pages())
+                .map_err(PyRuntimeError::new_err)?,
+            Backend::Worker(w) => py.detach(|| w.dirty_pages()).map_err(worker_err)?,
+        };
         Ok(PyBytes::new(py, &bits))
     }
 
     /// Pauses every vCPU (returns once none runs guest code).
     fn pause(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.pause())
-            .map_err(PyRuntimeError::new_err)
+        match &self.inner {
+            Backend::InProcess(vmm) => py.detach(|| vmm.pause()).map_err(PyRuntimeError::new_err),
+            Backend::Worker(w) => py.detach(|| w.pause()).map_err(worker_err),
+        }
     }
 
     fn resume(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.resume())
-            .map_err(PyRuntimeError::new_err)
+        match &self.inner {
+            Backend::InProcess(vmm) => py.detach(|| vmm.resume()).map_err(PyRuntimeError::new_err),
+            Backend::Worker(w) => py.detach(|| w.resume()).map_err(worker_err),
+        }
     }
 
-    /// Stops the VM and joins its threads; idempotent.
+    /// Stops the VM and joins its threads (or collects its worker); idempotent.
     fn stop(&self, py: Python<'_>) {
-        py.detach(|| self.inner.stop());
+        match &self.inner {
+            Backend::InProcess(vmm) => py.detach(|| vmm.stop()),
+            Backend::Worker(w) => py.detach(|| w.stop()),
+        }
     }
 
     /// Waits up to `timeout` seconds (forever with None) for the VM to end; returns the
@@ -310,15 +492,7 @@ impl PyVm {
         py: Python<'py>,
         timeout: Option<f64>,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let timeout = match timeout {
-            None => None,
-            Some(t) if t.is_finite() && t >= 0.0 => Some(Duration::from_secs_f64(t.min(1e9))),
-            Some(t) => {
-                return Err(PyValueError::new_err(format!(
-                    "timeout must be a non-negative number of seconds, got {t}"
-                )))
-            }
-        };
+        let timeout = timeout_arg(timeout)?;
         // Wait in slices so Ctrl-C reaches Python.
         let slice = Duration::from_millis(200);
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
@@ -329,7 +503,11 @@ impl PyVm {
                     .saturating_duration_since(std::time::Instant::now())
                     .min(slice),
             };
-            if let Some(o) = py.detach(|| self.inner.wait(Some(step))) {
+            let ended = match &self.inner {
+                Backend::InProcess(vmm) => py.detach(|| vmm.wait(Some(step))),
+                Backend::Worker(w) => py.detach(|| w.wait(Some(step))),
+            };
+            if let Some(o) = ended {
                 return outcome_dict(py, &o).map(Some);
             }
             if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
@@ -339,19 +517,24 @@ impl PyVm {
         }
     }
 
-    /// None while running; else {"kind": "poweroff"|"reset"|"panic"|"crash"|"stopped",
-    /// "reason": str, "code": int (poweroff only)}.
+    /// None while running; else {"kind": "poweroff"|"reset"|"panic"|"crash"|"stopped"|
+    /// "vmm_crash"|"oom", "reason": str, "code": int (poweroff only)}.
     #[getter]
     fn outcome<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        self.inner
-            .outcome()
-            .map(|o| outcome_dict(py, &o))
-            .transpose()
+        let outcome = match &self.inner {
+            Backend::InProcess(vmm) => vmm.outcome(),
+            Backend::Worker(w) => py.detach(|| w.outcome()),
+        };
+        outcome.map(|o| outcome_dict(py, &o)).transpose()
     }
 
     /// Captured serial console output.
     fn console<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.inner.console())
+        let bytes = match &self.inner {
+            Backend::InProcess(vmm) => vmm.console(),
+            Backend::Worker(w) => w.console(),
+        };
+        PyBytes::new(py, &bytes)
     }
 
     fn read_memory<'py>(
@@ -360,9 +543,12 @@ impl PyVm {
         gpa: u64,
         length: usize,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let data = py
-            .detach(|| self.inner.read_memory(gpa, length))
-            .map_err(PyValueError::new_err)?;
+        let data = match &self.inner {
+            Backend::InProcess(vmm) => py
+                .detach(|| vmm.read_memory(gpa, length))
+                .map_err(PyValueError::new_err)?,
+            Backend::Worker(w) => py.detach(|| w.read_memory(gpa, length)).map_err(worker_err)?,
+        };
         Ok(PyBytes::new(py, &data))
     }
 
@@ -372,9 +558,12 @@ impl PyVm {
             return Err(PyTypeError::new_err("data must be a bytes-like object"));
         };
         let bytes = Input::buffer_bytes(buf);
-        self.inner
-            .write_memory(gpa, bytes)
-            .map_err(PyValueError::new_err)?;
+        match &self.inner {
+            Backend::InProcess(vmm) => vmm
+                .write_memory(gpa, bytes)
+                .map_err(PyValueError::new_err)?,
+            Backend::Worker(w) => w.write_memory(gpa, bytes).map_err(worker_err)?,
+        }
         let _ = py;
         Ok(())
     }
@@ -382,46 +571,105 @@ impl PyVm {
     /// Bytes of serial output the console ring keeps.
     #[getter]
     fn console_capacity(&self) -> usize {
-        self.inner.console_capacity()
+        match &self.inner {
+            Backend::InProcess(vmm) => vmm.console_capacity(),
+            Backend::Worker(w) => w.info().console_capacity as usize,
+        }
     }
 
     /// Host path of the vsock Unix socket, if the VM has one.
     #[getter]
     fn vsock_path(&self) -> Option<String> {
-        self.inner
-            .vsock_path()
-            .map(|p| p.to_string_lossy().into_owned())
+        let path = match &self.inner {
+            Backend::InProcess(vmm) => vmm.vsock_path().cloned(),
+            Backend::Worker(w) => w.info().vsock_path.clone(),
+        };
+        path.map(|p| p.to_string_lossy().into_owned())
     }
 
     /// The kernel command line as passed to the guest (with the virtio-mmio devices added).
     #[getter]
-    fn cmdline(&self) -> &str {
-        self.inner.cmdline()
+    fn cmdline(&self) -> String {
+        match &self.inner {
+            Backend::InProcess(vmm) => vmm.cmdline().to_string(),
+            Backend::Worker(w) => w.info().cmdline.clone(),
+        }
     }
 
     #[getter]
-    fn cpu_template(&self) -> &'static str {
-        self.inner.cpu_template().name()
+    fn cpu_template(&self) -> String {
+        match &self.inner {
+            Backend::InProcess(vmm) => vmm.cpu_template().name().to_string(),
+            Backend::Worker(w) => w.info().cpu_template.clone(),
+        }
     }
 
     #[getter]
     fn memory_size(&self) -> u64 {
-        self.inner.memory_size()
+        match &self.inner {
+            Backend::InProcess(vmm) => vmm.memory_size(),
+            Backend::Worker(w) => w.info().memory_size,
+        }
+    }
+
+    /// The worker's process id (None when the VMM runs in this process).
+    #[getter]
+    fn pid(&self) -> Option<i32> {
+        match &self.inner {
+            Backend::InProcess(_) => None,
+            Backend::Worker(w) => Some(w.pid()),
+        }
+    }
+
+    /// The protections the VMM runs under, by name (empty in this process).
+    #[getter]
+    fn protections(&self) -> Vec<String> {
+        match &self.inner {
+            Backend::InProcess(_) => Vec::new(),
+            Backend::Worker(w) => w.protections(),
+        }
     }
 
     /// virtio devices: [{"kind": "blk"|"vsock", "mmio_base": int, "gsi": int, "path": str}].
     #[getter]
     fn devices<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        self.inner
-            .devices()
-            .iter()
-            .map(|dev| {
+        let list: Vec<(String, u64, u32, String, bool)> = match &self.inner {
+            Backend::InProcess(vmm) => vmm
+                .devices()
+                .iter()
+                .map(|d| {
+                    (
+                        d.kind.to_string(),
+                        d.mmio_base,
+                        d.gsi,
+                        d.path.to_string_lossy().into_owned(),
+                        d.read_only,
+                    )
+                })
+                .collect(),
+            Backend::Worker(w) => w
+                .info()
+                .devices
+                .iter()
+                .map(|d| {
+                    (
+                        d.kind.clone(),
+                        d.mmio_base,
+                        d.gsi,
+                        d.path.to_string_lossy().into_owned(),
+                        d.read_only,
+                    )
+                })
+                .collect(),
+        };
+        list.into_iter()
+            .map(|(kind, mmio_base, gsi, path, read_only)| {
                 let d = PyDict::new(py);
-                d.set_item("kind", dev.kind)?;
-                d.set_item("mmio_base", dev.mmio_base)?;
-                d.set_item("gsi", dev.gsi)?;
-                d.set_item("path", dev.path.to_string_lossy())?;
-                d.set_item("read_only", dev.read_only)?;
+                d.set_item("kind", kind)?;
+                d.set_item("mmio_base", mmio_base)?;
+                d.set_item("gsi", gsi)?;
+                d.set_item("path", path)?;
+                d.set_item("read_only", read_only)?;
                 Ok(d)
             })
             .collect()
@@ -429,36 +677,58 @@ impl PyVm {
 
     /// The virtio status register of device `index` as the guest sees it
     /// (0x40 = DEVICE_NEEDS_RESET).
-    fn device_status(&self, index: usize) -> PyResult<u32> {
-        self.inner
-            .device_status(index)
-            .ok_or_else(|| PyValueError::new_err(format!("no virtio device {index}")))
+    fn device_status(&self, py: Python<'_>, index: usize) -> PyResult<u32> {
+        let status = match &self.inner {
+            Backend::InProcess(vmm) => vmm.device_status(index),
+            Backend::Worker(w) => py.detach(|| w.device_status(index)).map_err(worker_err)?,
+        };
+        status.ok_or_else(|| PyValueError::new_err(format!("no virtio device {index}")))
     }
 
     /// (port I/O, MMIO) guest accesses that hit no device.
     #[getter]
-    fn unhandled_exits(&self) -> (u64, u64) {
-        self.inner.unhandled_exits()
+    fn unhandled_exits(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
+        match &self.inner {
+            Backend::InProcess(vmm) => Ok(vmm.unhandled_exits()),
+            Backend::Worker(w) => py.detach(|| w.unhandled_exits()).map_err(worker_err),
+        }
     }
 
     /// Seconds from the start of `Vm.start` (or `Vm.restore`) to: "running" (vCPU threads
     /// released), "first_kvm_run", "first_console_byte" (None until they happen); "phases":
     /// {name: seconds} of the start-up (restore: load_state, memory, create_vm, devices,
-    /// vm_state, vcpu_state, running); "refused_msrs": MSRs a restore could not load.
+    /// vm_state, vcpu_state, running; a worker's start adds spawn, limits and hello first);
+    /// "refused_msrs": MSRs a restore could not load.
     #[getter]
     fn timings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let t = self.inner.times();
         let d = PyDict::new(py);
-        let since = |i: std::time::Instant| i.duration_since(t.started).as_secs_f64();
-        d.set_item("running", since(t.running))?;
-        d.set_item("first_kvm_run", t.first_run.map(since))?;
-        d.set_item("first_console_byte", t.first_console_byte.map(since))?;
         let phases = PyDict::new(py);
-        for (name, secs) in self.inner.phases() {
-            phases.set_item(*name, *secs)?;
+        match &self.inner {
+            Backend::InProcess(vmm) => {
+                let t = vmm.times();
+                let since = |i: std::time::Instant| i.duration_since(t.started).as_secs_f64();
+                d.set_item("running", since(t.running))?;
+                d.set_item("first_kvm_run", t.first_run.map(since))?;
+                d.set_item("first_console_byte", t.first_console_byte.map(since))?;
+                for (name, secs) in vmm.phases() {
+                    phases.set_item(*name, *secs)?;
+                }
+                d.set_item("refused_msrs", vmm.refused_msrs())?;
+            }
+            Backend::Worker(w) => {
+                let (t, all_phases) = py.detach(|| w.timings()).map_err(worker_err)?;
+                let origin = w.called_ns();
+                let since = |ns: u64| ns.saturating_sub(origin) as f64 / 1e9;
+                d.set_item("running", since(t.running_ns))?;
+                d.set_item("first_kvm_run", t.first_run_ns.map(since))?;
+                d.set_item("first_console_byte", t.first_console_byte_ns.map(since))?;
+                for (name, secs) in &all_phases {
+                    phases.set_item(name, *secs)?;
+                }
+                d.set_item("refused_msrs", t.refused_msrs)?;
+            }
         }
         d.set_item("phases", phases)?;
-        d.set_item("refused_msrs", self.inner.refused_msrs())?;
         Ok(d)
     }
 
@@ -468,18 +738,21 @@ impl PyVm {
 
     #[pyo3(signature = (*_args))]
     fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) {
-        py.detach(|| self.inner.stop());
+        self.stop(py);
     }
 
     fn __repr__(&self) -> String {
-        let state = match self.inner.outcome() {
-            None => "running".to_string(),
-            Some(o) => o.kind().to_string(),
+        let (state, where_) = match &self.inner {
+            Backend::InProcess(vmm) => (
+                vmm.outcome().map_or("running".to_string(), |o| o.kind().to_string()),
+                "in-process".to_string(),
+            ),
+            Backend::Worker(w) => ("?".to_string(), format!("worker pid {}", w.pid())),
         };
         format!(
-            "Vm(memory={} MiB, cpu_template={}, state={state})",
-            self.inner.memory_size() >> 20,
-            self.inner.cpu_template().name()
+            "Vm(memory={} MiB, cpu_template={}, {where_}, state={state})",
+            self.memory_size() >> 20,
+            self.cpu_template()
         )
     }
 }

@@ -191,13 +191,29 @@ pub fn id_hex(id: &MemoryId) -> String {
 
 /// One file of a restore's memory chain: the snapshot's `memory.bin` and, for a diff, which of
 /// its pages apply.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryLayer {
     pub path: PathBuf,
     pub pages: Option<Vec<u8>>,
     /// The layer's snapshot memory identity (the whole chain up to and including it).
     pub id: MemoryId,
+    /// The file, when it is already open (checked when the chain was resolved, or passed in by
+    /// descriptor to a worker that cannot open paths); `None`: open `path`.
+    #[serde(skip)]
+    pub file: Option<LayerFile>,
 }
+
+/// An open layer file, shared by clones of the layer list.
+#[derive(Debug, Clone)]
+pub struct LayerFile(pub std::sync::Arc<File>);
+
+impl PartialEq for LayerFile {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for LayerFile {}
 
 /// Size and modification time (ns) of a file, without following a symlink and without
 /// opening anything but a regular file.
@@ -205,7 +221,7 @@ pub fn file_stamp(path: &Path) -> std::io::Result<(u64, i64)> {
     stamp_of(&open_regular(path)?)
 }
 
-fn stamp_of(file: &File) -> std::io::Result<(u64, i64)> {
+pub fn stamp_of(file: &File) -> std::io::Result<(u64, i64)> {
     let m = file.metadata()?;
     Ok((m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec()))
 }
@@ -316,6 +332,7 @@ pub fn resolve_chain(
         path: dir.join(MEMORY_FILE),
         pages: snap.memory.pages.clone(),
         id: snap.memory.id,
+        file: None,
     }];
     let mut seen = vec![dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf())];
     let mut current_dir = dir.to_path_buf();
@@ -378,6 +395,8 @@ pub fn resolve_chain(
             path: memory,
             pages: base_snap.memory.pages.clone(),
             id: base_snap.memory.id,
+            // The file just checked, so the restore maps this one and not a replacement.
+            file: Some(LayerFile(std::sync::Arc::new(file))),
         });
         base = base_snap.memory.base.clone();
         current_dir = base_dir;
@@ -398,6 +417,17 @@ pub fn load_base(dir: &Path) -> Result<Snapshot, SnapshotError> {
     })
 }
 
+/// This process's `/proc/self/pagemap`, opened before a worker gives up its view of `/proc`.
+static PAGEMAP: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+
+/// Opens `/proc/self/pagemap` now, for [`written_pages`] after the file system is gone.
+pub fn preopen_pagemap() -> std::io::Result<()> {
+    if PAGEMAP.get().is_none() {
+        let _ = PAGEMAP.set(File::open("/proc/self/pagemap")?);
+    }
+    Ok(())
+}
+
 /// Reads which pages of `[host, host + len)` this process wrote since they were mapped
 /// copy-on-write: present (or swapped) pages that are no longer the file's page-cache page.
 /// Unlike KVM's dirty log this also sees writes made by the VMM itself (virtio devices), and
@@ -408,7 +438,14 @@ pub fn written_pages(host: *const u8, len: usize) -> std::io::Result<Vec<bool>> 
     const SWAPPED: u64 = 1 << 62;
     const FILE_OR_SHARED: u64 = 1 << 61;
     const BATCH: usize = 1 << 16;
-    let pagemap = File::open("/proc/self/pagemap")?;
+    let opened;
+    let pagemap = match PAGEMAP.get() {
+        Some(f) => f,
+        None => {
+            opened = File::open("/proc/self/pagemap")?;
+            &opened
+        }
+    };
     let pages = len / PAGE_SIZE;
     let first = host as u64 / PAGE_SIZE as u64;
     let mut out = Vec::with_capacity(pages);

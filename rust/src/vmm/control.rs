@@ -5,7 +5,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How a VM ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Outcome {
     /// The guest wrote `code` to the power-off port (or asked KVM for a system shutdown).
     PowerOff { code: u32 },
@@ -17,10 +17,16 @@ pub enum Outcome {
     Crash { reason: String },
     /// The host stopped the VM.
     Stopped,
+    /// The VMM process itself died (a signal, a panic, a forbidden system call); only a worker's
+    /// owner reports this.
+    VmmCrash { reason: String },
+    /// The VM's memory limit was exceeded and the kernel killed its VMM process.
+    OutOfMemory { reason: String },
 }
 
 impl Outcome {
-    /// Short name of the kind: "poweroff", "reset", "panic", "crash", "stopped".
+    /// Short name of the kind: "poweroff", "reset", "panic", "crash", "stopped", "vmm_crash",
+    /// "oom".
     pub fn kind(&self) -> &'static str {
         match self {
             Outcome::PowerOff { .. } => "poweroff",
@@ -28,6 +34,8 @@ impl Outcome {
             Outcome::Panic { .. } => "panic",
             Outcome::Crash { .. } => "crash",
             Outcome::Stopped => "stopped",
+            Outcome::VmmCrash { .. } => "vmm_crash",
+            Outcome::OutOfMemory { .. } => "oom",
         }
     }
 
@@ -35,9 +43,11 @@ impl Outcome {
     pub fn reason(&self) -> String {
         match self {
             Outcome::PowerOff { code } => format!("guest powered off with code {code}"),
-            Outcome::Reset { reason } | Outcome::Panic { reason } | Outcome::Crash { reason } => {
-                reason.clone()
-            }
+            Outcome::Reset { reason }
+            | Outcome::Panic { reason }
+            | Outcome::Crash { reason }
+            | Outcome::VmmCrash { reason }
+            | Outcome::OutOfMemory { reason } => reason.clone(),
             Outcome::Stopped => "stopped by the host".to_string(),
         }
     }

@@ -42,7 +42,7 @@ GLIBC_TUNABLES=",
 );
 
 /// A CPUID template.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CpuTemplate {
     Normal,
     Compat,

@@ -18,7 +18,7 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 
 /// What backs guest RAM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MemoryBacking {
     /// An anonymous memfd (sealed from nobody; shareable by passing its descriptor).
     Memfd,
@@ -119,7 +119,7 @@ impl GuestRam {
                 // Every file of the chain is opened (and its size checked) before anything is
                 // mapped; the diffs' files are kept for `map_overlays`.
                 for layer in layers {
-                    overlay_files.push(open_layer(&layer.path, size)?);
+                    overlay_files.push(open_layer(layer, size)?);
                 }
                 if overlay_files.is_empty() {
                     return Err(MemoryError::Mmap("the snapshot chain is empty".into()));
@@ -386,9 +386,13 @@ impl GuestRam {
 
 /// Opens one file of a snapshot's memory chain read-only (a regular file only, never through a
 /// symlink: see [`crate::snapshot::open_regular`]) and checks its size.
-fn open_layer(path: &std::path::Path, size: u64) -> Result<File, MemoryError> {
-    let shown = path.display().to_string();
-    let file = crate::snapshot::open_regular(path).map_err(|e| MemoryError::File {
+fn open_layer(layer: &MemoryLayer, size: u64) -> Result<File, MemoryError> {
+    let shown = layer.path.display().to_string();
+    let opened = match &layer.file {
+        Some(f) => f.0.try_clone(),
+        None => crate::snapshot::open_regular(&layer.path),
+    };
+    let file = opened.map_err(|e| MemoryError::File {
         path: shown.clone(),
         msg: os_msg(&e),
     })?;

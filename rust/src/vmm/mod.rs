@@ -36,7 +36,7 @@ pub use cpuid::CpuTemplate;
 pub use memory::MemoryBacking;
 
 /// Where the first vCPU starts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum BootSource {
     /// An uncompressed ELF `vmlinux`, entered through its PVH note (32-bit protected mode,
     /// paging off, `%ebx` = physical address of `hvm_start_info`).
@@ -54,7 +54,7 @@ pub enum BootSource {
 }
 
 /// CPU mode a raw binary starts in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RawMode {
     /// 16-bit real mode: `cs = load_addr >> 4`, `ip = 0`, `sp = 0xfff0` in the same segment;
     /// `load_addr` must be 16-byte aligned and below 1 MiB.
@@ -66,21 +66,21 @@ pub enum RawMode {
 }
 
 /// Which CPUID template to present; `Auto` picks `Compat` on emulating hosts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CpuTemplateChoice {
     Auto,
     Fixed(CpuTemplate),
 }
 
 /// One virtio-blk disk.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
 }
 
 /// Everything needed to build and start a VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub boot: BootSource,
     pub memory_mib: u64,

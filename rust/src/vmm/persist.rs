@@ -7,6 +7,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -247,7 +249,7 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), String> {
 }
 
 /// What may differ between the VM that was snapshotted and the one restored from it.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RestoreOverrides {
     /// Host Unix socket for vsock; required when the snapshot has a vsock device.
     pub vsock_path: Option<PathBuf>,
@@ -301,6 +303,31 @@ impl Vmm {
         dir: &Path,
         base: Option<&Path>,
     ) -> Result<SnapshotReport, SnapshotError> {
+        let base = base
+            .map(|b| open_base(self.ram.size, dir, b))
+            .transpose()?;
+        let mut out = AtomicDir::new(dir)?;
+        let (memory, memory_tmp) = out.create(MEMORY_FILE)?;
+        let (state, state_tmp) = out.create(VMSTATE_FILE)?;
+        let mut report = self.snapshot_into(&memory, &state, base)?;
+        let clock = Instant::now();
+        out.finish(memory, &memory_tmp)?;
+        out.finish(state, &state_tmp)?;
+        out.commit()?;
+        report.phases.push(("commit", clock.elapsed().as_secs_f64()));
+        Ok(report)
+    }
+
+    /// Pauses the VM, captures its state, and writes the memory to `memory` and the state to
+    /// `state` (both empty and writable; the caller syncs them and publishes them under their
+    /// final names). `base` is the base of a diff, already opened (see [`open_base`]). This is
+    /// all a jailed worker does for a snapshot: it opens no path.
+    pub fn snapshot_into(
+        &self,
+        memory: &File,
+        state: &File,
+        base: Option<OpenedBase>,
+    ) -> Result<SnapshotReport, SnapshotError> {
         let mut clock = Instant::now();
         let mut phases = Vec::new();
         let mut mark = |name: &'static str| {
@@ -350,13 +377,22 @@ impl Vmm {
         };
         mark("capture");
 
-        let base = base.map(|b| self.open_base(dir, b)).transpose()?;
-        let mut out = AtomicDir::new(dir)?;
-        let (file, tmp) = out.create(MEMORY_FILE)?;
-        file.set_len(self.ram.size).map_err(write_err(&tmp))?;
+        let base = match base {
+            None => None,
+            Some(b) => {
+                let ram = GuestRam::new(self.ram.size >> 20, &MemoryBacking::Snapshot(b.layers))
+                    .map_err(|e| SnapshotError::Base {
+                        path: b.reference.path.clone(),
+                        why: e.to_string(),
+                    })?;
+                Some((b.reference, ram))
+            }
+        };
+        let memory_name = Path::new(MEMORY_FILE);
+        memory.set_len(self.ram.size).map_err(write_err(memory_name))?;
         let mut compared_pages = None;
         let written = match &base {
-            None => self.ram.write_to(&file),
+            None => self.ram.write_to(memory),
             Some((base_ref, base_ram)) => {
                 let candidates = self.pages_written_since(&base_ref.id)?;
                 compared_pages = Some(
@@ -367,75 +403,40 @@ impl Vmm {
                         }),
                 );
                 self.ram
-                    .write_diff(&file, base_ram, &base_ref.id, candidates.as_deref())
+                    .write_diff(memory, base_ram, &base_ref.id, candidates.as_deref())
             }
         }
-        .map_err(write_err(&tmp))?;
-        out.finish(file, &tmp)?;
+        .map_err(write_err(memory_name))?;
         mark("memory");
-        let memory = MemoryState {
+        let memory_state = MemoryState {
             id: written.id,
             base: base.map(|(r, _)| r),
             pages: written.pages,
         };
-        let diff_pages = memory.base.as_ref().map(|_| memory.stored_pages());
-        let state = Snapshot {
+        let diff_pages = memory_state
+            .base
+            .as_ref()
+            .map(|_| memory_state.stored_pages());
+        let encoded = Snapshot {
             machine,
             vm,
             vcpus,
             devices,
-            memory,
+            memory: memory_state,
         }
         .encode();
-        out.write(VMSTATE_FILE, &state)?;
+        (&*state)
+            .write_all(&encoded)
+            .map_err(write_err(Path::new(VMSTATE_FILE)))?;
         mark("state");
-        out.commit()?;
-        mark("commit");
         Ok(SnapshotReport {
             phases,
             memory_bytes: written.bytes,
-            state_bytes: state.len() as u64,
+            state_bytes: encoded.len() as u64,
             memory_id: written.id,
             diff_pages,
             compared_pages,
         })
-    }
-
-    /// Loads the base of a diff about to be written to `dir`: the reference the diff records
-    /// (its path relative to `dir` where they share a parent) and its memory, mapped
-    /// copy-on-write for comparison.
-    fn open_base(&self, dir: &Path, base: &Path) -> Result<(BaseRef, GuestRam), SnapshotError> {
-        let shown = base.display().to_string();
-        let fail = |why: String| SnapshotError::Base {
-            path: shown.clone(),
-            why,
-        };
-        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-        if abs(base) == abs(dir) {
-            return Err(fail("a snapshot cannot be its own base".into()));
-        }
-        let snap = snapmem::load_base(base)?;
-        if snap.machine.memory_size != self.ram.size {
-            return Err(fail(format!(
-                "it has {} MiB of RAM, this VM {} MiB",
-                snap.machine.memory_size >> 20,
-                self.ram.size >> 20
-            )));
-        }
-        let layers = snapmem::resolve_chain(base, &snap, None)?;
-        let ram = GuestRam::new(self.ram.size >> 20, &super::MemoryBacking::Snapshot(layers))
-            .map_err(|e| fail(e.to_string()))?;
-        let (memory_len, memory_mtime_ns) =
-            snapmem::file_stamp(&base.join(MEMORY_FILE)).map_err(|e| fail(e.to_string()))?;
-        Ok((
-            BaseRef {
-                path: relative_to(&abs(base), &abs(dir)),
-                id: snap.memory.id,
-                memory_len,
-                memory_mtime_ns,
-            },
-            ram,
-        ))
     }
 
     /// The pages that may differ from the snapshot whose memory is `base_id`, when this VM's
@@ -565,4 +566,51 @@ fn relative_to(target: &Path, from: &Path) -> String {
         }
         _ => target.display().to_string(),
     }
+}
+
+/// The base of a diff snapshot, opened: what the diff records and the base's memory chain with
+/// every file open.
+pub struct OpenedBase {
+    pub reference: BaseRef,
+    pub layers: Vec<snapmem::MemoryLayer>,
+}
+
+/// Opens the base of a diff about to be written to `dir` for a VM with `memory_size` bytes of
+/// RAM: the reference the diff records (its path relative to `dir` where they share a parent)
+/// and its memory chain, every file opened and checked.
+pub fn open_base(memory_size: u64, dir: &Path, base: &Path) -> Result<OpenedBase, SnapshotError> {
+    let shown = base.display().to_string();
+    let fail = |why: String| SnapshotError::Base {
+        path: shown.clone(),
+        why,
+    };
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    if abs(base) == abs(dir) {
+        return Err(fail("a snapshot cannot be its own base".into()));
+    }
+    let snap = snapmem::load_base(base)?;
+    if snap.machine.memory_size != memory_size {
+        return Err(fail(format!(
+            "it has {} MiB of RAM, this VM {} MiB",
+            snap.machine.memory_size >> 20,
+            memory_size >> 20
+        )));
+    }
+    let mut layers = snapmem::resolve_chain(base, &snap, None)?;
+    // The chain's top is the base's own memory.bin, which resolve_chain leaves to be opened.
+    let top = layers.last_mut().expect("a chain has its own layer");
+    let file = crate::snapshot::open_regular(&top.path)
+        .map_err(|e| fail(format!("{}: {}", top.path.display(), os_msg(&e))))?;
+    let (memory_len, memory_mtime_ns) =
+        snapmem::stamp_of(&file).map_err(|e| fail(os_msg(&e)))?;
+    top.file = Some(snapmem::LayerFile(std::sync::Arc::new(file)));
+    Ok(OpenedBase {
+        reference: BaseRef {
+            path: relative_to(&abs(base), &abs(dir)),
+            id: snap.memory.id,
+            memory_len,
+            memory_mtime_ns,
+        },
+        layers,
+    })
 }

@@ -10,5 +10,11 @@
 //! - [`host`]: what this host supports (for `supermachine doctor` and the jail's choices).
 
 pub mod cgroup;
+pub mod client;
+pub mod console_ring;
+pub mod protocol;
 pub mod host;
+pub mod jail;
 pub mod seccomp;
+pub mod server;
+pub mod spawn;

@@ -16,3 +16,15 @@ pub enum ThreadKind {
 pub fn apply(_kind: ThreadKind) -> Result<(), String> {
     Ok(())
 }
+
+/// TEMPORARY stand-ins until the filters land.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    Enforce,
+    Log,
+}
+
+pub fn prepare(_mode: Mode) -> Result<(), String> {
+    Ok(())
+}
+pub const EXIT_SECCOMP_DENIED: i32 = 159;

@@ -42,6 +42,7 @@ impl ConsoleBuffer {
     }
 
     pub fn push(&self, data: &[u8]) {
+        crate::worker::console_ring::mirror(data);
         if !data.is_empty() {
             self.first_byte.get_or_init(std::time::Instant::now);
         }

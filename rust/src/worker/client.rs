@@ -1,0 +1,692 @@
+//! The owner's side: starts a worker for one VM and drives it over the control channel.
+//!
+//! Nothing the worker says is trusted beyond its shape: every frame is bounded, every call has
+//! a deadline, and a worker that breaks the protocol, stops answering or dies is killed and
+//! reported as a crashed VMM ([`Outcome::VmmCrash`], or [`Outcome::OutOfMemory`] when its
+//! memory limit was hit). Other VMs and the owner's process are not affected.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::cgroup::{Limits, VmCgroup};
+use super::console_ring::ConsoleRing;
+use super::protocol::{
+    self, ChannelError, ErrorKind, Frame, JailConfig, Reply, Request, SnapshotSummary, VmInfo,
+    WireBase, WireError, WireLayer, WireTimings, PROTOCOL_VERSION,
+};
+use super::seccomp::EXIT_SECCOMP_DENIED;
+use super::server::EXIT_PANIC;
+use super::spawn::{self, Isolation};
+use crate::snapshot::{AtomicDir, MEMORY_FILE, VMSTATE_FILE};
+use crate::vmm::persist::{open_base, RestoreOverrides};
+use crate::vmm::{Outcome, VmConfig};
+
+/// Deadline of an ordinary request.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of a start or restore (a build reads the kernel, maps memory, creates vCPUs).
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
+/// Deadline of a snapshot: it writes all of guest RAM.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long a stopping worker gets to exit before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// The most of the worker's log read to explain a crash.
+const LOG_TAIL: u64 = 16 << 10;
+
+/// How to run a VM's worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerOptions {
+    /// The `supermachine-vmm` executable.
+    pub program: PathBuf,
+    /// Namespaces to start it in (weaker ones are used where the host refuses these).
+    pub isolation: IsolationChoice,
+    /// The per-VM directory (owner-made, private) the jail's empty root is created under, and
+    /// where the worker's log goes.
+    pub runtime_dir: Option<PathBuf>,
+    /// Unprivileged ids to drop to (when the owner is root).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub seccomp: bool,
+    pub limits: Limits,
+    /// Name of the per-VM cgroup (unique per VM).
+    pub cgroup_name: Option<String>,
+    /// Bytes of console kept in the shared ring.
+    pub console_capacity: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationChoice {
+    Namespaces,
+    UserNamespaces,
+    None,
+}
+
+/// Why a worker call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The VMM reported an error; the VM (if any) is still there.
+    #[error("{}", .0.message)]
+    Vmm(WireError),
+    /// The worker is gone; the VM ended with this outcome.
+    #[error("{}", .0.reason())]
+    Crashed(Outcome),
+    #[error("cannot start the VMM worker {program}: {msg}")]
+    Spawn { program: String, msg: String },
+    #[error("cannot set the VM's resource limits: {0}")]
+    Limits(String),
+    #[error("cannot write the snapshot: {0}")]
+    Snapshot(String),
+}
+
+struct Process {
+    /// Raw wait status once reaped.
+    status: Option<i32>,
+    /// Set when the worker was killed for misbehaving (the reason to report).
+    killed_for: Option<String>,
+    outcome: Option<Outcome>,
+}
+
+/// A VM whose VMM runs in its own worker process.
+pub struct WorkerVm {
+    channel: Mutex<std::os::unix::net::UnixStream>,
+    pid: libc::pid_t,
+    process: Mutex<Process>,
+    ring: ConsoleRing,
+    info: VmInfo,
+    cgroup: Option<VmCgroup>,
+    log: Option<PathBuf>,
+    memory_limit: Option<u64>,
+    isolation: Isolation,
+    /// When the owner's start/restore call began, and the owner-side phases before the build.
+    called_ns: u64,
+    owner_phases: Vec<(String, f64)>,
+}
+
+impl WorkerVm {
+    /// Boots `config` in a new worker.
+    pub fn start(config: &VmConfig, options: &WorkerOptions) -> Result<WorkerVm, WorkerError> {
+        let capacity = config.console_capacity;
+        Self::launch(options, capacity, |jail| Request::Start {
+            config: Box::new(config.clone()),
+            jail,
+        })
+    }
+
+    /// Restores the snapshot in `dir` in a new worker.
+    pub fn restore(
+        dir: &Path,
+        overrides: &RestoreOverrides,
+        options: &WorkerOptions,
+    ) -> Result<WorkerVm, WorkerError> {
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        Self::launch(options, options.console_capacity, |jail| Request::Restore {
+            dir: dir.clone(),
+            overrides: Box::new(overrides.clone()),
+            jail,
+        })
+    }
+
+    fn launch(
+        options: &WorkerOptions,
+        console_capacity: usize,
+        request: impl FnOnce(JailConfig) -> Request,
+    ) -> Result<WorkerVm, WorkerError> {
+        let called = Instant::now();
+        let called_ns = protocol::instant_ns(called);
+        let mut phases = Vec::new();
+        let mut clock = called;
+        let mut mark = |name: &str| {
+            let now = Instant::now();
+            phases.push((name.to_string(), (now - clock).as_secs_f64()));
+            clock = now;
+        };
+        let shown = options.program.display().to_string();
+        let spawn_err = |msg: String| WorkerError::Spawn {
+            program: shown.clone(),
+            msg,
+        };
+        let log_path = options.runtime_dir.as_ref().map(|d| d.join("vmm.log"));
+        let log = log_path
+            .as_ref()
+            .map(|p| {
+                File::options()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(p)
+            })
+            .transpose()
+            .map_err(|e| spawn_err(format!("cannot create its log: {}", crate::vmm::os_msg(&e))))?;
+        let (ring, ring_file) = ConsoleRing::create(console_capacity)
+            .map_err(|e| spawn_err(format!("cannot create the console ring: {e}")))?;
+        let wanted = match options.isolation {
+            IsolationChoice::Namespaces => Isolation::Namespaces,
+            IsolationChoice::UserNamespaces => Isolation::UserNamespaces,
+            IsolationChoice::None => Isolation::None,
+        };
+        let spawned = spawn::spawn(&options.program, wanted, log.as_ref())
+            .map_err(|e| spawn_err(crate::vmm::os_msg(&e)))?;
+        mark("spawn");
+        // The limits hold before the worker allocates anything.
+        let cgroup = match options.cgroup_name.as_deref() {
+            Some(name) => match VmCgroup::create(name, &options.limits) {
+                Ok(Some(cg)) => match cg.add_process(spawned.pid) {
+                    Ok(()) => Some(cg),
+                    Err(e) => {
+                        spawn::kill_and_reap(spawned.pid);
+                        return Err(WorkerError::Limits(e.to_string()));
+                    }
+                },
+                Ok(None) => None,
+                Err(e) => {
+                    spawn::kill_and_reap(spawned.pid);
+                    return Err(WorkerError::Limits(e.to_string()));
+                }
+            },
+            None => None,
+        };
+        mark("limits");
+        let mut vm = WorkerVm {
+            channel: Mutex::new(spawned.channel),
+            pid: spawned.pid,
+            process: Mutex::new(Process {
+                status: None,
+                killed_for: None,
+                outcome: None,
+            }),
+            ring,
+            info: VmInfo {
+                cmdline: String::new(),
+                cpu_template: String::new(),
+                memory_size: 0,
+                console_capacity: console_capacity as u64,
+                vsock_path: None,
+                devices: Vec::new(),
+                protections: Vec::new(),
+            },
+            cgroup,
+            log: log_path,
+            memory_limit: options.limits.memory_max,
+            isolation: spawned.isolation,
+            called_ns,
+            owner_phases: Vec::new(),
+        };
+        match vm.call(&Request::Hello { version: PROTOCOL_VERSION }, &[], &[], CALL_TIMEOUT)?.message {
+            Reply::Hello { .. } => {}
+            _ => return Err(vm.broken("a start-up reply of the wrong kind")),
+        }
+        mark("hello");
+        let jail = JailConfig {
+            root_parent: options.runtime_dir.clone(),
+            uid: options.uid,
+            gid: options.gid,
+            seccomp: options.seccomp,
+            namespaces: spawned.isolation.names(),
+        };
+        let request = request(jail);
+        let frame = vm.call(&request, &[], &[ring_file.as_raw_fd()], LAUNCH_TIMEOUT)?;
+        drop(ring_file);
+        match frame.message {
+            Reply::Info(info) => vm.info = *info,
+            _ => return Err(vm.broken("a start reply of the wrong kind")),
+        }
+        mark("build");
+        vm.owner_phases = phases;
+        Ok(vm)
+    }
+
+    fn channel(&self) -> MutexGuard<'_, std::os::unix::net::UnixStream> {
+        self.channel.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn process(&self) -> MutexGuard<'_, Process> {
+        self.process.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One request and its reply, within `timeout`. A VMM error comes back as
+    /// [`WorkerError::Vmm`]; any channel failure ends the worker ([`WorkerError::Crashed`]).
+    fn call(
+        &self,
+        request: &Request,
+        payload: &[u8],
+        fds: &[RawFd],
+        timeout: Duration,
+    ) -> Result<Frame<Reply>, WorkerError> {
+        if let Some(outcome) = self.dead_outcome() {
+            return Err(WorkerError::Crashed(outcome));
+        }
+        let result = {
+            let channel = self.channel();
+            let set = channel
+                .set_read_timeout(Some(timeout))
+                .and_then(|()| channel.set_write_timeout(Some(timeout)));
+            match set {
+                Err(e) => Err(ChannelError::Io(crate::vmm::os_msg(&e))),
+                Ok(()) => protocol::send(&channel, request, payload, fds)
+                    .and_then(|()| protocol::recv::<Reply>(&channel))
+                    .and_then(|f| f.ok_or(ChannelError::Closed)),
+            }
+        };
+        match result {
+            Ok(Frame {
+                message: Reply::Error(e),
+                ..
+            }) => Err(WorkerError::Vmm(e)),
+            Ok(frame) => Ok(frame),
+            Err(ChannelError::Closed) => Err(WorkerError::Crashed(self.reap(None))),
+            Err(ChannelError::Timeout(_)) => Err(WorkerError::Crashed(self.reap(Some(format!(
+                "the VMM did not answer within {} s and was killed",
+                timeout.as_secs()
+            ))))),
+            Err(e) => Err(WorkerError::Crashed(
+                self.reap(Some(format!("the VMM broke its protocol ({e}) and was killed"))),
+            )),
+        }
+    }
+
+    /// Kills a worker that sent something it should not have.
+    fn broken(&self, what: &str) -> WorkerError {
+        WorkerError::Crashed(self.reap(Some(format!(
+            "the VMM broke its protocol ({what}) and was killed"
+        ))))
+    }
+
+    /// The outcome of a worker already known to be gone.
+    fn dead_outcome(&self) -> Option<Outcome> {
+        self.process().outcome.clone()
+    }
+
+    /// Collects the worker (killing it first if `kill_for` says why) and works out why it ended.
+    fn reap(&self, kill_for: Option<String>) -> Outcome {
+        let mut p = self.process();
+        if let Some(o) = &p.outcome {
+            return o.clone();
+        }
+        if kill_for.is_some() {
+            p.killed_for = kill_for;
+            // SAFETY: our unreaped child; its pid cannot have been reused.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+        let status = p.status.unwrap_or_else(|| wait_exit(self.pid, EXIT_GRACE));
+        p.status = Some(status);
+        let outcome = self.explain(status, p.killed_for.as_deref());
+        p.outcome = Some(outcome.clone());
+        outcome
+    }
+
+    fn explain(&self, status: i32, killed_for: Option<&str>) -> Outcome {
+        if let Some(why) = killed_for {
+            return Outcome::VmmCrash {
+                reason: format!("VMM crashed: {why}"),
+            };
+        }
+        if self.cgroup.as_ref().is_some_and(|c| c.oom_killed()) {
+            let limit = self
+                .memory_limit
+                .map(|m| format!(" of {} MiB", m >> 20))
+                .unwrap_or_default();
+            return Outcome::OutOfMemory {
+                reason: format!(
+                    "the VM ran out of memory: it exceeded its memory limit{limit} and the \
+                     kernel's OOM killer ended its VMM"
+                ),
+            };
+        }
+        let log = self.log_tail();
+        let last = |prefix: &str| {
+            log.lines()
+                .rev()
+                .find(|l| l.starts_with(prefix))
+                .map(|l| l.trim().to_string())
+        };
+        let reason = if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            format!("VMM crashed: {}", signal_name(sig))
+        } else {
+            match libc::WEXITSTATUS(status) {
+                EXIT_SECCOMP_DENIED => format!(
+                    "VMM crashed: its seccomp filter stopped a forbidden system call ({})",
+                    last("seccomp:").unwrap_or_else(|| "no detail".into())
+                ),
+                EXIT_PANIC => format!(
+                    "VMM crashed: {}",
+                    last("panic:").unwrap_or_else(|| "a thread panicked".into())
+                ),
+                0 => "VMM exited".to_string(),
+                code => format!("VMM crashed: it exited with status {code}"),
+            }
+        };
+        Outcome::VmmCrash { reason }
+    }
+
+    /// The end of the worker's log (bounded; its content is only shown, never parsed for paths).
+    fn log_tail(&self) -> String {
+        let Some(path) = &self.log else {
+            return String::new();
+        };
+        let Ok(mut f) = crate::snapshot::open_regular(path) else {
+            return String::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL)));
+        let mut buf = Vec::new();
+        let _ = f.take(LOG_TAIL).read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// The worker's pid (in the owner's PID namespace).
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    pub fn info(&self) -> &VmInfo {
+        &self.info
+    }
+
+    /// Protections in force in the worker, by name.
+    pub fn protections(&self) -> Vec<String> {
+        self.info.protections.clone()
+    }
+
+    pub fn isolation(&self) -> Isolation {
+        self.isolation
+    }
+
+    /// The outcome, or `None` while the VM runs.
+    pub fn outcome(&self) -> Option<Outcome> {
+        match self.call(&Request::Status, &[], &[], CALL_TIMEOUT) {
+            Ok(Frame {
+                message: Reply::Status { outcome, .. },
+                ..
+            }) => outcome,
+            Ok(_) => Some(match self.broken("a status reply of the wrong kind") {
+                WorkerError::Crashed(o) => o,
+                _ => unreachable!("broken() always crashes"),
+            }),
+            Err(WorkerError::Crashed(o)) => Some(o),
+            Err(_) => None,
+        }
+    }
+
+    /// Waits up to `timeout` (forever with `None`) for the VM to end.
+    pub fn wait(&self, timeout: Option<Duration>) -> Option<Outcome> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let slice = deadline
+                .map(|d| d.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_millis(500))
+                .min(Duration::from_millis(500));
+            let request = Request::Wait {
+                timeout_ms: slice.as_millis() as u64,
+            };
+            match self.call(&request, &[], &[], CALL_TIMEOUT) {
+                Ok(Frame {
+                    message: Reply::Status {
+                        outcome: Some(o), ..
+                    },
+                    ..
+                }) => return Some(o),
+                Ok(Frame {
+                    message: Reply::Status { .. },
+                    ..
+                }) => {}
+                Ok(_) => {
+                    return match self.broken("a wait reply of the wrong kind") {
+                        WorkerError::Crashed(o) => Some(o),
+                        _ => None,
+                    }
+                }
+                Err(WorkerError::Crashed(o)) => return Some(o),
+                Err(_) => return None,
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+        }
+    }
+
+    fn simple(&self, request: Request) -> Result<(), WorkerError> {
+        match self.call(&request, &[], &[], CALL_TIMEOUT)?.message {
+            Reply::Ok => Ok(()),
+            _ => Err(self.broken("a reply of the wrong kind")),
+        }
+    }
+
+    pub fn pause(&self) -> Result<(), WorkerError> {
+        self.simple(Request::Pause)
+    }
+
+    pub fn resume(&self) -> Result<(), WorkerError> {
+        self.simple(Request::Resume)
+    }
+
+    /// Stops the VM and collects the worker; idempotent.
+    pub fn stop(&self) {
+        if self.dead_outcome().is_some() {
+            return;
+        }
+        let ended = match self.call(&Request::Stop, &[], &[], CALL_TIMEOUT) {
+            Ok(Frame {
+                message: Reply::Status { outcome, .. },
+                ..
+            }) => outcome.unwrap_or(Outcome::Stopped),
+            Ok(_) => Outcome::Stopped,
+            // Already reaped and explained.
+            Err(_) => return,
+        };
+        let mut p = self.process();
+        if p.outcome.is_none() {
+            p.status = Some(wait_exit(self.pid, EXIT_GRACE));
+            p.outcome = Some(ended);
+        }
+    }
+
+    /// Guest serial output kept in the shared ring (available after a crash too).
+    pub fn console(&self) -> Vec<u8> {
+        self.ring.contents()
+    }
+
+    fn bytes(&self, request: Request, payload: &[u8]) -> Result<Vec<u8>, WorkerError> {
+        let frame = self.call(&request, payload, &[], CALL_TIMEOUT)?;
+        match frame.message {
+            Reply::Bytes => Ok(frame.payload),
+            _ => Err(self.broken("a reply of the wrong kind")),
+        }
+    }
+
+    pub fn read_memory(&self, gpa: u64, len: usize) -> Result<Vec<u8>, WorkerError> {
+        let data = self.bytes(
+            Request::ReadMemory {
+                gpa,
+                len: len as u64,
+            },
+            &[],
+        )?;
+        if data.len() != len {
+            return Err(self.broken("a memory read of the wrong length"));
+        }
+        Ok(data)
+    }
+
+    pub fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), WorkerError> {
+        match self.call(&Request::WriteMemory { gpa }, data, &[], CALL_TIMEOUT)?.message {
+            Reply::Ok => Ok(()),
+            _ => Err(self.broken("a reply of the wrong kind")),
+        }
+    }
+
+    pub fn dirty_pages(&self) -> Result<Vec<u8>, WorkerError> {
+        let bits = self.bytes(Request::DirtyPages, &[])?;
+        if bits.len() != crate::snapshot::memory::bitmap_len(self.info.memory_size) {
+            return Err(self.broken("a dirty-page bitmap of the wrong size"));
+        }
+        Ok(bits)
+    }
+
+    pub fn device_status(&self, index: usize) -> Result<Option<u32>, WorkerError> {
+        match self
+            .call(
+                &Request::DeviceStatus {
+                    index: index as u32,
+                },
+                &[],
+                &[],
+                CALL_TIMEOUT,
+            )?
+            .message
+        {
+            Reply::DeviceStatus { status } => Ok(status),
+            _ => Err(self.broken("a reply of the wrong kind")),
+        }
+    }
+
+    pub fn unhandled_exits(&self) -> Result<(u64, u64), WorkerError> {
+        match self.call(&Request::Status, &[], &[], CALL_TIMEOUT)?.message {
+            Reply::Status {
+                unhandled_exits, ..
+            } => Ok(unhandled_exits),
+            _ => Err(self.broken("a reply of the wrong kind")),
+        }
+    }
+
+    /// Start-up timings measured from the owner's start/restore call: the owner's own phases
+    /// (spawn, limits, hello) followed by the worker's.
+    pub fn timings(&self) -> Result<(WireTimings, Vec<(String, f64)>), WorkerError> {
+        match self.call(&Request::Timings, &[], &[], CALL_TIMEOUT)?.message {
+            Reply::Timings(t) => {
+                let mut phases = self.owner_phases.clone();
+                phases.retain(|(n, _)| n != "build");
+                phases.extend(t.phases.iter().cloned());
+                Ok((t, phases))
+            }
+            _ => Err(self.broken("a reply of the wrong kind")),
+        }
+    }
+
+    /// When the owner's call began (CLOCK_MONOTONIC ns).
+    pub fn called_ns(&self) -> u64 {
+        self.called_ns
+    }
+
+    /// Writes a snapshot of the VM to `dir` (atomically: the worker fills files this process
+    /// created, which it then syncs and renames into place). With `base`, a diff against it.
+    pub fn snapshot(&self, dir: &Path, base: Option<&Path>) -> Result<SnapshotSummary, WorkerError> {
+        let clock = Instant::now();
+        let snap_err = |e: crate::snapshot::SnapshotError| WorkerError::Snapshot(e.to_string());
+        let opened = base
+            .map(|b| open_base(self.info.memory_size, dir, b))
+            .transpose()
+            .map_err(|e| WorkerError::Vmm(super::server::wire_error(crate::vmm::VmmError::Snapshot(e))))?;
+        let mut out = AtomicDir::new(dir).map_err(snap_err)?;
+        let (memory, memory_tmp) = out.create(MEMORY_FILE).map_err(snap_err)?;
+        let (state, state_tmp) = out.create(VMSTATE_FILE).map_err(snap_err)?;
+        let mut fds = vec![memory.as_raw_fd(), state.as_raw_fd()];
+        let wire_base = opened.as_ref().map(|b| {
+            for layer in &b.layers {
+                if let Some(f) = &layer.file {
+                    fds.push(f.0.as_raw_fd());
+                }
+            }
+            WireBase {
+                path: b.reference.path.clone(),
+                id: b.reference.id,
+                memory_len: b.reference.memory_len,
+                memory_mtime_ns: b.reference.memory_mtime_ns,
+                layers: b
+                    .layers
+                    .iter()
+                    .map(|l| WireLayer {
+                        id: l.id,
+                        pages: l.pages.clone(),
+                    })
+                    .collect(),
+            }
+        });
+        if let Some(b) = &opened {
+            if b.layers.iter().any(|l| l.file.is_none()) {
+                return Err(WorkerError::Snapshot("the base chain has a file that is not open".into()));
+            }
+        }
+        let frame = self.call(&Request::Snapshot { base: wire_base }, &[], &fds, SNAPSHOT_TIMEOUT)?;
+        let Reply::Snapshot(mut summary) = frame.message else {
+            return Err(self.broken("a snapshot reply of the wrong kind"));
+        };
+        let commit = Instant::now();
+        out.finish(memory, &memory_tmp).map_err(snap_err)?;
+        out.finish(state, &state_tmp).map_err(snap_err)?;
+        out.commit().map_err(snap_err)?;
+        summary
+            .phases
+            .push(("commit".into(), commit.elapsed().as_secs_f64()));
+        let _ = clock;
+        Ok(summary)
+    }
+}
+
+impl Drop for WorkerVm {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(cg) = self.cgroup.take() {
+            cg.remove();
+        }
+    }
+}
+
+/// Waits for `pid` to exit, killing it after `grace`; returns the raw wait status.
+fn wait_exit(pid: libc::pid_t, grace: Duration) -> i32 {
+    let deadline = Instant::now() + grace;
+    let mut status = 0;
+    loop {
+        // SAFETY: our child; WNOHANG never blocks.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid || r < 0 {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: our unreaped child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// "SIGBUS" and friends.
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGSYS => "SIGSYS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGPIPE => "SIGPIPE",
+        other => return format!("signal {other}"),
+    };
+    name.to_string()
+}
+
+impl From<WorkerError> for WireError {
+    fn from(e: WorkerError) -> Self {
+        match e {
+            WorkerError::Vmm(w) => w,
+            other => WireError {
+                kind: ErrorKind::Runtime,
+                message: other.to_string(),
+            },
+        }
+    }
+}

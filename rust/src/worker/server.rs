@@ -1,0 +1,459 @@
+//! The worker's side of the control channel: one VM per process. The owner starts the worker
+//! with the channel as standard input (see [`super::spawn`]); the worker builds the VM it is
+//! asked for, confines itself ([`super::jail`], [`super::seccomp`]) before the first guest
+//! instruction, then serves requests until told to stop or until the owner goes away.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::console_ring::{self, ConsoleRing};
+use super::jail;
+use super::protocol::{
+    self, ErrorKind, Frame, JailConfig, Reply, Request, SnapshotSummary, VmInfo, WireBase,
+    WireDevice, WireError, WireTimings, PROTOCOL_VERSION,
+};
+use super::seccomp::{self, ThreadKind};
+use crate::snapshot::memory::{LayerFile, MemoryLayer, MAX_CHAIN};
+use crate::snapshot::SnapshotError;
+use crate::vmm::persist::{OpenedBase, RestoreOverrides};
+use crate::vmm::{VmConfig, Vmm, VmmError};
+
+/// Exit status of a worker whose thread panicked (the message is on standard error).
+pub const EXIT_PANIC: i32 = 101;
+/// Exit status of a worker whose owner spoke another protocol version.
+pub const EXIT_VERSION: i32 = 2;
+
+/// The longest a single `Wait` may block, so the channel stays responsive.
+const MAX_WAIT: Duration = Duration::from_millis(500);
+
+/// Runs the worker; returns its exit status.
+pub fn main() -> i32 {
+    unblock_signals();
+    install_panic_hook();
+    // SAFETY: the owner started us with the control socket as descriptor 0 (see spawn.rs); we
+    // take it over once.
+    let channel = unsafe { UnixStream::from_raw_fd(0) };
+    let mut worker = Worker {
+        channel,
+        vmm: None,
+        protections: Vec::new(),
+    };
+    let status = worker.serve();
+    if let Some(vmm) = worker.vmm.take() {
+        vmm.stop();
+    }
+    status
+}
+
+struct Worker {
+    channel: UnixStream,
+    vmm: Option<Vmm>,
+    protections: Vec<String>,
+}
+
+type Handled = Result<(Reply, Vec<u8>), WireError>;
+
+impl Worker {
+    fn serve(&mut self) -> i32 {
+        loop {
+            let frame = match protocol::recv::<Request>(&self.channel) {
+                Ok(Some(frame)) => frame,
+                // The owner went away (or closed the channel): nobody can use this VM any more.
+                Ok(None) => return 0,
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "supermachine-vmm: {e}");
+                    return 1;
+                }
+            };
+            let stop = matches!(frame.message, Request::Stop);
+            let version_mismatch = matches!(
+                frame.message,
+                Request::Hello { version } if version != PROTOCOL_VERSION
+            );
+            let (reply, payload) = match self.handle(frame) {
+                Ok(r) => r,
+                Err(e) => (Reply::Error(e), Vec::new()),
+            };
+            if protocol::send(&self.channel, &reply, &payload, &[]).is_err() {
+                return 1;
+            }
+            if version_mismatch {
+                return EXIT_VERSION;
+            }
+            if stop {
+                return 0;
+            }
+        }
+    }
+
+    fn vmm(&self) -> Result<&Vmm, WireError> {
+        self.vmm.as_ref().ok_or_else(|| WireError {
+            kind: ErrorKind::State,
+            message: "no VM has been started in this worker".into(),
+        })
+    }
+
+    fn handle(&mut self, frame: Frame<Request>) -> Handled {
+        let Frame {
+            message,
+            payload,
+            files,
+        } = frame;
+        let ok = |r: Reply| Ok((r, Vec::new()));
+        match message {
+            Request::Hello { version } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(WireError {
+                        kind: ErrorKind::State,
+                        message: format!(
+                            "the VMM worker speaks protocol {PROTOCOL_VERSION}, its owner {version}: \
+                             reinstall supermachine so both come from one build"
+                        ),
+                    });
+                }
+                ok(Reply::Hello {
+                    version,
+                    pid: std::process::id(),
+                })
+            }
+            Request::Start { config, jail } => {
+                self.launch(files, &jail, |hook| start_with(&config, hook))
+            }
+            Request::Restore {
+                dir,
+                overrides,
+                jail,
+            } => self.launch(files, &jail, |hook| restore_with(&dir, &overrides, hook)),
+            Request::Info => ok(Reply::Info(Box::new(self.info()?))),
+            Request::Status => {
+                let vmm = self.vmm()?;
+                ok(Reply::Status {
+                    outcome: vmm.outcome(),
+                    unhandled_exits: vmm.unhandled_exits(),
+                })
+            }
+            Request::Wait { timeout_ms } => {
+                let vmm = self.vmm()?;
+                let outcome = vmm.wait(Some(Duration::from_millis(timeout_ms).min(MAX_WAIT)));
+                ok(Reply::Status {
+                    outcome,
+                    unhandled_exits: vmm.unhandled_exits(),
+                })
+            }
+            Request::Pause => {
+                self.vmm()?.pause().map_err(runtime)?;
+                ok(Reply::Ok)
+            }
+            Request::Resume => {
+                self.vmm()?.resume().map_err(runtime)?;
+                ok(Reply::Ok)
+            }
+            Request::Snapshot { base } => self.snapshot(files, base),
+            Request::DirtyPages => Ok((Reply::Bytes, self.vmm()?.dirty_pages().map_err(runtime)?)),
+            Request::ReadMemory { gpa, len } => {
+                let len = usize::try_from(len)
+                    .ok()
+                    .filter(|&l| l <= protocol::MAX_PAYLOAD)
+                    .ok_or_else(|| config_error(format!("a read of {len} bytes is too large")))?;
+                let data = self.vmm()?.read_memory(gpa, len).map_err(config_error)?;
+                Ok((Reply::Bytes, data))
+            }
+            Request::WriteMemory { gpa } => {
+                self.vmm()?.write_memory(gpa, &payload).map_err(config_error)?;
+                ok(Reply::Ok)
+            }
+            Request::DeviceStatus { index } => ok(Reply::DeviceStatus {
+                status: self.vmm()?.device_status(index as usize),
+            }),
+            Request::Timings => ok(Reply::Timings(self.timings()?)),
+            Request::Stop => {
+                let outcome = self.vmm.take().map(|vmm| {
+                    vmm.stop();
+                    vmm.outcome().unwrap_or(crate::vmm::Outcome::Stopped)
+                });
+                ok(Reply::Status {
+                    outcome,
+                    unhandled_exits: (0, 0),
+                })
+            }
+        }
+    }
+
+    /// Builds the VM with `build`, confining the worker in the build's last step (after every
+    /// file is open, before the vCPUs run).
+    fn launch(
+        &mut self,
+        files: Vec<File>,
+        jail_config: &JailConfig,
+        build: impl FnOnce(&mut dyn FnMut() -> Result<(), VmmError>) -> Result<Vmm, VmmError>,
+    ) -> Handled {
+        if self.vmm.is_some() {
+            return Err(WireError {
+                kind: ErrorKind::State,
+                message: "this worker already runs a VM".into(),
+            });
+        }
+        let [ring] = <[File; 1]>::try_from(files).map_err(|_| WireError {
+            kind: ErrorKind::State,
+            message: "a start needs exactly one descriptor: the console ring".into(),
+        })?;
+        let ring = ConsoleRing::map(&ring).map_err(|e| WireError {
+            kind: ErrorKind::Os,
+            message: format!("cannot map the console ring: {e}"),
+        })?;
+        console_ring::install_mirror(ring);
+        if jail_config.seccomp {
+            seccomp::prepare(seccomp_mode()).map_err(|e| jail_error(e.to_string()))?;
+        }
+        crate::snapshot::memory::preopen_pagemap().map_err(|e| WireError {
+            kind: ErrorKind::Os,
+            message: format!("cannot open /proc/self/pagemap: {e}"),
+        })?;
+        let mut jail_failure = None;
+        let mut protections = Vec::new();
+        let mut hook = || -> Result<(), VmmError> {
+            let confine = || -> Result<Vec<String>, String> {
+                let mut active =
+                    jail::enter(jail_config, &jail_config.namespaces).map_err(|e| e.to_string())?;
+                if jail_config.seccomp {
+                    seccomp::apply(ThreadKind::Control).map_err(|e| e.to_string())?;
+                    active.push("seccomp".into());
+                }
+                Ok(active)
+            };
+            match confine() {
+                Ok(active) => {
+                    protections = active;
+                    Ok(())
+                }
+                Err(e) => {
+                    jail_failure = Some(e.clone());
+                    Err(VmmError::Setup(e))
+                }
+            }
+        };
+        let built = build(&mut hook);
+        if let Some(why) = jail_failure {
+            return Err(jail_error(why));
+        }
+        self.vmm = Some(built.map_err(wire_error)?);
+        self.protections = protections;
+        Ok((Reply::Info(Box::new(self.info()?)), Vec::new()))
+    }
+
+    fn info(&self) -> Result<VmInfo, WireError> {
+        let vmm = self.vmm()?;
+        Ok(VmInfo {
+            cmdline: vmm.cmdline().to_string(),
+            cpu_template: vmm.cpu_template().name().to_string(),
+            memory_size: vmm.memory_size(),
+            console_capacity: vmm.console_capacity() as u64,
+            vsock_path: vmm.vsock_path().cloned(),
+            devices: vmm
+                .devices()
+                .iter()
+                .map(|d| WireDevice {
+                    kind: d.kind.to_string(),
+                    mmio_base: d.mmio_base,
+                    gsi: d.gsi,
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            protections: self.protections.clone(),
+        })
+    }
+
+    fn timings(&self) -> Result<WireTimings, WireError> {
+        let vmm = self.vmm()?;
+        let t = vmm.times();
+        Ok(WireTimings {
+            started_ns: protocol::instant_ns(t.started),
+            running_ns: protocol::instant_ns(t.running),
+            first_run_ns: t.first_run.map(protocol::instant_ns),
+            first_console_byte_ns: t.first_console_byte.map(protocol::instant_ns),
+            phases: vmm
+                .phases()
+                .iter()
+                .map(|(n, s)| (n.to_string(), *s))
+                .collect(),
+            refused_msrs: vmm.refused_msrs() as u64,
+        })
+    }
+
+    /// Writes a snapshot into the descriptors passed with the request: `memory.bin`,
+    /// `vmstate.bin`, then a diff base's chain (base first).
+    fn snapshot(&self, files: Vec<File>, base: Option<WireBase>) -> Handled {
+        let vmm = self.vmm()?;
+        let mut files = files.into_iter();
+        let (Some(memory), Some(state)) = (files.next(), files.next()) else {
+            return Err(config_error(
+                "a snapshot needs its memory and state files as descriptors".into(),
+            ));
+        };
+        let layer_files: Vec<File> = files.collect();
+        let base = match base {
+            None if layer_files.is_empty() => None,
+            None => return Err(config_error("descriptors for a base that was not described".into())),
+            Some(b) => {
+                if b.layers.len() != layer_files.len() || b.layers.is_empty() || b.layers.len() > MAX_CHAIN + 1 {
+                    return Err(config_error(format!(
+                        "a base chain of {} layers came with {} files",
+                        b.layers.len(),
+                        layer_files.len()
+                    )));
+                }
+                let layers = b
+                    .layers
+                    .into_iter()
+                    .zip(layer_files)
+                    .enumerate()
+                    .map(|(i, (l, f))| MemoryLayer {
+                        path: PathBuf::from(format!("base layer {i}")),
+                        pages: l.pages,
+                        id: l.id,
+                        file: Some(LayerFile(std::sync::Arc::new(f))),
+                    })
+                    .collect();
+                Some(OpenedBase {
+                    reference: crate::snapshot::memory::BaseRef {
+                        path: b.path,
+                        id: b.id,
+                        memory_len: b.memory_len,
+                        memory_mtime_ns: b.memory_mtime_ns,
+                    },
+                    layers,
+                })
+            }
+        };
+        let report = vmm
+            .snapshot_into(&memory, &state, base)
+            .map_err(|e| wire_error(VmmError::Snapshot(e)))?;
+        Ok((
+            Reply::Snapshot(SnapshotSummary {
+                memory_bytes: report.memory_bytes,
+                state_bytes: report.state_bytes,
+                memory_id: report.memory_id,
+                diff_pages: report.diff_pages,
+                compared_pages: report.compared_pages,
+                phases: report
+                    .phases
+                    .iter()
+                    .map(|(n, s)| (n.to_string(), *s))
+                    .collect(),
+            }),
+            Vec::new(),
+        ))
+    }
+}
+
+/// The error kind of a VMM error, as the owner's exception classes see it.
+pub fn error_kind(e: &VmmError) -> ErrorKind {
+    use crate::vmm::builder::ErrorClass;
+    match e {
+        VmmError::Vm(crate::vmm::vm::VmError::OpenKvm(_)) => ErrorKind::Kvm,
+        VmmError::Snapshot(SnapshotError::Write { .. }) => ErrorKind::SnapshotWrite,
+        VmmError::Snapshot(SnapshotError::Missing { .. } | SnapshotError::BaseMissing { .. }) => {
+            ErrorKind::NotFound
+        }
+        VmmError::Snapshot(_) => ErrorKind::Snapshot,
+        _ => match e.class() {
+            ErrorClass::NotFound => ErrorKind::NotFound,
+            ErrorClass::Os => ErrorKind::Os,
+            ErrorClass::Value => ErrorKind::Config,
+            ErrorClass::Runtime => ErrorKind::Runtime,
+        },
+    }
+}
+
+/// A VMM error as it crosses the channel.
+pub fn wire_error(e: VmmError) -> WireError {
+    WireError {
+        kind: error_kind(&e),
+        message: e.to_string(),
+    }
+}
+
+fn runtime(message: String) -> WireError {
+    WireError {
+        kind: ErrorKind::Runtime,
+        message,
+    }
+}
+
+fn config_error(message: String) -> WireError {
+    WireError {
+        kind: ErrorKind::Config,
+        message,
+    }
+}
+
+fn jail_error(message: String) -> WireError {
+    WireError {
+        kind: ErrorKind::Jail,
+        message: format!("the VMM worker cannot confine itself: {message}"),
+    }
+}
+
+fn seccomp_mode() -> seccomp::Mode {
+    match std::env::var("SUPERMACHINE_SECCOMP").as_deref() {
+        Ok("log") => seccomp::Mode::Log,
+        _ => seccomp::Mode::Enforce,
+    }
+}
+
+/// The owner blocks every signal around starting us (see spawn.rs) and exec keeps the mask.
+fn unblock_signals() {
+    // SAFETY: plain signal-mask calls on a valid, emptied sigset_t.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+}
+
+/// A panic in any thread ends the whole worker at once, with the message on standard error: a
+/// VMM with a dead vCPU or device thread must not linger half-working.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let _ = writeln!(std::io::stderr(), "panic: thread {name}: {msg}{at}");
+        // SAFETY: _exit ends the process without running anything else.
+        unsafe { libc::_exit(EXIT_PANIC) };
+    }));
+}
+
+// TEMPORARY until the builder's pre-run hook lands: runs the hook after the start.
+fn start_with(
+    config: &VmConfig,
+    hook: &mut dyn FnMut() -> Result<(), VmmError>,
+) -> Result<Vmm, VmmError> {
+    let vmm = Vmm::start(config)?;
+    hook()?;
+    Ok(vmm)
+}
+
+fn restore_with(
+    dir: &std::path::Path,
+    overrides: &RestoreOverrides,
+    hook: &mut dyn FnMut() -> Result<(), VmmError>,
+) -> Result<Vmm, VmmError> {
+    let vmm = Vmm::restore(dir, overrides)?;
+    hook()?;
+    Ok(vmm)
+}
