@@ -1,6 +1,6 @@
 //! The seccomp filters on real threads: allowed calls work, a forbidden one ends the process with
 //! the diagnostic line and exit status 159, and a raw guest runs to power-off with its vCPU and
-//! vsock threads filtered.
+//! vsock threads filtered and driven (pause, resume, stop) from a thread under the control list.
 //!
 //! Anything that may end the process runs in a child: the test binary re-executes itself with
 //! `SECCOMP_CHILD=<case>` and only the named test, which then runs that case instead of spawning.
@@ -280,13 +280,18 @@ fn run_guest(dir: &Path) {
         assert!(modes.contains(&(name.to_string(), 2)), "{name}: {modes:?}");
     }
     assert!(modes.iter().all(|(n, m)| *m == 2 || !n.starts_with("vcpu")));
-    vmm.write_memory(GO, &1u64.to_le_bytes()).unwrap();
-    let outcome = vmm.wait(Some(Duration::from_secs(60)));
-    assert_eq!(outcome, Some(Outcome::PowerOff { code: 42 }));
-    assert_eq!(vmm.console(), b"hi");
-    // The main thread is unfiltered: the VM is stopped and dropped here as the owner does.
-    vmm.stop();
-    drop(vmm);
+    // The rest is what the worker's control thread does after the jail: pause, resume, wait,
+    // stop and tear down (joining threads, unmapping RAM, removing the vsock socket file).
+    filtered("control", ThreadKind::Control, move || {
+        vmm.pause().expect("pause");
+        vmm.resume().expect("resume");
+        vmm.write_memory(GO, &1u64.to_le_bytes()).unwrap();
+        let outcome = vmm.wait(Some(Duration::from_secs(60)));
+        assert_eq!(outcome, Some(Outcome::PowerOff { code: 42 }));
+        assert_eq!(vmm.console(), b"hi");
+        vmm.stop();
+        drop(vmm);
+    });
     assert_eq!(std::fs::read(dir.join("console.log")).unwrap(), b"hi");
     println!("guest powered off");
     std::process::exit(0);

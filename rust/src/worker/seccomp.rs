@@ -16,7 +16,10 @@
 //! Everything else traps: `SIGSYS` reaches [`handle_sigsys`], which writes one line naming the
 //! thread and the call to stderr and ends the whole process with [`EXIT_SECCOMP_DENIED`]. An
 //! exit code rather than a fatal signal because the worker is PID 1 of its PID namespace, and
-//! such a process ignores signals it sends itself with their default action.
+//! such a process ignores signals it sends itself with their default action. One exception:
+//! glibc blocks every signal around `clone` when it creates a thread, and a trap while `SIGSYS`
+//! is blocked is delivered by the kernel as a plain `SIGSYS` kill (no line, "killed by signal
+//! 31"); the owner should report both the same way.
 //!
 //! Not allowed for any kind: starting programs (`execve`, `execveat`), new processes or threads
 //! (`fork`, `vfork`, `clone`, `clone3`: every thread exists before its filter is installed, and
