@@ -88,6 +88,12 @@ fn run(ctx: VcpuContext) {
     KVM_RUN.with(|c| c.set(run_ptr));
     ctx.control.register_thread(index);
     ctx.started.wait();
+    // The filter goes on before the guest runs a single instruction (no-op in-process).
+    if let Err(e) = crate::worker::seccomp::apply(crate::worker::seccomp::ThreadKind::Vcpu) {
+        ctx.control.finish(Outcome::Crash {
+            reason: format!("vCPU {index}: {e}"),
+        });
+    }
     while ctx.control.vcpu_checkpoint() {
         if index == 0 {
             ctx.stats.first_run.get_or_init(std::time::Instant::now);

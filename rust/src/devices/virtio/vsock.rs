@@ -194,7 +194,16 @@ impl Vsock {
         };
         let handle = std::thread::Builder::new()
             .name("vsock".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                // Filtered before it touches a host socket or guest memory (no-op in-process).
+                if let Err(e) =
+                    crate::worker::seccomp::apply(crate::worker::seccomp::ThreadKind::Device)
+                {
+                    eprintln!("vsock: the device thread stops: {e}");
+                    return;
+                }
+                worker.run()
+            })
             .map_err(|e| VsockError::Worker(os_msg(&e)))?;
         Ok(Box::new(Vsock {
             path: path.to_path_buf(),
