@@ -49,4 +49,16 @@ if ! maturin develop --release -q -E "$extras" >.venv/build.log 2>&1; then
   exit 1
 fi
 python -c "import supermachine._core" || { echo "error: the extension did not build or import" >&2; exit 1; }
+
+# 5. The VMM worker executable (one process per VM), installed next to the package.
+log "building the VMM worker (supermachine-vmm)"
+if ! cargo build --release -q -p supermachine-core --bin supermachine-vmm >>.venv/build.log 2>&1; then
+  cat .venv/build.log >&2
+  echo "error: building the VMM worker failed (log above, also in .venv/build.log)" >&2
+  exit 1
+fi
+pkg_dir=$(python -c "import supermachine, pathlib; print(pathlib.Path(supermachine.__file__).parent)")
+mkdir -p "$pkg_dir/bin"
+install -m 0755 target/release/supermachine-vmm "$pkg_dir/bin/supermachine-vmm.tmp"
+mv -f "$pkg_dir/bin/supermachine-vmm.tmp" "$pkg_dir/bin/supermachine-vmm"
 touch "$stamp"

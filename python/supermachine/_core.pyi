@@ -105,8 +105,22 @@ class VmConfig(TypedDict, total=False):
     cpu_template: str  # "auto" (default) | "normal" | "compat"
     track_dirty_pages: bool  # KVM dirty-page logging for Vm.dirty_pages(), default False
 
+class VmWorker(TypedDict, total=False):
+    # How the VM's own VMM process runs (rust/src/worker).
+    program: str  # the supermachine-vmm executable (required)
+    isolation: str  # "namespaces" (default; needs root) | "user_namespaces" | "none"
+    runtime_dir: str  # the VM's private directory: the jail's empty root and vmm.log go here
+    uid: int  # unprivileged ids a root-started worker drops to
+    gid: int
+    seccomp: bool  # per-thread seccomp filters, default True
+    memory_max: int  # cgroup limits (bytes, CPUs, threads); need cgroup_name
+    cpu_max: float
+    pids_max: int
+    cgroup_name: str  # unique per VM
+    console_capacity: int  # bytes of console kept in the shared ring
+
 class VmOutcome(TypedDict, total=False):
-    kind: str  # "poweroff" | "reset" | "panic" | "crash" | "stopped"
+    kind: str  # "poweroff" | "reset" | "panic" | "crash" | "stopped" | "vmm_crash" | "oom"
     reason: str
     code: int  # poweroff only
 
@@ -162,13 +176,18 @@ class SnapshotInfo(TypedDict):
 def snapshot_info(dir: str | os.PathLike[str]) -> SnapshotInfo: ...
 
 class Vm:
+    # With `worker` the VMM runs in its own jailed process; without, in this one.
     @staticmethod
-    def start(config: VmConfig) -> Vm: ...
+    def start(config: VmConfig, worker: VmWorker | None = None) -> Vm: ...
     # A snapshot directory holds memory.bin (raw guest RAM, mapped copy-on-write on restore)
     # and vmstate.bin (versioned, checksummed). snapshot() leaves the VM paused; with a base
     # it stores only the pages that differ from the base snapshot's memory.
     @staticmethod
-    def restore(dir: str | os.PathLike[str], overrides: VmRestoreOverrides | None = None) -> Vm: ...
+    def restore(
+        dir: str | os.PathLike[str],
+        overrides: VmRestoreOverrides | None = None,
+        worker: VmWorker | None = None,
+    ) -> Vm: ...
     def snapshot(
         self, dir: str | os.PathLike[str], base: str | os.PathLike[str] | None = None
     ) -> VmSnapshotReport: ...
@@ -201,5 +220,9 @@ class Vm:
     def unhandled_exits(self) -> tuple[int, int]: ...
     @property
     def timings(self) -> VmTimings: ...
+    @property
+    def pid(self) -> int | None: ...  # the worker's pid; None in-process
+    @property
+    def protections(self) -> list[str]: ...  # in force in the worker, by name
     def __enter__(self) -> Vm: ...
     def __exit__(self, *args: object) -> None: ...

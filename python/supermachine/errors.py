@@ -88,6 +88,51 @@ class KvmUnavailableError(VmError):
     """``/dev/kvm`` is missing or not usable by this process."""
 
 
+class VmmError(VmError):
+    """The VMM refused or failed a request; the subclass says what kind of problem it was."""
+
+
+class VmConfigError(VmmError, ValueError):
+    """A VM configuration value the VMM cannot use."""
+
+
+class VmmOSError(VmmError, OSError):
+    """An operating-system failure in the VMM: permissions, I/O, a device."""
+
+
+class VmmFileNotFoundError(VmmOSError, FileNotFoundError):
+    """A file the VM needs (kernel, initramfs, disk, snapshot) does not exist."""
+
+
+class JailError(VmmOSError):
+    """The VM's worker could not confine itself (namespaces, root, privileges, seccomp)."""
+
+
+class WorkerStartError(VmmOSError):
+    """The VM's worker process (``supermachine-vmm``) could not be found or started."""
+
+
+class ResourceLimitError(VmmOSError):
+    """The VM's resource limits could not be set up (no cgroup controller, no permission)."""
+
+
+class VmmStateError(VmmError, RuntimeError):
+    """A request that does not fit the VMM's state (a second start, a VM already stopped)."""
+
+
+class VmmRuntimeError(VmmError, RuntimeError):
+    """KVM or the VMM failed while running the VM."""
+
+
+class VmmCrashedError(VmmError, RuntimeError):
+    """The VM's VMM process died (a signal, a panic, a forbidden system call, a kill, or it broke
+    its protocol); only that VM ended. The message says why."""
+
+
+class VmOutOfMemoryError(VmmCrashedError):
+    """The VM exceeded its memory limit and the kernel's OOM killer ended its VMM."""
+
+
 class GuestPanickedError(VmError):
     """The guest kernel panicked; the message carries the panic line from the console."""
 
@@ -102,6 +147,14 @@ class CommandFailedError(AgentError):
 
 class SnapshotError(SupermachineError):
     """A snapshot directory or snapshot store is missing, inconsistent or cannot be processed."""
+
+
+class SnapshotStateError(SnapshotError, VmmError, ValueError):
+    """A snapshot's ``vmstate.bin`` is damaged, of another version, or does not fit the restore."""
+
+
+class SnapshotWriteError(SnapshotError, VmmOSError):
+    """A snapshot could not be written (disk full, permissions, I/O error)."""
 
 
 class SnapshotMetadataError(SnapshotError):

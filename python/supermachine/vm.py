@@ -7,8 +7,9 @@
     with Vm.start(VmConfig(rootfs="image.squashfs")) as vm:
         print(vm.exec(["/bin/echo", "hi"]).stdout)  # b"hi\\n"
 
-The VMM runs in this process (Rust, one thread per vCPU); the guest runs supermachine's kernel and,
-as PID 1, its agent, which mounts ``rootfs`` (read-only, with a tmpfs overlay for writes) and serves
+Each VM's VMM runs in its own jailed process (``supermachine-vmm``: Rust, one thread per vCPU;
+see :mod:`supermachine.worker`), so a crash ends only that VM; the guest runs supermachine's
+kernel and, as PID 1, its agent, which mounts ``rootfs`` (read-only, with a tmpfs overlay for writes) and serves
 commands over vsock. Each call opens its own agent connection, so a ``Vm`` may be used from
 several threads at once.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
-from supermachine import _core, agent, initramfs, kernel
+from supermachine import _core, agent, initramfs, kernel, worker
 from supermachine.agent import ExecResult, Process
 from supermachine.errors import (
     AgentUnreachable,
@@ -38,8 +39,12 @@ from supermachine.errors import (
     KvmUnavailableError,
     ProtocolError,
     SnapshotError,
+    SupermachineError,
     VmError,
+    VmmCrashedError,
+    VmOutOfMemoryError,
 )
+from supermachine.worker import Limits, VmmMode
 
 if TYPE_CHECKING:
     from supermachine.image import Image
@@ -48,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Disk", "ExecResult", "Outcome", "Process", "Vm", "VmConfig"]
+__all__ = ["Disk", "ExecResult", "Limits", "Outcome", "Process", "Vm", "VmConfig"]
 
 CpuTemplate = Literal["auto", "normal", "compat"]
 Argument = str | bytes | os.PathLike[str]
@@ -102,6 +107,11 @@ class VmConfig:
     user: str | None = None
     """Default user of every command: ``name``, ``uid``, ``name:group`` or ``uid:gid``
     (default root)."""
+    limits: Limits | None = None
+    """Resource limits of the VM's worker process (memory, CPU, threads); default none."""
+    vmm: VmmMode = "worker"
+    """Where the VMM runs: its own jailed process (default), or ``"in-process"`` threads of this
+    process, without isolation (for measuring the worker's cost)."""
 
     def validated(self) -> VmConfig:
         if self.memory_mib < 64:
@@ -116,6 +126,10 @@ class VmConfig:
         for disk in self.disks:
             if not Path(disk.path).is_file():
                 raise VmError(f"disk {disk.path} does not exist or is not a file")
+        if self.vmm not in ("worker", "in-process"):
+            raise VmError(f"vmm must be 'worker' or 'in-process', got {self.vmm!r}")
+        if self.limits is not None:
+            self.limits.validated()
         return self
 
 
@@ -123,9 +137,21 @@ class VmConfig:
 class Outcome:
     """How a VM ended."""
 
-    kind: Literal["poweroff", "reset", "panic", "crash", "stopped"]
+    kind: Literal["poweroff", "reset", "panic", "crash", "stopped", "vmm_crash", "oom"]
+    """``vmm_crash``: the VM's VMM process died (the detail says how, e.g. ``VMM crashed:
+    SIGBUS``); ``oom``: it exceeded its memory limit and was killed."""
     detail: str = ""
     code: int | None = None
+
+
+_OUTCOME_KINDS = ("poweroff", "reset", "panic", "crash", "stopped", "vmm_crash", "oom")
+
+
+def _vmm_failure(exc: Exception, what: str, wrap: type[SupermachineError]) -> SupermachineError:
+    """``exc`` from ``_core`` as one line prefixed with ``what``, keeping its own
+    :mod:`supermachine.errors` class (``wrap`` for a plain builtin error)."""
+    cls = type(exc) if isinstance(exc, SupermachineError) else wrap
+    return cls(f"{what}: {exc}")
 
 
 def check_kvm(path: str = "/dev/kvm") -> None:
@@ -213,11 +239,12 @@ class Vm:
                     "vsock_path": str(runtime_dir / "vsock.sock"),
                     "console_log": None if config.console_log is None else str(config.console_log),
                     "cpu_template": config.cpu_template,
-                }
+                },
+                _worker(config.vmm, runtime_dir, config.limits),
             )
         except (OSError, RuntimeError, ValueError) as exc:
             shutil.rmtree(runtime_dir, ignore_errors=True)
-            raise VmError(f"cannot start the VM: {exc}") from None
+            raise _vmm_failure(exc, "cannot start the VM", VmError) from None
         vm = cls(
             handle,
             config,
@@ -247,6 +274,8 @@ class Vm:
         env: Mapping[str, str] | None = None,
         workdir: str | None = None,
         user: str | None = None,
+        limits: Limits | None = None,
+        vmm: VmmMode = "worker",
     ) -> Vm:
         """Restores a VM from a snapshot directory written by :meth:`snapshot` and returns once its
         agent answers. Guest RAM maps the snapshot (and, for a diff, its base) copy-on-write, so
@@ -259,7 +288,8 @@ class Vm:
         disks must be passed as ``disks``, in order; a diff's base is its sibling snapshot in the
         same store (or ``base``).
 
-        ``env``, ``workdir`` and ``user`` replace the defaults saved with the snapshot.
+        ``env``, ``workdir`` and ``user`` replace the defaults saved with the snapshot; ``limits``
+        and ``vmm`` are as in :class:`VmConfig`.
         """
         from supermachine.snapshots import attach, metadata, verify
 
@@ -284,7 +314,11 @@ class Vm:
             env=dict(saved.env) if env is None else dict(env),
             workdir=saved.workdir if workdir is None else workdir,
             user=saved.user if user is None else user,
+            limits=limits,
+            vmm=vmm,
         )
+        if limits is not None:
+            limits.validated()
         runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
         overrides: _core.VmRestoreOverrides = {
             "vsock_path": str(runtime_dir / "vsock.sock"),
@@ -295,10 +329,10 @@ class Vm:
         if base_dir is not None:
             overrides["base"] = base_dir
         try:
-            handle = _core.Vm.restore(str(directory), overrides)
+            handle = _core.Vm.restore(str(directory), overrides, _worker(vmm, runtime_dir, limits))
         except (OSError, RuntimeError, ValueError) as exc:
             shutil.rmtree(runtime_dir, ignore_errors=True)
-            raise SnapshotError(f"cannot restore {directory}: {exc}") from None
+            raise _vmm_failure(exc, f"cannot restore {directory}", SnapshotError) from None
         vm = cls(
             handle,
             config,
@@ -416,6 +450,10 @@ class Vm:
         detail = agent.printable_line(outcome.detail)  # a panic line is guest text
         if outcome.kind == "panic":
             raise GuestPanickedError(f"the guest kernel panicked {when}: {detail}")
+        if outcome.kind == "oom":
+            raise VmOutOfMemoryError(f"the VM ended {when}: {detail}")
+        if outcome.kind == "vmm_crash":
+            raise VmmCrashedError(f"the VM ended {when}: {detail}")
         raise VmError(f"the VM ended {when} ({outcome.kind}{': ' + detail if detail else ''})")
 
     @property
@@ -433,7 +471,7 @@ class Vm:
             match = _PANIC_LINE.search(self._handle.console())
             if match:
                 kind, detail = "panic", match.group().decode(errors="replace")
-        if kind not in ("poweroff", "reset", "panic", "crash", "stopped"):
+        if kind not in _OUTCOME_KINDS:
             kind = "crash"
         return Outcome(kind, detail, code if isinstance(code, int) else None)  # type: ignore[arg-type]
 
@@ -458,6 +496,17 @@ class Vm:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of this VM's VMM worker (``None`` for an in-process VMM)."""
+        return self._handle.pid
+
+    @property
+    def protections(self) -> list[str]:
+        """The protections the VM's VMM runs under, by name (namespaces, the empty root, the
+        unprivileged uid, ``no_new_privs``, ``seccomp``, ...); empty for an in-process VMM."""
+        return self._handle.protections
 
     def pause(self) -> None:
         """Freezes every vCPU."""
@@ -598,6 +647,11 @@ class Vm:
         if compat:
             merged.setdefault("GLIBC_TUNABLES", _core.COMPAT_GLIBC_TUNABLES)
         return merged
+
+
+def _worker(vmm: VmmMode, runtime_dir: Path, limits: Limits | None) -> _core.VmWorker | None:
+    """How to run the VM's VMM: ``None`` for this process."""
+    return None if vmm == "in-process" else worker.worker_options(runtime_dir, limits)
 
 
 def _seconds_left(deadline: float) -> float:

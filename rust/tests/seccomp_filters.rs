@@ -64,7 +64,7 @@ fn run_denied_case(case: &str) {
     } else {
         Mode::Enforce
     };
-    seccomp::prepare(mode).expect("prepare");
+    seccomp::prepare(mode, None).expect("prepare");
     let path = c"/etc/hostname";
     match case {
         "vcpu-openat" | "log-vcpu-openat" => filtered("vcpu0", ThreadKind::Vcpu, move || {
@@ -179,7 +179,7 @@ fn forbidden_calls_end_the_process_with_159_and_a_diagnostic() {
 
 #[test]
 fn allowed_calls_work_on_every_kind_and_threads_end_cleanly() {
-    seccomp::prepare(Mode::Enforce).expect("prepare");
+    seccomp::prepare(Mode::Enforce, None).expect("prepare");
     assert!(seccomp::active());
     for kind in [ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Control] {
         let mut fds = [0; 2];
@@ -254,7 +254,7 @@ fn seccomp_modes() -> Vec<(String, u32)> {
 }
 
 fn run_guest(dir: &Path) {
-    seccomp::prepare(Mode::Enforce).expect("prepare");
+    seccomp::prepare(Mode::Enforce, None).expect("prepare");
     let image = dir.join("guest.bin");
     std::fs::write(&image, GUEST).unwrap();
     let mut cfg = VmConfig::new(BootSource::Raw {

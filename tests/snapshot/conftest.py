@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import snap_guests
-from supermachine import _core
+from supermachine import _core, worker
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,9 +36,15 @@ def guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("snap-guests")
 
 
-@pytest.fixture
-def vms(kvm: None, guest_dir: Path) -> Iterator[Any]:
-    """`vms.start(source, **config)` and `vms.restore(dir, **overrides)`; all stopped at teardown."""
+@pytest.fixture(params=["in-process", "worker"])
+def vms(kvm: None, guest_dir: Path, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """`vms.start(source, **config)` and `vms.restore(dir, **overrides)`; all stopped at teardown.
+    Each test runs with the VMM in this process and in a jailed worker process."""
+
+    def options() -> Any:
+        if request.param != "worker":
+            return None
+        return worker.worker_options(Path(tempfile.mkdtemp(dir=tmp_path, prefix="vm-")), None)
 
     class Vms:
         def __init__(self) -> None:
@@ -46,12 +53,12 @@ def vms(kvm: None, guest_dir: Path) -> Iterator[Any]:
         def start(self, source: str, **config: Any) -> Any:
             cfg: dict[str, Any] = {"raw": str(snap_guests.build(source, guest_dir)), "memory_mib": 16}
             cfg.update(config)
-            vm = _core.Vm.start(cfg)
+            vm = _core.Vm.start(cfg, options())
             self.all.append(vm)
             return vm
 
         def restore(self, directory: Path, **overrides: Any) -> Any:
-            vm = _core.Vm.restore(str(directory), overrides or None)
+            vm = _core.Vm.restore(str(directory), overrides or None, options())
             self.all.append(vm)
             return vm
 

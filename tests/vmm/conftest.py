@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import vmm_guests as guests
-from supermachine import _core
+from supermachine import _core, worker
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -48,16 +49,21 @@ def guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("guests")
 
 
-@pytest.fixture
-def start_vm(kvm: None, guest_dir: Path) -> Iterator[Callable[..., Any]]:
-    """Starts a raw test guest from assembly source; every VM is stopped at teardown."""
+@pytest.fixture(params=["in-process", "worker"])
+def start_vm(kvm: None, guest_dir: Path, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Starts a raw test guest from assembly source, its VMM in this process or in a jailed
+    worker process (each test runs with both); every VM is stopped at teardown."""
     vms: list[Any] = []
 
     def start(source: str, **config: Any) -> Any:
         binary = guests.build(source, guest_dir, load_addr=config.pop("load_addr", guests.LOAD_ADDR))
         cfg: dict[str, Any] = {"raw": str(binary), "memory_mib": 16}
         cfg.update(config)
-        vm = _core.Vm.start(cfg)
+        options = None
+        if request.param == "worker":
+            runtime = Path(tempfile.mkdtemp(dir=tmp_path, prefix="vm-"))
+            options = worker.worker_options(runtime, None)
+        vm = _core.Vm.start(cfg, options)
         vms.append(vm)
         return vm
 

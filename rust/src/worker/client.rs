@@ -258,8 +258,17 @@ impl WorkerVm {
         fds: &[RawFd],
         timeout: Duration,
     ) -> Result<Frame<Reply>, WorkerError> {
-        if let Some(outcome) = self.dead_outcome() {
-            return Err(WorkerError::Crashed(outcome));
+        match self.dead_outcome() {
+            None => {}
+            Some(o @ (Outcome::VmmCrash { .. } | Outcome::OutOfMemory { .. })) => {
+                return Err(WorkerError::Crashed(o))
+            }
+            Some(o) => {
+                return Err(WorkerError::Vmm(WireError {
+                    kind: ErrorKind::State,
+                    message: format!("the VM has ended ({})", o.reason()),
+                }))
+            }
         }
         let result = {
             let channel = self.channel();

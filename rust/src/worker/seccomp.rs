@@ -100,6 +100,12 @@ enum Args {
     /// The signal (argument 2 of `tgkill`) is the vCPU kick or `SIGABRT`; the kick's number is
     /// only known at run time.
     KickOrAbort,
+    /// `setresuid`/`setresgid` to exactly the ids the worker drops to (all three the same), and
+    /// `setgroups` to none: the jail's privilege drop runs in every thread (glibc makes each
+    /// thread change its own ids), including threads already filtered. Nothing else may change.
+    DropUid,
+    DropGid,
+    NoGroups,
 }
 
 /// One allowed system call.
@@ -225,6 +231,10 @@ const COMMON: &[Allow] = &[
     allow!(SYS_rt_sigprocmask),
     allow!(SYS_sigaltstack),
     allow!(SYS_tgkill, Args::KickOrAbort),
+    // The jail's privilege drop, to the prepared ids only (see `Args::DropUid`).
+    allow!(SYS_setresuid, Args::DropUid),
+    allow!(SYS_setresgid, Args::DropGid),
+    allow!(SYS_setgroups, Args::NoGroups),
     // Hash-map seeds.
     allow!(SYS_getrandom),
     // Descriptors this thread already holds.
@@ -468,6 +478,20 @@ fn rules(args: Args) -> Result<Vec<SeccompRule>, seccompiler::Error> {
             .iter()
             .map(|&s| one(2, SeccompCmpOp::Eq, s as u64))
             .collect(),
+        Args::DropUid | Args::DropGid => {
+            // Without prepared ids: only the no-op "leave every id as it is" (-1, -1, -1).
+            let id = match (args, DROP_IDS.get().copied().flatten()) {
+                (Args::DropUid, Some((uid, _))) => u64::from(uid),
+                (Args::DropGid, Some((_, gid))) => u64::from(gid),
+                _ => u64::from(u32::MAX),
+            };
+            Ok(vec![SeccompRule::new(vec![
+                cond(0, SeccompCmpOp::Eq, id)?,
+                cond(1, SeccompCmpOp::Eq, id)?,
+                cond(2, SeccompCmpOp::Eq, id)?,
+            ])?])
+        }
+        Args::NoGroups => Ok(vec![one(0, SeccompCmpOp::Eq, 0)?]),
     }
 }
 
@@ -508,10 +532,15 @@ struct Prepared {
 }
 
 static PREPARED: OnceLock<Prepared> = OnceLock::new();
+/// The uid and gid the worker will drop to, if any (set by [`prepare`] before compiling).
+static DROP_IDS: OnceLock<Option<(u32, u32)>> = OnceLock::new();
 
 /// Compiles the three filters and installs the `SIGSYS` handler, once per process; from then on
-/// [`apply`] installs filters. Calling it again with the same mode does nothing.
-pub fn prepare(mode: Mode) -> Result<(), SeccompError> {
+/// [`apply`] installs filters. Calling it again with the same mode does nothing. `drop_to` is
+/// the (uid, gid) the jail will switch to after threads are already filtered: the only ids any
+/// filter lets a thread change to.
+pub fn prepare(mode: Mode, drop_to: Option<(u32, u32)>) -> Result<(), SeccompError> {
+    let _ = DROP_IDS.set(drop_to);
     if PREPARED.get().is_none() {
         let prepared = Prepared {
             mode,

@@ -207,7 +207,16 @@ impl Worker {
         })?;
         console_ring::install_mirror(ring);
         if jail_config.seccomp {
-            seccomp::prepare(seccomp_mode()).map_err(|e| jail_error(e.to_string()))?;
+            // The threads filtered before the jail's privilege drop must let it through.
+            // SAFETY: geteuid cannot fail.
+            let root = unsafe { libc::geteuid() } == 0;
+            let drop_to = match (jail_config.uid, jail_config.gid) {
+                (Some(u), Some(g)) if root && !jail_config.namespaces.iter().any(|n| n == "user") => {
+                    Some((u, g))
+                }
+                _ => None,
+            };
+            seccomp::prepare(seccomp_mode(), drop_to).map_err(|e| jail_error(e.to_string()))?;
         }
         crate::snapshot::memory::preopen_pagemap().map_err(|e| WireError {
             kind: ErrorKind::Os,

@@ -1,0 +1,99 @@
+"""How each VM's VMM process (``supermachine-vmm``) is found, confined and limited.
+
+Every VM runs in its own worker process: a crash, an out-of-memory kill or a VMM bug ends only
+that VM. When supermachine runs as root the worker starts in fresh mount, PID, IPC, UTS and
+network namespaces, pivots into an empty read-only root, drops to an unprivileged uid/gid and
+installs a seccomp filter per thread before the guest runs; as another user it uses a user
+namespace where the host allows one. ``supermachine doctor`` shows what this host provides.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from supermachine import _core
+from supermachine.errors import VmError, WorkerStartError
+
+__all__ = ["JAIL_GID", "JAIL_UID", "Limits", "VmmMode", "program_path", "worker_options"]
+
+VmmMode = Literal["worker", "in-process"]
+"""Where a VM's VMM runs: its own jailed process (default), or threads of this process (no
+isolation; kept to measure the worker's cost against)."""
+
+JAIL_UID = int(os.environ.get("SUPERMACHINE_JAIL_UID", "65534"))
+"""The unprivileged uid a root-started worker drops to (default ``nobody``)."""
+JAIL_GID = int(os.environ.get("SUPERMACHINE_JAIL_GID", "65534"))
+
+_PROGRAM = "supermachine-vmm"
+_names = itertools.count()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one VM, enforced on its worker through cgroups (v2, or the v1
+    controllers where v2 has none). ``None``: no limit."""
+
+    memory_mib: int | None = None
+    """The most memory the VM's worker may use: guest RAM it touches plus VMM overhead. A VM that
+    needs more is ended with an ``oom`` outcome."""
+    cpus: float | None = None
+    """CPU time, in CPUs (``0.5``: half of one CPU)."""
+    pids: int | None = None
+    """Most threads of the worker (each vCPU and device is one)."""
+
+    def validated(self) -> Limits:
+        if self.memory_mib is not None and not 16 <= self.memory_mib <= 1 << 22:
+            raise VmError(f"the memory limit must be between 16 MiB and 4 TiB, got {self.memory_mib} MiB")
+        if self.cpus is not None and not 0.01 <= self.cpus <= 1024:
+            raise VmError(f"the CPU limit must be between 0.01 and 1024 CPUs, got {self.cpus}")
+        if self.pids is not None and not 8 <= self.pids <= 1 << 20:
+            raise VmError(f"the thread limit must be between 8 and 1048576, got {self.pids}")
+        return self
+
+
+def program_path() -> Path:
+    """The ``supermachine-vmm`` executable: ``SUPERMACHINE_VMM`` if set, else the one installed
+    with the package (next to this module, in ``bin/``)."""
+    override = os.environ.get("SUPERMACHINE_VMM")
+    candidates = [Path(override)] if override else [Path(__file__).parent / "bin" / _PROGRAM]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    where = override or str(candidates[0])
+    hint = "fix SUPERMACHINE_VMM" if override else "run scripts/setup.sh (or reinstall supermachine)"
+    found = shutil.which(_PROGRAM)
+    if found and not override:
+        return Path(found)
+    raise WorkerStartError(f"the VMM worker {where} is missing or not executable: {hint}")
+
+
+def worker_options(runtime_dir: Path, limits: Limits | None, console_capacity: int | None = None) -> _core.VmWorker:
+    """The ``worker`` argument of ``_core.Vm.start``/``restore`` for a VM whose private runtime
+    directory is ``runtime_dir``."""
+    root = os.geteuid() == 0
+    options: _core.VmWorker = {
+        "program": str(program_path()),
+        "isolation": "namespaces" if root else "user_namespaces",
+        "runtime_dir": str(runtime_dir),
+        "seccomp": os.environ.get("SUPERMACHINE_SECCOMP") != "off",
+    }
+    if root:
+        options["uid"] = JAIL_UID
+        options["gid"] = JAIL_GID
+    if console_capacity is not None:
+        options["console_capacity"] = console_capacity
+    if limits is not None and limits != Limits():
+        limits = limits.validated()
+        options["cgroup_name"] = f"vm-{os.getpid()}-{next(_names)}"
+        if limits.memory_mib is not None:
+            options["memory_max"] = limits.memory_mib << 20
+        if limits.cpus is not None:
+            options["cpu_max"] = limits.cpus
+        if limits.pids is not None:
+            options["pids_max"] = limits.pids
+    return options
