@@ -226,3 +226,14 @@ class Vm:
     def protections(self) -> list[str]: ...  # in force in the worker, by name
     def __enter__(self) -> Vm: ...
     def __exit__(self, *args: object) -> None: ...
+
+class HostProtection(TypedDict):
+    available: bool
+    detail: str  # one sentence: why it is or is not available
+
+# What this host offers VM workers (a few ms, no VM): kvm, root, mount/pid/ipc/uts/net/user
+# _namespace, pivot_root, seccomp, landlock, cgroup_memory/cpu/pids, no_new_privs, kvm_pvm.
+def host_protections() -> dict[str, HostProtection]: ...
+
+# "full" (root), "unprivileged" (user namespaces) or "minimal" (seccomp, no_new_privs only).
+def host_jail_level() -> str: ...

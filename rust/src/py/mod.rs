@@ -5,6 +5,7 @@
 //! read from a path; errors become `ValueError`/`OSError` with one-line messages.
 
 mod cdc;
+mod host;
 mod input;
 mod layers;
 mod pages;
@@ -48,5 +49,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pages::register(m)?;
     layers::register(m)?;
     vm::register(m)?;
+    host::register(m)?;
     Ok(())
 }

@@ -1,0 +1,72 @@
+"""``supermachine doctor``: which protections VM workers get on this host, and why others are missing."""
+
+from __future__ import annotations
+
+import json
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from supermachine import _core, ui
+from supermachine.errors import KvmUnavailableError
+
+# What each probe is called in the table, in the order the core reports them.
+LABELS = {
+    "kvm": "KVM (/dev/kvm)",
+    "root": "running as root",
+    "mount_namespace": "mount namespace",
+    "pid_namespace": "PID namespace",
+    "ipc_namespace": "IPC namespace",
+    "uts_namespace": "UTS namespace",
+    "net_namespace": "network namespace",
+    "user_namespace": "user namespace",
+    "pivot_root": "pivot_root",
+    "seccomp": "seccomp-bpf",
+    "landlock": "Landlock",
+    "cgroup_memory": "cgroup memory",
+    "cgroup_cpu": "cgroup cpu",
+    "cgroup_pids": "cgroup pids",
+    "no_new_privs": "no_new_privs",
+    "kvm_pvm": "emulating host (kvm_pvm)",
+}
+
+JAIL = {
+    "full": "full jail: namespaces, pivot_root into a per-VM root, an unprivileged uid, seccomp",
+    "unprivileged": "unprivileged jail: namespaces inside a user namespace, pivot_root, seccomp",
+    "minimal": "seccomp and no_new_privs only (no root, no user namespaces)",
+}
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+def doctor(as_json: bool) -> None:
+    """Which protections VM workers get on this host, and why the others are not available.
+
+    Exits 1 when VMs cannot run here (KVM is not usable).
+    """
+    protections = _core.host_protections()
+    jail = _core.host_jail_level()
+    kvm = protections["kvm"]
+    if as_json:
+        print(
+            json.dumps({"protections": protections, "jail": jail, "vms_can_run": kvm["available"]}, indent=2)
+        )
+    else:
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("PROTECTION", "STATE", "WHY"):
+            table.add_column(column, no_wrap=column != "WHY")
+        for name, entry in protections.items():
+            if name == "kvm_pvm":
+                state = "yes" if entry["available"] else "no"
+            else:
+                state = "[green]active[/green]" if entry["available"] else "[yellow]not available[/yellow]"
+            table.add_row(LABELS.get(name, name), state, escape(entry["detail"]))
+        ui.stdout.print(table)
+        ui.stdout.print(f"\nVMs run in a {escape(JAIL.get(jail, jail))}.")
+    if not kvm["available"]:
+        raise KvmUnavailableError(f"VMs cannot run here: {kvm['detail']}")
+
+
+def register(group: click.Group) -> None:
+    group.add_command(doctor)
