@@ -99,7 +99,7 @@ fn target(data: &[u8]) {
     let path = disk_path();
     std::fs::write(&path, &disk).unwrap();
 
-    let mut blk = Block::open(&path, l.read_only).unwrap();
+    let mut blk = Block::open(&path, l.read_only, None).unwrap();
     let irq = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
     let mut q = Queue::new(256);
     q.size = l.size;

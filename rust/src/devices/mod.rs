@@ -5,4 +5,5 @@
 //! `DEVICE_NEEDS_RESET`, never a VMM panic or a host access outside guest RAM.
 
 pub mod legacy;
+pub mod rate_limiter;
 pub mod virtio;

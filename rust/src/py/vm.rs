@@ -120,6 +120,7 @@ fn parse_disks(d: &Bound<'_, PyDict>, what: &str) -> PyResult<Vec<DiskConfig>> {
                 out.push(DiskConfig {
                     path,
                     read_only: false,
+                    rate_limit: None,
                 });
                 continue;
             }
@@ -137,6 +138,7 @@ fn parse_disks(d: &Bound<'_, PyDict>, what: &str) -> PyResult<Vec<DiskConfig>> {
             out.push(DiskConfig {
                 path,
                 read_only: get(disk, "read_only")?.unwrap_or(false),
+                rate_limit: None,
             });
         }
     }

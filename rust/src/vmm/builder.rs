@@ -91,7 +91,8 @@ impl VmmError {
                 | SnapshotError::Version { .. }
                 | SnapshotError::Memory { .. },
             )
-            | VmmError::Memory(MemoryError::SnapshotSize { .. }) => ErrorClass::Value,
+            | VmmError::Memory(MemoryError::SnapshotSize { .. })
+            | VmmError::Block(BlockError::RateLimit { .. }) => ErrorClass::Value,
             VmmError::Snapshot(SnapshotError::Read { .. } | SnapshotError::Write { .. }) => {
                 ErrorClass::Os
             }
@@ -304,7 +305,7 @@ impl Vmm {
                 "blk",
                 disk.path.clone(),
                 disk.read_only,
-                Box::new(Block::open(&disk.path, disk.read_only)?),
+                Box::new(Block::open(&disk.path, disk.read_only, disk.rate_limit)?),
             ));
         }
         if let Some(path) = &config.vsock_path {

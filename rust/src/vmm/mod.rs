@@ -35,6 +35,8 @@ pub use control::Outcome;
 pub use cpuid::CpuTemplate;
 pub use memory::MemoryBacking;
 
+use crate::devices::rate_limiter::RateLimit;
+
 /// Where the first vCPU starts.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum BootSource {
@@ -77,6 +79,9 @@ pub enum CpuTemplateChoice {
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
+    /// Bandwidth and operation limits of this disk (none: unlimited). On a restore, the limit
+    /// of the disk given now applies (a snapshot records none).
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Everything needed to build and start a VM.

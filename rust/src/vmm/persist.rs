@@ -513,6 +513,7 @@ impl Vmm {
             .map(|(disk, saved_read_only)| DiskConfig {
                 path: disk.path.clone(),
                 read_only: disk.read_only || *saved_read_only,
+                rate_limit: disk.rate_limit,
             })
             .collect();
         cfg.vsock_path = match (m.vsock, &overrides.vsock_path) {
