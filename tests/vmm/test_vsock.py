@@ -122,6 +122,9 @@ class Driver:
 
 @pytest.fixture
 def vsock_vm(start_vm: StartVm, tmp_path: Path) -> tuple[Any, Driver, Path]:
+    # A jailed worker runs as an unprivileged uid: host listeners for guest-initiated
+    # connections must be reachable by it (the directory searchable, the socket writable).
+    tmp_path.chmod(0o711)
     path = tmp_path / "v.sock"
     vm = start_vm(g.VIRTIO_DOORBELL, vsock_path=str(path))
     assert vm.vsock_path == str(path)
@@ -129,6 +132,11 @@ def vsock_vm(start_vm: StartVm, tmp_path: Path) -> tuple[Any, Driver, Path]:
     driver = Driver(vm)
     assert driver.status() == 0xF
     return vm, driver, path
+
+
+def _listen_for_the_guest(server: socket.socket, path: str) -> None:
+    server.bind(path)
+    os.chmod(path, 0o666)
 
 
 def test_host_connects_to_a_guest_port(vsock_vm: tuple[Any, Driver, Path]) -> None:
@@ -197,7 +205,7 @@ def test_bad_connect_line_is_refused(vsock_vm: tuple[Any, Driver, Path]) -> None
 def test_guest_connects_to_a_host_port(vsock_vm: tuple[Any, Driver, Path]) -> None:
     _vm, drv, path = vsock_vm
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(f"{path}_1234")
+    _listen_for_the_guest(server, f"{path}_1234")
     server.listen(1)
     server.settimeout(10)
     drv.send(OP_REQUEST, 3000, 1234)
@@ -342,7 +350,7 @@ def test_a_shutdown_the_guest_never_acknowledges_times_out(vsock_vm: tuple[Any, 
 def test_the_guest_cannot_open_more_than_max_connections(vsock_vm: tuple[Any, Driver, Path]) -> None:
     _vm, drv, path = vsock_vm
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(f"{path}_1234")
+    _listen_for_the_guest(server, f"{path}_1234")
     server.listen(MAX_CONNECTIONS * 2)
     for i in range(MAX_CONNECTIONS):
         drv.send(OP_REQUEST, 3000 + i, 1234)

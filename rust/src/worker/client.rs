@@ -112,7 +112,8 @@ impl WorkerVm {
     /// Boots `config` in a new worker.
     pub fn start(config: &VmConfig, options: &WorkerOptions) -> Result<WorkerVm, WorkerError> {
         let capacity = config.console_capacity;
-        Self::launch(options, capacity, |jail| Request::Start {
+        let shared = config.vsock_path.as_deref().and_then(socket_dir);
+        Self::launch(options, capacity, shared, |jail| Request::Start {
             config: Box::new(config.clone()),
             jail,
         })
@@ -125,7 +126,8 @@ impl WorkerVm {
         options: &WorkerOptions,
     ) -> Result<WorkerVm, WorkerError> {
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-        Self::launch(options, options.console_capacity, |jail| Request::Restore {
+        let shared = overrides.vsock_path.as_deref().and_then(socket_dir);
+        Self::launch(options, options.console_capacity, shared, |jail| Request::Restore {
             dir: dir.clone(),
             overrides: Box::new(overrides.clone()),
             jail,
@@ -135,6 +137,7 @@ impl WorkerVm {
     fn launch(
         options: &WorkerOptions,
         console_capacity: usize,
+        shared_dir: Option<PathBuf>,
         request: impl FnOnce(JailConfig) -> Request,
     ) -> Result<WorkerVm, WorkerError> {
         let called = Instant::now();
@@ -228,6 +231,7 @@ impl WorkerVm {
             gid: options.gid,
             seccomp: options.seccomp,
             namespaces: spawned.isolation.names(),
+            shared_dir,
         };
         let request = request(jail);
         let frame = vm.call(&request, &[], &[ring_file.as_raw_fd()], LAUNCH_TIMEOUT)?;
@@ -326,6 +330,8 @@ impl WorkerVm {
         p.status = Some(status);
         let outcome = self.explain(status, p.killed_for.as_deref());
         p.outcome = Some(outcome.clone());
+        drop(p);
+        self.remove_vsock_socket();
         outcome
     }
 
@@ -409,6 +415,9 @@ impl WorkerVm {
 
     /// The outcome, or `None` while the VM runs.
     pub fn outcome(&self) -> Option<Outcome> {
+        if let Some(o) = self.dead_outcome() {
+            return Some(o);
+        }
         match self.call(&Request::Status, &[], &[], CALL_TIMEOUT) {
             Ok(Frame {
                 message: Reply::Status { outcome, .. },
@@ -425,6 +434,9 @@ impl WorkerVm {
 
     /// Waits up to `timeout` (forever with `None`) for the VM to end.
     pub fn wait(&self, timeout: Option<Duration>) -> Option<Outcome> {
+        if let Some(o) = self.dead_outcome() {
+            return Some(o);
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             let slice = deadline
@@ -493,6 +505,19 @@ impl WorkerVm {
         if p.outcome.is_none() {
             p.status = Some(wait_exit(self.pid, EXIT_GRACE));
             p.outcome = Some(ended);
+        }
+        drop(p);
+        self.remove_vsock_socket();
+    }
+
+    /// Removes the VM's vsock socket file once its worker is gone (the jailed worker cannot: the
+    /// path is outside its root). Only a socket is removed, never what replaced it.
+    fn remove_vsock_socket(&self) {
+        use std::os::unix::fs::FileTypeExt;
+        if let Some(path) = &self.info.vsock_path {
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 
@@ -645,6 +670,13 @@ impl Drop for WorkerVm {
             cg.remove();
         }
     }
+}
+
+/// The directory of the VM's vsock socket, which the jail keeps (at the same path) so the guest
+/// can reach host listeners beside it (`<socket>_<port>`).
+fn socket_dir(socket: &Path) -> Option<PathBuf> {
+    let abs = std::path::absolute(socket).ok()?;
+    abs.parent().map(Path::to_path_buf)
 }
 
 /// Waits for `pid` to exit, killing it after `grace`; returns the raw wait status.

@@ -43,7 +43,7 @@ pub fn enter(config: &JailConfig, namespaces: &[String]) -> Result<Vec<String>, 
     let mut active: Vec<String> = namespaces.iter().map(|n| format!("{n} namespace")).collect();
     if let Some(parent) = &config.root_parent {
         if namespaces.iter().any(|n| n == "mount") {
-            pivot_into_empty_root(&parent.join("root"))?;
+            pivot_into_empty_root(&parent.join("root"), config.shared_dir.as_deref())?;
             active.push("empty read-only root".into());
         }
     }
@@ -83,13 +83,13 @@ pub fn enter(config: &JailConfig, namespaces: &[String]) -> Result<Vec<String>, 
 
 /// Makes `root` (created here, under the owner's private runtime directory) an empty tmpfs and
 /// the process's root, read-only, with the old root detached.
-fn pivot_into_empty_root(root: &Path) -> Result<(), JailError> {
+fn pivot_into_empty_root(root: &Path, shared: Option<&Path>) -> Result<(), JailError> {
     let none = CString::new("none").expect("literal");
     let tmpfs = CString::new("tmpfs").expect("literal");
     let slash = CString::new("/").expect("literal");
     let old = CString::new("old").expect("literal");
     let old_abs = CString::new("/old").expect("literal");
-    let opts = CString::new("size=16k,mode=0755").expect("literal");
+    let opts = CString::new("size=64k,mode=0755").expect("literal");
     let root_c = c(root)?;
     // SAFETY: every call below takes valid NUL-terminated strings and integer flags; they only
     // change this process's mount namespace, which it was started in (never the host's).
@@ -113,6 +113,9 @@ fn pivot_into_empty_root(root: &Path) -> Result<(), JailError> {
             ),
             "mount the jail root",
         )?;
+        if let Some(dir) = shared {
+            share_dir(root, dir)?;
+        }
         check(libc::chdir(root_c.as_ptr()), "enter the jail root")?;
         check(libc::mkdir(old.as_ptr(), 0o700), "create the old-root mount point")?;
         check(
@@ -131,6 +134,39 @@ fn pivot_into_empty_root(root: &Path) -> Result<(), JailError> {
                 std::ptr::null(),
             ),
             "make the jail root read-only",
+        )?;
+    }
+    Ok(())
+}
+
+/// Bind-mounts `dir` (absolute) at the same path under `root`: no devices, no set-uid, no
+/// execution.
+fn share_dir(root: &Path, dir: &Path) -> Result<(), JailError> {
+    let relative = dir.strip_prefix("/").map_err(|_| JailError::Step {
+        what: "share the socket directory".into(),
+        msg: "its path is not absolute".into(),
+    })?;
+    let target = root.join(relative);
+    std::fs::create_dir_all(&target).map_err(|e| JailError::Step {
+        what: format!("create {} in the jail", dir.display()),
+        msg: crate::vmm::os_msg(&e),
+    })?;
+    let (src, dst) = (c(dir)?, c(&target)?);
+    // SAFETY: valid strings and flags; the mount lives in this worker's own namespace.
+    unsafe {
+        check(
+            libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()),
+            "share the socket directory",
+        )?;
+        check(
+            libc::mount(
+                std::ptr::null(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ),
+            "restrict the shared socket directory",
         )?;
     }
     Ok(())

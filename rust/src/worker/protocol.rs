@@ -65,6 +65,9 @@ pub struct JailConfig {
     pub seccomp: bool,
     /// The namespaces the owner started the worker in ("mount", "pid", ...).
     pub namespaces: Vec<String>,
+    /// A directory kept visible in the jail, at the same path: the one holding the vsock
+    /// socket, where host listeners for guest-initiated connections live.
+    pub shared_dir: Option<PathBuf>,
 }
 
 /// A request from the owner. Descriptors that go with a request are listed where it is defined.

@@ -301,6 +301,13 @@ const DEVICE: &[Allow] = &[
     allow!(SYS_writev),
     allow!(SYS_fstat),
     allow!(SYS_statx),
+    // A rate-limited disk's timer thread serves delayed requests on the disk file.
+    allow!(SYS_pread64),
+    allow!(SYS_pwrite64),
+    allow!(SYS_preadv),
+    allow!(SYS_pwritev),
+    allow!(SYS_fsync),
+    allow!(SYS_fdatasync),
 ];
 
 /// The control thread after the jail: the control socket (descriptors arrive with

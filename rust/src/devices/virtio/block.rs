@@ -221,7 +221,17 @@ impl Block {
             let engine = engine.clone();
             let handle = std::thread::Builder::new()
                 .name("blk-ratelimit".into())
-                .spawn(move || run_timer(&engine))
+                .spawn(move || {
+                    // In a worker: this thread's filter before it touches anything. A disk
+                    // thread that cannot be filtered must not run unfiltered, nor leave the
+                    // guest's I/O hanging: the worker ends (its panic hook reports it).
+                    if let Err(e) =
+                        crate::worker::seccomp::apply(crate::worker::seccomp::ThreadKind::Device)
+                    {
+                        panic!("the disk's rate-limit thread cannot install its filter: {e}");
+                    }
+                    run_timer(&engine)
+                })
                 .map_err(|e| BlockError::Thread {
                     path: p.clone(),
                     msg: os_msg(&e),
