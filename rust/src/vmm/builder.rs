@@ -494,14 +494,18 @@ fn kernel_cmdline(cmdline: &str, template: CpuTemplate, devices: &[DeviceInfo]) 
     full
 }
 
-/// Spawns one thread per vCPU, runs `before_run`, then releases the threads into their
-/// `KVM_RUN` loops.
+/// Longest wait for freshly spawned vCPU threads to reach their first checkpoint (they only set
+/// themselves up: signal mask, thread name, registration).
+const VCPU_READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Spawns one thread per vCPU, runs `before_run`, then lets the threads into their `KVM_RUN`
+/// loops.
 ///
 /// When `before_run` is called the VM is complete (devices, including the vsock device's
-/// thread, and every vCPU's state) and every vCPU thread exists, but none can pass the start
-/// barrier, so no guest instruction has run: the place for a caller to give up what the guest
-/// must never reach. If spawning or `before_run` fails, the threads already spawned are told
-/// to stop, released, and joined, and the devices are shut down, before the error is returned.
+/// thread, and every vCPU's state) and every vCPU thread has set itself up and waits, parked,
+/// before its first `KVM_RUN`: no guest instruction has run. That is the place for a caller to
+/// give up what the guest must never reach. If spawning, the wait or `before_run` fails, the
+/// threads are stopped and joined and the devices shut down before the error is returned.
 pub(super) fn launch(
     m: &Machine,
     devices: &Devices,
@@ -523,35 +527,49 @@ pub(super) fn launch(
         match vcpu::spawn(ctx) {
             Ok(h) => threads.push(h),
             Err(e) => {
+                // The threads already spawned wait at the barrier: tell them to leave, and
+                // stand in for the missing ones to release them.
+                m.control.finish(Outcome::Stopped);
+                for _ in index..vcpus.len() {
+                    let b = barrier.clone();
+                    std::thread::spawn(move || b.wait());
+                }
+                barrier.wait();
                 let err = VmmError::Setup(format!("cannot start a vCPU thread: {}", os_msg(&e)));
-                return Err(abandon(m, devices, &barrier, threads, vcpus.len(), err));
+                return Err(abandon(m, devices, threads, err));
             }
         }
     }
-    if let Err(e) = before_run() {
-        return Err(abandon(m, devices, &barrier, threads, vcpus.len(), e));
-    }
+    // A std barrier cannot tell who has arrived, so hold the threads in the pause state
+    // instead: they pass the barrier (every one registered itself before reaching it) and
+    // park at their first checkpoint, and `pause` returns once all are parked.
+    m.control.pause(Duration::ZERO);
     barrier.wait();
+    let ready = if m.control.pause(VCPU_READY_TIMEOUT) {
+        before_run()
+    } else {
+        Err(VmmError::Setup(format!(
+            "the vCPU threads were not ready within {} seconds",
+            VCPU_READY_TIMEOUT.as_secs()
+        )))
+    };
+    if let Err(e) = ready {
+        return Err(abandon(m, devices, threads, e));
+    }
+    m.control.resume();
     Ok(threads)
 }
 
-/// Undoes a [`launch`] that cannot go on: the `threads` spawned so far (of `total`) wait at
-/// `barrier`; they are told to leave, released, and joined. Returns `err`.
+/// Undoes a [`launch`] that cannot go on once its vCPU threads are past the start barrier: ends
+/// the VM (the threads leave their loops), joins them, and shuts the devices down. Returns
+/// `err`.
 fn abandon(
     m: &Machine,
     devices: &Devices,
-    barrier: &Arc<Barrier>,
     threads: Vec<JoinHandle<()>>,
-    total: usize,
     err: VmmError,
 ) -> VmmError {
     m.control.finish(Outcome::Stopped);
-    // The barrier waits for `total` vCPU threads and this one: stand in for the missing ones.
-    for _ in threads.len()..total {
-        let b = barrier.clone();
-        std::thread::spawn(move || b.wait());
-    }
-    barrier.wait();
     for h in threads {
         let _ = h.join();
     }
