@@ -213,7 +213,10 @@ fn eventfd() -> Result<EventFd, VmmError> {
         .map_err(|e| VmmError::Setup(format!("cannot create an eventfd: {}", os_msg(&e))))
 }
 
-/// What a hook run before the vCPUs are released looks like (see [`launch`]).
+/// A hook run once before the guest starts: the VM is complete (devices, including the vsock
+/// device's thread, and every vCPU's state) and every vCPU thread has set itself up and waits
+/// before its first `KVM_RUN`, so no guest instruction has run. The place to give up what the
+/// guest must never reach. Its error fails the start, after the vCPU threads are joined.
 pub type BeforeRun<'a> = &'a mut dyn FnMut() -> Result<(), VmmError>;
 
 /// Checks the limits of `config`, then opens KVM and maps guest RAM: the first phase of every
@@ -250,6 +253,7 @@ pub(super) struct Machine {
 }
 
 impl Machine {
+    /// Creates the VM over `ram`, with the CPU template `config` asks for.
     pub fn new(kvm: Kvm, ram: GuestRam, config: &VmConfig) -> Result<Machine, VmmError> {
         let vm = vm::create_vm(&kvm, &ram, config.track_dirty_pages)?;
         let template = match config.cpu_template {
@@ -598,9 +602,9 @@ impl Vmm {
         Self::start_with(config, &mut || Ok(()))
     }
 
-    /// [`Vmm::start`], running `before_run` once the VM is built and every vCPU thread is
-    /// spawned, before any guest instruction runs (see [`launch`]). When it fails, the vCPU
-    /// threads are stopped and joined and its error is returned.
+    /// [`Vmm::start`], running `before_run` once the VM is built and every vCPU thread waits
+    /// before its first `KVM_RUN` (see [`BeforeRun`]). When it fails, the vCPU threads are stopped
+    /// and joined and its error is returned.
     pub fn start_with(config: &VmConfig, before_run: BeforeRun<'_>) -> Result<Vmm, VmmError> {
         let started = Instant::now();
         let mut phases = Phases::new(started);
