@@ -33,6 +33,11 @@ fn kvm_usable() -> bool {
     }
 }
 
+/// How many threads this process has.
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
 /// Names of this process's threads whose name starts with one of `prefixes`.
 fn threads_named(prefixes: &[&str]) -> Vec<String> {
     let mut out = Vec::new();
@@ -70,16 +75,17 @@ fn config(dir: &Path, vcpus: u8) -> VmConfig {
 }
 
 /// A hook that checks nothing of the guest has run yet: no console output in `log` (and none
-/// appears while it waits a little, so a vCPU running concurrently would be caught), and no
-/// vCPU thread missing. Records when it ran.
+/// appears while it waits a little, so a vCPU running concurrently would be caught), and that
+/// the VM's `threads` exist (a fresh thread names itself, so names may not be set yet). Records
+/// when it ran.
 fn observing_hook(
     log: PathBuf,
-    vcpus: usize,
+    threads: usize,
     ran_at: &mut Option<Instant>,
 ) -> impl FnMut() -> Result<(), VmmError> + '_ {
+    let before = thread_count();
     move || {
         assert!(ran_at.is_none(), "the hook ran twice");
-        assert_eq!(threads_named(&["vcpu"]).len(), vcpus);
         for _ in 0..20 {
             assert_eq!(
                 std::fs::read(&log).unwrap(),
@@ -88,26 +94,33 @@ fn observing_hook(
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+        assert_eq!(thread_count(), before + threads);
         *ran_at = Some(Instant::now());
         Ok(())
     }
 }
 
-/// A hook that fails, after checking that the VM's threads exist when it runs.
-fn failing_hook(vcpus: usize, vsock: bool) -> impl FnMut() -> Result<(), VmmError> {
+/// A hook that fails, after checking that the VM's `threads` exist when it runs.
+fn failing_hook(threads: usize) -> impl FnMut() -> Result<(), VmmError> {
+    let before = thread_count();
     move || {
-        assert_eq!(threads_named(&["vcpu"]).len(), vcpus);
-        assert_eq!(threads_named(&["vsock"]).len(), usize::from(vsock));
+        assert_eq!(thread_count(), before + threads);
         Err(VmmError::Setup("the test's hook refused".into()))
     }
 }
 
-fn assert_refused(result: Result<Vmm, VmmError>) {
+/// `result` is the failing hook's error, and the process has its `baseline` threads again.
+fn assert_refused(result: Result<Vmm, VmmError>, baseline: usize) {
     match result {
         Ok(_) => panic!("the VM started although its before_run hook failed"),
         Err(e) => assert_eq!(e.to_string(), "the test's hook refused"),
     }
     assert_eq!(threads_named(&["vcpu", "vsock"]), Vec::<String>::new());
+    assert_eq!(
+        thread_count(),
+        baseline,
+        "a VMM thread outlived the failed start"
+    );
 }
 
 #[test]
@@ -119,6 +132,7 @@ fn before_run_runs_before_the_first_kvm_run() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("guest.bin"), GUEST).unwrap();
     let snap = dir.join("snap");
+    let baseline = thread_count();
 
     // Boot: the hook runs once, before vCPU 0 first enters KVM_RUN; then the guest runs.
     {
@@ -155,23 +169,22 @@ fn before_run_runs_before_the_first_kvm_run() {
         assert_eq!(vmm.phases().last().map(|p| p.0), Some("running"));
         assert_eq!(vmm.outcome(), None);
     }
-    assert_eq!(threads_named(&["vcpu", "vsock"]), Vec::<String>::new());
+    assert_eq!(thread_count(), baseline);
 
     // A failing hook fails the start with its error, stopping every vCPU thread and the vsock
-    // device's thread it had.
+    // device's thread it had (two vCPUs and vsock: three threads).
     let vsock = dir.join("vsock.sock");
     let mut cfg = config(&dir, 2);
     cfg.vsock_path = Some(vsock.clone());
-    assert_refused(Vmm::start_with(&cfg, &mut failing_hook(2, true)));
+    assert_refused(Vmm::start_with(&cfg, &mut failing_hook(3)), baseline);
     assert!(
         !vsock.exists(),
         "the vsock socket outlived the failed start"
     );
-    assert_refused(Vmm::restore_with(
-        &snap,
-        &RestoreOverrides::default(),
-        &mut failing_hook(1, false),
-    ));
+    assert_refused(
+        Vmm::restore_with(&snap, &RestoreOverrides::default(), &mut failing_hook(1)),
+        baseline,
+    );
 
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -481,9 +481,9 @@ impl Vmm {
         Self::restore_with(dir, overrides, &mut || Ok(()))
     }
 
-    /// [`Vmm::restore`], running `before_run` once the VM is built and every vCPU thread waits
-    /// before its first `KVM_RUN` (see [`BeforeRun`]). When it fails, the vCPU threads are
-    /// stopped and joined and its error is returned.
+    /// [`Vmm::restore`], running `before_run` once the VM is built and every vCPU thread is
+    /// spawned, before any can enter `KVM_RUN` (see [`BeforeRun`]). When it fails, the vCPU
+    /// threads are stopped and joined and its error is returned.
     pub fn restore_with(
         dir: &Path,
         overrides: &RestoreOverrides,
