@@ -26,6 +26,7 @@ pub mod cpuid;
 pub mod memory;
 pub mod persist;
 pub mod vcpu;
+pub mod vcpu_setup;
 pub mod vm;
 
 use std::path::PathBuf;

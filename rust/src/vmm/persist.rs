@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::builder::{Vmm, VmmError};
+use super::builder::{self, BeforeRun, Devices, Machine, Parts, Phases, Vmm, VmmError};
 use super::memory::GuestRam;
 use super::{
     os_msg, BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MemoryBacking, RawMode,
@@ -479,65 +479,129 @@ impl Vmm {
     /// `dir/memory.bin` copy-on-write, so the cost does not grow with the RAM size and the file
     /// is never modified.
     pub fn restore(dir: &Path, overrides: &RestoreOverrides) -> Result<Vmm, VmmError> {
-        let started = Instant::now();
-        let snap = Snapshot::load(dir)?;
-        let m = &snap.machine;
-        // The boot source is not used by a restore; it only fills the field.
-        let mut cfg = VmConfig::new(BootSource::Raw {
-            path: dir.join(VMSTATE_FILE),
-            load_addr: 0,
-            mode: RawMode::Long,
-        });
-        cfg.memory_mib = m.memory_size >> 20;
-        cfg.vcpus = m.vcpus;
-        cfg.console_capacity = restored_console_capacity(m.console_capacity);
-        cfg.console_log = overrides.console_log.clone();
-        cfg.track_dirty_pages = overrides.track_dirty_pages;
-        cfg.cpu_template = CpuTemplateChoice::Fixed(if m.template == 1 {
-            CpuTemplate::Compat
-        } else {
-            CpuTemplate::Normal
-        });
-        if overrides.disks.len() != m.disks.len() {
-            return Err(VmmError::Config(format!(
-                "the snapshot has {} disks but {} disk paths were given (a restore attaches only \
-                 the disks its caller names)",
-                m.disks.len(),
-                overrides.disks.len()
-            )));
-        }
-        cfg.disks = overrides
-            .disks
-            .iter()
-            .zip(&m.disks)
-            .map(|(disk, saved_read_only)| DiskConfig {
-                path: disk.path.clone(),
-                read_only: disk.read_only || *saved_read_only,
-                rate_limit: disk.rate_limit,
-            })
-            .collect();
-        cfg.vsock_path = match (m.vsock, &overrides.vsock_path) {
-            (false, None) => None,
-            (false, Some(_)) => {
-                return Err(VmmError::Config(
-                    "the snapshot has no vsock device, so vsock_path cannot be set".into(),
-                ))
-            }
-            (true, None) => {
-                return Err(VmmError::Config(
-                    "the snapshot has a vsock device: pass the vsock_path to serve it on".into(),
-                ))
-            }
-            (true, Some(p)) => Some(p.clone()),
-        };
-        let layers = snapmem::resolve_chain(dir, &snap, overrides.base.as_deref())?;
-        cfg.memory_backing = MemoryBacking::Snapshot(layers);
-        let loaded = started.elapsed().as_secs_f64();
-        let mut vmm = Vmm::build(&cfg, Some(&snap))?;
-
-        vmm.phases.insert(0, ("load_state", loaded));
-        Ok(vmm)
+        Self::restore_with(dir, overrides, &mut || Ok(()))
     }
+
+    /// [`Vmm::restore`], running `before_run` once the VM is built and every vCPU thread is
+    /// spawned, before any can enter `KVM_RUN` (see [`BeforeRun`]). When it fails, the vCPU
+    /// threads are stopped and joined and its error is returned.
+    pub fn restore_with(
+        dir: &Path,
+        overrides: &RestoreOverrides,
+        before_run: BeforeRun<'_>,
+    ) -> Result<Vmm, VmmError> {
+        let mut phases = Phases::new(Instant::now());
+        let snap = Snapshot::load(dir)?;
+        let config = restored_config(dir, &snap, overrides)?;
+        phases.mark("load_state");
+        // Start-up times count from here, as for a boot: loading the state is its own phase.
+        let started = Instant::now();
+        let (kvm, ram) = builder::open_memory(&config)?;
+        phases.mark("memory");
+        let machine = Machine::new(kvm, ram, &config)?;
+        phases.mark("create_vm");
+        let devices = Devices::build(&machine, &config, Some(&snap.devices))?;
+        phases.mark("devices");
+        restore_vm(&machine.vm, &snap.vm).map_err(restore_err)?;
+        phases.mark("vm_state");
+        let caps = Caps::probe(&machine.kvm).map_err(VmmError::Setup)?;
+        let mut refused_msrs = 0;
+        let vcpus = machine.create_vcpus(config.vcpus, |index, fd| {
+            refused_msrs += restore_vcpu(fd, &snap.vcpus[usize::from(index)], &caps)
+                .map_err(|e| restore_err(format!("vCPU {index}: {e}")))?;
+            Ok(())
+        })?;
+        // Tell a kvmclock-aware guest it was stopped, so it does not report soft lockups.
+        // Guests without kvmclock refuse this; that is fine.
+        for fd in &vcpus {
+            let _ = fd.lock().unwrap_or_else(|e| e.into_inner()).kvmclock_ctrl();
+        }
+        // Only now may devices raise interrupts: loading the irqchip and LAPIC state above
+        // would have dropped them.
+        for t in &devices.transports {
+            t.lock().unwrap_or_else(|e| e.into_inner()).after_restore();
+        }
+        phases.mark("vcpu_state");
+        let threads = builder::launch(&machine, &devices, &vcpus, before_run)?;
+        phases.mark("running");
+        Ok(Vmm::assemble(Parts {
+            machine,
+            devices,
+            vcpus,
+            threads,
+            caps,
+            cmdline: snap.machine.cmdline.clone(),
+            refused_msrs,
+            config,
+            started,
+            phases: phases.done(),
+        }))
+    }
+}
+
+fn restore_err(e: String) -> VmmError {
+    VmmError::Snapshot(SnapshotError::Restore(e))
+}
+
+/// The configuration of the VM a snapshot describes, with what the caller may choose
+/// (`overrides`) filled in and checked against it.
+fn restored_config(
+    dir: &Path,
+    snap: &Snapshot,
+    overrides: &RestoreOverrides,
+) -> Result<VmConfig, VmmError> {
+    let m = &snap.machine;
+    // The boot source is not used by a restore; it only fills the field.
+    let mut cfg = VmConfig::new(BootSource::Raw {
+        path: dir.join(VMSTATE_FILE),
+        load_addr: 0,
+        mode: RawMode::Long,
+    });
+    cfg.memory_mib = m.memory_size >> 20;
+    cfg.vcpus = m.vcpus;
+    cfg.console_capacity = restored_console_capacity(m.console_capacity);
+    cfg.console_log = overrides.console_log.clone();
+    cfg.track_dirty_pages = overrides.track_dirty_pages;
+    cfg.cpu_template = CpuTemplateChoice::Fixed(if m.template == 1 {
+        CpuTemplate::Compat
+    } else {
+        CpuTemplate::Normal
+    });
+    if overrides.disks.len() != m.disks.len() {
+        return Err(VmmError::Config(format!(
+            "the snapshot has {} disks but {} disk paths were given (a restore attaches only \
+             the disks its caller names)",
+            m.disks.len(),
+            overrides.disks.len()
+        )));
+    }
+    cfg.disks = overrides
+        .disks
+        .iter()
+        .zip(&m.disks)
+        .map(|(disk, saved_read_only)| DiskConfig {
+            path: disk.path.clone(),
+            read_only: disk.read_only || *saved_read_only,
+            rate_limit: disk.rate_limit,
+        })
+        .collect();
+    cfg.vsock_path = match (m.vsock, &overrides.vsock_path) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(VmmError::Config(
+                "the snapshot has no vsock device, so vsock_path cannot be set".into(),
+            ))
+        }
+        (true, None) => {
+            return Err(VmmError::Config(
+                "the snapshot has a vsock device: pass the vsock_path to serve it on".into(),
+            ))
+        }
+        (true, Some(p)) => Some(p.clone()),
+    };
+    let layers = snapmem::resolve_chain(dir, snap, overrides.base.as_deref())?;
+    cfg.memory_backing = MemoryBacking::Snapshot(layers);
+    Ok(cfg)
 }
 
 /// Largest console ring a restore keeps: the capacity comes from the snapshot file, and the

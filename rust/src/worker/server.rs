@@ -19,8 +19,8 @@ use super::protocol::{
 use super::seccomp::{self, ThreadKind};
 use crate::snapshot::memory::{LayerFile, MemoryLayer, MAX_CHAIN};
 use crate::snapshot::SnapshotError;
-use crate::vmm::persist::{OpenedBase, RestoreOverrides};
-use crate::vmm::{VmConfig, Vmm, VmmError};
+use crate::vmm::persist::OpenedBase;
+use crate::vmm::{Vmm, VmmError};
 
 /// Exit status of a worker whose thread panicked (the message is on standard error).
 pub const EXIT_PANIC: i32 = 101;
@@ -121,13 +121,13 @@ impl Worker {
                 })
             }
             Request::Start { config, jail } => {
-                self.launch(files, &jail, |hook| start_with(&config, hook))
+                self.launch(files, &jail, |hook| Vmm::start_with(&config, hook))
             }
             Request::Restore {
                 dir,
                 overrides,
                 jail,
-            } => self.launch(files, &jail, |hook| restore_with(&dir, &overrides, hook)),
+            } => self.launch(files, &jail, |hook| Vmm::restore_with(&dir, &overrides, hook)),
             Request::Info => ok(Reply::Info(Box::new(self.info()?))),
             Request::Status => {
                 let vmm = self.vmm()?;
@@ -445,24 +445,4 @@ fn install_panic_hook() {
         // SAFETY: _exit ends the process without running anything else.
         unsafe { libc::_exit(EXIT_PANIC) };
     }));
-}
-
-// TEMPORARY until the builder's pre-run hook lands: runs the hook after the start.
-fn start_with(
-    config: &VmConfig,
-    hook: &mut dyn FnMut() -> Result<(), VmmError>,
-) -> Result<Vmm, VmmError> {
-    let vmm = Vmm::start(config)?;
-    hook()?;
-    Ok(vmm)
-}
-
-fn restore_with(
-    dir: &std::path::Path,
-    overrides: &RestoreOverrides,
-    hook: &mut dyn FnMut() -> Result<(), VmmError>,
-) -> Result<Vmm, VmmError> {
-    let vmm = Vmm::restore(dir, overrides)?;
-    hook()?;
-    Ok(vmm)
 }
