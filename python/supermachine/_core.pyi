@@ -83,9 +83,17 @@ class LayerDedup:
 
 # --- VMM (rust/src/py/vm.rs) ---
 
+class VmRateLimit(TypedDict, total=False):
+    # Token buckets per disk: each rate refills its bucket once a second; a burst is spent once.
+    bytes_per_sec: int
+    bytes_burst: int
+    ops_per_sec: int
+    ops_burst: int
+
 class VmDisk(TypedDict, total=False):
     path: str | os.PathLike[str]
     read_only: bool
+    rate_limit: VmRateLimit
 
 class VmConfig(TypedDict, total=False):
     # Exactly one of kernel (ELF vmlinux, PVH boot) or raw (flat binary).

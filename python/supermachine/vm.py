@@ -9,8 +9,8 @@
 
 Each VM's VMM runs in its own jailed process (``supermachine-vmm``: Rust, one thread per vCPU;
 see :mod:`supermachine.worker`), so a crash ends only that VM; the guest runs supermachine's
-kernel and, as PID 1, its agent, which mounts ``rootfs`` (read-only, with a tmpfs overlay for writes) and serves
-commands over vsock. Each call opens its own agent connection, so a ``Vm`` may be used from
+kernel and, as PID 1, its agent, which mounts ``rootfs`` (read-only, with a tmpfs overlay for
+writes) and serves commands over vsock. Each call opens its own agent connection, so a ``Vm`` may be used from
 several threads at once.
 """
 
@@ -44,7 +44,7 @@ from supermachine.errors import (
     VmmCrashedError,
     VmOutOfMemoryError,
 )
-from supermachine.worker import Limits, VmmMode
+from supermachine.worker import IoLimit, Limits, VmmMode
 
 if TYPE_CHECKING:
     from supermachine.image import Image
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Disk", "ExecResult", "Limits", "Outcome", "Process", "Vm", "VmConfig"]
+__all__ = ["Disk", "ExecResult", "IoLimit", "Limits", "Outcome", "Process", "Vm", "VmConfig"]
 
 CpuTemplate = Literal["auto", "normal", "compat"]
 Argument = str | bytes | os.PathLike[str]
@@ -109,6 +109,8 @@ class VmConfig:
     (default root)."""
     limits: Limits | None = None
     """Resource limits of the VM's worker process (memory, CPU, threads); default none."""
+    io_limit: IoLimit | None = None
+    """Block I/O rate limits of each disk (root filesystem included); default none."""
     vmm: VmmMode = "worker"
     """Where the VMM runs: its own jailed process (default), or ``"in-process"`` threads of this
     process, without isolation (for measuring the worker's cost)."""
@@ -128,8 +130,6 @@ class VmConfig:
                 raise VmError(f"disk {disk.path} does not exist or is not a file")
         if self.vmm not in ("worker", "in-process"):
             raise VmError(f"vmm must be 'worker' or 'in-process', got {self.vmm!r}")
-        if self.limits is not None:
-            self.limits.validated()
         return self
 
 
@@ -227,6 +227,7 @@ class Vm:
         if config.rootfs is not None:
             disks.append({"path": str(config.rootfs), "read_only": True})
         disks += [{"path": str(d.path), "read_only": d.read_only} for d in config.disks]
+        disks = _with_io_limit(disks, config.io_limit)
         try:
             handle = _core.Vm.start(
                 {
@@ -275,6 +276,7 @@ class Vm:
         workdir: str | None = None,
         user: str | None = None,
         limits: Limits | None = None,
+        io_limit: IoLimit | None = None,
         vmm: VmmMode = "worker",
     ) -> Vm:
         """Restores a VM from a snapshot directory written by :meth:`snapshot` and returns once its
@@ -288,8 +290,8 @@ class Vm:
         disks must be passed as ``disks``, in order; a diff's base is its sibling snapshot in the
         same store (or ``base``).
 
-        ``env``, ``workdir`` and ``user`` replace the defaults saved with the snapshot; ``limits``
-        and ``vmm`` are as in :class:`VmConfig`.
+        ``env``, ``workdir`` and ``user`` replace the defaults saved with the snapshot; ``limits``,
+        ``io_limit`` and ``vmm`` are as in :class:`VmConfig`.
         """
         from supermachine.snapshots import attach, metadata, verify
 
@@ -315,14 +317,13 @@ class Vm:
             workdir=saved.workdir if workdir is None else workdir,
             user=saved.user if user is None else user,
             limits=limits,
+            io_limit=io_limit,
             vmm=vmm,
         )
-        if limits is not None:
-            limits.validated()
         runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
         overrides: _core.VmRestoreOverrides = {
             "vsock_path": str(runtime_dir / "vsock.sock"),
-            "disks": attached,
+            "disks": _with_io_limit(attached, io_limit),
         }
         if console_log is not None:
             overrides["console_log"] = str(console_log)
@@ -652,6 +653,13 @@ class Vm:
 def _worker(vmm: VmmMode, runtime_dir: Path, limits: Limits | None) -> _core.VmWorker | None:
     """How to run the VM's VMM: ``None`` for this process."""
     return None if vmm == "in-process" else worker.worker_options(runtime_dir, limits)
+
+
+def _with_io_limit(disks: list[_core.VmDisk], limit: IoLimit | None) -> list[_core.VmDisk]:
+    """``disks`` with ``limit`` on each."""
+    if limit is None:
+        return disks
+    return [{**disk, "rate_limit": limit.as_core()} for disk in disks]
 
 
 def _seconds_left(deadline: float) -> float:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from supermachine import _core
-from supermachine.errors import VmError, WorkerStartError
+from supermachine.errors import WorkerStartError
 
-__all__ = ["JAIL_GID", "JAIL_UID", "Limits", "VmmMode", "program_path", "worker_options"]
+__all__ = ["JAIL_GID", "JAIL_UID", "IoLimit", "Limits", "VmmMode", "program_path", "worker_options"]
 
 VmmMode = Literal["worker", "in-process"]
 """Where a VM's VMM runs: its own jailed process (default), or threads of this process (no
@@ -36,7 +35,8 @@ _names = itertools.count()
 @dataclass(frozen=True)
 class Limits:
     """Resource limits of one VM, enforced on its worker through cgroups (v2, or the v1
-    controllers where v2 has none). ``None``: no limit."""
+    controllers where v2 has none). ``None``: no limit. Out-of-range values are refused when
+    the VM starts (:class:`~supermachine.errors.ResourceLimitError`)."""
 
     memory_mib: int | None = None
     """The most memory the VM's worker may use: guest RAM it touches plus VMM overhead. A VM that
@@ -46,33 +46,45 @@ class Limits:
     pids: int | None = None
     """Most threads of the worker (each vCPU and device is one)."""
 
-    def validated(self) -> Limits:
-        if self.memory_mib is not None and not 16 <= self.memory_mib <= 1 << 22:
-            raise VmError(f"the memory limit must be between 16 MiB and 4 TiB, got {self.memory_mib} MiB")
-        if self.cpus is not None and not 0.01 <= self.cpus <= 1024:
-            raise VmError(f"the CPU limit must be between 0.01 and 1024 CPUs, got {self.cpus}")
-        if self.pids is not None and not 8 <= self.pids <= 1 << 20:
-            raise VmError(f"the thread limit must be between 8 and 1048576, got {self.pids}")
-        return self
+
+@dataclass(frozen=True)
+class IoLimit:
+    """Block I/O rate limits, applied to each of a VM's disks (its root filesystem included):
+    token buckets refilled every second, like Firecracker's. A burst is spent once, before the
+    rate applies. ``None``: no limit of that kind."""
+
+    bytes_per_sec: int | None = None
+    bytes_burst: int | None = None
+    ops_per_sec: int | None = None
+    ops_burst: int | None = None
+
+    def as_core(self) -> _core.VmRateLimit:
+        out: _core.VmRateLimit = {}
+        if self.bytes_per_sec is not None:
+            out["bytes_per_sec"] = self.bytes_per_sec
+        if self.bytes_burst is not None:
+            out["bytes_burst"] = self.bytes_burst
+        if self.ops_per_sec is not None:
+            out["ops_per_sec"] = self.ops_per_sec
+        if self.ops_burst is not None:
+            out["ops_burst"] = self.ops_burst
+        return out
 
 
 def program_path() -> Path:
     """The ``supermachine-vmm`` executable: ``SUPERMACHINE_VMM`` if set, else the one installed
     with the package (next to this module, in ``bin/``)."""
     override = os.environ.get("SUPERMACHINE_VMM")
-    candidates = [Path(override)] if override else [Path(__file__).parent / "bin" / _PROGRAM]
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-    where = override or str(candidates[0])
+    path = Path(override) if override else Path(__file__).parent / "bin" / _PROGRAM
+    if path.is_file() and os.access(path, os.X_OK):
+        return path
     hint = "fix SUPERMACHINE_VMM" if override else "run scripts/setup.sh (or reinstall supermachine)"
-    found = shutil.which(_PROGRAM)
-    if found and not override:
-        return Path(found)
-    raise WorkerStartError(f"the VMM worker {where} is missing or not executable: {hint}")
+    raise WorkerStartError(f"the VMM worker {path} is missing or not executable: {hint}")
 
 
-def worker_options(runtime_dir: Path, limits: Limits | None, console_capacity: int | None = None) -> _core.VmWorker:
+def worker_options(
+    runtime_dir: Path, limits: Limits | None, console_capacity: int | None = None
+) -> _core.VmWorker:
     """The ``worker`` argument of ``_core.Vm.start``/``restore`` for a VM whose private runtime
     directory is ``runtime_dir``."""
     root = os.geteuid() == 0
@@ -88,7 +100,6 @@ def worker_options(runtime_dir: Path, limits: Limits | None, console_capacity: i
     if console_capacity is not None:
         options["console_capacity"] = console_capacity
     if limits is not None and limits != Limits():
-        limits = limits.validated()
         options["cgroup_name"] = f"vm-{os.getpid()}-{next(_names)}"
         if limits.memory_mib is not None:
             options["memory_max"] = limits.memory_mib << 20

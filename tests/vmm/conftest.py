@@ -50,7 +50,9 @@ def guest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(params=["in-process", "worker"])
-def start_vm(kvm: None, guest_dir: Path, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+def start_vm(
+    kvm: None, guest_dir: Path, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., Any]]:
     """Starts a raw test guest from assembly source, its VMM in this process or in a jailed
     worker process (each test runs with both); every VM is stopped at teardown."""
     vms: list[Any] = []

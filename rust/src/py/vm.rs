@@ -8,16 +8,17 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use super::input::Input;
+use crate::devices::rate_limiter::RateLimit;
 use crate::snapshot::memory::id_hex;
 use crate::snapshot::Snapshot;
-use crate::worker::client::{IsolationChoice, WorkerError, WorkerOptions, WorkerVm};
-use crate::worker::protocol::{ErrorKind, WireError};
-use crate::worker::server;
 use crate::vmm::persist::RestoreOverrides;
 use crate::vmm::{
     BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MemoryBacking, Outcome, RawMode,
     VmConfig, Vmm, VmmError,
 };
+use crate::worker::client::{IsolationChoice, WorkerError, WorkerOptions, WorkerVm};
+use crate::worker::protocol::{ErrorKind, WireError};
+use crate::worker::server;
 
 /// The `supermachine.errors` class of each error kind, and the builtin it also derives from
 /// (raised when the errors module cannot be imported).
@@ -67,9 +68,15 @@ fn worker_err(e: WorkerError) -> PyErr {
             raise("VmOutOfMemoryError", PyRuntimeError::new_err, o.reason())
         }
         WorkerError::Crashed(o) => raise("VmmCrashedError", PyRuntimeError::new_err, o.reason()),
-        e @ WorkerError::Spawn { .. } => raise("WorkerStartError", PyOSError::new_err, e.to_string()),
-        e @ WorkerError::Limits(_) => raise("ResourceLimitError", PyOSError::new_err, e.to_string()),
-        e @ WorkerError::Snapshot(_) => raise("SnapshotWriteError", PyOSError::new_err, e.to_string()),
+        e @ WorkerError::Spawn { .. } => {
+            raise("WorkerStartError", PyOSError::new_err, e.to_string())
+        }
+        e @ WorkerError::Limits(_) => {
+            raise("ResourceLimitError", PyOSError::new_err, e.to_string())
+        }
+        e @ WorkerError::Snapshot(_) => {
+            raise("SnapshotWriteError", PyOSError::new_err, e.to_string())
+        }
     }
 }
 
@@ -107,8 +114,35 @@ fn get<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyR
     }
 }
 
+/// A disk's "rate_limit" dict: {bytes_per_sec, bytes_burst, ops_per_sec, ops_burst}, each
+/// optional (checked by the VMM when it opens the disk).
+fn parse_rate_limit(d: &Bound<'_, PyDict>) -> PyResult<Option<RateLimit>> {
+    let Some(limit) = d.get_item("rate_limit")?.filter(|v| !v.is_none()) else {
+        return Ok(None);
+    };
+    let limit = limit
+        .cast::<PyDict>()
+        .map_err(|_| PyTypeError::new_err("a disk's 'rate_limit' must be a dict"))?;
+    const KNOWN: [&str; 4] = ["bytes_per_sec", "bytes_burst", "ops_per_sec", "ops_burst"];
+    for k in limit.keys() {
+        let k: String = k.extract()?;
+        if !KNOWN.contains(&k.as_str()) {
+            return Err(PyValueError::new_err(format!(
+                "unknown rate_limit key '{k}' (known: {})",
+                KNOWN.join(", ")
+            )));
+        }
+    }
+    Ok(Some(RateLimit {
+        bytes_per_sec: get(limit, "bytes_per_sec")?,
+        bytes_burst: get(limit, "bytes_burst")?,
+        ops_per_sec: get(limit, "ops_per_sec")?,
+        ops_burst: get(limit, "ops_burst")?,
+    }))
+}
+
 /// The "disks" entry of a config or restore overrides: paths (read-write, or for a restore as
-/// saved) or dicts {path, read_only}.
+/// saved) or dicts {path, read_only, rate_limit}.
 fn parse_disks(d: &Bound<'_, PyDict>, what: &str) -> PyResult<Vec<DiskConfig>> {
     let mut out = Vec::new();
     if let Some(disks) = d.get_item("disks")?.filter(|v| !v.is_none()) {
@@ -129,7 +163,7 @@ fn parse_disks(d: &Bound<'_, PyDict>, what: &str) -> PyResult<Vec<DiskConfig>> {
             })?;
             for k in disk.keys() {
                 let k: String = k.extract()?;
-                if k != "path" && k != "read_only" {
+                if !["path", "read_only", "rate_limit"].contains(&k.as_str()) {
                     return Err(PyValueError::new_err(format!("unknown disk key '{k}'")));
                 }
             }
@@ -138,7 +172,7 @@ fn parse_disks(d: &Bound<'_, PyDict>, what: &str) -> PyResult<Vec<DiskConfig>> {
             out.push(DiskConfig {
                 path,
                 read_only: get(disk, "read_only")?.unwrap_or(false),
-                rate_limit: None,
+                rate_limit: parse_rate_limit(disk)?,
             });
         }
     }
@@ -293,7 +327,8 @@ fn parse_worker(d: &Bound<'_, PyDict>) -> PyResult<WorkerOptions> {
     })
 }
 
-/// Where a VM's VMM runs.
+/// Where a VM's VMM runs. (One per VM and never moved: the variants' sizes do not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     /// In this process (threads): kept to measure against, and for callers without a worker.
     InProcess(Vmm),
@@ -549,7 +584,9 @@ impl PyVm {
             Backend::InProcess(vmm) => py
                 .detach(|| vmm.read_memory(gpa, length))
                 .map_err(PyValueError::new_err)?,
-            Backend::Worker(w) => py.detach(|| w.read_memory(gpa, length)).map_err(worker_err)?,
+            Backend::Worker(w) => py
+                .detach(|| w.read_memory(gpa, length))
+                .map_err(worker_err)?,
         };
         Ok(PyBytes::new(py, &data))
     }
@@ -746,7 +783,8 @@ impl PyVm {
     fn __repr__(&self) -> String {
         let (state, where_) = match &self.inner {
             Backend::InProcess(vmm) => (
-                vmm.outcome().map_or("running".to_string(), |o| o.kind().to_string()),
+                vmm.outcome()
+                    .map_or("running".to_string(), |o| o.kind().to_string()),
                 "in-process".to_string(),
             ),
             Backend::Worker(w) => ("?".to_string(), format!("worker pid {}", w.pid())),

@@ -303,9 +303,7 @@ impl Vmm {
         dir: &Path,
         base: Option<&Path>,
     ) -> Result<SnapshotReport, SnapshotError> {
-        let base = base
-            .map(|b| open_base(self.ram.size, dir, b))
-            .transpose()?;
+        let base = base.map(|b| open_base(self.ram.size, dir, b)).transpose()?;
         let mut out = AtomicDir::new(dir)?;
         let (memory, memory_tmp) = out.create(MEMORY_FILE)?;
         let (state, state_tmp) = out.create(VMSTATE_FILE)?;
@@ -314,7 +312,9 @@ impl Vmm {
         out.finish(memory, &memory_tmp)?;
         out.finish(state, &state_tmp)?;
         out.commit()?;
-        report.phases.push(("commit", clock.elapsed().as_secs_f64()));
+        report
+            .phases
+            .push(("commit", clock.elapsed().as_secs_f64()));
         Ok(report)
     }
 
@@ -389,7 +389,9 @@ impl Vmm {
             }
         };
         let memory_name = Path::new(MEMORY_FILE);
-        memory.set_len(self.ram.size).map_err(write_err(memory_name))?;
+        memory
+            .set_len(self.ram.size)
+            .map_err(write_err(memory_name))?;
         let mut compared_pages = None;
         let written = match &base {
             None => self.ram.write_to(memory),
@@ -666,8 +668,7 @@ pub fn open_base(memory_size: u64, dir: &Path, base: &Path) -> Result<OpenedBase
     let top = layers.last_mut().expect("a chain has its own layer");
     let file = crate::snapshot::open_regular(&top.path)
         .map_err(|e| fail(format!("{}: {}", top.path.display(), os_msg(&e))))?;
-    let (memory_len, memory_mtime_ns) =
-        snapmem::stamp_of(&file).map_err(|e| fail(os_msg(&e)))?;
+    let (memory_len, memory_mtime_ns) = snapmem::stamp_of(&file).map_err(|e| fail(os_msg(&e)))?;
     top.file = Some(snapmem::LayerFile(std::sync::Arc::new(file)));
     Ok(OpenedBase {
         reference: BaseRef {

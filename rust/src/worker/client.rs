@@ -127,10 +127,12 @@ impl WorkerVm {
     ) -> Result<WorkerVm, WorkerError> {
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let shared = overrides.vsock_path.as_deref().and_then(socket_dir);
-        Self::launch(options, options.console_capacity, shared, |jail| Request::Restore {
-            dir: dir.clone(),
-            overrides: Box::new(overrides.clone()),
-            jail,
+        Self::launch(options, options.console_capacity, shared, |jail| {
+            Request::Restore {
+                dir: dir.clone(),
+                overrides: Box::new(overrides.clone()),
+                jail,
+            }
         })
     }
 
@@ -220,7 +222,17 @@ impl WorkerVm {
             called_ns,
             owner_phases: Vec::new(),
         };
-        match vm.call(&Request::Hello { version: PROTOCOL_VERSION }, &[], &[], CALL_TIMEOUT)?.message {
+        match vm
+            .call(
+                &Request::Hello {
+                    version: PROTOCOL_VERSION,
+                },
+                &[],
+                &[],
+                CALL_TIMEOUT,
+            )?
+            .message
+        {
             Reply::Hello { .. } => {}
             _ => return Err(vm.broken("a start-up reply of the wrong kind")),
         }
@@ -297,9 +309,9 @@ impl WorkerVm {
                 "the VMM did not answer within {} s and was killed",
                 timeout.as_secs()
             ))))),
-            Err(e) => Err(WorkerError::Crashed(
-                self.reap(Some(format!("the VMM broke its protocol ({e}) and was killed"))),
-            )),
+            Err(e) => Err(WorkerError::Crashed(self.reap(Some(format!(
+                "the VMM broke its protocol ({e}) and was killed"
+            ))))),
         }
     }
 
@@ -448,9 +460,10 @@ impl WorkerVm {
             };
             match self.call(&request, &[], &[], CALL_TIMEOUT) {
                 Ok(Frame {
-                    message: Reply::Status {
-                        outcome: Some(o), ..
-                    },
+                    message:
+                        Reply::Status {
+                            outcome: Some(o), ..
+                        },
                     ..
                 }) => return Some(o),
                 Ok(Frame {
@@ -549,7 +562,10 @@ impl WorkerVm {
     }
 
     pub fn write_memory(&self, gpa: u64, data: &[u8]) -> Result<(), WorkerError> {
-        match self.call(&Request::WriteMemory { gpa }, data, &[], CALL_TIMEOUT)?.message {
+        match self
+            .call(&Request::WriteMemory { gpa }, data, &[], CALL_TIMEOUT)?
+            .message
+        {
             Reply::Ok => Ok(()),
             _ => Err(self.broken("a reply of the wrong kind")),
         }
@@ -592,7 +608,10 @@ impl WorkerVm {
     /// Start-up timings measured from the owner's start/restore call: the owner's own phases
     /// (spawn, limits, hello) followed by the worker's.
     pub fn timings(&self) -> Result<(WireTimings, Vec<(String, f64)>), WorkerError> {
-        match self.call(&Request::Timings, &[], &[], CALL_TIMEOUT)?.message {
+        match self
+            .call(&Request::Timings, &[], &[], CALL_TIMEOUT)?
+            .message
+        {
             Reply::Timings(t) => {
                 let mut phases = self.owner_phases.clone();
                 phases.retain(|(n, _)| n != "build");
@@ -610,13 +629,19 @@ impl WorkerVm {
 
     /// Writes a snapshot of the VM to `dir` (atomically: the worker fills files this process
     /// created, which it then syncs and renames into place). With `base`, a diff against it.
-    pub fn snapshot(&self, dir: &Path, base: Option<&Path>) -> Result<SnapshotSummary, WorkerError> {
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        base: Option<&Path>,
+    ) -> Result<SnapshotSummary, WorkerError> {
         let clock = Instant::now();
         let snap_err = |e: crate::snapshot::SnapshotError| WorkerError::Snapshot(e.to_string());
         let opened = base
             .map(|b| open_base(self.info.memory_size, dir, b))
             .transpose()
-            .map_err(|e| WorkerError::Vmm(super::server::wire_error(crate::vmm::VmmError::Snapshot(e))))?;
+            .map_err(|e| {
+                WorkerError::Vmm(super::server::wire_error(crate::vmm::VmmError::Snapshot(e)))
+            })?;
         let mut out = AtomicDir::new(dir).map_err(snap_err)?;
         let (memory, memory_tmp) = out.create(MEMORY_FILE).map_err(snap_err)?;
         let (state, state_tmp) = out.create(VMSTATE_FILE).map_err(snap_err)?;
@@ -644,10 +669,17 @@ impl WorkerVm {
         });
         if let Some(b) = &opened {
             if b.layers.iter().any(|l| l.file.is_none()) {
-                return Err(WorkerError::Snapshot("the base chain has a file that is not open".into()));
+                return Err(WorkerError::Snapshot(
+                    "the base chain has a file that is not open".into(),
+                ));
             }
         }
-        let frame = self.call(&Request::Snapshot { base: wire_base }, &[], &fds, SNAPSHOT_TIMEOUT)?;
+        let frame = self.call(
+            &Request::Snapshot { base: wire_base },
+            &[],
+            &fds,
+            SNAPSHOT_TIMEOUT,
+        )?;
         let Reply::Snapshot(mut summary) = frame.message else {
             return Err(self.broken("a snapshot reply of the wrong kind"));
         };

@@ -40,7 +40,10 @@ fn c(path: &Path) -> Result<CString, JailError> {
 /// in (the root is only pivoted inside its own mount namespace). Returns the protections now in
 /// force, by name.
 pub fn enter(config: &JailConfig, namespaces: &[String]) -> Result<Vec<String>, JailError> {
-    let mut active: Vec<String> = namespaces.iter().map(|n| format!("{n} namespace")).collect();
+    let mut active: Vec<String> = namespaces
+        .iter()
+        .map(|n| format!("{n} namespace"))
+        .collect();
     if let Some(parent) = &config.root_parent {
         if namespaces.iter().any(|n| n == "mount") {
             pivot_into_empty_root(&parent.join("root"), config.shared_dir.as_deref())?;
@@ -96,7 +99,13 @@ fn pivot_into_empty_root(root: &Path, shared: Option<&Path>) -> Result<(), JailE
     unsafe {
         // Nothing done here may propagate back to the host's mounts.
         check(
-            libc::mount(none.as_ptr(), slash.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()),
+            libc::mount(
+                none.as_ptr(),
+                slash.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ),
             "make the mounts private",
         )?;
         let made = libc::mkdir(root_c.as_ptr(), 0o755);
@@ -117,20 +126,33 @@ fn pivot_into_empty_root(root: &Path, shared: Option<&Path>) -> Result<(), JailE
             share_dir(root, dir)?;
         }
         check(libc::chdir(root_c.as_ptr()), "enter the jail root")?;
-        check(libc::mkdir(old.as_ptr(), 0o700), "create the old-root mount point")?;
+        check(
+            libc::mkdir(old.as_ptr(), 0o700),
+            "create the old-root mount point",
+        )?;
         check(
             libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), old.as_ptr()) as libc::c_int,
             "pivot_root into the jail",
         )?;
         check(libc::chdir(slash.as_ptr()), "enter the new root")?;
-        check(libc::umount2(old_abs.as_ptr(), libc::MNT_DETACH), "detach the old root")?;
-        check(libc::rmdir(old_abs.as_ptr()), "remove the old-root mount point")?;
+        check(
+            libc::umount2(old_abs.as_ptr(), libc::MNT_DETACH),
+            "detach the old root",
+        )?;
+        check(
+            libc::rmdir(old_abs.as_ptr()),
+            "remove the old-root mount point",
+        )?;
         check(
             libc::mount(
                 none.as_ptr(),
                 slash.as_ptr(),
                 std::ptr::null(),
-                libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
                 std::ptr::null(),
             ),
             "make the jail root read-only",
@@ -155,7 +177,13 @@ fn share_dir(root: &Path, dir: &Path) -> Result<(), JailError> {
     // SAFETY: valid strings and flags; the mount lives in this worker's own namespace.
     unsafe {
         check(
-            libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()),
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ),
             "share the socket directory",
         )?;
         check(
@@ -163,7 +191,11 @@ fn share_dir(root: &Path, dir: &Path) -> Result<(), JailError> {
                 std::ptr::null(),
                 dst.as_ptr(),
                 std::ptr::null(),
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
                 std::ptr::null(),
             ),
             "restrict the shared socket directory",
@@ -176,7 +208,10 @@ fn share_dir(root: &Path, dir: &Path) -> Result<(), JailError> {
 fn drop_to(uid: u32, gid: u32) -> Result<(), JailError> {
     // SAFETY: credential calls with plain integers; glibc applies them to every thread.
     unsafe {
-        check(libc::setgroups(0, std::ptr::null()), "drop supplementary groups")?;
+        check(
+            libc::setgroups(0, std::ptr::null()),
+            "drop supplementary groups",
+        )?;
         check(libc::setresgid(gid, gid, gid), "set the group id")?;
         check(libc::setresuid(uid, uid, uid), "set the user id")?;
         if libc::getuid() != uid || libc::geteuid() != uid || libc::getegid() != gid {
@@ -217,7 +252,8 @@ fn drop_capabilities() -> Result<(), JailError> {
     let data = [Data::default(); 2];
     // SAFETY: capset reads a valid header and two data structs (version 3 layout).
     check(
-        unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) } as libc::c_int,
+        unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) }
+            as libc::c_int,
         "drop capabilities",
     )
 }

@@ -12,9 +12,9 @@
 pub mod cgroup;
 pub mod client;
 pub mod console_ring;
-pub mod protocol;
 pub mod host;
 pub mod jail;
+pub mod protocol;
 pub mod seccomp;
 pub mod server;
 pub mod spawn;

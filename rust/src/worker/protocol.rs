@@ -75,7 +75,9 @@ pub struct JailConfig {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// First message: the versions must match.
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     /// Boot a VM. Descriptor: the console ring (a memfd, see [`super::console_ring`]).
     Start {
         config: Box<VmConfig>,
@@ -92,18 +94,29 @@ pub enum Request {
     /// The outcome (if the VM ended) and counters.
     Status,
     /// Wait up to `timeout_ms` for the VM to end.
-    Wait { timeout_ms: u64 },
+    Wait {
+        timeout_ms: u64,
+    },
     Pause,
     Resume,
     /// Pause and capture a snapshot into the descriptors passed with it: `memory.bin`, then
     /// `vmstate.bin` (both empty, writable), then for a diff each `memory.bin` of the base's
     /// chain, base first (read-only).
-    Snapshot { base: Option<WireBase> },
+    Snapshot {
+        base: Option<WireBase>,
+    },
     DirtyPages,
-    ReadMemory { gpa: u64, len: u64 },
+    ReadMemory {
+        gpa: u64,
+        len: u64,
+    },
     /// The payload holds the bytes.
-    WriteMemory { gpa: u64 },
-    DeviceStatus { index: u32 },
+    WriteMemory {
+        gpa: u64,
+    },
+    DeviceStatus {
+        index: u32,
+    },
     Timings,
     /// Stop the VM and exit.
     Stop,
@@ -266,7 +279,9 @@ pub fn send<T: Serialize>(
 ) -> Result<(), ChannelError> {
     let json = serde_json::to_vec(message).map_err(|e| ChannelError::Malformed(e.to_string()))?;
     if json.len() > MAX_MESSAGE || payload.len() > MAX_PAYLOAD || fds.len() > MAX_FDS {
-        return Err(ChannelError::Malformed("a frame over the size limits".into()));
+        return Err(ChannelError::Malformed(
+            "a frame over the size limits".into(),
+        ));
     }
     let mut head = Vec::with_capacity(8 + json.len());
     head.extend_from_slice(&(json.len() as u32).to_le_bytes());
@@ -310,7 +325,9 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
         return if files.is_empty() {
             Ok(None)
         } else {
-            Err(ChannelError::Malformed("descriptors without a frame".into()))
+            Err(ChannelError::Malformed(
+                "descriptors without a frame".into(),
+            ))
         };
     }
     (&*sock).read_exact(&mut head[got..])?;
@@ -325,7 +342,8 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
     (&*sock).read_exact(&mut json)?;
     let mut payload = vec![0u8; payload_len];
     (&*sock).read_exact(&mut payload)?;
-    let message = serde_json::from_slice(&json).map_err(|e| ChannelError::Malformed(e.to_string()))?;
+    let message =
+        serde_json::from_slice(&json).map_err(|e| ChannelError::Malformed(e.to_string()))?;
     Ok(Some(Frame {
         message,
         payload,
@@ -346,7 +364,13 @@ mod tests {
     fn frames_round_trip_with_descriptors() {
         let (a, b) = UnixStream::pair().unwrap();
         let file = File::open("/dev/null").unwrap();
-        send(&a, &Request::Wait { timeout_ms: 5 }, b"xyz", &[file.as_raw_fd()]).unwrap();
+        send(
+            &a,
+            &Request::Wait { timeout_ms: 5 },
+            b"xyz",
+            &[file.as_raw_fd()],
+        )
+        .unwrap();
         let frame: Frame<Request> = recv(&b).unwrap().unwrap();
         assert!(matches!(frame.message, Request::Wait { timeout_ms: 5 }));
         assert_eq!(frame.payload, b"xyz");
@@ -360,10 +384,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         (&a).write_all(&(u32::MAX).to_le_bytes()).unwrap();
         (&a).write_all(&0u32.to_le_bytes()).unwrap();
-        assert!(matches!(
-            recv::<Reply>(&b),
-            Err(ChannelError::Malformed(_))
-        ));
+        assert!(matches!(recv::<Reply>(&b), Err(ChannelError::Malformed(_))));
         let (a, b) = UnixStream::pair().unwrap();
         (&a).write_all(&3u32.to_le_bytes()).unwrap();
         (&a).write_all(&0u32.to_le_bytes()).unwrap();

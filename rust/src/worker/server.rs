@@ -127,7 +127,9 @@ impl Worker {
                 dir,
                 overrides,
                 jail,
-            } => self.launch(files, &jail, |hook| Vmm::restore_with(&dir, &overrides, hook)),
+            } => self.launch(files, &jail, |hook| {
+                Vmm::restore_with(&dir, &overrides, hook)
+            }),
             Request::Info => ok(Reply::Info(Box::new(self.info()?))),
             Request::Status => {
                 let vmm = self.vmm()?;
@@ -163,7 +165,9 @@ impl Worker {
                 Ok((Reply::Bytes, data))
             }
             Request::WriteMemory { gpa } => {
-                self.vmm()?.write_memory(gpa, &payload).map_err(config_error)?;
+                self.vmm()?
+                    .write_memory(gpa, &payload)
+                    .map_err(config_error)?;
                 ok(Reply::Ok)
             }
             Request::DeviceStatus { index } => ok(Reply::DeviceStatus {
@@ -211,7 +215,9 @@ impl Worker {
             // SAFETY: geteuid cannot fail.
             let root = unsafe { libc::geteuid() } == 0;
             let drop_to = match (jail_config.uid, jail_config.gid) {
-                (Some(u), Some(g)) if root && !jail_config.namespaces.iter().any(|n| n == "user") => {
+                (Some(u), Some(g))
+                    if root && !jail_config.namespaces.iter().any(|n| n == "user") =>
+                {
                     Some((u, g))
                 }
                 _ => None,
@@ -307,9 +313,16 @@ impl Worker {
         let layer_files: Vec<File> = files.collect();
         let base = match base {
             None if layer_files.is_empty() => None,
-            None => return Err(config_error("descriptors for a base that was not described".into())),
+            None => {
+                return Err(config_error(
+                    "descriptors for a base that was not described".into(),
+                ))
+            }
             Some(b) => {
-                if b.layers.len() != layer_files.len() || b.layers.is_empty() || b.layers.len() > MAX_CHAIN + 1 {
+                if b.layers.len() != layer_files.len()
+                    || b.layers.is_empty()
+                    || b.layers.len() > MAX_CHAIN + 1
+                {
                     return Err(config_error(format!(
                         "a base chain of {} layers came with {} files",
                         b.layers.len(),
@@ -366,10 +379,9 @@ pub fn error_kind(e: &VmmError) -> ErrorKind {
     match e {
         VmmError::Vm(crate::vmm::vm::VmError::OpenKvm(_)) => ErrorKind::Kvm,
         VmmError::Snapshot(SnapshotError::Write { .. }) => ErrorKind::SnapshotWrite,
-        VmmError::Snapshot(SnapshotError::Missing { .. } | SnapshotError::BaseMissing { .. }) => {
-            ErrorKind::NotFound
-        }
-        VmmError::Snapshot(_) => ErrorKind::Snapshot,
+        // A damaged or unfitting snapshot file; other snapshot errors keep their class below
+        // (a missing file, a read error, a capture that failed because the VM had ended).
+        VmmError::Snapshot(_) if e.class() == ErrorClass::Value => ErrorKind::Snapshot,
         _ => match e.class() {
             ErrorClass::NotFound => ErrorKind::NotFound,
             ErrorClass::Os => ErrorKind::Os,

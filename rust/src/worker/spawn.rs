@@ -101,7 +101,8 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 }
 
 fn cstring(s: &OsStr) -> io::Result<CString> {
-    CString::new(s.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument"))
+    CString::new(s.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument"))
 }
 
 /// Starts `program --worker` with the strongest `isolation` of `wanted` that this host allows
@@ -112,7 +113,10 @@ pub fn spawn(program: &Path, wanted: Isolation, log: Option<&File>) -> io::Resul
     let null = File::options().write(true).open("/dev/null")?;
     let log_fd = log.map_or(null.as_raw_fd(), |f| f.as_raw_fd());
     let program_c = cstring(program.as_os_str())?;
-    let argv_c = [program_c.clone(), CString::new("--worker").expect("literal")];
+    let argv_c = [
+        program_c.clone(),
+        CString::new("--worker").expect("literal"),
+    ];
     let argv: Vec<*const libc::c_char> = argv_c
         .iter()
         .map(|c| c.as_ptr())
@@ -125,7 +129,9 @@ pub fn spawn(program: &Path, wanted: Isolation, log: Option<&File>) -> io::Resul
             let mut kv = k.as_bytes().to_vec();
             kv.push(b'=');
             kv.extend_from_slice(v.as_bytes());
-            CString::new(kv).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the environment"))
+            CString::new(kv).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the environment")
+            })
         })
         .collect::<io::Result<_>>()?;
     let envp: Vec<*const libc::c_char> = env_c
@@ -142,7 +148,15 @@ pub fn spawn(program: &Path, wanted: Isolation, log: Option<&File>) -> io::Resul
     }
     let mut last_err = None;
     for isolation in attempts {
-        match clone_exec(&program_c, &argv, &envp, theirs.as_raw_fd(), null.as_raw_fd(), log_fd, isolation) {
+        match clone_exec(
+            &program_c,
+            &argv,
+            &envp,
+            theirs.as_raw_fd(),
+            null.as_raw_fd(),
+            log_fd,
+            isolation,
+        ) {
             Ok(pid) => {
                 if isolation == Isolation::UserNamespaces {
                     if let Err(e) = map_user(pid) {
