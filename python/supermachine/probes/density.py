@@ -10,10 +10,11 @@ whole, so the blob ends up in its guest page cache.
 * **B, cold boots.** N VMs are booted from the same read-only root filesystem and each reads the
   blob into RAM of its own.
 
-VMs run in this process (the VMM is a library), so what each VM costs the host is the growth of
-this process's RSS and PSS (``/proc/self/smaps_rollup``) from just before it starts until it has
-read the blob. PSS divides each shared page among the mappings that share it, so N clones sharing
-a page add one page in all; RSS counts it N times.
+What each VM costs the host is the growth of the RSS and PSS (``smaps_rollup``) of this process
+plus every VM's worker process (each VM's VMM runs in its own process; an in-process VMM adds to
+this one), from just before the VM starts until it has read the blob. PSS divides each shared
+page among the mappings that share it, so N clones sharing a page add one page in all; RSS counts
+it N times.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ StepCallback = Callable[[str], object]
 class ProcessMemory:
     rss: int
     pss: int
+
+
+def vms_memory(vms: list[Vm]) -> ProcessMemory:
+    """This process's memory plus that of every VM's worker process that is still running."""
+    total = process_memory()
+    rss, pss = total.rss, total.pss
+    for vm in vms:
+        if vm.pid is not None:
+            try:
+                worker = process_memory(f"/proc/{vm.pid}/smaps_rollup")
+            except InputError:
+                continue  # gone meanwhile: it holds no memory any more
+            rss, pss = rss + worker.rss, pss + worker.pss
+    return ProcessMemory(rss, pss)
 
 
 def process_memory(path: str = SMAPS_ROLLUP) -> ProcessMemory:
@@ -233,7 +248,7 @@ class Fleet:
     def start(self, start: Callable[[], Vm]) -> Vm:
         if self._pending is not None:
             raise RuntimeError("settle the VM started last before starting another")
-        before = process_memory()
+        before = vms_memory(self.vms)
         started = time.monotonic()
         vm = start()
         self.vms.append(vm)
@@ -248,7 +263,7 @@ class Fleet:
         # Clones inherit the snapshot's holder of the device (see read_blob); booted VMs need one.
         read_blob(pending.vm, self.blob_device, hold=self.mode == "boot")
         read_seconds = time.monotonic() - started
-        after = process_memory()
+        after = vms_memory(self.vms)
         sample = VmSample(
             start_seconds=pending.start_seconds,
             read_seconds=read_seconds,
