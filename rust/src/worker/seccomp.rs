@@ -235,6 +235,10 @@ const COMMON: &[Allow] = &[
     // vCPU kick (`VmControl::finish` and pause kick every vCPU) or an abort.
     allow!(SYS_rt_sigprocmask),
     allow!(SYS_sigaltstack),
+    // Rust's SIGSEGV/SIGBUS handler (stack-overflow detection) restores the default action
+    // for a fault that is not a guard-page hit, so the fault ends the worker as that signal
+    // (a SIGBUS from a shrunk memory file is reported as such).
+    allow!(SYS_rt_sigaction),
     allow!(SYS_tgkill, Args::KickOrAbort),
     // The jail's privilege drop, to the prepared ids only (see `Args::DropUid`).
     allow!(SYS_setresuid, Args::DropUid),
