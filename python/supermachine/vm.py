@@ -449,13 +449,14 @@ class Vm:
         if outcome is None:
             return
         detail = agent.printable_line(outcome.detail)  # a panic line is guest text
+        when = f" {when}" if when else ""
         if outcome.kind == "panic":
-            raise GuestPanickedError(f"the guest kernel panicked {when}: {detail}")
+            raise GuestPanickedError(f"the guest kernel panicked{when}: {detail}")
         if outcome.kind == "oom":
-            raise VmOutOfMemoryError(f"the VM ended {when}: {detail}")
+            raise VmOutOfMemoryError(f"the VM ended{when}: {detail}")
         if outcome.kind == "vmm_crash":
-            raise VmmCrashedError(f"the VM ended {when}: {detail}")
-        raise VmError(f"the VM ended {when} ({outcome.kind}{': ' + detail if detail else ''})")
+            raise VmmCrashedError(f"the VM ended{when}: {detail}")
+        raise VmError(f"the VM ended{when} ({outcome.kind}{': ' + detail if detail else ''})")
 
     @property
     def outcome(self) -> Outcome | None:
