@@ -8,8 +8,8 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from supermachine import _core, ui
-from supermachine.errors import KvmUnavailableError
+from supermachine import _core, ui, worker
+from supermachine.errors import KvmUnavailableError, WorkerStartError
 
 # What each probe is called in the table, in the order the core reports them.
 LABELS = {
@@ -23,7 +23,7 @@ LABELS = {
     "user_namespace": "user namespace",
     "pivot_root": "pivot_root",
     "seccomp": "seccomp-bpf",
-    "landlock": "Landlock",
+    "landlock": "Landlock (not used yet)",
     "cgroup_memory": "cgroup memory",
     "cgroup_cpu": "cgroup cpu",
     "cgroup_pids": "cgroup pids",
@@ -48,9 +48,17 @@ def doctor(as_json: bool) -> None:
     protections = _core.host_protections()
     jail = _core.host_jail_level()
     kvm = protections["kvm"]
+    try:
+        program: _core.HostProtection = {"available": True, "detail": str(worker.program_path())}
+    except WorkerStartError as exc:
+        program = {"available": False, "detail": str(exc)}
+    can_run = kvm["available"] and program["available"]
     if as_json:
         print(
-            json.dumps({"protections": protections, "jail": jail, "vms_can_run": kvm["available"]}, indent=2)
+            json.dumps(
+                {"protections": protections, "jail": jail, "worker": program, "vms_can_run": can_run},
+                indent=2,
+            )
         )
     else:
         table = Table(box=None, header_style="bold", pad_edge=False)
@@ -63,9 +71,12 @@ def doctor(as_json: bool) -> None:
                 state = "[green]active[/green]" if entry["available"] else "[yellow]not available[/yellow]"
             table.add_row(LABELS.get(name, name), state, escape(entry["detail"]))
         ui.stdout.print(table)
-        ui.stdout.print(f"\nVMs run in a {escape(JAIL.get(jail, jail))}.")
+        ui.stdout.print(f"\nVMM worker: {escape(program['detail'])}")
+        ui.stdout.print(f"VMs run in a {escape(JAIL.get(jail, jail))}, one worker process per VM.")
     if not kvm["available"]:
         raise KvmUnavailableError(f"VMs cannot run here: {kvm['detail']}")
+    if not program["available"]:
+        raise WorkerStartError(f"VMs cannot run here: {program['detail']}")
 
 
 def register(group: click.Group) -> None:
