@@ -10,6 +10,7 @@ _Input = Buffer | str | os.PathLike[str]
 
 __version__: str
 PAGE_SIZE: int
+MAX_VCPUS: int  # the most vCPUs a VM (and a snapshot) may have
 COMPAT_GLIBC_TUNABLES: str
 CDC_GEAR_SEED: int
 

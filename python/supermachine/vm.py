@@ -118,8 +118,8 @@ class VmConfig:
     def validated(self) -> VmConfig:
         if self.memory_mib < 64:
             raise VmError(f"memory_mib must be at least 64, got {self.memory_mib}")
-        if not 1 <= self.vcpus <= 64:
-            raise VmError(f"vcpus must be between 1 and 64, got {self.vcpus}")
+        if not 1 <= self.vcpus <= _core.MAX_VCPUS:
+            raise VmError(f"vcpus must be between 1 and {_core.MAX_VCPUS}, got {self.vcpus}")
         if self.boot_timeout <= 0:
             raise VmError(f"boot_timeout must be positive, got {self.boot_timeout}")
         for path, what in [(self.rootfs, "rootfs"), (self.kernel, "kernel"), (self.initramfs, "initramfs")]:

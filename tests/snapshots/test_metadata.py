@@ -60,7 +60,7 @@ def _good() -> dict[str, object]:
         (lambda d: d.pop("format"), "not supermachine snapshot metadata"),
         (lambda d: d.pop("memory_mib"), "field 'memory_mib' is missing"),
         (lambda d: d.update(memory_mib="64"), "field 'memory_mib' must be an integer"),
-        (lambda d: d.update(vcpus=0), "field 'vcpus' must be between 1 and 64"),
+        (lambda d: d.update(vcpus=0), "field 'vcpus' must be between 1 and 32"),
         (lambda d: d["ram"].pop("blake3"), "field 'ram.blake3' is missing"),
         (lambda d: d["ram"].update(blake3="md5:00"), "field 'ram.blake3' must be 'blake3:'"),
         (lambda d: d.update(created="yesterday"), "field 'created' must be a finite number"),

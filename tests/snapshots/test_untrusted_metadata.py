@@ -86,7 +86,7 @@ def _run(d: dict[str, object]) -> dict[str, object]:
     ("mutate", "expect"),
     [
         (lambda d: d.update(memory_mib=1 << 40), "field 'memory_mib' must be between 1 and"),
-        (lambda d: d.update(vcpus=100_000), "field 'vcpus' must be between 1 and 64"),
+        (lambda d: d.update(vcpus=100_000), "field 'vcpus' must be between 1 and 32"),
         (lambda d: d["ram"].update(size=(64 << 20) + 1), "field 'ram.size' must be between 0 and"),
         (lambda d: d.update(created=1e300), "field 'created' must be a Unix time between"),
         (lambda d: d.update(created=-5.0), "field 'created' must be a Unix time between"),

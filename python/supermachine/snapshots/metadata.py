@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import blake3
 
-from supermachine import __version__
+from supermachine import __version__, _core
 from supermachine.errors import SnapshotMetadataError
 
 METADATA_FILE = "metadata.json"
@@ -47,7 +47,7 @@ MAX_ITEMS = 4096
 MAX_VERSION_STRING = 128
 MAX_MEMORY_MIB = 1 << 20
 """Largest guest RAM a snapshot may claim: 1 TiB."""
-MAX_VCPUS = 64
+MAX_VCPUS = _core.MAX_VCPUS  # the VMM's limit
 MAX_CREATED = 253_402_300_799.0
 """Last second of the year 9999: later times cannot be shown as dates."""
 

@@ -41,6 +41,7 @@ pub(crate) fn with_threads<T: Send>(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PAGE_SIZE", crate::pages::PAGE_SIZE)?;
+    m.add("MAX_VCPUS", crate::snapshot::state::MAX_VCPUS)?;
     m.add(
         "COMPAT_GLIBC_TUNABLES",
         crate::vmm::cpuid::COMPAT_GLIBC_TUNABLES,

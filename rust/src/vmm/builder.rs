@@ -225,9 +225,10 @@ pub type BeforeRun<'a> = &'a mut dyn FnMut() -> Result<(), VmmError>;
 /// Checks the limits of `config`, then opens KVM and maps guest RAM: the first phase of every
 /// start.
 pub(super) fn open_memory(config: &VmConfig) -> Result<(Kvm, GuestRam), VmmError> {
-    if config.vcpus == 0 || config.vcpus > 32 {
+    let max = crate::snapshot::state::MAX_VCPUS;
+    if config.vcpus == 0 || usize::from(config.vcpus) > max {
         return Err(VmmError::Config(format!(
-            "vcpus must be between 1 and 32, got {}",
+            "vcpus must be between 1 and {max}, got {}",
             config.vcpus
         )));
     }
