@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -157,3 +159,33 @@ def test_bad_limits_and_a_missing_worker_are_one_line_errors(
     monkeypatch.setenv("SUPERMACHINE_VMM", str(fake))
     with pytest.raises(errors.VmmCrashedError, match="exited with status 3"):
         _core.Vm.start(cfg, worker.worker_options(tmp_path, None))
+
+
+def test_workers_end_when_their_owner_is_killed(kvm: None, guest_dir: Path, tmp_path: Path) -> None:
+    # An owner killed with SIGKILL cannot stop its VMs: each worker sees its control channel close
+    # and ends by itself, so no VM outlives the process that started it.
+    binary = g.build(g.CLI_HLT, guest_dir)
+    script = (
+        "import os, signal, sys, tempfile\n"
+        "from supermachine import _core, worker\n"
+        f"cfg = {{'raw': {str(binary)!r}, 'memory_mib': 16}}\n"
+        "vms = [_core.Vm.start(cfg, worker.worker_options(tempfile.mkdtemp(), None)) for _ in range(2)]\n"
+        "print(' '.join(str(vm.pid) for vm in vms), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pids = [int(p) for p in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}") and _state(pid) not in ("Z", None):
+            assert time.monotonic() < deadline, f"worker {pid} outlived its owner"
+            time.sleep(0.05)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return _status(f"/proc/{pid}/status")["State"][0]
+    except (OSError, KeyError):
+        return None
