@@ -234,12 +234,29 @@ pub fn hash_memory_file(dir: &Path, state: &MemoryState, size: u64) -> Result<Me
     hash_memory(&file, &path, state, size)
 }
 
+/// The memory identity of the snapshot in `dir`, computed the way its VMM recorded it in
+/// `vmstate.bin` (same page bitmap, same base identity): from `memory` when the caller has the
+/// file open already (so the file it checked is the file hashed), else from `dir/memory.bin`.
+/// Compare the result with the recorded [`MemoryState::id`] to verify the file.
+pub fn snapshot_memory_id(dir: &Path, memory: Option<&File>) -> Result<MemoryId, String> {
+    let snap = Snapshot::load(dir).map_err(|e| e.to_string())?;
+    let size = snap.machine.memory_size;
+    match memory {
+        Some(file) => hash_memory(file, &dir.join(MEMORY_FILE), &snap.memory, size),
+        None => hash_memory_file(dir, &snap.memory, size),
+    }
+}
+
+/// Pages read per `pread`: large enough that the hash, not the system calls, sets the pace.
+const HASH_BLOCK_PAGES: usize = 512;
+
 fn hash_memory(
     file: &File,
     path: &Path,
     state: &MemoryState,
     size: u64,
 ) -> Result<MemoryId, String> {
+    use std::os::unix::fs::FileExt;
     let len = file.metadata().map_err(|e| e.to_string())?.len();
     if len != size {
         return Err(format!(
@@ -247,26 +264,36 @@ fn hash_memory(
             path.display()
         ));
     }
-    if size == 0 {
-        return Ok(IdHasher::full().finish());
-    }
-    // SAFETY: the file is opened read-only and mapped read-only; snapshot files are only ever
-    // replaced by rename, never rewritten in place, so the mapping does not change under us.
-    let map = unsafe { memmap2::Mmap::map(file) }.map_err(|e| e.to_string())?;
-    let pages = size as usize / PAGE_SIZE;
     let mut h = match (&state.base, &state.pages) {
         (Some(b), Some(_)) => IdHasher::diff(&b.id),
         _ => IdHasher::full(),
     };
-    for page in 0..pages {
-        let bytes = &map[page * PAGE_SIZE..(page + 1) * PAGE_SIZE];
-        let include = match &state.pages {
+    // Read, not mapped: a file truncated while it is hashed (anyone who can write the snapshot
+    // directory can do that) is then a read error, not a SIGBUS that kills the process.
+    let pages = (size / PAGE_SIZE as u64) as usize;
+    let mut buf = vec![0u8; HASH_BLOCK_PAGES.min(pages) * PAGE_SIZE];
+    let mut first = 0;
+    while first < pages {
+        let n = HASH_BLOCK_PAGES.min(pages - first);
+        let block = &mut buf[..n * PAGE_SIZE];
+        let wanted = |page: usize| match &state.pages {
             Some(bm) => bit(bm, page),
-            None => bytes.iter().any(|&b| b != 0),
+            None => true,
         };
-        if include {
-            h.page(page, bytes);
+        if (first..first + n).any(wanted) {
+            file.read_exact_at(block, (first * PAGE_SIZE) as u64)
+                .map_err(|e| format!("{}: {}", path.display(), crate::vmm::os_msg(&e)))?;
+            for (i, bytes) in block.chunks_exact(PAGE_SIZE).enumerate() {
+                let include = match &state.pages {
+                    Some(bm) => bit(bm, first + i),
+                    None => bytes.iter().any(|&b| b != 0),
+                };
+                if include {
+                    h.page(first + i, bytes);
+                }
+            }
         }
+        first += n;
     }
     Ok(h.finish())
 }
@@ -513,6 +540,65 @@ mod tests {
         }
     }
 
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn a_file_hashes_to_the_identity_its_pages_were_written_with() {
+        use std::io::Write;
+        let size = (HASH_BLOCK_PAGES as u64 + 3) * PAGE_SIZE as u64; // more than one read
+        let page = |i: usize| vec![(i % 251) as u8 + 1; PAGE_SIZE];
+        let mut f = tempfile_in_tmp();
+        let mut full = IdHasher::full();
+        for i in 0..(size as usize / PAGE_SIZE) {
+            // Every third page all zero: a full snapshot's identity leaves those out.
+            let bytes = if i % 3 == 0 {
+                vec![0; PAGE_SIZE]
+            } else {
+                page(i)
+            };
+            if i % 3 != 0 {
+                full.page(i, &bytes);
+            }
+            f.write_all(&bytes).unwrap();
+        }
+        let full_id = full.finish();
+        let state = MemoryState::default();
+        let path = f.1.clone();
+        assert_eq!(hash_memory(f.as_file(), &path, &state, size), Ok(full_id));
+
+        // A diff hashes its base identity and only the pages its bitmap names.
+        let mut bm = vec![0u8; bitmap_len(size)];
+        let mut diff = IdHasher::diff(&full_id);
+        for i in [1, HASH_BLOCK_PAGES + 2] {
+            assert!(i % 3 != 0, "a page the file holds non-zero");
+            set_bit(&mut bm, i);
+            diff.page(i, &page(i));
+        }
+        let state = MemoryState {
+            id: [0; 16],
+            base: Some(BaseRef {
+                path: "../golden".into(),
+                id: full_id,
+                memory_len: size,
+                memory_mtime_ns: 0,
+            }),
+            pages: Some(bm),
+        };
+        assert_eq!(
+            hash_memory(f.as_file(), &path, &state, size),
+            Ok(diff.finish())
+        );
+
+        // Changing one page changes the identity; a file of another size is refused.
+        f.as_file()
+            .write_all_at(&[9], 2 * PAGE_SIZE as u64)
+            .unwrap();
+        let changed = hash_memory(f.as_file(), &path, &MemoryState::default(), size).unwrap();
+        assert_ne!(changed, full_id);
+        let e = hash_memory(f.as_file(), &path, &MemoryState::default(), size * 2).unwrap_err();
+        assert!(e.contains("expected"), "{e}");
+    }
+
     #[test]
     fn runs_find_every_stretch() {
         let mut bm = vec![0u8; 4];
@@ -556,7 +642,10 @@ mod tests {
         }
     }
     fn tempfile_in_tmp() -> Temp {
-        let p = std::env::temp_dir().join(format!("sm-pagemap-{}", std::process::id()));
+        // One name per call: tests run in parallel threads of one process.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("sm-memory-{}-{n}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
