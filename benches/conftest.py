@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import os
 import shutil
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 MiB = 1 << 20
+E2E_CONFTEST = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "conftest.py"
 
 
 def pytest_report_header() -> list[str]:
@@ -30,6 +32,20 @@ def skip_unless_kvm() -> None:
         os.close(os.open("/dev/kvm", os.O_RDWR))
     except OSError as e:
         pytest.skip(f"/dev/kvm is not usable: {e.strerror}")
+
+
+def busybox_squashfs(dest: Path) -> Path:
+    """The e2e suite's busybox root filesystem, built in ``dest`` (loaded by path: both
+    directories have a conftest). Skips the caller where busybox or mksquashfs is missing."""
+    for tool in ("busybox", "mksquashfs"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is needed to build the benchmark's root filesystem")
+    spec = importlib.util.spec_from_file_location("e2e_conftest", E2E_CONFTEST)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path: Path = module.busybox_squashfs(dest)
+    return path
 
 
 def skip_unless_binutils() -> None:

@@ -28,11 +28,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import counter_value, counter_vm, skip_unless_binutils, skip_unless_kvm
+from conftest import busybox_squashfs, counter_value, counter_vm, skip_unless_binutils, skip_unless_kvm
 from supermachine import _core
 from supermachine.image import Image
 from supermachine.pool import Pool
@@ -245,21 +246,32 @@ def test_raw_restore_and_stop(benchmark: Any, raw_snapshots: dict[int, Path], me
 # -- 2.-4. A Linux guest --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Guest:
+    snapshot: Path
+    rootfs: Path
+
+
 @pytest.fixture(scope="module")
-def guest_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One warmed snapshot of a 256 MiB guest running only the agent (``rootfs=None``): booted
-    once, one command run, then snapshotted (untimed; a cold boot takes minutes on emulating
-    hosts)."""
+def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
+    """One warmed snapshot of a 256 MiB guest on a busybox root filesystem: booted once, one
+    command run (busybox then sits in the guest's page cache), then snapshotted (untimed; a cold
+    boot takes minutes on emulating hosts)."""
     skip_unless_kvm()
-    directory = tmp_path_factory.mktemp("worker-bench-guest") / "snapshot"
-    with Vm.start(VmConfig(memory_mib=GUEST_MEMORY_MIB)) as vm:
-        assert vm.exec(["true"], timeout=WARM).exit_code == 0
-        vm.snapshot(directory, base=None)
-    return directory
+    workdir = tmp_path_factory.mktemp("worker-bench-guest")
+    rootfs = busybox_squashfs(workdir)
+    with Vm.start(VmConfig(rootfs=rootfs, memory_mib=GUEST_MEMORY_MIB)) as vm:
+        assert vm.exec(["true"], timeout=WARM).returncode == 0
+        vm.snapshot(workdir / "snapshot", base=None)
+    return Guest(workdir / "snapshot", rootfs)
+
+
+def _restore(guest: Guest, mode: VmmMode) -> Vm:
+    return Vm.restore(guest.snapshot, rootfs=guest.rootfs, vmm=mode, boot_timeout=WARM)
 
 
 @pytest.mark.benchmark(group="worker vs in-process: Vm.restore until the agent answers")
-def test_guest_restore(benchmark: Any, guest_snapshot: Path) -> None:
+def test_guest_restore(benchmark: Any, guest: Guest) -> None:
     """``Vm.restore`` until the guest agent answered (clock and entropy refreshed), and the whole
     restore + stop; ``vm.restore_seconds`` as the library measured it."""
     answered: dict[VmmMode, list[float]] = {m: [] for m in MODES}
@@ -272,7 +284,7 @@ def test_guest_restore(benchmark: Any, guest_snapshot: Path) -> None:
         for mode in _order(rounds):
             gc.collect()
             started = time.perf_counter()
-            vm = Vm.restore(guest_snapshot, vmm=mode, boot_timeout=WARM)
+            vm = _restore(guest, mode)
             restored = time.perf_counter()
             vm.stop()
             ended = time.perf_counter()
@@ -295,13 +307,13 @@ def test_guest_restore(benchmark: Any, guest_snapshot: Path) -> None:
 def _exec_all(vms: list[Vm]) -> None:
     with ThreadPoolExecutor(EXEC_THREADS) as run:
         results = list(run.map(lambda vm: vm.exec(["true"], timeout=WARM), vms))
-    assert all(r.exit_code == 0 for r in results)
+    assert all(r.returncode == 0 for r in results)
 
 
 @pytest.mark.benchmark(group="worker vs in-process: host memory per clone (PSS, all processes)")
 @pytest.mark.parametrize("clones", CLONES)
 @pytest.mark.parametrize("mode", MODES)
-def test_memory_per_clone(benchmark: Any, guest_snapshot: Path, mode: VmmMode, clones: int) -> None:
+def test_memory_per_clone(benchmark: Any, guest: Guest, mode: VmmMode, clones: int) -> None:
     """PSS of this process plus every clone's worker process, before the clones and after, idle
     and after one ``true`` each (two at a time). The timed unit is restoring all the clones, one
     after another, each until its agent answers."""
@@ -312,7 +324,7 @@ def test_memory_per_clone(benchmark: Any, guest_snapshot: Path, mode: VmmMode, c
 
     def restore_all() -> None:
         for _ in range(clones):
-            vms.append(Vm.restore(guest_snapshot, vmm=mode, boot_timeout=WARM))
+            vms.append(_restore(guest, mode))
 
     try:
         benchmark.pedantic(restore_all, rounds=1, iterations=1)
@@ -353,8 +365,8 @@ def test_memory_per_clone(benchmark: Any, guest_snapshot: Path, mode: VmmMode, c
 
 
 @pytest.fixture
-def pools(guest_snapshot: Path) -> Iterator[dict[VmmMode, Pool]]:
-    image = Image.from_snapshot(guest_snapshot)
+def pools(guest: Guest) -> Iterator[dict[VmmMode, Pool]]:
+    image = Image.from_snapshot(guest.snapshot, rootfs=guest.rootfs)
     with (
         image.pool(min=1, max=2, vmm="worker") as worker,
         image.pool(min=1, max=2, vmm="in-process") as inproc,
