@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import mmap
 import os
+import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 MiB = 1 << 20
+E2E_CONFTEST = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "conftest.py"
 
 
 def pytest_report_header() -> list[str]:
@@ -26,6 +32,80 @@ def skip_unless_kvm() -> None:
         os.close(os.open("/dev/kvm", os.O_RDWR))
     except OSError as e:
         pytest.skip(f"/dev/kvm is not usable: {e.strerror}")
+
+
+def busybox_squashfs(dest: Path) -> Path:
+    """The e2e suite's busybox root filesystem, built in ``dest`` (loaded by path: both
+    directories have a conftest). Skips the caller where busybox or mksquashfs is missing."""
+    for tool in ("busybox", "mksquashfs"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is needed to build the benchmark's root filesystem")
+    spec = importlib.util.spec_from_file_location("e2e_conftest", E2E_CONFTEST)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path: Path = module.busybox_squashfs(dest)
+    return path
+
+
+def skip_unless_binutils() -> None:
+    """Skips the calling benchmark where the assembler and linker that build raw guests are missing."""
+    for tool in ("as", "ld", "objcopy"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} (binutils) is needed to build the benchmark guest")
+
+
+COUNTER_RESULTS = 0x300100
+"""Where the counter guest keeps its counter."""
+
+COUNTER_GUEST = f"""
+.intel_syntax noprefix
+.code64
+.globl _start
+.text
+_start:
+    mov rdi, {COUNTER_RESULTS}
+1:  inc qword ptr [rdi]
+    jmp 1b
+"""
+"""A raw 64-bit guest that counts for ever: it runs without a kernel, so its restore measures the
+VMM alone."""
+
+
+def assemble(d: Path, name: str, source: str, flat: bool) -> Path:
+    """``source`` (GNU as) linked at 1 MiB: an ELF, or with ``flat`` its bare ``.text``."""
+    (d / f"{name}.S").write_text(source)
+    subprocess.run(["as", "--64", "-o", str(d / f"{name}.o"), str(d / f"{name}.S")], check=True)
+    elf = d / f"{name}.elf"
+    link = ["ld", "-m", "elf_x86_64", "-nostdlib", "-Ttext=0x100000", "-e", "_start"]
+    subprocess.run([*link, "-o", str(elf), str(d / f"{name}.o")], check=True)
+    if not flat:
+        return elf
+    out = d / f"{name}.bin"
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(elf), str(out)], check=True)
+    return out
+
+
+def counter_value(vm: Any) -> int:
+    """The counter guest's counter in ``vm`` (a ``_core.Vm``)."""
+    return int.from_bytes(vm.read_memory(COUNTER_RESULTS, 8), "little")
+
+
+def counter_vm(workdir: Path, memory_mib: int, data_mib: int = 32) -> Any:
+    """A running counter guest (an in-process ``_core.Vm``) with ``memory_mib`` of RAM, once it
+    counts, holding the same ``data_mib`` MiB of non-zero data spread over its RAM for any size."""
+    from supermachine import _core
+
+    guest = assemble(workdir, "counter", COUNTER_GUEST, flat=True)
+    vm = _core.Vm.start({"raw": str(guest), "memory_mib": memory_mib})
+    deadline = time.monotonic() + 10
+    while counter_value(vm) == 0:
+        assert time.monotonic() < deadline, "the guest never ran"
+        time.sleep(0.001)
+    chunk = bytes(range(256)) * (MiB // 256)
+    for i in range(data_mib):
+        vm.write_memory((4 + i * (memory_mib - 8) // data_mib) * MiB, chunk)
+    return vm
 
 
 @pytest.fixture(scope="session")

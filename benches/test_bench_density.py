@@ -14,15 +14,13 @@ The memory figures are meaningful on any host; on hosts whose KVM emulates guest
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import skip_unless_kvm
+from conftest import busybox_squashfs, skip_unless_kvm
 from supermachine.probes import density
 from supermachine.vm import Vm, VmConfig
 
@@ -31,7 +29,6 @@ VMS = 2
 BLOB_MIB = 16
 MEMORY_MIB = 256
 EMULATING = os.path.exists("/sys/module/kvm_pvm")
-E2E_CONFTEST = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "conftest.py"
 _results: dict[str, density.ModeResult] = {}
 
 
@@ -42,28 +39,15 @@ class Guest:
     snapshot: Path
 
 
-def _busybox_squashfs(dest: Path) -> Path:
-    """The e2e suite's busybox root filesystem (loaded by path: both directories have a conftest)."""
-    spec = importlib.util.spec_from_file_location("e2e_conftest", E2E_CONFTEST)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    path: Path = module.busybox_squashfs(dest)
-    return path
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory: pytest.TempPathFactory) -> Guest:
     """The root filesystem, the blob, and A's snapshot (one cold boot, untimed)."""
     skip_unless_kvm()
-    for tool in ("busybox", "mksquashfs"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is needed to build the benchmark's root filesystem")
     workdir = tmp_path_factory.mktemp("density-bench")
     blob = workdir / "blob.bin"
     density.write_blob(blob, BLOB_MIB * MiB)
     config, device = density.with_blob(
-        VmConfig(rootfs=_busybox_squashfs(workdir), memory_mib=MEMORY_MIB), blob
+        VmConfig(rootfs=busybox_squashfs(workdir), memory_mib=MEMORY_MIB), blob
     )
     density.bake_golden(config, device, workdir / "golden")
     return Guest(config, device, workdir / "golden")

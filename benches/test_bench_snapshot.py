@@ -23,25 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import skip_unless_kvm
+from conftest import assemble, counter_value, counter_vm, skip_unless_binutils, skip_unless_kvm
 from supermachine import _core
 
 MiB = 1 << 20
 SIZES_MIB = (128, 512, 2048)
 DATA_MIB = 32
-RESULTS = 0x300100
 EMULATING = os.path.exists("/sys/module/kvm_pvm")
-
-COUNTER = f"""
-.intel_syntax noprefix
-.code64
-.globl _start
-.text
-_start:
-    mov rdi, {RESULTS}
-1:  inc qword ptr [rdi]
-    jmp 1b
-"""
 
 # For QEMU: a PVH ELF whose 32-bit entry spins forever.
 PVH_SPIN = """
@@ -60,51 +48,18 @@ _start:
 """
 
 
-def _assemble(d: Path, name: str, source: str, flat: bool) -> Path:
-    (d / f"{name}.S").write_text(source)
-    subprocess.run(["as", "--64", "-o", str(d / f"{name}.o"), str(d / f"{name}.S")], check=True)
-    elf = d / f"{name}.elf"
-    link = ["ld", "-m", "elf_x86_64", "-nostdlib", "-Ttext=0x100000", "-e", "_start"]
-    subprocess.run([*link, "-o", str(elf), str(d / f"{name}.o")], check=True)
-    if not flat:
-        return elf
-    out = d / f"{name}.bin"
-    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(elf), str(out)], check=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     skip_unless_kvm()
-    for tool in ("as", "ld", "objcopy"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} (binutils) is needed to build the benchmark guest")
+    skip_unless_binutils()
     return tmp_path_factory.mktemp("snapshot-bench")
-
-
-def _counter(vm: Any) -> int:
-    return int.from_bytes(vm.read_memory(RESULTS, 8), "little")
-
-
-def _running_vm(workdir: Path, memory_mib: int) -> Any:
-    guest = _assemble(workdir, "counter", COUNTER, flat=True)
-    vm = _core.Vm.start({"raw": str(guest), "memory_mib": memory_mib})
-    deadline = time.monotonic() + 10
-    while _counter(vm) == 0:
-        assert time.monotonic() < deadline, "the guest never ran"
-        time.sleep(0.001)
-    # The same 32 MiB of non-zero data for every size, spread over the RAM.
-    chunk = bytes(range(256)) * (MiB // 256)
-    for i in range(DATA_MIB):
-        vm.write_memory((4 + i * (memory_mib - 8) // DATA_MIB) * MiB, chunk)
-    return vm
 
 
 @pytest.fixture(scope="module")
 def snapshots(workdir: Path) -> dict[int, Path]:
     out = {}
     for size in SIZES_MIB:
-        vm = _running_vm(workdir, size)
+        vm = counter_vm(workdir, size)
         out[size] = workdir / f"snap-{size}"
         vm.snapshot(str(out[size]))
         vm.stop()
@@ -121,7 +76,7 @@ def test_snapshot_write(benchmark: Any, workdir: Path, memory_mib: int) -> None:
     def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
         while vms:
             vms.pop().stop()
-        vm = _running_vm(workdir, memory_mib)
+        vm = counter_vm(workdir, memory_mib)
         vms.append(vm)
         return (vm,), {}
 
@@ -157,9 +112,9 @@ def test_restore_latency(benchmark: Any, snapshots: dict[int, Path], memory_mib:
     benchmark.pedantic(restore, setup=drop_previous, rounds=20, warmup_rounds=2)
     # The restored guest really runs on.
     vm = live[-1]
-    before = _counter(vm)
+    before = counter_value(vm)
     deadline = time.monotonic() + 10
-    while _counter(vm) == before:
+    while counter_value(vm) == before:
         assert time.monotonic() < deadline, "the restored guest does not run"
         time.sleep(0.001)
     drop_previous()
@@ -174,7 +129,7 @@ DIRTY_PAGES = (256, 4096, 32768)
 
 @pytest.fixture(scope="module")
 def diff_base(workdir: Path) -> Path:
-    vm = _running_vm(workdir, DIFF_BASE_MIB)
+    vm = counter_vm(workdir, DIFF_BASE_MIB)
     vm.snapshot(str(workdir / "diff-base"))
     vm.stop()
     return workdir / "diff-base"
@@ -320,7 +275,7 @@ def test_qemu_incoming_restore(benchmark: Any, workdir: Path, memory_mib: int) -
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed")
-    elf = _assemble(workdir, "spin", PVH_SPIN, flat=False)
+    elf = assemble(workdir, "spin", PVH_SPIN, flat=False)
     state = workdir / f"qemu-{memory_mib}.mig"
     qmp_path = workdir / f"qmp-{memory_mib}.sock"
     src = subprocess.Popen(_qemu_cmd(qemu, elf, memory_mib, qmp_path), stderr=subprocess.PIPE)

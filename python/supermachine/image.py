@@ -33,6 +33,7 @@ from supermachine.pool import Pool
 from supermachine.snapshots import metadata as snapshot_metadata
 from supermachine.snapshots.metadata import ImageIdentity, SnapshotMetadata
 from supermachine.vm import Vm, VmConfig
+from supermachine.worker import VmmMode
 
 PullPolicy = Literal["missing", "always", "never"]
 
@@ -145,8 +146,8 @@ class Image:
         and User unless the call says otherwise.
 
         For a snapshot image this restores the snapshot instead: the VM's shape is fixed by the
-        snapshot, so only ``console_log``, ``boot_timeout``, ``env``, ``workdir`` and ``user``
-        may be given."""
+        snapshot, so only ``console_log``, ``boot_timeout``, ``env``, ``workdir``, ``user`` and
+        ``vmm`` may be given."""
         if config is not None and overrides:
             raise TypeError("pass either a VmConfig or keyword arguments, not both")
         if self.snapshot is not None:
@@ -158,17 +159,17 @@ class Image:
             run_defaults=(self.config.entrypoint, self.config.cmd),
         )
 
-    def pool(self, min: int = 1, max: int = 4) -> Pool:
+    def pool(self, min: int = 1, max: int = 4, *, vmm: VmmMode = "worker") -> Pool:
         """A warm pool of VMs restored from this snapshot image: ``min`` kept idle, at most ``max``
         alive; ``pool.acquire()`` hands one out in milliseconds (see :mod:`supermachine.pool`).
-        Only snapshot images can be pooled."""
-        return Pool(self, min=min, max=max)
+        Only snapshot images can be pooled. ``vmm`` is as in :class:`~supermachine.vm.VmConfig`."""
+        return Pool(self, min=min, max=max, vmm=vmm)
 
     def _restore(self, config: VmConfig | None, overrides: dict[str, object]) -> Vm:
         assert self.snapshot is not None
         given = config if config is not None else VmConfig(**overrides)  # type: ignore[arg-type]
         defaults = VmConfig()
-        allowed = {"console_log", "boot_timeout", "env", "workdir", "user"}
+        allowed = {"console_log", "boot_timeout", "env", "workdir", "user", "vmm"}
         fixed = sorted(
             name
             for name in VmConfig.__dataclass_fields__
@@ -187,6 +188,7 @@ class Image:
             env={**self.config.environment(), **given.env} if given.env else None,
             workdir=given.workdir,
             user=given.user,
+            vmm=given.vmm,
         )
 
     def argv(self, command: Sequence[str] | None = None) -> list[str]:

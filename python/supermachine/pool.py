@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from supermachine.errors import PoolError, SupermachineError
 from supermachine.vm import Vm
+from supermachine.worker import VmmMode
 
 if TYPE_CHECKING:
     from supermachine.image import Image
@@ -81,7 +82,7 @@ class Pool:
     methods may be called from any thread.
     """
 
-    def __init__(self, image: Image, min: int = 1, max: int = 4) -> None:
+    def __init__(self, image: Image, min: int = 1, max: int = 4, *, vmm: VmmMode = "worker") -> None:
         if max < 1:
             raise ValueError(f"max must be at least 1, got {max}")
         if not 0 <= min <= max:
@@ -92,6 +93,7 @@ class Pool:
                 "start a VM, vm.snapshot(dir), then Image.from_snapshot(dir).pool()"
             )
         self.image = image
+        self.vmm = vmm
         self.min = min
         self.max = max
         self._cond = threading.Condition()
@@ -297,7 +299,7 @@ class Pool:
         """Restores one VM, outside the lock, and counts the result."""
         started = time.monotonic()
         try:
-            vm = self.image.start()
+            vm = self.image.start(vmm=self.vmm)
         except Exception as exc:  # any failure, so that the refill thread survives it and reports it
             message = _one_line(exc)
             with self._cond:
