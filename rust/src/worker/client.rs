@@ -99,7 +99,8 @@ pub struct WorkerVm {
     process: Mutex<Process>,
     ring: ConsoleRing,
     info: VmInfo,
-    cgroup: Option<VmCgroup>,
+    /// Taken by whoever collects the worker (the group can only go once it is empty).
+    cgroup: Mutex<Option<VmCgroup>>,
     log: Option<PathBuf>,
     memory_limit: Option<u64>,
     isolation: Isolation,
@@ -215,7 +216,7 @@ impl WorkerVm {
                 devices: Vec::new(),
                 protections: Vec::new(),
             },
-            cgroup,
+            cgroup: Mutex::new(cgroup),
             log: log_path,
             memory_limit: options.limits.memory_max,
             isolation: spawned.isolation,
@@ -353,7 +354,13 @@ impl WorkerVm {
                 reason: format!("VMM crashed: {why}"),
             };
         }
-        if self.cgroup.as_ref().is_some_and(|c| c.oom_killed()) {
+        let oom = self
+            .cgroup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|c| c.oom_killed());
+        if oom {
             let limit = self
                 .memory_limit
                 .map(|m| format!(" of {} MiB", m >> 20))
@@ -516,11 +523,30 @@ impl WorkerVm {
         };
         let mut p = self.process();
         if p.outcome.is_none() {
-            p.status = Some(wait_exit(self.pid, EXIT_GRACE));
             p.outcome = Some(ended);
         }
         drop(p);
         self.remove_vsock_socket();
+        // The worker exits on its own now that its VM is stopped; collecting it (and removing its
+        // cgroup, which must be empty first) happens beside the caller, as an in-process VM's
+        // memory is freed when it is dropped. A worker that does not exit is killed.
+        let pid = self.pid;
+        let cgroup = self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let collect = move || {
+            wait_exit(pid, EXIT_GRACE);
+            if let Some(cg) = cgroup {
+                cg.remove();
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("sm-reap".into())
+            .spawn(collect)
+        {
+            // No thread to spare: collect it here (its cgroup, dropped with the closure, is removed
+            // on a best-effort basis).
+            let _ = e;
+            wait_exit(self.pid, EXIT_GRACE);
+        }
     }
 
     /// Removes the VM's vsock socket file once its worker is gone (the jailed worker cannot: the
@@ -698,7 +724,8 @@ impl WorkerVm {
 impl Drop for WorkerVm {
     fn drop(&mut self) {
         self.stop();
-        if let Some(cg) = self.cgroup.take() {
+        // A crashed worker was collected already; its group is empty.
+        if let Some(cg) = self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take() {
             cg.remove();
         }
     }
