@@ -29,6 +29,9 @@ use crate::vmm::{Outcome, VmConfig};
 
 /// Deadline of an ordinary request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of the greeting: a worker that cannot answer it this soon is broken (it has done
+/// nothing yet but start).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of a start or restore (a build reads the kernel, maps memory, creates vCPUs).
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Deadline of a snapshot: it writes all of guest RAM.
@@ -113,8 +116,8 @@ impl WorkerVm {
     /// Boots `config` in a new worker.
     pub fn start(config: &VmConfig, options: &WorkerOptions) -> Result<WorkerVm, WorkerError> {
         let capacity = config.console_capacity;
-        let shared = config.vsock_path.as_deref().and_then(socket_dir);
-        Self::launch(options, capacity, shared, |jail| Request::Start {
+        let vsock = config.vsock_path.clone();
+        Self::launch(options, capacity, vsock, |jail| Request::Start {
             config: Box::new(config.clone()),
             jail,
         })
@@ -127,8 +130,8 @@ impl WorkerVm {
         options: &WorkerOptions,
     ) -> Result<WorkerVm, WorkerError> {
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-        let shared = overrides.vsock_path.as_deref().and_then(socket_dir);
-        Self::launch(options, options.console_capacity, shared, |jail| {
+        let vsock = overrides.vsock_path.clone();
+        Self::launch(options, options.console_capacity, vsock, |jail| {
             Request::Restore {
                 dir: dir.clone(),
                 overrides: Box::new(overrides.clone()),
@@ -140,7 +143,7 @@ impl WorkerVm {
     fn launch(
         options: &WorkerOptions,
         console_capacity: usize,
-        shared_dir: Option<PathBuf>,
+        vsock_path: Option<PathBuf>,
         request: impl FnOnce(JailConfig) -> Request,
     ) -> Result<WorkerVm, WorkerError> {
         let called = Instant::now();
@@ -230,11 +233,19 @@ impl WorkerVm {
                 },
                 &[],
                 &[],
-                CALL_TIMEOUT,
+                HELLO_TIMEOUT,
             )?
             .message
         {
-            Reply::Hello { .. } => {}
+            Reply::Hello {
+                version: PROTOCOL_VERSION,
+                ..
+            } => {}
+            Reply::Hello { version, .. } => {
+                return Err(vm.broken(&format!(
+                    "it speaks protocol version {version}, not {PROTOCOL_VERSION}"
+                )))
+            }
             _ => return Err(vm.broken("a start-up reply of the wrong kind")),
         }
         mark("hello");
@@ -244,13 +255,18 @@ impl WorkerVm {
             gid: options.gid,
             seccomp: options.seccomp,
             namespaces: spawned.isolation.names(),
-            shared_dir,
+            shared_dir: vsock_path.as_deref().and_then(socket_dir),
         };
         let request = request(jail);
         let frame = vm.call(&request, &[], &[ring_file.as_raw_fd()], LAUNCH_TIMEOUT)?;
         drop(ring_file);
         match frame.message {
-            Reply::Info(info) => vm.info = *info,
+            // The caller connects to the socket named here, and it is removed when the worker
+            // ends: it must be the one asked for, never one a worker picks.
+            Reply::Info(info) if info.vsock_path == vsock_path => vm.info = *info,
+            Reply::Info(_) => {
+                return Err(vm.broken("a start reply naming another vsock socket"));
+            }
             _ => return Err(vm.broken("a start reply of the wrong kind")),
         }
         mark("build");
@@ -295,7 +311,7 @@ impl WorkerVm {
             match set {
                 Err(e) => Err(ChannelError::Io(crate::vmm::os_msg(&e))),
                 Ok(()) => protocol::send(&channel, request, payload, fds)
-                    .and_then(|()| protocol::recv::<Reply>(&channel))
+                    .and_then(|()| protocol::recv_within::<Reply>(&channel, timeout))
                     .and_then(|f| f.ok_or(ChannelError::Closed)),
             }
         };

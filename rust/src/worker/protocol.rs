@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -299,9 +300,56 @@ pub fn send<T: Serialize>(
     Ok(())
 }
 
-/// Reads one frame; `None` at a clean end of stream before a frame starts.
+/// Reads one frame; `None` at a clean end of stream before a frame starts. Each read waits as
+/// long as the socket's own timeout allows.
 pub fn recv<T: for<'de> Deserialize<'de>>(
     sock: &UnixStream,
+) -> Result<Option<Frame<T>>, ChannelError> {
+    recv_by(sock, None)
+}
+
+/// [`recv`], with the whole frame due within `timeout`: a peer that trickles its bytes cannot
+/// stretch a call past it (a socket timeout alone bounds only each read).
+pub fn recv_within<T: for<'de> Deserialize<'de>>(
+    sock: &UnixStream,
+    timeout: Duration,
+) -> Result<Option<Frame<T>>, ChannelError> {
+    recv_by(sock, Some(Instant::now() + timeout))
+}
+
+/// Sets the socket's read timeout to what is left before `deadline`.
+fn arm(sock: &UnixStream, deadline: Option<Instant>) -> Result<(), ChannelError> {
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ChannelError::Timeout(0));
+        }
+        sock.set_read_timeout(Some(left))?;
+    }
+    Ok(())
+}
+
+/// `read_exact` whose every read ends by `deadline`.
+fn read_all(
+    sock: &UnixStream,
+    mut buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> Result<(), ChannelError> {
+    while !buf.is_empty() {
+        arm(sock, deadline)?;
+        match (&*sock).read(buf) {
+            Ok(0) => return Err(ChannelError::Closed),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn recv_by<T: for<'de> Deserialize<'de>>(
+    sock: &UnixStream,
+    deadline: Option<Instant>,
 ) -> Result<Option<Frame<T>>, ChannelError> {
     let mut head = [0u8; 8];
     let mut raw_fds = [-1 as RawFd; MAX_FDS];
@@ -309,6 +357,7 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
         iov_base: head.as_mut_ptr().cast(),
         iov_len: head.len(),
     }];
+    arm(sock, deadline)?;
     // SAFETY: the iovec points at `head`, which lives through the call and may take any bytes.
     let (got, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }
         .map_err(|e| ChannelError::from(io::Error::from_raw_os_error(e.errno())))?;
@@ -330,18 +379,19 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
             ))
         };
     }
-    (&*sock).read_exact(&mut head[got..])?;
+    read_all(sock, &mut head[got..], deadline)?;
     let json_len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
     let payload_len = u32::from_le_bytes(head[4..].try_into().expect("4 bytes")) as usize;
+    // Checked before anything is allocated: a header may claim up to 4 GiB twice.
     if json_len > MAX_MESSAGE || payload_len > MAX_PAYLOAD {
         return Err(ChannelError::Malformed(format!(
             "a frame of {json_len} + {payload_len} bytes is over the limits"
         )));
     }
     let mut json = vec![0u8; json_len];
-    (&*sock).read_exact(&mut json)?;
+    read_all(sock, &mut json, deadline)?;
     let mut payload = vec![0u8; payload_len];
-    (&*sock).read_exact(&mut payload)?;
+    read_all(sock, &mut payload, deadline)?;
     let message =
         serde_json::from_slice(&json).map_err(|e| ChannelError::Malformed(e.to_string()))?;
     Ok(Some(Frame {
