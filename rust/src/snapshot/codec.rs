@@ -66,7 +66,9 @@ where
             if hint > self.max {
                 return Err(too_many(hint));
             }
-            let mut out = Vec::with_capacity(hint);
+            // Grown as items arrive rather than reserved from the prefix: a prefix may claim up
+            // to `max` items that the input does not hold.
+            let mut out = Vec::new();
             while let Some(item) = seq.next_element()? {
                 if out.len() == self.max {
                     return Err(too_many(self.max + 1));
@@ -102,6 +104,49 @@ pub fn bounded_string<'de, D: Deserializer<'de>>(
 /// Fails decoding with `why` as the one-line reason.
 pub fn invalid<E: serde::de::Error>(why: String) -> E {
     refuse(why)
+}
+
+/// A KVM structure through kvm-bindings' serde impl (its raw ABI bytes), refused unless the
+/// input holds exactly its size: that impl zero-pads or cuts a byte string of another length,
+/// which would let a few bytes of input stand for kilobytes of state.
+pub fn kvm<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let bytes = <&'de [u8]>::deserialize(d)?;
+    let size = std::mem::size_of::<T>();
+    if bytes.len() != size {
+        return Err(refuse(format!(
+            "a KVM structure has {} bytes, this build expects {size}",
+            bytes.len()
+        )));
+    }
+    T::deserialize(serde::de::value::BorrowedBytesDeserializer::new(bytes))
+}
+
+/// [`kvm`] for a boxed structure.
+pub fn kvm_box<'de, D, T>(d: D) -> Result<Box<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    kvm(d).map(Box::new)
+}
+
+/// [`kvm`] for an optional structure.
+pub fn kvm_option<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Strict<T>(T);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Strict<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            kvm(d).map(Strict)
+        }
+    }
+    Ok(Option::<Strict<T>>::deserialize(d)?.map(|s| s.0))
 }
 
 /// `kvm_fpu` is the one saved KVM structure kvm-bindings has no serde impl for; its fields are
@@ -211,5 +256,30 @@ mod tests {
         assert_eq!((back.fpu.fcw, back.fpu.mxcsr), (0x37f, 0x1f80));
         assert_eq!(back.fpu.xmm, [[7; 16]; 16]);
         assert_eq!(back.regs.rip, 0xdead_beef);
+    }
+
+    #[test]
+    fn a_kvm_structure_of_another_size_is_refused() {
+        #[derive(Debug, Serialize, Deserialize)]
+        struct Regs(#[serde(deserialize_with = "kvm")] kvm_bindings::kvm_regs);
+        assert!(decode::<Regs>(&encode(&Regs(Default::default()))).is_ok());
+        for len in [0, 143, 145] {
+            let e = decode::<Regs>(&encode(&serde_bytes(len))).unwrap_err();
+            assert_eq!(
+                e,
+                format!("a KVM structure has {len} bytes, this build expects 144")
+            );
+        }
+    }
+
+    /// `len` zero bytes encoded as a byte string (what a KVM structure is).
+    fn serde_bytes(len: usize) -> impl Serialize {
+        struct B(Vec<u8>);
+        impl Serialize for B {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(&self.0)
+            }
+        }
+        B(vec![0; len])
     }
 }

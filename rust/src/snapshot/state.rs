@@ -11,7 +11,7 @@ pub use crate::devices::legacy::SerialRegs;
 pub use crate::devices::virtio::mmio::TransportState;
 pub use crate::devices::virtio::queue::QueueState;
 
-use super::codec::{bounded, bounded_string, invalid};
+use super::codec::{bounded, bounded_string, invalid, kvm, kvm_box, kvm_option};
 
 /// Largest guest RAM a snapshot may describe (what `GuestRam` accepts: 64 GiB).
 pub const MAX_MEMORY_SIZE: u64 = 64 << 30;
@@ -82,17 +82,22 @@ impl MachineState {
 /// VM-wide KVM state: interrupt controllers, PIT, clock.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct VmState {
+    #[serde(deserialize_with = "kvm")]
     pub pic_master: kvm_irqchip,
+    #[serde(deserialize_with = "kvm")]
     pub pic_slave: kvm_irqchip,
+    #[serde(deserialize_with = "kvm")]
     pub ioapic: kvm_irqchip,
+    #[serde(deserialize_with = "kvm")]
     pub pit: kvm_pit_state2,
+    #[serde(deserialize_with = "kvm")]
     pub clock: kvm_clock_data,
 }
 
 /// The floating-point state: XSAVE area when KVM offers it, else the legacy FPU block.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FpuState {
-    Xsave(Box<kvm_xsave>),
+    Xsave(#[serde(deserialize_with = "kvm_box")] Box<kvm_xsave>),
     Fpu(#[serde(with = "super::codec::boxed_fpu")] Box<kvm_fpu>),
 }
 
@@ -105,16 +110,23 @@ impl Default for FpuState {
 /// One vCPU.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct VcpuState {
+    #[serde(deserialize_with = "kvm")]
     pub regs: kvm_regs,
+    #[serde(deserialize_with = "kvm")]
     pub sregs: kvm_sregs,
     pub fpu: FpuState,
+    #[serde(deserialize_with = "kvm_option")]
     pub xcrs: Option<kvm_xcrs>,
     /// (index, value) of every MSR KVM lists as saveable and lets us read.
     #[serde(deserialize_with = "msrs")]
     pub msrs: Vec<(u32, u64)>,
+    #[serde(deserialize_with = "kvm")]
     pub lapic: kvm_lapic_state,
+    #[serde(deserialize_with = "kvm")]
     pub events: kvm_vcpu_events,
+    #[serde(deserialize_with = "kvm")]
     pub debugregs: kvm_debugregs,
+    #[serde(deserialize_with = "kvm")]
     pub mp_state: kvm_mp_state,
     /// Guest TSC frequency in kHz (0 when KVM could not tell).
     pub tsc_khz: u32,
