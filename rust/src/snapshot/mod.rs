@@ -16,8 +16,8 @@
 //! | 24     |      | the body: [`Snapshot`] in postcard's encoding      |
 //! | end-4  | 4    | CRC32 of every byte before it                      |
 //!
-//! The body is the serde form of [`Snapshot`] (see [`codec`]): machine, VM, vCPUs, devices and
-//! memory (see [`memory`]: a full snapshot, or a diff against a base snapshot), each type's
+//! The body is the serde form of [`Snapshot`] (see [`codec`]): machine, memory (see [`memory`]:
+//! a full snapshot, or a diff against a base snapshot), VM, vCPUs and devices, each type's
 //! encoding derived next to it (the devices' next to the devices). postcard is compact (varint
 //! integers, KVM structures as length-prefixed byte strings) and its wire format is specified
 //! and stable across its 1.x releases. A reader refuses another format version before looking
@@ -121,15 +121,16 @@ pub fn open_regular(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Everything in `vmstate.bin`.
+/// Everything in `vmstate.bin`, encoded in this order: the machine and the memory record (what
+/// a restore checks first, and tools read) before the KVM and device state.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub machine: MachineState,
+    pub memory: MemoryState,
     pub vm: VmState,
     #[serde(deserialize_with = "state::vcpus")]
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceState,
-    pub memory: MemoryState,
 }
 
 impl Snapshot {
