@@ -255,7 +255,10 @@ fn write_seed_corpus() {
 #[test]
 fn the_real_states_in_the_corpus_decode() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vmstate");
-    for name in ["real-counter-2vcpus-full.bin", "real-counter-2vcpus-diff.bin"] {
+    for name in [
+        "real-counter-2vcpus-full.bin",
+        "real-counter-2vcpus-diff.bin",
+    ] {
         let data = std::fs::read(dir.join(name)).unwrap();
         let snap = Snapshot::decode(&data, name).unwrap();
         assert_eq!(snap.vcpus.len(), 2, "{name}");
