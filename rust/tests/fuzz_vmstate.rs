@@ -15,7 +15,7 @@ use supermachine_core::snapshot::{
     VMSTATE_FILE,
 };
 
-/// Rewrites the recorded length and the checksum so a mutated file reaches the section decoders
+/// Rewrites the recorded length and the checksum so a mutated file reaches the body decoder
 /// (a random mutation almost always breaks the CRC, which would hide everything behind it).
 fn resealed(data: &[u8]) -> Option<Vec<u8>> {
     if data.len() < 28 {
@@ -186,7 +186,7 @@ fn fuzz_diff_chain_resolution() {
 #[test]
 #[ignore]
 fn write_seed_corpus() {
-    use supermachine_core::snapshot::{QueueState, TransportState};
+    use supermachine_core::snapshot::{codec, QueueState, TransportState};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vmstate");
     std::fs::create_dir_all(&dir).unwrap();
     let full = snapshot_with(None, 1);
@@ -229,12 +229,42 @@ fn write_seed_corpus() {
     let mut console = snapshot_with(None, 6);
     console.machine.console_capacity = u64::MAX;
     seeds.push(("hostile-console-capacity.bin", console.encode()));
-    // Counts far beyond what the sections hold, resealed so only the decoders can refuse them.
+    // A list length prefix of 2^60 (the disk count, the first list of the body) with a valid
+    // length and checksum, so only the decoder can refuse it.
+    let m = &full.machine;
+    let at = 24
+        + codec::encode(&(
+            m.memory_size,
+            m.vcpus,
+            m.template,
+            &m.cmdline,
+            m.console_capacity,
+        ))
+        .len();
     let mut counts = full.encode();
-    let vcpus_at = counts.len() - 4 - 8; // not a real field offset: a mutation seed
-    counts[vcpus_at..vcpus_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_eq!(counts[at], 0, "an empty disk list");
+    counts.splice(at..=at, codec::encode(&(1u64 << 60)));
     seeds.push(("hostile-count.bin", resealed(&counts).unwrap()));
     for (name, data) in seeds {
         std::fs::write(dir.join(name), data).unwrap();
     }
+}
+
+/// The corpus's states of a real 2-vCPU guest decode (they are regenerated when the format
+/// version changes; older ones stay as `v2-*` and are refused by their version).
+#[test]
+fn the_real_states_in_the_corpus_decode() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vmstate");
+    for name in [
+        "real-counter-2vcpus-full.bin",
+        "real-counter-2vcpus-diff.bin",
+    ] {
+        let data = std::fs::read(dir.join(name)).unwrap();
+        let snap = Snapshot::decode(&data, name).unwrap();
+        assert_eq!(snap.vcpus.len(), 2, "{name}");
+        assert_eq!(snap.encode(), data, "{name}");
+    }
+    let old = std::fs::read(dir.join("v2-real-counter-2vcpus-diff.bin")).unwrap();
+    let e = Snapshot::decode(&old, "old").unwrap_err().to_string();
+    assert!(e.contains("made by another version of supermachine"), "{e}");
 }

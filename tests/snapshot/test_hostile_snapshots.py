@@ -3,7 +3,6 @@ path, FIFO, symlink, size or count from them reaches the host."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -23,85 +22,108 @@ from supermachine.snapshots.metadata import FileIdentity, ImageIdentity
 from supermachine.vm import Vm
 from test_snapshot import DATA, _blk_read_request, _used_idx, counter, wait_until
 
-SECTION_MACHINE = 1
-SECTION_MEMORY = 5
+SECTION_MACHINE = "machine"
+SECTION_MEMORY = "memory"
 BOUND = 20.0  # seconds a refusal may take at most: a hang fails the test instead of blocking it
 
-# -- vmstate.bin surgery: sections taken apart, edited, put back with a fresh length and CRC --------
+# -- vmstate.bin surgery: the body (postcard: varint integers, length-prefixed strings and lists)
+# starts with the machine and the memory record; they are taken apart, edited, and put back with
+# the rest with a fresh length and CRC ---------------------------------------------------------------
 
 
-def _sections(data: bytes) -> list[tuple[int, bytes]]:
-    count = struct.unpack_from("<I", data, 12)[0]
-    out = []
-    for i in range(count):
-        sid, _, off, length = struct.unpack_from("<IIQQ", data, 24 + 24 * i)
-        out.append((sid, data[off : off + length]))
-    return out
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
 
 
-def _assemble(sections: list[tuple[int, bytes]], version: int = 2) -> bytes:
-    table_end = 24 + 24 * len(sections)
-    total = table_end + sum(len(s) for _, s in sections) + 4
-    out = bytearray(b"SMVMSNAP" + struct.pack("<IIQ", version, len(sections), total))
-    offset = table_end
-    for sid, s in sections:
-        out += struct.pack("<IIQQ", sid, 0, offset, len(s))
-        offset += len(s)
-    for _, s in sections:
-        out += s
-    return bytes(out + struct.pack("<I", zlib.crc32(out)))
-
-
-def _edit(state: Path, section: int, edit: Any) -> None:
-    parts = [(sid, edit(s) if sid == section else s) for sid, s in _sections(state.read_bytes())]
-    state.write_bytes(_assemble(parts))
+def _read_varint(s: bytes, at: int) -> tuple[int, int]:
+    n, shift = 0, 0
+    while s[at] & 0x80:
+        n |= (s[at] & 0x7F) << shift
+        shift, at = shift + 7, at + 1
+    return n | s[at] << shift, at + 1
 
 
 def _string(s: bytes) -> bytes:
-    return struct.pack("<Q", len(s)) + s
+    return _varint(len(s)) + s
+
+
+def _skip_string(s: bytes, at: int) -> int:
+    n, at = _read_varint(s, at)
+    return at + n
+
+
+def _machine_end(body: bytes) -> int:
+    at = _read_varint(body, 0)[1] + 2  # memory size, vCPUs, template
+    at = _read_varint(body, _skip_string(body, at))[1]  # command line, console capacity
+    return _skip_string(body, at) + 1  # disks, vsock
+
+
+def _memory_end(body: bytes, at: int) -> int:
+    at += 16  # identity
+    if body[at] == 1:  # base: path, identity, memory.bin length and mtime
+        at = _read_varint(body, _read_varint(body, _skip_string(body, at + 1) + 16)[1])[1]
+    else:
+        at += 1
+    return _skip_string(body, at + 1) if body[at] == 1 else at + 1  # page bitmap
+
+
+def _split(data: bytes) -> dict[str, bytes]:
+    body = data[24:-4]
+    m = _machine_end(body)
+    e = _memory_end(body, m)
+    return {SECTION_MACHINE: body[:m], SECTION_MEMORY: body[m:e], "rest": body[e:]}
+
+
+def _assemble(parts: dict[str, bytes], version: int = 3) -> bytes:
+    body = parts[SECTION_MACHINE] + parts[SECTION_MEMORY] + parts["rest"]
+    out = b"SMVMSNAP" + struct.pack("<IIQ", version, 0, 24 + len(body) + 4) + body
+    return out + struct.pack("<I", zlib.crc32(out))
+
+
+def _edit(state: Path, section: str, edit: Any) -> None:
+    parts = _split(state.read_bytes())
+    parts[section] = edit(parts[section])
+    state.write_bytes(_assemble(parts))
 
 
 def _machine(
-    memory_size: int, vcpus: int, cmdline: bytes, console: int, disks: list[tuple[bytes, bool]], vsock: bool
+    memory_size: int, vcpus: int, cmdline: bytes, console: int, disks: list[bool], vsock: bool
 ) -> bytes:
-    out = (
-        struct.pack("<QBB", memory_size, vcpus, 0)
+    return (
+        _varint(memory_size)
+        + bytes([vcpus, 0])
         + _string(cmdline)
-        + struct.pack("<QQ", console, len(disks))
+        + _varint(console)
+        + _string(bytes(disks))
+        + bytes([vsock])
     )
-    for path, ro in disks:
-        out += _string(path) + bytes([ro])
-    return out + bytes([vsock]) + _string(b"/tmp/saved.sock" if vsock else b"")
 
 
 def _parse_machine(s: bytes) -> dict[str, Any]:
-    memory_size, vcpus, _template = struct.unpack_from("<QBB", s, 0)
-    at = 10
-    n = struct.unpack_from("<Q", s, at)[0]
-    cmdline = s[at + 8 : at + 8 + n]
-    at += 8 + n
-    console, ndisks = struct.unpack_from("<QQ", s, at)
-    at += 16
-    disks = []
-    for _ in range(ndisks):
-        n = struct.unpack_from("<Q", s, at)[0]
-        disks.append((s[at + 8 : at + 8 + n], bool(s[at + 8 + n])))
-        at += 9 + n
+    memory_size, at = _read_varint(s, 0)
+    vcpus = s[at]
+    n, at = _read_varint(s, at + 2)
+    cmdline = s[at : at + n]
+    console, at = _read_varint(s, at + n)
+    n, at = _read_varint(s, at)
     return {
         "memory_size": memory_size,
         "vcpus": vcpus,
         "cmdline": cmdline,
         "console": console,
-        "disks": disks,
-        "vsock": bool(s[at]),
+        "disks": [bool(b) for b in s[at : at + n]],
+        "vsock": bool(s[at + n]),
     }
 
 
 def _with_base_path(path: bytes) -> Any:
     def edit(s: bytes) -> bytes:
         assert s[16] == 1, "a diff"
-        n = struct.unpack_from("<Q", s, 17)[0]
-        return s[:17] + _string(path) + s[25 + n :]
+        return s[:17] + _string(path) + s[_skip_string(s, 17) :]
 
     return edit
 
@@ -117,7 +139,7 @@ def _restore_error(directory: Path, overrides: dict[str, Any] | None = None) -> 
 # -- 1. no host path from vmstate.bin ----------------------------------------------------------------
 
 
-def test_a_disk_path_written_into_the_state_never_reaches_the_host_file(vms: Any, tmp_path: Path) -> None:
+def test_the_state_names_no_disk_path_and_a_saved_writable_flag_is_ignored(vms: Any, tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(b"".join(bytes([ord("a") + i]) * 512 for i in range(8)))
     vm = vms.start(g.VIRTIO_ONE_QUEUE, disks=[{"path": str(disk), "read_only": True}])
@@ -129,10 +151,8 @@ def test_a_disk_path_written_into_the_state_never_reaches_the_host_file(vms: Any
     vm.stop()
     assert _core.snapshot_info(str(snap))["disks"] == [True]
 
-    # The attacker names a host file, writable, in a state file with a valid checksum.
-    secret = tmp_path / "host-secret"
-    secret.write_bytes(b"S" * 4096)
-    before = hashlib.sha256(secret.read_bytes()).hexdigest()
+    # The state has no field for a path (a restore attaches only what its caller names); the
+    # attacker marks the saved disk writable, in a state file with a valid checksum.
     state = snap / "vmstate.bin"
 
     def rewrite(s: bytes) -> bytes:
@@ -142,7 +162,7 @@ def test_a_disk_path_written_into_the_state_never_reaches_the_host_file(vms: Any
             m["vcpus"],
             m["cmdline"],
             m["console"],
-            [(str(secret).encode(), False)],
+            [False],
             m["vsock"],
         )
 
@@ -158,7 +178,7 @@ def test_a_disk_path_written_into_the_state_never_reaches_the_host_file(vms: Any
     wait_until(lambda: _used_idx(clone) == 1, what="the request after the restore")
     assert clone.read_memory(DATA, 512) == b"f" * 512
     clone.stop()
-    assert hashlib.sha256(secret.read_bytes()).hexdigest() == before
+    assert disk.read_bytes()[5 * 512 : 6 * 512] == b"f" * 512
 
 
 def test_a_saved_read_only_flag_cannot_make_a_callers_disk_writable(vms: Any, tmp_path: Path) -> None:

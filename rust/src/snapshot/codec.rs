@@ -1,174 +1,188 @@
-//! Little-endian encoding of snapshot sections: a growable writer and a bounds-checked reader.
-//! KVM state structures are stored as their raw kernel ABI bytes (see [`Pod`]).
+//! The body encoding of `vmstate.bin`: postcard over the serde derives of the state types,
+//! with every sequence bounded while it is decoded.
+//!
+//! postcard keeps no message for an error a `Deserialize` impl raises (it is `no_std` first), so
+//! a refused count is also noted in a per-thread slot that [`decode`] reads back.
 
-use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
-};
+use std::cell::RefCell;
+use std::fmt;
+use std::marker::PhantomData;
 
-/// Plain kernel ABI structures: only integer fields, arrays and unions of them, so every byte
-/// pattern is a valid value, and instances handed to or filled by KVM are fully initialised
-/// (bindgen spells out padding as named fields).
-///
-/// # Safety
-/// Implement only for `#[repr(C)]` types with the properties above.
-pub unsafe trait Pod: Default {}
+use serde::de::{DeserializeOwned, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
-// SAFETY: all of these are bindgen-generated `#[repr(C)]` KVM ABI structures made only of
-// integers, integer arrays and unions of those, with explicit padding fields.
-unsafe impl Pod for kvm_regs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_sregs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_fpu {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_xsave {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_xcrs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_lapic_state {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_vcpu_events {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_debugregs {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_mp_state {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_irqchip {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_pit_state2 {}
-// SAFETY: as above.
-unsafe impl Pod for kvm_clock_data {}
-
-/// Why a section could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("a section ends early")]
-    Short,
-    #[error("{0}")]
-    Bad(String),
+thread_local! {
+    static REFUSAL: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-#[derive(Default)]
-pub struct Writer {
-    pub buf: Vec<u8>,
+/// The encoded form of `value`.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("snapshot state types always serialize")
 }
 
-impl Writer {
-    pub fn u8(&mut self, v: u8) {
-        self.buf.push(v);
-    }
-    pub fn bool(&mut self, v: bool) {
-        self.buf.push(u8::from(v));
-    }
-    pub fn u16(&mut self, v: u16) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-    pub fn u32(&mut self, v: u32) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-    pub fn u64(&mut self, v: u64) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
-    }
-    pub fn bytes(&mut self, b: &[u8]) {
-        self.u64(b.len() as u64);
-        self.buf.extend_from_slice(b);
-    }
-    pub fn str(&mut self, s: &str) {
-        self.bytes(s.as_bytes());
-    }
-    /// A structure as its size followed by its raw bytes.
-    pub fn pod<T: Pod>(&mut self, v: &T) {
-        let size = std::mem::size_of::<T>();
-        // SAFETY: `T: Pod` is a fully initialised plain structure of `size` bytes, so viewing it
-        // as bytes for the duration of this borrow is sound.
-        let raw = unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size) };
-        self.bytes(raw);
+/// Decodes all of `body` as a `T`, or says in one line why it cannot.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    REFUSAL.with(|r| r.borrow_mut().take());
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((v, [])) => Ok(v),
+        Ok((_, rest)) => Err(format!("{} unexpected bytes follow the state", rest.len())),
+        Err(e) => Err(REFUSAL
+            .with(|r| r.borrow_mut().take())
+            .unwrap_or_else(|| match e {
+                postcard::Error::DeserializeUnexpectedEnd => "the state ends early".into(),
+                e => format!("the state does not decode ({e})"),
+            })),
     }
 }
 
-pub struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+fn refuse<E: serde::de::Error>(why: String) -> E {
+    let err = E::custom(&why);
+    REFUSAL.with(|r| *r.borrow_mut() = Some(why));
+    err
 }
 
-impl<'a> Reader<'a> {
-    pub fn new(buf: &'a [u8]) -> Self {
-        Reader { buf, pos: 0 }
+/// Deserializes a sequence of at most `max` items (`what` names them in the error). A longer
+/// one is refused as soon as its length prefix is read; a prefix claiming more items than the
+/// input holds reserves nothing and fails where the input ends.
+pub fn bounded<'de, D, T>(d: D, max: usize, what: &'static str) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Bounded<T> {
+        max: usize,
+        what: &'static str,
+        item: PhantomData<T>,
     }
-    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.pos.checked_add(n).ok_or(DecodeError::Short)?;
-        let s = self.buf.get(self.pos..end).ok_or(DecodeError::Short)?;
-        self.pos = end;
-        Ok(s)
-    }
-    fn arr<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-    pub fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.arr::<1>()?[0])
-    }
-    pub fn bool(&mut self) -> Result<bool, DecodeError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            v => Err(DecodeError::Bad(format!("{v} is not a boolean"))),
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "at most {} {}", self.max, self.what)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let too_many = |n: usize| refuse(format!("{n} {} (at most {})", self.what, self.max));
+            // postcard gives no hint when the prefix claims more items than bytes are left.
+            let hint = seq.size_hint().unwrap_or(0);
+            if hint > self.max {
+                return Err(too_many(hint));
+            }
+            // Grown as items arrive rather than reserved from the prefix: a prefix may claim up
+            // to `max` items that the input does not hold.
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                if out.len() == self.max {
+                    return Err(too_many(self.max + 1));
+                }
+                out.push(item);
+            }
+            Ok(out)
         }
     }
-    pub fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(self.arr()?))
+    d.deserialize_seq(Bounded {
+        max,
+        what,
+        item: PhantomData,
+    })
+}
+
+/// A string of at most `max` bytes (postcard borrows it from the input before it is copied).
+pub fn bounded_string<'de, D: Deserializer<'de>>(
+    d: D,
+    max: usize,
+    what: &'static str,
+) -> Result<String, D::Error> {
+    let s = <&str>::deserialize(d)?;
+    if s.len() > max {
+        return Err(refuse(format!(
+            "{what} of {} bytes (at most {max})",
+            s.len()
+        )));
     }
-    pub fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.arr()?))
+    Ok(s.to_owned())
+}
+
+/// Fails decoding with `why` as the one-line reason.
+pub fn invalid<E: serde::de::Error>(why: String) -> E {
+    refuse(why)
+}
+
+/// A KVM structure through kvm-bindings' serde impl (its raw ABI bytes), refused unless the
+/// input holds exactly its size: that impl zero-pads or cuts a byte string of another length,
+/// which would let a few bytes of input stand for kilobytes of state.
+pub fn kvm<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let bytes = <&'de [u8]>::deserialize(d)?;
+    let size = std::mem::size_of::<T>();
+    if bytes.len() != size {
+        return Err(refuse(format!(
+            "a KVM structure has {} bytes, this build expects {size}",
+            bytes.len()
+        )));
     }
-    pub fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.arr()?))
-    }
-    pub fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
-        let n = usize::try_from(self.u64()?).map_err(|_| DecodeError::Short)?;
-        self.take(n)
-    }
-    pub fn str(&mut self) -> Result<String, DecodeError> {
-        String::from_utf8(self.bytes()?.to_vec())
-            .map_err(|_| DecodeError::Bad("a string is not UTF-8".into()))
-    }
-    /// A count of items that each take at least `min_item` bytes, checked against what is left
-    /// so a corrupt count cannot make the reader allocate without bound.
-    pub fn count(&mut self, min_item: usize) -> Result<usize, DecodeError> {
-        let n = usize::try_from(self.u64()?).map_err(|_| DecodeError::Short)?;
-        if n.saturating_mul(min_item.max(1)) > self.buf.len() - self.pos {
-            return Err(DecodeError::Short);
+    T::deserialize(serde::de::value::BorrowedBytesDeserializer::new(bytes))
+}
+
+/// [`kvm`] for a boxed structure.
+pub fn kvm_box<'de, D, T>(d: D) -> Result<Box<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    kvm(d).map(Box::new)
+}
+
+/// [`kvm`] for an optional structure.
+pub fn kvm_option<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Strict<T>(T);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Strict<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            kvm(d).map(Strict)
         }
-        Ok(n)
     }
-    pub fn pod<T: Pod>(&mut self) -> Result<T, DecodeError> {
-        let size = std::mem::size_of::<T>();
-        let raw = self.bytes()?;
-        if raw.len() != size {
-            return Err(DecodeError::Bad(format!(
-                "a KVM structure has {} bytes, this build expects {size}",
-                raw.len()
-            )));
-        }
-        let mut v = T::default();
-        // SAFETY: `raw` holds exactly `size_of::<T>()` bytes and every byte pattern is a valid
-        // `T` (`T: Pod`); the destination is a properly aligned, owned `T`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(raw.as_ptr(), (&mut v as *mut T).cast::<u8>(), size)
-        };
-        Ok(v)
+    Ok(Option::<Strict<T>>::deserialize(d)?.map(|s| s.0))
+}
+
+/// `kvm_fpu` is the one saved KVM structure kvm-bindings has no serde impl for; its fields are
+/// all plain integers, so it is encoded field by field.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "kvm_bindings::kvm_fpu")]
+pub struct KvmFpu {
+    pub fpr: [[u8; 16]; 8],
+    pub fcw: u16,
+    pub fsw: u16,
+    pub ftwx: u8,
+    pub pad1: u8,
+    pub last_opcode: u16,
+    pub last_ip: u64,
+    pub last_dp: u64,
+    pub xmm: [[u8; 16]; 16],
+    pub mxcsr: u32,
+    pub pad2: u32,
+}
+
+/// `Box<kvm_fpu>` through [`KvmFpu`].
+pub mod boxed_fpu {
+    use kvm_bindings::kvm_fpu;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Wrap(#[serde(with = "super::KvmFpu")] kvm_fpu);
+
+    pub fn serialize<S: Serializer>(v: &kvm_fpu, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Ref<'a>(#[serde(with = "super::KvmFpu")] &'a kvm_fpu);
+        Ref(v).serialize(s)
     }
-    pub fn finish(&self) -> Result<(), DecodeError> {
-        if self.pos == self.buf.len() {
-            Ok(())
-        } else {
-            Err(DecodeError::Bad(format!(
-                "{} unexpected bytes at the end of a section",
-                self.buf.len() - self.pos
-            )))
-        }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Box<kvm_fpu>, D::Error> {
+        Ok(Box::new(Wrap::deserialize(d)?.0))
     }
 }
 
@@ -176,41 +190,96 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
+    #[derive(Debug, Serialize, Deserialize, PartialEq)]
+    struct List {
+        #[serde(deserialize_with = "three")]
+        items: Vec<u64>,
+    }
+
+    fn three<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        bounded(d, 3, "items")
+    }
+
     #[test]
-    fn values_round_trip_and_short_input_is_an_error() {
-        let mut w = Writer::default();
-        w.u8(1);
-        w.u16(0x1234);
-        w.u32(7);
-        w.u64(u64::MAX);
-        w.str("hé");
-        let regs = kvm_regs {
-            rip: 0xdead_beef,
+    fn sequences_are_bounded_while_decoding() {
+        let ok = List {
+            items: vec![1, 2, 3],
+        };
+        assert_eq!(decode::<List>(&encode(&ok)).unwrap(), ok);
+        let long = encode(&List {
+            items: vec![1, 2, 3, 4],
+        });
+        assert_eq!(decode::<List>(&long).unwrap_err(), "4 items (at most 3)");
+        // A length prefix of 2^60 with nothing behind it: no hint, nothing reserved, and the
+        // input ends before a fourth item could be read.
+        let mut huge = Vec::new();
+        let mut n = 1u64 << 60;
+        while n >= 0x80 {
+            huge.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        huge.push(n as u8);
+        assert_eq!(decode::<List>(&huge).unwrap_err(), "the state ends early");
+        huge.extend_from_slice(&[1; 64]);
+        assert_eq!(decode::<List>(&huge).unwrap_err(), "4 items (at most 3)");
+        let mut trailing = encode(&ok);
+        trailing.push(0);
+        assert_eq!(
+            decode::<List>(&trailing).unwrap_err(),
+            "1 unexpected bytes follow the state"
+        );
+    }
+
+    #[test]
+    fn kvm_structures_round_trip() {
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            xmm: [[7; 16]; 16],
             ..Default::default()
         };
-        w.pod(&regs);
-        let mut r = Reader::new(&w.buf);
-        assert_eq!(r.u8().unwrap(), 1);
-        assert_eq!(r.u16().unwrap(), 0x1234);
-        assert_eq!(r.u32().unwrap(), 7);
-        assert_eq!(r.u64().unwrap(), u64::MAX);
-        assert_eq!(r.str().unwrap(), "hé");
-        assert_eq!(r.pod::<kvm_regs>().unwrap().rip, 0xdead_beef);
-        r.finish().unwrap();
-        for cut in 0..w.buf.len() {
-            let mut r = Reader::new(&w.buf[..cut]);
-            let res = (|| -> Result<(), DecodeError> {
-                r.u8()?;
-                r.u16()?;
-                r.u32()?;
-                r.u64()?;
-                r.str()?;
-                r.pod::<kvm_regs>()?;
-                Ok(())
-            })();
-            assert!(res.is_err());
+        #[derive(Serialize, Deserialize)]
+        struct S {
+            #[serde(serialize_with = "boxed_fpu::serialize")]
+            #[serde(deserialize_with = "boxed_fpu::deserialize")]
+            fpu: Box<kvm_bindings::kvm_fpu>,
+            regs: kvm_bindings::kvm_regs,
         }
-        let mut r = Reader::new(&[0xff; 8]);
-        assert_eq!(r.count(1), Err(DecodeError::Short));
+        let s = S {
+            fpu: Box::new(fpu),
+            regs: kvm_bindings::kvm_regs {
+                rip: 0xdead_beef,
+                ..Default::default()
+            },
+        };
+        let back: S = decode(&encode(&s)).unwrap();
+        assert_eq!((back.fpu.fcw, back.fpu.mxcsr), (0x37f, 0x1f80));
+        assert_eq!(back.fpu.xmm, [[7; 16]; 16]);
+        assert_eq!(back.regs.rip, 0xdead_beef);
+    }
+
+    #[test]
+    fn a_kvm_structure_of_another_size_is_refused() {
+        #[derive(Debug, Serialize, Deserialize)]
+        struct Regs(#[serde(deserialize_with = "kvm")] kvm_bindings::kvm_regs);
+        assert!(decode::<Regs>(&encode(&Regs(Default::default()))).is_ok());
+        for len in [0, 143, 145] {
+            let e = decode::<Regs>(&encode(&serde_bytes(len))).unwrap_err();
+            assert_eq!(
+                e,
+                format!("a KVM structure has {len} bytes, this build expects 144")
+            );
+        }
+    }
+
+    /// `len` zero bytes encoded as a byte string (what a KVM structure is).
+    fn serde_bytes(len: usize) -> impl Serialize {
+        struct B(Vec<u8>);
+        impl Serialize for B {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(&self.0)
+            }
+        }
+        B(vec![0; len])
     }
 }

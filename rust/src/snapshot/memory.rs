@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::Xxh3;
 
-use super::codec::{DecodeError, Reader, Writer};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::codec::{bounded, bounded_string};
+use super::state::MAX_MEMORY_SIZE;
 use super::{open_regular, Snapshot, SnapshotError, MEMORY_FILE};
 
 pub const PAGE_SIZE: usize = 4096;
@@ -31,10 +34,11 @@ const MAX_BASE_PATH: usize = 4096;
 pub type MemoryId = [u8; 16];
 
 /// The base a diff snapshot was taken against.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BaseRef {
     /// The base snapshot directory, relative to the diff's directory when it was given that way
     /// (so a store can be moved as a whole), else absolute.
+    #[serde(deserialize_with = "base_path")]
     pub path: String,
     /// The base's memory identity when the diff was taken.
     pub id: MemoryId,
@@ -44,74 +48,45 @@ pub struct BaseRef {
     pub memory_mtime_ns: i64,
 }
 
-/// Section 5 of `vmstate.bin`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+fn base_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    bounded_string(d, MAX_BASE_PATH, "a base path")
+}
+
+/// What `memory.bin` holds, as `vmstate.bin` records it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MemoryState {
     pub id: MemoryId,
     pub base: Option<BaseRef>,
     /// For a diff: one bit per page of RAM (least significant bit first), set for the pages
     /// stored in this snapshot's `memory.bin`.
+    #[serde(deserialize_with = "page_bitmap")]
     pub pages: Option<Vec<u8>>,
 }
 
-impl MemoryState {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.buf.extend_from_slice(&self.id);
-        w.bool(self.base.is_some());
-        if let Some(b) = &self.base {
-            w.str(&b.path);
-            w.buf.extend_from_slice(&b.id);
-            w.u64(b.memory_len);
-            w.u64(b.memory_mtime_ns as u64);
-        }
-        w.bytes(self.pages.as_deref().unwrap_or(&[]));
-        w.buf
+fn page_bitmap<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Bitmap(#[serde(deserialize_with = "bitmap_bytes")] Vec<u8>);
+    fn bitmap_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        bounded(d, bitmap_len(MAX_MEMORY_SIZE), "bytes of page bitmap")
     }
+    Ok(Option::<Bitmap>::deserialize(d)?.map(|b| b.0))
+}
 
-    pub fn decode(b: &[u8], memory_size: u64) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(b);
-        let id: MemoryId = r.take(16)?.try_into().expect("16 bytes");
-        let base = if r.bool()? {
-            let path = r.str()?;
-            if path.len() > MAX_BASE_PATH {
-                return Err(DecodeError::Bad(format!(
-                    "a base path of {} bytes (at most {MAX_BASE_PATH})",
-                    path.len()
-                )));
-            }
-            let id: MemoryId = r.take(16)?.try_into().expect("16 bytes");
-            let memory_len = r.u64()?;
-            let memory_mtime_ns = r.u64()? as i64;
-            Some(BaseRef {
-                path,
-                id,
-                memory_len,
-                memory_mtime_ns,
-            })
-        } else {
-            None
-        };
-        let pages = r.bytes()?.to_vec();
-        r.finish()?;
+impl MemoryState {
+    /// The page bitmap fits a RAM of `memory_size` bytes, and only a diff has one.
+    pub fn check(&self, memory_size: u64) -> Result<(), String> {
         let expected = bitmap_len(memory_size);
-        let pages = match (&base, pages.is_empty()) {
-            (None, true) => None,
-            (None, false) => {
-                return Err(DecodeError::Bad(
-                    "a full snapshot carries a page bitmap".into(),
-                ))
-            }
-            (Some(_), _) if pages.len() != expected => {
-                return Err(DecodeError::Bad(format!(
-                    "the page bitmap has {} bytes, but {} MiB of RAM needs {expected}",
-                    pages.len(),
-                    memory_size >> 20
-                )))
-            }
-            (Some(_), _) => Some(pages),
-        };
-        Ok(MemoryState { id, base, pages })
+        match (&self.base, &self.pages) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => Err("a full snapshot carries a page bitmap".into()),
+            (Some(_), None) => Err("a diff snapshot carries no page bitmap".into()),
+            (Some(_), Some(p)) if p.len() != expected => Err(format!(
+                "the page bitmap has {} bytes, but {} MiB of RAM needs {expected}",
+                p.len(),
+                memory_size >> 20
+            )),
+            (Some(_), Some(_)) => Ok(()),
+        }
     }
 
     /// Number of pages a diff stores (0 for a full snapshot).
@@ -502,7 +477,11 @@ mod tests {
             base: None,
             pages: None,
         };
-        assert_eq!(MemoryState::decode(&full.encode(), size).unwrap(), full);
+        let round = |m: &MemoryState, size| {
+            let back: MemoryState = super::super::codec::decode(&super::super::codec::encode(m))?;
+            back.check(size).map(|()| back)
+        };
+        assert_eq!(round(&full, size).unwrap(), full);
         let mut bm = vec![0u8; bitmap_len(size)];
         set_bit(&mut bm, 3);
         let diff = MemoryState {
@@ -515,10 +494,10 @@ mod tests {
             }),
             pages: Some(bm),
         };
-        assert_eq!(MemoryState::decode(&diff.encode(), size).unwrap(), diff);
+        assert_eq!(round(&diff, size).unwrap(), diff);
         assert_eq!(diff.stored_pages(), 1);
-        let e = MemoryState::decode(&diff.encode(), size * 2).unwrap_err();
-        assert!(e.to_string().contains("page bitmap"), "{e}");
+        let e = round(&diff, size * 2).unwrap_err();
+        assert!(e.contains("page bitmap"), "{e}");
     }
 
     #[test]

@@ -7,20 +7,22 @@
 //!   copy-on-write. Pages that were never written are holes.
 //! * `vmstate.bin`: everything else, in this layout (all integers little-endian):
 //!
-//! | offset | size     | field                                                      |
-//! | ------ | -------- | ---------------------------------------------------------- |
-//! | 0      | 8        | magic `SMVMSNAP`                                           |
-//! | 8      | 4        | format version ([`FORMAT_VERSION`])                        |
-//! | 12     | 4        | number of sections `n`                                     |
-//! | 16     | 8        | total file length                                          |
-//! | 24     | 24 × `n` | section table: id (u32), reserved (u32), offset, length    |
-//! | ...    |          | sections                                                   |
-//! | end-4  | 4        | CRC32 of every byte before it                              |
+//! | offset | size | field                                              |
+//! | ------ | ---- | -------------------------------------------------- |
+//! | 0      | 8    | magic `SMVMSNAP`                                   |
+//! | 8      | 4    | format version ([`FORMAT_VERSION`])                |
+//! | 12     | 4    | reserved, zero                                     |
+//! | 16     | 8    | total file length                                  |
+//! | 24     |      | the body: [`Snapshot`] in postcard's encoding      |
+//! | end-4  | 4    | CRC32 of every byte before it                      |
 //!
-//! Sections: [`SECTION_MACHINE`], [`SECTION_VM`], [`SECTION_VCPUS`], [`SECTION_DEVICES`],
-//! [`SECTION_MEMORY`] (see [`memory`]: a full snapshot, or a diff against a base snapshot).
-//! A reader refuses another format version before looking further, and checks the length and
-//! the checksum before decoding anything.
+//! The body is the serde form of [`Snapshot`] (see [`codec`]): machine, memory (see [`memory`]:
+//! a full snapshot, or a diff against a base snapshot), VM, vCPUs and devices, each type's
+//! encoding derived next to it (the devices' next to the devices). postcard is compact (varint
+//! integers, KVM structures as length-prefixed byte strings) and its wire format is specified
+//! and stable across its 1.x releases. A reader refuses another format version before looking
+//! further, checks the length and the checksum before decoding anything, bounds every sequence
+//! while decoding it, and then checks the parts against each other.
 
 pub mod codec;
 pub mod memory;
@@ -34,21 +36,14 @@ pub use memory::{BaseRef, MemoryId, MemoryLayer, MemoryState};
 pub use state::{DeviceState, MachineState, QueueState, TransportState, VcpuState, VmState};
 
 /// The snapshot format this build writes and reads.
-/// Version 2 added the memory section (identity, base, page bitmap).
-pub const FORMAT_VERSION: u32 = 2;
+/// Version 2 added the memory section (identity, base, page bitmap); version 3 replaced the
+/// section table by one serde-encoded body.
+pub const FORMAT_VERSION: u32 = 3;
 pub const MAGIC: [u8; 8] = *b"SMVMSNAP";
 pub const VMSTATE_FILE: &str = "vmstate.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
 
-pub const SECTION_MACHINE: u32 = 1;
-pub const SECTION_VM: u32 = 2;
-pub const SECTION_VCPUS: u32 = 3;
-pub const SECTION_DEVICES: u32 = 4;
-pub const SECTION_MEMORY: u32 = 5;
-
 const HEADER_LEN: usize = 24;
-const ENTRY_LEN: usize = 24;
-const MAX_SECTIONS: usize = 64;
 
 /// Largest `vmstate.bin` a restore reads. The biggest real state is the diff page bitmap of the
 /// largest RAM (64 GiB: 2 MiB of bitmap) plus 32 vCPUs of a few KiB each, well under 4 MiB; the
@@ -70,7 +65,8 @@ pub enum SnapshotError {
     #[error("snapshot {path} is corrupt: {why}")]
     Corrupt { path: String, why: String },
     #[error(
-        "snapshot {path} has format version {found}, but this build reads only version {expected}"
+        "snapshot {path} has format version {found}, but this build reads only version {expected} \
+         (it was made by another version of supermachine)"
     )]
     Version {
         path: String,
@@ -125,44 +121,29 @@ pub fn open_regular(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Everything in `vmstate.bin`.
-#[derive(Debug)]
+/// Everything in `vmstate.bin`, encoded in this order: the machine and the memory record (what
+/// a restore checks first, and tools read) before the KVM and device state.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Snapshot {
     pub machine: MachineState,
+    pub memory: MemoryState,
     pub vm: VmState,
+    #[serde(deserialize_with = "state::vcpus")]
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceState,
-    pub memory: MemoryState,
 }
 
 impl Snapshot {
     /// The complete `vmstate.bin` contents.
     pub fn encode(&self) -> Vec<u8> {
-        let sections = [
-            (SECTION_MACHINE, self.machine.encode()),
-            (SECTION_VM, self.vm.encode()),
-            (SECTION_VCPUS, state::encode_vcpus(&self.vcpus)),
-            (SECTION_DEVICES, self.devices.encode()),
-            (SECTION_MEMORY, self.memory.encode()),
-        ];
-        let table_end = HEADER_LEN + ENTRY_LEN * sections.len();
-        let total = table_end + sections.iter().map(|(_, s)| s.len()).sum::<usize>() + 4;
+        let body = codec::encode(self);
+        let total = HEADER_LEN + body.len() + 4;
         let mut out = Vec::with_capacity(total);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&(total as u64).to_le_bytes());
-        let mut offset = table_end as u64;
-        for (id, s) in &sections {
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&0u32.to_le_bytes());
-            out.extend_from_slice(&offset.to_le_bytes());
-            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-            offset += s.len() as u64;
-        }
-        for (_, s) in &sections {
-            out.extend_from_slice(s);
-        }
+        out.extend_from_slice(&body);
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -209,53 +190,20 @@ impl Snapshot {
         if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
             return Err(corrupt("checksum mismatch".into()));
         }
-        let count = u32_at(12) as usize;
-        if count > MAX_SECTIONS || HEADER_LEN + count * ENTRY_LEN > body.len() {
-            return Err(corrupt(format!("bad section count {count}")));
+        if u32_at(12) != 0 {
+            return Err(corrupt("the reserved header field is not zero".into()));
         }
-        let mut sections: Vec<(u32, &[u8])> = Vec::with_capacity(count);
-        for i in 0..count {
-            let e = HEADER_LEN + i * ENTRY_LEN;
-            let id = u32_at(e);
-            let (off, len) = (u64_at(e + 8), u64_at(e + 16));
-            let range = usize::try_from(off)
-                .ok()
-                .zip(usize::try_from(len).ok())
-                .and_then(|(o, l)| Some(o..o.checked_add(l)?))
-                .filter(|r| r.end <= body.len())
-                .ok_or_else(|| corrupt(format!("section {id} lies outside the file")))?;
-            sections.push((id, &body[range]));
-        }
-        let find = |id: u32, name: &str| {
-            sections
-                .iter()
-                .find(|(i, _)| *i == id)
-                .map(|(_, s)| *s)
-                .ok_or_else(|| corrupt(format!("the {name} section is missing")))
-        };
-        let section = |name: &'static str| {
-            move |e: codec::DecodeError| corrupt(format!("the {name} section is invalid: {e}"))
-        };
-        let machine =
-            MachineState::decode(find(SECTION_MACHINE, "machine")?).map_err(section("machine"))?;
-        let memory = MemoryState::decode(find(SECTION_MEMORY, "memory")?, machine.memory_size)
-            .map_err(section("memory"))?;
-        let snap = Snapshot {
-            machine,
-            memory,
-            vm: VmState::decode(find(SECTION_VM, "VM")?).map_err(section("VM"))?,
-            vcpus: state::decode_vcpus(find(SECTION_VCPUS, "vCPU")?).map_err(section("vCPU"))?,
-            devices: DeviceState::decode(find(SECTION_DEVICES, "device")?)
-                .map_err(section("device"))?,
-        };
+        let snap: Snapshot = codec::decode(&body[HEADER_LEN..]).map_err(&corrupt)?;
         snap.check_consistent().map_err(corrupt)?;
         Ok(snap)
     }
 
-    /// The sections agree with each other: as many vCPU states as vCPUs, and one virtio
-    /// transport per device the machine names.
+    /// The values are in range and the parts agree with each other: as many vCPU states as
+    /// vCPUs, one virtio transport per device the machine names, a page bitmap that fits RAM.
     fn check_consistent(&self) -> Result<(), String> {
         let m = &self.machine;
+        m.check()?;
+        self.memory.check(m.memory_size)?;
         if usize::from(m.vcpus) != self.vcpus.len() {
             return Err(format!(
                 "it names {} vCPUs but holds the state of {}",
@@ -510,7 +458,80 @@ mod tests {
         let mut s = sample();
         s.devices.serial.in_buffer = vec![0; 65];
         let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
-        assert!(e.contains("serial port holds 65"), "{e}");
+        assert!(
+            e.ends_with("65 bytes in the serial port's receive FIFO (at most 64)"),
+            "{e}"
+        );
+        let mut s = sample();
+        s.vcpus = (0..33).map(|_| VcpuState::default()).collect();
+        let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
+        assert!(e.ends_with("33 vCPUs (at most 32)"), "{e}");
+        let mut s = sample();
+        s.devices.transports[0].queues = vec![QueueState::default(); 9];
+        let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
+        assert!(
+            e.ends_with("9 queues in one virtio device (at most 8)"),
+            "{e}"
+        );
+        let mut s = sample();
+        s.machine.cmdline = "x".repeat(state::MAX_CMDLINE_LEN + 1);
+        let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
+        assert!(
+            e.ends_with("a kernel command line of 4097 bytes (at most 4096)"),
+            "{e}"
+        );
+    }
+
+    /// The body of `s` with the length prefix of its (empty) disk list replaced by `prefix`,
+    /// framed with a valid length and checksum.
+    fn with_disk_count(s: &Snapshot, prefix: u64) -> Vec<u8> {
+        let m = &s.machine;
+        assert!(m.disks.is_empty());
+        let at = codec::encode(&(
+            m.memory_size,
+            m.vcpus,
+            m.template,
+            &m.cmdline,
+            m.console_capacity,
+        ))
+        .len();
+        let mut body = codec::encode(s);
+        assert_eq!(body[at], 0);
+        body.splice(at..=at, codec::encode(&prefix));
+        let mut out = s.encode()[..HEADER_LEN].to_vec();
+        out.extend_from_slice(&body);
+        let total = (out.len() + 4) as u64;
+        out[16..24].copy_from_slice(&total.to_le_bytes());
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn a_huge_length_prefix_is_refused() {
+        let mut s = sample();
+        s.machine.disks.clear();
+        s.devices.transports.pop();
+        assert!(Snapshot::decode(&with_disk_count(&s, 0), "s").is_ok());
+        for prefix in [1 << 60, u64::MAX, 12] {
+            let e = Snapshot::decode(&with_disk_count(&s, prefix), "s")
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("snapshot s is corrupt: "), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn files_of_another_format_version_are_refused_as_such() {
+        // A real version 2 file (the section-table format) of a 2-vCPU guest, kept in the corpus.
+        let old = include_bytes!("../../fuzz/corpus/vmstate/v2-real-counter-2vcpus-full.bin");
+        let e = Snapshot::decode(old, "s").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "snapshot s has format version 2, but this build reads only version 3 \
+             (it was made by another version of supermachine)"
+        );
     }
 
     #[test]

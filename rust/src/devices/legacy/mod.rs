@@ -2,7 +2,7 @@
 
 mod serial;
 
-pub use serial::{ConsoleBuffer, SerialConsole};
+pub use serial::{ConsoleBuffer, SerialConsole, SerialRegs};
 
 use std::sync::Arc;
 

@@ -8,12 +8,35 @@ use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::{NoEvents, SerialState};
 
-use crate::snapshot::state::SerialRegs;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vmm::bus::BusDevice;
 use crate::vmm::control::{Outcome, VmControl};
+
+/// The 8250 registers (vm-superio's state) as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct SerialRegs {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    #[serde(deserialize_with = "fifo")]
+    pub in_buffer: Vec<u8>,
+}
+
+fn fifo<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    crate::snapshot::codec::bounded(
+        d,
+        crate::snapshot::state::MAX_SERIAL_FIFO,
+        "bytes in the serial port's receive FIFO",
+    )
+}
 
 /// Raises the serial IRQ through an irqfd.
 pub struct IrqTrigger(pub EventFd);

@@ -4,10 +4,33 @@ use std::sync::Arc;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::queue::Queue;
+use super::queue::{Queue, QueueState};
 use super::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::snapshot::TransportState;
 use crate::vmm::bus::BusDevice;
+
+/// One virtio-mmio transport and its device, as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub queue_sel: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub activated: bool,
+    pub interrupt_status: u32,
+    pub needs_reset: bool,
+    #[serde(deserialize_with = "queues")]
+    pub queues: Vec<QueueState>,
+}
+
+fn queues<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<QueueState>, D::Error> {
+    crate::snapshot::codec::bounded(
+        d,
+        crate::snapshot::state::MAX_QUEUES,
+        "queues in one virtio device",
+    )
+}
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;

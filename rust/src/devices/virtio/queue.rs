@@ -15,6 +15,19 @@ pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 /// Largest queue size the spec allows.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
+/// One virtqueue as the transport and device last saw it, as a snapshot keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    pub max_size: u16,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError {
     #[error("queue size {0} is not a power of two between 1 and the maximum {1}")]
@@ -111,8 +124,8 @@ impl Queue {
     }
 
     /// Everything a snapshot needs to rebuild this queue.
-    pub fn state(&self) -> crate::snapshot::QueueState {
-        crate::snapshot::QueueState {
+    pub fn state(&self) -> QueueState {
+        QueueState {
             max_size: self.max_size,
             size: self.size,
             ready: self.ready,
@@ -125,7 +138,7 @@ impl Queue {
     }
 
     /// A queue as saved by [`Queue::state`] (validate it before use).
-    pub fn from_state(s: &crate::snapshot::QueueState) -> Self {
+    pub fn from_state(s: &QueueState) -> Self {
         Queue {
             max_size: s.max_size,
             size: s.size,
