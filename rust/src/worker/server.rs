@@ -45,6 +45,9 @@ pub fn main() -> i32 {
     let status = worker.serve();
     if let Some(vmm) = worker.vmm.take() {
         vmm.stop();
+        // The exit frees guest memory and the KVM objects at once; dropping them one by one
+        // first would only delay it.
+        std::mem::forget(vmm);
     }
     status
 }
@@ -175,7 +178,9 @@ impl Worker {
             }),
             Request::Timings => ok(Reply::Timings(self.timings()?)),
             Request::Stop => {
-                let outcome = self.vmm.take().map(|vmm| {
+                // Stopped (vCPU threads joined) before the reply; the VM itself is torn down by
+                // the process's exit, after the reply, so the owner does not wait for it.
+                let outcome = self.vmm.as_ref().map(|vmm| {
                     vmm.stop();
                     vmm.outcome().unwrap_or(crate::vmm::Outcome::Stopped)
                 });
