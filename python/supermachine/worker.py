@@ -5,6 +5,11 @@ that VM. When supermachine runs as root the worker starts in fresh mount, PID, I
 network namespaces, pivots into an empty read-only root, drops to an unprivileged uid/gid and
 installs a seccomp filter per thread before the guest runs; as another user it uses a user
 namespace where the host allows one. ``supermachine doctor`` shows what this host provides.
+
+One worker is kept started ahead of need (spawned and greeted, holding no VM), so a start or
+restore does not wait for a process to be created; ``SUPERMACHINE_SPARE_WORKERS=0`` turns that
+off. ``SUPERMACHINE_SECCOMP=log`` makes the filters log forbidden calls instead of ending the
+worker (for finding what a list lacks), ``SUPERMACHINE_SECCOMP=off`` leaves them out.
 """
 
 from __future__ import annotations

@@ -134,6 +134,13 @@ recv()  # Stop: end without answering
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_spare_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each fake must be the process that serves the start under test (a spare started ahead of
+    # need would be another fake, greeted beside the test, and hold a descriptor of its own).
+    monkeypatch.setenv("SUPERMACHINE_SPARE_WORKERS", "0")
+
+
 @pytest.fixture(scope="module")
 def guest(guest_dir: Path) -> Path:
     return g.build(g.HELLO, guest_dir)

@@ -179,8 +179,15 @@ impl WorkerVm {
             IsolationChoice::UserNamespaces => Isolation::UserNamespaces,
             IsolationChoice::None => Isolation::None,
         };
-        let spawned = spawn::spawn(&options.program, wanted, log.as_ref())
-            .map_err(|e| spawn_err(crate::vmm::os_msg(&e)))?;
+        let (spawned, greeted) = match spare::take(&options.program, wanted) {
+            Some(s) => (s, true),
+            None => (
+                spawn::spawn(&options.program, wanted, None)
+                    .map_err(|e| spawn_err(crate::vmm::os_msg(&e)))?,
+                false,
+            ),
+        };
+        spare::replenish(&options.program, wanted);
         mark("spawn");
         // The limits hold before the worker allocates anything.
         let cgroup = match options.cgroup_name.as_deref() {
@@ -226,27 +233,29 @@ impl WorkerVm {
             called_ns,
             owner_phases: Vec::new(),
         };
-        match vm
-            .call(
-                &Request::Hello {
+        if !greeted {
+            match vm
+                .call(
+                    &Request::Hello {
+                        version: PROTOCOL_VERSION,
+                    },
+                    &[],
+                    &[],
+                    HELLO_TIMEOUT,
+                )?
+                .message
+            {
+                Reply::Hello {
                     version: PROTOCOL_VERSION,
-                },
-                &[],
-                &[],
-                HELLO_TIMEOUT,
-            )?
-            .message
-        {
-            Reply::Hello {
-                version: PROTOCOL_VERSION,
-                ..
-            } => {}
-            Reply::Hello { version, .. } => {
-                return Err(vm.broken(&format!(
-                    "it speaks protocol version {version}, not {PROTOCOL_VERSION}"
-                )))
+                    ..
+                } => {}
+                Reply::Hello { version, .. } => {
+                    return Err(vm.broken(&format!(
+                        "it speaks protocol version {version}, not {PROTOCOL_VERSION}"
+                    )))
+                }
+                _ => return Err(vm.broken("a start-up reply of the wrong kind")),
             }
-            _ => return Err(vm.broken("a start-up reply of the wrong kind")),
         }
         mark("hello");
         let jail = JailConfig {
@@ -258,8 +267,11 @@ impl WorkerVm {
             shared_dir: vsock_path.as_deref().and_then(socket_dir),
         };
         let request = request(jail);
-        let frame = vm.call(&request, &[], &[ring_file.as_raw_fd()], LAUNCH_TIMEOUT)?;
+        let mut fds = vec![ring_file.as_raw_fd()];
+        fds.extend(log.as_ref().map(|l| l.as_raw_fd()));
+        let frame = vm.call(&request, &[], &fds, LAUNCH_TIMEOUT)?;
         drop(ring_file);
+        drop(log);
         match frame.message {
             // The caller connects to the socket named here, and it is removed when the worker
             // ends: it must be the one asked for, never one a worker picks.
@@ -803,6 +815,124 @@ impl From<WorkerError> for WireError {
                 kind: ErrorKind::Runtime,
                 message: other.to_string(),
             },
+        }
+    }
+}
+
+/// One worker per kind started ahead of need, so a start or restore does not wait for a process
+/// to be created, exec'd and greeted. It holds no VM and no file of one: it waits on its control
+/// channel, and ends when this process does (the channel closes). `SUPERMACHINE_SPARE_WORKERS=0`
+/// turns it off.
+mod spare {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use super::super::protocol::{self, Reply, Request, PROTOCOL_VERSION};
+    use super::super::spawn::{self, Isolation, Spawned};
+    use super::HELLO_TIMEOUT;
+
+    struct Spare {
+        program: PathBuf,
+        wanted: Isolation,
+        /// `None` while it is being started.
+        ready: Option<Spawned>,
+    }
+
+    static SPARES: Mutex<Vec<Spare>> = Mutex::new(Vec::new());
+
+    fn enabled() -> bool {
+        std::env::var("SUPERMACHINE_SPARE_WORKERS").as_deref() != Ok("0")
+    }
+
+    /// A greeted, still running spare for `program` and `wanted`, if one is ready.
+    pub(super) fn take(program: &Path, wanted: Isolation) -> Option<Spawned> {
+        let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+        let i = spares
+            .iter()
+            .position(|s| s.program == program && s.wanted == wanted && s.ready.is_some())?;
+        let spawned = spares.swap_remove(i).ready?;
+        drop(spares);
+        let mut status = 0;
+        // SAFETY: our child; WNOHANG never blocks. A spare that died idle is collected here.
+        match unsafe { libc::waitpid(spawned.pid, &mut status, libc::WNOHANG) } {
+            0 => Some(spawned),
+            _ => None,
+        }
+    }
+
+    /// Starts a spare for `program` and `wanted` beside the caller, unless one exists or is
+    /// being started.
+    pub(super) fn replenish(program: &Path, wanted: Isolation) {
+        if !enabled() {
+            return;
+        }
+        {
+            let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+            if spares
+                .iter()
+                .any(|s| s.program == program && s.wanted == wanted)
+            {
+                return;
+            }
+            spares.push(Spare {
+                program: program.to_path_buf(),
+                wanted,
+                ready: None,
+            });
+        }
+        let owned = program.to_path_buf();
+        let started = std::thread::Builder::new()
+            .name("sm-spare".into())
+            .spawn(move || {
+                let program = owned;
+                let ready = start(&program, wanted);
+                let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+                let slot = spares
+                    .iter()
+                    .position(|s| s.program == program && s.wanted == wanted && s.ready.is_none());
+                match (slot, ready) {
+                    (Some(i), Some(s)) => spares[i].ready = Some(s),
+                    (Some(i), None) => {
+                        spares.swap_remove(i);
+                    }
+                    (None, Some(s)) => spawn::kill_and_reap(s.pid),
+                    (None, None) => {}
+                }
+            });
+        if started.is_err() {
+            let mut spares = SPARES.lock().unwrap_or_else(|e| e.into_inner());
+            spares.retain(|s| !(s.program == program && s.wanted == wanted && s.ready.is_none()));
+        }
+    }
+
+    /// A new worker that answered its greeting in time, or `None` (it is then killed).
+    fn start(program: &Path, wanted: Isolation) -> Option<Spawned> {
+        let spawned = spawn::spawn(program, wanted, None).ok()?;
+        let greeted = protocol::send(
+            &spawned.channel,
+            &Request::Hello {
+                version: PROTOCOL_VERSION,
+            },
+            &[],
+            &[],
+        )
+        .and_then(|()| protocol::recv_within::<Reply>(&spawned.channel, HELLO_TIMEOUT));
+        match greeted {
+            Ok(Some(f))
+                if matches!(
+                    f.message,
+                    Reply::Hello {
+                        version: PROTOCOL_VERSION,
+                        ..
+                    }
+                ) =>
+            {
+                Some(spawned)
+            }
+            _ => {
+                spawn::kill_and_reap(spawned.pid);
+                None
+            }
         }
     }
 }

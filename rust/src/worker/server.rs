@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -206,10 +206,21 @@ impl Worker {
                 message: "this worker already runs a VM".into(),
             });
         }
-        let [ring] = <[File; 1]>::try_from(files).map_err(|_| WireError {
-            kind: ErrorKind::State,
-            message: "a start needs exactly one descriptor: the console ring".into(),
-        })?;
+        let mut files = files.into_iter();
+        let (Some(ring), log, None) = (files.next(), files.next(), files.next()) else {
+            return Err(WireError {
+                kind: ErrorKind::State,
+                message:
+                    "a start takes the console ring and, optionally, a log file as descriptors"
+                        .into(),
+            });
+        };
+        if let Some(log) = log {
+            // From now on this VM's messages (a panic, a forbidden call) go to its own log: a
+            // worker started ahead of need did not know which VM it would serve.
+            // SAFETY: dup2 onto standard error of a descriptor we own; the old one is closed.
+            unsafe { libc::dup2(log.as_raw_fd(), 2) };
+        }
         let ring = ConsoleRing::map(&ring).map_err(|e| WireError {
             kind: ErrorKind::Os,
             message: format!("cannot map the console ring: {e}"),
