@@ -419,7 +419,7 @@ def test_a_guest_panic_line_reaches_the_user_printable(fake: Callable[..., FakeA
     with pytest.raises(GuestPanickedError) as info:
         vm.exec(["true"])
     text = str(info.value)
-    assert text.startswith("the guest kernel panicked : Kernel panic - not syncing: ]0;owned [2Jboom !!!")
+    assert text.startswith("the guest kernel panicked: Kernel panic - not syncing: ]0;owned [2Jboom !!!")
     assert text.isprintable() and len(text) < 2 * MAX_TEXT
 
 
