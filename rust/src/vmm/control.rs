@@ -144,6 +144,8 @@ impl VmControl {
         };
         g.outcome = Some(outcome);
         g.run = RunState::Stopping;
+        // A worker's owner learns from shared memory that the VM ended, without asking.
+        crate::worker::console_ring::mark_ended();
         self.kick_all(&g);
         self.cond.notify_all();
         true

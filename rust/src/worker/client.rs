@@ -442,6 +442,22 @@ impl WorkerVm {
         String::from_utf8_lossy(&buf).into_owned()
     }
 
+    /// Whether the worker process still runs (a dead one is collected and explained).
+    fn alive(&self) -> bool {
+        let mut p = self.process();
+        if p.status.is_some() {
+            return false;
+        }
+        let mut status = 0;
+        // SAFETY: our unreaped child (the status above is unset); WNOHANG never blocks.
+        let r = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+        if r == self.pid {
+            p.status = Some(status);
+            return false;
+        }
+        r == 0
+    }
+
     /// The worker's pid (in the owner's PID namespace).
     pub fn pid(&self) -> libc::pid_t {
         self.pid
@@ -464,6 +480,11 @@ impl WorkerVm {
     pub fn outcome(&self) -> Option<Outcome> {
         if let Some(o) = self.dead_outcome() {
             return Some(o);
+        }
+        // The common case without a round trip: the worker has not flagged an end and the
+        // process is alive (warm pools ask this on every acquire).
+        if !self.ring.ended() && self.alive() {
+            return None;
         }
         match self.call(&Request::Status, &[], &[], CALL_TIMEOUT) {
             Ok(Frame {

@@ -3,8 +3,10 @@
 //! crashed. The worker only ever writes; whatever it writes is guest output and treated as such.
 //!
 //! Layout: bytes `0..8` count every byte ever written (little endian, updated after the data),
-//! bytes `8..` are the ring. The reader clamps everything it reads from the header, since a
-//! compromised worker may write anything there.
+//! bytes `8..16` are non-zero once the VM has ended (so the owner can tell a running VM without
+//! a round trip to the worker), bytes `16..` are the ring. The reader clamps everything it reads
+//! from the header, since a compromised worker may write anything there; a lie about "ended" can
+//! only make the owner ask the worker.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -14,7 +16,7 @@ use std::sync::OnceLock;
 
 use memmap2::{MmapOptions, MmapRaw};
 
-const HEADER: usize = 8;
+const HEADER: usize = 16;
 /// Largest ring: the same bound as the in-VMM console buffer.
 pub const MAX_CAPACITY: usize = crate::vmm::persist::MAX_RESTORED_CONSOLE_CAPACITY;
 
@@ -73,6 +75,21 @@ impl ConsoleRing {
         unsafe { self.map.as_mut_ptr().add(HEADER) }
     }
 
+    fn ended_flag(&self) -> &AtomicU64 {
+        // SAFETY: the mapping is at least HEADER (16) bytes and page aligned; offset 8 is aligned.
+        unsafe { &*(self.map.as_mut_ptr().add(8) as *const AtomicU64) }
+    }
+
+    /// Marks the VM as ended (writer side).
+    pub fn set_ended(&self) {
+        self.ended_flag().store(1, Ordering::Release);
+    }
+
+    /// Whether the worker says the VM has ended (reader side; only a hint).
+    pub fn ended(&self) -> bool {
+        self.ended_flag().load(Ordering::Acquire) != 0
+    }
+
     /// Appends `bytes`, dropping the oldest when full (writer side).
     pub fn push(&self, bytes: &[u8]) {
         let bytes = &bytes[bytes.len().saturating_sub(self.capacity)..];
@@ -122,6 +139,13 @@ pub fn install_mirror(ring: ConsoleRing) {
     let _ = MIRROR.set(ring);
 }
 
+/// Tells the owner, through the mirror, that the VM has ended.
+pub fn mark_ended() {
+    if let Some(ring) = MIRROR.get() {
+        ring.set_ended();
+    }
+}
+
 /// Copies console output to the mirror, if there is one.
 pub fn mirror(bytes: &[u8]) {
     if let Some(ring) = MIRROR.get() {
@@ -145,6 +169,17 @@ mod tests {
         writer.push(b"0123456789abc");
         assert_eq!(reader.contents(), b"56789abc");
         assert_eq!(reader.written(), 19);
+    }
+
+    #[test]
+    fn the_end_of_the_vm_is_seen_through_the_ring() {
+        let (writer, file) = ConsoleRing::create(16).unwrap();
+        let reader = ConsoleRing::map(&file).unwrap();
+        assert!(!reader.ended());
+        writer.push(b"bye");
+        writer.set_ended();
+        assert!(reader.ended());
+        assert_eq!(reader.contents(), b"bye");
     }
 
     #[test]
