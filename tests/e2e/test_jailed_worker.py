@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 from supermachine.errors import VmmCrashedError
@@ -26,6 +27,19 @@ def image(vm: Vm, tmp_path_factory: pytest.TempPathFactory) -> Image:
     snapshot = vm.snapshot(tmp_path_factory.mktemp("worker") / "snapshot", base=None)
     assert snapshot.snapshot is not None
     return Image.from_snapshot(snapshot.snapshot)
+
+
+def _wait_until_dead(pid: int) -> None:
+    """Until the killed process has exited (a zombie, or gone): a kill takes effect later."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if _status(pid)["State"].startswith("Z"):
+                return
+        except (OSError, KeyError):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not exit after SIGKILL"
+        time.sleep(0.02)
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -65,6 +79,7 @@ def test_a_pool_replaces_a_worker_that_died_idle(image: Image) -> None:
             pass
         assert pool.stats().idle == 1
         os.kill(vm.pid or 0, signal.SIGKILL)  # the idle VM's worker dies behind the pool's back
+        _wait_until_dead(vm.pid or 0)
         with pool.vm(timeout=WARM) as fresh:
             assert fresh is not vm and fresh.outcome is None
             assert fresh.exec(["echo", "alive"]).stdout == b"alive\n"
