@@ -10,6 +10,10 @@ _Input = Buffer | str | os.PathLike[str]
 
 __version__: str
 PAGE_SIZE: int
+# The VMM's defaults and limits (their one owner is the VMM's machine configuration).
+DEFAULT_MEMORY_MIB: int
+MAX_MEMORY_MIB: int
+DEFAULT_VCPUS: int
 MAX_VCPUS: int  # the most vCPUs a VM (and a snapshot) may have
 COMPAT_GLIBC_TUNABLES: str
 CDC_GEAR_SEED: int
@@ -96,7 +100,7 @@ class VmDisk(TypedDict, total=False):
     read_only: bool
     rate_limit: VmRateLimit
 
-class VmConfig(TypedDict, total=False):
+class MachineConfig(TypedDict, total=False):
     # Exactly one of kernel (ELF vmlinux, PVH boot) or raw (flat binary).
     kernel: str | os.PathLike[str]
     initramfs: str | os.PathLike[str] | None
@@ -104,9 +108,9 @@ class VmConfig(TypedDict, total=False):
     raw: str | os.PathLike[str]
     raw_load_addr: int  # default 0x100000 (long), 0x7c00 (real)
     raw_mode: str  # "long" (default) | "real"
-    memory_mib: int  # default 128
+    memory_mib: int  # default DEFAULT_MEMORY_MIB
     memory_file: str | os.PathLike[str] | None  # default: an anonymous memfd
-    vcpus: int  # default 1
+    vcpus: int  # default DEFAULT_VCPUS
     disks: Sequence[VmDisk | str | os.PathLike[str]]
     vsock_path: str | os.PathLike[str] | None
     console_log: str | os.PathLike[str] | None
@@ -187,7 +191,7 @@ def snapshot_info(dir: str | os.PathLike[str]) -> SnapshotInfo: ...
 class Vm:
     # With `worker` the VMM runs in its own jailed process; without, in this one.
     @staticmethod
-    def start(config: VmConfig, worker: VmWorker | None = None) -> Vm: ...
+    def start(config: MachineConfig, worker: VmWorker | None = None) -> Vm: ...
     # A snapshot directory holds memory.bin (raw guest RAM, mapped copy-on-write on restore)
     # and vmstate.bin (versioned, checksummed). snapshot() leaves the VM paused; with a base
     # it stores only the pages that differ from the base snapshot's memory.

@@ -62,6 +62,9 @@ DEFAULT_ENV: Mapping[str, str] = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
 }
+LINUX_MIN_MEMORY_MIB = 64
+"""Least guest RAM a Linux guest with the agent boots in (the VMM's own minimum, for freestanding
+guests, is 1 MiB); the VMM owns the other defaults and limits (``_core.DEFAULT_MEMORY_MIB``...)."""
 _PANIC_LINE = re.compile(rb"Kernel panic - not syncing:[^\r\n]*")
 
 
@@ -81,8 +84,10 @@ class VmConfig:
     """Root filesystem image (squashfs by default) mounted read-only as ``/`` with a tmpfs overlay.
     ``None`` runs commands in the agent's own initramfs (only the agent is there)."""
     rootfs_type: str = "squashfs"
-    memory_mib: int = 512
-    vcpus: int = 1
+    memory_mib: int = _core.DEFAULT_MEMORY_MIB
+    """Guest RAM, from :data:`LINUX_MIN_MEMORY_MIB` to ``_core.MAX_MEMORY_MIB``."""
+    vcpus: int = _core.DEFAULT_VCPUS
+    """vCPUs, from 1 to ``_core.MAX_VCPUS``."""
     kernel: Path | str | None = None
     """``vmlinux`` to boot; default: supermachine's kernel for this host, built on first use."""
     initramfs: Path | str | None = None
@@ -116,8 +121,11 @@ class VmConfig:
     process, without isolation (for measuring the worker's cost)."""
 
     def validated(self) -> VmConfig:
-        if self.memory_mib < 64:
-            raise VmError(f"memory_mib must be at least 64, got {self.memory_mib}")
+        if not LINUX_MIN_MEMORY_MIB <= self.memory_mib <= _core.MAX_MEMORY_MIB:
+            raise VmError(
+                f"memory_mib must be between {LINUX_MIN_MEMORY_MIB} and {_core.MAX_MEMORY_MIB},"
+                f" got {self.memory_mib}"
+            )
         if not 1 <= self.vcpus <= _core.MAX_VCPUS:
             raise VmError(f"vcpus must be between 1 and {_core.MAX_VCPUS}, got {self.vcpus}")
         if self.boot_timeout <= 0:

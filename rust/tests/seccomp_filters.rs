@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use supermachine_core::vmm::{BootSource, Outcome, RawMode, VmConfig, Vmm};
+use supermachine_core::vmm::{BootSource, MachineConfig, Outcome, RawMode, Vmm};
 use supermachine_core::worker::seccomp::{self, Mode, ThreadKind, EXIT_SECCOMP_DENIED};
 
 const CHILD_ENV: &str = "SECCOMP_CHILD";
@@ -257,7 +257,7 @@ fn run_guest(dir: &Path) {
     seccomp::prepare(Mode::Enforce, None).expect("prepare");
     let image = dir.join("guest.bin");
     std::fs::write(&image, GUEST).unwrap();
-    let mut cfg = VmConfig::new(BootSource::Raw {
+    let mut cfg = MachineConfig::new(BootSource::Raw {
         path: image,
         load_addr: 0x100000,
         mode: RawMode::Long,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use supermachine_core::vmm::persist::RestoreOverrides;
-use supermachine_core::vmm::{BootSource, RawMode, VmConfig, Vmm, VmmError};
+use supermachine_core::vmm::{BootSource, MachineConfig, RawMode, Vmm, VmmError};
 
 /// Real mode at 0x7c00: write 'X' to COM1, then spin.
 const GUEST: &[u8] = &[
@@ -63,8 +63,8 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-fn config(dir: &Path, vcpus: u8) -> VmConfig {
-    let mut cfg = VmConfig::new(BootSource::Raw {
+fn config(dir: &Path, vcpus: u8) -> MachineConfig {
+    let mut cfg = MachineConfig::new(BootSource::Raw {
         path: dir.join("guest.bin"),
         load_addr: 0x7c00,
         mode: RawMode::Real,

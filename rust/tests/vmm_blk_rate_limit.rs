@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use supermachine_core::devices::rate_limiter::RateLimit;
 use supermachine_core::vmm::builder::ErrorClass;
-use supermachine_core::vmm::{BootSource, DiskConfig, RawMode, VmConfig, Vmm};
+use supermachine_core::vmm::{BootSource, DiskConfig, MachineConfig, RawMode, Vmm};
 
 fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("sm-ratelimit-{}-{name}", std::process::id()))
@@ -22,8 +22,8 @@ fn rate_limit_threads() -> usize {
         .count()
 }
 
-fn config(guest: &Path, disk: &Path, limit: RateLimit) -> VmConfig {
-    let mut c = VmConfig::new(BootSource::Raw {
+fn config(guest: &Path, disk: &Path, limit: RateLimit) -> MachineConfig {
+    let mut c = MachineConfig::new(BootSource::Raw {
         path: guest.to_path_buf(),
         load_addr: 0x10_0000,
         mode: RawMode::Long,

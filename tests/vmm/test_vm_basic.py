@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 import vmm_guests as g
-from supermachine import _core
+from supermachine import _core, errors
+from supermachine.errors import VmError
+from supermachine.vm import VmConfig
 
 StartVm = Callable[..., Any]
 
@@ -183,9 +185,25 @@ class TestConfigErrors:
 
     def test_bad_sizes(self, kvm: None, guest_dir: Any) -> None:
         binary = g.build(g.HELLO, guest_dir)
-        with pytest.raises(ValueError, match="memory size"):
-            _core.Vm.start({"raw": str(binary), "memory_mib": 0})
-        with pytest.raises(ValueError, match="vcpus must be"):
-            _core.Vm.start({"raw": str(binary), "vcpus": 0})
+        limit = rf"memory_mib must be between 1 and {_core.MAX_MEMORY_MIB}"
+        for memory_mib in (0, _core.MAX_MEMORY_MIB + 1):
+            with pytest.raises(errors.VmConfigError, match=limit):
+                _core.Vm.start({"raw": str(binary), "memory_mib": memory_mib})
+        for vcpus in (0, _core.MAX_VCPUS + 1):
+            with pytest.raises(errors.VmConfigError, match=rf"vcpus must be between 1 and {_core.MAX_VCPUS}"):
+                _core.Vm.start({"raw": str(binary), "vcpus": vcpus})
         with pytest.raises(ValueError, match="does not fit"):
             _core.Vm.start({"raw": str(binary), "memory_mib": 1})
+
+
+def test_the_vmm_and_the_python_api_share_one_default_memory_size(kvm: None, guest_dir: Any) -> None:
+    """A VM started through ``_core`` with no size, and the public ``VmConfig``, both get the
+    VMM's default (they once differed: 128 MiB against 512 MiB)."""
+    vm = _core.Vm.start({"raw": str(g.build(g.HELLO, guest_dir))})
+    try:
+        assert vm.memory_size == VmConfig().memory_mib << 20
+    finally:
+        vm.stop()
+    top = _core.MAX_MEMORY_MIB
+    with pytest.raises(VmError, match=rf"memory_mib must be between 64 and {top}, got {top + 1}"):
+        VmConfig(memory_mib=top + 1).validated()

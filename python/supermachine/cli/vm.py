@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from supermachine import ui
+from supermachine import _core, ui
 from supermachine.errors import AgentError, InputError, SupermachineError
 
 if TYPE_CHECKING:
@@ -114,8 +114,14 @@ def vm_options(f: click.decorators.FC) -> click.decorators.FC:
     """Options shared by every command that starts a VM."""
     for option in reversed(
         [
-            click.option("--memory", "memory_mib", default=512, show_default=True, help="Guest RAM in MiB."),
-            click.option("--vcpus", default=1, show_default=True, help="Virtual CPUs."),
+            click.option(
+                "--memory",
+                "memory_mib",
+                default=_core.DEFAULT_MEMORY_MIB,
+                show_default=True,
+                help="Guest RAM in MiB.",
+            ),
+            click.option("--vcpus", default=_core.DEFAULT_VCPUS, show_default=True, help="Virtual CPUs."),
             click.option(
                 "-e", "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Set a variable."
             ),

@@ -45,8 +45,7 @@ MAX_STRING = 4096
 MAX_ITEMS = 4096
 """Most entries of a list or object field (``run.env``, ``run.cmd``, ``run.entrypoint``)."""
 MAX_VERSION_STRING = 128
-MAX_MEMORY_MIB = 1 << 20
-"""Largest guest RAM a snapshot may claim: 1 TiB."""
+MAX_MEMORY_MIB = _core.MAX_MEMORY_MIB  # the VMM's limit
 MAX_VCPUS = _core.MAX_VCPUS  # the VMM's limit
 MAX_CREATED = 253_402_300_799.0
 """Last second of the year 9999: later times cannot be shown as dates."""

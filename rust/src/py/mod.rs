@@ -41,7 +41,11 @@ pub(crate) fn with_threads<T: Send>(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PAGE_SIZE", crate::pages::PAGE_SIZE)?;
-    m.add("MAX_VCPUS", crate::snapshot::state::MAX_VCPUS)?;
+    // The VMM's defaults and limits, so Python's VmConfig states them once (owner: vmm::config).
+    m.add("DEFAULT_MEMORY_MIB", crate::vmm::DEFAULT_MEMORY_MIB)?;
+    m.add("MAX_MEMORY_MIB", crate::vmm::MAX_MEMORY_MIB)?;
+    m.add("DEFAULT_VCPUS", crate::vmm::DEFAULT_VCPUS)?;
+    m.add("MAX_VCPUS", crate::vmm::MAX_VCPUS)?;
     m.add(
         "COMPAT_GLIBC_TUNABLES",
         crate::vmm::cpuid::COMPAT_GLIBC_TUNABLES,

@@ -13,8 +13,8 @@ use crate::snapshot::memory::id_hex;
 use crate::snapshot::Snapshot;
 use crate::vmm::persist::RestoreOverrides;
 use crate::vmm::{
-    BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MemoryBacking, Outcome, RawMode,
-    VmConfig, Vmm, VmmError,
+    BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MachineConfig, MemoryBacking, Outcome,
+    RawMode, Vmm, VmmError,
 };
 use crate::worker::client::{IsolationChoice, WorkerError, WorkerOptions, WorkerVm};
 use crate::worker::protocol::{ErrorKind, WireError};
@@ -179,7 +179,7 @@ fn parse_disks(d: &Bound<'_, PyDict>, what: &str) -> PyResult<Vec<DiskConfig>> {
     Ok(out)
 }
 
-fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
+fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<MachineConfig> {
     for k in d.keys() {
         let k: String = k
             .extract()
@@ -231,7 +231,7 @@ fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<VmConfig> {
             }
         }
     };
-    let mut cfg = VmConfig::new(boot);
+    let mut cfg = MachineConfig::new(boot);
     if let Some(m) = get(d, "memory_mib")? {
         cfg.memory_mib = m;
     }
@@ -323,7 +323,8 @@ fn parse_worker(d: &Bound<'_, PyDict>) -> PyResult<WorkerOptions> {
             pids_max: get(d, "pids_max")?,
         },
         cgroup_name: get(d, "cgroup_name")?,
-        console_capacity: get(d, "console_capacity")?.unwrap_or(1 << 20),
+        console_capacity: get(d, "console_capacity")?
+            .unwrap_or(crate::vmm::config::DEFAULT_CONSOLE_CAPACITY),
     })
 }
 

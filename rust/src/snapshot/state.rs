@@ -13,10 +13,10 @@ pub use crate::devices::virtio::queue::QueueState;
 
 use super::codec::{bounded, bounded_string, invalid, kvm, kvm_box, kvm_option};
 
-/// Largest guest RAM a snapshot may describe (what `GuestRam` accepts: 64 GiB).
-pub const MAX_MEMORY_SIZE: u64 = 64 << 30;
-/// Most vCPUs a VM may have (what the VMM builds).
-pub const MAX_VCPUS: usize = 32;
+/// Largest guest RAM a snapshot may describe: what the VMM maps.
+pub const MAX_MEMORY_SIZE: u64 = crate::vmm::config::MAX_MEMORY_MIB << 20;
+/// Most vCPUs a snapshot may describe: what the VMM builds.
+pub const MAX_VCPUS: usize = crate::vmm::config::MAX_VCPUS as usize;
 /// Longest kernel command line kept in a snapshot (Linux's own x86 limit is 2048 bytes).
 pub const MAX_CMDLINE_LEN: usize = 4096;
 /// Most MSRs one vCPU's state may hold; KVM's list of saveable MSRs has a few hundred.

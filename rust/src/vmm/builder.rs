@@ -21,7 +21,7 @@ use super::persist;
 use super::vcpu::{self, ExitStats, SharedVcpu, VcpuContext};
 use super::vcpu_setup::{self, VcpuSetupError};
 use super::vm::{self, VmError};
-use super::{os_msg, BootSource, CpuTemplateChoice, VmConfig};
+use super::{os_msg, BootSource, CpuTemplateChoice, MachineConfig};
 use crate::devices::legacy::{
     ConsoleBuffer, I8042Data, PowerOffPort, PvPanic, SerialConsole, I8042,
 };
@@ -162,7 +162,7 @@ pub struct Vmm {
     template: CpuTemplate,
     vsock_path: Option<PathBuf>,
     times: BootTimes,
-    pub(super) config: VmConfig,
+    pub(super) config: MachineConfig,
     pub(super) serial: Arc<Mutex<SerialConsole>>,
     pub(super) caps: persist::Caps,
     /// Seconds spent in each start-up phase, in order.
@@ -224,14 +224,8 @@ pub type BeforeRun<'a> = &'a mut dyn FnMut() -> Result<(), VmmError>;
 
 /// Checks the limits of `config`, then opens KVM and maps guest RAM: the first phase of every
 /// start.
-pub(super) fn open_memory(config: &VmConfig) -> Result<(Kvm, GuestRam), VmmError> {
-    let max = crate::snapshot::state::MAX_VCPUS;
-    if config.vcpus == 0 || usize::from(config.vcpus) > max {
-        return Err(VmmError::Config(format!(
-            "vcpus must be between 1 and {max}, got {}",
-            config.vcpus
-        )));
-    }
+pub(super) fn open_memory(config: &MachineConfig) -> Result<(Kvm, GuestRam), VmmError> {
+    config.check()?;
     let device_count = config.disks.len() + usize::from(config.vsock_path.is_some());
     if device_count > VIRTIO_MAX_DEVICES {
         return Err(VmmError::Config(format!(
@@ -258,7 +252,7 @@ pub(super) struct Machine {
 
 impl Machine {
     /// Creates the VM over `ram`, with the CPU template `config` asks for.
-    pub fn new(kvm: Kvm, ram: GuestRam, config: &VmConfig) -> Result<Machine, VmmError> {
+    pub fn new(kvm: Kvm, ram: GuestRam, config: &MachineConfig) -> Result<Machine, VmmError> {
         let vm = vm::create_vm(&kvm, &ram, config.track_dirty_pages)?;
         let template = match config.cpu_template {
             CpuTemplateChoice::Auto => CpuTemplate::detect(),
@@ -312,7 +306,7 @@ impl Devices {
     /// snapshot recorded (which must list the same virtio devices).
     pub fn build(
         m: &Machine,
-        config: &VmConfig,
+        config: &MachineConfig,
         saved: Option<&DeviceState>,
     ) -> Result<Devices, VmmError> {
         let restore_err = |e: String| VmmError::Snapshot(SnapshotError::Restore(e));
@@ -384,7 +378,7 @@ impl Devices {
     }
 }
 
-fn open_console_log(config: &VmConfig) -> Result<Option<std::fs::File>, VmmError> {
+fn open_console_log(config: &MachineConfig) -> Result<Option<std::fs::File>, VmmError> {
     let Some(path) = &config.console_log else {
         return Ok(None);
     };
@@ -435,7 +429,7 @@ fn legacy_bus(
 type VirtioSlot = (&'static str, PathBuf, bool, Box<dyn VirtioDevice>);
 
 /// Opens the virtio backends `config` names, in device order: disks first, then vsock.
-fn open_virtio(config: &VmConfig) -> Result<Vec<VirtioSlot>, VmmError> {
+fn open_virtio(config: &MachineConfig) -> Result<Vec<VirtioSlot>, VmmError> {
     let mut virtio: Vec<VirtioSlot> = Vec::new();
     for disk in &config.disks {
         virtio.push((
@@ -455,7 +449,7 @@ fn open_virtio(config: &VmConfig) -> Result<Vec<VirtioSlot>, VmmError> {
 /// command line as the guest sees it (empty for a raw image).
 fn load_boot_image(
     m: &Machine,
-    config: &VmConfig,
+    config: &MachineConfig,
     devices: &[DeviceInfo],
 ) -> Result<(EntryPoint, String), VmmError> {
     match &config.boot {
@@ -577,21 +571,21 @@ pub(super) struct Parts {
     /// The kernel command line the guest booted with.
     pub cmdline: String,
     pub refused_msrs: usize,
-    pub config: VmConfig,
+    pub config: MachineConfig,
     pub started: Instant,
     pub phases: Vec<(&'static str, f64)>,
 }
 
 impl Vmm {
     /// Builds the VM described by `config` and starts its vCPUs.
-    pub fn start(config: &VmConfig) -> Result<Vmm, VmmError> {
+    pub fn start(config: &MachineConfig) -> Result<Vmm, VmmError> {
         Self::start_with(config, &mut || Ok(()))
     }
 
     /// [`Vmm::start`], running `before_run` once the VM is built and every vCPU thread is
     /// spawned, before any can enter `KVM_RUN` (see [`BeforeRun`]). When it fails, the vCPU
     /// threads are stopped and joined and its error is returned.
-    pub fn start_with(config: &VmConfig, before_run: BeforeRun<'_>) -> Result<Vmm, VmmError> {
+    pub fn start_with(config: &MachineConfig, before_run: BeforeRun<'_>) -> Result<Vmm, VmmError> {
         let started = Instant::now();
         let mut phases = Phases::new(started);
         let (kvm, ram) = open_memory(config)?;

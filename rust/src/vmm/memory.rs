@@ -89,7 +89,7 @@ pub fn layout(size: u64) -> Vec<(u64, u64, u64)> {
 
 impl GuestRam {
     pub fn new(memory_mib: u64, backing: &MemoryBacking) -> Result<Self, MemoryError> {
-        if !(1..=64 << 10).contains(&memory_mib) {
+        if !(1..=super::config::MAX_MEMORY_MIB).contains(&memory_mib) {
             return Err(MemoryError::BadSize(memory_mib));
         }
         let size = memory_mib << 20;

@@ -21,6 +21,7 @@
 pub mod boot;
 pub mod builder;
 pub mod bus;
+pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod memory;
@@ -29,97 +30,14 @@ pub mod vcpu;
 pub mod vcpu_setup;
 pub mod vm;
 
-use std::path::PathBuf;
-
 pub use builder::{Vmm, VmmError};
+pub use config::{
+    BootSource, CpuTemplateChoice, DiskConfig, MachineConfig, RawMode, DEFAULT_MEMORY_MIB,
+    DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_VCPUS,
+};
 pub use control::Outcome;
 pub use cpuid::CpuTemplate;
 pub use memory::MemoryBacking;
-
-use crate::devices::rate_limiter::RateLimit;
-
-/// Where the first vCPU starts.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub enum BootSource {
-    /// An uncompressed ELF `vmlinux`, entered through its PVH note (32-bit protected mode,
-    /// paging off, `%ebx` = physical address of `hvm_start_info`).
-    Kernel {
-        path: PathBuf,
-        initramfs: Option<PathBuf>,
-        cmdline: String,
-    },
-    /// A flat binary copied to `load_addr` and started there (see [`RawMode`]).
-    Raw {
-        path: PathBuf,
-        load_addr: u64,
-        mode: RawMode,
-    },
-}
-
-/// CPU mode a raw binary starts in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum RawMode {
-    /// 16-bit real mode: `cs = load_addr >> 4`, `ip = 0`, `sp = 0xfff0` in the same segment;
-    /// `load_addr` must be 16-byte aligned and below 1 MiB.
-    Real,
-    /// 64-bit long mode at CPL 0: the first 4 GiB identity-mapped with 2 MiB pages (so the
-    /// virtio-mmio window is reachable), flat 64-bit code and data segments, interrupts off,
-    /// `rip = load_addr`, `rsp = 0x80000`, no IDT.
-    Long,
-}
-
-/// Which CPUID template to present; `Auto` picks `Compat` on emulating hosts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum CpuTemplateChoice {
-    Auto,
-    Fixed(CpuTemplate),
-}
-
-/// One virtio-blk disk.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct DiskConfig {
-    pub path: PathBuf,
-    pub read_only: bool,
-    /// Bandwidth and operation limits of this disk (none: unlimited). On a restore, the limit
-    /// of the disk given now applies (a snapshot records none).
-    pub rate_limit: Option<RateLimit>,
-}
-
-/// Everything needed to build and start a VM.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct VmConfig {
-    pub boot: BootSource,
-    pub memory_mib: u64,
-    pub vcpus: u8,
-    pub memory_backing: MemoryBacking,
-    pub disks: Vec<DiskConfig>,
-    pub vsock_path: Option<PathBuf>,
-    pub console_log: Option<PathBuf>,
-    /// Bytes of serial output kept in memory (the oldest are dropped first).
-    pub console_capacity: usize,
-    pub cpu_template: CpuTemplateChoice,
-    /// Log guest writes to RAM in KVM (for [`Vmm::dirty_pages`]); costs a write fault per
-    /// page per logging round.
-    pub track_dirty_pages: bool,
-}
-
-impl VmConfig {
-    /// A configuration with the defaults for everything but the boot source.
-    pub fn new(boot: BootSource) -> Self {
-        VmConfig {
-            boot,
-            memory_mib: 128,
-            vcpus: 1,
-            memory_backing: MemoryBacking::Memfd,
-            disks: Vec::new(),
-            vsock_path: None,
-            console_log: None,
-            console_capacity: 1 << 20,
-            cpu_template: CpuTemplateChoice::Auto,
-            track_dirty_pages: false,
-        }
-    }
-}
 
 /// Formats an OS error without Rust's " (os error N)" suffix, for one-line messages.
 pub(crate) fn os_msg(e: &std::io::Error) -> String {

@@ -15,8 +15,8 @@ use std::time::Instant;
 use super::builder::{self, BeforeRun, Devices, Machine, Parts, Phases, Vmm, VmmError};
 use super::memory::GuestRam;
 use super::{
-    os_msg, BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MemoryBacking, RawMode,
-    VmConfig,
+    os_msg, BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MachineConfig, MemoryBacking,
+    RawMode,
 };
 use crate::snapshot::memory::{self as snapmem, BaseRef, MemoryState};
 use crate::snapshot::state::FpuState;
@@ -551,10 +551,10 @@ fn restored_config(
     dir: &Path,
     snap: &Snapshot,
     overrides: &RestoreOverrides,
-) -> Result<VmConfig, VmmError> {
+) -> Result<MachineConfig, VmmError> {
     let m = &snap.machine;
     // The boot source is not used by a restore; it only fills the field.
-    let mut cfg = VmConfig::new(BootSource::Raw {
+    let mut cfg = MachineConfig::new(BootSource::Raw {
         path: dir.join(VMSTATE_FILE),
         load_addr: 0,
         mode: RawMode::Long,

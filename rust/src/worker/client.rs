@@ -25,7 +25,7 @@ use super::server::EXIT_PANIC;
 use super::spawn::{self, Isolation};
 use crate::snapshot::{AtomicDir, MEMORY_FILE, VMSTATE_FILE};
 use crate::vmm::persist::{open_base, RestoreOverrides};
-use crate::vmm::{Outcome, VmConfig};
+use crate::vmm::{MachineConfig, Outcome};
 
 /// Deadline of an ordinary request.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -114,7 +114,7 @@ pub struct WorkerVm {
 
 impl WorkerVm {
     /// Boots `config` in a new worker.
-    pub fn start(config: &VmConfig, options: &WorkerOptions) -> Result<WorkerVm, WorkerError> {
+    pub fn start(config: &MachineConfig, options: &WorkerOptions) -> Result<WorkerVm, WorkerError> {
         let capacity = config.console_capacity;
         let vsock = config.vsock_path.clone();
         Self::launch(options, capacity, vsock, |jail| Request::Start {

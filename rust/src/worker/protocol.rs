@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::vmm::persist::RestoreOverrides;
-use crate::vmm::{Outcome, VmConfig};
+use crate::vmm::{MachineConfig, Outcome};
 
 /// Bumped whenever a message changes shape; owner and worker must agree exactly.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -81,7 +81,7 @@ pub enum Request {
     },
     /// Boot a VM. Descriptor: the console ring (a memfd, see [`super::console_ring`]).
     Start {
-        config: Box<VmConfig>,
+        config: Box<MachineConfig>,
         jail: JailConfig,
     },
     /// Restore a VM from a snapshot directory. Descriptor: the console ring.
