@@ -9,6 +9,7 @@ against the in-process VMM on the very same snapshots, in the same run:
 3. Host memory per clone, all-in: PSS of this process plus every worker process, for N clones of
    one warmed 256 MiB snapshot, idle and after one command each.
 4. ``pool.acquire()`` from warm pools of worker-backed and in-process VMs.
+5. Load: 256 worker-backed clones of one warmed snapshot alive at once, each answering a command.
 
 Latency peers run interleaved, once each per round in rotating order, so a shared machine's slow
 and fast phases fall on both alike; the timed unit of the benchmark is one whole round, and each
@@ -361,6 +362,68 @@ def test_memory_per_clone(benchmark: Any, guest: Guest, mode: VmmMode, clones: i
         f"\n{mode} x {clones} clones of a {GUEST_MEMORY_MIB} MiB snapshot: PSS per clone idle "
         f"{idle_pss:.3f} MiB, after one exec {exec_pss:.3f} MiB (RSS {idle_rss:.2f} / {exec_rss:.2f});"
         f" {clones} execs took {exec_seconds:.1f} s"
+    )
+
+
+LOAD_CLONES = 256
+
+
+@pytest.mark.benchmark(group="worker: load, many clones of one snapshot alive at once")
+def test_load_many_clones(benchmark: Any, guest: Guest) -> None:
+    """``LOAD_CLONES`` worker-backed clones of the warmed snapshot alive at once: each restored
+    (until its agent answers) while all the earlier ones still run, then every one answers an
+    exec; none may be lost. Reports each restore's time (median, spread, and how it grows with
+    the number alive) and PSS per clone, all-in. The timed unit is restoring them all."""
+    vms: list[Vm] = []
+    restore_seconds: list[float] = []
+    gc.collect()
+    time.sleep(0.5)
+    before = vms_memory([])
+
+    def restore_all() -> None:
+        for _ in range(LOAD_CLONES):
+            started = time.perf_counter()
+            vms.append(_restore(guest, "worker"))
+            restore_seconds.append(time.perf_counter() - started)
+
+    try:
+        benchmark.pedantic(restore_all, rounds=1, iterations=1)
+        assert len(vms) == LOAD_CLONES
+        time.sleep(0.5)
+        idle = vms_memory(vms)
+        started = time.perf_counter()
+        _exec_all(vms)
+        exec_seconds = time.perf_counter() - started
+        after_exec = vms_memory(vms)
+        lost = [vm for vm in vms if vm.outcome is not None]
+        assert not lost, f"{len(lost)} clones ended: {[vm.outcome for vm in lost][:3]}"
+    finally:
+        for vm in vms:
+            vm.stop()
+    tenth = LOAD_CLONES // 10
+    q1, median, q3 = statistics.quantiles(restore_seconds, n=4)
+    idle_pss = (idle.pss - before.pss) / LOAD_CLONES / MiB
+    exec_pss = (after_exec.pss - before.pss) / LOAD_CLONES / MiB
+    benchmark.extra_info.update(
+        clones=LOAD_CLONES,
+        snapshot_memory_mib=GUEST_MEMORY_MIB,
+        restore_median_ms=_ms(median),
+        restore_q1_q3_ms=[_ms(q1), _ms(q3)],
+        restore_min_max_ms=[_ms(min(restore_seconds)), _ms(max(restore_seconds))],
+        restore_first_tenth_median_ms=_ms(statistics.median(restore_seconds[:tenth])),
+        restore_last_tenth_median_ms=_ms(statistics.median(restore_seconds[-tenth:])),
+        idle_pss_per_clone_mib=round(idle_pss, 3),
+        after_exec_pss_per_clone_mib=round(exec_pss, 3),
+        exec_all_seconds=round(exec_seconds, 1),
+        note=NOTE,
+    )
+    print(
+        f"\n{LOAD_CLONES} worker clones of a {GUEST_MEMORY_MIB} MiB snapshot alive at once:"
+        f" restore median {median * 1e3:.1f} ms (q1 {q1 * 1e3:.1f}, q3 {q3 * 1e3:.1f},"
+        f" first tenth {statistics.median(restore_seconds[:tenth]) * 1e3:.1f},"
+        f" last tenth {statistics.median(restore_seconds[-tenth:]) * 1e3:.1f});"
+        f" PSS per clone idle {idle_pss:.3f} MiB, after one exec {exec_pss:.3f} MiB;"
+        f" {LOAD_CLONES} execs took {exec_seconds:.1f} s, none lost"
     )
 
 
