@@ -352,24 +352,8 @@ fn recv_by<T: for<'de> Deserialize<'de>>(
     deadline: Option<Instant>,
 ) -> Result<Option<Frame<T>>, ChannelError> {
     let mut head = [0u8; 8];
-    let mut raw_fds = [-1 as RawFd; MAX_FDS];
-    let mut iov = [libc::iovec {
-        iov_base: head.as_mut_ptr().cast(),
-        iov_len: head.len(),
-    }];
     arm(sock, deadline)?;
-    // SAFETY: the iovec points at `head`, which lives through the call and may take any bytes.
-    let (got, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }
-        .map_err(|e| ChannelError::from(io::Error::from_raw_os_error(e.errno())))?;
-    let files: Vec<File> = raw_fds[..nfds.min(MAX_FDS)]
-        .iter()
-        .filter(|&&fd| fd >= 0)
-        // SAFETY: each descriptor was just received and belongs to nobody else.
-        .map(|&fd| unsafe { File::from_raw_fd(fd) })
-        .collect();
-    for f in &files {
-        set_cloexec(f.as_raw_fd());
-    }
+    let (got, files) = recv_head(sock, &mut head)?;
     if got == 0 {
         return if files.is_empty() {
             Ok(None)
@@ -401,9 +385,80 @@ fn recv_by<T: for<'de> Deserialize<'de>>(
     }))
 }
 
-fn set_cloexec(fd: RawFd) {
-    // SAFETY: F_SETFD on a descriptor we own only changes its close-on-exec flag.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+/// Space for the control message of [`MAX_FDS`] descriptors, aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct FdSpace([u8; fd_space_len()]);
+
+const fn fd_space_len() -> usize {
+    // SAFETY: CMSG_SPACE only computes a size from its argument.
+    unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) as usize }
+}
+
+/// The first bytes of a frame into `head` and the descriptors that ride on them: received
+/// close-on-exec atomically (no other thread's `fork`+`exec` can inherit one in between), and
+/// retried when a signal interrupts the wait. A peer that sent more descriptors than fit is
+/// refused (the kernel closed the surplus), after the ones that arrived are closed.
+fn recv_head(sock: &UnixStream, head: &mut [u8]) -> Result<(usize, Vec<File>), ChannelError> {
+    let mut space = FdSpace([0; fd_space_len()]);
+    let (got, flags, files) = loop {
+        let mut iov = libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        };
+        // SAFETY: an all-zero msghdr is valid (no name, no buffers).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = space.0.as_mut_ptr().cast();
+        msg.msg_controllen = space.0.len();
+        // SAFETY: `msg` points at `iov` (over `head`) and `space`, both live and writable for
+        // their stated lengths through the call.
+        let got = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if got < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        break (got as usize, msg.msg_flags, received_fds(&msg));
+    };
+    if flags & libc::MSG_CTRUNC != 0 {
+        return Err(ChannelError::Malformed(format!(
+            "more than {MAX_FDS} descriptors with one frame"
+        )));
+    }
+    Ok((got, files))
+}
+
+/// The descriptors of every `SCM_RIGHTS` control message of `msg`, each now owned.
+fn received_fds(msg: &libc::msghdr) -> Vec<File> {
+    let mut files = Vec::new();
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR walk only within its control
+    // buffer, and each header's length was set by the kernel.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !cmsg.is_null() {
+        // SAFETY: `cmsg` is a non-null header inside the control buffer (see above).
+        let header = unsafe { &*cmsg };
+        if header.cmsg_level == libc::SOL_SOCKET && header.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: CMSG_LEN(0) is the header size; the kernel wrote cmsg_len >= it.
+            let data_len = header.cmsg_len as usize - unsafe { libc::CMSG_LEN(0) } as usize;
+            // SAFETY: the data of an SCM_RIGHTS message is `data_len` bytes of descriptors,
+            // possibly unaligned for `RawFd`, so they are read one by one unaligned.
+            let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+            for i in 0..data_len / std::mem::size_of::<RawFd>() {
+                // SAFETY: `i` is within the message's data (see above).
+                let fd = unsafe { data.add(i).read_unaligned() };
+                if fd >= 0 {
+                    // SAFETY: each descriptor was just received and belongs to nobody else.
+                    files.push(unsafe { File::from_raw_fd(fd) });
+                }
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR.
+        cmsg = unsafe { libc::CMSG_NXTHDR(msg, cmsg) };
+    }
+    files
 }
 
 #[cfg(test)]
@@ -444,5 +499,77 @@ mod tests {
         (&a).write_all(&100u32.to_le_bytes()).unwrap();
         drop(a);
         assert!(matches!(recv::<Reply>(&b), Err(ChannelError::Closed)));
+    }
+
+    fn open_fds() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn received_descriptors_are_close_on_exec() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = File::open("/dev/null").unwrap();
+        send(&a, &Request::Info, b"", &[file.as_raw_fd()]).unwrap();
+        let frame: Frame<Request> = recv(&b).unwrap().unwrap();
+        let fd = frame.files[0].as_raw_fd();
+        // SAFETY: F_GETFD on a descriptor this test owns reads its flags only.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+    }
+
+    #[test]
+    fn more_descriptors_than_allowed_are_refused_and_none_kept() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let file = File::open("/dev/null").unwrap();
+        // Sent raw, past `send`'s own limit, as a hostile peer would: the kernel delivers what
+        // fits the receiver's control buffer and flags the truncation.
+        let fds = vec![file.as_raw_fd(); MAX_FDS + 8];
+        let head = [2u32.to_le_bytes(), 0u32.to_le_bytes()].concat();
+        a.send_with_fds(&[&head[..]], &fds).unwrap();
+        (&a).write_all(b"{}").unwrap();
+        let before = open_fds();
+        let Err(err) = recv::<Reply>(&b) else {
+            panic!("a frame with too many descriptors was accepted");
+        };
+        assert!(
+            matches!(&err, ChannelError::Malformed(m) if m.contains("descriptors")),
+            "{err}"
+        );
+        assert_eq!(open_fds(), before, "a refused frame's descriptors leaked");
+    }
+
+    #[test]
+    fn a_signal_during_the_wait_does_not_end_the_receive() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        extern "C" fn on_signal(_: libc::c_int) {}
+        // SAFETY: installs a no-op handler without SA_RESTART for a real-time signal this test
+        // alone uses, so a blocked recvmsg returns EINTR.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as *const () as usize;
+            libc::sigaction(libc::SIGRTMAX() - 1, &action, std::ptr::null_mut());
+        }
+        let (a, b) = UnixStream::pair().unwrap();
+        // SAFETY: pthread_self has no preconditions.
+        let receiver = unsafe { libc::pthread_self() };
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let sender = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                for _ in 0..5 {
+                    std::thread::sleep(Duration::from_millis(20));
+                    // SAFETY: the receiving thread is alive until `done` is set below it.
+                    unsafe { libc::pthread_kill(receiver, libc::SIGRTMAX() - 1) };
+                }
+                send(&a, &Request::Info, b"", &[]).unwrap();
+                while !done.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let frame: Frame<Request> = recv(&b).unwrap().unwrap();
+        done.store(true, Ordering::Release);
+        sender.join().unwrap();
+        assert!(matches!(frame.message, Request::Info));
     }
 }
