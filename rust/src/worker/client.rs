@@ -317,15 +317,11 @@ impl WorkerVm {
         }
         let result = {
             let channel = self.channel();
-            let set = channel
-                .set_read_timeout(Some(timeout))
-                .and_then(|()| channel.set_write_timeout(Some(timeout)));
-            match set {
-                Err(e) => Err(ChannelError::Io(crate::vmm::os_msg(&e))),
-                Ok(()) => protocol::send(&channel, request, payload, fds)
-                    .and_then(|()| protocol::recv_within::<Reply>(&channel, timeout))
-                    .and_then(|f| f.ok_or(ChannelError::Closed)),
-            }
+            // One deadline for the whole call: the request written and the reply read.
+            let deadline = Instant::now() + timeout;
+            protocol::send_until(&channel, request, payload, fds, deadline)
+                .and_then(|()| protocol::recv_until::<Reply>(&channel, deadline))
+                .and_then(|f| f.ok_or(ChannelError::Closed))
         };
         match result {
             Ok(Frame {

@@ -271,12 +271,34 @@ pub struct Frame<T> {
     pub files: Vec<File>,
 }
 
-/// Writes one frame.
+/// Writes one frame. Each write waits as long as the socket's own timeout allows.
 pub fn send<T: Serialize>(
     sock: &UnixStream,
     message: &T,
     payload: &[u8],
     fds: &[RawFd],
+) -> Result<(), ChannelError> {
+    send_by(sock, message, payload, fds, None)
+}
+
+/// [`send`], with the whole frame written by `deadline`: a peer that drains its socket a byte
+/// at a time cannot hold the writer past it (a socket timeout alone bounds only each write).
+pub fn send_until<T: Serialize>(
+    sock: &UnixStream,
+    message: &T,
+    payload: &[u8],
+    fds: &[RawFd],
+    deadline: Instant,
+) -> Result<(), ChannelError> {
+    send_by(sock, message, payload, fds, Some(deadline))
+}
+
+fn send_by<T: Serialize>(
+    sock: &UnixStream,
+    message: &T,
+    payload: &[u8],
+    fds: &[RawFd],
+    deadline: Option<Instant>,
 ) -> Result<(), ChannelError> {
     let json = serde_json::to_vec(message).map_err(|e| ChannelError::Malformed(e.to_string()))?;
     if json.len() > MAX_MESSAGE || payload.len() > MAX_PAYLOAD || fds.len() > MAX_FDS {
@@ -288,6 +310,7 @@ pub fn send<T: Serialize>(
     head.extend_from_slice(&(json.len() as u32).to_le_bytes());
     head.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     head.extend_from_slice(&json);
+    arm_write(sock, deadline)?;
     // The descriptors ride on the first bytes; the rest is a plain stream.
     let sent = if fds.is_empty() {
         (&*sock).write(&head)?
@@ -295,8 +318,37 @@ pub fn send<T: Serialize>(
         sock.send_with_fds(&[&head[..]], fds)
             .map_err(|e| ChannelError::from(io::Error::from_raw_os_error(e.errno())))?
     };
-    (&*sock).write_all(&head[sent..])?;
-    (&*sock).write_all(payload)?;
+    write_all(sock, &head[sent..], deadline)?;
+    write_all(sock, payload, deadline)
+}
+
+/// Sets the socket's write timeout to what is left before `deadline`.
+fn arm_write(sock: &UnixStream, deadline: Option<Instant>) -> Result<(), ChannelError> {
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ChannelError::Timeout(0));
+        }
+        sock.set_write_timeout(Some(left))?;
+    }
+    Ok(())
+}
+
+/// `write_all` whose every write ends by `deadline`.
+fn write_all(
+    sock: &UnixStream,
+    mut buf: &[u8],
+    deadline: Option<Instant>,
+) -> Result<(), ChannelError> {
+    while !buf.is_empty() {
+        arm_write(sock, deadline)?;
+        match (&*sock).write(buf) {
+            Ok(0) => return Err(ChannelError::Closed),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 
@@ -314,7 +366,15 @@ pub fn recv_within<T: for<'de> Deserialize<'de>>(
     sock: &UnixStream,
     timeout: Duration,
 ) -> Result<Option<Frame<T>>, ChannelError> {
-    recv_by(sock, Some(Instant::now() + timeout))
+    recv_until(sock, Instant::now() + timeout)
+}
+
+/// [`recv`], with the whole frame due by `deadline`.
+pub fn recv_until<T: for<'de> Deserialize<'de>>(
+    sock: &UnixStream,
+    deadline: Instant,
+) -> Result<Option<Frame<T>>, ChannelError> {
+    recv_by(sock, Some(deadline))
 }
 
 /// Sets the socket's read timeout to what is left before `deadline`.
@@ -571,5 +631,28 @@ mod tests {
         done.store(true, Ordering::Release);
         sender.join().unwrap();
         assert!(matches!(frame.message, Request::Info));
+    }
+
+    #[test]
+    fn a_peer_that_drains_slowly_cannot_hold_a_send_past_its_deadline() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // Reads a byte every 20 ms, so every single write makes progress within any socket
+        // timeout; gives up (closing its end) after 3 s.
+        let reader = std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut byte = [0u8; 1];
+            while started.elapsed() < Duration::from_secs(3) {
+                if (&b).read(&mut byte).unwrap_or(0) == 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let payload = vec![7u8; 8 << 20];
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let result = send_until(&a, &Request::Info, &payload, &[], deadline);
+        assert!(matches!(result, Err(ChannelError::Timeout(_))), "{result:?}");
+        drop(a);
+        reader.join().unwrap();
     }
 }
