@@ -82,7 +82,7 @@ def test_supermachine_cold_start(benchmark: Any, pvh_elf: Path) -> None:
     def boot() -> None:
         vm = _core.Vm.start({"kernel": str(pvh_elf), "memory_mib": 64})
         outcome = vm.wait(30)
-        assert outcome is not None and outcome["kind"] == "poweroff", outcome
+        assert outcome is not None and outcome.kind == "poweroff", outcome
         assert vm.console() == b"X"
         samples.append(dict(vm.timings))
         live.append(vm)

@@ -1,8 +1,9 @@
 """Type stubs for the Rust extension module (rust/src/py)."""
 
 import os
+import pathlib
 from collections.abc import Callable, Sequence
-from typing import TypedDict
+from typing import TypedDict, final
 
 from typing_extensions import Buffer
 
@@ -132,17 +133,30 @@ class VmWorker(TypedDict, total=False):
     cgroup_name: str  # unique per VM
     console_capacity: int  # bytes of console kept in the shared ring
 
-class VmOutcome(TypedDict, total=False):
-    kind: str  # "poweroff" | "reset" | "panic" | "crash" | "stopped" | "vmm_crash" | "oom"
-    reason: str
-    code: int  # poweroff only
+@final
+class VmOutcome:
+    """How a VM ended."""
+    @property
+    def kind(self) -> str: ...  # "poweroff" | "reset" | "panic" | "crash" | "stopped" | "vmm_crash" | "oom"
+    @property
+    def reason(self) -> str: ...
+    @property
+    def code(self) -> int | None: ...  # poweroff only
+    def __eq__(self, other: object) -> bool: ...
 
-class VmDevice(TypedDict):
-    kind: str  # "blk" | "vsock"
-    mmio_base: int
-    gsi: int
-    path: str
-    read_only: bool  # disks only; False for vsock
+@final
+class VmDevice:
+    """One virtio device of a VM."""
+    @property
+    def kind(self) -> str: ...  # "blk" | "vsock"
+    @property
+    def mmio_base(self) -> int: ...
+    @property
+    def gsi(self) -> int: ...
+    @property
+    def path(self) -> pathlib.Path: ...  # the disk image or the vsock socket on the host
+    @property
+    def read_only(self) -> bool: ...  # disks only; False for vsock
 
 class VmTimings(TypedDict):
     running: float

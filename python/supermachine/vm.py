@@ -472,9 +472,7 @@ class Vm:
         raw = self._handle.outcome
         if raw is None:
             return None
-        kind = str(raw.get("kind", "crash"))
-        detail = str(raw.get("reason", ""))
-        code = raw.get("code")
+        kind, detail, code = raw.kind, raw.reason, raw.code
         if kind in ("reset", "crash"):
             # Without a panic device the console is the witness: the kernel prints the panic line,
             # then (panic=-1, reboot=k) resets the machine.
@@ -483,7 +481,7 @@ class Vm:
                 kind, detail = "panic", match.group().decode(errors="replace")
         if kind not in _OUTCOME_KINDS:
             kind = "crash"
-        return Outcome(kind, detail, code if isinstance(code, int) else None)  # type: ignore[arg-type]
+        return Outcome(kind, detail, code)  # type: ignore[arg-type]
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
         """Waits until the VM ends by itself; ``None`` if ``timeout`` passed first."""

@@ -54,7 +54,7 @@ def test_a_diff_stores_only_what_changed_since_the_base(vms: Any, base: Path) ->
     assert clone.read_memory(0x800000, len(payload)) == payload
     assert counter(clone) >= saved
     clone.write_memory(g.PARAMS, struct.pack("<Q", 4))
-    assert clone.wait(10)["code"] == 4
+    assert clone.wait(10).code == 4
     assert clone.console() == b"clone 4\n"
 
 
@@ -69,7 +69,7 @@ def test_a_booted_vm_is_compared_page_by_page(vms: Any, base: Path) -> None:
     clone = vms.restore(base.parent / "cold")
     assert clone.read_memory(0x900000, 14) == b"cold boot data"
     clone.write_memory(g.PARAMS, struct.pack("<Q", 2))
-    assert clone.wait(10)["code"] == 2
+    assert clone.wait(10).code == 2
 
 
 def test_diffs_of_diffs_layer_in_order(vms: Any, base: Path) -> None:
@@ -88,7 +88,7 @@ def test_diffs_of_diffs_layer_in_order(vms: Any, base: Path) -> None:
     assert last.read_memory(0x800000, 2 * PAGE) == b"A" * PAGE + b"C" * PAGE
     assert last.read_memory(0xA00000, 10) == b"D" * 10
     last.write_memory(g.PARAMS, struct.pack("<Q", 6))
-    assert last.wait(10)["code"] == 6
+    assert last.wait(10).code == 6
     # A clone of the second diff stored against the base itself: only the pages the two diffs
     # hold and the pages written since are compared, and the result holds all of them.
     third = vms.restore(store / "two")
@@ -202,4 +202,4 @@ def test_many_scattered_pages_are_mapped_or_copied(vms: Any, base: Path) -> None
         assert clone.read_memory(start + p * PAGE, 64) == struct.pack("<Q", p) * 8
         assert clone.read_memory(start + (p + 1) * PAGE, 8) == bytes(8)
     clone.write_memory(g.PARAMS, struct.pack("<Q", 1))
-    assert clone.wait(10)["code"] == 1
+    assert clone.wait(10).code == 1

@@ -171,8 +171,8 @@ def test_the_state_names_no_disk_path_and_a_saved_writable_flag_is_ignored(vms: 
 
     # With the caller's disk the guest reads the caller's disk, read-only as the caller asked.
     clone = vms.restore(snap, disks=[{"path": str(disk), "read_only": True}])
-    assert [d["path"] for d in clone.devices] == [str(disk)]
-    assert clone.devices[0]["read_only"] is True
+    assert [d.path for d in clone.devices] == [disk]
+    assert clone.devices[0].read_only is True
     _blk_read_request(clone, 5, 0)
     clone.write_memory(g.PARAMS + 0x80, struct.pack("<I", 1))
     wait_until(lambda: _used_idx(clone) == 1, what="the request after the restore")
@@ -188,7 +188,7 @@ def test_a_saved_read_only_flag_cannot_make_a_callers_disk_writable(vms: Any, tm
     vm.snapshot(str(tmp_path / "snap"))
     vm.stop()
     clone = vms.restore(tmp_path / "snap", disks=[{"path": str(disk), "read_only": True}])
-    assert clone.devices[0]["read_only"] is True
+    assert clone.devices[0].read_only is True
 
 
 # -- 2. diff bases confined to the store -------------------------------------------------------------

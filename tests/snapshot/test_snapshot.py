@@ -78,8 +78,10 @@ def test_two_clones_diverge_and_the_snapshot_stays_unchanged(vms: Any, tmp_path:
     b = vms.restore(tmp_path)
     a.write_memory(g.PARAMS, struct.pack("<Q", 3))
     b.write_memory(g.PARAMS, struct.pack("<Q", 5))
-    assert a.wait(10) == {"kind": "poweroff", "code": 3, "reason": "guest powered off with code 3"}
-    assert b.wait(10)["code"] == 5
+    ended = a.wait(10)
+    assert ended is not None
+    assert (ended.kind, ended.code, ended.reason) == ("poweroff", 3, "guest powered off with code 3")
+    assert b.wait(10).code == 5
     # Serial output goes on after the restore, each clone with its own.
     assert a.console() == b"clone 3\n"
     assert b.console() == b"clone 5\n"
@@ -105,7 +107,7 @@ def test_a_restored_vm_can_be_snapshotted_again(vms: Any, tmp_path: Path) -> Non
     last = vms.restore(tmp_path / "two")
     assert last.read_memory(0x500000, 17) == b"second generation"
     last.write_memory(g.PARAMS, struct.pack("<Q", 7))
-    assert last.wait(10)["code"] == 7
+    assert last.wait(10).code == 7
     assert last.console() == b"clone 7\n"
 
 
@@ -159,7 +161,7 @@ def test_virtio_blk_keeps_working_after_restore(vms: Any, tmp_path: Path) -> Non
     with pytest.raises(FileNotFoundError):
         _core.Vm.restore(str(snap), {"disks": [str(disk)]})
     clone = vms.restore(snap, disks=[str(moved)])
-    assert clone.devices[0]["kind"] == "blk"
+    assert clone.devices[0].kind == "blk"
     assert clone.device_status(0) == 15
     _blk_read_request(clone, 5, 1)
     clone.write_memory(g.PARAMS + 0x80, struct.pack("<I", 2))
@@ -167,7 +169,7 @@ def test_virtio_blk_keeps_working_after_restore(vms: Any, tmp_path: Path) -> Non
     assert clone.read_memory(DATA, 512) == b"f" * 512
     assert clone.read_memory(STATUS, 1) == b"\x00"
     clone.write_memory(g.PARAMS + 0x80, struct.pack("<I", 0xFFFFFFFF))
-    assert clone.wait(10)["kind"] == "poweroff"
+    assert clone.wait(10).kind == "poweroff"
 
 
 @pytest.fixture
@@ -237,7 +239,7 @@ def test_snapshot_of_an_ended_vm_fails_cleanly(vms: Any, tmp_path: Path) -> None
     vm = vms.start(g.CLONE)
     wait_until(lambda: counter(vm) > 0, what="the guest to start")
     vm.write_memory(g.PARAMS, struct.pack("<Q", 1))
-    assert vm.wait(10)["kind"] == "poweroff"
+    assert vm.wait(10).kind == "poweroff"
     with pytest.raises(RuntimeError, match="has ended"):
         vm.snapshot(str(tmp_path / "s"))
     assert not (tmp_path / "s" / "vmstate.bin").exists()
@@ -265,7 +267,7 @@ def test_dirty_pages_report_what_the_guest_wrote(vms: Any, tmp_path: Path) -> No
     assert len(second) < 8
     # The guest fills 0x400000..0x410000 (16 pages) once the host asks.
     vm.write_memory(g.PARAMS, struct.pack("<Q", 2))
-    assert vm.wait(10)["code"] == 2
+    assert vm.wait(10).code == 2
     assert set(range(0x400, 0x410)) <= _dirty(vm.dirty_pages())
 
 
@@ -313,7 +315,7 @@ def test_a_vsock_socket_is_only_where_the_caller_says(vms: Any, tmp_path: Path) 
         _core.Vm.restore(str(tmp_path / "snap"))
     clone = vms.restore(tmp_path / "snap", vsock_path=str(tmp_path / "clone.sock"))
     assert clone.vsock_path == str(tmp_path / "clone.sock")
-    assert [d["kind"] for d in clone.devices] == ["vsock"]
+    assert [d.kind for d in clone.devices] == ["vsock"]
     wait_until(lambda: counter(clone) > 100, what="the restored guest to count")
 
 

@@ -79,7 +79,7 @@ def test_kernel_boots_reads_the_disk_and_resets(vmlinux: Path, tmp_path: Path) -
         assert outcome is not None, console[-2000:]
         assert "disk: SUPERMACHINE-DISK sectors: 8" in console, console[-2000:]
         assert "VMM-BOOT-OK" in console
-        assert outcome["kind"] == "reset", outcome
+        assert outcome.kind == "reset", outcome
     finally:
         vm.stop()
 
@@ -98,7 +98,7 @@ def test_kernel_panic_is_reported_as_panic(vmlinux: Path, tmp_path: Path) -> Non
     try:
         outcome = vm.wait(180)
         assert outcome is not None, vm.console()[-2000:]
-        assert outcome["kind"] == "panic", outcome
-        assert "Attempted to kill init" in outcome["reason"]
+        assert outcome.kind == "panic", outcome
+        assert "Attempted to kill init" in outcome.reason
     finally:
         vm.stop()

@@ -68,7 +68,7 @@ def run_driver(
     vm.write_memory(AVAIL, ring)
     params = struct.pack(
         "<QIIQQQIII",
-        vm.devices[0]["mmio_base"],
+        vm.devices[0].mmio_base,
         queue_size,
         0,
         DESC,
@@ -81,7 +81,7 @@ def run_driver(
     vm.write_memory(g.PARAMS + 8, params)
     vm.write_memory(g.PARAMS, struct.pack("<Q", 1))
     outcome = vm.wait(10)
-    assert outcome is not None and outcome["kind"] == "poweroff", (outcome, vm.console())
+    assert outcome is not None and outcome.kind == "poweroff", (outcome, vm.console())
     assert vm.read_memory(g.RESULTS, 8) == struct.pack("<Q", 1)
     status, isr, magic = struct.unpack("<QQQ", vm.read_memory(g.RESULTS + 8, 24))
     used_idx = struct.unpack("<H", vm.read_memory(USED + 2, 2))[0]
@@ -94,8 +94,8 @@ def blk_vm(start_vm: StartVm, tmp_path: Path) -> Callable[..., Any]:
     def start(read_only: bool = False, sectors: int = 8) -> Any:
         disk = make_disk(tmp_path / "disk.img", sectors)
         vm = start_vm(g.VIRTIO_DRIVER, disks=[{"path": str(disk), "read_only": read_only}])
-        assert vm.devices == [
-            {"kind": "blk", "mmio_base": 0xD0000000, "gsi": 5, "path": str(disk), "read_only": read_only}
+        assert [(d.kind, d.mmio_base, d.gsi, d.path, d.read_only) for d in vm.devices] == [
+            ("blk", 0xD0000000, 5, disk, read_only)
         ]
         return vm
 

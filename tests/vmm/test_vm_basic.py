@@ -19,7 +19,8 @@ StartVm = Callable[..., Any]
 def test_serial_output_and_power_off_code(start_vm: StartVm) -> None:
     vm = start_vm(g.HELLO)
     outcome = vm.wait(10)
-    assert outcome == {"kind": "poweroff", "code": 42, "reason": "guest powered off with code 42"}
+    assert outcome is not None
+    assert (outcome.kind, outcome.code, outcome.reason) == ("poweroff", 42, "guest powered off with code 42")
     assert vm.outcome == outcome
     assert vm.console() == b"hello from the guest\n"
     assert vm.cmdline == ""
@@ -29,13 +30,15 @@ def test_serial_output_and_power_off_code(start_vm: StartVm) -> None:
 def test_console_log_file(start_vm: StartVm, tmp_path: Any) -> None:
     log = tmp_path / "console.log"
     vm = start_vm(g.HELLO, console_log=str(log))
-    assert vm.wait(10)["kind"] == "poweroff"
+    assert vm.wait(10).kind == "poweroff"
     assert log.read_bytes() == b"hello from the guest\n"
 
 
 def test_real_mode_guest(start_vm: StartVm) -> None:
     vm = start_vm(g.REAL_MODE, load_addr=0x7C00, raw_mode="real", raw_load_addr=0x7C00)
-    assert vm.wait(10) == {"kind": "poweroff", "code": 5, "reason": "guest powered off with code 5"}
+    ended = vm.wait(10)
+    assert ended is not None
+    assert (ended.kind, ended.code, ended.reason) == ("poweroff", 5, "guest powered off with code 5")
     assert vm.console() == b"R\n"
 
 
@@ -47,7 +50,7 @@ def test_guest_ram_is_shared_both_ways(start_vm: StartVm) -> None:
         time.sleep(0.01)
     vm.write_memory(g.PARAMS + 8, struct.pack("<Q", 0xFEEDFACE0BADF00D))
     vm.write_memory(g.PARAMS, struct.pack("<Q", 1))
-    assert vm.wait(10)["code"] == 7
+    assert vm.wait(10).code == 7
     assert vm.read_memory(g.RESULTS, 8) == struct.pack("<Q", 0xFEEDFACE0BADF00D)
 
 
@@ -65,7 +68,7 @@ def test_memory_access_outside_ram_is_refused(start_vm: StartVm) -> None:
 
 def test_unmapped_mmio_does_not_crash_the_vmm(start_vm: StartVm) -> None:
     vm = start_vm(g.MMIO_HOLE)
-    assert vm.wait(10)["kind"] == "poweroff"
+    assert vm.wait(10).kind == "poweroff"
     assert vm.console() == b"survived\n"
     assert vm.read_memory(g.RESULTS, 4) == b"\xff\xff\xff\xff"
     _pio, mmio = vm.unhandled_exits
@@ -75,8 +78,8 @@ def test_unmapped_mmio_does_not_crash_the_vmm(start_vm: StartVm) -> None:
 def test_i8042_reset_is_a_reset(start_vm: StartVm) -> None:
     vm = start_vm(g.I8042_RESET)
     outcome = vm.wait(10)
-    assert outcome["kind"] == "reset"
-    assert "i8042" in outcome["reason"]
+    assert outcome.kind == "reset"
+    assert "i8042" in outcome.reason
     assert vm.console() == b"resetting\n"
 
 
@@ -86,8 +89,8 @@ def test_triple_fault_ends_the_vm(start_vm: StartVm) -> None:
     assert outcome is not None, "a triple-faulting guest must end the VM"
     # Hardware KVM reports KVM_EXIT_SHUTDOWN (a reset); an emulating host may fail the
     # instruction instead (a crash). Both are defined outcomes with a reason.
-    assert outcome["kind"] in ("reset", "crash"), outcome
-    assert outcome["reason"]
+    assert outcome.kind in ("reset", "crash"), outcome
+    assert outcome.reason
 
 
 def test_halted_guest_keeps_running_until_stopped(start_vm: StartVm) -> None:
@@ -97,7 +100,9 @@ def test_halted_guest_keeps_running_until_stopped(start_vm: StartVm) -> None:
     t = time.monotonic()
     vm.stop()
     assert time.monotonic() - t < 2
-    assert vm.outcome == {"kind": "stopped", "reason": "stopped by the host"}
+    ended = vm.outcome
+    assert ended is not None
+    assert (ended.kind, ended.code, ended.reason) == ("stopped", None, "stopped by the host")
     vm.stop()  # idempotent
     assert vm.wait(0) == vm.outcome
 
@@ -133,7 +138,7 @@ def test_context_manager_stops(start_vm: StartVm) -> None:
     vm = start_vm(g.CLI_HLT)
     with vm as v:
         assert v is vm
-    assert vm.outcome["kind"] == "stopped"
+    assert vm.outcome.kind == "stopped"
 
 
 def test_memory_file_backing(start_vm: StartVm, tmp_path: Any) -> None:
@@ -141,7 +146,7 @@ def test_memory_file_backing(start_vm: StartVm, tmp_path: Any) -> None:
     vm = start_vm(g.MEMORY, memory_file=str(ram), memory_mib=4)
     vm.write_memory(g.PARAMS + 8, b"ABCDEFGH")
     vm.write_memory(g.PARAMS, struct.pack("<Q", 1))
-    assert vm.wait(10)["code"] == 7
+    assert vm.wait(10).code == 7
     assert ram.stat().st_size == 4 << 20
     data = ram.read_bytes()
     assert data[g.RESULTS : g.RESULTS + 8] == b"ABCDEFGH"
@@ -152,7 +157,7 @@ def test_cpu_template_override(start_vm: StartVm) -> None:
     for name in ("normal", "compat"):
         vm = start_vm(g.HELLO, cpu_template=name)
         assert vm.cpu_template == name
-        assert vm.wait(10)["code"] == 42
+        assert vm.wait(10).code == 42
 
 
 class TestConfigErrors:

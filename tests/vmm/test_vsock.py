@@ -46,7 +46,7 @@ class Driver:
         self.avail = [0, 0, 0]
         self.rx_seen = 0
         self.tx_next = 0
-        base = vm.devices[0]["mmio_base"]
+        base = vm.devices[0].mmio_base
         params = struct.pack("<QI4x", base, QSIZE) + b"".join(struct.pack("<QQQ", *q) for q in QUEUES)
         vm.write_memory(g.PARAMS + 8, params)
         vm.write_memory(g.PARAMS, struct.pack("<Q", 1))
@@ -128,7 +128,7 @@ def vsock_vm(start_vm: StartVm, tmp_path: Path) -> tuple[Any, Driver, Path]:
     path = tmp_path / "v.sock"
     vm = start_vm(g.VIRTIO_DOORBELL, vsock_path=str(path))
     assert vm.vsock_path == str(path)
-    assert vm.devices[0]["kind"] == "vsock"
+    assert vm.devices[0].kind == "vsock"
     driver = Driver(vm)
     assert driver.status() == 0xF
     return vm, driver, path
@@ -242,7 +242,7 @@ def test_malformed_tx_is_contained(vsock_vm: tuple[Any, Driver, Path], kw: dict[
     assert drv.status() & NEEDS_RESET
     assert not vm.outcome  # (not `is None`: mypy would keep that narrowing past stop())
     vm.stop()
-    assert vm.outcome["kind"] == "stopped"
+    assert vm.outcome.kind == "stopped"
 
 
 def test_vsock_socket_is_removed_on_stop(vsock_vm: tuple[Any, Driver, Path]) -> None:

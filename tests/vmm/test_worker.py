@@ -97,11 +97,12 @@ def test_a_killed_worker_ends_only_its_vm(start_worker: Callable[..., Any]) -> N
     victim, survivor = start_worker(g.COUNTER), start_worker(g.COUNTER)
     os.kill(victim.pid, signal.SIGKILL)
     outcome = victim.wait(10)
-    assert outcome == {"kind": "vmm_crash", "reason": "VMM crashed: SIGKILL"}
+    assert outcome is not None
+    assert (outcome.kind, outcome.code, outcome.reason) == ("vmm_crash", None, "VMM crashed: SIGKILL")
     with pytest.raises(errors.VmmCrashedError, match="SIGKILL"):
         victim.read_memory(g.RESULTS, 8)
     victim.stop()  # stopping a crashed VM is fine and keeps its outcome
-    assert victim.outcome["kind"] == "vmm_crash"
+    assert victim.outcome.kind == "vmm_crash"
     _counts_on(survivor)
     survivor.pause()
     survivor.resume()
@@ -117,7 +118,9 @@ def test_a_sigbus_in_the_vmm_ends_only_its_vm(start_worker: Callable[..., Any], 
     os.truncate(ram, 0)
     with pytest.raises(errors.VmmCrashedError, match="VMM crashed: SIGBUS"):
         victim.read_memory(0x200000, 4096)
-    assert victim.outcome == {"kind": "vmm_crash", "reason": "VMM crashed: SIGBUS"}
+    ended = victim.outcome
+    assert ended is not None
+    assert (ended.kind, ended.code, ended.reason) == ("vmm_crash", None, "VMM crashed: SIGBUS")
     _counts_on(survivor)
 
 
@@ -125,12 +128,14 @@ def test_a_memory_limit_below_the_guests_needs_ends_it_as_oom(start_worker: Call
     survivor = start_worker(g.COUNTER)
     starved = start_worker(FILL_48_MIB, limits=worker.Limits(memory_mib=16), memory_mib=64)
     outcome = starved.wait(60)
-    assert outcome is not None and outcome["kind"] == "oom", outcome
-    assert "memory limit of 16 MiB" in outcome["reason"]
+    assert outcome is not None and outcome.kind == "oom", outcome
+    assert "memory limit of 16 MiB" in outcome.reason
     _counts_on(survivor)
     # The same guest with room to spare runs to its end.
     fed = start_worker(FILL_48_MIB, limits=worker.Limits(memory_mib=256), memory_mib=64)
-    assert fed.wait(60) == {"kind": "poweroff", "code": 7, "reason": "guest powered off with code 7"}
+    ended = fed.wait(60)
+    assert ended is not None
+    assert (ended.kind, ended.code, ended.reason) == ("poweroff", 7, "guest powered off with code 7")
 
 
 def test_the_console_of_a_crashed_worker_is_kept(start_worker: Callable[..., Any]) -> None:
@@ -140,7 +145,7 @@ def test_the_console_of_a_crashed_worker_is_kept(start_worker: Callable[..., Any
         assert time.monotonic() < deadline
         time.sleep(0.01)
     os.kill(vm.pid, signal.SIGKILL)
-    assert vm.wait(10)["kind"] == "vmm_crash"
+    assert vm.wait(10).kind == "vmm_crash"
     assert b"before the crash\n" in vm.console()
 
 

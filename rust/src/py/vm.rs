@@ -17,7 +17,7 @@ use crate::vmm::{
     RawMode, Vmm, VmmError,
 };
 use crate::worker::client::{IsolationChoice, WorkerError, WorkerOptions, WorkerVm};
-use crate::worker::protocol::{ErrorKind, WireError};
+use crate::worker::protocol::{ErrorKind, WireDevice, WireError};
 use crate::worker::server;
 
 /// The `supermachine.errors` class of each error kind, and the builtin it also derives from
@@ -261,14 +261,78 @@ fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<MachineConfig> {
     Ok(cfg)
 }
 
-fn outcome_dict<'py>(py: Python<'py>, o: &Outcome) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("kind", o.kind())?;
-    if let Outcome::PowerOff { code } = o {
-        d.set_item("code", code)?;
+/// How a VM ended.
+#[pyclass(frozen, get_all, eq, name = "VmOutcome", module = "supermachine._core")]
+#[derive(PartialEq)]
+pub(crate) struct PyOutcome {
+    /// "poweroff", "reset", "panic", "crash", "stopped", "vmm_crash" or "oom".
+    kind: &'static str,
+    reason: String,
+    /// The power-off code (poweroff only).
+    code: Option<i64>,
+}
+
+impl From<&Outcome> for PyOutcome {
+    fn from(o: &Outcome) -> Self {
+        PyOutcome {
+            kind: o.kind(),
+            reason: o.reason(),
+            code: match o {
+                Outcome::PowerOff { code } => Some(i64::from(*code)),
+                _ => None,
+            },
+        }
     }
-    d.set_item("reason", o.reason())?;
-    Ok(d)
+}
+
+#[pymethods]
+impl PyOutcome {
+    fn __repr__(&self) -> String {
+        let code = self.code.map_or("None".to_string(), |c| c.to_string());
+        format!(
+            "VmOutcome(kind={:?}, reason={:?}, code={code})",
+            self.kind, self.reason
+        )
+    }
+}
+
+/// One virtio device of a VM.
+#[pyclass(frozen, get_all, name = "VmDevice", module = "supermachine._core")]
+pub(crate) struct PyDevice {
+    /// "blk" or "vsock".
+    kind: String,
+    mmio_base: u64,
+    gsi: u32,
+    /// The disk image or the vsock socket on the host.
+    path: PathBuf,
+    /// For a disk: whether the guest may only read it (False for vsock).
+    read_only: bool,
+}
+
+impl From<WireDevice> for PyDevice {
+    fn from(d: WireDevice) -> Self {
+        PyDevice {
+            kind: d.kind,
+            mmio_base: d.mmio_base,
+            gsi: d.gsi,
+            path: d.path,
+            read_only: d.read_only,
+        }
+    }
+}
+
+#[pymethods]
+impl PyDevice {
+    fn __repr__(&self) -> String {
+        format!(
+            "VmDevice(kind={:?}, mmio_base={:#x}, gsi={}, path={:?}, read_only={})",
+            self.kind,
+            self.mmio_base,
+            self.gsi,
+            self.path,
+            if self.read_only { "True" } else { "False" }
+        )
+    }
 }
 
 const WORKER_KEYS: &[&str] = &[
@@ -525,11 +589,7 @@ impl PyVm {
     /// Waits up to `timeout` seconds (forever with None) for the VM to end; returns the
     /// outcome, or None on timeout.
     #[pyo3(signature = (timeout=None))]
-    fn wait<'py>(
-        &self,
-        py: Python<'py>,
-        timeout: Option<f64>,
-    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyOutcome>> {
         let timeout = timeout_arg(timeout)?;
         // Wait in slices so Ctrl-C reaches Python.
         let slice = Duration::from_millis(200);
@@ -546,7 +606,7 @@ impl PyVm {
                 Backend::Worker(w) => py.detach(|| w.wait(Some(step))),
             };
             if let Some(o) = ended {
-                return outcome_dict(py, &o).map(Some);
+                return Ok(Some(PyOutcome::from(&o)));
             }
             if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 return Ok(None);
@@ -555,15 +615,14 @@ impl PyVm {
         }
     }
 
-    /// None while running; else {"kind": "poweroff"|"reset"|"panic"|"crash"|"stopped"|
-    /// "vmm_crash"|"oom", "reason": str, "code": int (poweroff only)}.
+    /// None while running; then how the VM ended.
     #[getter]
-    fn outcome<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+    fn outcome(&self, py: Python<'_>) -> Option<PyOutcome> {
         let outcome = match &self.inner {
             Backend::InProcess(vmm) => vmm.outcome(),
             Backend::Worker(w) => py.detach(|| w.outcome()),
         };
-        outcome.map(|o| outcome_dict(py, &o)).transpose()
+        outcome.as_ref().map(PyOutcome::from)
     }
 
     /// Captured serial console output.
@@ -670,49 +729,14 @@ impl PyVm {
         }
     }
 
-    /// virtio devices: [{"kind": "blk"|"vsock", "mmio_base": int, "gsi": int, "path": str}].
+    /// The VM's virtio devices, in MMIO order.
     #[getter]
-    fn devices<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let list: Vec<(String, u64, u32, String, bool)> = match &self.inner {
-            Backend::InProcess(vmm) => vmm
-                .devices()
-                .iter()
-                .map(|d| {
-                    (
-                        d.kind.to_string(),
-                        d.mmio_base,
-                        d.gsi,
-                        d.path.to_string_lossy().into_owned(),
-                        d.read_only,
-                    )
-                })
-                .collect(),
-            Backend::Worker(w) => w
-                .info()
-                .devices
-                .iter()
-                .map(|d| {
-                    (
-                        d.kind.clone(),
-                        d.mmio_base,
-                        d.gsi,
-                        d.path.to_string_lossy().into_owned(),
-                        d.read_only,
-                    )
-                })
-                .collect(),
+    fn devices(&self) -> Vec<PyDevice> {
+        let list: Vec<WireDevice> = match &self.inner {
+            Backend::InProcess(vmm) => vmm.devices().iter().map(WireDevice::from).collect(),
+            Backend::Worker(w) => w.info().devices.clone(),
         };
-        list.into_iter()
-            .map(|(kind, mmio_base, gsi, path, read_only)| {
-                let d = PyDict::new(py);
-                d.set_item("kind", kind)?;
-                d.set_item("mmio_base", mmio_base)?;
-                d.set_item("gsi", gsi)?;
-                d.set_item("path", path)?;
-                d.set_item("read_only", read_only)?;
-                Ok(d)
-            })
-            .collect()
+        list.into_iter().map(PyDevice::from).collect()
     }
 
     /// The virtio status register of device `index` as the guest sees it
@@ -834,5 +858,7 @@ fn snapshot_info<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDi
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(snapshot_info, m)?)?;
     m.add_class::<PyVm>()?;
+    m.add_class::<PyOutcome>()?;
+    m.add_class::<PyDevice>()?;
     Ok(())
 }

@@ -220,6 +220,18 @@ pub struct WireDevice {
     pub read_only: bool,
 }
 
+impl From<&crate::vmm::builder::DeviceInfo> for WireDevice {
+    fn from(d: &crate::vmm::builder::DeviceInfo) -> Self {
+        WireDevice {
+            kind: d.kind.to_string(),
+            mmio_base: d.mmio_base,
+            gsi: d.gsi,
+            path: d.path.clone(),
+            read_only: d.read_only,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotSummary {
     pub memory_bytes: u64,
@@ -651,7 +663,10 @@ mod tests {
         let payload = vec![7u8; 8 << 20];
         let deadline = Instant::now() + Duration::from_millis(300);
         let result = send_until(&a, &Request::Info, &payload, &[], deadline);
-        assert!(matches!(result, Err(ChannelError::Timeout(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(ChannelError::Timeout(_))),
+            "{result:?}"
+        );
         drop(a);
         reader.join().unwrap();
     }

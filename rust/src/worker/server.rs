@@ -284,17 +284,7 @@ impl Worker {
             memory_size: vmm.memory_size(),
             console_capacity: vmm.console_capacity() as u64,
             vsock_path: vmm.vsock_path().cloned(),
-            devices: vmm
-                .devices()
-                .iter()
-                .map(|d| WireDevice {
-                    kind: d.kind.to_string(),
-                    mmio_base: d.mmio_base,
-                    gsi: d.gsi,
-                    path: d.path.clone(),
-                    read_only: d.read_only,
-                })
-                .collect(),
+            devices: vmm.devices().iter().map(WireDevice::from).collect(),
             protections: self.protections.clone(),
         })
     }
