@@ -107,7 +107,7 @@ def test_restore_latency(benchmark: Any, snapshots: dict[int, Path], memory_mib:
     def restore() -> None:
         vm = _core.Vm.restore(str(snapshots[memory_mib]))
         live.append(vm)
-        phases.append(dict(vm.timings["phases"]))
+        phases.append(dict(vm.timings.phases))
 
     benchmark.pedantic(restore, setup=drop_previous, rounds=20, warmup_rounds=2)
     # The restored guest really runs on.

@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 from conftest import busybox_squashfs, counter_value, counter_vm, skip_unless_binutils, skip_unless_kvm
 from supermachine import _core
+from supermachine.errors import AgentTimeoutError
 from supermachine.image import Image
 from supermachine.pool import Pool
 from supermachine.probes.density import ProcessMemory, vms_memory
@@ -194,8 +195,8 @@ def test_raw_restore_returns(benchmark: Any, raw_snapshots: dict[int, Path], mem
             clones.stop(vm)
             if record:
                 returned[mode].append(seconds)
-                first_run[mode].append(timings["first_kvm_run"])
-                phases[mode].append(dict(timings["phases"]))
+                first_run[mode].append(timings.first_kvm_run)
+                phases[mode].append(dict(timings.phases))
         rounds += 1
 
     for _ in range(2):  # warm-up: page cache, the worker binary, first-use paths
@@ -366,6 +367,29 @@ def test_memory_per_clone(benchmark: Any, guest: Guest, mode: VmmMode, clones: i
 
 
 LOAD_CLONES = 256
+CONNECT_ATTEMPTS = 3
+
+
+def _exec_all_patiently(vms: list[Vm]) -> int:
+    """``true`` in every VM, two at a time; a connection the agent did not greet in time (a
+    saturated emulating host: the first command after a restore faults its pages in) is tried
+    again, up to ``CONNECT_ATTEMPTS`` times. Returns how many were retried."""
+    retried = 0
+
+    def run(vm: Vm) -> None:
+        nonlocal retried
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                assert vm.exec(["true"], timeout=WARM).returncode == 0
+                return
+            except AgentTimeoutError:
+                if attempt == CONNECT_ATTEMPTS - 1:
+                    raise
+                retried += 1
+
+    with ThreadPoolExecutor(EXEC_THREADS) as pool:
+        list(pool.map(run, vms))
+    return retried
 
 
 @pytest.mark.benchmark(group="worker: load, many clones of one snapshot alive at once")
@@ -392,7 +416,7 @@ def test_load_many_clones(benchmark: Any, guest: Guest) -> None:
         time.sleep(0.5)
         idle = vms_memory(vms)
         started = time.perf_counter()
-        _exec_all(vms)
+        retried = _exec_all_patiently(vms)
         exec_seconds = time.perf_counter() - started
         after_exec = vms_memory(vms)
         lost = [vm for vm in vms if vm.outcome is not None]
@@ -415,6 +439,7 @@ def test_load_many_clones(benchmark: Any, guest: Guest) -> None:
         idle_pss_per_clone_mib=round(idle_pss, 3),
         after_exec_pss_per_clone_mib=round(exec_pss, 3),
         exec_all_seconds=round(exec_seconds, 1),
+        exec_connect_retries=retried,
         note=NOTE,
     )
     print(
@@ -423,7 +448,7 @@ def test_load_many_clones(benchmark: Any, guest: Guest) -> None:
         f" first tenth {statistics.median(restore_seconds[:tenth]) * 1e3:.1f},"
         f" last tenth {statistics.median(restore_seconds[-tenth:]) * 1e3:.1f});"
         f" PSS per clone idle {idle_pss:.3f} MiB, after one exec {exec_pss:.3f} MiB;"
-        f" {LOAD_CLONES} execs took {exec_seconds:.1f} s, none lost"
+        f" {LOAD_CLONES} execs took {exec_seconds:.1f} s ({retried} connects retried), none lost"
     )
 
 

@@ -158,14 +158,21 @@ class VmDevice:
     @property
     def read_only(self) -> bool: ...  # disks only; False for vsock
 
-class VmTimings(TypedDict):
-    running: float
-    first_kvm_run: float | None
-    first_console_byte: float | None
+@final
+class VmTimings:
+    """Seconds from the start (or restore) call until each milestone."""
+    @property
+    def running(self) -> float: ...
+    @property
+    def first_kvm_run(self) -> float | None: ...
+    @property
+    def first_console_byte(self) -> float | None: ...
     # Seconds per start-up phase, in order. Restore: load_state, memory, create_vm, devices,
-    # vm_state, vcpu_state, running.
-    phases: dict[str, float]
-    refused_msrs: int  # MSRs a restore could not load on this host
+    # vm_state, vcpu_state, running; a worker adds spawn, limits and hello first.
+    @property
+    def phases(self) -> dict[str, float]: ...
+    @property
+    def refused_msrs(self) -> int: ...  # MSRs a restore could not load on this host
 
 class VmRestoreOverrides(TypedDict, total=False):
     vsock_path: str | os.PathLike[str]  # required when the snapshot has a vsock device

@@ -50,7 +50,7 @@ def test_counter_continues_from_the_saved_value(vms: Any, tmp_path: Path) -> Non
     wait_until(lambda: counter(clone) > saved + 10_000, what="the restored guest to count on")
     assert clone.outcome is None
     assert clone.memory_size == 16 << 20
-    phases = list(clone.timings["phases"])
+    phases = list(clone.timings.phases)
     # A worker's start-up first spawns the process, sets its limits and greets it.
     owner = ["spawn", "limits", "hello"] if clone.pid is not None else []
     assert phases[: len(owner) + 2] == [*owner, "load_state", "memory"]
@@ -329,7 +329,7 @@ def test_every_vcpu_is_saved_and_restored(vms: Any, tmp_path: Path) -> None:
     clone = vms.restore(tmp_path)
     wait_until(lambda: counter(clone) > saved + 1000, what="the restored guest to count")
     assert clone.outcome is None
-    assert clone.timings["refused_msrs"] == 0
+    assert clone.timings.refused_msrs == 0
 
 
 def test_ram_above_the_mmio_hole_survives(vms: Any, tmp_path: Path) -> None:

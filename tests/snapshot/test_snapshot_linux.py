@@ -74,6 +74,6 @@ def test_linux_guest_answers_its_agent_after_restore(tmp_path: Path) -> None:
             assert client.exec(["uname", "-s"]).stdout == b"Linux\n"
         assert clone.outcome is None, clone.outcome
         took = time.monotonic() - started
-        print(f"restore phases {clone.timings['phases']}, first exec after {took:.2f} s")
+        print(f"restore phases {clone.timings.phases}, first exec after {took:.2f} s")
     finally:
         clone.stop()

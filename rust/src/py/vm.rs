@@ -17,7 +17,7 @@ use crate::vmm::{
     RawMode, Vmm, VmmError,
 };
 use crate::worker::client::{IsolationChoice, WorkerError, WorkerOptions, WorkerVm};
-use crate::worker::protocol::{ErrorKind, WireDevice, WireError};
+use crate::worker::protocol::{ErrorKind, VmInfo, WireDevice, WireError, WireTimings};
 use crate::worker::server;
 
 /// The `supermachine.errors` class of each error kind, and the builtin it also derives from
@@ -296,6 +296,46 @@ impl PyOutcome {
     }
 }
 
+/// When a VM's start-up reached its milestones, in seconds from the start or restore call.
+#[pyclass(frozen, name = "VmTimings", module = "supermachine._core")]
+pub(crate) struct PyTimings {
+    /// The vCPUs were released.
+    #[pyo3(get)]
+    running: f64,
+    #[pyo3(get)]
+    first_kvm_run: Option<f64>,
+    #[pyo3(get)]
+    first_console_byte: Option<f64>,
+    phases: Vec<(String, f64)>,
+    /// MSRs a restore could not load on this host.
+    #[pyo3(get)]
+    refused_msrs: u64,
+}
+
+#[pymethods]
+impl PyTimings {
+    /// Seconds per start-up phase, in the order they ran (restore: load_state, memory,
+    /// create_vm, devices, vm_state, vcpu_state, running; a worker adds spawn, limits and
+    /// hello first).
+    #[getter]
+    fn phases<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (name, secs) in &self.phases {
+            d.set_item(name, secs)?;
+        }
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "VmTimings(running={}, phases={} entries, refused_msrs={})",
+            self.running,
+            self.phases.len(),
+            self.refused_msrs
+        )
+    }
+}
+
 /// One virtio device of a VM.
 #[pyclass(frozen, get_all, name = "VmDevice", module = "supermachine._core")]
 pub(crate) struct PyDevice {
@@ -405,6 +445,18 @@ enum Backend {
 #[pyclass(name = "Vm", module = "supermachine._core", frozen)]
 pub(crate) struct PyVm {
     inner: Backend,
+    /// What does not change while the VM runs, read once.
+    info: VmInfo,
+}
+
+impl PyVm {
+    fn new(inner: Backend) -> Self {
+        let info = match &inner {
+            Backend::InProcess(vmm) => VmInfo::describe(vmm, Vec::new()),
+            Backend::Worker(w) => w.info().clone(),
+        };
+        PyVm { inner, info }
+    }
 }
 
 fn parse_overrides(d: &Bound<'_, PyDict>) -> PyResult<RestoreOverrides> {
@@ -470,7 +522,7 @@ impl PyVm {
                 )
             }
         };
-        Ok(PyVm { inner })
+        Ok(PyVm::new(inner))
     }
 
     /// Restores a VM from a snapshot directory written by `Vm.snapshot` and starts it.
@@ -502,7 +554,7 @@ impl PyVm {
                 )
             }
         };
-        Ok(PyVm { inner })
+        Ok(PyVm::new(inner))
     }
 
     /// Pauses the VM and writes a snapshot to `dir` (memory.bin + vmstate.bin, atomically).
@@ -670,45 +722,29 @@ impl PyVm {
     /// Bytes of serial output the console ring keeps.
     #[getter]
     fn console_capacity(&self) -> usize {
-        match &self.inner {
-            Backend::InProcess(vmm) => vmm.console_capacity(),
-            Backend::Worker(w) => w.info().console_capacity as usize,
-        }
+        self.info.console_capacity as usize
     }
 
     /// Host path of the vsock Unix socket, if the VM has one.
     #[getter]
     fn vsock_path(&self) -> Option<String> {
-        let path = match &self.inner {
-            Backend::InProcess(vmm) => vmm.vsock_path().cloned(),
-            Backend::Worker(w) => w.info().vsock_path.clone(),
-        };
-        path.map(|p| p.to_string_lossy().into_owned())
+        (self.info.vsock_path.as_ref()).map(|p| p.to_string_lossy().into_owned())
     }
 
     /// The kernel command line as passed to the guest (with the virtio-mmio devices added).
     #[getter]
     fn cmdline(&self) -> String {
-        match &self.inner {
-            Backend::InProcess(vmm) => vmm.cmdline().to_string(),
-            Backend::Worker(w) => w.info().cmdline.clone(),
-        }
+        self.info.cmdline.clone()
     }
 
     #[getter]
     fn cpu_template(&self) -> String {
-        match &self.inner {
-            Backend::InProcess(vmm) => vmm.cpu_template().name().to_string(),
-            Backend::Worker(w) => w.info().cpu_template.clone(),
-        }
+        self.info.cpu_template.clone()
     }
 
     #[getter]
     fn memory_size(&self) -> u64 {
-        match &self.inner {
-            Backend::InProcess(vmm) => vmm.memory_size(),
-            Backend::Worker(w) => w.info().memory_size,
-        }
+        self.info.memory_size
     }
 
     /// The worker's process id (None when the VMM runs in this process).
@@ -732,11 +768,12 @@ impl PyVm {
     /// The VM's virtio devices, in MMIO order.
     #[getter]
     fn devices(&self) -> Vec<PyDevice> {
-        let list: Vec<WireDevice> = match &self.inner {
-            Backend::InProcess(vmm) => vmm.devices().iter().map(WireDevice::from).collect(),
-            Backend::Worker(w) => w.info().devices.clone(),
-        };
-        list.into_iter().map(PyDevice::from).collect()
+        self.info
+            .devices
+            .iter()
+            .cloned()
+            .map(PyDevice::from)
+            .collect()
     }
 
     /// The virtio status register of device `index` as the guest sees it
@@ -758,42 +795,30 @@ impl PyVm {
         }
     }
 
-    /// Seconds from the start of `Vm.start` (or `Vm.restore`) to: "running" (vCPU threads
-    /// released), "first_kvm_run", "first_console_byte" (None until they happen); "phases":
-    /// {name: seconds} of the start-up (restore: load_state, memory, create_vm, devices,
-    /// vm_state, vcpu_state, running; a worker's start adds spawn, limits and hello first);
-    /// "refused_msrs": MSRs a restore could not load.
+    /// When the start-up reached its milestones (first_kvm_run and first_console_byte are None
+    /// until they happen), and its phases.
     #[getter]
-    fn timings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        let phases = PyDict::new(py);
-        match &self.inner {
+    fn timings(&self, py: Python<'_>) -> PyResult<PyTimings> {
+        let (t, phases, origin) = match &self.inner {
             Backend::InProcess(vmm) => {
-                let t = vmm.times();
-                let since = |i: std::time::Instant| i.duration_since(t.started).as_secs_f64();
-                d.set_item("running", since(t.running))?;
-                d.set_item("first_kvm_run", t.first_run.map(since))?;
-                d.set_item("first_console_byte", t.first_console_byte.map(since))?;
-                for (name, secs) in vmm.phases() {
-                    phases.set_item(*name, *secs)?;
-                }
-                d.set_item("refused_msrs", vmm.refused_msrs())?;
+                let t = WireTimings::from(vmm);
+                let (phases, origin) = (t.phases.clone(), t.started_ns);
+                (t, phases, origin)
             }
+            // The worker's phases include its own start-up, timed from this process's call.
             Backend::Worker(w) => {
-                let (t, all_phases) = py.detach(|| w.timings()).map_err(worker_err)?;
-                let origin = w.called_ns();
-                let since = |ns: u64| ns.saturating_sub(origin) as f64 / 1e9;
-                d.set_item("running", since(t.running_ns))?;
-                d.set_item("first_kvm_run", t.first_run_ns.map(since))?;
-                d.set_item("first_console_byte", t.first_console_byte_ns.map(since))?;
-                for (name, secs) in &all_phases {
-                    phases.set_item(name, *secs)?;
-                }
-                d.set_item("refused_msrs", t.refused_msrs)?;
+                let (t, phases) = py.detach(|| w.timings()).map_err(worker_err)?;
+                (t, phases, w.called_ns())
             }
-        }
-        d.set_item("phases", phases)?;
-        Ok(d)
+        };
+        let since = |ns: u64| ns.saturating_sub(origin) as f64 / 1e9;
+        Ok(PyTimings {
+            running: since(t.running_ns),
+            first_kvm_run: t.first_run_ns.map(since),
+            first_console_byte: t.first_console_byte_ns.map(since),
+            phases,
+            refused_msrs: t.refused_msrs,
+        })
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
@@ -860,5 +885,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyVm>()?;
     m.add_class::<PyOutcome>()?;
     m.add_class::<PyDevice>()?;
+    m.add_class::<PyTimings>()?;
     Ok(())
 }

@@ -211,6 +211,21 @@ pub struct VmInfo {
     pub protections: Vec<String>,
 }
 
+impl VmInfo {
+    /// What does not change while `vmm` runs, with the `protections` it runs under.
+    pub fn describe(vmm: &crate::vmm::Vmm, protections: Vec<String>) -> Self {
+        VmInfo {
+            cmdline: vmm.cmdline().to_string(),
+            cpu_template: vmm.cpu_template().name().to_string(),
+            memory_size: vmm.memory_size(),
+            console_capacity: vmm.console_capacity() as u64,
+            vsock_path: vmm.vsock_path().cloned(),
+            devices: vmm.devices().iter().map(WireDevice::from).collect(),
+            protections,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireDevice {
     pub kind: String,
@@ -252,6 +267,24 @@ pub struct WireTimings {
     pub first_console_byte_ns: Option<u64>,
     pub phases: Vec<(String, f64)>,
     pub refused_msrs: u64,
+}
+
+impl From<&crate::vmm::Vmm> for WireTimings {
+    fn from(vmm: &crate::vmm::Vmm) -> Self {
+        let t = vmm.times();
+        WireTimings {
+            started_ns: instant_ns(t.started),
+            running_ns: instant_ns(t.running),
+            first_run_ns: t.first_run.map(instant_ns),
+            first_console_byte_ns: t.first_console_byte.map(instant_ns),
+            phases: vmm
+                .phases()
+                .iter()
+                .map(|(n, s)| (n.to_string(), *s))
+                .collect(),
+            refused_msrs: vmm.refused_msrs() as u64,
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC now, in nanoseconds.
@@ -336,14 +369,18 @@ fn send_by<T: Serialize>(
 
 /// Sets the socket's write timeout to what is left before `deadline`.
 fn arm_write(sock: &UnixStream, deadline: Option<Instant>) -> Result<(), ChannelError> {
-    if let Some(d) = deadline {
-        let left = d.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ChannelError::Timeout(0));
-        }
-        sock.set_write_timeout(Some(left))?;
+    match left(deadline)? {
+        Some(t) => Ok(sock.set_write_timeout(Some(t))?),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// What is left before `deadline` (`None`: no deadline); a deadline passed is a timeout.
+fn left(deadline: Option<Instant>) -> Result<Option<Duration>, ChannelError> {
+    match deadline.map(|d| d.saturating_duration_since(Instant::now())) {
+        Some(t) if t.is_zero() => Err(ChannelError::Timeout(0)),
+        t => Ok(t),
+    }
 }
 
 /// `write_all` whose every write ends by `deadline`.
@@ -391,14 +428,10 @@ pub fn recv_until<T: for<'de> Deserialize<'de>>(
 
 /// Sets the socket's read timeout to what is left before `deadline`.
 fn arm(sock: &UnixStream, deadline: Option<Instant>) -> Result<(), ChannelError> {
-    if let Some(d) = deadline {
-        let left = d.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ChannelError::Timeout(0));
-        }
-        sock.set_read_timeout(Some(left))?;
+    match left(deadline)? {
+        Some(t) => Ok(sock.set_read_timeout(Some(t))?),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// `read_exact` whose every read ends by `deadline`.

@@ -14,7 +14,7 @@ use super::console_ring::{self, ConsoleRing};
 use super::jail;
 use super::protocol::{
     self, ErrorKind, Frame, JailConfig, Reply, Request, SnapshotSummary, VmInfo, WireBase,
-    WireDevice, WireError, WireTimings, PROTOCOL_VERSION,
+    WireError, WireTimings, PROTOCOL_VERSION,
 };
 use super::seccomp::{self, ThreadKind};
 use crate::snapshot::memory::{LayerFile, MemoryLayer, MAX_CHAIN};
@@ -277,33 +277,11 @@ impl Worker {
     }
 
     fn info(&self) -> Result<VmInfo, WireError> {
-        let vmm = self.vmm()?;
-        Ok(VmInfo {
-            cmdline: vmm.cmdline().to_string(),
-            cpu_template: vmm.cpu_template().name().to_string(),
-            memory_size: vmm.memory_size(),
-            console_capacity: vmm.console_capacity() as u64,
-            vsock_path: vmm.vsock_path().cloned(),
-            devices: vmm.devices().iter().map(WireDevice::from).collect(),
-            protections: self.protections.clone(),
-        })
+        Ok(VmInfo::describe(self.vmm()?, self.protections.clone()))
     }
 
     fn timings(&self) -> Result<WireTimings, WireError> {
-        let vmm = self.vmm()?;
-        let t = vmm.times();
-        Ok(WireTimings {
-            started_ns: protocol::instant_ns(t.started),
-            running_ns: protocol::instant_ns(t.running),
-            first_run_ns: t.first_run.map(protocol::instant_ns),
-            first_console_byte_ns: t.first_console_byte.map(protocol::instant_ns),
-            phases: vmm
-                .phases()
-                .iter()
-                .map(|(n, s)| (n.to_string(), *s))
-                .collect(),
-            refused_msrs: vmm.refused_msrs() as u64,
-        })
+        Ok(WireTimings::from(self.vmm()?))
     }
 
     /// Writes a snapshot into the descriptors passed with the request: `memory.bin`,
