@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -267,3 +269,61 @@ def test_absurd_facts_in_a_well_formed_reply_stay_bounded(
     _assert_gone(pidfile)
     del vm
     assert _open_fds() == before
+
+
+def test_a_spare_worker_that_dies_after_its_greeting_costs_a_retry_not_the_vm(
+    guest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A spare is started beside a VM's start and greeted ahead of need; it may die idle (killed,
+    # out of memory) just before it is taken, when its end does not show yet. Here, once armed,
+    # the next process started (a spare) greets, then dies at its first real request: the start
+    # that took it must go on in a new worker. Every other process is the real worker.
+    real = worker.program_path()
+    started, armed, faked = tmp_path / "started", tmp_path / "armed", tmp_path / "faked"
+    greeted = tmp_path / "spare-greeted"
+    script = tmp_path / "wrapper-vmm"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import os\n"
+        f"with open({str(started)!r}, 'a') as f:\n"
+        "    f.write('x')\n"
+        "try:\n"
+        f"    if not os.path.exists({str(armed)!r}):\n"
+        "        raise FileExistsError\n"
+        f"    os.close(os.open({str(faked)!r}, os.O_CREAT | os.O_EXCL))\n"
+        "except FileExistsError:\n"
+        f"    os.execv({str(real)!r}, [{str(real)!r}, '--worker'])\n"
+        f"PIDFILE = {str(tmp_path / 'spare.pid')!r}\n"
+        f"{_FAKE}"
+        "recv()\n"
+        "send(HELLO)\n"
+        f"open({str(greeted)!r}, 'w').close()\n"
+        "recv()\n"
+        "sys.exit(0)\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setenv("SUPERMACHINE_VMM", str(script))
+    monkeypatch.setenv("SUPERMACHINE_SPARE_WORKERS", "1")
+
+    def wait_for(what: str, ready: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 60
+        while not ready():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+
+    first = _start(guest, tmp_path)  # a new worker, and a (real) spare started beside it
+    assert first.wait(10).code == 42
+    first.stop()
+    wait_for("no spare was started", lambda: started.exists() and len(started.read_text()) == 2)
+    time.sleep(2)  # the real spare greets and is filed as ready
+    armed.touch()
+    second = _start(guest, tmp_path)  # takes the real spare; the next spare is the fake
+    assert second.wait(10).code == 42
+    second.stop()
+    wait_for("the fake spare was never greeted", greeted.exists)
+    time.sleep(0.2)  # the owner's spare thread files it as ready
+    third = _start(guest, tmp_path)  # takes the fake, which dies: a new (real) worker serves it
+    assert third.wait(10).code == 42
+    assert third.pid != int((tmp_path / "spare.pid").read_text())
+    third.stop()
+    _assert_gone(tmp_path / "spare.pid")

@@ -117,7 +117,7 @@ impl WorkerVm {
     pub fn start(config: &MachineConfig, options: &WorkerOptions) -> Result<WorkerVm, WorkerError> {
         let capacity = config.console_capacity;
         let vsock = config.vsock_path.clone();
-        Self::launch(options, capacity, vsock, |jail| Request::Start {
+        Self::launch(options, capacity, vsock, &|jail| Request::Start {
             config: Box::new(config.clone()),
             jail,
         })
@@ -131,7 +131,7 @@ impl WorkerVm {
     ) -> Result<WorkerVm, WorkerError> {
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let vsock = overrides.vsock_path.clone();
-        Self::launch(options, options.console_capacity, vsock, |jail| {
+        Self::launch(options, options.console_capacity, vsock, &|jail| {
             Request::Restore {
                 dir: dir.clone(),
                 overrides: Box::new(overrides.clone()),
@@ -140,12 +140,34 @@ impl WorkerVm {
         })
     }
 
+    /// Runs `request` in a spare worker if one is ready, else in a new one. A spare that dies
+    /// before it answers (it was killed while idle, and its end had not shown yet when it was
+    /// taken) costs one more try in a new worker, never the caller's VM.
     fn launch(
         options: &WorkerOptions,
         console_capacity: usize,
         vsock_path: Option<PathBuf>,
-        request: impl FnOnce(JailConfig) -> Request,
+        request: &dyn Fn(JailConfig) -> Request,
     ) -> Result<WorkerVm, WorkerError> {
+        match Self::launch_in(options, console_capacity, vsock_path.clone(), request, true)? {
+            Some(vm) => Ok(vm),
+            // Without a spare there is no second chance: `None` cannot come back.
+            None => Self::launch_in(options, console_capacity, vsock_path, request, false)?
+                .ok_or_else(|| {
+                    WorkerError::Crashed(Outcome::VmmCrash {
+                        reason: "the VMM worker died before it answered".into(),
+                    })
+                }),
+        }
+    }
+
+    fn launch_in(
+        options: &WorkerOptions,
+        console_capacity: usize,
+        vsock_path: Option<PathBuf>,
+        request: &dyn Fn(JailConfig) -> Request,
+        take_spare: bool,
+    ) -> Result<Option<WorkerVm>, WorkerError> {
         let called = Instant::now();
         let called_ns = protocol::instant_ns(called);
         let mut phases = Vec::new();
@@ -179,7 +201,10 @@ impl WorkerVm {
             IsolationChoice::UserNamespaces => Isolation::UserNamespaces,
             IsolationChoice::None => Isolation::None,
         };
-        let (spawned, greeted) = match spare::take(&options.program, wanted) {
+        let spare = take_spare
+            .then(|| spare::take(&options.program, wanted))
+            .flatten();
+        let (spawned, greeted) = match spare {
             Some(s) => (s, true),
             None => (
                 spawn::spawn(&options.program, wanted, None)
@@ -269,7 +294,10 @@ impl WorkerVm {
         let request = request(jail);
         let mut fds = vec![ring_file.as_raw_fd()];
         fds.extend(log.as_ref().map(|l| l.as_raw_fd()));
-        let frame = vm.call(&request, &[], &fds, LAUNCH_TIMEOUT)?;
+        let frame = match vm.call(&request, &[], &fds, LAUNCH_TIMEOUT) {
+            Err(WorkerError::Crashed(_)) if greeted => return Ok(None),
+            other => other?,
+        };
         drop(ring_file);
         drop(log);
         match frame.message {
@@ -283,7 +311,7 @@ impl WorkerVm {
         }
         mark("build");
         vm.owner_phases = phases;
-        Ok(vm)
+        Ok(Some(vm))
     }
 
     fn channel(&self) -> MutexGuard<'_, std::os::unix::net::UnixStream> {
