@@ -209,6 +209,12 @@ class SnapshotInfo(TypedDict):
 # Reads and checks a snapshot directory's vmstate.bin (magic, version, length, CRC).
 def snapshot_info(dir: str | os.PathLike[str]) -> SnapshotInfo: ...
 
+# The memory identity (hex) of the snapshot in dir, computed again from memory.bin (or from the
+# open regular file memory_fd) the way the VMM recorded it in vmstate.bin: equal to
+# snapshot_info(dir)["memory_id"] exactly when the file holds the memory the VMM wrote. Reads
+# the file (never maps it) with the GIL released; ValueError (one line) if it cannot.
+def hash_snapshot_memory(dir: str | os.PathLike[str], memory_fd: int | None = None) -> str: ...
+
 class Vm:
     # With `worker` the VMM runs in its own jailed process; without, in this one.
     @staticmethod
