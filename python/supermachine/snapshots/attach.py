@@ -163,6 +163,21 @@ def sibling_base(directory: Path, name: str) -> Path:
     return path
 
 
+def recorded_base(directory: Path, recorded: str) -> Path:
+    """The base directory a diff's ``vmstate.bin`` records (``_core.snapshot_info(dir)["base"]
+    ["path"]``): only ``../NAME``, a sibling that is not a symlink (the rule the VMM applies too).
+    Raises :class:`SnapshotError` naming the rule."""
+    name = recorded.removeprefix("../")
+    if name == recorded or "/" in name or name in ("", ".", "..") or "\0" in name:
+        raise SnapshotError(
+            f"{directory}: the VM state names the base {recorded!r}, not '../NAME'; {_SIBLING_RULE}"
+        )
+    path = directory.parent / name
+    if path.is_symlink():
+        raise SnapshotError(f"{directory}: the base {name!r} is a symlink; {_SIBLING_RULE}")
+    return path
+
+
 def base_override(
     directory: Path, meta: SnapshotMetadata, info: _core.SnapshotInfo, given: str | os.PathLike[str] | None
 ) -> str | None:
@@ -183,6 +198,7 @@ def base_override(
 __all__ = [
     "base_override",
     "check_state_matches",
+    "recorded_base",
     "restore_disks",
     "sibling_base",
     "snapshot_rootfs",

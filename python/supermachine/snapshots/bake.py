@@ -144,6 +144,8 @@ def bake(
             raise
         if ram.stamp is not None:
             verify.record(ram.stamp, ram.digest, directory / metadata.MEMORY_FILE)
+        if isinstance(memory_id := report.get("memory_id"), str):
+            verify.record_written(directory, memory_id)
         return BakeResult(directory, meta, report, time.monotonic() - started)
 
 

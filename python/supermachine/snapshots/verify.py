@@ -1,4 +1,4 @@
-"""Checking a snapshot's RAM file against the content hash in its metadata, once per file version.
+"""Checking a snapshot's RAM file against the memory identity its VMM recorded, once per version.
 
 Hashing ``memory.bin`` costs time linear in the RAM size; a restore should not. So a successful
 check is recorded as the exact stat stamp of the file it hashed: device, inode, size, mtime and
@@ -22,11 +22,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from supermachine import paths
 from supermachine.errors import SnapshotError, SnapshotMetadataError
 from supermachine.snapshots import metadata
 from supermachine.snapshots.metadata import SnapshotMetadata
+
+if TYPE_CHECKING:
+    from supermachine import _core
 
 log = logging.getLogger(__name__)
 
@@ -67,37 +71,48 @@ def records_dir() -> Path:
     return paths.cache_dir() / RECORDS_DIR
 
 
-def _record_path(stamp: FileStamp) -> Path:
-    return records_dir() / f"{stamp.dev:x}-{stamp.ino:x}.json"
+def _record_path(stamp: FileStamp, state: FileStamp | None = None) -> Path:
+    """One record per file and kind: a content hash, or a VMM memory identity (beside ``state``)."""
+    kind = "" if state is None else ".id"
+    return records_dir() / f"{stamp.dev:x}-{stamp.ino:x}{kind}.json"
 
 
-def recorded_digest(stamp: FileStamp) -> str | None:
-    """The content hash recorded for exactly this file version, or ``None``."""
-    path = _record_path(stamp)
+def recorded_digest(stamp: FileStamp, state: FileStamp | None = None) -> str | None:
+    """The content hash recorded for exactly this file version (and, for a memory identity, this
+    version of the snapshot's ``vmstate.bin``), or ``None``."""
+    path = _record_path(stamp, state)
     try:
         data = metadata.parse_json(metadata.read_capped(path, MAX_RECORD_BYTES), str(path))
     except SnapshotMetadataError:
         return None
     if not isinstance(data, dict) or data.get("stamp") != asdict(stamp):
         return None
+    if data.get("state_stamp") != (None if state is None else asdict(state)):
+        return None
     digest = data.get("blake3")
     return digest if isinstance(digest, str) else None
 
 
-def record(stamp: FileStamp, digest: str, path: str | os.PathLike[str]) -> None:
-    """Remember that the file version ``stamp`` (at ``path``) hashes to ``digest``. Written
-    atomically; a failure is logged and otherwise ignored (the next check hashes again)."""
-    if stamp.whole_seconds:
+def record(
+    stamp: FileStamp, digest: str, path: str | os.PathLike[str], state: FileStamp | None = None
+) -> None:
+    """Remember that the file version ``stamp`` (at ``path``) hashes to ``digest`` (beside the
+    ``vmstate.bin`` version ``state``, for a memory identity). Written atomically; a failure is
+    logged and otherwise ignored (the next check hashes again)."""
+    if stamp.whole_seconds or (state is not None and state.whole_seconds):
         return
     directory = records_dir()
-    payload = json.dumps({"stamp": asdict(stamp), "blake3": digest, "path": os.fspath(path)}).encode()
+    entry = {"stamp": asdict(stamp), "blake3": digest, "path": os.fspath(path)}
+    if state is not None:
+        entry["state_stamp"] = asdict(state)
+    payload = json.dumps(entry).encode()
     tmp = None
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".record-", dir=directory)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        os.replace(tmp, _record_path(stamp))
+        os.replace(tmp, _record_path(stamp, state))
         tmp = None
     except OSError as exc:
         log.warning("cannot record the verification of %s: %s", path, exc.strerror or exc)
@@ -182,36 +197,119 @@ def check_file(path: str | os.PathLike[str], size: int, digest: str) -> None:
         record(hashed.stamp, hashed.digest, ram)
 
 
+def snapshot_info(directory: Path) -> _core.SnapshotInfo:
+    """The VMM's record of a snapshot (its checked ``vmstate.bin``), problems as one
+    :class:`SnapshotError` line."""
+    from supermachine import _core
+
+    try:
+        return _core.snapshot_info(str(directory))
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(str(exc)) from None
+
+
 def check_ram(
     snapshot_dir: str | os.PathLike[str],
-    meta: SnapshotMetadata,
+    meta: SnapshotMetadata | None = None,
     base: str | os.PathLike[str] | None = None,
 ) -> None:
     """Raise :class:`SnapshotError` (one line) unless the RAM file of the snapshot in
-    ``snapshot_dir`` (described by ``meta``) and, for a diff, of every base under it match their
-    metadata, and each base is the one its diff was taken against (same content hash).
+    ``snapshot_dir`` and, for a diff, of every base under it hold the memory their VMM recorded
+    (the ``memory_id`` in each ``vmstate.bin``, see :func:`check_memory`), and each base is the
+    one its diff was taken against (the identity the diff's ``vmstate.bin`` records for it).
 
     ``base`` is the caller's choice of the first base; every other base is the sibling its diff's
-    metadata names (never an absolute path, ``..`` or a symlink: see :func:`attach.sibling_base`)."""
+    ``vmstate.bin`` names (``../NAME``: never an absolute path, deeper, or a symlink, see
+    :func:`attach.recorded_base`). ``meta`` is not consulted: ``metadata.json`` records no RAM
+    identity of its own."""
     from supermachine.snapshots import attach
 
-    directory, current = Path(snapshot_dir), meta
+    del meta
+    directory = Path(snapshot_dir)
+    info = snapshot_info(directory)
     for level in range(MAX_BASE_CHAIN + 1):
-        check_file(directory / metadata.MEMORY_FILE, current.ram_size, current.ram_blake3)
-        if current.base is None:
+        check_memory(directory, info["memory_id"])
+        recorded = info["base"]
+        if recorded is None:
             return
         if level == 0 and base is not None:
             base_dir = Path(base)
         else:
-            base_dir = attach.sibling_base(directory, current.base)
-        base_meta = metadata.load(base_dir)
-        if base_meta.ram_blake3 != current.base_blake3:
+            base_dir = attach.recorded_base(directory, recorded["path"])
+        base_info = snapshot_info(base_dir)
+        if base_info["memory_id"] != recorded["memory_id"]:
             raise SnapshotError(
                 f"{base_dir}: this base's RAM is not the one {directory} was taken against"
                 " (the base changed since)"
             )
-        directory, current = base_dir, base_meta
+        directory, info = base_dir, base_info
     raise SnapshotError(f"{snapshot_dir}: the chain of bases is deeper than {MAX_BASE_CHAIN} snapshots")
+
+
+MEMORY_ID_PREFIX = "memory-id:"
+"""How a record names a VMM memory identity (so it never equals a ``blake3:`` record)."""
+
+
+def _state_stamp(directory: Path) -> FileStamp:
+    """The stamp of a snapshot's ``vmstate.bin``: a diff's identity covers only the pages its
+    bitmap there names, so a record of ``memory.bin`` vouches only together with that file."""
+    try:
+        fd = metadata.open_regular(directory / metadata.VMSTATE_FILE)
+    except OSError as exc:
+        raise SnapshotError(
+            f"{directory / metadata.VMSTATE_FILE}: cannot read: {exc.strerror or exc}"
+        ) from None
+    try:
+        return FileStamp.of(os.fstat(fd))
+    finally:
+        os.close(fd)
+
+
+def check_memory(snapshot_dir: str | os.PathLike[str], memory_id: str) -> None:
+    """Raise :class:`SnapshotError` (one line naming the file) unless the ``memory.bin`` of the
+    snapshot in ``snapshot_dir`` holds the memory whose identity its VMM recorded as
+    ``memory_id`` (``_core.snapshot_info(dir)["memory_id"]``). Hashes (in Rust, the way the VMM
+    does) only if no record vouches for the file and its ``vmstate.bin`` as they are now, and
+    records a successful hash."""
+    from supermachine import _core
+
+    directory = Path(snapshot_dir)
+    ram = directory / metadata.MEMORY_FILE
+    expected = MEMORY_ID_PREFIX + memory_id
+    state = _state_stamp(directory)
+    with _open_ram(ram) as fd:
+        if recorded_digest(FileStamp.of(os.fstat(fd)), state) == expected:
+            return
+        before, settled = _settled_stamp(fd)
+        try:
+            found = MEMORY_ID_PREFIX + _core.hash_snapshot_memory(directory, fd)
+        except ValueError as exc:
+            raise SnapshotError(str(exc)) from None
+        if FileStamp.of(os.fstat(fd)) != before:
+            raise SnapshotError(f"{ram}: changed while it was being hashed")
+    if found != expected:
+        raise SnapshotError(
+            f"{ram}: content does not match the memory identity in its {metadata.VMSTATE_FILE} (corrupt?)"
+        )
+    if settled and _state_stamp(directory) == state:
+        record(before, found, ram, state)
+
+
+def record_written(snapshot_dir: str | os.PathLike[str], memory_id: str) -> None:
+    """Remember that the snapshot the VMM just wrote into ``snapshot_dir`` holds the memory whose
+    identity it reported (``memory_id``, computed while it wrote the pages), so its first restore
+    does not hash it again. Records nothing if the files changed too recently to tell."""
+    directory = Path(snapshot_dir)
+    ram = directory / metadata.MEMORY_FILE
+    try:
+        state = _state_stamp(directory)
+        with _open_ram(ram) as fd:
+            stamp, settled = _settled_stamp(fd)
+    except SnapshotError as exc:
+        log.warning("cannot record the snapshot %s: %s", directory, exc)
+        return
+    if settled and _state_stamp(directory) == state:
+        record(stamp, MEMORY_ID_PREFIX + memory_id, ram, state)
 
 
 def prune_records() -> int:
@@ -243,9 +341,12 @@ __all__ = [
     "FileStamp",
     "HashedFile",
     "check_file",
+    "check_memory",
     "check_ram",
     "hash_ram",
     "prune_records",
     "record",
+    "record_written",
     "records_dir",
+    "snapshot_info",
 ]
