@@ -17,7 +17,7 @@ import pytest
 import snap_guests as g
 from supermachine import _core
 from supermachine.errors import SnapshotError
-from supermachine.snapshots import metadata
+from supermachine.snapshots import metadata, verify
 from supermachine.snapshots.metadata import FileIdentity, ImageIdentity
 from supermachine.vm import Vm
 from test_snapshot import DATA, _blk_read_request, _used_idx, counter, wait_until
@@ -222,6 +222,33 @@ def test_a_recorded_base_outside_the_store_is_refused(diff: Path, recorded: str,
     assert rule in _restore_error(diff)
     # The caller may still name the base (its own input).
     _core.Vm.restore(str(diff), {"base": str(diff.parent / "base")}).stop()
+
+
+@pytest.mark.parametrize("recorded", ["ABSOLUTE", "../../store/base", "base", "a/b", "../", "../.."])
+def test_the_ram_check_follows_only_a_sibling_base(
+    diff: Path, recorded: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python checks the chain's memory against vmstate.bin before the VMM maps it, by the same rule.
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(tmp_path / "cache"))
+    path = str(diff.parent / "base") if recorded == "ABSOLUTE" else recorded
+    _edit(diff / "vmstate.bin", SECTION_MEMORY, _with_base_path(path.encode()))
+    with pytest.raises(SnapshotError) as e:
+        verify.check_ram(diff)
+    assert str(e.value) == (
+        f"{diff}: the VM state names the base {path!r}, not '../NAME'; a diff's base must be a sibling "
+        "snapshot in the same store, named by one directory name (pass base= to name another)"
+    )
+    verify.check_ram(diff, None, diff.parent / "base")  # the caller may still name the base
+
+
+def test_the_ram_check_refuses_a_base_behind_a_symlink(
+    diff: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(tmp_path / "cache"))
+    (diff.parent / "base").rename(tmp_path / "elsewhere")
+    (diff.parent / "base").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SnapshotError, match="the base 'base' is a symlink; a diff's base must be a sibling"):
+        verify.check_ram(diff)
 
 
 def test_a_base_reached_through_a_symlink_is_refused(diff: Path, tmp_path: Path) -> None:
