@@ -303,10 +303,10 @@ impl GuestRam {
                 }
                 let start = p;
                 while p < pages && nonzero(p) {
-                    hasher.page(first + p, page(p));
                     p += 1;
                 }
                 let run = &ram[start * snapmem::PAGE_SIZE..p * snapmem::PAGE_SIZE];
+                hasher.pages(first + start, run);
                 write_at(out, run, file_off + (start * snapmem::PAGE_SIZE) as u64)?;
                 bytes += run.len() as u64;
             }
