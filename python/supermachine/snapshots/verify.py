@@ -1,10 +1,15 @@
 """Checking a snapshot's RAM file against the memory identity its VMM recorded, once per version.
 
+The identity is the one the VMM computed while it wrote the pages and recorded in ``vmstate.bin``
+(a 256-bit BLAKE3 digest, see ``rust/src/snapshot/memory.rs``); ``_core.hash_snapshot_memory``
+computes it again from the file, the same way. ``metadata.json`` records no identity of its own.
+
 Hashing ``memory.bin`` costs time linear in the RAM size; a restore should not. So a successful
-check is recorded as the exact stat stamp of the file it hashed: device, inode, size, mtime and
-ctime in nanoseconds. A later check that finds the same stamp skips the hash. Any write,
-truncation, replacement or rename of the file changes its ctime, which no user can set, so a record
-never vouches for content it did not see.
+check is recorded as the exact stat stamps of the files it covered: device, inode, size, mtime and
+ctime in nanoseconds of ``memory.bin`` and of the ``vmstate.bin`` beside it (a diff's identity
+covers the pages its bitmap there names). A later check that finds the same stamps skips the hash.
+Any write, truncation, replacement or rename of a file changes its ctime, which no user can set, so
+a record never vouches for content it did not see.
 
 Records live in supermachine's cache, never in the snapshot directory: whoever can write a snapshot
 directory could forge a record there. They are an optimisation: a missing, unreadable or damaged
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 
 RECORDS_DIR = "verified-ram"
 """Directory under the cache holding one record per verified RAM file (device and inode)."""
+RECORD_VERSION = 2
+"""Records of version 1 held a blake3 of the file from ``metadata.json``; they are not read."""
 MAX_RECORD_BYTES = 4096
 MAX_BASE_CHAIN = 16
 """Most bases under one diff snapshot (the VMM refuses deeper chains as well)."""
@@ -71,40 +78,40 @@ def records_dir() -> Path:
     return paths.cache_dir() / RECORDS_DIR
 
 
-def _record_path(stamp: FileStamp, state: FileStamp | None = None) -> Path:
-    """One record per file and kind: a content hash, or a VMM memory identity (beside ``state``)."""
-    kind = "" if state is None else ".id"
-    return records_dir() / f"{stamp.dev:x}-{stamp.ino:x}{kind}.json"
+def _record_path(stamp: FileStamp) -> Path:
+    return records_dir() / f"{stamp.dev:x}-{stamp.ino:x}.json"
 
 
-def recorded_digest(stamp: FileStamp, state: FileStamp | None = None) -> str | None:
-    """The content hash recorded for exactly this file version (and, for a memory identity, this
-    version of the snapshot's ``vmstate.bin``), or ``None``."""
-    path = _record_path(stamp, state)
+def recorded_digest(stamp: FileStamp, state: FileStamp) -> str | None:
+    """The memory identity recorded for exactly this version of ``memory.bin`` beside this
+    version of its snapshot's ``vmstate.bin``, or ``None``."""
+    path = _record_path(stamp)
     try:
         data = metadata.parse_json(metadata.read_capped(path, MAX_RECORD_BYTES), str(path))
     except SnapshotMetadataError:
         return None
-    if not isinstance(data, dict) or data.get("stamp") != asdict(stamp):
+    if not isinstance(data, dict) or data.get("version") != RECORD_VERSION:
         return None
-    if data.get("state_stamp") != (None if state is None else asdict(state)):
+    if data.get("stamp") != asdict(stamp) or data.get("state_stamp") != asdict(state):
         return None
-    digest = data.get("blake3")
-    return digest if isinstance(digest, str) else None
+    memory_id = data.get("memory_id")
+    return memory_id if isinstance(memory_id, str) else None
 
 
-def record(
-    stamp: FileStamp, digest: str, path: str | os.PathLike[str], state: FileStamp | None = None
-) -> None:
-    """Remember that the file version ``stamp`` (at ``path``) hashes to ``digest`` (beside the
-    ``vmstate.bin`` version ``state``, for a memory identity). Written atomically; a failure is
-    logged and otherwise ignored (the next check hashes again)."""
-    if stamp.whole_seconds or (state is not None and state.whole_seconds):
+def record(stamp: FileStamp, memory_id: str, path: str | os.PathLike[str], state: FileStamp) -> None:
+    """Remember that the version ``stamp`` of ``memory.bin`` (at ``path``), beside the version
+    ``state`` of its ``vmstate.bin``, holds the memory whose identity is ``memory_id``. Written
+    atomically; a failure is logged and otherwise ignored (the next check hashes again)."""
+    if stamp.whole_seconds or state.whole_seconds:
         return
     directory = records_dir()
-    entry = {"stamp": asdict(stamp), "blake3": digest, "path": os.fspath(path)}
-    if state is not None:
-        entry["state_stamp"] = asdict(state)
+    entry = {
+        "version": RECORD_VERSION,
+        "stamp": asdict(stamp),
+        "state_stamp": asdict(state),
+        "memory_id": memory_id,
+        "path": os.fspath(path),
+    }
     payload = json.dumps(entry).encode()
     tmp = None
     try:
@@ -112,7 +119,7 @@ def record(
         fd, tmp = tempfile.mkstemp(prefix=".record-", dir=directory)
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
-        os.replace(tmp, _record_path(stamp, state))
+        os.replace(tmp, _record_path(stamp))
         tmp = None
     except OSError as exc:
         log.warning("cannot record the verification of %s: %s", path, exc.strerror or exc)
@@ -137,24 +144,6 @@ def _settled_stamp(fd: int) -> tuple[FileStamp, bool]:
     return stamp, False
 
 
-@dataclass(frozen=True)
-class HashedFile:
-    size: int
-    digest: str
-    """``blake3:<hex>`` of the content."""
-    stamp: FileStamp | None
-    """The version hashed, if its stamp vouches for exactly that content (settled before the hash,
-    unchanged after it); ``None`` if the file changed too recently to tell."""
-
-
-def _hash_open_file(fd: int, path: Path) -> HashedFile:
-    before, settled = _settled_stamp(fd)
-    digest = metadata.blake3_fd(fd)
-    if FileStamp.of(os.fstat(fd)) != before:
-        raise SnapshotError(f"{path}: changed while it was being hashed")
-    return HashedFile(before.size, digest, before if settled else None)
-
-
 @contextlib.contextmanager
 def _open_ram(ram: Path) -> Iterator[int]:
     """The RAM file opened read-only (a regular file only), its read errors as one
@@ -169,32 +158,6 @@ def _open_ram(ram: Path) -> Iterator[int]:
         raise SnapshotError(f"{ram}: cannot read RAM file: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
-
-
-def hash_ram(path: str | os.PathLike[str]) -> HashedFile:
-    """Hash a RAM file that was just written. Pass the result to :func:`record` once the file is
-    where it stays (renaming its directory keeps the stamp)."""
-    ram = Path(path)
-    with _open_ram(ram) as fd:
-        return _hash_open_file(fd, ram)
-
-
-def check_file(path: str | os.PathLike[str], size: int, digest: str) -> None:
-    """Raise :class:`SnapshotError` (one line naming the file) unless the regular file ``path``
-    has ``size`` bytes and the content hash ``digest``. Hashes only if no record vouches for the
-    file as it is now, and records a successful hash."""
-    ram = Path(path)
-    with _open_ram(ram) as fd:
-        now = FileStamp.of(os.fstat(fd))
-        if now.size != size:
-            raise SnapshotError(f"{ram}: size {now.size} does not match metadata ({size})")
-        if recorded_digest(now) == digest:
-            return
-        hashed = _hash_open_file(fd, ram)
-    if hashed.digest != digest:
-        raise SnapshotError(f"{ram}: content hash does not match its metadata (corrupt?)")
-    if hashed.stamp is not None:
-        record(hashed.stamp, hashed.digest, ram)
 
 
 def snapshot_info(directory: Path) -> _core.SnapshotInfo:
@@ -246,10 +209,6 @@ def check_ram(
     raise SnapshotError(f"{snapshot_dir}: the chain of bases is deeper than {MAX_BASE_CHAIN} snapshots")
 
 
-MEMORY_ID_PREFIX = "memory-id:"
-"""How a record names a VMM memory identity (so it never equals a ``blake3:`` record)."""
-
-
 def _state_stamp(directory: Path) -> FileStamp:
     """The stamp of a snapshot's ``vmstate.bin``: a diff's identity covers only the pages its
     bitmap there names, so a record of ``memory.bin`` vouches only together with that file."""
@@ -275,19 +234,18 @@ def check_memory(snapshot_dir: str | os.PathLike[str], memory_id: str) -> None:
 
     directory = Path(snapshot_dir)
     ram = directory / metadata.MEMORY_FILE
-    expected = MEMORY_ID_PREFIX + memory_id
     state = _state_stamp(directory)
     with _open_ram(ram) as fd:
-        if recorded_digest(FileStamp.of(os.fstat(fd)), state) == expected:
+        if recorded_digest(FileStamp.of(os.fstat(fd)), state) == memory_id:
             return
         before, settled = _settled_stamp(fd)
         try:
-            found = MEMORY_ID_PREFIX + _core.hash_snapshot_memory(directory, fd)
+            found = _core.hash_snapshot_memory(directory, fd)
         except ValueError as exc:
             raise SnapshotError(str(exc)) from None
         if FileStamp.of(os.fstat(fd)) != before:
             raise SnapshotError(f"{ram}: changed while it was being hashed")
-    if found != expected:
+    if found != memory_id:
         raise SnapshotError(
             f"{ram}: content does not match the memory identity in its {metadata.VMSTATE_FILE} (corrupt?)"
         )
@@ -309,7 +267,7 @@ def record_written(snapshot_dir: str | os.PathLike[str], memory_id: str) -> None
         log.warning("cannot record the snapshot %s: %s", directory, exc)
         return
     if settled and _state_stamp(directory) == state:
-        record(stamp, MEMORY_ID_PREFIX + memory_id, ram, state)
+        record(stamp, memory_id, ram, state)
 
 
 def prune_records() -> int:
@@ -329,7 +287,9 @@ def prune_records() -> int:
 def _stale(entry: Path) -> bool:
     try:
         data = metadata.parse_json(metadata.read_capped(entry, MAX_RECORD_BYTES), str(entry))
-        if not isinstance(data, dict) or not isinstance(data.get("path"), str):
+        if not isinstance(data, dict) or data.get("version") != RECORD_VERSION:
+            return True
+        if not isinstance(data.get("path"), str):
             return True
         st = os.stat(data["path"], follow_symlinks=False)
     except (SnapshotMetadataError, OSError, ValueError):
@@ -339,11 +299,8 @@ def _stale(entry: Path) -> bool:
 
 __all__ = [
     "FileStamp",
-    "HashedFile",
-    "check_file",
     "check_memory",
     "check_ram",
-    "hash_ram",
     "prune_records",
     "record",
     "record_written",
