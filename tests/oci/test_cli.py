@@ -133,8 +133,6 @@ def test_rmi_keeps_a_rootfs_a_snapshot_boots_from(store: ImageStore, busybox_pus
             vcpus=1,
             kernel=ident,
             agent=ident,
-            ram_size=4096,
-            ram_blake3=metadata.blake3_file(snap / metadata.MEMORY_FILE),
             run=metadata.RunDefaults(rootfs=str(squashfs)),
         ),
     )

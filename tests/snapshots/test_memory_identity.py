@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,49 @@ def test_the_hash_is_the_identity_the_vmm_recorded(snaps: tuple[Path, Path]) -> 
     }
 
 
+def test_the_identity_is_256_bits_and_stable(snaps: tuple[Path, Path], tmp_path: Path) -> None:
+    full, diff = snaps
+    for snap in snaps:
+        recorded = _core.snapshot_info(snap)["memory_id"]
+        assert len(bytes.fromhex(recorded)) == 32
+        # Hashing the same content twice, and a copy of it elsewhere, gives the same identity.
+        assert _core.hash_snapshot_memory(snap) == _core.hash_snapshot_memory(snap) == recorded
+    copy = _copy(full, tmp_path)
+    assert _core.hash_snapshot_memory(copy) == _core.snapshot_info(full)["memory_id"]
+    # A full snapshot's identity and a diff's are of different kinds: never equal.
+    assert _core.snapshot_info(full)["memory_id"] != _core.snapshot_info(diff)["memory_id"]
+
+
+V3_STATE = Path(__file__).resolve().parents[2] / "rust/fuzz/corpus/vmstate/v3-real-counter-2vcpus-full.bin"
+"""A vmstate.bin of format version 3 (a 128-bit xxh3 memory identity), from a real guest."""
+
+
+def test_a_state_file_of_the_older_format_is_one_line_saying_take_it_again(
+    snaps: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from supermachine.snapshots import golden
+    from supermachine.vm import Vm
+
+    old = _copy(snaps[0], tmp_path)
+    shutil.copyfile(V3_STATE, old / "vmstate.bin")
+    expected = (
+        f"snapshot {old / 'vmstate.bin'} has format version 3, but this build reads only version 4"
+        " (it was made by another version of supermachine): take the snapshot again"
+    )
+    for attempt in (
+        lambda: verify.check_ram(old),
+        lambda: golden.open_snapshot(old),
+        lambda: Vm.restore(old, boot_timeout=1),
+    ):
+        with pytest.raises(SnapshotError) as err:
+            attempt()
+        assert str(err.value) == expected
+    with pytest.raises(ValueError) as raw_err:
+        _core.hash_snapshot_memory(old)
+    assert str(raw_err.value) == expected
+    assert golden.list_snapshots(old.parent)[1] == [expected]
+
+
 def test_a_flipped_byte_in_a_stored_page_changes_the_identity(
     snaps: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -120,12 +164,12 @@ def test_a_check_is_recorded_and_taken_at_its_word(snaps: tuple[Path, Path], tmp
     ram = full / "memory.bin"
     stamp = verify.FileStamp.of(os.stat(ram))
     state = verify.FileStamp.of(os.stat(full / "vmstate.bin"))
-    assert verify.recorded_digest(stamp, state) == verify.MEMORY_ID_PREFIX + recorded
-    # Without the state it was recorded beside, the record vouches for nothing.
-    assert verify.recorded_digest(stamp) is None
+    assert verify.recorded_digest(stamp, state) == recorded
+    # Beside another version of vmstate.bin, the record vouches for nothing.
+    assert verify.recorded_digest(stamp, replace(state, ctime_ns=state.ctime_ns + 1)) is None
     # A record for the files as they are now is believed: no hash, so a planted one passes.
     _flip(ram, _stored_page(full))
-    verify.record(verify.FileStamp.of(os.stat(ram)), verify.MEMORY_ID_PREFIX + recorded, ram, state)
+    verify.record(verify.FileStamp.of(os.stat(ram)), recorded, ram, state)
     verify.check_memory(full, recorded)
 
 
@@ -135,7 +179,7 @@ def test_a_replaced_state_file_voids_the_record(snaps: tuple[Path, Path], tmp_pa
     ram = full / "memory.bin"
     _flip(ram, _stored_page(full))
     state = verify.FileStamp.of(os.stat(full / "vmstate.bin"))
-    verify.record(verify.FileStamp.of(os.stat(ram)), verify.MEMORY_ID_PREFIX + recorded, ram, state)
+    verify.record(verify.FileStamp.of(os.stat(ram)), recorded, ram, state)
     # vmstate.bin rewritten by rename (a diff's identity depends on the bitmap in it): hash again.
     shutil.copy2(full / "vmstate.bin", full / "state.new")
     os.replace(full / "state.new", full / "vmstate.bin")

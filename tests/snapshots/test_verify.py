@@ -87,7 +87,7 @@ def _settle() -> None:
 
 
 def _recorded_id(snap: Path) -> str:
-    return verify.MEMORY_ID_PREFIX + _core.snapshot_info(snap)["memory_id"]
+    return _core.snapshot_info(snap)["memory_id"]
 
 
 def _plant_record(snap: Path) -> None:
@@ -132,7 +132,7 @@ def test_a_successful_check_is_recorded_outside_the_snapshot(
     data = json.loads(record.read_text())
     assert data["stamp"] == asdict(_stamp(snap / "memory.bin"))
     assert data["state_stamp"] == asdict(_stamp(snap / "vmstate.bin"))
-    assert data["blake3"] == _recorded_id(snap)
+    assert data["memory_id"] == _recorded_id(snap) and data["version"] == verify.RECORD_VERSION
     assert sorted(p.name for p in snap.iterdir()) == ["memory.bin", "metadata.json", "vmstate.bin"]
 
 
@@ -184,7 +184,7 @@ def test_a_record_for_another_identity_does_not_count(store: Path, tmp_path: Pat
     snap, _ = _copy(store, tmp_path)
     ram = snap / "memory.bin"
     _flip(ram)
-    verify.record(_stamp(ram), verify.MEMORY_ID_PREFIX + "00" * 16, ram, _stamp(snap / "vmstate.bin"))
+    verify.record(_stamp(ram), "00" * 32, ram, _stamp(snap / "vmstate.bin"))
     assert MISMATCH in _check_error(snap)
 
 
@@ -241,7 +241,7 @@ def test_vm_restore_checks_the_ram_file(raw_guests: Path, tmp_path: Path) -> Non
     # The bake recorded the identity the VMM reported: the first restore need not hash again.
     state = _stamp(snap / "vmstate.bin")
     recorded = verify.recorded_digest(_stamp(snap / "memory.bin"), state)
-    assert recorded == verify.MEMORY_ID_PREFIX + baked.report["memory_id"] == _recorded_id(snap)
+    assert recorded == baked.report["memory_id"] == _recorded_id(snap)
     # Intact: the restore gets past the check and runs the guest (which has no agent to answer).
     with pytest.raises(VmError, match="agent did not answer"):
         Vm.restore(snap, boot_timeout=1)
