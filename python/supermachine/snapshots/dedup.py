@@ -3,11 +3,12 @@
 A snapshot's ``memory.bin`` is stored against its golden (see :mod:`.golden`): the golden's RAM file
 is cloned with ``ioctl(FICLONE)`` into a temp file beside the original, which then shares every
 extent with the golden; only the pages that differ are written over it. The result is fsynced,
-checked to hold the same content as the original and renamed over it: for a snapshot, the
-original and the copy must both hash to the memory identity its ``vmstate.bin`` records (which
-covers every page of a full snapshot's RAM file); for a plain file, to the same blake3. Any failure leaves the
-original untouched and removes the temp file; a run killed half-way leaves a temp file that the
-next run removes (under the store lock) before doing anything else.
+checked to hold the same content as the original and renamed over it: for a snapshot, the original
+and the copy must both hash to the memory identity its ``vmstate.bin`` records (which names every
+non-zero page of a full snapshot's RAM file, so equal identities mean equal files); for a plain
+file, to the same blake3. Any failure leaves the original untouched and removes the temp file; a
+run killed half-way leaves a temp file that the next run removes (under the store lock) before
+doing anything else.
 
 Space saved is measured from ``statvfs`` before and after: ``du`` cannot see shared extents.
 """

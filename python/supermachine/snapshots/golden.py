@@ -1,8 +1,8 @@
 """Golden-base selection: which sibling snapshot a fresh snapshot's RAM file is stored against.
 
 The golden of a snapshot is the newest *other* full snapshot in the same store that was baked from
-the same image (config digest), with the same memory size, by the same supermachine version, and
-the same RAM size. Candidates whose RAM file does not hold the memory their VMM recorded (the
+the same image (config digest), with the same memory size, by the same supermachine version.
+Candidates whose RAM file does not hold the memory their VMM recorded (the
 memory identity in ``vmstate.bin``) are skipped with a warning: sharing extents with a corrupt file
 would spread the damage.
 """

@@ -170,7 +170,8 @@ impl IdHasher {
 
     /// Adds the pages of `run` (whole pages), the first of which is page `first`: the same
     /// records as [`IdHasher::page`] for each, with the page hashes of a long run computed on
-    /// all cores.
+    /// all cores (rayon's pool). For checking a file in the owner's process, not in a worker,
+    /// whose threads its pids limit bounds.
     pub fn pages(&mut self, first: usize, run: &[u8]) {
         use rayon::prelude::*;
         // Below this many pages a thread hand-off costs more than it saves.

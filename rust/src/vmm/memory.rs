@@ -302,11 +302,13 @@ impl GuestRam {
                     continue;
                 }
                 let start = p;
+                // One page at a time, on this thread: a worker's threads are bounded by its
+                // pids limit, so the VMM starts no thread pool to hash.
                 while p < pages && nonzero(p) {
+                    hasher.page(first + p, page(p));
                     p += 1;
                 }
                 let run = &ram[start * snapmem::PAGE_SIZE..p * snapmem::PAGE_SIZE];
-                hasher.pages(first + start, run);
                 write_at(out, run, file_off + (start * snapmem::PAGE_SIZE) as u64)?;
                 bytes += run.len() as u64;
             }
