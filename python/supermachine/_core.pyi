@@ -186,15 +186,16 @@ class VmRestoreOverrides(TypedDict, total=False):
 class VmSnapshotReport(TypedDict):
     memory_bytes: int  # guest RAM bytes written (all-zero pages stay holes)
     state_bytes: int
-    memory_id: str  # hex content identity of the snapshot's memory
+    memory_id: str  # the snapshot's memory identity: 64 hex digits (BLAKE3, recorded in vmstate.bin)
     diff_pages: int | None  # pages a diff stores; None for a full snapshot
     compared_pages: int | None  # pages a diff compared with its base
     phases: dict[str, float]  # pause, capture, memory, state, commit
 
 class SnapshotBase(TypedDict):
     path: str  # "../name" for a sibling in the same store, else absolute
-    memory_id: str
+    memory_id: str  # the base's memory identity when the diff was taken
 
+# What vmstate.bin records: the one record of a snapshot's memory identity and base.
 class SnapshotInfo(TypedDict):
     memory_size: int
     vcpus: int
@@ -202,12 +203,19 @@ class SnapshotInfo(TypedDict):
     cpu_template: str
     disks: list[bool]  # read-only flag of each disk, in device order (no paths are kept)
     vsock: bool
-    memory_id: str
+    memory_id: str  # 64 hex digits: BLAKE3 over its pages (see hash_snapshot_memory)
     base: SnapshotBase | None
     diff_pages: int
 
-# Reads and checks a snapshot directory's vmstate.bin (magic, version, length, CRC).
+# Reads and checks a snapshot directory's vmstate.bin (magic, version, length, CRC); a file of
+# another format version is one line ending "take the snapshot again".
 def snapshot_info(dir: str | os.PathLike[str]) -> SnapshotInfo: ...
+
+# The memory identity (hex) of the snapshot in dir, computed again from memory.bin (or from the
+# open regular file memory_fd) the way the VMM recorded it in vmstate.bin: equal to
+# snapshot_info(dir)["memory_id"] exactly when the file holds the memory the VMM wrote. Reads
+# the file (never maps it) with the GIL released; ValueError (one line) if it cannot.
+def hash_snapshot_memory(dir: str | os.PathLike[str], memory_fd: int | None = None) -> str: ...
 
 class Vm:
     # With `worker` the VMM runs in its own jailed process; without, in this one.

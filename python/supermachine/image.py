@@ -51,6 +51,17 @@ class Image:
     snapshot: Path | None = None
     """The snapshot directory, for an image made by :meth:`from_snapshot`."""
     snapshot_meta: SnapshotMetadata | None = None
+    """What only the snapshot's ``metadata.json`` records (image, kernel, agent, run defaults)."""
+
+    @property
+    def snapshot_base(self) -> str | None:
+        """For a diff snapshot, the base its VM state records (a sibling by its directory name);
+        ``None`` for a full snapshot or an image that is not a snapshot."""
+        if self.snapshot is None:
+            return None
+        from supermachine.snapshots import attach, verify
+
+        return attach.base_name(verify.snapshot_info(self.snapshot))
 
     @property
     def identity(self) -> ImageIdentity:

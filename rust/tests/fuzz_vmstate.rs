@@ -81,7 +81,7 @@ fn snapshot_with(base: Option<BaseRef>, id: u8) -> Snapshot {
         vcpus: vec![VcpuState::default()],
         devices: DeviceState::default(),
         memory: MemoryState {
-            id: [id; 16],
+            id: [id; 32],
             base,
             pages,
         },
@@ -123,7 +123,7 @@ fn chain_target(data: &[u8], root: &Path) {
         // (or a refusal) ends it.
         let base = (kind >= 4).then(|| BaseRef {
             path: RECORDED[arg % RECORDED.len()].to_string(),
-            id: [7; 16],
+            id: [7; 32],
             memory_len: RAM,
             memory_mtime_ns: MTIME_NS,
         });
@@ -193,7 +193,7 @@ fn write_seed_corpus() {
     let diff = snapshot_with(
         Some(BaseRef {
             path: "../golden".into(),
-            id: [2; 16],
+            id: [2; 32],
             memory_len: RAM,
             memory_mtime_ns: 1,
         }),
@@ -251,7 +251,7 @@ fn write_seed_corpus() {
 }
 
 /// The corpus's states of a real 2-vCPU guest decode (they are regenerated when the format
-/// version changes; older ones stay as `v2-*` and are refused by their version).
+/// version changes; older ones stay as `v2-*`, `v3-*` and are refused by their version).
 #[test]
 fn the_real_states_in_the_corpus_decode() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vmstate");
@@ -264,7 +264,12 @@ fn the_real_states_in_the_corpus_decode() {
         assert_eq!(snap.vcpus.len(), 2, "{name}");
         assert_eq!(snap.encode(), data, "{name}");
     }
-    let old = std::fs::read(dir.join("v2-real-counter-2vcpus-diff.bin")).unwrap();
-    let e = Snapshot::decode(&old, "old").unwrap_err().to_string();
-    assert!(e.contains("made by another version of supermachine"), "{e}");
+    for old in [
+        "v2-real-counter-2vcpus-diff.bin",
+        "v3-real-counter-2vcpus-diff.bin",
+    ] {
+        let data = std::fs::read(dir.join(old)).unwrap();
+        let e = Snapshot::decode(&data, old).unwrap_err().to_string();
+        assert!(e.ends_with("take the snapshot again"), "{e}");
+    }
 }

@@ -211,7 +211,7 @@ fn write_seed_corpus() {
     let snapshot = Reply::Snapshot(SnapshotSummary {
         memory_bytes: 4096,
         state_bytes: 900,
-        memory_id: [3; 16],
+        memory_id: [3; 32],
         diff_pages: Some(1),
         compared_pages: None,
         phases: vec![("pause".into(), 0.001)],

@@ -38,7 +38,7 @@ def golden(vm: Vm, store: Path) -> Image:
 
 def test_a_snapshot_image_restores_with_its_state(golden: Image, store: Path) -> None:
     assert golden.snapshot == store / "golden"
-    assert golden.snapshot_meta is not None and golden.snapshot_meta.base is None
+    assert golden.snapshot_meta is not None and golden.snapshot_base is None
     again = Image.from_snapshot(store / "golden")
     assert again.snapshot_meta == golden.snapshot_meta
     with golden.start() as clone:
@@ -70,7 +70,7 @@ def test_a_snapshot_of_a_clone_is_stored_as_a_diff_against_the_golden(golden: Im
         child = clone.snapshot(store / "child")
         assert clone.exec(["cat", "/tmp/more"]).stdout == b"more\n"  # still running
     assert child.snapshot_meta is not None
-    assert child.snapshot_meta.base == "golden"
+    assert child.snapshot_base == "golden"
     info = _core.snapshot_info(str(store / "child"))
     assert info["base"] is not None and info["base"]["path"] == "../golden"
     total = info["memory_size"] // 4096
@@ -87,7 +87,7 @@ def test_auto_dedup_off_and_bad_requests(golden: Image, store: Path, monkeypatch
     monkeypatch.setenv("SUPERMACHINE_AUTO_DEDUP", "0")
     with golden.start() as clone:
         full = clone.snapshot(store / "full")
-        assert full.snapshot_meta is not None and full.snapshot_meta.base is None
+        assert full.snapshot_meta is not None and full.snapshot_base is None
         with pytest.raises(SnapshotError, match="already holds a snapshot"):
             clone.snapshot(store / "full")
         # The failed attempt left the VM running.

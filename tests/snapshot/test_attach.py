@@ -22,8 +22,6 @@ def _meta(image: ImageIdentity, rootfs: str | None) -> SnapshotMetadata:
         vcpus=1,
         kernel=unused,
         agent=unused,
-        ram_size=64 << 20,
-        ram_blake3="blake3:" + "0" * 64,
         run=RunDefaults(rootfs=rootfs),
     )
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import snap_guests as g
 from supermachine import _core
-from supermachine.errors import SnapshotError
-from supermachine.snapshots import metadata
+from supermachine.errors import SnapshotError, VmError
+from supermachine.snapshots import metadata, verify
 from supermachine.snapshots.metadata import FileIdentity, ImageIdentity
 from supermachine.vm import Vm
 from test_snapshot import DATA, _blk_read_request, _used_idx, counter, wait_until
@@ -62,10 +62,14 @@ def _machine_end(body: bytes) -> int:
     return _skip_string(body, at) + 1  # disks, vsock
 
 
+ID_LEN = 32
+"""Bytes of a memory identity (BLAKE3)."""
+
+
 def _memory_end(body: bytes, at: int) -> int:
-    at += 16  # identity
+    at += ID_LEN  # identity
     if body[at] == 1:  # base: path, identity, memory.bin length and mtime
-        at = _read_varint(body, _read_varint(body, _skip_string(body, at + 1) + 16)[1])[1]
+        at = _read_varint(body, _read_varint(body, _skip_string(body, at + 1) + ID_LEN)[1])[1]
     else:
         at += 1
     return _skip_string(body, at + 1) if body[at] == 1 else at + 1  # page bitmap
@@ -78,7 +82,7 @@ def _split(data: bytes) -> dict[str, bytes]:
     return {SECTION_MACHINE: body[:m], SECTION_MEMORY: body[m:e], "rest": body[e:]}
 
 
-def _assemble(parts: dict[str, bytes], version: int = 3) -> bytes:
+def _assemble(parts: dict[str, bytes], version: int = 4) -> bytes:
     body = parts[SECTION_MACHINE] + parts[SECTION_MEMORY] + parts["rest"]
     out = b"SMVMSNAP" + struct.pack("<IIQ", version, 0, 24 + len(body) + 4) + body
     return out + struct.pack("<I", zlib.crc32(out))
@@ -122,8 +126,8 @@ def _parse_machine(s: bytes) -> dict[str, Any]:
 
 def _with_base_path(path: bytes) -> Any:
     def edit(s: bytes) -> bytes:
-        assert s[16] == 1, "a diff"
-        return s[:17] + _string(path) + s[_skip_string(s, 17) :]
+        assert s[ID_LEN] == 1, "a diff"
+        return s[: ID_LEN + 1] + _string(path) + s[_skip_string(s, ID_LEN + 1) :]
 
     return edit
 
@@ -222,6 +226,33 @@ def test_a_recorded_base_outside_the_store_is_refused(diff: Path, recorded: str,
     assert rule in _restore_error(diff)
     # The caller may still name the base (its own input).
     _core.Vm.restore(str(diff), {"base": str(diff.parent / "base")}).stop()
+
+
+@pytest.mark.parametrize("recorded", ["ABSOLUTE", "../../store/base", "base", "a/b", "../", "../.."])
+def test_the_ram_check_follows_only_a_sibling_base(
+    diff: Path, recorded: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python checks the chain's memory against vmstate.bin before the VMM maps it, by the same rule.
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(tmp_path / "cache"))
+    path = str(diff.parent / "base") if recorded == "ABSOLUTE" else recorded
+    _edit(diff / "vmstate.bin", SECTION_MEMORY, _with_base_path(path.encode()))
+    with pytest.raises(SnapshotError) as e:
+        verify.check_ram(diff)
+    assert str(e.value) == (
+        f"{diff}: the VM state names the base {path!r}, not '../NAME'; a diff's base must be a sibling "
+        "snapshot in the same store, named by one directory name (pass base= to name another)"
+    )
+    verify.check_ram(diff, None, diff.parent / "base")  # the caller may still name the base
+
+
+def test_the_ram_check_refuses_a_base_behind_a_symlink(
+    diff: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(tmp_path / "cache"))
+    (diff.parent / "base").rename(tmp_path / "elsewhere")
+    (diff.parent / "base").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(SnapshotError, match="the base 'base' is a symlink; a diff's base must be a sibling"):
+        verify.check_ram(diff)
 
 
 def test_a_base_reached_through_a_symlink_is_refused(diff: Path, tmp_path: Path) -> None:
@@ -324,8 +355,7 @@ def test_a_vcpu_count_that_disagrees_with_the_state_is_refused(vms: Any, tmp_pat
 
 def _describe(directory: Path, **changes: Any) -> None:
     missing = FileIdentity("/nonexistent/vmlinux", "sha256:" + "0" * 64)
-    meta = metadata.describe(
-        directory,
+    meta = metadata.SnapshotMetadata(
         image=ImageIdentity("rootfs:none", "none"),
         memory_mib=16,
         vcpus=1,
@@ -335,27 +365,28 @@ def _describe(directory: Path, **changes: Any) -> None:
     metadata.save(directory, replace(meta, **changes))
 
 
-@pytest.mark.parametrize(
-    ("base", "rule"),
-    [
-        ("/abs/golden", "an absolute path; a diff's base must be a sibling snapshot in the same store"),
-        # metadata.json's own checks refuse these when it is loaded.
-        ("../../x", "field 'base' must be a sibling snapshot's name"),
-        ("a/b", "field 'base' must be a sibling snapshot's name"),
-        ("..", "field 'base' must be a sibling snapshot's name"),
-        ("other", "metadata names the base 'other', but the VM state '../base'"),
-    ],
-)
-def test_a_metadata_base_outside_the_store_is_refused(kvm: None, diff: Path, base: str, rule: str) -> None:
-    # Written as an attacker would, past the checks metadata.save makes.
-    _describe(diff, base="base", base_blake3="blake3:" + "0" * 64)
+@pytest.mark.parametrize("base", ["/abs/golden", "../../x", "other"])
+def test_a_base_written_into_the_metadata_is_not_followed(
+    kvm: None, diff: Path, base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # metadata.json records no base: one an attacker adds is never read. The restore takes the
+    # sibling its vmstate.bin records, and checks that one's memory.
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(tmp_path / "cache"))
+    _describe(diff)
     meta_file = diff / metadata.METADATA_FILE
     data = json.loads(meta_file.read_text())
-    data["base"] = base
+    data.update(base=base, base_blake3="blake3:" + "0" * 64)
     meta_file.write_text(json.dumps(data))
-    with pytest.raises(SnapshotError) as e:
+    # Past the metadata and the RAM checks, the VMM refuses only the vsock this VM never had.
+    with pytest.raises(VmError, match="the snapshot has no vsock device"):
         Vm.restore(diff, boot_timeout=1)
-    assert rule in str(e.value)
+    ram = diff.parent / "base" / "memory.bin"
+    at = next(i for i, b in enumerate(ram.read_bytes()) if b)  # a byte of a stored page
+    with open(ram, "r+b") as f:
+        f.seek(at)
+        f.write(b"\0")
+    with pytest.raises(SnapshotError, match="content does not match the memory identity"):
+        Vm.restore(diff, boot_timeout=1)
 
 
 def test_metadata_vcpus_must_match_the_state(kvm: None, diff: Path) -> None:

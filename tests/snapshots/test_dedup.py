@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from snapstore_support import RAM_SIZE, file_blake3, make_ram, run_dedup_cli, write_snapshot
-from supermachine import pages
+from supermachine import _core, pages
 from supermachine.snapshots import dedup, golden
 
 T0 = 1_700_000_000.0
@@ -46,7 +46,7 @@ def test_dedup_is_byte_identical_and_saves_space(reflink_store: Path, ram) -> No
     assert result.status == "deduped", result.message
     assert file_blake3(s / "memory.bin") == before_hash
     assert (s / "memory.bin").read_bytes() == ram.sibling
-    assert file_blake3(g / "memory.bin") == golden.open_snapshot(g).meta.ram_blake3
+    assert _core.hash_snapshot_memory(g) == golden.open_snapshot(g).info["memory_id"]
     assert result.differ_pages == len(ram.changed)
     assert result.bytes_written == len(ram.changed) * pages.PAGE_SIZE
     # statvfs, not du: >= 80% of the RAM file came back for 5% differing pages.
@@ -73,12 +73,19 @@ def test_size_mismatch_and_corrupt_input_leave_original(xfs_store: Path, ram) ->
     ino = os.stat(s / "memory.bin").st_ino
     result = dedup.dedup_file(s / "memory.bin", g / "memory.bin")
     assert result.status == "failed" and "size mismatch" in result.message
-    # A RAM file that does not match its metadata is not rewritten.
+    # A RAM file that does not hold the memory its VM state records is not rewritten.
     g2 = write_snapshot(xfs_store, "golden2", ram.golden, created=T0)
-    result = dedup.dedup_file(s / "memory.bin", g2 / "memory.bin", expected_blake3="blake3:" + "0" * 64)
-    assert result.status == "failed" and "does not match the content hash" in result.message
+    memory_id = _core.snapshot_info(s)["memory_id"]
+    with open(s / "memory.bin", "r+b") as f:
+        f.seek(RAM_SIZE // 3)
+        f.write(b"\xff\x00")
+    damaged = (s / "memory.bin").read_bytes()
+    ino = os.stat(s / "memory.bin").st_ino
+    result = dedup.dedup_file(s / "memory.bin", g2 / "memory.bin", memory_id=memory_id)
+    assert result.status == "failed"
+    assert result.message == "RAM file does not match the memory identity in its vmstate.bin (corrupt?)"
     assert os.stat(s / "memory.bin").st_ino == ino
-    assert (s / "memory.bin").read_bytes() == ram.sibling
+    assert (s / "memory.bin").read_bytes() == damaged
     assert _temps(xfs_store) == []
 
 

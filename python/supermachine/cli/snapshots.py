@@ -140,7 +140,7 @@ def _pull_boot_and_bake(
     took = time.monotonic() - started
     meta = baked.snapshot_meta
     assert meta is not None
-    kind = "full" if meta.base is None else f"diff against {meta.base}"
+    kind = "full" if (base_name := baked.snapshot_base) is None else f"diff against {base_name}"
     ui.stdout.print(
         f"{target}: {kind}, {meta.memory_mib} MiB RAM, {human_bytes(_allocated(target))} on disk,"
         f" {took:.2f} s"
@@ -186,7 +186,7 @@ def _print_listing(directory: Path, found: list[golden.Snapshot], as_json: bool)
             "name": s.name,
             "image": s.meta.image.ref,
             "memory_mib": s.meta.memory_mib,
-            "base": s.meta.base,
+            "base": s.base,
             "created": s.meta.created,
             "allocated_bytes": _allocated(s.path),
         }

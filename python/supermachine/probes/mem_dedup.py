@@ -100,7 +100,7 @@ def open_source(directory: Path) -> Source:
         stored = ram.stat().st_blocks * 512
     except OSError as exc:
         raise SnapshotError(f"{ram}: cannot stat RAM file: {exc.strerror or exc}") from None
-    base = None if image.snapshot_meta is None else image.snapshot_meta.base
+    base = image.snapshot_base
     return Source(directory, base, stored)
 
 

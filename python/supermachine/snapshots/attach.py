@@ -4,7 +4,8 @@ A snapshot directory may have been written by anyone. Its ``vmstate.bin`` and ``
 describe the VM, but no path in them is ever opened: the root filesystem of an OCI image's snapshot
 is the image cache's squashfs for the image's config digest, a bare root filesystem's snapshot needs
 the caller's file (whose content must match the recorded digest), extra disks are the caller's, and
-a diff's base is the sibling directory its name gives (the VMM refuses anything else).
+a diff's base is the sibling directory its ``vmstate.bin`` names as ``../NAME`` (the VMM refuses
+anything else), or the caller's ``base=``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def vouch_for_rootfs(identity: ImageIdentity, rootfs: str | os.PathLike[str] | N
 
 
 def check_state_matches(directory: Path, meta: SnapshotMetadata, info: _core.SnapshotInfo) -> None:
-    """The metadata agrees with the VM state on the VM's shape and on whether it is a diff."""
+    """The metadata agrees with the VM state on the VM's shape. (Whether it is a diff, and of
+    which base, only the VM state records.)"""
     if info["memory_size"] != meta.memory_mib << 20:
         raise SnapshotError(
             f"{directory}: metadata says {meta.memory_mib} MiB of RAM, "
@@ -46,8 +48,6 @@ def check_state_matches(directory: Path, meta: SnapshotMetadata, info: _core.Sna
         )
     if info["vcpus"] != meta.vcpus:
         raise SnapshotError(f"{directory}: metadata says {meta.vcpus} vCPUs, the VM state {info['vcpus']}")
-    if (info["base"] is None) != (meta.base is None):
-        raise SnapshotError(f"{directory}: metadata and VM state disagree on whether it is a diff snapshot")
 
 
 def snapshot_rootfs(
@@ -146,16 +146,14 @@ _SIBLING_RULE = (
 )
 
 
-def sibling_base(directory: Path, name: str) -> Path:
-    """The base directory a snapshot's metadata names: ``name`` must be one directory name, a
-    sibling of ``directory`` that is not a symlink. Raises :class:`SnapshotError` naming the rule."""
-    if os.path.isabs(name):
+def recorded_base(directory: Path, recorded: str) -> Path:
+    """The base directory a diff's ``vmstate.bin`` records (``_core.snapshot_info(dir)["base"]
+    ["path"]``): only ``../NAME``, a sibling that is not a symlink (the rule the VMM applies too).
+    Raises :class:`SnapshotError` naming the rule."""
+    name = recorded.removeprefix("../")
+    if name == recorded or "/" in name or name in ("", ".", "..") or "\0" in name:
         raise SnapshotError(
-            f"{directory}: metadata names the base {name!r}, an absolute path; {_SIBLING_RULE}"
-        )
-    if "/" in name or name in ("", ".", "..") or "\0" in name:
-        raise SnapshotError(
-            f"{directory}: metadata names the base {name!r}, not a single directory name; {_SIBLING_RULE}"
+            f"{directory}: the VM state names the base {recorded!r}, not '../NAME'; {_SIBLING_RULE}"
         )
     path = directory.parent / name
     if path.is_symlink():
@@ -163,28 +161,33 @@ def sibling_base(directory: Path, name: str) -> Path:
     return path
 
 
+def base_name(info: _core.SnapshotInfo) -> str | None:
+    """How to show the base a snapshot's VM state records: a sibling's directory name (the VM
+    state says ``../NAME``), any other recorded path as it is, ``None`` for a full snapshot."""
+    if info["base"] is None:
+        return None
+    recorded = info["base"]["path"]
+    name = recorded.removeprefix("../")
+    return name if name != recorded and "/" not in name else recorded
+
+
 def base_override(
     directory: Path, meta: SnapshotMetadata, info: _core.SnapshotInfo, given: str | os.PathLike[str] | None
 ) -> str | None:
     """Where the VMM finds a diff's base: ``given`` (the caller's), else ``None`` for the sibling
-    the VM state records, once the metadata's ``base`` is checked to be that same single name."""
-    if given is not None:
-        return os.fspath(given)
-    if meta.base is None:
-        return None
-    name = meta.base
-    sibling_base(directory, name)
-    recorded = info["base"]["path"] if info["base"] is not None else None
-    if recorded != f"../{name}":
-        raise SnapshotError(f"{directory}: metadata names the base {name!r}, but the VM state {recorded!r}")
-    return None
+    the VM state records (which the VMM and :func:`.verify.check_ram` accept only as ``../NAME``,
+    see :func:`recorded_base`). ``directory``, ``meta`` and ``info`` are not consulted: the VM
+    state alone records the base."""
+    del directory, meta, info
+    return None if given is None else os.fspath(given)
 
 
 __all__ = [
+    "base_name",
     "base_override",
     "check_state_matches",
+    "recorded_base",
     "restore_disks",
-    "sibling_base",
     "snapshot_rootfs",
     "vouch_for_rootfs",
 ]

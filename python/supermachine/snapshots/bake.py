@@ -13,6 +13,7 @@ VM restored from any snapshot on that golden shares the golden's pages in the ho
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -112,8 +113,6 @@ def bake(
             vcpus=vcpus,
             kernel=kernel_id,
             agent=agent_id,
-            ram_size=memory_mib << 20,
-            ram_blake3=metadata.BLAKE3_PREFIX + "0" * 64,
             run=run,
         )
         # The VMM refuses a base of another RAM size itself (one line, before it writes anything).
@@ -124,35 +123,17 @@ def bake(
                 report = dict(handle.snapshot(str(partial), None if base_dir is None else str(base_dir)))
             except (OSError, ValueError, RuntimeError) as exc:
                 raise SnapshotError(f"cannot snapshot the VM: {exc}") from None
-            ram = verify.hash_ram(partial / metadata.MEMORY_FILE)
-            base_name = _base_name(base_dir, directory)
-            meta = metadata.describe(
-                partial,
-                image=image,
-                memory_mib=memory_mib,
-                vcpus=vcpus,
-                kernel=kernel_id,
-                agent=agent_id,
-                base=base_name,
-                run=run,
-                ram=(ram.size, ram.digest),
-            )
+            # What the VMM owns (memory identity, base and its identity) it recorded in
+            # vmstate.bin; the metadata adds only what it does not know.
+            meta = dataclasses.replace(prospective, created=time.time())
             metadata.save(partial, meta)
             publish.publish(partial, directory)
         except BaseException:
             publish.discard(partial)
             raise
-        if ram.stamp is not None:
-            verify.record(ram.stamp, ram.digest, directory / metadata.MEMORY_FILE)
+        if isinstance(memory_id := report.get("memory_id"), str):
+            verify.record_written(directory, memory_id)
         return BakeResult(directory, meta, report, time.monotonic() - started)
-
-
-def _base_name(base_dir: Path | None, target: Path) -> str | None:
-    """How the metadata names the base: a sibling by its name, anything else by absolute path."""
-    if base_dir is None:
-        return None
-    same_store = base_dir.resolve().parent == target.parent.resolve()
-    return base_dir.name if same_store else str(base_dir.resolve())
 
 
 __all__ = ["BakeResult", "BaseChoice", "bake", "choose_base", "file_identity", "rootfs_identity"]

@@ -3,9 +3,12 @@
 A snapshot's ``memory.bin`` is stored against its golden (see :mod:`.golden`): the golden's RAM file
 is cloned with ``ioctl(FICLONE)`` into a temp file beside the original, which then shares every
 extent with the golden; only the pages that differ are written over it. The result is fsynced,
-checked byte-identical to the original (blake3 of both) and renamed over it. Any failure leaves the
-original untouched and removes the temp file; a run killed half-way leaves a temp file that the
-next run removes (under the store lock) before doing anything else.
+checked to hold the same content as the original and renamed over it: for a snapshot, the original
+and the copy must both hash to the memory identity its ``vmstate.bin`` records (which names every
+non-zero page of a full snapshot's RAM file, so equal identities mean equal files); for a plain
+file, to the same blake3. Any failure leaves the original untouched and removes the temp file; a
+run killed half-way leaves a temp file that the next run removes (under the store lock) before
+doing anything else.
 
 Space saved is measured from ``statvfs`` before and after: ``du`` cannot see shared extents.
 """
@@ -26,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from supermachine import pages
+from supermachine import _core, pages
 from supermachine.errors import SnapshotError
 from supermachine.snapshots import golden as golden_mod
 from supermachine.snapshots import metadata
@@ -234,7 +237,7 @@ def dedup_file(
     golden: str | os.PathLike[str],
     *,
     dry_run: bool = False,
-    expected_blake3: str | None = None,
+    memory_id: str | None = None,
 ) -> DedupResult:
     """Store ``target`` as a reflink clone of ``golden`` plus its differing pages.
 
@@ -242,6 +245,10 @@ def dedup_file(
     ``would-dedup`` for a dry run, ``no-reflink``, ``failed``) and ``target`` is untouched unless
     the status is ``deduped``, in which case its content is byte-identical to before. Callers that
     share a store with other dedup runs should hold :func:`store_lock`.
+
+    ``memory_id``: ``target`` is the ``memory.bin`` of a full snapshot whose ``vmstate.bin``
+    records this memory identity (``_core.snapshot_info(dir)["memory_id"]``); the original and
+    the copy must both hash to it. Without it they must have the same blake3.
     """
     target, golden = Path(target), Path(golden)
     result = DedupResult(str(target), str(golden), "failed")
@@ -338,11 +345,15 @@ def dedup_file(
         if os.stat(tmp).st_size != tst.st_size:
             result.message = "size mismatch after writing the differing pages"
             return result
-        original_hash = metadata.blake3_file(target)
-        if expected_blake3 is not None and original_hash != expected_blake3:
-            result.message = "RAM file does not match the content hash in its metadata (corrupt?)"
-            return result
-        if metadata.blake3_file(tmp) != original_hash:
+        if memory_id is not None:
+            original_hash = _memory_id(target.parent, target)
+            if original_hash != memory_id:
+                result.message = "RAM file does not match the memory identity in its vmstate.bin (corrupt?)"
+                return result
+            copy_hash = _memory_id(target.parent, tmp)
+        else:
+            original_hash, copy_hash = metadata.blake3_file(target), metadata.blake3_file(tmp)
+        if copy_hash != original_hash:
             result.message = "verification failed: the deduped copy differs from the original"
             return result
         _pause("verified")
@@ -354,6 +365,10 @@ def dedup_file(
         renamed = True
         metadata.fsync_dir(directory)
         _pause("renamed")
+    except ValueError as exc:
+        result.status = "failed"
+        result.message = str(exc)
+        return result
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         result.status = "failed"
@@ -368,6 +383,16 @@ def dedup_file(
     result.status = "deduped"
     result.bytes_saved = free_bytes(directory) - before
     return result
+
+
+def _memory_id(snapshot_dir: Path, ram: Path) -> str:
+    """The memory identity (as the VMM computes it, with the page bitmap and base of the
+    snapshot's ``vmstate.bin``) of the file ``ram``. ``ValueError`` (one line) if it cannot."""
+    fd = metadata.open_regular(ram)
+    try:
+        return _core.hash_snapshot_memory(snapshot_dir, fd)
+    finally:
+        os.close(fd)
 
 
 def dedup_snapshot(
@@ -385,19 +410,18 @@ def dedup_snapshot(
     direction); a pair found there is skipped, and a newly deduped pair is added."""
     if snapshot.is_diff:
         reason = "diff snapshot: its RAM file is not a full image"
-        return DedupResult(snapshot.name, None, "skipped", reason, snapshot.meta.ram_size), []
+        return DedupResult(snapshot.name, None, "skipped", reason, snapshot.ram_size), []
     choice = golden_mod.select_golden(store_dir, snapshot, snapshots=snapshots, verify_cache=verify_cache)
     if choice.golden is None:
         result = DedupResult(snapshot.name, None, "no-golden", "no compatible sibling snapshot")
-        result.ram_size = snapshot.meta.ram_size
+        result.ram_size = snapshot.ram_size
         return result, choice.skipped
     pair = frozenset((snapshot.name, choice.golden.name))
     if done is not None and pair in done:
         reason = f"already shares pages with {choice.golden.name} (deduped the other way)"
-        return DedupResult(snapshot.name, choice.golden.name, "skipped", reason, snapshot.meta.ram_size), []
-    result = dedup_file(
-        snapshot.ram_path, choice.golden.ram_path, dry_run=dry_run, expected_blake3=snapshot.meta.ram_blake3
-    )
+        return DedupResult(snapshot.name, choice.golden.name, "skipped", reason, snapshot.ram_size), []
+    memory_id = None if snapshot.info is None else snapshot.info["memory_id"]
+    result = dedup_file(snapshot.ram_path, choice.golden.ram_path, dry_run=dry_run, memory_id=memory_id)
     result.snapshot = snapshot.name
     result.golden = choice.golden.name
     if done is not None and result.status in ("deduped", "would-dedup"):

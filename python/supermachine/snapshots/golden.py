@@ -1,9 +1,10 @@
 """Golden-base selection: which sibling snapshot a fresh snapshot's RAM file is stored against.
 
 The golden of a snapshot is the newest *other* full snapshot in the same store that was baked from
-the same image (config digest), with the same memory size, by the same supermachine version, and
-whose RAM file has the same size. Candidates whose RAM file does not match the content hash in their
-metadata are skipped with a warning: sharing extents with a corrupt file would spread the damage.
+the same image (config digest), with the same memory size, by the same supermachine version.
+Candidates whose RAM file does not hold the memory their VMM recorded (the
+memory identity in ``vmstate.bin``) are skipped with a warning: sharing extents with a corrupt file
+would spread the damage.
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from supermachine.errors import SnapshotError, SnapshotMetadataError
 from supermachine.snapshots import metadata, publish, verify
 from supermachine.snapshots.metadata import SnapshotMetadata
+
+if TYPE_CHECKING:
+    from supermachine import _core
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +38,15 @@ def auto_dedup_enabled() -> bool:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """A snapshot directory in a store, with its metadata."""
+    """A snapshot directory in a store, with its metadata and the VMM's record of it."""
 
     path: Path
     meta: SnapshotMetadata
     mtime_ns: int
     """``st_mtime_ns`` of ``memory.bin`` (tie-break and fallback ordering)."""
+    info: _core.SnapshotInfo | None = None
+    """What its ``vmstate.bin`` records (``_core.snapshot_info``): RAM size, memory identity, base.
+    ``None`` for a snapshot not written yet (a bake choosing its base): a full one."""
 
     @property
     def name(self) -> str:
@@ -50,7 +58,20 @@ class Snapshot:
 
     @property
     def is_diff(self) -> bool:
-        return self.meta.base is not None
+        return self.base is not None
+
+    @property
+    def base(self) -> str | None:
+        """The base a diff was taken against, as its VM state records it (a sibling by its
+        directory name, see :func:`.attach.base_name`), or ``None`` for a full snapshot."""
+        from supermachine.snapshots import attach
+
+        return None if self.info is None else attach.base_name(self.info)
+
+    @property
+    def ram_size(self) -> int:
+        """Bytes of guest RAM (the size of ``memory.bin``), as the VM state records it."""
+        return self.meta.memory_mib << 20 if self.info is None else self.info["memory_size"]
 
     def order_key(self) -> tuple[float, int, str]:
         """Newest last: created time (sub-second), then the RAM file's mtime in ns, then the name."""
@@ -66,15 +87,17 @@ class GoldenChoice:
 
 
 def open_snapshot(snapshot_dir: str | os.PathLike[str]) -> Snapshot:
-    """Load a snapshot directory: metadata and RAM file stat. Raises :class:`SnapshotError`."""
+    """Load a snapshot directory: metadata, VM state record and RAM file stat. Raises
+    :class:`SnapshotError` (one line)."""
     path = Path(snapshot_dir)
     meta = metadata.load(path)
+    info = verify.snapshot_info(path)
     ram = path / metadata.MEMORY_FILE
     try:
         st = ram.stat()
     except OSError as exc:
         raise SnapshotError(f"{ram}: cannot stat RAM file: {exc.strerror or exc}") from None
-    return Snapshot(path, meta, st.st_mtime_ns)
+    return Snapshot(path, meta, st.st_mtime_ns, info)
 
 
 def list_snapshots(store_dir: str | os.PathLike[str]) -> tuple[list[Snapshot], list[str]]:
@@ -107,20 +130,21 @@ def list_snapshots(store_dir: str | os.PathLike[str]) -> tuple[list[Snapshot], l
 
 
 def compatible(fresh: SnapshotMetadata, candidate: SnapshotMetadata) -> bool:
-    """Same image content, memory size, baking version and RAM-file size."""
+    """Same image content, memory size and baking version. (The RAM size of a snapshot is the
+    VM's: a candidate whose VM state records another one fails its RAM check.)"""
     return (
         candidate.image.config_digest == fresh.image.config_digest
         and candidate.memory_mib == fresh.memory_mib
         and candidate.baked_by_version == fresh.baked_by_version
-        and candidate.ram_size == fresh.ram_size
     )
 
 
 def verify_ram(snapshot: Snapshot) -> str | None:
-    """``None`` if the snapshot's RAM file matches its metadata (size and blake3), else why not.
-    A file verified before and unchanged since is not hashed again (see :mod:`.verify`)."""
+    """``None`` if the snapshot's RAM file holds the memory its VMM recorded (see
+    :func:`.verify.check_ram`), else why not. A file verified before and unchanged since is not
+    hashed again (see :mod:`.verify`)."""
     try:
-        verify.check_file(snapshot.ram_path, snapshot.meta.ram_size, snapshot.meta.ram_blake3)
+        verify.check_ram(snapshot.path)
     except SnapshotError as exc:
         return str(exc)
     return None
@@ -145,8 +169,9 @@ def select_golden(
     :attr:`GoldenChoice.golden` if no sibling qualifies.
 
     Diff snapshots (those with a ``base``) are never goldens: their RAM file is not a full image.
-    With ``verify`` each candidate's RAM file is hashed and compared with its metadata before it is
-    chosen; mismatching candidates are skipped with a warning and the next newest is tried.
+    With ``verify`` each candidate's RAM file is checked against the memory identity in its
+    ``vmstate.bin`` before it is chosen; mismatching candidates are skipped with a warning and the
+    next newest is tried.
     ``verify_cache`` (RAM file path -> problem or ``None``) saves re-hashing over many calls.
     """
     fresh_snap = fresh if isinstance(fresh, Snapshot) else open_snapshot(fresh)

@@ -1,9 +1,13 @@
 """``metadata.json``: what a snapshot directory holds and what produced it.
 
 A snapshot directory contains ``memory.bin`` (raw guest RAM, page-aligned), ``vmstate.bin`` and this
-file. The metadata names the image, the VM shape, the kernel and agent that were booted, the
-supermachine version that baked it, when, the base snapshot (for diffs) and the RAM file's size and
-blake3 content hash. Loading reports every problem as a one-line :class:`SnapshotMetadataError`.
+file. The metadata records only what the VMM does not know: the image, the kernel and agent that
+were booted, how commands run in restored VMs, the supermachine version that baked it and when
+(plus the VM shape it was asked for, checked against the VM state). What the VMM owns, the memory
+identity, the RAM size and for a diff its base and the base's identity, is recorded once, in
+``vmstate.bin``: read it with ``_core.snapshot_info(dir)`` and check ``memory.bin`` against it with
+:func:`supermachine.snapshots.verify.check_ram`. Loading reports every problem as a one-line
+:class:`SnapshotMetadataError`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ METADATA_FILE = "metadata.json"
 MEMORY_FILE = "memory.bin"
 VMSTATE_FILE = "vmstate.bin"
 FORMAT = "supermachine-snapshot"
-VERSION = 1
+VERSION = 2
+"""Version 2 dropped ``ram``, ``base`` and ``base_blake3``: the VM state records them."""
 BLAKE3_PREFIX = "blake3:"
 SHA256_PREFIX = "sha256:"
 _READ_BLOCK = 8 << 20
@@ -151,17 +156,9 @@ class SnapshotMetadata:
     vcpus: int
     kernel: FileIdentity
     agent: FileIdentity
-    ram_size: int
-    """Size of ``memory.bin`` in bytes."""
-    ram_blake3: str
-    """``blake3:<hex>`` of ``memory.bin``."""
     created: float = field(default_factory=time.time)
     """Unix time the snapshot was taken, with sub-second resolution."""
     baked_by_version: str = __version__
-    base: str | None = None
-    """Directory name of the snapshot this one is a diff against (a sibling in the store)."""
-    base_blake3: str | None = None
-    """``blake3:<hex>`` of the base's ``memory.bin`` when this snapshot was taken."""
     run: RunDefaults | None = None
     """Command defaults for restored VMs (absent in metadata written by hand or by old tools)."""
 
@@ -182,9 +179,6 @@ class SnapshotMetadata:
             "agent": {"path": self.agent.path, "sha256": self.agent.sha256},
             "baked_by_version": self.baked_by_version,
             "created": self.created,
-            "base": self.base,
-            "base_blake3": self.base_blake3,
-            "ram": {"size": self.ram_size, "blake3": self.ram_blake3},
         }
 
     @classmethod
@@ -197,13 +191,13 @@ class SnapshotMetadata:
         version = data.get("version")
         if version != VERSION:
             raise SnapshotMetadataError(
-                f"{source}: unsupported metadata version {version!r} (this supermachine reads {VERSION})"
+                f"{source}: unsupported metadata version {version!r} (this supermachine reads {VERSION});"
+                " the snapshot must be baked again"
             )
         p = _Fields(data, source)
         image = p.obj("image")
         kernel = p.obj("kernel")
         agent = p.obj("agent")
-        ram = p.obj("ram")
         memory_mib = p.integer("memory_mib", 1, MAX_MEMORY_MIB)
         meta = cls(
             image=ImageIdentity(image.string("ref"), image.string("config_digest")),
@@ -211,16 +205,10 @@ class SnapshotMetadata:
             vcpus=p.integer("vcpus", 1, MAX_VCPUS),
             kernel=FileIdentity(kernel.string("path"), kernel.digest("sha256", SHA256_PREFIX)),
             agent=FileIdentity(agent.string("path"), agent.digest("sha256", SHA256_PREFIX)),
-            ram_size=ram.integer("size", 0, memory_mib << 20),
-            ram_blake3=ram.hash("blake3"),
             created=p.time("created"),
             baked_by_version=p.string("baked_by_version", MAX_VERSION_STRING),
-            base=p.optional_base("base"),
-            base_blake3=p.optional_hash("base_blake3"),
             run=None if data.get("run") is None else p.obj("run").run_defaults(),
         )
-        if (meta.base is None) != (meta.base_blake3 is None):
-            raise SnapshotMetadataError(f"{source}: 'base' and 'base_blake3' must be set together")
         return meta
 
 
@@ -260,18 +248,6 @@ class _Fields:
 
     def optional_str(self, key: str) -> str | None:
         return None if self._data.get(key) is None else self.string(key)
-
-    def optional_base(self, key: str) -> str | None:
-        """A base snapshot: a sibling's directory name, or an absolute path without ``..``."""
-        value = self.optional_str(key)
-        if value is None:
-            return None
-        if os.path.isabs(value):
-            if os.path.normpath(value) != value or "/../" in f"{value}/":
-                self._fail(key, "must be a normalised absolute path")
-        elif "/" in value or value in (".", ".."):
-            self._fail(key, "must be a sibling snapshot's name or an absolute path")
-        return value
 
     def optional_strings(self, key: str) -> tuple[str, ...] | None:
         value = self._data.get(key)
@@ -318,12 +294,6 @@ class _Fields:
             self._fail(key, f"must be '{prefix}' and 64 hex digits")
         return value
 
-    def hash(self, key: str) -> str:
-        return self.digest(key, BLAKE3_PREFIX)
-
-    def optional_hash(self, key: str) -> str | None:
-        return None if self._data.get(key) is None else self.hash(key)
-
     def integer(self, key: str, low: int, high: int) -> int:
         value = self._get(key)
         if not isinstance(value, int) or isinstance(value, bool):
@@ -343,59 +313,6 @@ class _Fields:
 
 def _is_hex(s: str) -> bool:
     return all(c in "0123456789abcdef" for c in s)
-
-
-def ram_identity(snapshot_dir: str | os.PathLike[str]) -> tuple[int, str]:
-    """``(size, blake3)`` of a snapshot directory's ``memory.bin``."""
-    path = Path(snapshot_dir) / MEMORY_FILE
-    try:
-        fd = open_regular(path)
-        try:
-            return os.fstat(fd).st_size, blake3_fd(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise SnapshotMetadataError(f"{path}: cannot read RAM file: {exc.strerror or exc}") from None
-
-
-def base_directory(snapshot_dir: str | os.PathLike[str], base: str) -> Path:
-    """The directory of a diff's base: ``base`` (from :attr:`SnapshotMetadata.base`) is a sibling's
-    name or an absolute path."""
-    return Path(base) if os.path.isabs(base) else Path(snapshot_dir).parent / base
-
-
-def describe(
-    snapshot_dir: str | os.PathLike[str],
-    *,
-    image: ImageIdentity,
-    memory_mib: int,
-    vcpus: int,
-    kernel: FileIdentity,
-    agent: FileIdentity,
-    base: str | None = None,
-    created: float | None = None,
-    run: RunDefaults | None = None,
-    ram: tuple[int, str] | None = None,
-) -> SnapshotMetadata:
-    """Metadata for a freshly written snapshot directory: hashes its ``memory.bin`` (unless ``ram``
-    gives its ``(size, blake3)`` already) and, for a diff, takes the base's content hash from the
-    base's own metadata (a sibling directory named ``base``). Call :func:`save` with the result."""
-    directory = Path(snapshot_dir)
-    size, digest = ram_identity(directory) if ram is None else ram
-    base_blake3 = None if base is None else load(directory.parent / base).ram_blake3
-    return SnapshotMetadata(
-        image=image,
-        memory_mib=memory_mib,
-        vcpus=vcpus,
-        kernel=kernel,
-        agent=agent,
-        ram_size=size,
-        ram_blake3=digest,
-        created=time.time() if created is None else created,
-        base=base,
-        base_blake3=base_blake3,
-        run=run,
-    )
 
 
 def load(snapshot_dir: str | os.PathLike[str]) -> SnapshotMetadata:

@@ -9,6 +9,7 @@ mod host;
 mod input;
 mod layers;
 mod pages;
+mod snapshot;
 mod vm;
 
 use pyo3::prelude::*;
@@ -54,6 +55,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     pages::register(m)?;
     layers::register(m)?;
     vm::register(m)?;
+    snapshot::register(m)?;
     host::register(m)?;
     Ok(())
 }

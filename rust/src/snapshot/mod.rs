@@ -37,8 +37,9 @@ pub use state::{DeviceState, MachineState, QueueState, TransportState, VcpuState
 
 /// The snapshot format this build writes and reads.
 /// Version 2 added the memory section (identity, base, page bitmap); version 3 replaced the
-/// section table by one serde-encoded body.
-pub const FORMAT_VERSION: u32 = 3;
+/// section table by one serde-encoded body; version 4 made the memory identity a 256-bit BLAKE3
+/// digest (it was a 128-bit xxh3, which anyone can collide).
+pub const FORMAT_VERSION: u32 = 4;
 pub const MAGIC: [u8; 8] = *b"SMVMSNAP";
 pub const VMSTATE_FILE: &str = "vmstate.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
@@ -66,7 +67,7 @@ pub enum SnapshotError {
     Corrupt { path: String, why: String },
     #[error(
         "snapshot {path} has format version {found}, but this build reads only version {expected} \
-         (it was made by another version of supermachine)"
+         (it was made by another version of supermachine): take the snapshot again"
     )]
     Version {
         path: String,
@@ -524,14 +525,27 @@ mod tests {
 
     #[test]
     fn files_of_another_format_version_are_refused_as_such() {
-        // A real version 2 file (the section-table format) of a 2-vCPU guest, kept in the corpus.
-        let old = include_bytes!("../../fuzz/corpus/vmstate/v2-real-counter-2vcpus-full.bin");
-        let e = Snapshot::decode(old, "s").unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "snapshot s has format version 2, but this build reads only version 3 \
-             (it was made by another version of supermachine)"
-        );
+        // Real files of a 2-vCPU guest, kept in the corpus: version 2 (the section-table format)
+        // and version 3 (a 128-bit xxh3 memory identity).
+        for (found, old) in [
+            (
+                2,
+                &include_bytes!("../../fuzz/corpus/vmstate/v2-real-counter-2vcpus-full.bin")[..],
+            ),
+            (
+                3,
+                &include_bytes!("../../fuzz/corpus/vmstate/v3-real-counter-2vcpus-full.bin")[..],
+            ),
+        ] {
+            let e = Snapshot::decode(old, "s").unwrap_err().to_string();
+            assert_eq!(
+                e,
+                format!(
+                    "snapshot s has format version {found}, but this build reads only version 4 \
+                     (it was made by another version of supermachine): take the snapshot again"
+                )
+            );
+        }
     }
 
     #[test]

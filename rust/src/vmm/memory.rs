@@ -302,6 +302,8 @@ impl GuestRam {
                     continue;
                 }
                 let start = p;
+                // One page at a time, on this thread: a worker's threads are bounded by its
+                // pids limit, so the VMM starts no thread pool to hash.
                 while p < pages && nonzero(p) {
                     hasher.page(first + p, page(p));
                     p += 1;

@@ -129,7 +129,7 @@ pub struct WireBase {
     /// What the diff records: the base's path relative to the new snapshot, its identity and
     /// its `memory.bin` stamp.
     pub path: String,
-    pub id: [u8; 16],
+    pub id: crate::snapshot::MemoryId,
     pub memory_len: u64,
     pub memory_mtime_ns: i64,
     /// The base chain, base first: each layer's identity and (for a diff layer) page bitmap.
@@ -139,7 +139,7 @@ pub struct WireBase {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WireLayer {
-    pub id: [u8; 16],
+    pub id: crate::snapshot::MemoryId,
     pub pages: Option<Vec<u8>>,
 }
 
@@ -251,7 +251,7 @@ impl From<&crate::vmm::builder::DeviceInfo> for WireDevice {
 pub struct SnapshotSummary {
     pub memory_bytes: u64,
     pub state_bytes: u64,
-    pub memory_id: [u8; 16],
+    pub memory_id: crate::snapshot::MemoryId,
     pub diff_pages: Option<u64>,
     pub compared_pages: Option<u64>,
     pub phases: Vec<(String, f64)>,
