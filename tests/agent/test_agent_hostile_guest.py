@@ -13,6 +13,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TypeVar
 
 import pytest
@@ -410,7 +411,7 @@ def test_agent_text_reaches_the_user_as_one_printable_line(fake: Callable[..., F
 
 def test_a_guest_panic_line_reaches_the_user_printable(fake: Callable[..., FakeAgent]) -> None:
     class Panicked(_VmmStandIn):
-        outcome = {"kind": "reset"}  # noqa: RUF012
+        outcome = SimpleNamespace(kind="reset", reason="", code=None)
 
         def console(self) -> bytes:
             return b"Kernel panic - not syncing: \x1b]0;owned\x07\x1b[2Jboom\x00" + b"!" * 5000 + b"\n"
