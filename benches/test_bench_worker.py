@@ -306,71 +306,11 @@ def test_guest_restore(benchmark: Any, guest: Guest) -> None:
     benchmark.extra_info["note"] = NOTE
 
 
-def _exec_all(vms: list[Vm]) -> None:
-    with ThreadPoolExecutor(EXEC_THREADS) as run:
-        results = list(run.map(lambda vm: vm.exec(["true"], timeout=WARM), vms))
-    assert all(r.returncode == 0 for r in results)
-
-
-@pytest.mark.benchmark(group="worker vs in-process: host memory per clone (PSS, all processes)")
-@pytest.mark.parametrize("clones", CLONES)
-@pytest.mark.parametrize("mode", MODES)
-def test_memory_per_clone(benchmark: Any, guest: Guest, mode: VmmMode, clones: int) -> None:
-    """PSS of this process plus every clone's worker process, before the clones and after, idle
-    and after one ``true`` each (two at a time). The timed unit is restoring all the clones, one
-    after another, each until its agent answers."""
-    vms: list[Vm] = []
-    gc.collect()
-    time.sleep(0.5)
-    before = vms_memory([])
-
-    def restore_all() -> None:
-        for _ in range(clones):
-            vms.append(_restore(guest, mode))
-
-    try:
-        benchmark.pedantic(restore_all, rounds=1, iterations=1)
-        assert len(vms) == clones
-        assert all((vm.pid is None) == (mode == "in-process") for vm in vms)
-        time.sleep(0.5)
-        idle = vms_memory(vms)
-        started = time.perf_counter()
-        _exec_all(vms)
-        exec_seconds = time.perf_counter() - started
-        after_exec = vms_memory(vms)
-    finally:
-        for vm in vms:
-            vm.stop()
-    info = benchmark.extra_info
-
-    def per_clone(m: ProcessMemory) -> tuple[float, float]:
-        return (m.pss - before.pss) / clones / MiB, (m.rss - before.rss) / clones / MiB
-
-    idle_pss, idle_rss = per_clone(idle)
-    exec_pss, exec_rss = per_clone(after_exec)
-    info.update(
-        mode=mode,
-        clones=clones,
-        snapshot_memory_mib=GUEST_MEMORY_MIB,
-        idle_pss_per_clone_mib=round(idle_pss, 3),
-        idle_rss_per_clone_mib=round(idle_rss, 3),
-        after_exec_pss_per_clone_mib=round(exec_pss, 3),
-        after_exec_rss_per_clone_mib=round(exec_rss, 3),
-        exec_all_seconds=round(exec_seconds, 1),
-        note=NOTE,
-    )
-    print(
-        f"\n{mode} x {clones} clones of a {GUEST_MEMORY_MIB} MiB snapshot: PSS per clone idle "
-        f"{idle_pss:.3f} MiB, after one exec {exec_pss:.3f} MiB (RSS {idle_rss:.2f} / {exec_rss:.2f});"
-        f" {clones} execs took {exec_seconds:.1f} s"
-    )
-
-
 LOAD_CLONES = 256
 CONNECT_ATTEMPTS = 3
 
 
-def _exec_all_patiently(vms: list[Vm]) -> int:
+def _exec_all(vms: list[Vm]) -> int:
     """``true`` in every VM, two at a time; a connection the agent did not greet in time (a
     saturated emulating host: the first command after a restore faults its pages in) is tried
     again, up to ``CONNECT_ATTEMPTS`` times. Returns how many were retried."""
@@ -392,12 +332,24 @@ def _exec_all_patiently(vms: list[Vm]) -> int:
     return retried
 
 
-@pytest.mark.benchmark(group="worker: load, many clones of one snapshot alive at once")
-def test_load_many_clones(benchmark: Any, guest: Guest) -> None:
-    """``LOAD_CLONES`` worker-backed clones of the warmed snapshot alive at once: each restored
-    (until its agent answers) while all the earlier ones still run, then every one answers an
-    exec; none may be lost. Reports each restore's time (median, spread, and how it grows with
-    the number alive) and PSS per clone, all-in. The timed unit is restoring them all."""
+@dataclass
+class Clones:
+    """Clones of the warmed snapshot alive at once, and what they cost."""
+
+    restore_seconds: list[float]
+    """Each restore until its agent answered, in order (the earlier clones still running)."""
+    idle_pss_mib: float
+    """PSS per clone, all-in (this process and every worker), idle and after one command."""
+    exec_pss_mib: float
+    idle_rss_mib: float
+    exec_rss_mib: float
+    exec_seconds: float
+    retried: int
+
+
+def _run_clones(benchmark: Any, guest: Guest, mode: VmmMode, count: int) -> Clones:
+    """Restores ``count`` clones one after another (the timed unit), measures memory idle, runs
+    ``true`` in each, measures again; none may be lost; all are stopped at the end."""
     vms: list[Vm] = []
     restore_seconds: list[float] = []
     gc.collect()
@@ -405,50 +357,91 @@ def test_load_many_clones(benchmark: Any, guest: Guest) -> None:
     before = vms_memory([])
 
     def restore_all() -> None:
-        for _ in range(LOAD_CLONES):
+        for _ in range(count):
             started = time.perf_counter()
-            vms.append(_restore(guest, "worker"))
+            vms.append(_restore(guest, mode))
             restore_seconds.append(time.perf_counter() - started)
 
     try:
         benchmark.pedantic(restore_all, rounds=1, iterations=1)
-        assert len(vms) == LOAD_CLONES
+        assert len(vms) == count
+        assert all((vm.pid is None) == (mode == "in-process") for vm in vms)
         time.sleep(0.5)
         idle = vms_memory(vms)
         started = time.perf_counter()
-        retried = _exec_all_patiently(vms)
+        retried = _exec_all(vms)
         exec_seconds = time.perf_counter() - started
         after_exec = vms_memory(vms)
-        lost = [vm for vm in vms if vm.outcome is not None]
-        assert not lost, f"{len(lost)} clones ended: {[vm.outcome for vm in lost][:3]}"
+        lost = [vm.outcome for vm in vms if vm.outcome is not None]
+        assert not lost, f"{len(lost)} clones ended: {lost[:3]}"
     finally:
         for vm in vms:
             vm.stop()
+
+    def per_clone(m: ProcessMemory) -> tuple[float, float]:
+        return (m.pss - before.pss) / count / MiB, (m.rss - before.rss) / count / MiB
+
+    (idle_pss, idle_rss), (exec_pss, exec_rss) = per_clone(idle), per_clone(after_exec)
+    return Clones(restore_seconds, idle_pss, exec_pss, idle_rss, exec_rss, exec_seconds, retried)
+
+
+@pytest.mark.benchmark(group="worker vs in-process: host memory per clone (PSS, all processes)")
+@pytest.mark.parametrize("clones", CLONES)
+@pytest.mark.parametrize("mode", MODES)
+def test_memory_per_clone(benchmark: Any, guest: Guest, mode: VmmMode, clones: int) -> None:
+    """PSS of this process plus every clone's worker process, before the clones and after, idle
+    and after one ``true`` each (two at a time). The timed unit is restoring all the clones, one
+    after another, each until its agent answers."""
+    run = _run_clones(benchmark, guest, mode, clones)
+    benchmark.extra_info.update(
+        mode=mode,
+        clones=clones,
+        snapshot_memory_mib=GUEST_MEMORY_MIB,
+        idle_pss_per_clone_mib=round(run.idle_pss_mib, 3),
+        idle_rss_per_clone_mib=round(run.idle_rss_mib, 3),
+        after_exec_pss_per_clone_mib=round(run.exec_pss_mib, 3),
+        after_exec_rss_per_clone_mib=round(run.exec_rss_mib, 3),
+        exec_all_seconds=round(run.exec_seconds, 1),
+        note=NOTE,
+    )
+    print(
+        f"\n{mode} x {clones} clones of a {GUEST_MEMORY_MIB} MiB snapshot: PSS per clone idle "
+        f"{run.idle_pss_mib:.3f} MiB, after one exec {run.exec_pss_mib:.3f} MiB (RSS"
+        f" {run.idle_rss_mib:.2f} / {run.exec_rss_mib:.2f}); {clones} execs took {run.exec_seconds:.1f} s"
+    )
+
+
+@pytest.mark.benchmark(group="worker: load, many clones of one snapshot alive at once")
+def test_load_many_clones(benchmark: Any, guest: Guest) -> None:
+    """``LOAD_CLONES`` worker-backed clones of the warmed snapshot alive at once: each restored
+    (until its agent answers) while all the earlier ones still run, then every one answers an
+    exec; none may be lost. Reports each restore's time (median, spread, and how it grows with
+    the number alive) and PSS per clone, all-in. The timed unit is restoring them all."""
+    run = _run_clones(benchmark, guest, "worker", LOAD_CLONES)
+    seconds = run.restore_seconds
     tenth = LOAD_CLONES // 10
-    q1, median, q3 = statistics.quantiles(restore_seconds, n=4)
-    idle_pss = (idle.pss - before.pss) / LOAD_CLONES / MiB
-    exec_pss = (after_exec.pss - before.pss) / LOAD_CLONES / MiB
+    q1, median, q3 = statistics.quantiles(seconds, n=4)
+    first, last = statistics.median(seconds[:tenth]), statistics.median(seconds[-tenth:])
     benchmark.extra_info.update(
         clones=LOAD_CLONES,
         snapshot_memory_mib=GUEST_MEMORY_MIB,
         restore_median_ms=_ms(median),
         restore_q1_q3_ms=[_ms(q1), _ms(q3)],
-        restore_min_max_ms=[_ms(min(restore_seconds)), _ms(max(restore_seconds))],
-        restore_first_tenth_median_ms=_ms(statistics.median(restore_seconds[:tenth])),
-        restore_last_tenth_median_ms=_ms(statistics.median(restore_seconds[-tenth:])),
-        idle_pss_per_clone_mib=round(idle_pss, 3),
-        after_exec_pss_per_clone_mib=round(exec_pss, 3),
-        exec_all_seconds=round(exec_seconds, 1),
-        exec_connect_retries=retried,
+        restore_min_max_ms=[_ms(min(seconds)), _ms(max(seconds))],
+        restore_first_tenth_median_ms=_ms(first),
+        restore_last_tenth_median_ms=_ms(last),
+        idle_pss_per_clone_mib=round(run.idle_pss_mib, 3),
+        after_exec_pss_per_clone_mib=round(run.exec_pss_mib, 3),
+        exec_all_seconds=round(run.exec_seconds, 1),
+        exec_connect_retries=run.retried,
         note=NOTE,
     )
     print(
         f"\n{LOAD_CLONES} worker clones of a {GUEST_MEMORY_MIB} MiB snapshot alive at once:"
         f" restore median {median * 1e3:.1f} ms (q1 {q1 * 1e3:.1f}, q3 {q3 * 1e3:.1f},"
-        f" first tenth {statistics.median(restore_seconds[:tenth]) * 1e3:.1f},"
-        f" last tenth {statistics.median(restore_seconds[-tenth:]) * 1e3:.1f});"
-        f" PSS per clone idle {idle_pss:.3f} MiB, after one exec {exec_pss:.3f} MiB;"
-        f" {LOAD_CLONES} execs took {exec_seconds:.1f} s ({retried} connects retried), none lost"
+        f" first tenth {first * 1e3:.1f}, last tenth {last * 1e3:.1f}); PSS per clone idle"
+        f" {run.idle_pss_mib:.3f} MiB, after one exec {run.exec_pss_mib:.3f} MiB;"
+        f" {LOAD_CLONES} execs took {run.exec_seconds:.1f} s ({run.retried} connects retried), none lost"
     )
 
 
