@@ -463,10 +463,17 @@ fn probe_seccomp() -> Protection {
 
 fn probe_landlock() -> Protection {
     match landlock::host_summary() {
-        Ok((abi, covers)) => Protection::yes(format!(
-            "Landlock ABI version {abi}: every worker thread restricts itself ({covers}; \
-             nothing granted)"
-        )),
+        Ok((kernel, used, covers)) => {
+            let newer = if used == kernel {
+                String::new()
+            } else {
+                format!(" (workers use ABI {used}, the newest they know)")
+            };
+            Protection::yes(format!(
+                "Landlock ABI version {kernel}{newer}: every worker thread restricts itself \
+                 ({covers}; nothing granted)"
+            ))
+        }
         Err(why) => Protection::no(format!("Landlock is not available: {why}")),
     }
 }

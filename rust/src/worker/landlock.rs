@@ -90,18 +90,20 @@ pub fn kernel_abi() -> Result<i32, String> {
     })
 }
 
-/// For `supermachine doctor`: the kernel's Landlock ABI and what a worker's ruleset covers
-/// there ("files, TCP, abstract sockets, signals"), built as a worker builds it (but not applied),
-/// or why there is none.
-pub fn host_summary() -> Result<(i32, String), String> {
-    let abi = kernel_abi()?;
-    let (_, covers) = build(ABI::from(abi), None).map_err(|e| e.to_string())?;
-    Ok((abi, covers))
+/// For `supermachine doctor`: the kernel's Landlock ABI, the one a worker uses (the same, or the
+/// newest the crate knows if the kernel is newer), and what a worker's ruleset covers there
+/// ("files, TCP, abstract sockets, signals"), built as a worker builds it (but not applied); or
+/// why there is none.
+pub fn host_summary() -> Result<(i32, i32, String), String> {
+    let kernel = kernel_abi()?;
+    let abi = ABI::from(kernel);
+    let (_, covers) = build(abi, None).map_err(|e| e.to_string())?;
+    Ok((kernel, abi as i32, covers))
 }
 
 /// Builds the worker's ruleset, once per process, before the VM is built (while `shared_dir`,
 /// the vsock socket's directory, can still be opened). A host without Landlock is not an error:
-/// [`restrict_thread`] then does nothing and [`status`] says why.
+/// [`restrict_thread`] then does nothing and [`describe`] says why.
 pub fn prepare(shared_dir: Option<&Path>) {
     PREPARED.get_or_init(|| {
         let probe = std::env::var_os(PROBE_ENV).and_then(|p| {
@@ -109,14 +111,16 @@ pub fn prepare(shared_dir: Option<&Path>) {
             std::ffi::CString::new(p.as_bytes()).ok()
         });
         match kernel_abi() {
-            Ok(abi) => {
-                let (ruleset, covers) = match build(ABI::from(abi), shared_dir) {
+            Ok(kernel) => {
+                // A kernel newer than the crate gets the crate's newest ABI: name that one.
+                let abi = ABI::from(kernel);
+                let (ruleset, covers) = match build(abi, shared_dir) {
                     Ok((r, c)) => (Ok(r), c),
                     Err(e) => (Err(e.to_string()), String::new()),
                 };
                 Prepared {
                     ruleset,
-                    abi,
+                    abi: abi as i32,
                     covers,
                     probe,
                 }
