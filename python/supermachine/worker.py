@@ -3,8 +3,11 @@
 Every VM runs in its own worker process: a crash, an out-of-memory kill or a VMM bug ends only
 that VM. When supermachine runs as root the worker starts in fresh mount, PID, IPC, UTS and
 network namespaces, pivots into an empty read-only root, drops to an unprivileged uid/gid and
-installs a seccomp filter per thread before the guest runs; as another user it uses a user
-namespace where the host allows one. ``supermachine doctor`` shows what this host provides.
+installs a seccomp filter per thread before the guest runs; as another user it builds the same
+jail inside a user namespace where the host allows one (without the uid change). Every worker
+also restricts each thread with Landlock where the kernel has it (no file or TCP access).
+``supermachine doctor`` shows what this host provides; what a worker runs without, and why, is on
+its VM's log (``vmm.log`` in the runtime directory).
 
 One worker is kept started ahead of need (spawned and greeted, holding no VM), so a start or
 restore does not wait for a process to be created; ``SUPERMACHINE_SPARE_WORKERS=0`` turns that

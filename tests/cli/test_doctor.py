@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import subprocess
@@ -22,6 +24,15 @@ def _kvm_usable() -> bool:
     except OSError:
         return False
     return True
+
+
+def _landlock_abi() -> int | str:
+    """The kernel's answer, asked directly: landlock_create_ruleset(NULL, 0, VERSION)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    sys_landlock_create_ruleset = 444  # the same number on x86_64 and arm64
+    abi = libc.syscall(sys_landlock_create_ruleset, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return abi if abi > 0 else errno.errorcode[ctypes.get_errno()]
 
 
 def _doctor(*args: str) -> subprocess.CompletedProcess[str]:
@@ -51,6 +62,18 @@ def test_json_states_the_facts_of_this_host() -> None:
     assert protections["kvm_pvm"]["available"] is Path("/sys/module/kvm_pvm").exists()
     if ROOT:
         assert report["jail"] == "full"
+    landlock = protections["landlock"]
+    abi = _landlock_abi()
+    if isinstance(abi, int):
+        assert landlock["available"], landlock
+        assert landlock["detail"].startswith(f"Landlock ABI version {abi}"), landlock
+        assert "every worker thread restricts itself (files" in landlock["detail"], landlock
+        # TCP rights came with ABI 4, the abstract-socket scope with ABI 6.
+        assert ("TCP" in landlock["detail"]) is (abi >= 4)
+        assert ("abstract sockets" in landlock["detail"]) is (abi >= 6)
+    else:
+        assert not landlock["available"]
+        assert landlock["detail"].startswith("Landlock is not available: ")
 
 
 @pytest.mark.skipif(not ROOT or not _kvm_usable(), reason="states the facts of a root host with KVM")
@@ -78,6 +101,13 @@ def test_table_lists_every_protection_and_the_jail() -> None:
     for label in doctor_cli.LABELS.values():
         assert any(line.startswith(label) for line in lines), label
     assert "VMs run in a " in result.output
+    landlock_line = next(line for line in lines if line.startswith("Landlock"))
+    if isinstance(_landlock_abi(), int):
+        assert landlock_line.split()[1] == "active", landlock_line
+        assert f"Landlock ABI version {_landlock_abi()}" in result.output
+        assert ", Landlock, one worker process per VM." in result.output
+    else:
+        assert "not available" in landlock_line
 
 
 @pytest.mark.skipif(not ROOT, reason="hiding /dev/kvm in a private mount namespace needs root")

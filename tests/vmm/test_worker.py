@@ -91,6 +91,52 @@ def test_the_worker_is_a_separate_jailed_filtered_process(start_worker: Callable
     for host_path in ("etc/passwd", "dev/kvm", "proc/self", "tmp", "root"):
         assert not os.path.lexists(os.path.join(root, host_path)), host_path
     assert "seccomp" in vm.protections and "no_new_privs" in vm.protections
+    if _core.host_protections()["landlock"]["available"]:
+        assert any(p.startswith("landlock ABI ") for p in vm.protections), vm.protections
+
+
+def test_every_worker_thread_is_landlocked(
+    kvm: None, guest_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's test hook: once restricted, every thread tries to open this file and logs
+    # what happened. The file sits in the vsock socket's directory, the one host directory a
+    # root-started worker still sees after pivot_root, and the worker's uid may read it: only
+    # Landlock stands in the way (as for an unprivileged caller, see test_unprivileged_worker).
+    landlock = _core.host_protections()["landlock"]
+    if not landlock["available"]:
+        pytest.skip(landlock["detail"])
+    runtime = tmp_path / "vm"
+    runtime.mkdir()
+    runtime.chmod(0o711)
+    secret = runtime / "secret"
+    secret.write_text("the caller's file")
+    secret.chmod(0o644)
+    monkeypatch.setenv("SUPERMACHINE_VMM_PROBE_OPEN", str(secret))
+    # A program path of its own, so that no spare worker started without the hook serves it.
+    program = tmp_path / "supermachine-vmm"
+    program.symlink_to(worker.program_path())
+    monkeypatch.setenv("SUPERMACHINE_VMM", str(program))
+    monkeypatch.setenv("SUPERMACHINE_SPARE_WORKERS", "0")
+    cfg = {
+        "raw": str(g.build(g.VIRTIO_DOORBELL, guest_dir)),
+        "memory_mib": 16,
+        "vsock_path": str(runtime / "v.sock"),
+    }
+    vm = _core.Vm.start(cfg, worker.worker_options(runtime, None))
+    try:
+        abi = landlock["detail"].split()[3].rstrip(":")
+        assert f"landlock ABI {abi} (files" in " ".join(vm.protections), vm.protections
+        log = runtime / "vmm.log"
+        deadline = time.monotonic() + 10
+        while log.read_text().count("probe:") < 3:  # the vCPU thread confines itself last
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        probes = [line for line in log.read_text().splitlines() if "probe:" in line]
+        assert sorted(p.split(": ")[2] for p in probes) == ["control thread", "device thread", "vcpu thread"]
+        for line in probes:
+            assert line.endswith(f"open {secret}: Permission denied"), line
+    finally:
+        vm.stop()
 
 
 def test_a_killed_worker_ends_only_its_vm(start_worker: Callable[..., Any]) -> None:

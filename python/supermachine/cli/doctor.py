@@ -23,7 +23,7 @@ LABELS = {
     "user_namespace": "user namespace",
     "pivot_root": "pivot_root",
     "seccomp": "seccomp-bpf",
-    "landlock": "Landlock (not used yet)",
+    "landlock": "Landlock",
     "cgroup_memory": "cgroup memory",
     "cgroup_cpu": "cgroup cpu",
     "cgroup_pids": "cgroup pids",
@@ -31,10 +31,11 @@ LABELS = {
     "kvm_pvm": "emulating host (kvm_pvm)",
 }
 
+# What each jail level is made of; ", Landlock" follows where the kernel has it (every level uses it).
 JAIL = {
     "full": "full jail: namespaces, pivot_root into a per-VM root, an unprivileged uid, seccomp",
     "unprivileged": "unprivileged jail: namespaces inside a user namespace, pivot_root, seccomp",
-    "minimal": "seccomp and no_new_privs only (no root, no user namespaces)",
+    "minimal": "minimal jail (no root, no usable user namespace): no_new_privs, seccomp",
 }
 
 
@@ -72,7 +73,8 @@ def doctor(as_json: bool) -> None:
             table.add_row(LABELS.get(name, name), state, escape(entry["detail"]))
         ui.stdout.print(table)
         ui.stdout.print(f"\nVMM worker: {escape(program['detail'])}")
-        ui.stdout.print(f"VMs run in a {escape(JAIL.get(jail, jail))}, one worker process per VM.")
+        landlock = ", Landlock" if protections["landlock"]["available"] else ""
+        ui.stdout.print(f"VMs run in a {escape(JAIL.get(jail, jail))}{landlock}, one worker process per VM.")
     if not kvm["available"]:
         raise KvmUnavailableError(f"VMs cannot run here: {kvm['detail']}")
     if not program["available"]:

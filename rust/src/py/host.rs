@@ -21,7 +21,7 @@ fn host_protections(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 }
 
 /// The jail workers get on this host: "full" (root), "unprivileged" (user namespaces) or
-/// "minimal" (seccomp and no_new_privs only).
+/// "minimal" (seccomp and no_new_privs); Landlock, where the kernel has it, goes with each.
 #[pyfunction]
 fn host_jail_level(py: Python<'_>) -> &'static str {
     py.detach(|| host::probe().jail_level().name())

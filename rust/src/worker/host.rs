@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use serde::Serialize;
 
 use super::cgroup::{self, Controller, Version};
+use super::landlock;
+use super::spawn::IdMaps;
 
 /// One protection: whether this host offers it, and one sentence saying why or why not.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -54,7 +56,8 @@ pub struct Protections {
     pub pivot_root: Protection,
     /// seccomp-bpf filters.
     pub seccomp: Protection,
-    /// Landlock file-system restrictions (the ABI version when available).
+    /// Landlock: no file or TCP access, scoped abstract sockets and signals (the ABI version
+    /// when available). Applied by every worker, root's too.
     pub landlock: Protection,
     pub cgroup_memory: Protection,
     pub cgroup_cpu: Protection,
@@ -67,12 +70,13 @@ pub struct Protections {
 /// How strongly a worker can be jailed on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum JailLevel {
-    /// Root: namespaces, `pivot_root`, an unprivileged uid/gid, seccomp, `no_new_privs`.
+    /// Root: namespaces, `pivot_root`, an unprivileged uid/gid, seccomp, `no_new_privs`, and
+    /// Landlock where the kernel has it.
     Full,
-    /// Not root, user namespaces allowed: namespaces inside a user namespace, seccomp,
-    /// `no_new_privs` (and Landlock where available).
+    /// Not root, user namespaces allowed: namespaces inside a user namespace, `pivot_root`,
+    /// seccomp, `no_new_privs`, and Landlock where the kernel has it.
     Unprivileged,
-    /// Neither: seccomp and `no_new_privs` only.
+    /// Neither: seccomp, `no_new_privs`, and Landlock where the kernel has it.
     Minimal,
 }
 
@@ -196,6 +200,8 @@ struct ChildReport {
     /// The step that failed (0: none).
     step: AtomicI32,
     errno: AtomicI32,
+    /// For [`userns_child`]: the id maps to write, as a worker's child writes them.
+    maps: Option<IdMaps>,
 }
 
 /// Runs `child` in a clone sharing our memory (the parent waits until it exits) with `flags`.
@@ -237,6 +243,23 @@ fn clone_probe(
 
 extern "C" fn exit_child(_: *mut c_void) -> c_int {
     // SAFETY: _exit ends the child only (no CLONE_THREAD) and touches no shared state.
+    unsafe { libc::_exit(0) }
+}
+
+/// In a new user namespace: write the id maps as a worker's child does before it execs (a
+/// worker that execs unmapped has no capabilities there, so this is what decides whether the
+/// unprivileged jail works).
+extern "C" fn userns_child(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the ChildReport the parent keeps alive until we exit.
+    let report = unsafe { &*(arg as *const ChildReport) };
+    if let Some(maps) = &report.maps {
+        // SAFETY: we are the child of clone, in our own new user namespace.
+        if let Err((_, errno)) = unsafe { maps.write_own() } {
+            report.errno.store(errno, Ordering::SeqCst);
+            report.step.store(1, Ordering::SeqCst);
+        }
+    }
+    // SAFETY: ends the child only.
     unsafe { libc::_exit(0) }
 }
 
@@ -319,7 +342,11 @@ fn user_namespace_policy() -> Option<String> {
 }
 
 fn probe_user_namespace(is_root: bool) -> Protection {
-    match clone_probe(libc::CLONE_NEWUSER, exit_child, &ChildReport::default()) {
+    let report = ChildReport {
+        maps: Some(IdMaps::for_caller()),
+        ..ChildReport::default()
+    };
+    match clone_probe(libc::CLONE_NEWUSER, userns_child, &report) {
         Ok(()) => {
             let note = if is_root {
                 "; the root jail does not need one"
@@ -333,6 +360,16 @@ fn probe_user_namespace(is_root: bool) -> Protection {
                 }
                 None => Protection::yes(format!("a user namespace can be created{note}")),
             }
+        }
+        Err(e) if report.step.load(Ordering::SeqCst) == 1 => {
+            let why = if e.raw_os_error() == Some(libc::EACCES) {
+                " (this process is not dumpable, so its /proc files are root's)".to_string()
+            } else {
+                String::new()
+            };
+            Protection::no(format!(
+                "a user namespace can be created but its worker cannot map its ids: {e}{why}"
+            ))
         }
         Err(e) => {
             let why = user_namespace_policy().unwrap_or_else(|| e.to_string());
@@ -425,29 +462,20 @@ fn probe_seccomp() -> Protection {
 }
 
 fn probe_landlock() -> Protection {
-    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
-    // SAFETY: with the VERSION flag and no attributes the call only returns the ABI version.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<c_void>(),
-            0usize,
-            LANDLOCK_CREATE_RULESET_VERSION,
-        )
-    };
-    if rc > 0 {
-        return Protection::yes(format!("Landlock ABI version {rc} is available"));
-    }
-    let e = io::Error::last_os_error();
-    let why = match e.raw_os_error() {
-        Some(libc::ENOSYS) => "the kernel was built without Landlock".to_string(),
-        Some(libc::EOPNOTSUPP) => {
-            "Landlock is built in but not enabled (add landlock to the lsm= boot parameter)"
-                .to_string()
+    match landlock::host_summary() {
+        Ok((kernel, used, covers)) => {
+            let newer = if used == kernel {
+                String::new()
+            } else {
+                format!(" (workers use ABI {used}, the newest they know)")
+            };
+            Protection::yes(format!(
+                "Landlock ABI version {kernel}{newer}: every worker thread restricts itself \
+                 ({covers}; nothing granted)"
+            ))
         }
-        _ => e.to_string(),
-    };
-    Protection::no(format!("Landlock is not available: {why}"))
+        Err(why) => Protection::no(format!("Landlock is not available: {why}")),
+    }
 }
 
 fn probe_cgroup(controller: Controller, is_root: bool) -> Protection {

@@ -8,6 +8,7 @@
 
 use std::ffi::CString;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use super::protocol::JailConfig;
 
@@ -82,6 +83,28 @@ pub fn enter(config: &JailConfig, namespaces: &[String]) -> Result<Vec<String>, 
         "make the worker undumpable",
     )?;
     Ok(active)
+}
+
+/// Whether each VM thread gives up its own capabilities when it confines itself (set once per
+/// worker by [`prepare_threads`]; unset in-process, where threads keep what the caller has).
+static THREADS_DROP_CAPS: OnceLock<bool> = OnceLock::new();
+
+/// Says, before the VM's threads start, whether they must drop their capabilities themselves:
+/// capabilities belong to each thread, and [`enter`] empties only the calling thread's. Under
+/// root the switch to an unprivileged uid empties every thread's (glibc makes each thread change
+/// its ids), and a thread must keep `CAP_SETUID` until then or that switch aborts the process; in
+/// a user namespace the worker stays root there and nothing else would take them away.
+pub fn prepare_threads(uid_change_pending: bool) {
+    let _ = THREADS_DROP_CAPS.set(!uid_change_pending);
+}
+
+/// A VM thread's part of the jail, at its start: its capabilities, unless the uid change will
+/// take them (see [`prepare_threads`]).
+pub fn confine_thread() -> Result<(), JailError> {
+    if THREADS_DROP_CAPS.get() == Some(&true) {
+        drop_capabilities()?;
+    }
+    Ok(())
 }
 
 /// Makes `root` (created here, under the owner's private runtime directory) an empty tmpfs and
@@ -224,9 +247,8 @@ fn drop_to(uid: u32, gid: u32) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Empties the capability bounding set and the permitted/effective/inheritable sets of every
-/// thread... of this thread; the others get theirs emptied by the uid change (root) or hold
-/// none of use once the seccomp filters forbid the calls they would need.
+/// Empties the capability bounding set and the permitted/effective/inheritable sets of the
+/// calling thread (each thread has its own: see [`prepare_threads`]).
 fn drop_capabilities() -> Result<(), JailError> {
     #[repr(C)]
     struct Header {

@@ -85,6 +85,8 @@ pub enum SeccompError {
     NoNewPrivs { kind: &'static str, msg: String },
     #[error("the {kind} seccomp filter cannot be installed: {msg}")]
     Install { kind: &'static str, msg: String },
+    #[error("the {kind} thread cannot be confined: {msg}")]
+    Confine { kind: &'static str, msg: String },
 }
 
 /// The argument rule of one allowed call. Values are compared on the low 32 bits, which hold
@@ -585,7 +587,20 @@ pub fn active() -> bool {
 /// Installs the calling thread's filter (after setting `no_new_privs`, which unprivileged
 /// seccomp requires); does nothing unless filters were prepared (the in-process VMM never
 /// filters). A filter cannot be removed: the thread keeps it until it ends.
+///
+/// It is every worker thread's one confinement point, so it first does the thread's part of the
+/// jail ([`super::jail::confine_thread`]) and restricts it with the worker's Landlock ruleset
+/// when one was prepared ([`super::landlock::prepare`]; also without seccomp filters, and never
+/// in-process): both go on first, while the thread may still make those calls.
 pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
+    super::jail::confine_thread().map_err(|e| SeccompError::Confine {
+        kind: kind.name(),
+        msg: e.to_string(),
+    })?;
+    super::landlock::restrict_thread(kind.name()).map_err(|e| SeccompError::Confine {
+        kind: kind.name(),
+        msg: e.to_string(),
+    })?;
     let Some(p) = PREPARED.get() else {
         return Ok(());
     };

@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use super::console_ring::{self, ConsoleRing};
 use super::jail;
+use super::landlock;
 use super::protocol::{
     self, ErrorKind, Frame, JailConfig, Reply, Request, SnapshotSummary, VmInfo, WireBase,
     WireError, WireTimings, PROTOCOL_VERSION,
 };
 use super::seccomp::{self, ThreadKind};
+use super::spawn;
 use crate::snapshot::memory::{LayerFile, MemoryLayer, MAX_CHAIN};
 use crate::snapshot::SnapshotError;
 use crate::vmm::persist::OpenedBase;
@@ -226,20 +228,23 @@ impl Worker {
             message: format!("cannot map the console ring: {e}"),
         })?;
         console_ring::install_mirror(ring);
+        // The uid/gid the jail will switch to, if any: the threads started before it (filtered
+        // and capability-less otherwise) must let it through.
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let drop_to = match (jail_config.uid, jail_config.gid) {
+            (Some(u), Some(g)) if root && !jail_config.namespaces.iter().any(|n| n == "user") => {
+                Some((u, g))
+            }
+            _ => None,
+        };
+        jail::prepare_threads(drop_to.is_some());
         if jail_config.seccomp {
-            // The threads filtered before the jail's privilege drop must let it through.
-            // SAFETY: geteuid cannot fail.
-            let root = unsafe { libc::geteuid() } == 0;
-            let drop_to = match (jail_config.uid, jail_config.gid) {
-                (Some(u), Some(g))
-                    if root && !jail_config.namespaces.iter().any(|n| n == "user") =>
-                {
-                    Some((u, g))
-                }
-                _ => None,
-            };
             seccomp::prepare(seccomp_mode(), drop_to).map_err(|e| jail_error(e.to_string()))?;
         }
+        // Built now, while the vsock socket's directory can still be opened; every VM thread
+        // applies it (see landlock.rs), whatever the caller's privileges.
+        landlock::prepare(jail_config.shared_dir.as_deref());
         crate::snapshot::memory::preopen_pagemap().map_err(|e| WireError {
             kind: ErrorKind::Os,
             message: format!("cannot open /proc/self/pagemap: {e}"),
@@ -250,6 +255,12 @@ impl Worker {
             let confine = || -> Result<Vec<String>, String> {
                 let mut active =
                     jail::enter(jail_config, &jail_config.namespaces).map_err(|e| e.to_string())?;
+                // After the jail's mounts and pivot_root, which a Landlock domain forbids.
+                let status = landlock::restrict_thread("control").map_err(|e| e.to_string())?;
+                match landlock::describe(status.as_ref()) {
+                    Ok(name) => active.push(name),
+                    Err(why) => missing(&format!("Landlock: {why}")),
+                }
                 if jail_config.seccomp {
                     seccomp::apply(ThreadKind::Control).map_err(|e| e.to_string())?;
                     active.push("seccomp".into());
@@ -267,6 +278,14 @@ impl Worker {
                 }
             }
         };
+        if let Ok(refused) = std::env::var(spawn::REFUSED_ENV) {
+            missing(&format!(
+                "stronger isolation was refused by this host: {refused}"
+            ));
+        }
+        if !jail_config.seccomp {
+            missing("seccomp: turned off by the owner (SUPERMACHINE_SECCOMP=off)");
+        }
         let built = build(&mut hook);
         if let Some(why) = jail_failure {
             return Err(jail_error(why));
@@ -402,6 +421,12 @@ fn jail_error(message: String) -> WireError {
         kind: ErrorKind::Jail,
         message: format!("the VMM worker cannot confine itself: {message}"),
     }
+}
+
+/// Reports, on the VM's log, a protection this worker runs without and why: the owner only
+/// sees the ones in force (`protections`), `supermachine doctor` the host's view.
+fn missing(what: &str) {
+    let _ = writeln!(std::io::stderr(), "supermachine-vmm: not in force: {what}");
 }
 
 fn seccomp_mode() -> seccomp::Mode {
