@@ -16,6 +16,7 @@ DEFAULT_MEMORY_MIB: int
 MAX_MEMORY_MIB: int
 DEFAULT_VCPUS: int
 MAX_VCPUS: int  # the most vCPUs a VM (and a snapshot) may have
+WORKER_PROTOCOL_VERSION: int  # what this module and its supermachine-vmm speak
 COMPAT_GLIBC_TUNABLES: str
 CDC_GEAR_SEED: int
 

@@ -56,7 +56,7 @@ def send(message, payload=b""):
     sock.sendall(frame(message, payload))
 
 
-HELLO = {"reply": "hello", "version": 1, "pid": 1}
+HELLO = {"reply": "hello", "version": VERSION, "pid": 1}
 
 
 def info(**fields):
@@ -77,7 +77,7 @@ time.sleep(600)
 """
 MALFORMED = """
 recv()
-body = b'{"reply": "hello", "version": 1,'
+body = b'{"reply": "hello", "version": 2,'
 sock.sendall(struct.pack("<II", len(body), 0) + body)
 time.sleep(600)
 """
@@ -151,7 +151,10 @@ def guest(guest_dir: Path) -> Path:
 def _fake_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str) -> Path:
     script = tmp_path / "fake-vmm"
     pidfile = tmp_path / "fake.pid"
-    script.write_text(f"#!{sys.executable}\nPIDFILE = {str(pidfile)!r}\n{_FAKE}{behaviour}")
+    script.write_text(
+        f"#!{sys.executable}\nPIDFILE = {str(pidfile)!r}\nVERSION = {_core.WORKER_PROTOCOL_VERSION}\n"
+        f"{_FAKE}{behaviour}"
+    )
     script.chmod(0o755)
     monkeypatch.setenv("SUPERMACHINE_VMM", str(script))
     return pidfile
@@ -193,7 +196,7 @@ def _start_fails(guest: Path, tmp_path: Path, pidfile: Path, **config: Any) -> s
         (HUGE_JSON, "a frame of 4294967295 + 0 bytes is over the limits"),
         (MALFORMED, "the VMM worker sent a malformed message: EOF while parsing"),
         (WRONG_KIND, "a start-up reply of the wrong kind"),
-        (WRONG_VERSION, "it speaks protocol version 999, not 1"),
+        (WRONG_VERSION, f"it speaks protocol version 999, not {_core.WORKER_PROTOCOL_VERSION}"),
     ],
     ids=["huge-json-header", "malformed-json", "wrong-reply-kind", "wrong-version"],
 )
@@ -294,6 +297,7 @@ def test_a_spare_worker_that_dies_after_its_greeting_costs_a_retry_not_the_vm(
         "except FileExistsError:\n"
         f"    os.execv({str(real)!r}, [{str(real)!r}, '--worker'])\n"
         f"PIDFILE = {str(tmp_path / 'spare.pid')!r}\n"
+        f"VERSION = {_core.WORKER_PROTOCOL_VERSION}\n"
         f"{_FAKE}"
         "recv()\n"
         "send(HELLO)\n"

@@ -48,6 +48,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_VCPUS", crate::vmm::DEFAULT_VCPUS)?;
     m.add("MAX_VCPUS", crate::vmm::MAX_VCPUS)?;
     m.add(
+        "WORKER_PROTOCOL_VERSION",
+        crate::worker::protocol::PROTOCOL_VERSION,
+    )?;
+    m.add(
         "COMPAT_GLIBC_TUNABLES",
         crate::vmm::cpuid::COMPAT_GLIBC_TUNABLES,
     )?;

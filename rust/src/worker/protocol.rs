@@ -20,7 +20,7 @@ use crate::vmm::persist::RestoreOverrides;
 use crate::vmm::{MachineConfig, Outcome};
 
 /// Bumped whenever a message changes shape; owner and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest JSON part of a frame.
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// Largest payload: a full console ring, a guest memory read, a dirty-page bitmap.
