@@ -1,8 +1,9 @@
 """The guest's initramfs: an uncompressed newc cpio whose ``/init`` is the static guest agent.
 
 The agent (``guest/agent``) is built by its recipe ``guest/agent/build.sh``, which owns the cache key
-of the binary. The initramfs is cached next to it, keyed by the SHA-256 of the agent binary and the
-layout version of this module, under ``<cache>/initramfs/<key>/initramfs.cpio``. The archive is
+of the binary; an installed wheel carries it instead (:mod:`supermachine.artefacts`). The initramfs
+is cached next to it, keyed by the SHA-256 of the agent binary and the layout version of this
+module, under ``<cache>/initramfs/<key>/initramfs.cpio``. The archive is
 reproducible: the same agent binary always gives the same bytes.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from supermachine import paths
+from supermachine import artefacts, paths
 from supermachine.errors import AgentBuildError
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "newc_archive",
 ]
 
+#: The agent's name among the packaged artefacts (and the binary's name).
+AGENT = "supermachine-agent"
 #: Bump when the archive's layout changes, so cached archives are rebuilt.
 LAYOUT_VERSION = 1
 _TRAILER = "TRAILER!!!"
@@ -112,20 +115,23 @@ def initramfs_entries(agent: bytes) -> list[CpioEntry]:
 
 
 def _agent_dir() -> Path:
-    override = os.environ.get("SUPERMACHINE_GUEST_DIR")
-    if override:
-        found = Path(override) / "agent"
+    source = artefacts.guest_source()
+    if source is not None and source[0] == "override":
+        found = source[1] / "agent"
         if not (found / "build.sh").is_file():
-            raise AgentBuildError(f"SUPERMACHINE_GUEST_DIR={override} has no agent/build.sh")
+            raise AgentBuildError(f"SUPERMACHINE_GUEST_DIR={source[1]} has no agent/build.sh")
         return found
-    # python/supermachine/initramfs.py -> the repository root is two levels above the package.
-    found = Path(__file__).resolve().parents[2] / "guest" / "agent"
-    if not (found / "build.sh").is_file():
-        raise AgentBuildError(
-            f"guest agent recipe not found at {found}/build.sh; "
-            "install supermachine from a source checkout or set SUPERMACHINE_GUEST_DIR"
-        )
-    return found
+    if source is not None and source[0] == "checkout":
+        return source[1] / "agent"
+    raise AgentBuildError(
+        "no guest agent recipe: this supermachine is neither a source checkout nor carries a packaged "
+        "agent; install it from a wheel built with `make wheel`, or set SUPERMACHINE_GUEST_DIR"
+    )
+
+
+def _packaged() -> bool:
+    source = artefacts.guest_source()
+    return source is not None and source[0] == "packaged"
 
 
 def agent_build_script() -> Path:
@@ -158,7 +164,12 @@ def _run_recipe(*args: str, stream_stderr: bool) -> Path:
 
 
 def cached_agent_path() -> Path:
-    """Where the agent binary for the current sources is (or would be) cached. Never builds."""
+    """Where the agent binary for the current sources is (or would be) cached. Never builds.
+
+    For an installed wheel: where its packaged agent is (or would be) unpacked.
+    """
+    if _packaged():
+        return artefacts.unpacked_path(AGENT)
     return _run_recipe("--print-path", stream_stderr=False)
 
 
@@ -166,8 +177,11 @@ def agent_path(build: bool = True) -> Path:
     """The static agent binary for the current sources, built with ``build.sh`` when missing.
 
     A first build takes about ten seconds (cargo's output goes to stderr). With ``build`` false a
-    missing binary raises :class:`AgentBuildError`.
+    missing binary raises :class:`AgentBuildError`. An installed wheel's packaged agent is
+    unpacked instead (checked against its SHA-256).
     """
+    if _packaged():
+        return artefacts.unpacked(AGENT)
     path = cached_agent_path()
     if path.is_file():
         return path

@@ -1,7 +1,9 @@
 """The guest kernel: an uncompressed ``vmlinux`` with a PVH entry point, built from ``guest/kernel``.
 
-The recipe (``guest/kernel/build.sh``) owns the cache key and the build; this module only selects the
-profile, asks the recipe where the kernel for the current inputs lives, and builds it on demand.
+An installed wheel carries both profiles' kernels instead (:mod:`supermachine.artefacts` says which
+source wins). The recipe (``guest/kernel/build.sh``) owns the cache key and the build; this module
+only selects the profile, asks the recipe where the kernel for the current inputs lives, and builds
+it on demand.
 
 Profiles:
 
@@ -21,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from supermachine import paths
+from supermachine import artefacts, paths
 from supermachine.errors import KernelError
 
 __all__ = ["PROFILES", "build_script", "cached_path", "default_profile", "guest_dir", "kernel_path"]
@@ -42,21 +44,27 @@ def default_profile(sys_module: Path | None = None) -> str:
 
 
 def guest_dir() -> Path:
-    """The ``guest/`` directory of the source checkout (``SUPERMACHINE_GUEST_DIR`` overrides it)."""
-    override = os.environ.get("SUPERMACHINE_GUEST_DIR")
-    if override:
-        found = Path(override)
-        if not (found / "kernel" / "build.sh").is_file():
-            raise KernelError(f"SUPERMACHINE_GUEST_DIR={override} has no kernel/build.sh")
-        return found
-    # python/supermachine/kernel.py -> the repository root is two levels above the package.
-    found = Path(__file__).resolve().parents[2] / "guest"
-    if not (found / "kernel" / "build.sh").is_file():
-        raise KernelError(
-            f"guest kernel recipe not found at {found}/kernel/build.sh; "
-            "install supermachine from a source checkout or set SUPERMACHINE_GUEST_DIR"
-        )
-    return found
+    """The ``guest/`` recipe directory: ``SUPERMACHINE_GUEST_DIR``, else the source checkout's.
+
+    Raises :class:`KernelError` when neither exists (an installed wheel uses its packaged kernels
+    instead; see :mod:`supermachine.artefacts`).
+    """
+    source = artefacts.guest_source()
+    if source is not None and source[0] == "override":
+        if not (source[1] / "kernel" / "build.sh").is_file():
+            raise KernelError(f"SUPERMACHINE_GUEST_DIR={source[1]} has no kernel/build.sh")
+        return source[1]
+    if source is not None and source[0] == "checkout":
+        return source[1]
+    raise KernelError(
+        "no guest kernel recipe: this supermachine is neither a source checkout nor carries packaged "
+        "kernels; install it from a wheel built with `make wheel`, or set SUPERMACHINE_GUEST_DIR"
+    )
+
+
+def _packaged() -> bool:
+    source = artefacts.guest_source()
+    return source is not None and source[0] == "packaged"
 
 
 def build_script() -> Path:
@@ -104,8 +112,13 @@ def _last_stdout_line(stdout: str) -> Path:
 
 
 def cached_path(profile: str | None = None) -> Path:
-    """Where the kernel for the profile's current inputs is (or would be) cached. Never builds."""
+    """Where the kernel for the profile's current inputs is (or would be) cached. Never builds.
+
+    For an installed wheel: where its packaged kernel is (or would be) unpacked.
+    """
     chosen = _check_profile(profile)
+    if _packaged():
+        return artefacts.unpacked_path(f"vmlinux-{chosen}")
     result = subprocess.run(
         _command("--print-path", chosen),
         env=_environment(),
@@ -123,8 +136,11 @@ def kernel_path(profile: str | None = None, build: bool = True) -> Path:
 
     Builds it with ``guest/kernel/build.sh`` when it is not cached and ``build`` is true (about five
     minutes on two cores; progress goes to stderr). Raises :class:`KernelError` otherwise.
+    An installed wheel's packaged kernel is unpacked instead (checked against its SHA-256).
     """
     chosen = _check_profile(profile)
+    if _packaged():
+        return artefacts.unpacked(f"vmlinux-{chosen}")
     path = cached_path(chosen)
     if path.is_file():
         return path
