@@ -140,3 +140,47 @@ def test_without_checkout_or_packaged_copies_the_error_says_what_to_do(
 def test_unpacking_writes_no_file_other_users_can_change(packaged: Path) -> None:
     path = artefacts.unpacked("vmlinux-normal")
     assert os.stat(path).st_mode & 0o022 == 0
+
+
+def test_doctor_names_the_source_and_identity_of_each_artefact(
+    packaged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supermachine.cli import doctor
+
+    worker = tmp_path / "vmm"
+    worker.write_bytes(b"#!/bin/sh\n")
+    worker.chmod(0o755)
+    monkeypatch.setenv("SUPERMACHINE_VMM", str(worker))
+    report = doctor.artefact_sources()
+    for profile in kernel.PROFILES:
+        entry = report[f"kernel-{profile}"]
+        assert entry["source"] == "packaged"
+        assert entry["sha256"] == hashlib.sha256(CONTENT[f"vmlinux-{profile}"]).hexdigest()
+        assert entry["recipe_key"] == f"key-vmlinux-{profile}"
+        assert entry["used_here"] is (profile == kernel.default_profile())
+    assert report["agent"]["sha256"] == hashlib.sha256(CONTENT["supermachine-agent"]).hexdigest()
+    assert report["worker"] == {
+        "source": "override",
+        "path": str(worker),
+        "ready": True,
+        "sha256": hashlib.sha256(b"#!/bin/sh\n").hexdigest(),
+    }
+    # Reporting never unpacks anything.
+    assert not (tmp_path / "cache").exists()
+
+
+def test_doctor_in_a_checkout_reports_the_recipes_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from supermachine.cli import doctor
+
+    monkeypatch.delenv("SUPERMACHINE_GUEST_DIR", raising=False)
+    report = doctor.artefact_sources()
+    for profile in kernel.PROFILES:
+        entry = report[f"kernel-{profile}"]
+        path = kernel.cached_path(profile)
+        assert (entry["source"], entry["path"], entry["recipe_key"]) == (
+            "checkout",
+            str(path),
+            path.parent.name,
+        )
+        assert entry["ready"] is path.is_file()
+    assert report["agent"]["recipe_key"] == initramfs.cached_agent_path().parent.name

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
-from supermachine import _core, ui, worker
-from supermachine.errors import KvmUnavailableError, WorkerStartError
+from supermachine import _core, artefacts, initramfs, kernel, ui, worker
+from supermachine.errors import AgentBuildError, KernelError, KvmUnavailableError, WorkerStartError
 
 # What each probe is called in the table, in the order the core reports them.
 LABELS = {
@@ -54,10 +56,17 @@ def doctor(as_json: bool) -> None:
     except WorkerStartError as exc:
         program = {"available": False, "detail": str(exc)}
     can_run = kvm["available"] and program["available"]
+    sources = artefact_sources()
     if as_json:
         print(
             json.dumps(
-                {"protections": protections, "jail": jail, "worker": program, "vms_can_run": can_run},
+                {
+                    "protections": protections,
+                    "jail": jail,
+                    "worker": program,
+                    "artefacts": sources,
+                    "vms_can_run": can_run,
+                },
                 indent=2,
             )
         )
@@ -75,10 +84,88 @@ def doctor(as_json: bool) -> None:
         ui.stdout.print(f"\nVMM worker: {escape(program['detail'])}")
         landlock = ", Landlock" if protections["landlock"]["available"] else ""
         ui.stdout.print(f"VMs run in a {escape(JAIL.get(jail, jail))}{landlock}, one worker process per VM.")
+        _print_artefacts(sources)
     if not kvm["available"]:
         raise KvmUnavailableError(f"VMs cannot run here: {kvm['detail']}")
     if not program["available"]:
         raise WorkerStartError(f"VMs cannot run here: {program['detail']}")
+
+
+def _identity(path: Path, recipe_key: str | None) -> dict[str, object]:
+    found: dict[str, object] = {"path": str(path), "ready": path.is_file()}
+    if recipe_key is not None:
+        found["recipe_key"] = recipe_key
+    if path.is_file():
+        found["sha256"] = artefacts.sha256_file(path)
+    return found
+
+
+def artefact_sources() -> dict[str, dict[str, object]]:
+    """Where the guest kernels, the agent and the VMM worker come from (``override``: an
+    environment variable; ``checkout``: built by the source checkout's recipe into the cache;
+    ``packaged``: carried by the installed wheel, unpacked into the cache) and their identities
+    (SHA-256 of the file; the recipe's input key). Never builds or unpacks anything."""
+    out: dict[str, dict[str, object]] = {}
+    source = artefacts.guest_source()
+    origin = "none" if source is None else source[0]
+    packaged = artefacts.manifest() if origin == "packaged" else {}
+    here = kernel.default_profile()
+    for profile in kernel.PROFILES:
+        entry: dict[str, object] = {"source": origin, "used_here": profile == here}
+        try:
+            path = kernel.cached_path(profile)
+            if origin == "packaged":
+                item = packaged[f"vmlinux-{profile}"]
+                entry |= {
+                    "path": str(path),
+                    "ready": True,
+                    "sha256": item.sha256,
+                    "recipe_key": item.recipe_key,
+                }
+            else:
+                entry |= _identity(path, path.parent.name)
+        except KernelError as exc:
+            entry |= {"ready": False, "detail": str(exc)}
+        out[f"kernel-{profile}"] = entry
+    agent: dict[str, object] = {"source": origin}
+    try:
+        path = initramfs.cached_agent_path()
+        if origin == "packaged":
+            item = packaged[initramfs.AGENT]
+            agent |= {"path": str(path), "ready": True, "sha256": item.sha256, "recipe_key": item.recipe_key}
+        else:
+            agent |= _identity(path, path.parent.name)
+    except (AgentBuildError, KernelError) as exc:
+        agent |= {"ready": False, "detail": str(exc)}
+    out["agent"] = agent
+    # The worker is installed with the package (by scripts/setup.sh in a checkout, by the wheel
+    # otherwise) unless SUPERMACHINE_VMM names another.
+    installed = "checkout" if artefacts.checkout_guest_dir() is not None else "packaged"
+    vmm: dict[str, object] = {"source": "override" if os.environ.get("SUPERMACHINE_VMM") else installed}
+    try:
+        vmm |= _identity(worker.program_path(), None)
+    except WorkerStartError as exc:
+        vmm |= {"ready": False, "detail": str(exc)}
+    out["worker"] = vmm
+    return out
+
+
+def _print_artefacts(sources: dict[str, dict[str, object]]) -> None:
+    table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
+    for column in ("ARTEFACT", "SOURCE", "IDENTITY", "PATH"):
+        table.add_column(column, no_wrap=column != "PATH")
+    for name, entry in sources.items():
+        label = f"{name} (used here)" if entry.get("used_here") else name
+        if "sha256" in entry:
+            identity = f"sha256 {str(entry['sha256'])[:16]}"
+        elif "recipe_key" in entry:
+            identity = f"recipe key {entry['recipe_key']} (not built yet)"
+        else:
+            identity = "-"
+        where = entry.get("path", entry.get("detail", ""))
+        table.add_row(label, str(entry["source"]), identity, escape(str(where)))
+    ui.stdout.print()
+    ui.stdout.print(table)
 
 
 def register(group: click.Group) -> None:
