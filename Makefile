@@ -1,7 +1,7 @@
 # The two entry points the README promises. Both do all set-up first (idempotent).
 #   make demo   - the main job
 #   make test   - lint + type checks + Rust tests + the pytest suite
-.PHONY: setup demo test lint rust-test fuzz py-test bench bench-setup clean
+.PHONY: setup demo test lint rust-test fuzz py-test bench bench-setup wheel wheel-test clean
 
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -33,6 +33,15 @@ py-test: setup
 	$(VENV)/pytest -q tests
 
 test: lint rust-test py-test
+
+# The distributable wheel in dist/, carrying both guest kernels, the agent and the VMM worker.
+wheel: setup
+	scripts/build-wheel.sh
+
+# Installs that wheel into a fresh virtualenv outside the checkout, with no guest/ and no C
+# compiler on PATH, and runs a VM from it (one boot, then a snapshot and a restore).
+wheel-test: setup
+	SUPERMACHINE_WHEEL=$$(scripts/build-wheel.sh) $(VENV)/pytest -q tests/packaging
 
 bench-setup:
 	scripts/setup.sh test,lint,bench
