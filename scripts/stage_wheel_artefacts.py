@@ -9,8 +9,9 @@
 
 The kernels and the agent come from their recipes, which cache by input key in the user cache: a
 wheel built again from the same inputs reuses them (and the compressed copies already staged).
-Before building anything missing it checks the build dependencies and names every one that is
-absent. Both staging directories are gitignored; ``[tool.maturin] include`` puts them in the wheel.
+Before building anything it checks the build dependencies of what is not cached and names every
+one that is absent. Both staging directories are gitignored; ``[tool.maturin] include`` puts them
+in the wheel.
 
 Used by ``scripts/build-wheel.sh`` (``make wheel``) and by the PEP 517 backend (``pip install .``,
 building from the sdist). Standard library only: it runs in pip's isolated build environment.
@@ -65,35 +66,52 @@ def rust_dependencies() -> list[str]:
     return missing_tools(["cargo", "rustc", "cc"])
 
 
-def recipe(*args: str, check_deps: list[str] | None = None) -> Path:
+def recipe(*args: str, quiet: bool = False) -> Path:
     """Runs a guest recipe and returns the path it prints last (its progress goes to stderr)."""
-    if check_deps:
-        raise StageError(
-            f"cannot build {args[0].split('/guest/')[-1]} {' '.join(args[1:])}: missing build "
-            f"dependencies: {', '.join(check_deps)} (see scripts/apt-packages.txt)"
-        )
-    result = subprocess.run(["bash", *args], stdout=subprocess.PIPE, text=True, check=False)
+    result = subprocess.run(
+        ["bash", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL if quiet else None,
+        text=True,
+        check=False,
+    )
     lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
     if result.returncode != 0 or not lines:
         raise StageError(f"{' '.join(args)} failed (exit status {result.returncode}; its errors are above)")
     return Path(lines[-1])
 
 
-def cached_or_built(script: Path, *args: str, deps: list[str]) -> Path:
-    """The recipe's cached output for the current inputs, building it when it is not cached."""
+def cached(script: Path, *args: str) -> Path | None:
+    """The recipe's cached output for the current inputs, or ``None`` when it must be built (or
+    the recipe cannot even compute its key, say without its compiler or kernel source)."""
     try:
-        wanted = recipe(str(script), "--print-path", *args)
+        wanted = recipe(str(script), "--print-path", *args, quiet=True)
     except StageError:
-        if deps:  # the recipe cannot even compute its key: say everything that is missing
-            recipe(str(script), *args, check_deps=deps)
-        raise
-    if wanted.is_file():
-        return wanted
-    log(f"building {wanted.name} with {script.relative_to(ROOT)} {' '.join(args)}".rstrip())
-    built = recipe(str(script), *args, check_deps=deps or None)
-    if not built.is_file():
-        raise StageError(f"{script} reported {built}, which does not exist")
-    return built
+        return None
+    return wanted if wanted.is_file() else None
+
+
+def check_dependencies(kernels: dict[str, Path | None], agent: Path | None) -> None:
+    """Names every missing build dependency of what has to be built, before building any of it."""
+    missing = rust_dependencies()  # the worker (and the extension) are always compiled
+    if any(path is None for path in kernels.values()):
+        missing += kernel_dependencies()
+    if agent is None:
+        missing += rust_dependencies()
+    missing += missing_tools(["zstd", "readelf"])
+    if missing:
+        unique = ", ".join(dict.fromkeys(missing))
+        raise StageError(
+            f"cannot build the wheel, missing build dependencies: {unique} (scripts/apt-packages.txt)"
+        )
+
+
+def built(script: Path, *args: str) -> Path:
+    log(f"building with {script.relative_to(ROOT)} {' '.join(args)}".rstrip())
+    path = recipe(str(script), *args)
+    if not path.is_file():
+        raise StageError(f"{script} reported {path}, which does not exist")
+    return path
 
 
 def sha256(path: Path) -> str:
@@ -117,8 +135,6 @@ def compress(source: Path, dest: Path, previous: dict[str, object] | None, name:
         os.chmod(dest, 0o644)
         log(f"{name}: unchanged ({digest[:16]})")
         return entry
-    if missing_tools(["zstd"]):
-        raise StageError("cannot compress the guest artefacts: missing build dependency zstd")
     tmp = dest.with_name(f".{dest.name}.tmp")
     # One thread and a fixed level: the same input always gives the same bytes.
     subprocess.run(["zstd", "-19", "-T1", "-q", "-f", "-o", str(tmp), str(source)], check=True)
@@ -129,16 +145,11 @@ def compress(source: Path, dest: Path, previous: dict[str, object] | None, name:
 
 
 def glibc_versions(binary: Path) -> list[tuple[int, ...]]:
-    if missing_tools(["readelf"]):
-        raise StageError("cannot check the worker's glibc needs: missing build dependency readelf (binutils)")
     out = subprocess.run(["readelf", "-VW", str(binary)], capture_output=True, text=True, check=True).stdout
     return sorted({tuple(int(p) for p in m.split(".")) for m in re.findall(r"GLIBC_([0-9.]+)", out)})
 
 
 def stage_worker() -> None:
-    missing = rust_dependencies()
-    if missing:
-        raise StageError(f"cannot build the VMM worker: missing build dependencies: {', '.join(missing)}")
     log("building the VMM worker (cargo build --release --bin supermachine-vmm)")
     subprocess.run(
         ["cargo", "build", "--release", "-q", "-p", "supermachine-core", "--bin", "supermachine-vmm"],
@@ -169,13 +180,18 @@ def stage() -> None:
     # The manifest goes first so a failed run never leaves one that names stale files.
     manifest.unlink(missing_ok=True)
 
+    kernel_recipe = ROOT / "guest" / "kernel" / "build.sh"
+    agent_recipe = ROOT / "guest" / "agent" / "build.sh"
+    kernels = {profile: cached(kernel_recipe, profile) for profile in PROFILES}
+    agent = cached(agent_recipe)
+    check_dependencies(kernels, agent)
+
     entries: dict[str, dict[str, object]] = {}
-    kernel_deps = kernel_dependencies()
-    for profile in PROFILES:
-        vmlinux = cached_or_built(ROOT / "guest" / "kernel" / "build.sh", profile, deps=kernel_deps)
+    for profile, vmlinux in kernels.items():
+        vmlinux = vmlinux or built(kernel_recipe, profile)
         name = f"vmlinux-{profile}"
         entries[name] = compress(vmlinux, STAGE / f"{name}.zst", previous.get(name), name)
-    agent = cached_or_built(ROOT / "guest" / "agent" / "build.sh", deps=rust_dependencies())
+    agent = agent or built(agent_recipe)
     entries[AGENT] = compress(agent, STAGE / f"{AGENT}.zst", previous.get(AGENT), AGENT)
     stage_worker()
 
