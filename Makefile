@@ -41,7 +41,7 @@ wheel: setup
 # Installs that wheel into a fresh virtualenv outside the checkout, with no guest/ and no C
 # compiler on PATH, and runs a VM from it (one boot, then a snapshot and a restore).
 wheel-test: setup
-	SUPERMACHINE_WHEEL=$$(scripts/build-wheel.sh) $(VENV)/pytest -q tests/packaging
+	wheel=$$(scripts/build-wheel.sh) && SUPERMACHINE_WHEEL=$$wheel $(VENV)/pytest -q tests/packaging
 
 bench-setup:
 	scripts/setup.sh test,lint,bench

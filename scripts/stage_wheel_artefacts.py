@@ -122,6 +122,12 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def staged_digest(path: Path) -> str | None:
+    """The SHA-256 of what a staged ``.zst`` decompresses to (``None`` if it does not)."""
+    proc = subprocess.run(["zstd", "-dcq", str(path)], capture_output=True, check=False)
+    return hashlib.sha256(proc.stdout).hexdigest() if proc.returncode == 0 else None
+
+
 def compress(source: Path, dest: Path, previous: dict[str, object] | None, name: str) -> dict[str, object]:
     """Compresses ``source`` to ``dest`` (reusing the staged copy when its content is unchanged)."""
     digest = sha256(source)
@@ -131,7 +137,7 @@ def compress(source: Path, dest: Path, previous: dict[str, object] | None, name:
         "size": source.stat().st_size,
         "recipe": source.parent.name,
     }
-    if previous == entry and dest.is_file():
+    if previous == entry and dest.is_file() and staged_digest(dest) == digest:
         os.chmod(dest, 0o644)
         log(f"{name}: unchanged ({digest[:16]})")
         return entry
