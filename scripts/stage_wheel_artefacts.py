@@ -162,7 +162,7 @@ def stage_worker() -> None:
         cwd=ROOT,
         check=True,
     )
-    built = ROOT / "target" / "release" / "supermachine-vmm"
+    built = ROOT / os.environ.get("CARGO_TARGET_DIR", "target") / "release" / "supermachine-vmm"
     needed = glibc_versions(built)
     if needed and needed[-1] > MAX_GLIBC:
         have = ".".join(map(str, needed[-1]))
