@@ -36,8 +36,10 @@ __all__ = [
     "Source",
     "checkout_guest_dir",
     "guest_source",
+    "is_packaged",
     "manifest",
     "packaged_dir",
+    "recipe_root",
     "sha256_file",
     "unpacked",
     "unpacked_path",
@@ -100,6 +102,29 @@ def guest_source() -> tuple[Source, Path] | None:
     if (packaged_dir() / "manifest.json").is_file():
         return "packaged", packaged_dir()
     return None
+
+
+def is_packaged() -> bool:
+    """Whether guest artefacts come from the copies this installed wheel carries."""
+    source = guest_source()
+    return source is not None and source[0] == "packaged"
+
+
+def recipe_root(part: str, error: type[KernelError] | type[AgentBuildError], packaged: str) -> Path:
+    """The ``guest/`` recipe directory whose ``part/build.sh`` builds an artefact: the override's
+    (which must have it) or the source checkout's. Raises ``error`` when there is neither
+    (``packaged`` names what a wheel would carry instead, for the message)."""
+    source = guest_source()
+    if source is not None and source[0] == "override":
+        if not (source[1] / part / "build.sh").is_file():
+            raise error(f"SUPERMACHINE_GUEST_DIR={source[1]} has no {part}/build.sh")
+        return source[1]
+    if source is not None and source[0] == "checkout":
+        return source[1]
+    raise error(
+        f"no guest {part} recipe: this supermachine is neither a source checkout nor carries {packaged};"
+        " install it from a wheel built with `make wheel`, or set SUPERMACHINE_GUEST_DIR"
+    )
 
 
 def _error(name: str) -> type[KernelError] | type[AgentBuildError]:

@@ -115,23 +115,7 @@ def initramfs_entries(agent: bytes) -> list[CpioEntry]:
 
 
 def _agent_dir() -> Path:
-    source = artefacts.guest_source()
-    if source is not None and source[0] == "override":
-        found = source[1] / "agent"
-        if not (found / "build.sh").is_file():
-            raise AgentBuildError(f"SUPERMACHINE_GUEST_DIR={source[1]} has no agent/build.sh")
-        return found
-    if source is not None and source[0] == "checkout":
-        return source[1] / "agent"
-    raise AgentBuildError(
-        "no guest agent recipe: this supermachine is neither a source checkout nor carries a packaged "
-        "agent; install it from a wheel built with `make wheel`, or set SUPERMACHINE_GUEST_DIR"
-    )
-
-
-def _packaged() -> bool:
-    source = artefacts.guest_source()
-    return source is not None and source[0] == "packaged"
+    return artefacts.recipe_root("agent", AgentBuildError, "a packaged agent") / "agent"
 
 
 def agent_build_script() -> Path:
@@ -168,7 +152,7 @@ def cached_agent_path() -> Path:
 
     For an installed wheel: where its packaged agent is (or would be) unpacked.
     """
-    if _packaged():
+    if artefacts.is_packaged():
         return artefacts.unpacked_path(AGENT)
     return _run_recipe("--print-path", stream_stderr=False)
 
@@ -180,7 +164,7 @@ def agent_path(build: bool = True) -> Path:
     missing binary raises :class:`AgentBuildError`. An installed wheel's packaged agent is
     unpacked instead (checked against its SHA-256).
     """
-    if _packaged():
+    if artefacts.is_packaged():
         return artefacts.unpacked(AGENT)
     path = cached_agent_path()
     if path.is_file():

@@ -49,22 +49,7 @@ def guest_dir() -> Path:
     Raises :class:`KernelError` when neither exists (an installed wheel uses its packaged kernels
     instead; see :mod:`supermachine.artefacts`).
     """
-    source = artefacts.guest_source()
-    if source is not None and source[0] == "override":
-        if not (source[1] / "kernel" / "build.sh").is_file():
-            raise KernelError(f"SUPERMACHINE_GUEST_DIR={source[1]} has no kernel/build.sh")
-        return source[1]
-    if source is not None and source[0] == "checkout":
-        return source[1]
-    raise KernelError(
-        "no guest kernel recipe: this supermachine is neither a source checkout nor carries packaged "
-        "kernels; install it from a wheel built with `make wheel`, or set SUPERMACHINE_GUEST_DIR"
-    )
-
-
-def _packaged() -> bool:
-    source = artefacts.guest_source()
-    return source is not None and source[0] == "packaged"
+    return artefacts.recipe_root("kernel", KernelError, "packaged kernels")
 
 
 def build_script() -> Path:
@@ -117,7 +102,7 @@ def cached_path(profile: str | None = None) -> Path:
     For an installed wheel: where its packaged kernel is (or would be) unpacked.
     """
     chosen = _check_profile(profile)
-    if _packaged():
+    if artefacts.is_packaged():
         return artefacts.unpacked_path(f"vmlinux-{chosen}")
     result = subprocess.run(
         _command("--print-path", chosen),
@@ -139,7 +124,7 @@ def kernel_path(profile: str | None = None, build: bool = True) -> Path:
     An installed wheel's packaged kernel is unpacked instead (checked against its SHA-256).
     """
     chosen = _check_profile(profile)
-    if _packaged():
+    if artefacts.is_packaged():
         return artefacts.unpacked(f"vmlinux-{chosen}")
     path = cached_path(chosen)
     if path.is_file():
