@@ -779,6 +779,19 @@ mod tests {
     }
 
     #[test]
+    fn learning_again_never_shortens() {
+        let t0 = Instant::now();
+        let mut f = filter(&[(Allow, "*.test")], Deny);
+        let long = Msg::response("a.test", 1).a(&QNAME, 3600, [1, 1, 1, 1]);
+        let short = Msg::response("b.test", 1).a(&QNAME, 1, [1, 1, 1, 1]);
+        f.inbound(&answer(&long.0), t0);
+        f.inbound(&answer(&short.0), t0);
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(f.outbound(&out_to(ip([1, 1, 1, 1])), later), Pass);
+        assert_eq!(f.learned_len(), 1);
+    }
+
+    #[test]
     fn cname_attribution() {
         let now = Instant::now();
         // The question is allowed; the chain leads elsewhere: allowed.
