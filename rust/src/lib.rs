@@ -7,6 +7,7 @@
 pub mod cdc;
 pub mod devices;
 pub mod layers;
+pub mod net;
 pub mod pages;
 pub mod snapshot;
 pub mod source;
