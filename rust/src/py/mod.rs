@@ -51,6 +51,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "WORKER_PROTOCOL_VERSION",
         crate::worker::protocol::PROTOCOL_VERSION,
     )?;
+    let builtin: Vec<(&str, String)> = crate::net::BUILTIN_DENY
+        .iter()
+        .map(|(name, cidr)| (*name, cidr.to_string()))
+        .collect();
+    m.add("NET_BUILTIN_DENY", builtin)?;
     m.add(
         "COMPAT_GLIBC_TUNABLES",
         crate::vmm::cpuid::COMPAT_GLIBC_TUNABLES,

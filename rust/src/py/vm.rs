@@ -13,8 +13,8 @@ use crate::snapshot::memory::id_hex;
 use crate::snapshot::Snapshot;
 use crate::vmm::persist::RestoreOverrides;
 use crate::vmm::{
-    BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MachineConfig, MemoryBacking, Outcome,
-    RawMode, Vmm, VmmError,
+    BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MachineConfig, MemoryBacking,
+    NetConfig, Outcome, RawMode, Vmm, VmmError,
 };
 use crate::worker::client::{IsolationChoice, WorkerError, WorkerOptions, WorkerVm};
 use crate::worker::protocol::{ErrorKind, VmInfo, WireDevice, WireError, WireTimings};
@@ -92,6 +92,8 @@ const KEYS: &[&str] = &[
     "vcpus",
     "disks",
     "vsock_path",
+    "net",
+    "net_fd",
     "console_log",
     "console_capacity",
     "cpu_template",
@@ -243,6 +245,7 @@ fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<MachineConfig> {
     }
     cfg.disks = parse_disks(d, "config")?;
     cfg.vsock_path = get(d, "vsock_path")?;
+    cfg.net = parse_net(d)?;
     cfg.console_log = get(d, "console_log")?;
     cfg.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
     if let Some(c) = get(d, "console_capacity")? {
@@ -459,14 +462,38 @@ impl PyVm {
     }
 }
 
+/// The "net" key: the network card's configuration as JSON (the shape of [`NetConfig`]), which
+/// the Python layer builds from its typed settings, and "net_fd": the caller's end of the
+/// socket pair whose other end the backend (passt) holds. The caller keeps owning it.
+fn parse_net(d: &Bound<'_, PyDict>) -> PyResult<Option<NetConfig>> {
+    let fd: Option<i32> = get(d, "net_fd")?;
+    let Some(json) = get::<String>(d, "net")? else {
+        return match fd {
+            None => Ok(None),
+            Some(_) => Err(PyValueError::new_err("'net_fd' was given without 'net'")),
+        };
+    };
+    let mut net = serde_json::from_str::<NetConfig>(&json).map_err(|e| {
+        PyValueError::new_err(format!(
+            "config key 'net' is not a network configuration: {e}"
+        ))
+    })?;
+    net.backend_fd = Some(fd.ok_or_else(|| {
+        PyValueError::new_err("'net' needs 'net_fd', the socket connected to its backend")
+    })?);
+    Ok(Some(net))
+}
+
 fn parse_overrides(d: &Bound<'_, PyDict>) -> PyResult<RestoreOverrides> {
     let mut ov = RestoreOverrides::default();
     for k in d.keys() {
         let k: String = k
             .extract()
             .map_err(|_| PyTypeError::new_err("override keys must be strings"))?;
-        const KNOWN: [&str; 5] = [
+        const KNOWN: [&str; 7] = [
             "vsock_path",
+            "net",
+            "net_fd",
             "console_log",
             "disks",
             "track_dirty_pages",
@@ -480,6 +507,7 @@ fn parse_overrides(d: &Bound<'_, PyDict>) -> PyResult<RestoreOverrides> {
         }
     }
     ov.vsock_path = get(d, "vsock_path")?;
+    ov.net = parse_net(d)?;
     ov.console_log = get(d, "console_log")?;
     ov.disks = parse_disks(d, "override")?;
     ov.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
@@ -790,6 +818,18 @@ impl PyVm {
         status.ok_or_else(|| PyValueError::new_err(format!("no virtio device {index}")))
     }
 
+    /// What the network card counted (JSON, the shape of `NetCounters`), or None without one.
+    fn net_counters_json(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        let counters = match &self.inner {
+            Backend::InProcess(vmm) => vmm.net_counters(),
+            Backend::Worker(w) => py.detach(|| w.net_counters()).map_err(worker_err)?,
+        };
+        counters
+            .map(|c| serde_json::to_string(&c))
+            .transpose()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
     /// (port I/O, MMIO) guest accesses that hit no device.
     #[getter]
     fn unhandled_exits(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
@@ -870,6 +910,7 @@ fn snapshot_info<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDi
     )?;
     d.set_item("disks", m.disks.clone())?;
     d.set_item("vsock", m.vsock)?;
+    d.set_item("net", m.net)?;
     d.set_item("memory_id", id_hex(&snap.memory.id))?;
     match &snap.memory.base {
         None => d.set_item("base", py.None())?,

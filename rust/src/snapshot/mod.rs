@@ -38,8 +38,9 @@ pub use state::{DeviceState, MachineState, QueueState, TransportState, VcpuState
 /// The snapshot format this build writes and reads.
 /// Version 2 added the memory section (identity, base, page bitmap); version 3 replaced the
 /// section table by one serde-encoded body; version 4 made the memory identity a 256-bit BLAKE3
-/// digest (it was a 128-bit xxh3, which anyone can collide).
-pub const FORMAT_VERSION: u32 = 4;
+/// digest (it was a 128-bit xxh3, which anyone can collide); version 5 records whether the VM
+/// had a network card.
+pub const FORMAT_VERSION: u32 = 5;
 pub const MAGIC: [u8; 8] = *b"SMVMSNAP";
 pub const VMSTATE_FILE: &str = "vmstate.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
@@ -370,6 +371,7 @@ mod tests {
                 console_capacity: 4096,
                 disks: vec![true],
                 vsock: true,
+                net: false,
             },
             vm: VmState::default(),
             vcpus: vec![VcpuState::default()],

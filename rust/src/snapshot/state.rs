@@ -21,7 +21,7 @@ pub const MAX_VCPUS: usize = crate::vmm::config::MAX_VCPUS as usize;
 pub const MAX_CMDLINE_LEN: usize = 4096;
 /// Most MSRs one vCPU's state may hold; KVM's list of saveable MSRs has a few hundred.
 pub const MAX_MSRS: usize = 4096;
-/// Most virtio-mmio devices a VM has (disks and vsock), as the VMM builds them.
+/// Most virtio-mmio devices a VM has (disks, vsock, network card), as the VMM builds them.
 pub const MAX_DEVICES: usize = crate::vmm::builder::VIRTIO_MAX_DEVICES;
 /// Most virtqueues of one device (vsock has the most: 3).
 pub const MAX_QUEUES: usize = 8;
@@ -30,8 +30,8 @@ pub const MAX_SERIAL_FIFO: usize = 64;
 
 /// How the VM was configured (what a restore must rebuild).
 ///
-/// Host paths are not part of it: a restore attaches the disks and the vsock socket the caller
-/// names, never paths read from the file (which an attacker may have written).
+/// Host paths are not part of it: a restore attaches the disks, the vsock socket and the network
+/// backend the caller names, never paths read from the file (which an attacker may have written).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MachineState {
     pub memory_size: u64,
@@ -46,6 +46,8 @@ pub struct MachineState {
     pub disks: Vec<bool>,
     /// Whether the VM had a vsock device.
     pub vsock: bool,
+    /// Whether the VM had a network card.
+    pub net: bool,
 }
 
 fn cmdline<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -72,7 +74,7 @@ impl MachineState {
         if vcpus == 0 || usize::from(vcpus) > MAX_VCPUS {
             return Err(format!("{vcpus} vCPUs (1 to {MAX_VCPUS})"));
         }
-        if self.disks.len() + usize::from(self.vsock) > MAX_DEVICES {
+        if self.disks.len() + usize::from(self.vsock) + usize::from(self.net) > MAX_DEVICES {
             return Err(format!("more than {MAX_DEVICES} virtio devices"));
         }
         Ok(())

@@ -27,6 +27,7 @@ use crate::devices::legacy::{
 };
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
+use crate::devices::virtio::net::{Net, NetCounters, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::snapshot::{DeviceState, SnapshotError};
@@ -53,6 +54,8 @@ pub enum VmmError {
     Block(#[from] BlockError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot open console log {path}: {msg}")]
@@ -97,7 +100,8 @@ impl VmmError {
                 | SnapshotError::Memory { .. },
             )
             | VmmError::Memory(MemoryError::SnapshotSize { .. })
-            | VmmError::Block(BlockError::RateLimit { .. }) => ErrorClass::Value,
+            | VmmError::Block(BlockError::RateLimit { .. })
+            | VmmError::Net(NetError::RateLimit(_)) => ErrorClass::Value,
             VmmError::Snapshot(SnapshotError::Read { .. } | SnapshotError::Write { .. }) => {
                 ErrorClass::Os
             }
@@ -110,6 +114,7 @@ impl VmmError {
             )
             | VmmError::Block(BlockError::Open { .. })
             | VmmError::Vsock(_)
+            | VmmError::Net(NetError::Backend(_) | NetError::Worker(_))
             | VmmError::ConsoleLog { .. } => ErrorClass::Os,
             VmmError::Config(_)
             | VmmError::Memory(MemoryError::BadSize(_))
@@ -226,7 +231,7 @@ pub type BeforeRun<'a> = &'a mut dyn FnMut() -> Result<(), VmmError>;
 /// start.
 pub(super) fn open_memory(config: &MachineConfig) -> Result<(Kvm, GuestRam), VmmError> {
     config.check()?;
-    let device_count = config.disks.len() + usize::from(config.vsock_path.is_some());
+    let device_count = config.virtio_device_count();
     if device_count > VIRTIO_MAX_DEVICES {
         return Err(VmmError::Config(format!(
             "at most {VIRTIO_MAX_DEVICES} virtio devices are supported, got {device_count}"
@@ -291,8 +296,8 @@ impl Machine {
     }
 }
 
-/// The devices of a VM: legacy ones on the port bus, virtio-mmio ones (disks first, then vsock)
-/// on the MMIO bus.
+/// The devices of a VM: legacy ones on the port bus, virtio-mmio ones (disks, vsock, network
+/// card) on the MMIO bus.
 pub(super) struct Devices {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
@@ -428,7 +433,8 @@ fn legacy_bus(
 /// One virtio device before it is placed: kind, host path, read-only, the device.
 type VirtioSlot = (&'static str, PathBuf, bool, Box<dyn VirtioDevice>);
 
-/// Opens the virtio backends `config` names, in device order: disks first, then vsock.
+/// Opens the virtio backends `config` names, in device order: disks first, then vsock, then the
+/// network card.
 fn open_virtio(config: &MachineConfig) -> Result<Vec<VirtioSlot>, VmmError> {
     let mut virtio: Vec<VirtioSlot> = Vec::new();
     for disk in &config.disks {
@@ -441,6 +447,13 @@ fn open_virtio(config: &MachineConfig) -> Result<Vec<VirtioSlot>, VmmError> {
     }
     if let Some(path) = &config.vsock_path {
         virtio.push(("vsock", path.clone(), false, Vsock::new(path)?));
+    }
+    if let Some(net) = &config.net {
+        let fd = net
+            .backend_fd
+            .ok_or_else(|| NetError::Backend("none was given".into()))?;
+        let dev = Net::new(fd, net.mac, net.policy.clone(), net.rate_limit)?;
+        virtio.push(("net", PathBuf::new(), false, dev));
     }
     Ok(virtio)
 }
@@ -758,6 +771,13 @@ impl Vmm {
         self.transports
             .get(index)
             .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).status())
+    }
+
+    /// What the network card counted (none without one).
+    pub fn net_counters(&self) -> Option<NetCounters> {
+        self.transports
+            .iter()
+            .find_map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).net_counters())
     }
 
     pub fn cmdline(&self) -> &str {

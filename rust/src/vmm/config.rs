@@ -8,6 +8,8 @@ use super::cpuid::CpuTemplate;
 use super::memory::MemoryBacking;
 use super::VmmError;
 use crate::devices::rate_limiter::RateLimit;
+use crate::devices::virtio::net::NetRateLimit;
+use crate::net::EgressPolicy;
 
 /// Guest RAM when none is asked for: enough for a Linux guest running ordinary tools.
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
@@ -66,6 +68,21 @@ pub struct DiskConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
+/// The VM's network card: where its backend listens, its MAC address, what it may reach and
+/// how fast.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NetConfig {
+    /// The backend: this process's descriptor of a connected Unix stream socket (the other end
+    /// is passt's). The VMM takes its own copy while the VM is built. Never serialised: a
+    /// worker gets the socket itself alongside its request, never a number from the wire.
+    #[serde(skip)]
+    pub backend_fd: Option<std::os::fd::RawFd>,
+    pub mac: [u8; 6],
+    pub policy: EgressPolicy,
+    #[serde(default)]
+    pub rate_limit: NetRateLimit,
+}
+
 /// Everything needed to build and start a VM.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MachineConfig {
@@ -75,6 +92,8 @@ pub struct MachineConfig {
     pub memory_backing: MemoryBacking,
     pub disks: Vec<DiskConfig>,
     pub vsock_path: Option<PathBuf>,
+    /// A network card (none: the guest has no network at all).
+    pub net: Option<NetConfig>,
     pub console_log: Option<PathBuf>,
     /// Bytes of serial output kept in memory (the oldest are dropped first).
     pub console_capacity: usize,
@@ -94,6 +113,7 @@ impl MachineConfig {
             memory_backing: MemoryBacking::Memfd,
             disks: Vec::new(),
             vsock_path: None,
+            net: None,
             console_log: None,
             console_capacity: DEFAULT_CONSOLE_CAPACITY,
             cpu_template: CpuTemplateChoice::Auto,
@@ -115,6 +135,21 @@ impl MachineConfig {
                 self.vcpus
             )));
         }
+        if let Some(net) = &self.net {
+            net.policy
+                .check()
+                .map_err(|e| VmmError::Config(format!("the network policy: {e}")))?;
+            if net.mac[0] & 1 != 0 {
+                return Err(VmmError::Config(
+                    "the network card's MAC address must be a unicast address".into(),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// How many virtio-mmio devices the VM has.
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len() + usize::from(self.vsock_path.is_some()) + usize::from(self.net.is_some())
     }
 }

@@ -32,8 +32,8 @@ pub mod vm;
 
 pub use builder::{Vmm, VmmError};
 pub use config::{
-    BootSource, CpuTemplateChoice, DiskConfig, MachineConfig, RawMode, DEFAULT_MEMORY_MIB,
-    DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_VCPUS,
+    BootSource, CpuTemplateChoice, DiskConfig, MachineConfig, NetConfig, RawMode,
+    DEFAULT_MEMORY_MIB, DEFAULT_VCPUS, MAX_MEMORY_MIB, MAX_VCPUS,
 };
 pub use control::Outcome;
 pub use cpuid::CpuTemplate;

@@ -16,7 +16,7 @@ use super::builder::{self, BeforeRun, Devices, Machine, Parts, Phases, Vmm, VmmE
 use super::memory::GuestRam;
 use super::{
     os_msg, BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MachineConfig, MemoryBacking,
-    RawMode,
+    NetConfig, RawMode,
 };
 use crate::snapshot::memory::{self as snapmem, BaseRef, MemoryState};
 use crate::snapshot::state::FpuState;
@@ -253,6 +253,10 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), String> {
 pub struct RestoreOverrides {
     /// Host Unix socket for vsock; required when the snapshot has a vsock device.
     pub vsock_path: Option<PathBuf>,
+    /// The network card's backend, MAC address and policy; required when the snapshot has a
+    /// network card. Each clone gets its own: nothing of the saved card's identity is reused.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
     /// Where serial output is appended (none when `None`).
     pub console_log: Option<PathBuf>,
     /// The disks to attach, in device order, one per disk the snapshot has; a disk is read-only
@@ -374,6 +378,7 @@ impl Vmm {
             console_capacity: self.config.console_capacity as u64,
             disks: self.config.disks.iter().map(|d| d.read_only).collect(),
             vsock: self.config.vsock_path.is_some(),
+            net: self.config.net.is_some(),
         };
         mark("capture");
 
@@ -600,6 +605,20 @@ fn restored_config(
             ))
         }
         (true, Some(p)) => Some(p.clone()),
+    };
+    cfg.net = match (m.net, &overrides.net) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(VmmError::Config(
+                "the snapshot has no network card, so a network cannot be attached".into(),
+            ))
+        }
+        (true, None) => {
+            return Err(VmmError::Config(
+                "the snapshot has a network card: pass the network backend to attach it to".into(),
+            ))
+        }
+        (true, Some(n)) => Some(n.clone()),
     };
     let layers = snapmem::resolve_chain(dir, snap, overrides.base.as_deref())?;
     cfg.memory_backing = MemoryBacking::Snapshot(layers);

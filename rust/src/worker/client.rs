@@ -117,7 +117,8 @@ impl WorkerVm {
     pub fn start(config: &MachineConfig, options: &WorkerOptions) -> Result<WorkerVm, WorkerError> {
         let capacity = config.console_capacity;
         let vsock = config.vsock_path.clone();
-        Self::launch(options, capacity, vsock, &|jail| Request::Start {
+        let net_fd = config.net.as_ref().and_then(|n| n.backend_fd);
+        Self::launch(options, capacity, vsock, net_fd, &|jail| Request::Start {
             config: Box::new(config.clone()),
             jail,
         })
@@ -131,7 +132,8 @@ impl WorkerVm {
     ) -> Result<WorkerVm, WorkerError> {
         let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let vsock = overrides.vsock_path.clone();
-        Self::launch(options, options.console_capacity, vsock, &|jail| {
+        let net_fd = overrides.net.as_ref().and_then(|n| n.backend_fd);
+        Self::launch(options, options.console_capacity, vsock, net_fd, &|jail| {
             Request::Restore {
                 dir: dir.clone(),
                 overrides: Box::new(overrides.clone()),
@@ -147,17 +149,33 @@ impl WorkerVm {
         options: &WorkerOptions,
         console_capacity: usize,
         vsock_path: Option<PathBuf>,
+        net_fd: Option<RawFd>,
         request: &dyn Fn(JailConfig) -> Request,
     ) -> Result<WorkerVm, WorkerError> {
-        match Self::launch_in(options, console_capacity, vsock_path.clone(), request, true)? {
+        let first = Self::launch_in(
+            options,
+            console_capacity,
+            vsock_path.clone(),
+            net_fd,
+            request,
+            true,
+        )?;
+        match first {
             Some(vm) => Ok(vm),
             // Without a spare there is no second chance: `None` cannot come back.
-            None => Self::launch_in(options, console_capacity, vsock_path, request, false)?
-                .ok_or_else(|| {
-                    WorkerError::Crashed(Outcome::VmmCrash {
-                        reason: "the VMM worker died before it answered".into(),
-                    })
-                }),
+            None => Self::launch_in(
+                options,
+                console_capacity,
+                vsock_path,
+                net_fd,
+                request,
+                false,
+            )?
+            .ok_or_else(|| {
+                WorkerError::Crashed(Outcome::VmmCrash {
+                    reason: "the VMM worker died before it answered".into(),
+                })
+            }),
         }
     }
 
@@ -165,6 +183,7 @@ impl WorkerVm {
         options: &WorkerOptions,
         console_capacity: usize,
         vsock_path: Option<PathBuf>,
+        net_fd: Option<RawFd>,
         request: &dyn Fn(JailConfig) -> Request,
         take_spare: bool,
     ) -> Result<Option<WorkerVm>, WorkerError> {
@@ -292,7 +311,9 @@ impl WorkerVm {
             shared_dir: vsock_path.as_deref().and_then(socket_dir),
         };
         let request = request(jail);
+        // In this order: the console ring, the network backend (if the VM has a card), the log.
         let mut fds = vec![ring_file.as_raw_fd()];
+        fds.extend(net_fd);
         fds.extend(log.as_ref().map(|l| l.as_raw_fd()));
         let frame = match vm.call(&request, &[], &fds, LAUNCH_TIMEOUT) {
             Err(WorkerError::Crashed(_)) if greeted => return Ok(None),
@@ -696,6 +717,18 @@ impl WorkerVm {
             .message
         {
             Reply::DeviceStatus { status } => Ok(status),
+            _ => Err(self.broken("a reply of the wrong kind")),
+        }
+    }
+
+    pub fn net_counters(
+        &self,
+    ) -> Result<Option<crate::devices::virtio::net::NetCounters>, WorkerError> {
+        match self
+            .call(&Request::NetCounters, &[], &[], CALL_TIMEOUT)?
+            .message
+        {
+            Reply::NetCounters { counters } => Ok(counters),
             _ => Err(self.broken("a reply of the wrong kind")),
         }
     }

@@ -20,7 +20,7 @@ use crate::vmm::persist::RestoreOverrides;
 use crate::vmm::{MachineConfig, Outcome};
 
 /// Bumped whenever a message changes shape; owner and worker must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest JSON part of a frame.
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// Largest payload: a full console ring, a guest memory read, a dirty-page bitmap.
@@ -118,6 +118,8 @@ pub enum Request {
     DeviceStatus {
         index: u32,
     },
+    /// What the network card counted.
+    NetCounters,
     Timings,
     /// Stop the VM and exit.
     Stop,
@@ -161,6 +163,9 @@ pub enum Reply {
     Bytes,
     DeviceStatus {
         status: Option<u32>,
+    },
+    NetCounters {
+        counters: Option<crate::devices::virtio::net::NetCounters>,
     },
     Snapshot(SnapshotSummary),
     Timings(WireTimings),

@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -125,16 +125,28 @@ impl Worker {
                     pid: std::process::id(),
                 })
             }
-            Request::Start { config, jail } => {
-                self.launch(files, &jail, |hook| Vmm::start_with(&config, hook))
+            Request::Start { mut config, jail } => {
+                let wants_net = config.net.is_some();
+                self.launch(files, wants_net, &jail, |hook, net_fd| {
+                    if let Some(net) = config.net.as_mut() {
+                        net.backend_fd = net_fd;
+                    }
+                    Vmm::start_with(&config, hook)
+                })
             }
             Request::Restore {
                 dir,
-                overrides,
+                mut overrides,
                 jail,
-            } => self.launch(files, &jail, |hook| {
-                Vmm::restore_with(&dir, &overrides, hook)
-            }),
+            } => {
+                let wants_net = overrides.net.is_some();
+                self.launch(files, wants_net, &jail, |hook, net_fd| {
+                    if let Some(net) = overrides.net.as_mut() {
+                        net.backend_fd = net_fd;
+                    }
+                    Vmm::restore_with(&dir, &overrides, hook)
+                })
+            }
             Request::Info => ok(Reply::Info(Box::new(self.info()?))),
             Request::Status => {
                 let vmm = self.vmm()?;
@@ -178,6 +190,9 @@ impl Worker {
             Request::DeviceStatus { index } => ok(Reply::DeviceStatus {
                 status: self.vmm()?.device_status(index as usize),
             }),
+            Request::NetCounters => ok(Reply::NetCounters {
+                counters: self.vmm()?.net_counters(),
+            }),
             Request::Timings => ok(Reply::Timings(self.timings()?)),
             Request::Stop => {
                 // Stopped (vCPU threads joined) before the reply; the VM itself is torn down by
@@ -196,11 +211,18 @@ impl Worker {
 
     /// Builds the VM with `build`, confining the worker in the build's last step (after every
     /// file is open, before the vCPUs run).
+    /// Builds the VM with `build`, given the jail hook and the network backend's descriptor.
+    /// `files` are the console ring, then the network backend when `wants_net`, then optionally
+    /// the log.
     fn launch(
         &mut self,
         files: Vec<File>,
+        wants_net: bool,
         jail_config: &JailConfig,
-        build: impl FnOnce(&mut dyn FnMut() -> Result<(), VmmError>) -> Result<Vmm, VmmError>,
+        build: impl FnOnce(
+            &mut dyn FnMut() -> Result<(), VmmError>,
+            Option<RawFd>,
+        ) -> Result<Vmm, VmmError>,
     ) -> Handled {
         if self.vmm.is_some() {
             return Err(WireError {
@@ -209,12 +231,16 @@ impl Worker {
             });
         }
         let mut files = files.into_iter();
-        let (Some(ring), log, None) = (files.next(), files.next(), files.next()) else {
+        let ring = files.next();
+        let net = if wants_net { files.next() } else { None };
+        let (Some(ring), true, log, None) =
+            (ring, net.is_some() == wants_net, files.next(), files.next())
+        else {
             return Err(WireError {
                 kind: ErrorKind::State,
-                message:
-                    "a start takes the console ring and, optionally, a log file as descriptors"
-                        .into(),
+                message: "a start takes the console ring, the network backend (for a VM with a \
+                          network card) and, optionally, a log file as descriptors"
+                    .into(),
             });
         };
         if let Some(log) = log {
@@ -286,7 +312,7 @@ impl Worker {
         if !jail_config.seccomp {
             missing("seccomp: turned off by the owner (SUPERMACHINE_SECCOMP=off)");
         }
-        let built = build(&mut hook);
+        let built = build(&mut hook, net.as_ref().map(|f| f.as_raw_fd()));
         if let Some(why) = jail_failure {
             return Err(jail_error(why));
         }

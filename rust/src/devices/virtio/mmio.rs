@@ -213,6 +213,11 @@ impl MmioTransport {
         self.device.set_quiesced(quiesced);
     }
 
+    /// What the device counted, if it is a network card.
+    pub fn net_counters(&self) -> Option<super::net::NetCounters> {
+        self.device.net_counters()
+    }
+
     /// Stops the device for good (the VM is going away).
     pub fn shutdown(&mut self) {
         self.device.shutdown();

@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 pub mod vsock;
 
@@ -130,4 +131,8 @@ pub trait VirtioDevice: Send {
     fn set_quiesced(&mut self, _quiesced: bool) {}
     /// Called once after the device was re-activated from a snapshot.
     fn restored(&mut self) {}
+    /// What a network card counted (none for other devices).
+    fn net_counters(&self) -> Option<net::NetCounters> {
+        None
+    }
 }
