@@ -17,6 +17,9 @@ MAX_MEMORY_MIB: int
 DEFAULT_VCPUS: int
 MAX_VCPUS: int  # the most vCPUs a VM (and a snapshot) may have
 WORKER_PROTOCOL_VERSION: int  # what this module and its supermachine-vmm speak
+# Destination ranges a network card refuses unless a rule allows them: (name, CIDR), in the
+# order of the VMM's dropped_builtin counters.
+NET_BUILTIN_DENY: list[tuple[str, str]]
 COMPAT_GLIBC_TUNABLES: str
 CDC_GEAR_SEED: int
 
@@ -115,6 +118,10 @@ class MachineConfig(TypedDict, total=False):
     vcpus: int  # default DEFAULT_VCPUS
     disks: Sequence[VmDisk | str | os.PathLike[str]]
     vsock_path: str | os.PathLike[str] | None
+    # The network card: JSON {"mac": [6 ints], "policy": {...}, "rate_limit": {"tx", "rx"}}, and
+    # this process's end of the socket pair whose other end the backend (passt) holds.
+    net: str
+    net_fd: int
     console_log: str | os.PathLike[str] | None
     console_capacity: int  # bytes of serial output kept in memory, default 1 MiB
     cpu_template: str  # "auto" (default) | "normal" | "compat"
@@ -149,7 +156,7 @@ class VmOutcome:
 class VmDevice:
     """One virtio device of a VM."""
     @property
-    def kind(self) -> str: ...  # "blk" | "vsock"
+    def kind(self) -> str: ...  # "blk" | "vsock" | "net"
     @property
     def mmio_base(self) -> int: ...
     @property
@@ -177,6 +184,8 @@ class VmTimings:
 
 class VmRestoreOverrides(TypedDict, total=False):
     vsock_path: str | os.PathLike[str]  # required when the snapshot has a vsock device
+    net: str  # required when the snapshot has a network card (as in MachineConfig)
+    net_fd: int
     console_log: str | os.PathLike[str]
     # The disks to attach, one per saved disk, in order (required: the snapshot names none); a
     # disk is read-only if the caller or the snapshot says so.
@@ -204,6 +213,7 @@ class SnapshotInfo(TypedDict):
     cpu_template: str
     disks: list[bool]  # read-only flag of each disk, in device order (no paths are kept)
     vsock: bool
+    net: bool  # whether the VM had a network card
     memory_id: str  # 64 hex digits: BLAKE3 over its pages (see hash_snapshot_memory)
     base: SnapshotBase | None
     diff_pages: int
@@ -248,6 +258,8 @@ class Vm:
     def write_memory(self, gpa: int, data: Buffer) -> None: ...
     @property
     def vsock_path(self) -> str | None: ...
+    # What the network card counted (JSON, NetCounters), or None without a card.
+    def net_counters_json(self) -> str | None: ...
     @property
     def console_capacity(self) -> int: ...  # bytes of serial output the console ring keeps
     @property

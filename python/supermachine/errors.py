@@ -84,6 +84,11 @@ class VmError(SupermachineError):
     """A microVM could not be started, or stopped in a way the caller did not ask for."""
 
 
+class NetworkError(VmError):
+    """A VM's network could not be set up: a bad policy or port mapping, or its backend (passt)
+    is missing or failed."""
+
+
 class KvmUnavailableError(VmError):
     """``/dev/kvm`` is missing or not usable by this process."""
 

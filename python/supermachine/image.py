@@ -157,8 +157,8 @@ class Image:
         and User unless the call says otherwise.
 
         For a snapshot image this restores the snapshot instead: the VM's shape is fixed by the
-        snapshot, so only ``console_log``, ``boot_timeout``, ``env``, ``workdir``, ``user`` and
-        ``vmm`` may be given."""
+        snapshot, so only ``console_log``, ``boot_timeout``, ``env``, ``workdir``, ``user``,
+        ``vmm`` and ``network`` may be given."""
         if config is not None and overrides:
             raise TypeError("pass either a VmConfig or keyword arguments, not both")
         if self.snapshot is not None:
@@ -180,7 +180,7 @@ class Image:
         assert self.snapshot is not None
         given = config if config is not None else VmConfig(**overrides)  # type: ignore[arg-type]
         defaults = VmConfig()
-        allowed = {"console_log", "boot_timeout", "env", "workdir", "user", "vmm"}
+        allowed = {"console_log", "boot_timeout", "env", "workdir", "user", "vmm", "network"}
         fixed = sorted(
             name
             for name in VmConfig.__dataclass_fields__
@@ -200,6 +200,7 @@ class Image:
             workdir=given.workdir,
             user=given.user,
             vmm=given.vmm,
+            network=None if given.network == defaults.network else given.network,
         )
 
     def argv(self, command: Sequence[str] | None = None) -> list[str]:

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from supermachine import _core, agent, initramfs, kernel, worker
+from supermachine import network as _net
 from supermachine.agent import ExecResult, Process
 from supermachine.errors import (
     AgentUnreachable,
@@ -37,6 +38,7 @@ from supermachine.errors import (
     ExecTimeoutError,
     GuestPanickedError,
     KvmUnavailableError,
+    NetworkError,
     ProtocolError,
     SnapshotError,
     SupermachineError,
@@ -44,6 +46,7 @@ from supermachine.errors import (
     VmmCrashedError,
     VmOutOfMemoryError,
 )
+from supermachine.network import Network, NetworkInfo, NetworkMode
 from supermachine.worker import IoLimit, Limits, VmmMode
 
 if TYPE_CHECKING:
@@ -53,7 +56,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Disk", "ExecResult", "IoLimit", "Limits", "Outcome", "Process", "Vm", "VmConfig"]
+__all__ = ["Disk", "ExecResult", "IoLimit", "Limits", "Network", "Outcome", "Process", "Vm", "VmConfig"]
 
 CpuTemplate = Literal["auto", "normal", "compat"]
 Argument = str | bytes | os.PathLike[str]
@@ -119,6 +122,10 @@ class VmConfig:
     vmm: VmmMode = "worker"
     """Where the VMM runs: its own jailed process (default), or ``"in-process"`` threads of this
     process, without isolation (for measuring the worker's cost)."""
+    network: Network | NetworkMode = "egress"
+    """The VM's network (see :mod:`supermachine.network`): ``"egress"`` (default, like ``docker
+    run``: outbound connections to the internet, nothing published), ``"none"`` (no network
+    card at all), or a :class:`~supermachine.network.Network` with allow/deny rules and ports."""
 
     def validated(self) -> VmConfig:
         if not LINUX_MIN_MEMORY_MIB <= self.memory_mib <= _core.MAX_MEMORY_MIB:
@@ -138,6 +145,7 @@ class VmConfig:
                 raise VmError(f"disk {disk.path} does not exist or is not a file")
         if self.vmm not in ("worker", "in-process"):
             raise VmError(f"vmm must be 'worker' or 'in-process', got {self.vmm!r}")
+        Network.of(self.network)
         return self
 
 
@@ -184,8 +192,10 @@ class Vm:
         image: ImageIdentity | None = None,
         run_defaults: tuple[tuple[str, ...] | None, tuple[str, ...] | None] = (None, None),
         snapshot_dir: Path | None = None,
+        net: _net.Backend | None = None,
     ) -> None:
         self._handle = handle
+        self._net = net
         self.config = config
         self._runtime_dir = runtime_dir
         self._vsock = runtime_dir / "vsock.sock"
@@ -236,24 +246,32 @@ class Vm:
             disks.append({"path": str(config.rootfs), "read_only": True})
         disks += [{"path": str(d.path), "read_only": d.read_only} for d in config.disks]
         disks = _with_io_limit(disks, config.io_limit)
+        core_config: _core.MachineConfig = {
+            "kernel": str(vmlinux),
+            "initramfs": str(initrd),
+            "cmdline": _cmdline(config),
+            "memory_mib": config.memory_mib,
+            "vcpus": config.vcpus,
+            "disks": disks,
+            "vsock_path": str(runtime_dir / "vsock.sock"),
+            "console_log": None if config.console_log is None else str(config.console_log),
+            "cpu_template": config.cpu_template,
+        }
         try:
-            handle = _core.Vm.start(
-                {
-                    "kernel": str(vmlinux),
-                    "initramfs": str(initrd),
-                    "cmdline": _cmdline(config),
-                    "memory_mib": config.memory_mib,
-                    "vcpus": config.vcpus,
-                    "disks": disks,
-                    "vsock_path": str(runtime_dir / "vsock.sock"),
-                    "console_log": None if config.console_log is None else str(config.console_log),
-                    "cpu_template": config.cpu_template,
-                },
-                _worker(config.vmm, runtime_dir, config.limits),
-            )
+            net = _start_network(Network.of(config.network), runtime_dir, core_config)
+        except BaseException:
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            raise
+        try:
+            handle = _core.Vm.start(core_config, _worker(config.vmm, runtime_dir, config.limits))
         except (OSError, RuntimeError, ValueError) as exc:
+            if net is not None:
+                net.stop()
             shutil.rmtree(runtime_dir, ignore_errors=True)
             raise _vmm_failure(exc, "cannot start the VM", VmError) from None
+        finally:
+            if net is not None:
+                net.handed_over()
         vm = cls(
             handle,
             config,
@@ -262,6 +280,7 @@ class Vm:
             initramfs_path=initrd,
             image=image,
             run_defaults=run_defaults,
+            net=net,
         )
         try:
             vm._wait_for_agent(config.boot_timeout)
@@ -286,6 +305,7 @@ class Vm:
         limits: Limits | None = None,
         io_limit: IoLimit | None = None,
         vmm: VmmMode = "worker",
+        network: Network | NetworkMode | None = None,
     ) -> Vm:
         """Restores a VM from a snapshot directory written by :meth:`snapshot` and returns once its
         agent answers. Guest RAM maps the snapshot (and, for a diff, its base) copy-on-write, so
@@ -300,6 +320,11 @@ class Vm:
 
         ``env``, ``workdir`` and ``user`` replace the defaults saved with the snapshot; ``limits``,
         ``io_limit`` and ``vmm`` are as in :class:`VmConfig`.
+
+        A snapshot of a VM with a network card restores with one: ``network`` (default
+        ``"egress"``) gives its policy and ports, and the clone gets its own address and MAC, its
+        guest's old TCP connections are reset and its DNS settings kept; ``"none"`` keeps the card
+        but refuses every destination. A snapshot without a card restores without one.
         """
         from supermachine.snapshots import attach, metadata, verify
 
@@ -327,6 +352,7 @@ class Vm:
             limits=limits,
             io_limit=io_limit,
             vmm=vmm,
+            network=_restored_network(directory, info, network),
         )
         runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
         overrides: _core.VmRestoreOverrides = {
@@ -337,11 +363,24 @@ class Vm:
             overrides["console_log"] = str(console_log)
         if base_dir is not None:
             overrides["base"] = base_dir
+        net: _net.Backend | None = None
         try:
+            if info["net"]:
+                net = _start_network(Network.of(config.network), runtime_dir, overrides, card_required=True)
             handle = _core.Vm.restore(str(directory), overrides, _worker(vmm, runtime_dir, limits))
         except (OSError, RuntimeError, ValueError) as exc:
+            if net is not None:
+                net.stop()
             shutil.rmtree(runtime_dir, ignore_errors=True)
             raise _vmm_failure(exc, f"cannot restore {directory}", SnapshotError) from None
+        except BaseException:
+            if net is not None:
+                net.stop()
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            raise
+        finally:
+            if net is not None:
+                net.handed_over()
         vm = cls(
             handle,
             config,
@@ -353,6 +392,7 @@ class Vm:
             image=meta.image,
             run_defaults=(saved.entrypoint, saved.cmd),
             snapshot_dir=directory,
+            net=net,
         )
         try:
             vm._wait_for_agent(boot_timeout, refresh=True)
@@ -433,9 +473,49 @@ class Vm:
                     if refresh:
                         client.request_timeout = _seconds_left(deadline)
                         self.refreshed = self._refresh(client)
+                    if self._net is not None:
+                        client.request_timeout = _seconds_left(deadline)
+                        self._configure_network(client, reset_connections=refresh)
                 return
             except AgentUnreachable:  # including AgentTimeoutError: try again while time is left
                 continue
+
+    def _configure_network(self, client: agent.AgentClient, *, reset_connections: bool) -> None:
+        """Gives the guest its address, MAC, route, resolver and hosts entries; after a restore
+        also resets the TCP connections the snapshot's VM had (their peers are gone)."""
+        assert self._net is not None
+        self._net.check_alive()
+        net, identity = self._net.network, self._net.identity
+        client.configure_network(
+            mac=identity.mac,
+            address=identity.address,
+            prefix=_net.SUBNET.prefixlen,
+            gateway=_net.GATEWAY,
+            dns=[_net.DNS_RESOLVER] if net.mode == "egress" and net.dns else [],
+            hosts=net.guest_hosts(),
+            mtu=_net.MTU,
+            reset_connections=reset_connections,
+        )
+
+    @property
+    def network(self) -> NetworkInfo | None:
+        """The VM's addresses, published ports and what its card counted (``None`` without a
+        network card)."""
+        if self._net is None:
+            return None
+        raw = self._handle.net_counters_json()
+        net, identity = self._net.network, self._net.identity
+        counters = _net.counters_from_json(raw or "{}", net, _core.NET_BUILTIN_DENY)
+        return NetworkInfo(
+            mode=net.mode,
+            mac=identity.mac,
+            address=identity.address,
+            prefix=_net.SUBNET.prefixlen,
+            gateway=_net.GATEWAY,
+            resolver=_net.DNS_RESOLVER if net.mode == "egress" and net.dns else None,
+            ports=net.ports,
+            counters=counters,
+        )
 
     @staticmethod
     def _refresh(client: agent.AgentClient) -> agent.SyncResult | None:
@@ -495,6 +575,8 @@ class Vm:
                 return
             self._stopped = True
         self._handle.stop()
+        if self._net is not None:
+            self._net.stop()
         shutil.rmtree(self._runtime_dir, ignore_errors=True)
 
     def __enter__(self) -> Vm:
@@ -655,6 +737,39 @@ class Vm:
         if compat:
             merged.setdefault("GLIBC_TUNABLES", _core.COMPAT_GLIBC_TUNABLES)
         return merged
+
+
+def _start_network(
+    net: Network,
+    runtime_dir: Path,
+    target: _core.MachineConfig | _core.VmRestoreOverrides,
+    *,
+    card_required: bool = False,
+) -> _net.Backend | None:
+    """Starts the VM's passt and puts the card's configuration and the VMM's end of the socket
+    pair into ``target``; ``None`` for a VM without a network (unless a restored snapshot has a
+    card, which then refuses every destination)."""
+    if net.mode == "none" and not card_required:
+        return None
+    identity = _net.Identity.new()
+    backend = _net.Backend(net, identity, runtime_dir)
+    target["net"] = _net.core_config(net, identity)
+    target["net_fd"] = backend.vmm_fd()
+    return backend
+
+
+def _restored_network(
+    directory: Path, info: _core.SnapshotInfo, asked: Network | NetworkMode | None
+) -> Network | NetworkMode:
+    """The network of a VM restored from ``directory``: the one asked for, which must fit the
+    snapshot's card (or lack of one)."""
+    if info["net"]:
+        return "egress" if asked is None else Network.of(asked)
+    if asked is not None and Network.of(asked).mode != "none":
+        raise NetworkError(
+            f"{directory} was taken of a VM without a network card, so it restores without a network"
+        )
+    return "none"
 
 
 def _worker(vmm: VmmMode, runtime_dir: Path, limits: Limits | None) -> _core.VmWorker | None:

@@ -163,3 +163,96 @@ def test_cli_snapshot_then_run_from_it(registry_image: tuple[Registry, str], cac
     assert "already holds a snapshot" in again.stderr
     missing = sm("run", "snapshot:nowhere", "--", "true")
     assert missing.returncode == 1 and "metadata.json: missing" in missing.stderr
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_run_fetches_from_a_server_on_the_host_loopback(
+    registry_image: tuple[Registry, str], cache: Path
+) -> None:
+    """`--allow-net host`: the guest reaches a server on the host's loopback by the host's name."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "11")
+            self.end_headers()
+            self.wfile.write(b"from host!\n")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _, ref = registry_image
+    url = f"http://host.supermachine.internal:{server.server_address[1]}/"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "supermachine", "run", "--allow-net", "host", ref, "--", "wget", "-qO-", url],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (proc.returncode, proc.stdout) == (0, "from host!\n"), proc.stderr
+
+
+@pytest.mark.usefixtures("kvm")
+def test_cli_run_publish_serves_a_page_to_the_host(registry_image: tuple[Registry, str], cache: Path) -> None:
+    """`run -p HOST_PORT:GUEST_PORT`: a server in the guest answers on the host's loopback."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _, ref = registry_image
+    serve = "echo guest page > /tmp/index.html && exec httpd -f -p 8080 -h /tmp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supermachine", "run", "-p", f"{port}:8080", ref, "--", "sh", "-c", serve],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=30) as r:
+                    assert r.read() == b"guest page\n"
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the published port never answered"
+                time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+    # The VM, and with it the port, are gone with the command.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_cli_network_options_are_checked_before_anything_starts(cache: Path) -> None:
+    for args, complaint in [
+        (["-p", "80"], "is not [HOST_IP:]HOST_PORT:GUEST_PORT"),
+        (["--allow-net", "10.0.0.0/99"], "is not an IPv4 address or network"),
+        (["--network", "none", "-p", "8080:80"], "cannot publish ports"),
+        (["--add-host", "nocolon"], "expected NAME:IP"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "supermachine", "run", *args, "127.0.0.1:1/nothing:here", "--", "true"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode != 0 and complaint in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) <= 3, proc.stderr

@@ -57,6 +57,7 @@ def doctor(as_json: bool) -> None:
         program = {"available": False, "detail": str(exc)}
     can_run = kvm["available"] and program["available"]
     sources = artefact_sources()
+    net = _network_backend()
     if as_json:
         print(
             json.dumps(
@@ -64,6 +65,7 @@ def doctor(as_json: bool) -> None:
                     "protections": protections,
                     "jail": jail,
                     "worker": program,
+                    "network": net,
                     "artefacts": sources,
                     "vms_can_run": can_run,
                 },
@@ -82,6 +84,7 @@ def doctor(as_json: bool) -> None:
             table.add_row(LABELS.get(name, name), state, escape(entry["detail"]))
         ui.stdout.print(table)
         ui.stdout.print(f"\nVMM worker: {escape(program['detail'])}")
+        ui.stdout.print(f"Network backend: {escape(net['detail'])}")
         landlock = ", Landlock" if protections["landlock"]["available"] else ""
         ui.stdout.print(f"VMs run in a {escape(JAIL.get(jail, jail))}{landlock}, one worker process per VM.")
         _print_artefacts(sources)
@@ -89,6 +92,17 @@ def doctor(as_json: bool) -> None:
         raise KvmUnavailableError(f"VMs cannot run here: {kvm['detail']}")
     if not program["available"]:
         raise WorkerStartError(f"VMs cannot run here: {program['detail']}")
+
+
+def _network_backend() -> _core.HostProtection:
+    """Whether VMs can have a network here (passt), and where it is or how to get it."""
+    from supermachine.errors import NetworkError
+    from supermachine.network import passt_path
+
+    try:
+        return {"available": True, "detail": f"passt ({passt_path()})"}
+    except NetworkError as exc:
+        return {"available": False, "detail": str(exc)}
 
 
 def _identity(path: Path, recipe_key: str | None) -> dict[str, object]:

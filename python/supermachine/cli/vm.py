@@ -19,6 +19,7 @@ from supermachine.errors import AgentError, InputError, SupermachineError
 
 if TYPE_CHECKING:
     from supermachine.agent import Process
+    from supermachine.network import Network
 
 #: Bytes read from the host's stdin at a time with ``-i`` (one stdin frame).
 _STDIN_CHUNK = 64 * 1024
@@ -95,7 +96,13 @@ def _run_streaming(
         if snapshot is None:
             vm = Vm.start(config)
         else:
-            vm = Vm.restore(snapshot, env=config.env or None, workdir=config.workdir, user=config.user)
+            vm = Vm.restore(
+                snapshot,
+                env=config.env or None,
+                workdir=config.workdir,
+                user=config.user,
+                network=None if config.network == "egress" else config.network,
+            )
     with vm:
         process = vm.spawn(argv, timeout=timeout, stdin=interactive)
         if interactive:
@@ -136,10 +143,77 @@ def vm_options(f: click.decorators.FC) -> click.decorators.FC:
             click.option(
                 "--console", "show_console", is_flag=True, help="Print the guest console log at the end."
             ),
+            click.option(
+                "--network",
+                "network_mode",
+                type=click.Choice(["egress", "none"]),
+                default="egress",
+                show_default=True,
+                help="egress: outbound connections (private, loopback and metadata ranges refused "
+                "unless allowed); none: no network card.",
+            ),
+            click.option(
+                "--allow-net",
+                "allow",
+                multiple=True,
+                metavar="TARGET",
+                help="Allow a destination: an IPv4 address or CIDR, 'host' (this host's loopback, "
+                "as host.supermachine.internal), a domain or *.domain. Repeatable.",
+            ),
+            click.option(
+                "--deny-net",
+                "deny",
+                multiple=True,
+                metavar="TARGET",
+                help="Refuse a destination (same forms; 0.0.0.0/0: all but what is allowed). "
+                "The most specific rule wins. Repeatable.",
+            ),
+            click.option(
+                "-p",
+                "--publish",
+                multiple=True,
+                metavar="[IP:]HOST_PORT:GUEST_PORT[/udp]",
+                help="Forward a host port (on 127.0.0.1 unless IP is given) to a guest port. Repeatable.",
+            ),
+            click.option(
+                "--add-host",
+                "add_hosts",
+                multiple=True,
+                metavar="NAME:IP",
+                help="Add a line to the guest's /etc/hosts (IP may be 'host'). Repeatable.",
+            ),
         ]
     ):
         f = option(f)
     return f
+
+
+def network_from_options(
+    network_mode: str,
+    allow: tuple[str, ...],
+    deny: tuple[str, ...],
+    publish: tuple[str, ...],
+    add_hosts: tuple[str, ...],
+) -> Network | None:
+    """The VM's network as the command line asks for it (docker's habits); ``None`` when nothing
+    was asked (the default: egress for a boot, the snapshot's for a restore)."""
+    from supermachine.network import Network, PortMapping
+
+    if network_mode == "egress" and not (allow or deny or publish or add_hosts):
+        return None
+    hosts: dict[str, str] = {}
+    for pair in add_hosts:
+        name, sep, address = pair.partition(":")
+        if not sep or not name or not address:
+            raise click.BadParameter(f"expected NAME:IP, got {pair!r}", param_hint="--add-host")
+        hosts[name] = address
+    return Network(
+        mode="none" if network_mode == "none" else "egress",
+        allow=allow,
+        deny=deny,
+        ports=tuple(PortMapping.parse(spec) for spec in publish),
+        hosts=hosts,
+    ).validated()
 
 
 def interactive_option(f: click.decorators.FC) -> click.decorators.FC:
@@ -176,6 +250,11 @@ def run(
     timeout: float | None,
     kernel: Path | None,
     show_console: bool,
+    network_mode: str,
+    allow: tuple[str, ...],
+    deny: tuple[str, ...],
+    publish: tuple[str, ...],
+    add_hosts: tuple[str, ...],
     interactive: bool,
     platform: str | None,
     insecure: bool | None,
@@ -197,15 +276,24 @@ def run(
     if command[:1] == ("--",):  # options stop at IMAGE, so click keeps a `--` that follows it
         command = command[1:]
     env = parse_env(env_pairs)
+    network = network_from_options(network_mode, allow, deny, publish, add_hosts)
     if image.startswith("snapshot:"):
         where = image.removeprefix("snapshot:")
-        sys.exit(_run_snapshot(where, command, env, workdir, user, timeout, show_console, interactive))
+        sys.exit(_run_snapshot(where, command, env, workdir, user, timeout, show_console, interactive, network))
     policy: PullPolicy = "always" if pull == "always" else "never" if pull == "never" else "missing"
     with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
         img = Image.from_oci(image, platform=platform, insecure=insecure, pull=policy, progress=progress)
     argv = img.argv(command or None)
     config = img.vm_config(
-        VmConfig(memory_mib=memory_mib, vcpus=vcpus, kernel=kernel, env=env, workdir=workdir, user=user)
+        VmConfig(
+            memory_mib=memory_mib,
+            vcpus=vcpus,
+            kernel=kernel,
+            env=env,
+            workdir=workdir,
+            user=user,
+            network=network or "egress",
+        )
     )
     sys.exit(_run_streaming(config, argv, timeout, show_console, interactive=interactive))
 
@@ -219,6 +307,7 @@ def _run_snapshot(
     timeout: float | None,
     show_console: bool,
     interactive: bool = False,
+    network: Network | None = None,
 ) -> int:
     from supermachine.image import Image
     from supermachine.snapshots import store_dir
@@ -229,7 +318,7 @@ def _run_snapshot(
         directory = store_dir() / where
     img = Image.from_snapshot(directory)
     argv = img.argv(command or None)
-    config = img.vm_config(VmConfig(env=env, workdir=workdir, user=user))
+    config = img.vm_config(VmConfig(env=env, workdir=workdir, user=user, network=network or "egress"))
     return _run_streaming(config, argv, timeout, show_console, snapshot=directory, interactive=interactive)
 
 
@@ -249,6 +338,11 @@ def boot(
     timeout: float | None,
     kernel: Path | None,
     show_console: bool,
+    network_mode: str,
+    allow: tuple[str, ...],
+    deny: tuple[str, ...],
+    publish: tuple[str, ...],
+    add_hosts: tuple[str, ...],
     interactive: bool,
 ) -> None:
     """Boot a microVM on a root filesystem image and run COMMAND in it; exit with its status.
@@ -267,6 +361,7 @@ def boot(
         env=parse_env(env_pairs),
         workdir=workdir,
         user=user,
+        network=network_from_options(network_mode, allow, deny, publish, add_hosts) or "egress",
     )
     sys.exit(_run_streaming(config, list(command), timeout, show_console, interactive=interactive))
 
