@@ -15,8 +15,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
 import os
+import re
 import select
 import socket
 import struct
@@ -47,6 +49,7 @@ __all__ = [
     "REQUEST_TIMEOUT",
     "AgentClient",
     "ExecResult",
+    "NetworkResult",
     "Output",
     "Process",
     "SyncResult",
@@ -96,6 +99,7 @@ READ_FILE = 0x08
 PING = 0x09
 SHUTDOWN = 0x0A
 SYNC = 0x0B
+NET = 0x0C
 # Agent to client.
 STARTED = 0x81
 STDOUT = 0x82
@@ -109,6 +113,13 @@ ERROR = 0x8F
 
 #: Most entropy one ``sync`` request may carry (the agent refuses more).
 MAX_SYNC_ENTROPY = 512
+#: Limits of a ``net`` request (the agent refuses more).
+MAX_NET_DNS = 3
+MAX_NET_HOSTS = 64
+MAX_NET_HOSTS_ENTRY = 255
+MAX_NET_HOSTNAME = 64
+#: A DNS host name (RFC 1123): dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*", re.ASCII)
 #: Highest signal number an ``exit`` may report (Linux real-time signals end at 64).
 _MAX_SIGNAL = 64
 _SIGKILL = 9
@@ -282,6 +293,72 @@ class SyncResult:
     """Bytes of entropy added to the guest kernel's pool and credited (0 outside a VM)."""
     guest_time_ns: int
     """The guest's wall-clock time (Unix time in ns) right after the request."""
+
+
+@dataclass(frozen=True)
+class NetworkResult:
+    """What a ``net`` request configured in the guest."""
+
+    interface: str
+    """Name of the guest's network interface that was configured (e.g. ``eth0``)."""
+    reset: int
+    """TCP connections destroyed (``reset_connections``; 0 otherwise)."""
+
+
+def _host_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or len(name) > 253 or not _HOST_NAME.fullmatch(name):
+        raise AgentError(f"{what} {name!r} is not a valid host name")
+    return name
+
+
+def _ipv4(value: str, what: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(value)
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        raise AgentError(f"{what} {value!r} is not an IPv4 address") from None
+
+
+def _mac(value: str) -> bytes:
+    parts = value.split(":") if isinstance(value, str) else []
+    if len(parts) != 6 or not all(re.fullmatch(r"[0-9A-Fa-f]{2}", p, re.ASCII) for p in parts):
+        raise AgentError(f"mac {value!r} is not a MAC address like 02:00:00:00:00:01")
+    mac = bytes(int(p, 16) for p in parts)
+    if mac[0] & 1:
+        raise AgentError(f"mac {value} is a multicast address; the interface needs a unicast one")
+    if mac == bytes(6):
+        raise AgentError(f"mac {value} is not an interface address")
+    return mac
+
+
+def _host_address(address: ipaddress.IPv4Address, what: str, network: ipaddress.IPv4Network) -> None:
+    """``address`` must be a host of ``network``: inside it, not its network or broadcast address."""
+    if address not in network:
+        raise AgentError(f"{what} {address} is outside {network}")
+    if address in (network.network_address, network.broadcast_address):
+        raise AgentError(f"{what} {address} is the network or broadcast address of {network}")
+
+
+def _unicast(address: ipaddress.IPv4Address, what: str, *, loopback_ok: bool = False) -> None:
+    first = address.packed[0]
+    if first == 0 or first >= 224 or (first == 127 and not loopback_ok):
+        raise AgentError(f"{what} {address} is not a unicast host address")
+
+
+def _hosts_entries(hosts: Mapping[str, Sequence[str]]) -> list[bytes]:
+    if len(hosts) > MAX_NET_HOSTS:
+        raise AgentError(f"hosts has {len(hosts)} entries; at most {MAX_NET_HOSTS} are allowed")
+    entries = []
+    for address, names in hosts.items():
+        ip = _ipv4(address, "hosts address")
+        if isinstance(names, str) or not names:
+            raise AgentError(f"hosts entry {address}: names must be a non-empty sequence of host names")
+        entry = " ".join([str(ip), *(_host_name(n, "hosts name") for n in names)])
+        if len(entry) > MAX_NET_HOSTS_ENTRY:
+            raise AgentError(
+                f"hosts entry {address} has {len(entry)} bytes; at most {MAX_NET_HOSTS_ENTRY} are allowed"
+            )
+        entries.append(entry.encode())
+    return entries
 
 
 class Process:
@@ -836,6 +913,71 @@ class AgentClient:
             entropy_added=_uint(fields, 2) or 0,
             guest_time_ns=_uint(fields, 3) or 0,
         )
+
+    def configure_network(
+        self,
+        mac: str,
+        address: str,
+        prefix: int,
+        gateway: str,
+        dns: Sequence[str] = (),
+        hosts: Mapping[str, Sequence[str]] | None = None,
+        hostname: str | None = None,
+        mtu: int = 1500,
+        reset_connections: bool = False,
+    ) -> NetworkResult:
+        """Configures the guest's one Ethernet interface, its default route and resolver.
+
+        The agent sets ``mac`` (``02:xx:xx:xx:xx:xx``, unicast), ``mtu`` and ``address/prefix`` on
+        the interface (the old IPv4 addresses go), replaces the default route with one via
+        ``gateway`` (inside the subnet), writes ``/etc/resolv.conf`` with the ``dns`` servers (at
+        most three) and ``/etc/hosts`` with localhost, ``hostname`` (if given, also set as the
+        guest's host name) and ``hosts`` (address to names, at most 64 entries). With
+        ``reset_connections`` it then destroys every IPv4 TCP connection of the guest (not the
+        listening sockets), as a clone restored from a snapshot needs. The values are checked here
+        and again by the agent. Raises :class:`AgentError` for values that are refused here and
+        :class:`AgentRequestError` when the agent refuses them or a system call fails
+        (``kind`` ``request`` or ``os``), and :class:`ProtocolError` from an agent too old to know
+        ``net`` (it closes the connection).
+        """
+        self._begin()
+        raw_mac = _mac(mac)
+        ip = _ipv4(address, "address")
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix <= 30:
+            raise AgentError(f"prefix {prefix!r} is not between 1 and 30")
+        network = ipaddress.IPv4Network((ip, prefix), strict=False)
+        _unicast(ip, "address")
+        _host_address(ip, "address", network)
+        gw = _ipv4(gateway, "gateway")
+        _host_address(gw, "gateway", network)
+        if gw == ip:
+            raise AgentError(f"gateway {gw} is the address itself")
+        if isinstance(dns, str) or len(dns) > MAX_NET_DNS:
+            raise AgentError(f"dns must be a sequence of at most {MAX_NET_DNS} addresses, got {dns!r}")
+        servers = [_ipv4(server, "dns server") for server in dns]
+        for server in servers:
+            _unicast(server, "dns server", loopback_ok=True)
+        entries = _hosts_entries(hosts or {})
+        if hostname is not None and len(_host_name(hostname, "hostname")) > MAX_NET_HOSTNAME:
+            raise AgentError(f"hostname {hostname!r} is longer than {MAX_NET_HOSTNAME} bytes")
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+            raise AgentError(f"mtu {mtu!r} is not between 68 and 65535")
+        payload = _encode(
+            [
+                (1, raw_mac),
+                (2, ip.packed),
+                (3, prefix),
+                (4, gw.packed),
+                (5, [server.packed for server in servers]),
+                (6, entries),
+                (7, None if hostname is None else hostname.encode()),
+                (8, mtu),
+                (9, int(bool(reset_connections))),
+            ]
+        )
+        deadline = _Deadline.after(self.request_timeout)
+        fields = self._fields(self._request(NET, payload, OK, "net", deadline))
+        return NetworkResult(interface=_text(fields, 1), reset=_uint(fields, 2) or 0)
 
     def shutdown(self, action: Literal["poweroff", "reboot"] = "poweroff") -> None:
         """Stops the VM (or, for an agent outside a VM, the agent). The connection is closed after."""

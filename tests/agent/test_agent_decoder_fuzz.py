@@ -31,6 +31,7 @@ from supermachine.agent import (
     AgentClient,
     ExecResult,
     FieldValue,
+    NetworkResult,
     _decode,
     _encode,
 )
@@ -91,6 +92,7 @@ OPERATIONS: dict[str, Callable[[AgentClient], object]] = {
     "read_file": lambda c: c.read_file("/f", max_bytes=SMALL_LIMIT),
     "write_file": lambda c: c.write_file("/f", b"data"),
     "sync": lambda c: c.sync(),
+    "net": lambda c: c.configure_network("02:00:00:00:00:01", "10.0.2.15", 24, "10.0.2.2"),
     "shutdown": lambda c: c.shutdown(),
 }
 
@@ -104,6 +106,8 @@ def well_formed(outcome: object) -> None:
         assert outcome.status is None or 0 <= outcome.status <= 255
         assert outcome.signal is None or 1 <= outcome.signal <= 64
         assert len(outcome.stdout) <= SMALL_LIMIT and len(outcome.stderr) <= SMALL_LIMIT
+    elif isinstance(outcome, NetworkResult):
+        assert outcome.interface.isprintable() and outcome.reset >= 0
     elif isinstance(outcome, str):  # the version from a pong
         assert outcome.isprintable()
 

@@ -12,11 +12,15 @@ mod conn;
 mod exec;
 mod files;
 mod init;
+mod net;
+mod netetc;
+mod netif;
 mod power;
 mod proto;
 #[cfg(test)]
 mod proto_fuzz;
 mod reaper;
+mod sockdiag;
 mod spawn;
 mod sync;
 mod sys;
@@ -34,6 +38,9 @@ pub struct Context {
     pub devnull: Option<OwnedFd>,
     /// The Unix socket to remove when the agent exits.
     pub unix_path: Option<PathBuf>,
+    /// Outside a VM, whether `net` may reconfigure the network, /etc and host name the agent sees
+    /// (`--allow-net-config`, for tests that run it in namespaces of its own).
+    pub allow_net_config: bool,
 }
 
 impl Context {
@@ -49,15 +56,24 @@ enum Listen {
     Vsock(u32),
 }
 
-const USAGE: &str =
-    "usage: supermachine-agent [--listen unix:PATH | --listen vsock:PORT] [--version]
-As PID 1 (the init of a supermachine VM) it serves on vsock:1024 unless --listen is given.";
+struct Args {
+    listen: Listen,
+    allow_net_config: bool,
+}
 
-fn parse_args(pid1: bool) -> Result<Listen, String> {
+const USAGE: &str = "usage: supermachine-agent [--listen unix:PATH | --listen vsock:PORT] \
+[--allow-net-config] [--version]
+As PID 1 (the init of a supermachine VM) it serves on vsock:1024 unless --listen is given.
+Outside a VM the `net` request is refused unless --allow-net-config is given: it reconfigures the
+network interface, /etc and host name the agent sees, so use it only in namespaces made for it.";
+
+fn parse_args(pid1: bool) -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut listen = None;
+    let mut allow_net_config = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            "--allow-net-config" => allow_net_config = true,
             "--version" | "-V" => {
                 println!(
                     "supermachine-agent {} (protocol {})",
@@ -90,11 +106,15 @@ fn parse_args(pid1: bool) -> Result<Listen, String> {
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    match listen {
-        Some(l) => Ok(l),
-        None if pid1 => Ok(Listen::Vsock(VSOCK_PORT)),
-        None => Err(format!("nothing to do: not PID 1 and no --listen\n{USAGE}")),
-    }
+    let listen = match listen {
+        Some(l) => l,
+        None if pid1 => Listen::Vsock(VSOCK_PORT),
+        None => return Err(format!("nothing to do: not PID 1 and no --listen\n{USAGE}")),
+    };
+    Ok(Args {
+        listen,
+        allow_net_config,
+    })
 }
 
 fn listen_vsock(port: u32) -> std::io::Result<OwnedFd> {
@@ -169,8 +189,11 @@ fn main() {
     let pid1 = std::process::id() == 1;
     // Before any thread exists, so that every thread inherits the mask: the reaper takes SIGCHLD.
     reaper::block_sigchld();
-    let listen = match parse_args(pid1) {
-        Ok(l) => l,
+    let Args {
+        listen,
+        allow_net_config,
+    } = match parse_args(pid1) {
+        Ok(args) => args,
         Err(message) if pid1 => power::fatal(&message, true),
         Err(message) => {
             eprintln!("supermachine-agent: {message}");
@@ -216,6 +239,7 @@ fn main() {
         pid1,
         devnull,
         unix_path,
+        allow_net_config,
     }));
     reaper::start();
     let ms = started.elapsed().as_millis();

@@ -29,6 +29,7 @@ pub mod kind {
     pub const PING: u8 = 0x09;
     pub const SHUTDOWN: u8 = 0x0a;
     pub const SYNC: u8 = 0x0b;
+    pub const NET: u8 = 0x0c;
 
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -53,13 +54,14 @@ pub mod kind {
             PING => "ping",
             SHUTDOWN => "shutdown",
             SYNC => "sync",
+            NET => "net",
             _ => "unknown",
         }
     }
 
     /// Whether a client may send this type at all.
     pub fn is_client(kind: u8) -> bool {
-        (EXEC..=SYNC).contains(&kind)
+        (EXEC..=NET).contains(&kind)
     }
 }
 

@@ -13,7 +13,7 @@ mod fuzz_support;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::proto::{self, kind, Fields, Frame, Reader};
-use crate::{conn, exec, files, sync};
+use crate::{conn, exec, files, net, sync};
 
 /// An in-memory file holding `data`, positioned at its start: what the reader sees is exactly
 /// the bytes a peer sent, then end of file.
@@ -47,6 +47,7 @@ fn decode_request(frame: &Frame) {
         kind::READ_FILE => files::READ_SCHEMA,
         kind::SHUTDOWN => conn::SHUTDOWN_SCHEMA,
         kind::SYNC => sync::SCHEMA,
+        kind::NET => net::SCHEMA,
         kind::PING | kind::STDIN_CLOSE | kind::FILE_END => &[],
         // Data frames carry raw bytes.
         _ => return,
@@ -66,6 +67,12 @@ fn decode_request(frame: &Frame) {
         }
         kind::WRITE_FILE | kind::READ_FILE => {
             let _ = files::check_path(fields.bytes(files::PATH).unwrap_or(b""));
+        }
+        kind::NET => {
+            if let Ok(config) = net::prepare(&fields) {
+                assert!(config.mac[0] & 1 == 0 && (1..=30).contains(&config.prefix));
+                assert!(config.dns.len() <= net::MAX_DNS && config.hosts.len() <= net::MAX_HOSTS);
+            }
         }
         _ => {}
     }
@@ -92,7 +99,7 @@ fn fuzz_agent_proto() {
 
 #[test]
 fn corpus_frames_decode() {
-    // The seeds are meant to reach the decoders: a valid exec and a valid sync are among them.
+    // The seeds are meant to reach the decoders: a valid exec, sync and net are among them.
     let ping = [1u8, 0, 0, 0, kind::PING];
     decode_stream(&ping);
     let exec = proto::Encoder::new()
@@ -106,4 +113,15 @@ fn corpus_frames_decode() {
     let request = exec::prepare(&fields).expect("valid exec request");
     assert_eq!(request.pids_max, 7);
     assert!(!request.keep_background);
+
+    // The net seed is a complete valid request, so mutations of it reach every field check.
+    let seed = include_bytes!("../fuzz/corpus/agent_proto/net.bin");
+    decode_stream(seed);
+    let fields = Fields::decode(&seed[proto::HEADER..], net::SCHEMA).expect("valid net fields");
+    let config = net::prepare(&fields).expect("valid net request");
+    assert_eq!(
+        (config.prefix, config.mtu, config.hosts.len()),
+        (24, 1500, 2)
+    );
+    assert!(config.reset_connections);
 }
