@@ -213,7 +213,7 @@ impl Snapshot {
                 self.vcpus.len()
             ));
         }
-        let devices = m.disks.len() + usize::from(m.vsock);
+        let devices = m.virtio_device_count();
         if self.devices.transports.len() != devices {
             return Err(format!(
                 "it names {devices} virtio devices but holds the state of {}",
@@ -448,6 +448,17 @@ mod tests {
         let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
         assert!(
             e.contains("names 2 virtio devices but holds the state of 1"),
+            "{e}"
+        );
+        // A network card counts as a device of its own.
+        let mut s = sample();
+        s.machine.net = true;
+        s.devices.transports.push(TransportState::default());
+        assert!(Snapshot::decode(&s.encode(), "s").is_ok());
+        s.devices.transports.pop();
+        let e = Snapshot::decode(&s.encode(), "s").unwrap_err().to_string();
+        assert!(
+            e.contains("names 3 virtio devices but holds the state of 2"),
             "{e}"
         );
         let mut s = sample();

@@ -59,6 +59,11 @@ fn disks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<bool>, D::Error> {
 }
 
 impl MachineState {
+    /// How many virtio-mmio devices the VM had (disks, vsock, network card).
+    pub fn virtio_device_count(&self) -> usize {
+        self.disks.len() + usize::from(self.vsock) + usize::from(self.net)
+    }
+
     /// The values a restore relies on are in range.
     pub fn check(&self) -> Result<(), String> {
         let (memory_size, vcpus) = (self.memory_size, self.vcpus);
@@ -74,7 +79,7 @@ impl MachineState {
         if vcpus == 0 || usize::from(vcpus) > MAX_VCPUS {
             return Err(format!("{vcpus} vCPUs (1 to {MAX_VCPUS})"));
         }
-        if self.disks.len() + usize::from(self.vsock) + usize::from(self.net) > MAX_DEVICES {
+        if self.virtio_device_count() > MAX_DEVICES {
             return Err(format!("more than {MAX_DEVICES} virtio devices"));
         }
         Ok(())
