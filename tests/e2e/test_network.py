@@ -92,7 +92,11 @@ def test_the_guest_fetches_from_the_host_by_name_and_address(vm: Vm, host_server
     assert (by_name.status, by_name.stdout) == (0, b"page for /a\n"), by_name.stderr
     # A name the test controls (--add-host), and the gateway address itself.
     both = vm.exec(
-        ["sh", "-c", f"wget -qO- http://pages.test:{host_server}/b && wget -qO- http://{GATEWAY}:{host_server}/c"],
+        [
+            "sh",
+            "-c",
+            f"wget -qO- http://pages.test:{host_server}/b && wget -qO- http://{GATEWAY}:{host_server}/c",
+        ],
         timeout=120,
     )
     assert (both.status, both.stdout) == (0, b"page for /b\npage for /c\n"), both.stderr
@@ -143,8 +147,13 @@ def test_root_in_the_guest_cannot_lift_the_policy(vm: Vm, host_server: int) -> N
         "route add -host 169.254.169.254 dev eth0; "
         f"nc -w 3 {METADATA} 80 </dev/null; exit 0"
     )
-    assert vm.exec(["sh", "-c", script], timeout=120).status == 0
-    assert _dropped(vm, metadata) > before
+    try:
+        assert vm.exec(["sh", "-c", script], timeout=120).status == 0
+        assert _dropped(vm, metadata) > before
+    finally:
+        # Give the guest its own identity back for the tests after this one.
+        with vm._client() as client:
+            vm._configure_network(client, reset_connections=False)
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +164,12 @@ def snapshot(vm: Vm, tmp_path_factory: pytest.TempPathFactory, host_server: int)
         keep_background=True,
         timeout=120,
     )
-    # The VM is reconfigured by the policy test above: give it its own identity back first.
-    with vm._client() as client:
-        vm._configure_network(client, reset_connections=False)
+    # Snapshot it established (state 01), not while its handshake is still under way.
+    established = (
+        "for i in $(seq 40); do grep -q '^ *[0-9]*: [0-9A-F:]* [0-9A-F:]* 01 ' /proc/net/tcp && exit 0;"
+        " sleep 1; done; exit 1"
+    )
+    assert vm.exec(["sh", "-c", established], timeout=300).status == 0
     return vm.snapshot(tmp_path_factory.mktemp("snap") / "net", base=None)
 
 

@@ -189,7 +189,19 @@ def test_cli_run_fetches_from_a_server_on_the_host_loopback(
     url = f"http://host.supermachine.internal:{server.server_address[1]}/"
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "supermachine", "run", "--allow-net", "host", ref, "--", "wget", "-qO-", url],
+            [
+                sys.executable,
+                "-m",
+                "supermachine",
+                "run",
+                "--allow-net",
+                "host",
+                ref,
+                "--",
+                "wget",
+                "-qO-",
+                url,
+            ],
             capture_output=True,
             text=True,
             timeout=600,

@@ -45,7 +45,9 @@ needs_passt = pytest.mark.skipif(
         ("5353:53/udp", PortMapping(5353, 53, "127.0.0.1", "udp")),
     ],
 )
-def test_port_mappings_parse_like_docker_and_bind_loopback_by_default(spec: str, expected: PortMapping) -> None:
+def test_port_mappings_parse_like_docker_and_bind_loopback_by_default(
+    spec: str, expected: PortMapping
+) -> None:
     assert PortMapping.parse(spec) == expected
 
 
@@ -155,16 +157,26 @@ def _raw_guest(tmp_path: Path) -> Path:
     ("net", "complaint"),
     [
         ({"mac": [1, 2, 3, 4, 5, 6], "policy": {}}, "unicast"),
-        ({"mac": [2, 0, 0, 0, 0, 1], "policy": {"rules": [{"action": "allow", "target": "10.0.0.0/40"}]}}, "40"),
-        ({"mac": [2, 0, 0, 0, 0, 1], "policy": {"rules": [{"action": "allow", "target": "a.com"}]}}, "no DNS resolver"),
+        (
+            {"mac": [2, 0, 0, 0, 0, 1], "policy": {"rules": [{"action": "allow", "target": "10.0.0.0/40"}]}},
+            "40",
+        ),
+        (
+            {"mac": [2, 0, 0, 0, 0, 1], "policy": {"rules": [{"action": "allow", "target": "a.com"}]}},
+            "no DNS resolver",
+        ),
         ({"mac": [2, 0, 0, 0, 0, 1], "policy": {"bogus": 1}}, "unknown field"),
         ({"mac": [2, 0, 0, 0, 0], "policy": {}}, "network configuration"),
     ],
 )
-def test_the_vmm_refuses_a_bad_network_configuration(tmp_path: Path, net: dict[str, object], complaint: str) -> None:
+def test_the_vmm_refuses_a_bad_network_configuration(
+    tmp_path: Path, net: dict[str, object], complaint: str
+) -> None:
     a, b = socket.socketpair()
     with a, b, pytest.raises(ValueError, match=complaint):
-        _core.Vm.start({"raw": str(_raw_guest(tmp_path)), "memory_mib": 2, "net": json.dumps(net), "net_fd": a.fileno()})
+        _core.Vm.start(
+            {"raw": str(_raw_guest(tmp_path)), "memory_mib": 2, "net": json.dumps(net), "net_fd": a.fileno()}
+        )
 
 
 @pytest.mark.parametrize("kind", ["file", "pipe", "listener", "datagram"])
@@ -273,7 +285,7 @@ def test_a_published_port_is_bound_on_loopback_and_a_busy_one_is_reported(tmp_pa
         sock.close()
         clash = Backend(Network(ports=(PortMapping(port, 80),)), Identity.new(), tmp_path / "b")
         clash._process.wait(10)
-        with pytest.raises(NetworkError, match="passt.*exited"):
+        with pytest.raises(NetworkError, match=r"passt.*exited"):
             clash.check_alive()
     finally:
         ok.stop()

@@ -279,7 +279,9 @@ def run(
     network = network_from_options(network_mode, allow, deny, publish, add_hosts)
     if image.startswith("snapshot:"):
         where = image.removeprefix("snapshot:")
-        sys.exit(_run_snapshot(where, command, env, workdir, user, timeout, show_console, interactive, network))
+        sys.exit(
+            _run_snapshot(where, command, env, workdir, user, timeout, show_console, interactive, network)
+        )
     policy: PullPolicy = "always" if pull == "always" else "never" if pull == "never" else "missing"
     with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
         img = Image.from_oci(image, platform=platform, insecure=insecure, pull=policy, progress=progress)
