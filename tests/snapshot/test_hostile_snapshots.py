@@ -59,7 +59,7 @@ def _skip_string(s: bytes, at: int) -> int:
 def _machine_end(body: bytes) -> int:
     at = _read_varint(body, 0)[1] + 2  # memory size, vCPUs, template
     at = _read_varint(body, _skip_string(body, at))[1]  # command line, console capacity
-    return _skip_string(body, at) + 1  # disks, vsock
+    return _skip_string(body, at) + 2  # disks, vsock, net
 
 
 ID_LEN = 32
@@ -82,7 +82,7 @@ def _split(data: bytes) -> dict[str, bytes]:
     return {SECTION_MACHINE: body[:m], SECTION_MEMORY: body[m:e], "rest": body[e:]}
 
 
-def _assemble(parts: dict[str, bytes], version: int = 4) -> bytes:
+def _assemble(parts: dict[str, bytes], version: int = 5) -> bytes:
     body = parts[SECTION_MACHINE] + parts[SECTION_MEMORY] + parts["rest"]
     out = b"SMVMSNAP" + struct.pack("<IIQ", version, 0, 24 + len(body) + 4) + body
     return out + struct.pack("<I", zlib.crc32(out))
@@ -95,7 +95,13 @@ def _edit(state: Path, section: str, edit: Any) -> None:
 
 
 def _machine(
-    memory_size: int, vcpus: int, cmdline: bytes, console: int, disks: list[bool], vsock: bool
+    memory_size: int,
+    vcpus: int,
+    cmdline: bytes,
+    console: int,
+    disks: list[bool],
+    vsock: bool,
+    net: bool = False,
 ) -> bytes:
     return (
         _varint(memory_size)
@@ -103,7 +109,7 @@ def _machine(
         + _string(cmdline)
         + _varint(console)
         + _string(bytes(disks))
-        + bytes([vsock])
+        + bytes([vsock, net])
     )
 
 
@@ -121,6 +127,7 @@ def _parse_machine(s: bytes) -> dict[str, Any]:
         "console": console,
         "disks": [bool(b) for b in s[at : at + n]],
         "vsock": bool(s[at + n]),
+        "net": bool(s[at + n + 1]),
     }
 
 

@@ -48,7 +48,7 @@ def test_linux_guest_answers_its_agent_after_restore(tmp_path: Path) -> None:
         pytest.skip(f"KVM is not usable here: {exc}")
     rootfs = small_rootfs(tmp_path)
     snap = tmp_path / "snap"
-    with Vm.start(VmConfig(rootfs=rootfs, memory_mib=256)) as vm:
+    with Vm.start(VmConfig(rootfs=rootfs, memory_mib=256, network="none")) as vm:
         assert vm.exec(["echo", "before"]).stdout == b"before\n"
         # The agent is idle, listening on vsock; an old connection is open while we snapshot.
         vm._handle.snapshot(str(snap))

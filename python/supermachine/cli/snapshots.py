@@ -16,7 +16,7 @@ import click
 from rich.table import Table
 
 from supermachine import ui
-from supermachine.cli.vm import parse_env, vm_options
+from supermachine.cli.vm import network_from_options, parse_env, vm_options
 from supermachine.errors import CommandFailedError, InputError, SnapshotError
 from supermachine.snapshots import dedup as dedup_mod
 from supermachine.snapshots import golden, metadata, publish, store_dir
@@ -63,6 +63,11 @@ def snapshot_cmd(
     timeout: float | None,
     kernel: Path | None,
     show_console: bool,
+    network_mode: str,
+    allow: tuple[str, ...],
+    deny: tuple[str, ...],
+    published: tuple[str, ...],
+    add_hosts: tuple[str, ...],
 ) -> None:
     """Boot IMAGE, run the WARM command in it (if given; it must succeed), and snapshot the VM.
 
@@ -85,6 +90,7 @@ def snapshot_cmd(
         env=parse_env(env_pairs),
         workdir=workdir,
         user=user,
+        network=network_from_options(network_mode, allow, deny, published, add_hosts) or "egress",
     )
     # Held from before the pull and the boot until the snapshot is in place: a second writer of
     # this name fails now, not after booting a VM.

@@ -171,6 +171,7 @@ def vm_options(f: click.decorators.FC) -> click.decorators.FC:
             click.option(
                 "-p",
                 "--publish",
+                "published",
                 multiple=True,
                 metavar="[IP:]HOST_PORT:GUEST_PORT[/udp]",
                 help="Forward a host port (on 127.0.0.1 unless IP is given) to a guest port. Repeatable.",
@@ -192,14 +193,14 @@ def network_from_options(
     network_mode: str,
     allow: tuple[str, ...],
     deny: tuple[str, ...],
-    publish: tuple[str, ...],
+    published: tuple[str, ...],
     add_hosts: tuple[str, ...],
 ) -> Network | None:
     """The VM's network as the command line asks for it (docker's habits); ``None`` when nothing
     was asked (the default: egress for a boot, the snapshot's for a restore)."""
     from supermachine.network import Network, PortMapping
 
-    if network_mode == "egress" and not (allow or deny or publish or add_hosts):
+    if network_mode == "egress" and not (allow or deny or published or add_hosts):
         return None
     hosts: dict[str, str] = {}
     for pair in add_hosts:
@@ -211,7 +212,7 @@ def network_from_options(
         mode="none" if network_mode == "none" else "egress",
         allow=allow,
         deny=deny,
-        ports=tuple(PortMapping.parse(spec) for spec in publish),
+        ports=tuple(PortMapping.parse(spec) for spec in published),
         hosts=hosts,
     ).validated()
 
@@ -253,7 +254,7 @@ def run(
     network_mode: str,
     allow: tuple[str, ...],
     deny: tuple[str, ...],
-    publish: tuple[str, ...],
+    published: tuple[str, ...],
     add_hosts: tuple[str, ...],
     interactive: bool,
     platform: str | None,
@@ -276,7 +277,7 @@ def run(
     if command[:1] == ("--",):  # options stop at IMAGE, so click keeps a `--` that follows it
         command = command[1:]
     env = parse_env(env_pairs)
-    network = network_from_options(network_mode, allow, deny, publish, add_hosts)
+    network = network_from_options(network_mode, allow, deny, published, add_hosts)
     if image.startswith("snapshot:"):
         where = image.removeprefix("snapshot:")
         sys.exit(
@@ -343,7 +344,7 @@ def boot(
     network_mode: str,
     allow: tuple[str, ...],
     deny: tuple[str, ...],
-    publish: tuple[str, ...],
+    published: tuple[str, ...],
     add_hosts: tuple[str, ...],
     interactive: bool,
 ) -> None:
@@ -363,7 +364,7 @@ def boot(
         env=parse_env(env_pairs),
         workdir=workdir,
         user=user,
-        network=network_from_options(network_mode, allow, deny, publish, add_hosts) or "egress",
+        network=network_from_options(network_mode, allow, deny, published, add_hosts) or "egress",
     )
     sys.exit(_run_streaming(config, list(command), timeout, show_console, interactive=interactive))
 
