@@ -721,7 +721,8 @@ fn scatter(mem: &GuestMemoryMmap, descs: &[Descriptor], parts: &[&[u8]]) -> Opti
     }
     let mut bytes = parts.iter().flat_map(|p| p.iter().copied());
     let mut buf = Vec::with_capacity(total);
-    for d in descs.iter().filter(|d| d.is_write_only()) {
+    // Empty buffers hold nothing; skipped, so that running out of bytes is the only stop.
+    for d in descs.iter().filter(|d| d.is_write_only() && d.len > 0) {
         buf.clear();
         buf.extend(bytes.by_ref().take(d.len as usize));
         if buf.is_empty() {
