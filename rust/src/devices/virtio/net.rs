@@ -554,6 +554,11 @@ impl NetBackend {
         if self.out_sent == self.out.len() {
             self.out.clear();
             self.out_sent = 0;
+        } else if self.out_sent >= self.out.len() - self.out_sent {
+            // A backend that reads just behind the guest never empties the buffer: drop what
+            // it took, or the buffer would grow with all the traffic, not with what is held.
+            self.out.drain(..self.out_sent);
+            self.out_sent = 0;
         }
         if gone {
             self.backend_gone();
@@ -721,7 +726,8 @@ fn scatter(mem: &GuestMemoryMmap, descs: &[Descriptor], parts: &[&[u8]]) -> Opti
     }
     let mut bytes = parts.iter().flat_map(|p| p.iter().copied());
     let mut buf = Vec::with_capacity(total);
-    for d in descs.iter().filter(|d| d.is_write_only()) {
+    // Empty buffers hold nothing; skipped, so that running out of bytes is the only stop.
+    for d in descs.iter().filter(|d| d.is_write_only() && d.len > 0) {
         buf.clear();
         buf.extend(bytes.by_ref().take(d.len as usize));
         if buf.is_empty() {
