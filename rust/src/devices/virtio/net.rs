@@ -27,10 +27,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{gather, Descriptor, DescriptorChain, Queue};
+use super::queue::{gather, scatter, Descriptor, DescriptorChain, Queue};
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::rate_limiter::{Decision, RateLimit, RateLimitError, RateLimiter};
 use crate::net::{EgressFilter, EgressPolicy, FilterCounters, Verdict};
@@ -710,32 +710,6 @@ fn read_tx(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> TxFrame {
         return TxFrame::Malformed;
     }
     TxFrame::Frame(frame)
-}
-
-/// Writes `parts` across the device-writable buffers of a chain; returns the bytes written, or
-/// `None` when they do not fit or a buffer lies outside guest RAM (nothing is written then).
-fn scatter(mem: &GuestMemoryMmap, descs: &[Descriptor], parts: &[&[u8]]) -> Option<u32> {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let room: u64 = descs
-        .iter()
-        .filter(|d| d.is_write_only())
-        .map(|d| u64::from(d.len))
-        .sum();
-    if (total as u64) > room || descs.iter().any(|d| !d.in_ram(mem)) {
-        return None;
-    }
-    let mut bytes = parts.iter().flat_map(|p| p.iter().copied());
-    let mut buf = Vec::with_capacity(total);
-    // Empty buffers hold nothing; skipped, so that running out of bytes is the only stop.
-    for d in descs.iter().filter(|d| d.is_write_only() && d.len > 0) {
-        buf.clear();
-        buf.extend(bytes.by_ref().take(d.len as usize));
-        if buf.is_empty() {
-            break;
-        }
-        mem.write_slice(&buf, GuestAddress(d.addr)).ok()?;
-    }
-    u32::try_from(total).ok()
 }
 
 /// A chain taken from a queue, or why there is none.

@@ -321,6 +321,32 @@ pub fn gather(
     }
 }
 
+/// Writes `parts`, in order, across the device-writable buffers of a chain; returns the bytes
+/// written, or `None` when they do not fit or a buffer lies outside guest RAM (nothing is
+/// written then). Empty buffers are skipped: only running out of bytes ends the copy.
+pub fn scatter(mem: &GuestMemoryMmap, descs: &[Descriptor], parts: &[&[u8]]) -> Option<u32> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let room: u64 = descs
+        .iter()
+        .filter(|d| d.is_write_only())
+        .map(|d| u64::from(d.len))
+        .sum();
+    if (total as u64) > room || descs.iter().any(|d| !d.in_ram(mem)) {
+        return None;
+    }
+    let mut bytes = parts.iter().flat_map(|p| p.iter().copied());
+    let mut buf = Vec::with_capacity(total);
+    for d in descs.iter().filter(|d| d.is_write_only() && d.len > 0) {
+        buf.clear();
+        buf.extend(bytes.by_ref().take(d.len as usize));
+        if buf.is_empty() {
+            break;
+        }
+        mem.write_slice(&buf, GuestAddress(d.addr)).ok()?;
+    }
+    u32::try_from(total).ok()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -363,6 +389,51 @@ pub(crate) mod tests {
         mem.write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(slot)))
             .unwrap();
         mem.write_obj(idx, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    #[test]
+    fn scatter_skips_empty_buffers_and_reports_only_what_it_wrote() {
+        let r = ram();
+        let w = VIRTQ_DESC_F_WRITE;
+        let descs = [
+            Descriptor {
+                addr: 0x8000,
+                len: 0,
+                flags: w,
+            },
+            Descriptor {
+                addr: 0x9000,
+                len: 3,
+                flags: 0,
+            },
+            Descriptor {
+                addr: 0xa000,
+                len: 2,
+                flags: w,
+            },
+            Descriptor {
+                addr: 0xb000,
+                len: 8,
+                flags: w,
+            },
+        ];
+        assert_eq!(scatter(&r.mem, &descs, &[b"ab", b"cde"]), Some(5));
+        let mut got = [0u8; 5];
+        r.mem
+            .read_slice(&mut got[..2], GuestAddress(0xa000))
+            .unwrap();
+        r.mem
+            .read_slice(&mut got[2..], GuestAddress(0xb000))
+            .unwrap();
+        assert_eq!(&got, b"abcde");
+        // More than the writable room, or a buffer outside RAM: nothing.
+        assert_eq!(scatter(&r.mem, &descs, &[&[1u8; 11]]), None);
+        let outside = [Descriptor {
+            addr: 1 << 40,
+            len: 4,
+            flags: w,
+        }];
+        assert_eq!(scatter(&r.mem, &outside, &[b"x"]), None);
     }
 
     #[test]

@@ -32,10 +32,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::queue::{gather, Descriptor, DescriptorChain, Queue};
+use super::queue::{gather, scatter, Descriptor, DescriptorChain, Queue};
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vmm::os_msg;
 
@@ -525,30 +525,6 @@ fn reply(op: u16, key: Key, flags: u32) -> Header {
         buf_alloc: BUF_ALLOC,
         fwd_cnt: 0,
     }
-}
-
-/// Writes `parts` across the device-writable buffers of a chain; returns bytes written.
-fn scatter(mem: &GuestMemoryMmap, descs: &[Descriptor], parts: &[&[u8]]) -> Option<u32> {
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let room: u64 = descs
-        .iter()
-        .filter(|d| d.is_write_only())
-        .map(|d| u64::from(d.len))
-        .sum();
-    if (total as u64) > room || descs.iter().any(|d| !d.in_ram(mem)) {
-        return None;
-    }
-    let mut bytes = parts.iter().flat_map(|p| p.iter().copied());
-    let mut buf = Vec::new();
-    for d in descs.iter().filter(|d| d.is_write_only()) {
-        buf.clear();
-        buf.extend(bytes.by_ref().take(d.len as usize));
-        if buf.is_empty() {
-            break;
-        }
-        mem.write_slice(&buf, GuestAddress(d.addr)).ok()?;
-    }
-    u32::try_from(total).ok()
 }
 
 /// Reads a guest packet (header and payload) from the readable buffers of a chain.
@@ -1233,6 +1209,7 @@ mod tests {
     use crate::devices::virtio::queue::VIRTQ_DESC_F_WRITE;
     use std::io::Write;
     use std::sync::mpsc;
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn header_round_trips() {
