@@ -95,6 +95,33 @@ impl Interrupt {
     }
 }
 
+/// A chain taken from a queue, or why there is none.
+pub enum Popped {
+    Chain(queue::DescriptorChain),
+    Empty,
+    /// The queue is broken; the device was marked DEVICE_NEEDS_RESET (a chain that could not
+    /// be walked was returned to the driver first).
+    Broken,
+}
+
+/// Takes the next chain of `queue`. A chain that cannot be walked goes back to the driver
+/// unused, and a chain or ring the driver broke marks the device DEVICE_NEEDS_RESET.
+pub fn pop_chain(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) -> Popped {
+    match queue.pop(mem) {
+        Ok(Some(chain)) => Popped::Chain(chain),
+        Ok(None) => Popped::Empty,
+        Err(Ok(bad)) => {
+            let _ = queue.add_used(mem, bad.head, 0);
+            interrupt.set_needs_reset();
+            Popped::Broken
+        }
+        Err(Err(_)) => {
+            interrupt.set_needs_reset();
+            Popped::Broken
+        }
+    }
+}
+
 /// A virtio device behind an [`MmioTransport`].
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;

@@ -36,7 +36,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::{gather, scatter, Descriptor, DescriptorChain, Queue};
-use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{pop_chain, Interrupt, Popped, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vmm::os_msg;
 
 const VIRTIO_ID_VSOCK: u32 = 19;
@@ -406,29 +406,8 @@ pub struct Polled {
     pub ready: usize,
 }
 
-/// A chain taken from a queue, or why there is none.
-enum Popped {
-    Chain(DescriptorChain),
-    Empty,
-    /// The queue is broken; the device was marked DEVICE_NEEDS_RESET (a chain that could not
-    /// be walked was returned to the driver first).
-    Broken,
-}
-
 fn pop(q: &mut VsockQueues, which: usize) -> Popped {
-    match q.queues[which].pop(&q.mem) {
-        Ok(Some(chain)) => Popped::Chain(chain),
-        Ok(None) => Popped::Empty,
-        Err(Ok(bad)) => {
-            let _ = q.queues[which].add_used(&q.mem, bad.head, 0);
-            q.interrupt.set_needs_reset();
-            Popped::Broken
-        }
-        Err(Err(_)) => {
-            q.interrupt.set_needs_reset();
-            Popped::Broken
-        }
-    }
+    pop_chain(&mut q.queues[which], &q.mem, &q.interrupt)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
