@@ -242,7 +242,14 @@ class Network:
         snapshot had one) refuses every destination."""
         if self.mode == "none":
             return {"rules": [], "dns": None, "default_action": "deny"}
-        return {"rules": self.rules(), "dns": DNS_RESOLVER if self.dns else None, "default_action": "allow"}
+        return {
+            "rules": self.rules(),
+            "dns": DNS_RESOLVER if self.dns else None,
+            "default_action": "allow",
+            # The guest may answer connections made to these ports (they come from the gateway).
+            "published_tcp": sorted({p.guest_port for p in self.ports if p.protocol == "tcp"}),
+            "published_udp": sorted({p.guest_port for p in self.ports if p.protocol == "udp"}),
+        }
 
     def guest_hosts(self) -> dict[str, list[str]]:
         """``/etc/hosts`` entries: the host's name, then the caller's (address to names)."""

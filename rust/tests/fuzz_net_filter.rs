@@ -274,6 +274,7 @@ fn policy_from(input: &mut Input) -> EgressPolicy {
         rules,
         dns,
         default_action,
+        ..EgressPolicy::default()
     }
 }
 

@@ -303,6 +303,7 @@ fn policy(input: &mut Input) -> (EgressPolicy, Reference, NetRateLimit) {
         } else {
             Action::Allow
         },
+        ..EgressPolicy::default()
     };
     policy.check().expect("the fuzz policy is valid");
     let limits = NetRateLimit {

@@ -821,6 +821,7 @@ fn with_deny_all_only_the_allowed_range_passes() {
         ],
         dns: None,
         default_action: Action::Allow,
+        ..EgressPolicy::default()
     };
     policy.check().unwrap();
     let (mut b, mut p) = relay_at(policy, NetRateLimit::default(), Instant::now());

@@ -224,7 +224,7 @@ def test_cli_run_publish_serves_a_page_to_the_host(registry_image: tuple[Registr
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _, ref = registry_image
-    serve = "echo guest page > /tmp/index.html && exec httpd -f -p 8080 -h /tmp"
+    serve = "echo guest page > /tmp/index.html && httpd -p 8080 -h /tmp && exec sleep 3600"
     proc = subprocess.Popen(
         [sys.executable, "-m", "supermachine", "run", "-p", f"{port}:8080", ref, "--", "sh", "-c", serve],
         stdout=subprocess.PIPE,

@@ -99,7 +99,13 @@ def test_the_policy_the_vmm_gets_resolves_host_and_keeps_rule_order() -> None:
         ],
         "dns": DNS_RESOLVER,
         "default_action": "allow",
+        "published_tcp": [],
+        "published_udp": [],
     }
+    published = Network(
+        ports=(PortMapping(8080, 80), PortMapping(8081, 80), PortMapping(53, 53, protocol="udp"))
+    )
+    assert (published.policy()["published_tcp"], published.policy()["published_udp"]) == ([80], [53])
     # "none" on a card that must exist (a restored snapshot had one) refuses everything.
     assert Network(mode="none").policy() == {"rules": [], "dns": None, "default_action": "deny"}
     assert Network(hosts={"db": "host", "api": "192.0.2.7"}).guest_hosts() == {

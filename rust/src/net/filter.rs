@@ -18,6 +18,19 @@ pub const MAX_LEARNED: usize = 4096;
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
 pub const DNS_PORT: u16 = 53;
+/// Most connections (and UDP exchanges) to published ports remembered at once; beyond it new
+/// ones get no answer until old ones expire.
+pub const MAX_INBOUND_FLOWS: usize = 4096;
+/// How long a connection to a published TCP port is remembered after its last segment from
+/// the peer.
+pub const TCP_FLOW_IDLE: Duration = Duration::from_secs(3600);
+/// How long a peer of a published UDP port may be answered after its last datagram.
+pub const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// A connection made to a published guest port: protocol, peer address and port, guest port.
+type FlowKey = (u8, u32, u16, u16);
 
 /// What to do with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +176,8 @@ pub struct EgressFilter {
     counters: FilterCounters,
     /// Indices of the domain rules one DNS answer matches (capacity: the number of rules).
     matched: Vec<usize>,
+    /// Connections the outside made to published ports, until when they may be answered.
+    flows: std::collections::HashMap<FlowKey, Instant>,
 }
 
 impl EgressFilter {
@@ -201,6 +216,7 @@ impl EgressFilter {
             has_domain_rules,
             learned: LearnedTable::default(),
             counters,
+            flows: std::collections::HashMap::new(),
         }
     }
 
@@ -237,7 +253,15 @@ impl EgressFilter {
     ///   anything), and an answer over TCP for a denied name reaches the guest.
     /// * A learned address counts until its TTL (clamped to [`MIN_TTL`]..=[`MAX_TTL`]) runs
     ///   out, then frames to it are judged without it, connections opened earlier included.
+    ///
+    /// Connections to a published port are remembered too (a TCP SYN without ACK, or any
+    /// datagram to a published UDP port, from a given peer address and port), so the guest
+    /// may answer them even where the rules refuse the peer (passt makes every connection from
+    /// the host appear to come from the gateway, which the built-in ranges deny). Only the
+    /// exact peer address, peer port and guest port are answered, until [`TCP_FLOW_IDLE`] or
+    /// [`UDP_FLOW_IDLE`] after the peer's last packet; at most [`MAX_INBOUND_FLOWS`] at once.
     pub fn inbound(&mut self, frame: &[u8], now: Instant) -> Verdict {
+        self.track_inbound(frame, now);
         let verdict = self.inspect_inbound(frame, now);
         self.count(verdict, frame.len(), false);
         verdict
@@ -274,7 +298,7 @@ impl EgressFilter {
             Ok(Frame::Other) => return Verdict::Drop(DropReason::NotIpv4),
             Ok(Frame::Ipv4(ip)) => ip,
         };
-        if self.dns_exempt(&ip) {
+        if self.dns_exempt(&ip) || self.answers_inbound(&ip, now) {
             return Verdict::Pass;
         }
         match self.user_rule(ip.dst, now) {
@@ -319,6 +343,56 @@ impl EgressFilter {
                 (Action::Allow, Action::Allow) => (Action::Allow, i.min(l_i)),
             }),
         }
+    }
+
+    /// Whether `ip` is the guest answering a connection made to one of its published ports.
+    fn answers_inbound(&self, ip: &Ipv4<'_>, now: Instant) -> bool {
+        if self.flows.is_empty() {
+            return false;
+        }
+        let Some((protocol, src_port, dst_port, _)) = frame::ports(ip) else {
+            return false;
+        };
+        let key = (protocol, u32::from(ip.dst), dst_port, src_port);
+        self.flows.get(&key).is_some_and(|&until| now < until)
+    }
+
+    /// Remembers (or refreshes) a connection the outside makes to a published port.
+    fn track_inbound(&mut self, frame: &[u8], now: Instant) {
+        if self.policy.published_tcp.is_empty() && self.policy.published_udp.is_empty() {
+            return;
+        }
+        let Ok(Frame::Ipv4(ip)) = frame::parse(frame) else {
+            return;
+        };
+        let Some((protocol, src_port, dst_port, flags)) = frame::ports(&ip) else {
+            return;
+        };
+        let key = (protocol, u32::from(ip.src), src_port, dst_port);
+        let (idle, opens) = match protocol {
+            frame::PROTO_TCP if self.policy.published_tcp.contains(&dst_port) => {
+                (TCP_FLOW_IDLE, flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+            }
+            frame::PROTO_UDP if self.policy.published_udp.contains(&dst_port) => {
+                (UDP_FLOW_IDLE, true)
+            }
+            _ => return,
+        };
+        let until = now + idle;
+        if let Some(known) = self.flows.get_mut(&key) {
+            *known = until;
+            return;
+        }
+        if !opens {
+            return;
+        }
+        if self.flows.len() >= MAX_INBOUND_FLOWS {
+            self.flows.retain(|_, &mut t| now < t);
+            if self.flows.len() >= MAX_INBOUND_FLOWS {
+                return;
+            }
+        }
+        self.flows.insert(key, until);
     }
 
     fn inspect_inbound(&mut self, frame: &[u8], now: Instant) -> Verdict {
@@ -477,6 +551,98 @@ mod tests {
         tcp(dst, 443)
     }
 
+    /// A TCP segment with `flags` from `src:sport` to `dst:dport`.
+    fn segment(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = sport.to_be_bytes().to_vec();
+        t.extend(dport.to_be_bytes());
+        t.extend([0; 8]);
+        t.extend([0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        ipv4(src, dst, PROTO_TCP, 0, &t)
+    }
+
+    #[test]
+    fn the_guest_answers_connections_to_published_ports_only() {
+        let gateway = ip([10, 0, 2, 2]);
+        let mut f = EgressFilter::new(EgressPolicy {
+            published_tcp: vec![8080],
+            published_udp: vec![5353],
+            ..policy(&[], Action::Allow)
+        });
+        let t0 = Instant::now();
+        let reply = segment(GUEST, 8080, gateway, 40000, TCP_SYN | TCP_ACK);
+        let private = Verdict::Drop(builtin("private", "10.0.0.0/8"));
+        // Nothing asked yet: the gateway is a private address like any other.
+        assert_eq!(f.outbound(&reply, t0), private);
+        // A SYN to an unpublished port, or an ACK without a SYN, opens nothing.
+        f.inbound(&segment(gateway, 40000, GUEST, 8081, TCP_SYN), t0);
+        f.inbound(&segment(gateway, 40000, GUEST, 8080, TCP_ACK), t0);
+        assert_eq!(f.outbound(&reply, t0), private);
+        // The peer's SYN to the published port: its answers pass, and only those.
+        f.inbound(&segment(gateway, 40000, GUEST, 8080, TCP_SYN), t0);
+        assert_eq!(f.outbound(&reply, t0), Verdict::Pass);
+        assert_eq!(
+            f.outbound(&segment(GUEST, 8080, gateway, 40001, TCP_ACK), t0),
+            private
+        );
+        assert_eq!(
+            f.outbound(&segment(GUEST, 8081, gateway, 40000, TCP_ACK), t0),
+            private
+        );
+        assert_eq!(
+            f.outbound(&segment(GUEST, 8080, ip([10, 0, 2, 9]), 40000, TCP_ACK), t0),
+            private
+        );
+        assert_eq!(
+            f.outbound(&udp(GUEST, 8080, gateway, 40000, b"x"), t0),
+            private
+        );
+        // The peer's later segments keep it open; silence ends it.
+        let later = t0 + TCP_FLOW_IDLE - Duration::from_secs(1);
+        f.inbound(&segment(gateway, 40000, GUEST, 8080, TCP_ACK), later);
+        assert_eq!(
+            f.outbound(&reply, later + Duration::from_secs(2)),
+            Verdict::Pass
+        );
+        assert_eq!(f.outbound(&reply, later + TCP_FLOW_IDLE), private);
+        // UDP: any datagram to a published port may be answered, for a while.
+        f.inbound(&udp(gateway, 50000, GUEST, 5353, b"q"), t0);
+        assert_eq!(
+            f.outbound(&udp(GUEST, 5353, gateway, 50000, b"a"), t0),
+            Verdict::Pass
+        );
+        assert_eq!(
+            f.outbound(&udp(GUEST, 5353, gateway, 50000, b"a"), t0 + UDP_FLOW_IDLE),
+            private
+        );
+    }
+
+    #[test]
+    fn remembered_connections_are_capped() {
+        let peer = ip([192, 0, 2, 1]);
+        let mut f = EgressFilter::new(EgressPolicy {
+            published_tcp: vec![80],
+            ..policy(&[(Action::Deny, "0.0.0.0/0")], Action::Allow)
+        });
+        let t0 = Instant::now();
+        for port in 0..(MAX_INBOUND_FLOWS as u16 + 10) {
+            f.inbound(&segment(peer, 1000 + port, GUEST, 80, TCP_SYN), t0);
+        }
+        assert_eq!(f.flows.len(), MAX_INBOUND_FLOWS);
+        let last = 1000 + MAX_INBOUND_FLOWS as u16 + 5;
+        assert_eq!(
+            f.outbound(&segment(GUEST, 80, peer, last, TCP_ACK), t0),
+            Verdict::Drop(DropReason::Rule(0))
+        );
+        // Once the old ones expired, new ones are taken again.
+        let t1 = t0 + TCP_FLOW_IDLE;
+        f.inbound(&segment(peer, last, GUEST, 80, TCP_SYN), t1);
+        assert_eq!(
+            f.outbound(&segment(GUEST, 80, peer, last, TCP_ACK), t1),
+            Verdict::Pass
+        );
+        assert_eq!(f.flows.len(), 1);
+    }
+
     /// A DNS answer from the resolver to the guest.
     fn answer(msg: &[u8]) -> Vec<u8> {
         udp(RESOLVER, 53, GUEST, 40000, msg)
@@ -493,6 +659,7 @@ mod tests {
                 .collect(),
             dns: Some(RESOLVER),
             default_action,
+            ..EgressPolicy::default()
         };
         p.check().unwrap();
         p

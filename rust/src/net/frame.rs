@@ -92,6 +92,15 @@ pub(crate) fn udp<'a>(ip: &Ipv4<'a>) -> Option<(u16, u16, &'a [u8])> {
     Some((be16(p, 0), be16(p, 2), &p[UDP_HEADER_LEN..len]))
 }
 
+/// Protocol, source port, destination port and (TCP) flags of an unfragmented UDP or TCP
+/// packet whose transport header is complete.
+pub(crate) fn ports(ip: &Ipv4<'_>) -> Option<(u8, u16, u16, u8)> {
+    let dst = dst_port(ip)?;
+    let p = ip.payload;
+    let flags = if ip.protocol == PROTO_TCP { p[13] } else { 0 };
+    Some((ip.protocol, be16(p, 0), dst, flags))
+}
+
 /// The destination port of an unfragmented UDP or TCP packet whose transport header is
 /// complete (for TCP: the data offset is sane and within the packet).
 pub(crate) fn dst_port(ip: &Ipv4<'_>) -> Option<u16> {

@@ -23,10 +23,10 @@ mod frame;
 mod policy;
 
 pub use filter::{
-    DropReason, EgressFilter, FilterCounters, Learned, Verdict, DNS_PORT, MAX_LEARNED, MAX_TTL,
-    MIN_TTL,
+    DropReason, EgressFilter, FilterCounters, Learned, Verdict, DNS_PORT, MAX_INBOUND_FLOWS,
+    MAX_LEARNED, MAX_TTL, MIN_TTL, TCP_FLOW_IDLE, UDP_FLOW_IDLE,
 };
 pub use policy::{
     Action, Cidr, DomainPattern, EgressPolicy, PolicyError, Rule, Target, BUILTIN_DENY,
-    MAX_DOMAIN_LEN, MAX_LABEL_LEN, MAX_RULES,
+    MAX_DOMAIN_LEN, MAX_LABEL_LEN, MAX_PUBLISHED, MAX_RULES,
 };

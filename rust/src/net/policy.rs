@@ -13,6 +13,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Most rules a policy may have: the filter looks at every rule for some frames.
 pub const MAX_RULES: usize = 256;
+/// Most published ports (TCP and UDP together) one policy may name.
+pub const MAX_PUBLISHED: usize = 128;
 /// Longest domain name in its dotted form, without the trailing dot (RFC 1035).
 pub const MAX_DOMAIN_LEN: usize = 253;
 /// Longest label of a domain name (RFC 1035).
@@ -35,6 +37,8 @@ pub enum PolicyError {
         rule: String,
         reason: String,
     },
+    #[error("the policy publishes {count} ports, but at most {MAX_PUBLISHED} are allowed")]
+    TooManyPublished { count: usize },
     #[error("the DNS resolver {addr} is not a unicast address")]
     Dns { addr: Ipv4Addr },
 }
@@ -451,6 +455,13 @@ pub struct EgressPolicy {
     pub dns: Option<Ipv4Addr>,
     #[serde(default)]
     pub default_action: Action,
+    /// Guest TCP ports published on the host: the guest may answer the connections made to
+    /// them, whatever the rules say of the peer (see [`super::EgressFilter::inbound`]).
+    #[serde(default)]
+    pub published_tcp: Vec<u16>,
+    /// Guest UDP ports published on the host, likewise for the datagrams sent to them.
+    #[serde(default)]
+    pub published_udp: Vec<u16>,
 }
 
 impl EgressPolicy {
@@ -462,6 +473,10 @@ impl EgressPolicy {
             return Err(PolicyError::TooManyRules {
                 count: self.rules.len(),
             });
+        }
+        let published = self.published_tcp.len() + self.published_udp.len();
+        if published > MAX_PUBLISHED {
+            return Err(PolicyError::TooManyPublished { count: published });
         }
         if let Some(addr) = self.dns {
             if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
@@ -714,6 +729,7 @@ mod tests {
             rules: vec![rule(Action::Allow, "1.2.3.4"); MAX_RULES],
             dns: Some(Ipv4Addr::new(10, 0, 2, 3)),
             default_action: Action::Deny,
+            ..EgressPolicy::default()
         };
         policy.check().unwrap();
         policy.rules.push(rule(Action::Allow, "1.2.3.4"));
@@ -735,6 +751,7 @@ mod tests {
             ],
             dns: Some(Ipv4Addr::new(10, 0, 2, 3)),
             default_action: Action::Allow,
+            ..EgressPolicy::default()
         };
         assert_eq!(
             policy.check().unwrap_err().to_string(),

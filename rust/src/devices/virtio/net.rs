@@ -181,7 +181,8 @@ impl Net {
         limits: NetRateLimit,
     ) -> Result<Box<Self>, NetError> {
         let stream = adopt_backend(backend_fd)?;
-        let backend = NetBackend::new(stream, policy, limits, Instant::now())?;
+        let mut backend = NetBackend::new(stream, policy, limits, Instant::now())?;
+        backend.announce(mac);
         let kick =
             Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| NetError::Worker(os_msg(&e)))?);
         let shared = Arc::new(Mutex::new(SharedState {
@@ -406,6 +407,26 @@ impl NetBackend {
             },
             counters_changed: true,
         })
+    }
+
+    /// Tells the backend the guest's MAC address before the guest says anything: an ARP probe
+    /// (sender address 0.0.0.0) from `mac`. passt learns the guest's address from the frames
+    /// it sends, and until then cannot deliver a connection made to a published port to a
+    /// guest that has not spoken yet (or to a clone whose MAC is new).
+    pub fn announce(&mut self, mac: [u8; 6]) {
+        let mut frame = Vec::with_capacity(42);
+        frame.extend_from_slice(&[0xff; 6]);
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&[0x08, 0x06]); // ARP
+        frame.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet/IPv4, request
+        frame.extend_from_slice(&mac);
+        frame.extend_from_slice(&[0; 4]); // probe: no sender address yet
+        frame.extend_from_slice(&[0; 6]);
+        frame.extend_from_slice(&[0; 4]);
+        self.out
+            .extend_from_slice(&(frame.len() as u32).to_be_bytes());
+        self.out.extend_from_slice(&frame);
+        self.flush_out();
     }
 
     pub fn counters(&self) -> NetCounters {
