@@ -251,7 +251,7 @@ fn write_seed_corpus() {
 }
 
 /// The corpus's states of a real 2-vCPU guest decode (they are regenerated when the format
-/// version changes; older ones stay as `v2-*`, `v3-*` and are refused by their version).
+/// version changes; older ones stay as `v2-*` to `v4-*` and are refused by their version).
 #[test]
 fn the_real_states_in_the_corpus_decode() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vmstate");
@@ -267,6 +267,7 @@ fn the_real_states_in_the_corpus_decode() {
     for old in [
         "v2-real-counter-2vcpus-diff.bin",
         "v3-real-counter-2vcpus-diff.bin",
+        "v4-real-counter-2vcpus-diff.bin",
     ] {
         let data = std::fs::read(dir.join(old)).unwrap();
         let e = Snapshot::decode(&data, old).unwrap_err().to_string();

@@ -1394,6 +1394,15 @@ fn the_device_worker_relays_both_ways() {
     g.send_frame(&udp([169, 254, 169, 254], 0, 40));
     g.send_frame(&out);
     net.notify(TX as u16);
+    // First the card announces the guest's MAC (an ARP probe), so passt can reach a guest that
+    // has not spoken yet.
+    let mut probe = vec![0u8; 4 + 42];
+    passt.read_exact(&mut probe).expect("the probe within 10 s");
+    assert_eq!(probe[..4], 42u32.to_be_bytes());
+    assert_eq!(probe[4..10], [0xff; 6]);
+    assert_eq!(probe[10..16], mac);
+    assert_eq!(probe[16..18], [0x08, 0x06]);
+    assert_eq!(probe[26..32], mac, "the sender hardware address");
     let mut got = vec![0u8; 4 + out.len()];
     passt.read_exact(&mut got).expect("the frame within 10 s");
     assert_eq!(got, Passt::framed(&out));

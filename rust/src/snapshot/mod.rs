@@ -554,8 +554,9 @@ mod tests {
             assert_eq!(
                 e,
                 format!(
-                    "snapshot s has format version {found}, but this build reads only version 4 \
-                     (it was made by another version of supermachine): take the snapshot again"
+                    "snapshot s has format version {found}, but this build reads only version \
+                     {FORMAT_VERSION} (it was made by another version of supermachine): take the \
+                     snapshot again"
                 )
             );
         }
