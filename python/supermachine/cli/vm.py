@@ -198,6 +198,7 @@ def network_from_options(
 ) -> Network | None:
     """The VM's network as the command line asks for it (docker's habits); ``None`` when nothing
     was asked (the default: egress for a boot, the snapshot's for a restore)."""
+    from supermachine.errors import NetworkError
     from supermachine.network import Network, PortMapping
 
     if network_mode == "egress" and not (allow or deny or published or add_hosts):
@@ -206,7 +207,7 @@ def network_from_options(
     for pair in add_hosts:
         name, sep, address = pair.partition(":")
         if not sep or not name or not address:
-            raise click.BadParameter(f"expected NAME:IP, got {pair!r}", param_hint="--add-host")
+            raise NetworkError(f"--add-host expected NAME:IP, got {pair!r}")
         hosts[name] = address
     return Network(
         mode="none" if network_mode == "none" else "egress",
