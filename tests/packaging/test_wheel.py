@@ -26,8 +26,9 @@ WHEEL = os.environ.get("SUPERMACHINE_WHEEL")
 pytestmark = pytest.mark.skipif(not WHEEL, reason="needs a built wheel: run `make wheel-test`")
 
 GUEST_FILES = ("manifest.json", "vmlinux-normal.zst", "vmlinux-compat.zst", "supermachine-agent.zst")
-# What the installed package may run on the host: the squashfs builder, nothing else.
-HOST_TOOLS = ("mksquashfs",)
+# What the installed package may run on the host: the squashfs builder and the network backend
+# (passt, one per VM with a network), nothing else.
+HOST_TOOLS = ("mksquashfs", "passt")
 
 
 @dataclass
