@@ -592,11 +592,14 @@ impl Harness {
 
     fn answer_frame(&self, source: u8, payload: &[u8]) -> (Vec<u8>, bool) {
         let resolver = self.resolver();
+        // Some other server on port 53: never the resolver, whatever address the policy chose.
+        let stranger = if resolver == Ipv4Addr::new(8, 8, 8, 8) {
+            Ipv4Addr::new(9, 9, 9, 9)
+        } else {
+            Ipv4Addr::new(8, 8, 8, 8)
+        };
         match source % 8 {
-            5 => (
-                udp(Ipv4Addr::new(8, 8, 8, 8), 53, GUEST, 40000, 0, payload),
-                false,
-            ),
+            5 => (udp(stranger, 53, GUEST, 40000, 0, payload), false),
             6 => (udp(resolver, 5353, GUEST, 40000, 0, payload), false),
             7 => (udp(resolver, 53, GUEST, 40000, MF, payload), false),
             _ => (udp(resolver, 53, GUEST, 40000, 0, payload), true),
