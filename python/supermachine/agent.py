@@ -53,6 +53,7 @@ __all__ = [
     "Output",
     "Process",
     "SyncResult",
+    "TcpRelayResult",
     "connect_unix",
     "connect_vsock_uds",
 ]
@@ -100,6 +101,7 @@ PING = 0x09
 SHUTDOWN = 0x0A
 SYNC = 0x0B
 NET = 0x0C
+TCP_CONNECT = 0x0D
 # Agent to client.
 STARTED = 0x81
 STDOUT = 0x82
@@ -293,6 +295,16 @@ class SyncResult:
     """Bytes of entropy added to the guest kernel's pool and credited (0 outside a VM)."""
     guest_time_ns: int
     """The guest's wall-clock time (Unix time in ns) right after the request."""
+
+
+@dataclass(frozen=True)
+class TcpRelayResult:
+    """What one relayed TCP connection carried (see :meth:`AgentClient.relay_tcp`)."""
+
+    to_guest: int
+    """Bytes from the host peer written towards the guest socket."""
+    from_guest: int
+    """Bytes the guest socket sent to the host peer."""
 
 
 @dataclass(frozen=True)
@@ -979,11 +991,86 @@ class AgentClient:
         fields = self._fields(self._request(NET, payload, OK, "net", deadline))
         return NetworkResult(interface=_text(fields, 1), reset=_uint(fields, 2) or 0)
 
+    def relay_tcp(self, port: int, peer: socket.socket, *, address: str | None = None) -> TcpRelayResult:
+        """Connects to TCP ``port`` inside the guest (on ``address``, default the guest's loopback)
+        and relays bytes between that connection and ``peer``, a connected host stream socket,
+        until both directions are closed. Each side's end of stream is passed on as a half-close.
+
+        Blocks until the stream is over and uses the whole agent connection, which the agent
+        closes afterwards. Raises :class:`AgentRequestError` (``kind`` ``os``, ``errno`` e.g.
+        ``ECONNREFUSED``) when nothing in the guest accepts the connection or the guest socket
+        fails later; ``peer`` is then reset. The peer is never closed here: that is the caller's.
+        """
+        self._begin()
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise AgentError(f"port {port!r} is not between 1 and 65535")
+        target = None if address is None else _ipv4(address, "address").packed
+        deadline = _Deadline.after(self.request_timeout)
+        try:
+            self._request(TCP_CONNECT, _encode([(1, port), (2, target)]), OK, "tcp_connect", deadline)
+        except AgentError:
+            reset_on_close(peer)
+            raise
+        self._busy = True
+        sent = [0]
+        upstream = threading.Thread(
+            target=self._relay_to_guest, args=(peer, sent), name=f"relay-to-guest-{port}", daemon=True
+        )
+        upstream.start()
+        received = 0
+        try:
+            while True:
+                kind, payload = self._recv_frame(None, "relaying a tcp connection")
+                if kind == STDOUT:
+                    peer.sendall(payload)
+                    received += len(payload)
+                elif kind == END:
+                    with contextlib.suppress(OSError):
+                        peer.shutdown(socket.SHUT_WR)
+                    break
+                else:
+                    self._unexpected(kind, payload, "during a tcp connection")
+            # The agent closes the connection once the host side's half-close reached the guest.
+            with contextlib.suppress(AgentUnreachable):
+                kind, payload = self._recv_frame(None, "relaying a tcp connection")
+                self._unexpected(kind, payload, "after a tcp connection ended")
+        except (AgentError, OSError):
+            reset_on_close(peer)
+            raise
+        finally:
+            self.close()
+            if upstream.is_alive():
+                # Still reading a peer that has not finished: wake it, the stream is over.
+                with contextlib.suppress(OSError):
+                    peer.shutdown(socket.SHUT_RD)
+            upstream.join()
+        return TcpRelayResult(to_guest=sent[0], from_guest=received)
+
+    def _relay_to_guest(self, peer: socket.socket, sent: list[int]) -> None:
+        """Copies what ``peer`` sends into the stream's data frames, then its end of stream."""
+        try:
+            while True:
+                data = peer.recv(CHUNK)
+                if not data:
+                    self._send(STDIN_CLOSE, b"", None, "relaying a tcp connection")
+                    return
+                self._send(STDIN, data, None, "relaying a tcp connection")
+                sent[0] += len(data)
+        except (AgentError, OSError):
+            # The peer reset or the agent went away: either ends the whole stream.
+            self.close()
+
     def shutdown(self, action: Literal["poweroff", "reboot"] = "poweroff") -> None:
         """Stops the VM (or, for an agent outside a VM, the agent). The connection is closed after."""
         deadline = _Deadline.after(self.request_timeout)
         self._request(SHUTDOWN, _encode([(1, action.encode())]), OK, "shutdown", deadline)
         self.close()
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Makes the next close of TCP socket ``sock`` a reset, as a failed forward should look."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def connect_unix(

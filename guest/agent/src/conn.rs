@@ -4,7 +4,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::proto::{self, kind, Encoder, Fields, Frame, ReadError};
-use crate::{exec, files, net, power, sync, Context};
+use crate::{exec, files, net, power, sync, tcp, Context};
 
 /// Why a connection ends early.
 pub enum End {
@@ -144,6 +144,7 @@ fn run(conn: &mut Conn, ctx: &'static Context) -> Result<(), End> {
             }
             kind::SYNC => sync::run(conn, &frame, ctx)?,
             kind::NET => net::run(conn, &frame, ctx)?,
+            kind::TCP_CONNECT => tcp::run(conn, &frame)?,
             // Input for a process that has already finished may race with its exit report.
             kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL => {}
             other => {

@@ -24,6 +24,7 @@ mod sockdiag;
 mod spawn;
 mod sync;
 mod sys;
+mod tcp;
 mod users;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

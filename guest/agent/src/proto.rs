@@ -30,6 +30,7 @@ pub mod kind {
     pub const SHUTDOWN: u8 = 0x0a;
     pub const SYNC: u8 = 0x0b;
     pub const NET: u8 = 0x0c;
+    pub const TCP_CONNECT: u8 = 0x0d;
 
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -55,13 +56,14 @@ pub mod kind {
             SHUTDOWN => "shutdown",
             SYNC => "sync",
             NET => "net",
+            TCP_CONNECT => "tcp_connect",
             _ => "unknown",
         }
     }
 
     /// Whether a client may send this type at all.
     pub fn is_client(kind: u8) -> bool {
-        (EXEC..=NET).contains(&kind)
+        (EXEC..=TCP_CONNECT).contains(&kind)
     }
 }
 

@@ -13,7 +13,7 @@ mod fuzz_support;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::proto::{self, kind, Fields, Frame, Reader};
-use crate::{conn, exec, files, net, sync};
+use crate::{conn, exec, files, net, sync, tcp};
 
 /// An in-memory file holding `data`, positioned at its start: what the reader sees is exactly
 /// the bytes a peer sent, then end of file.
@@ -48,6 +48,7 @@ fn decode_request(frame: &Frame) {
         kind::SHUTDOWN => conn::SHUTDOWN_SCHEMA,
         kind::SYNC => sync::SCHEMA,
         kind::NET => net::SCHEMA,
+        kind::TCP_CONNECT => tcp::SCHEMA,
         kind::PING | kind::STDIN_CLOSE | kind::FILE_END => &[],
         // Data frames carry raw bytes.
         _ => return,
@@ -72,6 +73,11 @@ fn decode_request(frame: &Frame) {
             if let Ok(config) = net::prepare(&fields) {
                 assert!(config.mac[0] & 1 == 0 && (1..=30).contains(&config.prefix));
                 assert!(config.dns.len() <= net::MAX_DNS && config.hosts.len() <= net::MAX_HOSTS);
+            }
+        }
+        kind::TCP_CONNECT => {
+            if let Ok(target) = tcp::target(&fields) {
+                assert!(target.port() != 0 && !target.ip().is_unspecified());
             }
         }
         _ => {}
