@@ -15,7 +15,8 @@ socket path exists that another process could reach first. The guest sees a priv
 
 - ``10.0.2.2`` is the host: passt maps it to the host's loopback (``host.supermachine.internal``
   in the guest's ``/etc/hosts``);
-- ``10.0.2.3`` is the DNS resolver: passt forwards queries to the host's resolver;
+- ``10.0.2.3`` is the DNS resolver: passt forwards queries to the host's resolver (or the
+  guest is given ``Network(dns_server=...)`` instead);
 - the guest's own address and MAC are chosen per VM, so clones of one snapshot differ.
 
 The policy is enforced by the VMM on every frame the guest sends, outside the guest's reach:
@@ -100,6 +101,17 @@ def _check_target(target: str, what: str) -> str:
     return target.lower().rstrip(".")
 
 
+def _unicast_ipv4(value: str, what: str) -> None:
+    try:
+        address = ipaddress.IPv4Address(value)
+    except ValueError:
+        raise NetworkError(f"{what} {value!r} is not an IPv4 address (or host)") from None
+    if address.is_unspecified or address.is_multicast or address == ipaddress.IPv4Address("255.255.255.255"):
+        raise NetworkError(f"{what} {value} is not a unicast address")
+    if address.is_loopback:
+        raise NetworkError(f"{what} {value} is the guest's own loopback: use 'host' for the host's")
+
+
 def _is_domain(target: str) -> bool:
     checked = _check_target(target, "rule")
     return checked != HOST_ALIAS and not checked[0].isdigit()
@@ -171,7 +183,12 @@ class Network:
     hosts: Mapping[str, str] = field(default_factory=dict)
     """Extra ``/etc/hosts`` entries of the guest, name to IPv4 address (``host`` for the host)."""
     dns: bool = True
-    """Give the guest the DNS resolver (:data:`DNS_RESOLVER`)."""
+    """Give the guest a DNS resolver (by default :data:`DNS_RESOLVER`)."""
+    dns_server: str | None = None
+    """The resolver the guest uses instead of :data:`DNS_RESOLVER` (docker's ``--dns``): an IPv4
+    address, or ``host`` for a resolver on the host's loopback (port 53). Its answers are checked
+    against the domain rules like the default resolver's, and port 53 of it is reachable even
+    where the policy denies the address (the host is denied by default)."""
     tx_limit: IoLimit | None = None
     """Rate limit of what the guest sends (bytes and frames per second)."""
     rx_limit: IoLimit | None = None
@@ -216,6 +233,11 @@ class Network:
                     ipaddress.IPv4Address(address)
                 except ValueError:
                     raise NetworkError(f"hosts entry {name}: {address!r} is not an IPv4 address") from None
+        if self.dns_server is not None:
+            if not self.dns:
+                raise NetworkError("a DNS server was given but dns=False gives the guest no resolver")
+            if self.dns_server != HOST_ALIAS:
+                _unicast_ipv4(self.dns_server, "the DNS server")
         domains = [t for t in (*self.allow, *self.deny) if _is_domain(t)]
         if domains and not self.dns:
             raise NetworkError(
@@ -224,7 +246,17 @@ class Network:
             )
         if self.mode == "none" and (self.ports or self.allow):
             raise NetworkError("a VM without a network cannot publish ports or allow destinations")
+        if self.mode == "none" and self.dns_server is not None:
+            raise NetworkError("a VM without a network has no resolver: --dns needs --network egress")
         return self
+
+    def resolver(self) -> str | None:
+        """The address of the guest's DNS resolver (``None``: the guest gets none)."""
+        if self.mode == "none" or not self.dns:
+            return None
+        if self.dns_server is None:
+            return DNS_RESOLVER
+        return GATEWAY if self.dns_server == HOST_ALIAS else self.dns_server
 
     def rules(self) -> list[dict[str, str]]:
         """The policy's rules as the VMM takes them (``host`` resolved to the gateway)."""
@@ -244,7 +276,7 @@ class Network:
             return {"rules": [], "dns": None, "default_action": "deny"}
         return {
             "rules": self.rules(),
-            "dns": DNS_RESOLVER if self.dns else None,
+            "dns": self.resolver(),
             "default_action": "allow",
             # The guest may answer connections made to these ports (they come from the gateway).
             "published_tcp": sorted({p.guest_port for p in self.ports if p.protocol == "tcp"}),
@@ -415,7 +447,7 @@ class Backend:
             "--no-dhcpv6",
             "--no-ra",
         ]
-        if self.network.mode == "egress" and self.network.dns:
+        if self.network.resolver() == DNS_RESOLVER:
             argv += ["--dns-forward", DNS_RESOLVER]
         tcp = [p.passt_spec() for p in self.network.ports if p.protocol == "tcp"]
         udp = [p.passt_spec() for p in self.network.ports if p.protocol == "udp"]

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from supermachine import _core, agent, initramfs, kernel, worker
+from supermachine import forward as _forward
 from supermachine import network as _net
 from supermachine.agent import ExecResult, Process
 from supermachine.errors import (
@@ -196,6 +197,7 @@ class Vm:
     ) -> None:
         self._handle = handle
         self._net = net
+        self._forwards: dict[_forward.HostAddress, _forward.PortForward] = {}
         self.config = config
         self._runtime_dir = runtime_dir
         self._vsock = runtime_dir / "vsock.sock"
@@ -491,7 +493,7 @@ class Vm:
             address=identity.address,
             prefix=_net.SUBNET.prefixlen,
             gateway=_net.GATEWAY,
-            dns=[_net.DNS_RESOLVER] if net.mode == "egress" and net.dns else [],
+            dns=[resolver] if (resolver := net.resolver()) else [],
             hosts=net.guest_hosts(),
             mtu=_net.MTU,
             reset_connections=reset_connections,
@@ -512,7 +514,7 @@ class Vm:
             address=identity.address,
             prefix=_net.SUBNET.prefixlen,
             gateway=_net.GATEWAY,
-            resolver=_net.DNS_RESOLVER if net.mode == "egress" and net.dns else None,
+            resolver=net.resolver(),
             ports=net.ports,
             counters=counters,
         )
@@ -574,6 +576,11 @@ class Vm:
             if self._stopped:
                 return
             self._stopped = True
+        with self._lock:
+            forwards = list(self._forwards.values())
+            self._forwards.clear()
+        for forward in forwards:
+            forward.close()
         self._handle.stop()
         if self._net is not None:
             self._net.stop()
@@ -609,6 +616,48 @@ class Vm:
     def console_log(self) -> str:
         """Everything the guest wrote to its serial console so far (bounded ring)."""
         return self._handle.console().decode(errors="replace")
+
+    # -- ports published while the VM runs ------------------------------------------------------
+
+    def expose_tcp(
+        self, guest_port: int, *, host: str = _forward.DEFAULT_HOST, host_port: int = 0
+    ) -> _forward.HostAddress:
+        """Publishes TCP ``guest_port`` of the running guest on the host and returns where it is
+        reached: ``(host, port)``. ``host`` is the address to listen on (default 127.0.0.1, this
+        machine only); ``host_port`` 0 picks a free port.
+
+        Connections are relayed through the guest agent, so this works with any network mode,
+        ``none`` included, and the guest sees them come from its own loopback. A connection to a
+        port nothing listens on in the guest is reset. The port stays published until
+        :meth:`unexpose_tcp` or the VM stops. Raises :class:`NetworkError` for a bad port or
+        address, or one the host cannot listen on.
+        """
+        self._raise_if_ended("")
+        if self._stopped:
+            raise VmError("the VM was stopped")
+        forward = _forward.PortForward(lambda: self._client(), guest_port, host=host, host_port=host_port)
+        with self._lock:
+            stopped = self._stopped
+            if not stopped:
+                self._forwards[forward.address] = forward
+        if stopped:
+            forward.close()
+            raise VmError("the VM was stopped")
+        return forward.address
+
+    def unexpose_tcp(self, address: tuple[str, int]) -> None:
+        """Stops publishing what :meth:`expose_tcp` returned; its open connections are reset."""
+        with self._lock:
+            forward = self._forwards.pop(_forward.HostAddress(*address), None)
+        if forward is None:
+            raise NetworkError(f"{address[0]}:{address[1]} is not a port this VM exposed")
+        forward.close()
+
+    @property
+    def exposed_tcp(self) -> dict[_forward.HostAddress, int]:
+        """The ports :meth:`expose_tcp` published, each with the guest port it reaches."""
+        with self._lock:
+            return {address: f.guest_port for address, f in self._forwards.items()}
 
     # -- the guest agent --------------------------------------------------------------------------
 

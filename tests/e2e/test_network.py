@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.server
 import re
 import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -123,6 +124,14 @@ def test_a_published_port_reaches_a_server_in_the_guest(vm: Vm, published_port: 
             time.sleep(1)
     # Bound to loopback only, as asked by default.
     assert [p.host_ip for p in vm.network.ports] == ["127.0.0.1"]  # type: ignore[union-attr]
+    # The same server published again while the VM runs, through the agent this time.
+    exposed = vm.expose_tcp(8080)
+    assert exposed.host == "127.0.0.1" and vm.exposed_tcp == {exposed: 8080}
+    with urllib.request.urlopen(f"http://127.0.0.1:{exposed.port}/index.html", timeout=120) as r:
+        assert r.read() == b"guest page\n"
+    vm.unexpose_tcp(exposed)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(exposed, timeout=10)
 
 
 def test_denied_destinations_are_dropped_and_counted(vm: Vm) -> None:
@@ -203,7 +212,105 @@ def test_clones_get_their_own_identity_and_fetch_concurrently(snapshot: Image, h
         assert "01" not in states, tcp
 
 
-def test_a_vm_without_network_has_no_card(rootfs: Path) -> None:
+def test_a_vm_without_network_has_no_card_but_can_expose_a_port(rootfs: Path) -> None:
     with Vm.start(VmConfig(rootfs=rootfs, memory_mib=256, network="none")) as machine:
         assert machine.network is None
-        assert machine.exec(["ls", "/sys/class/net"]).stdout.split() == [b"lo"]
+        started = machine.exec(
+            [
+                "sh",
+                "-c",
+                "ls /sys/class/net; mkdir -p /www && echo offline page > /www/i && httpd -p 8080 -h /www",
+            ],
+            keep_background=True,
+            timeout=120,
+        )
+        assert (started.status, started.stdout.split()) == (0, [b"lo"]), started.stderr
+        host, port = machine.expose_tcp(8080)
+        with urllib.request.urlopen(f"http://{host}:{port}/i", timeout=120) as r:
+            assert r.read() == b"offline page\n"
+    # Stopping the VM stopped publishing.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, port), timeout=10)
+
+
+class _Resolver:
+    """A DNS server on the host's loopback, port 53, answering A queries from ``names`` (any
+    other name: NXDOMAIN)."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self.names = names
+        self.asked: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind(("127.0.0.1", 53))
+        except PermissionError:
+            self.sock.close()
+            pytest.skip("a DNS server on port 53 needs root")
+        except OSError as e:
+            self.sock.close()
+            pytest.skip(f"port 53 on 127.0.0.1 is taken ({e.strerror}): no test resolver")
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            reply = self._answer(query)
+            if reply:
+                self.sock.sendto(reply, peer)
+
+    def _answer(self, query: bytes) -> bytes | None:
+        if len(query) < 12:
+            return None
+        labels, pos = [], 12
+        while pos < len(query) and query[pos]:
+            labels.append(query[pos + 1 : pos + 1 + query[pos]].decode(errors="replace"))
+            pos += 1 + query[pos]
+        question = query[12 : pos + 5]
+        qtype = struct.unpack("!H", query[pos + 1 : pos + 3])[0] if pos + 3 <= len(query) else 0
+        name = ".".join(labels).lower()
+        self.asked.append(name)
+        address = self.names.get(name)
+        if address is None or qtype != 1:
+            flags = 0x8180 if address else 0x8183  # no records / NXDOMAIN
+            return query[:2] + struct.pack("!HHHHH", flags, 1, 0, 0, 0) + question
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(address)
+        return query[:2] + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + question + answer
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_clone_resolves_names_the_test_controls_and_domain_rules_apply(
+    snapshot: Image, host_server: int
+) -> None:
+    """The guest asks a resolver on the host (``--dns host``). The policy refuses everything but
+    ``*.allowed.test``: the host is reached by a name whose answer taught the VMM its address,
+    not by one whose answer did not, and the answer for a denied name never reaches the guest."""
+    resolver = _Resolver(
+        {"other.test": GATEWAY, "www.allowed.test": GATEWAY, "www.blocked.test": "203.0.113.7"}
+    )
+    net = Network(dns_server="host", allow=("*.allowed.test",), deny=("0.0.0.0/0", "*.blocked.test"))
+    try:
+        with snapshot.start(network=net) as clone:
+            script = (
+                "cat /etc/resolv.conf; "
+                f"wget -qO- -T 5 http://other.test:{host_server}/before; echo before=$?; "
+                f"wget -qO- http://www.allowed.test:{host_server}/by-name; echo allowed=$?; "
+                "nslookup www.blocked.test >/dev/null 2>&1; echo blocked=$?"
+            )
+            out = clone.exec(["sh", "-c", script], timeout=600)
+            info = clone.network
+    finally:
+        resolver.close()
+    text = out.stdout.decode()
+    assert f"nameserver {GATEWAY}" in text, text
+    assert "before=1" in text and "page for /before" not in text, text
+    assert "page for /by-name\nallowed=0" in text, (text, out.stderr)
+    assert "blocked=1" in text, text
+    assert {"other.test", "www.allowed.test", "www.blocked.test"} <= set(resolver.asked), resolver.asked
+    assert info is not None and info.resolver == GATEWAY
+    assert info.counters.dropped.get("deny 0.0.0.0/0", 0) >= 1, info.counters.dropped
+    assert info.counters.dropped.get("dns answer", 0) >= 1, info.counters.dropped

@@ -259,6 +259,8 @@ def test_cli_network_options_are_checked_before_anything_starts(cache: Path) -> 
         (["--allow-net", "10.0.0.0/99"], "is not an IPv4 address or network"),
         (["--network", "none", "-p", "8080:80"], "cannot publish ports"),
         (["--add-host", "nocolon"], "expected NAME:IP"),
+        (["--dns", "127.0.0.1"], "the guest's own loopback: use 'host'"),
+        (["--network", "none", "--dns", "host"], "has no resolver"),
     ]:
         proc = subprocess.run(
             [sys.executable, "-m", "supermachine", "run", *args, "127.0.0.1:1/nothing:here", "--", "true"],

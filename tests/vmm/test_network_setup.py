@@ -81,6 +81,12 @@ def test_bad_port_mappings_are_refused_naming_the_problem(spec: str, complaint: 
         (Network(ports=(PortMapping(8080, 80), PortMapping(8080, 81))), "published twice"),
         (Network(mode="bridge"), "must be 'egress' or 'none'"),  # type: ignore[arg-type]
         (Network(allow=("*.example.com",), dns=False), "need the DNS resolver"),
+        (Network(dns_server="1.1.1.1", dns=False), "dns=False gives the guest no resolver"),
+        (Network(dns_server="dns.example"), "'dns.example' is not an IPv4 address"),
+        (Network(dns_server="127.0.0.1"), "the guest's own loopback: use 'host'"),
+        (Network(dns_server="0.0.0.0"), "not a unicast address"),
+        (Network(dns_server="224.0.0.251"), "not a unicast address"),
+        (Network(mode="none", dns_server="host"), "without a network has no resolver"),
     ],
 )
 def test_bad_networks_are_refused_naming_the_problem(network: Network, complaint: str) -> None:
@@ -106,6 +112,13 @@ def test_the_policy_the_vmm_gets_resolves_host_and_keeps_rule_order() -> None:
         ports=(PortMapping(8080, 80), PortMapping(8081, 80), PortMapping(53, 53, protocol="udp"))
     )
     assert (published.policy()["published_tcp"], published.policy()["published_udp"]) == ([80], [53])
+    # The guest's resolver: passt's forwarder, the host (its loopback), or any address given.
+    assert [Network(dns_server=d).policy()["dns"] for d in (None, "host", "192.0.2.53")] == [
+        DNS_RESOLVER,
+        GATEWAY,
+        "192.0.2.53",
+    ]
+    assert Network(dns=False).resolver() is None and Network(mode="none").resolver() is None
     # "none" on a card that must exist (a restored snapshot had one) refuses everything.
     assert Network(mode="none").policy() == {"rules": [], "dns": None, "default_action": "deny"}
     assert Network(hosts={"db": "host", "api": "192.0.2.7"}).guest_hosts() == {

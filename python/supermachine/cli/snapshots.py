@@ -68,6 +68,7 @@ def snapshot_cmd(
     deny: tuple[str, ...],
     published: tuple[str, ...],
     add_hosts: tuple[str, ...],
+    dns_server: str | None,
 ) -> None:
     """Boot IMAGE, run the WARM command in it (if given; it must succeed), and snapshot the VM.
 
@@ -90,7 +91,7 @@ def snapshot_cmd(
         env=parse_env(env_pairs),
         workdir=workdir,
         user=user,
-        network=network_from_options(network_mode, allow, deny, published, add_hosts) or "egress",
+        network=network_from_options(network_mode, allow, deny, published, add_hosts, dns_server) or "egress",
     )
     # Held from before the pull and the boot until the snapshot is in place: a second writer of
     # this name fails now, not after booting a VM.

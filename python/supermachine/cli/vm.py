@@ -183,6 +183,13 @@ def vm_options(f: click.decorators.FC) -> click.decorators.FC:
                 metavar="NAME:IP",
                 help="Add a line to the guest's /etc/hosts (IP may be 'host'). Repeatable.",
             ),
+            click.option(
+                "--dns",
+                "dns_server",
+                metavar="IP",
+                help="The guest's DNS server: an IPv4 address, or 'host' for one on this host's "
+                "loopback [default: the host's own resolvers, forwarded].",
+            ),
         ]
     ):
         f = option(f)
@@ -195,13 +202,14 @@ def network_from_options(
     deny: tuple[str, ...],
     published: tuple[str, ...],
     add_hosts: tuple[str, ...],
+    dns_server: str | None = None,
 ) -> Network | None:
     """The VM's network as the command line asks for it (docker's habits); ``None`` when nothing
     was asked (the default: egress for a boot, the snapshot's for a restore)."""
     from supermachine.errors import NetworkError
     from supermachine.network import Network, PortMapping
 
-    if network_mode == "egress" and not (allow or deny or published or add_hosts):
+    if network_mode == "egress" and not (allow or deny or published or add_hosts or dns_server):
         return None
     hosts: dict[str, str] = {}
     for pair in add_hosts:
@@ -215,6 +223,7 @@ def network_from_options(
         deny=deny,
         ports=tuple(PortMapping.parse(spec) for spec in published),
         hosts=hosts,
+        dns_server=dns_server,
     ).validated()
 
 
@@ -257,6 +266,7 @@ def run(
     deny: tuple[str, ...],
     published: tuple[str, ...],
     add_hosts: tuple[str, ...],
+    dns_server: str | None,
     interactive: bool,
     platform: str | None,
     insecure: bool | None,
@@ -278,7 +288,7 @@ def run(
     if command[:1] == ("--",):  # options stop at IMAGE, so click keeps a `--` that follows it
         command = command[1:]
     env = parse_env(env_pairs)
-    network = network_from_options(network_mode, allow, deny, published, add_hosts)
+    network = network_from_options(network_mode, allow, deny, published, add_hosts, dns_server)
     if image.startswith("snapshot:"):
         where = image.removeprefix("snapshot:")
         sys.exit(
@@ -347,6 +357,7 @@ def boot(
     deny: tuple[str, ...],
     published: tuple[str, ...],
     add_hosts: tuple[str, ...],
+    dns_server: str | None,
     interactive: bool,
 ) -> None:
     """Boot a microVM on a root filesystem image and run COMMAND in it; exit with its status.
@@ -365,7 +376,7 @@ def boot(
         env=parse_env(env_pairs),
         workdir=workdir,
         user=user,
-        network=network_from_options(network_mode, allow, deny, published, add_hosts) or "egress",
+        network=network_from_options(network_mode, allow, deny, published, add_hosts, dns_server) or "egress",
     )
     sys.exit(_run_streaming(config, list(command), timeout, show_console, interactive=interactive))
 
