@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 
 use supermachine_core::net::{
     Action, Cidr, DropReason, EgressFilter, EgressPolicy, FilterCounters, Learned, Rule, Target,
-    Verdict, BUILTIN_DENY, MAX_LEARNED, MAX_TTL, MIN_TTL,
+    Verdict, BUILTIN_DENY, MAX_LEARNED, MAX_OUTBOUND_FLOWS, MAX_TTL, MIN_TTL, TCP_FLOW_IDLE,
+    UDP_FLOW_IDLE,
 };
 
 const MAX_EVENTS: usize = 256;
@@ -282,7 +283,13 @@ fn policy_from(input: &mut Input) -> EgressPolicy {
 struct Parsed {
     dst: Ipv4Addr,
     exempt: bool,
+    /// Protocol, source and destination port of an unfragmented UDP or TCP packet whose
+    /// transport header is whole.
+    flow: Option<(u8, u16, u16)>,
 }
+
+/// A remembered outbound flow: protocol, destination address and port, source port.
+type FlowKey = (u8, u32, u16, u16);
 
 /// The reference parse: `Err` is the drop reason for frames that never reach the rules,
 /// `Ok(None)` an ARP frame.
@@ -313,7 +320,8 @@ fn reference_parse(policy: &EgressPolicy, f: &[u8]) -> Result<Option<Parsed>, Dr
         _ => false,
     };
     let exempt = policy.dns == Some(dst) && unfragmented && header_whole && be16(l4, 2) == 53;
-    Ok(Some(Parsed { dst, exempt }))
+    let flow = (unfragmented && header_whole).then(|| (ip[9], be16(l4, 0), be16(l4, 2)));
+    Ok(Some(Parsed { dst, exempt, flow }))
 }
 
 /// The reference decision: every user rule that covers `dst` (a live learned address counts as
@@ -372,6 +380,73 @@ fn reference_outbound(
             None if policy.default_action == Action::Deny => Verdict::Drop(DropReason::Default),
             None => Verdict::Pass,
         },
+    }
+}
+
+/// Whether live learned addresses let `dst` out: one of an allow rule and none of a deny rule.
+fn learned_allows(policy: &EgressPolicy, learned: &[Learned], dst: Ipv4Addr, now: Instant) -> bool {
+    let live: Vec<Action> = learned
+        .iter()
+        .filter(|l| l.addr == dst && now < l.expires)
+        .map(|l| policy.rules[l.rule].action)
+        .collect();
+    live.contains(&Action::Allow) && !live.contains(&Action::Deny)
+}
+
+/// The reference of remembered outbound flows: a flow a learned address let out goes on while
+/// active, whatever the learned addresses say later.
+#[derive(Default)]
+struct ReferenceFlows(HashMap<FlowKey, Instant>);
+
+impl ReferenceFlows {
+    fn idle(protocol: u8) -> Duration {
+        if protocol == TCP {
+            TCP_FLOW_IDLE
+        } else {
+            UDP_FLOW_IDLE
+        }
+    }
+
+    /// The verdict with the flows applied to `rules_verdict` (the reference without them).
+    fn decide(
+        &mut self,
+        policy: &EgressPolicy,
+        learned: &[Learned],
+        parsed: &Parsed,
+        rules_verdict: Verdict,
+        now: Instant,
+    ) -> Verdict {
+        let Some((protocol, sport, dport)) = parsed.flow else {
+            return rules_verdict;
+        };
+        if parsed.exempt {
+            return rules_verdict;
+        }
+        let key = (protocol, u32::from(parsed.dst), dport, sport);
+        let until = now + Self::idle(protocol);
+        if let Some(known) = self.0.get_mut(&key) {
+            if now < *known {
+                *known = until;
+                return Verdict::Pass;
+            }
+        }
+        if rules_verdict == Verdict::Pass && learned_allows(policy, learned, parsed.dst, now) {
+            if let Some(known) = self.0.get_mut(&key) {
+                *known = until;
+            } else {
+                if self.0.len() >= MAX_OUTBOUND_FLOWS {
+                    self.0.retain(|_, t| now < *t);
+                }
+                if self.0.len() < MAX_OUTBOUND_FLOWS {
+                    self.0.insert(key, until);
+                }
+            }
+        }
+        rules_verdict
+    }
+
+    fn live(&self, key: &FlowKey, now: Instant) -> bool {
+        self.0.get(key).is_some_and(|t| now < *t)
     }
 }
 
@@ -525,6 +600,7 @@ struct Harness {
     frames: u64,
     /// Every 4-byte window of what the resolver sent: learned addresses must come from there.
     resolver_said: HashSet<[u8; 4]>,
+    flows: ReferenceFlows,
 }
 
 impl Harness {
@@ -539,10 +615,27 @@ impl Harness {
         let v = self.filter.outbound(frame, self.now);
         self.frames += 1;
         self.check_counters(before, v, frame.len(), true);
-        let expected = reference_outbound(&self.policy, &learned, frame, self.now);
+        let by_rules = reference_outbound(&self.policy, &learned, frame, self.now);
+        let parsed = reference_parse(&self.policy, frame);
+        let flow_was_live = match &parsed {
+            Ok(Some(Parsed {
+                dst,
+                flow: Some((protocol, sport, dport)),
+                ..
+            })) => self
+                .flows
+                .live(&(*protocol, u32::from(*dst), *dport, *sport), self.now),
+            _ => false,
+        };
+        let expected = match &parsed {
+            Ok(Some(p)) => self
+                .flows
+                .decide(&self.policy, &learned, p, by_rules, self.now),
+            _ => by_rules,
+        };
         assert_eq!(v, expected, "outbound verdict");
         // The promise of the builtin ranges, on its own.
-        if let (Verdict::Pass, Ok(Some(p))) = (v, reference_parse(&self.policy, frame)) {
+        if let (Verdict::Pass, Ok(Some(p))) = (v, parsed) {
             if !p.exempt && BUILTIN_DENY.iter().any(|(_, c)| contains(c, p.dst)) {
                 let by_rule = self.policy.rules.iter().any(|r| {
                     r.action == Action::Allow
@@ -553,7 +646,8 @@ impl Harness {
                         && self.now < l.expires
                         && self.policy.rules[l.rule].action == Action::Allow
                 });
-                assert!(by_rule || by_domain, "{} passed", p.dst);
+                // A remembered flow was let out by a learned allowed domain earlier.
+                assert!(by_rule || by_domain || flow_was_live, "{} passed", p.dst);
             }
         }
     }
@@ -712,7 +806,9 @@ fn out_frame(input: &mut Input) -> Vec<u8> {
     };
     let frag = [0, MF, 1, MF | 1][usize::from(input.u8() % 4)];
     let len_sel = input.u8();
-    let mut l4 = vec![0x9c, 0x40];
+    // Two source ports, so distinct flows to one destination occur.
+    let sport: u16 = 40000 + u16::from((len_sel >> 3) & 1);
+    let mut l4 = sport.to_be_bytes().to_vec();
     l4.extend(port.to_be_bytes());
     if protocol == TCP {
         l4.extend([0; 8]);
@@ -751,6 +847,7 @@ fn drive(data: &[u8]) -> Harness {
         now: Instant::now(),
         frames: 0,
         resolver_said: HashSet::new(),
+        flows: ReferenceFlows::default(),
     };
     for _ in 0..MAX_EVENTS {
         if input.is_empty() {
@@ -863,6 +960,11 @@ impl Seed {
         self.ev(Event::Out, &[addr(dst), 1, 2, 0, 0, 0])
     }
 
+    /// The same from the other source port: another connection.
+    fn out_new_connection(self, dst: [u8; 4]) -> Self {
+        self.ev(Event::Out, &[addr(dst), 1, 2, 0, 56, 0])
+    }
+
     /// An answer from the resolver: question, flags, then records (kind, owner, ttl, data).
     fn answer(self, question: &str, flags: u8, records: &[[u8; 4]]) -> Self {
         let mut args = vec![0, name(question), flags, records.len() as u8];
@@ -902,6 +1004,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         .time(59)
         .out(example)
         .time(2)
+        .out_new_connection(example)
         .out(example);
     let deny_domain = Seed::policy(&[&[rule(true, true, dom("*.tracker.test"))]], 0, false)
         .answer(
@@ -979,7 +1082,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     .out([1, 1, 1, 1])
     .out([8, 8, 8, 8])
     .time(1)
-    .out([1, 1, 1, 1])
+    .out_new_connection([1, 1, 1, 1])
     .out([9, 9, 9, 9])
     .time(0x80 | 59)
     .out([8, 8, 8, 8])
@@ -1058,7 +1161,8 @@ fn seeds_do_what_they_say() {
         (h.filter.counters(), h)
     };
     let (c, _) = run("allow-domain-learn");
-    assert_eq!((c.passed_out_frames, c.dropped_default), (2, 2));
+    // After the TTL a new connection is refused; the one the address let out goes on.
+    assert_eq!((c.passed_out_frames, c.dropped_default), (3, 2));
     let (c, _) = run("deny-domain-answer");
     assert_eq!(
         (

@@ -26,11 +26,46 @@ pub const MAX_INBOUND_FLOWS: usize = 4096;
 pub const TCP_FLOW_IDLE: Duration = Duration::from_secs(3600);
 /// How long a peer of a published UDP port may be answered after its last datagram.
 pub const UDP_FLOW_IDLE: Duration = Duration::from_secs(120);
+/// Most connections (and UDP exchanges) remembered at once that a learned address let out;
+/// beyond it new ones are not remembered (they still pass while the address counts).
+pub const MAX_OUTBOUND_FLOWS: usize = 4096;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
 /// A connection made to a published guest port: protocol, peer address and port, guest port.
+/// Or one the guest made: protocol, destination address and port, guest port.
 type FlowKey = (u8, u32, u16, u16);
+
+/// How long a flow is remembered after its last packet.
+fn flow_idle(protocol: u8) -> Duration {
+    if protocol == frame::PROTO_TCP {
+        TCP_FLOW_IDLE
+    } else {
+        UDP_FLOW_IDLE
+    }
+}
+
+/// Remembers (or refreshes) `key` until `until`; a new key only while there is room (expired
+/// ones are pushed out first).
+fn remember(
+    flows: &mut std::collections::HashMap<FlowKey, Instant>,
+    cap: usize,
+    key: FlowKey,
+    until: Instant,
+    now: Instant,
+) {
+    if let Some(known) = flows.get_mut(&key) {
+        *known = until;
+        return;
+    }
+    if flows.len() >= cap {
+        flows.retain(|_, &mut t| now < t);
+        if flows.len() >= cap {
+            return;
+        }
+    }
+    flows.insert(key, until);
+}
 
 /// What to do with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +176,11 @@ impl LearnedTable {
         self.by_age.insert(seq, key);
     }
 
+    /// Whether a live learned address of an allow rule is `addr`, and none of a deny rule.
+    fn allows(&self, addr: Ipv4Addr, now: Instant, policy: &EgressPolicy) -> bool {
+        matches!(self.best(addr, now, policy), Some((Action::Allow, _)))
+    }
+
     /// The deny rule with the lowest index that learned `addr` (not expired at `now`), else
     /// the allow rule with the lowest index, if any.
     fn best(&self, addr: Ipv4Addr, now: Instant, policy: &EgressPolicy) -> Option<(Action, usize)> {
@@ -178,6 +218,9 @@ pub struct EgressFilter {
     matched: Vec<usize>,
     /// Connections the outside made to published ports, until when they may be answered.
     flows: std::collections::HashMap<FlowKey, Instant>,
+    /// Connections the guest made that a learned address allowed, until when they may go on
+    /// without it.
+    outbound_flows: std::collections::HashMap<FlowKey, Instant>,
 }
 
 impl EgressFilter {
@@ -217,6 +260,7 @@ impl EgressFilter {
             learned: LearnedTable::default(),
             counters,
             flows: std::collections::HashMap::new(),
+            outbound_flows: std::collections::HashMap::new(),
         }
     }
 
@@ -252,7 +296,11 @@ impl EgressFilter {
     ///   truncated UDP answer that makes the guest retry over TCP teaches what it held, if
     ///   anything), and an answer over TCP for a denied name reaches the guest.
     /// * A learned address counts until its TTL (clamped to [`MIN_TTL`]..=[`MAX_TTL`]) runs
-    ///   out, then frames to it are judged without it, connections opened earlier included.
+    ///   out; then new connections to it are judged without it. A connection (or UDP exchange:
+    ///   protocol, address, both ports) that a learned allow let out goes on after that while
+    ///   the guest keeps sending on it, until [`TCP_FLOW_IDLE`] or [`UDP_FLOW_IDLE`] after its
+    ///   last packet: a download must not be cut when the answer's TTL runs out (at most
+    ///   [`MAX_OUTBOUND_FLOWS`] remembered at once).
     ///
     /// Connections to a published port are remembered too (a TCP SYN without ACK, or any
     /// datagram to a published UDP port, from a given peer address and port), so the guest
@@ -290,7 +338,7 @@ impl EgressFilter {
             })
     }
 
-    fn decide_outbound(&self, frame: &[u8], now: Instant) -> Verdict {
+    fn decide_outbound(&mut self, frame: &[u8], now: Instant) -> Verdict {
         let ip = match frame::parse(frame) {
             Err(frame::Malformed) => return Verdict::Drop(DropReason::Malformed),
             // The backend answers ARP itself; nothing leaves the host for it.
@@ -298,11 +346,16 @@ impl EgressFilter {
             Ok(Frame::Other) => return Verdict::Drop(DropReason::NotIpv4),
             Ok(Frame::Ipv4(ip)) => ip,
         };
-        if self.dns_exempt(&ip) || self.answers_inbound(&ip, now) {
+        if self.dns_exempt(&ip) || self.answers_inbound(&ip, now) || self.continues(&ip, now) {
             return Verdict::Pass;
         }
         match self.user_rule(ip.dst, now) {
-            Some((Action::Allow, _)) => Verdict::Pass,
+            Some((Action::Allow, _)) => {
+                if self.learned.allows(ip.dst, now, &self.policy) {
+                    self.track_outbound(&ip, now);
+                }
+                Verdict::Pass
+            }
             Some((Action::Deny, i)) => Verdict::Drop(DropReason::Rule(i)),
             None => match BUILTIN_DENY.iter().position(|(_, c)| c.contains(ip.dst)) {
                 Some(i) => Verdict::Drop(DropReason::Builtin(i)),
@@ -357,6 +410,41 @@ impl EgressFilter {
         self.flows.get(&key).is_some_and(|&until| now < until)
     }
 
+    /// Whether `ip` belongs to a connection a learned address let out that is still active: it
+    /// goes on after the address's TTL ran out (refreshing it).
+    fn continues(&mut self, ip: &Ipv4<'_>, now: Instant) -> bool {
+        if self.outbound_flows.is_empty() {
+            return false;
+        }
+        let Some((protocol, src_port, dst_port, _)) = frame::ports(ip) else {
+            return false;
+        };
+        let key = (protocol, u32::from(ip.dst), dst_port, src_port);
+        match self.outbound_flows.get_mut(&key) {
+            Some(until) if now < *until => {
+                *until = now + flow_idle(protocol);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Remembers a connection (or UDP exchange) that a learned address let out.
+    fn track_outbound(&mut self, ip: &Ipv4<'_>, now: Instant) {
+        let Some((protocol, src_port, dst_port, _)) = frame::ports(ip) else {
+            return;
+        };
+        let key = (protocol, u32::from(ip.dst), dst_port, src_port);
+        let until = now + flow_idle(protocol);
+        remember(
+            &mut self.outbound_flows,
+            MAX_OUTBOUND_FLOWS,
+            key,
+            until,
+            now,
+        );
+    }
+
     /// Remembers (or refreshes) a connection the outside makes to a published port.
     fn track_inbound(&mut self, frame: &[u8], now: Instant) {
         if self.policy.published_tcp.is_empty() && self.policy.published_udp.is_empty() {
@@ -378,21 +466,9 @@ impl EgressFilter {
             }
             _ => return,
         };
-        let until = now + idle;
-        if let Some(known) = self.flows.get_mut(&key) {
-            *known = until;
-            return;
+        if opens || self.flows.contains_key(&key) {
+            remember(&mut self.flows, MAX_INBOUND_FLOWS, key, now + idle, now);
         }
-        if !opens {
-            return;
-        }
-        if self.flows.len() >= MAX_INBOUND_FLOWS {
-            self.flows.retain(|_, &mut t| now < t);
-            if self.flows.len() >= MAX_INBOUND_FLOWS {
-                return;
-            }
-        }
-        self.flows.insert(key, until);
     }
 
     fn inspect_inbound(&mut self, frame: &[u8], now: Instant) -> Verdict {
@@ -909,11 +985,17 @@ mod tests {
         let t1 = t0 + Duration::from_secs(59);
         assert_eq!(f.outbound(&cdn, t1), Pass);
         let t2 = t0 + Duration::from_secs(60);
-        assert_eq!(f.outbound(&cdn, t2), Drop(Default), "expired");
+        let new_connection = segment(GUEST, 40001, ip([93, 184, 216, 34]), 443, TCP_SYN);
+        assert_eq!(f.outbound(&new_connection, t2), Drop(Default), "expired");
+        assert_eq!(
+            f.outbound(&cdn, t2),
+            Pass,
+            "the connection it let out goes on"
+        );
         let c = f.counters();
         assert_eq!(c.passed_in_frames, 1);
         assert_eq!(c.passed_in_bytes, answer(EXAMPLE_RESPONSE).len() as u64);
-        assert_eq!(c.frames(), 6);
+        assert_eq!(c.frames(), 7);
 
         // Exact names: the apex does not match the wildcard.
         let mut f = filter(&[(Allow, "example.com")], Deny);
@@ -922,6 +1004,72 @@ mod tests {
         let mut f = filter(&[(Allow, "WWW.Example.com.")], Deny);
         f.inbound(&answer(EXAMPLE_RESPONSE), t0);
         assert_eq!(f.outbound(&cdn, t0), Pass);
+    }
+
+    #[test]
+    fn a_connection_a_learned_address_let_out_outlives_the_ttl_while_active() {
+        let t0 = Instant::now();
+        let cdn_ip = ip([93, 184, 216, 34]);
+        let mut f = filter(&[(Allow, "*.example.com"), (Deny, "0.0.0.0/0")], Allow);
+        let deny_all = Drop(Rule(1));
+        let connection = segment(GUEST, 40000, cdn_ip, 443, TCP_SYN);
+        let data = segment(GUEST, 40000, cdn_ip, 443, TCP_ACK);
+        let datagram = udp(GUEST, 5000, cdn_ip, 443, b"quic");
+        assert_eq!(f.outbound(&connection, t0), deny_all, "nothing learned yet");
+        f.inbound(&answer(EXAMPLE_RESPONSE), t0);
+        assert_eq!(f.outbound(&connection, t0), Pass);
+        assert_eq!(f.outbound(&datagram, t0), Pass);
+        // Long after the TTL (60 s), the connection goes on as long as the guest keeps sending.
+        let mut t = t0;
+        for _ in 0..10 {
+            t += TCP_FLOW_IDLE - Duration::from_secs(1);
+            assert_eq!(f.outbound(&data, t), Pass);
+        }
+        // Idle for too long: gone, like the UDP exchange that went quiet long ago.
+        let t = t + TCP_FLOW_IDLE;
+        assert_eq!(f.outbound(&data, t), deny_all);
+        assert_eq!(f.outbound(&datagram, t), deny_all);
+        // Only the exact flow: other ports, other destinations and protocols are not.
+        f.inbound(&answer(EXAMPLE_RESPONSE), t);
+        assert_eq!(f.outbound(&connection, t), Pass);
+        let later = t + Duration::from_secs(61);
+        assert_eq!(f.outbound(&data, later), Pass);
+        for other in [
+            segment(GUEST, 40001, cdn_ip, 443, TCP_ACK),
+            segment(GUEST, 40000, cdn_ip, 80, TCP_ACK),
+            segment(GUEST, 40000, ip([93, 184, 216, 35]), 443, TCP_ACK),
+            udp(GUEST, 40000, cdn_ip, 443, b"x"),
+        ] {
+            assert_eq!(f.outbound(&other, later), deny_all);
+        }
+        // A network rule's pass is not remembered: nothing it allows ever expires.
+        let mut g = filter(&[(Allow, "93.184.216.0/24")], Deny);
+        assert_eq!(g.outbound(&connection, t0), Pass);
+        assert!(g.outbound_flows.is_empty());
+    }
+
+    #[test]
+    fn remembered_outbound_connections_are_capped() {
+        let t0 = Instant::now();
+        let cdn_ip = ip([93, 184, 216, 34]);
+        let mut f = filter(&[(Allow, "*.example.com")], Deny);
+        f.inbound(&answer(EXAMPLE_RESPONSE), t0);
+        for port in 0..(MAX_OUTBOUND_FLOWS as u16 + 10) {
+            let syn = segment(GUEST, 1000 + port, cdn_ip, 443, TCP_SYN);
+            assert_eq!(f.outbound(&syn, t0), Pass, "the address still counts");
+        }
+        assert_eq!(f.outbound_flows.len(), MAX_OUTBOUND_FLOWS);
+        let after_ttl = t0 + Duration::from_secs(60);
+        let first = segment(GUEST, 1000, cdn_ip, 443, TCP_ACK);
+        let unremembered = segment(
+            GUEST,
+            1000 + MAX_OUTBOUND_FLOWS as u16 + 5,
+            cdn_ip,
+            443,
+            TCP_ACK,
+        );
+        assert_eq!(f.outbound(&first, after_ttl), Pass);
+        assert_eq!(f.outbound(&unremembered, after_ttl), Drop(Default));
     }
 
     #[test]

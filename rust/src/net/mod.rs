@@ -24,7 +24,7 @@ mod policy;
 
 pub use filter::{
     DropReason, EgressFilter, FilterCounters, Learned, Verdict, DNS_PORT, MAX_INBOUND_FLOWS,
-    MAX_LEARNED, MAX_TTL, MIN_TTL, TCP_FLOW_IDLE, UDP_FLOW_IDLE,
+    MAX_LEARNED, MAX_OUTBOUND_FLOWS, MAX_TTL, MIN_TTL, TCP_FLOW_IDLE, UDP_FLOW_IDLE,
 };
 pub use policy::{
     Action, Cidr, DomainPattern, EgressPolicy, PolicyError, Rule, Target, BUILTIN_DENY,
