@@ -433,7 +433,9 @@ const fn net(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Cidr {
 ///
 /// For a packet to destination D, in this order:
 /// 1. A UDP or TCP packet to port 53 of `dns` (unfragmented, transport header complete)
-///    passes: the guest can always reach its resolver, and only on that port.
+///    passes: the guest can always reach its resolver, and only on that port. So does a packet
+///    of a flow that a learned allowed address let out earlier and that is still active (see
+///    [`super::EgressFilter::inbound`]).
 /// 2. Among the user rules that cover D, the most specific decides: a network rule covers
 ///    the addresses in it, a domain rule the addresses DNS answers gave for its names (each
 ///    counting as a /32) until their TTL runs out. When an allow and a deny rule are equally
