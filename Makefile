@@ -48,7 +48,7 @@ bench-setup:
 	cd benches/peers && ../../$(VENV)/maturin develop --release -q
 
 bench: bench-setup
-	$(VENV)/pytest benches --benchmark-only --benchmark-columns=min,median,max,rounds --benchmark-sort=name $(BENCH_ARGS)
+	PATH="$$(scripts/bench-tools.sh):$$PATH" $(VENV)/pytest benches --benchmark-only --benchmark-columns=min,median,max,rounds --benchmark-sort=name $(BENCH_ARGS)
 
 clean:
 	rm -rf target .venv
