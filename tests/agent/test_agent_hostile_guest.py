@@ -7,6 +7,7 @@ thread with a bounded join, so a client that hangs fails the test instead of han
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 import time
@@ -456,3 +457,62 @@ def test_exec_env_adds_to_the_image_env(fake: Callable[..., FakeAgent]) -> None:
     assert env_of(agent) == ["ONLY=this"]
     vm.spawn(["env"], env={"EXTRA": "2"}).wait()
     assert env_of(agent) == ["EXTRA=2", "GREETING=hello", "HOME=/root", "PATH=/image/bin"]
+
+
+# -- ports exposed while the VM runs ----------------------------------------------------------------
+
+OK = 0x88
+TCP_CONNECT = 0x0D
+
+
+def connected_then(then: Callable[[FakeConnection], None]) -> Callable[[FakeConnection], None]:
+    """Accepts the tcp_connect request, then does ``then``."""
+
+    def behaviour(conn: FakeConnection) -> None:
+        kind, _ = conn.read_request()
+        assert kind == TCP_CONNECT
+        conn.send(OK)
+        then(conn)
+
+    return behaviour
+
+
+def test_a_guest_that_breaks_the_stream_resets_the_host_peer(fake: Callable[..., FakeAgent]) -> None:
+    def lie(conn: FakeConnection) -> None:
+        conn.send(STDOUT, b"hello")
+        conn.send(0x81, b"")  # `started` in the middle of a stream
+        conn.drain()
+
+    vm = vm_on(fake(connected_then(lie)))
+    host, port = vm.expose_tcp(8080)
+    try:
+        with socket.create_connection((host, port), timeout=30) as peer:
+            got = b""
+            with pytest.raises(ConnectionResetError):
+                while chunk := finishes_within(30, lambda: peer.recv(100)):
+                    got += chunk
+            assert got == b"hello"
+    finally:
+        vm.stop()
+
+
+def test_a_flooding_guest_cannot_make_the_host_buffer_for_a_peer_that_does_not_read(
+    fake: Callable[..., FakeAgent],
+) -> None:
+    agent = fake(connected_then(lambda conn: flood(64 << 20)(conn)))
+    vm = vm_on(agent)
+    host, port = vm.expose_tcp(8080)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        peer = socket.create_connection((host, port), timeout=30)
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        time.sleep(3)  # the guest floods; nobody reads
+        peak = tracemalloc.get_traced_memory()[1]
+        assert peak < 8 << 20, f"host allocated {peak} bytes for a peer that reads nothing"
+        peer.close()
+    finally:
+        tracemalloc.stop()
+        finishes_within(30, vm.stop)
+    # Stopping the VM ended the relay: the fake saw its client go.
+    assert agent.last().client_gone.wait(10)
