@@ -47,9 +47,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use supermachine_core::devices::rate_limiter::RateLimit;
+use supermachine_core::devices::virtio::device_thread::ActiveQueues;
 use supermachine_core::devices::virtio::net::{
-    NetBackend, NetQueues, NetRateLimit, MAX_BACKEND_FRAME, MAX_FRAME_LEN, MAX_PENDING_IN,
-    MAX_PENDING_OUT, MIN_FRAME_LEN, RX, TX, VNET_HDR_LEN,
+    NetBackend, NetRateLimit, MAX_BACKEND_FRAME, MAX_FRAME_LEN, MAX_PENDING_IN, MAX_PENDING_OUT,
+    MIN_FRAME_LEN, RX, TX, VNET_HDR_LEN,
 };
 use supermachine_core::devices::virtio::queue::{
     Queue, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
@@ -367,7 +368,7 @@ struct Counted {
 
 struct Guest {
     _ram: GuestRam,
-    q: NetQueues,
+    q: ActiveQueues,
     avail: [u16; 2],
     seen: [u16; 2],
     offered: [VecDeque<Offered>; 2],
@@ -379,7 +380,7 @@ struct Guest {
 impl Guest {
     fn new() -> Self {
         let ram = GuestRam::new(1, &MemoryBacking::Memfd).expect("guest RAM");
-        let q = NetQueues {
+        let q = ActiveQueues {
             mem: ram.mem.clone(),
             queues: vec![queue(RX), queue(TX)],
             interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),

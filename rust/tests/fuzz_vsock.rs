@@ -24,11 +24,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use supermachine_core::devices::virtio::device_thread::ActiveQueues;
 use supermachine_core::devices::virtio::queue::{Queue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use supermachine_core::devices::virtio::vsock::{
-    Header, Served, VsockBackend, VsockQueues, BUF_ALLOC, GUEST_CID, HDR_LEN, HOST_CID,
-    MAX_CONNECTIONS, MAX_PAYLOAD, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
-    OP_SHUTDOWN, RX, TX, TYPE_STREAM,
+    Header, Served, VsockBackend, BUF_ALLOC, GUEST_CID, HDR_LEN, HOST_CID, MAX_CONNECTIONS,
+    MAX_PAYLOAD, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, RX, TX,
+    TYPE_STREAM,
 };
 use supermachine_core::devices::virtio::Interrupt;
 use supermachine_core::vmm::memory::{GuestRam, MemoryBacking};
@@ -118,7 +119,7 @@ struct Credit {
 
 struct Guest {
     _ram: GuestRam,
-    q: VsockQueues,
+    q: ActiveQueues,
     tx_avail: u16,
     rx_avail: u16,
     rx_seen: u16,
@@ -143,7 +144,7 @@ fn queue(which: usize) -> Queue {
 impl Guest {
     fn new() -> Self {
         let ram = GuestRam::new(1, &MemoryBacking::Memfd).expect("guest RAM");
-        let q = VsockQueues {
+        let q = ActiveQueues {
             mem: ram.mem.clone(),
             queues: (0..3).map(queue).collect(),
             interrupt: Arc::new(Interrupt::new(EventFd::new(0).unwrap())),

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use supermachine_core::devices::rate_limiter::RateLimit;
+use supermachine_core::devices::virtio::device_thread::ActiveQueues;
 use supermachine_core::devices::virtio::net::{
-    adopt_backend, Net, NetBackend, NetQueues, NetRateLimit, Served, MAX_BACKEND_FRAME,
-    MAX_FRAME_LEN, MAX_PENDING_IN, MAX_PENDING_OUT, MIN_FRAME_LEN, RX, TX, VNET_HDR_LEN,
+    adopt_backend, Net, NetBackend, NetRateLimit, Served, MAX_BACKEND_FRAME, MAX_FRAME_LEN,
+    MAX_PENDING_IN, MAX_PENDING_OUT, MIN_FRAME_LEN, RX, TX, VNET_HDR_LEN,
 };
 use supermachine_core::devices::virtio::queue::{
     Queue, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
@@ -128,7 +129,7 @@ fn queue(which: usize) -> Queue {
 /// rings, like the guest kernel would (or would not).
 struct Guest {
     _ram: GuestRam,
-    q: NetQueues,
+    q: ActiveQueues,
     /// Chains published per queue (the available index).
     avail: [u16; 2],
     /// Used elements already taken per queue.
@@ -138,7 +139,7 @@ struct Guest {
 impl Guest {
     fn new() -> Self {
         let ram = GuestRam::new(RAM_MIB, &MemoryBacking::Memfd).expect("guest RAM");
-        let q = NetQueues {
+        let q = ActiveQueues {
             mem: ram.mem.clone(),
             queues: vec![queue(RX), queue(TX)],
             interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),

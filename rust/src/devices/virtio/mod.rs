@@ -1,6 +1,7 @@
 //! virtio 1.x devices on the MMIO transport.
 
 pub mod block;
+pub mod device_thread;
 pub mod mmio;
 pub mod net;
 pub mod queue;

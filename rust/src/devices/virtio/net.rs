@@ -23,13 +23,13 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device_thread::{self, ActiveQueues, DeviceThread, Shared};
 use super::queue::{gather, scatter, Descriptor, Queue};
 use super::{pop_chain, Interrupt, Popped, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::rate_limiter::{Decision, RateLimit, RateLimitError, RateLimiter};
@@ -107,28 +107,11 @@ pub struct NetCounters {
     pub backend_connected: bool,
 }
 
-/// The guest side the backend serves: guest memory, the two queues (rx, tx) and the interrupt.
-pub struct NetQueues {
-    pub mem: GuestMemoryMmap,
-    pub queues: Vec<Queue>,
-    pub interrupt: Arc<Interrupt>,
-}
-
-#[derive(Default)]
-struct SharedState {
-    active: Option<NetQueues>,
-    stop: bool,
-    /// While set the worker leaves guest memory and the queues alone (snapshots).
-    quiesced: bool,
-    counters: NetCounters,
-}
-
-/// The virtio-net device (the transport side); the worker thread relays the frames.
+/// The virtio-net device (the transport side); the worker thread relays the frames. What it
+/// shares with the worker besides the queues: the counters, as of the worker's last pass.
 pub struct Net {
     mac: [u8; 6],
-    shared: Arc<Mutex<SharedState>>,
-    kick: Arc<EventFd>,
-    worker: Option<JoinHandle<()>>,
+    thread: DeviceThread<NetCounters>,
 }
 
 /// Takes a copy of the backend socket `fd` (a connected Unix stream socket the caller keeps
@@ -183,40 +166,17 @@ impl Net {
         let stream = adopt_backend(backend_fd)?;
         let mut backend = NetBackend::new(stream, policy, limits, Instant::now())?;
         backend.announce(mac);
-        let kick =
-            Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| NetError::Worker(os_msg(&e)))?);
-        let shared = Arc::new(Mutex::new(SharedState {
-            counters: backend.counters(),
-            ..SharedState::default()
-        }));
-        let worker = Worker {
-            backend,
-            kick: kick.clone(),
-            shared: shared.clone(),
-        };
-        let handle = std::thread::Builder::new()
-            .name("net".into())
-            .spawn(move || {
-                // Filtered before it touches the socket or guest memory (no-op in-process).
-                if let Err(e) =
-                    crate::worker::seccomp::apply(crate::worker::seccomp::ThreadKind::Device)
-                {
-                    eprintln!("net: the device thread stops: {e}");
-                    return;
-                }
-                worker.run()
-            })
-            .map_err(|e| NetError::Worker(os_msg(&e)))?;
-        Ok(Box::new(Net {
-            mac,
-            shared,
-            kick,
-            worker: Some(handle),
-        }))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+        let counters = backend.counters();
+        let thread = DeviceThread::spawn("net", counters, move |kick, shared| {
+            Worker {
+                backend,
+                kick,
+                shared,
+            }
+            .run()
+        })
+        .map_err(|e| NetError::Worker(os_msg(&e)))?;
+        Ok(Box::new(Net { mac, thread }))
     }
 }
 
@@ -252,54 +212,32 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), String> {
-        if queues.len() != 2 {
-            return Err("virtio-net has two queues".into());
-        }
-        self.lock().active = Some(NetQueues {
-            mem,
-            queues,
-            interrupt,
-        });
-        let _ = self.kick.write(1);
-        Ok(())
+        self.thread
+            .activate(mem, queues, interrupt, 2, "virtio-net")
     }
 
     fn notify(&mut self, _index: u16) {
-        let _ = self.kick.write(1);
+        self.thread.kick();
     }
 
     fn reset(&mut self) {
-        self.lock().active = None;
-        let _ = self.kick.write(1);
+        self.thread.deactivate();
     }
 
     fn live_queues(&self) -> Option<Vec<Queue>> {
-        self.lock().active.as_ref().map(|a| a.queues.clone())
+        self.thread.live_queues()
     }
 
     fn set_quiesced(&mut self, quiesced: bool) {
-        self.lock().quiesced = quiesced;
-        let _ = self.kick.write(1);
+        self.thread.set_quiesced(quiesced);
     }
 
     fn net_counters(&self) -> Option<NetCounters> {
-        Some(self.lock().counters.clone())
+        Some(self.thread.lock().extra.clone())
     }
 
     fn shutdown(&mut self) {
-        self.lock().stop = true;
-        let _ = self.kick.write(1);
-        if let Some(h) = self.worker.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        if self.worker.is_some() {
-            self.shutdown();
-        }
+        self.thread.stop();
     }
 }
 
@@ -308,7 +246,7 @@ impl Drop for Net {
 struct Worker {
     backend: NetBackend,
     kick: Arc<EventFd>,
-    shared: Arc<Mutex<SharedState>>,
+    shared: Arc<Mutex<Shared<NetCounters>>>,
 }
 
 impl Worker {
@@ -331,7 +269,7 @@ impl Worker {
     /// One pass over the queues; `None` when the worker must stop.
     fn service(&mut self, now: Instant) -> Option<Served> {
         let shared = self.shared.clone();
-        let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = device_thread::lock(&shared);
         if g.stop {
             return None;
         }
@@ -340,7 +278,7 @@ impl Worker {
             _ => Served::default(),
         };
         if self.backend.counters_changed {
-            g.counters = self.backend.counters();
+            g.extra = self.backend.counters();
             self.backend.counters_changed = false;
         }
         Some(served)
@@ -446,7 +384,7 @@ impl NetBackend {
 
     /// One pass: frames from the backend to the guest's receive buffers, the guest's frames to
     /// the backend, each direction at most a queue's worth.
-    pub fn serve(&mut self, q: &mut NetQueues, now: Instant) -> Served {
+    pub fn serve(&mut self, q: &mut ActiveQueues, now: Instant) -> Served {
         let mut served = Served::default();
         self.fill_in();
         let (rx_used, rx_more, rx_wait) = self.deliver_rx(q, now);
@@ -589,7 +527,7 @@ impl NetBackend {
     /// Frames from the backend into the guest's receive buffers. Returns (chains used, budget
     /// reached with work left, rate-limit wake time). The rate limit counts every frame offered
     /// to the guest, before the filter looks at it.
-    fn deliver_rx(&mut self, q: &mut NetQueues, now: Instant) -> (bool, bool, Option<Instant>) {
+    fn deliver_rx(&mut self, q: &mut ActiveQueues, now: Instant) -> (bool, bool, Option<Instant>) {
         let mut used = false;
         for _ in 0..QUEUE_SIZE {
             let (consumed, range) = match next_frame(&self.inbuf[self.in_taken..]) {
@@ -648,7 +586,7 @@ impl NetBackend {
 
     /// The guest's frames through the filter to the backend. Returns (chains used, budget
     /// reached with work left, rate-limit wake time).
-    fn take_tx(&mut self, q: &mut NetQueues, now: Instant) -> (bool, bool, Option<Instant>) {
+    fn take_tx(&mut self, q: &mut ActiveQueues, now: Instant) -> (bool, bool, Option<Instant>) {
         let mut used = false;
         for _ in 0..QUEUE_SIZE {
             if self.out.len() - self.out_sent >= MAX_PENDING_OUT {
@@ -733,6 +671,6 @@ fn read_tx(mem: &GuestMemoryMmap, descs: &[Descriptor]) -> TxFrame {
     TxFrame::Frame(frame)
 }
 
-fn pop(q: &mut NetQueues, which: usize) -> Popped {
+fn pop(q: &mut ActiveQueues, which: usize) -> Popped {
     pop_chain(&mut q.queues[which], &q.mem, &q.interrupt)
 }

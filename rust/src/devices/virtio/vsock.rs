@@ -29,12 +29,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device_thread::{self, ActiveQueues, DeviceThread, Shared};
 use super::queue::{gather, scatter, Descriptor, DescriptorChain, Queue};
 use super::{pop_chain, Interrupt, Popped, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::vmm::os_msg;
@@ -146,22 +146,11 @@ impl Header {
     }
 }
 
-/// The guest side the backend serves: guest memory, the three queues (rx, tx, event) and the
-/// interrupt.
-pub struct VsockQueues {
-    pub mem: GuestMemoryMmap,
-    pub queues: Vec<Queue>,
-    pub interrupt: Arc<Interrupt>,
-}
-
+/// What the device shares with its worker besides the queues.
 #[derive(Default)]
-struct SharedState {
-    active: Option<VsockQueues>,
+struct VsockShared {
     /// Bumped on every reset, so the worker drops connections of the old driver.
     resets: u64,
-    stop: bool,
-    /// While set the worker leaves guest memory and the queues alone (snapshots).
-    quiesced: bool,
     /// After a restore: the event queue's available index when the transport-reset event was
     /// sent, and when. Nothing goes to the guest until the index moves or a grace time passes.
     reset_wait: Option<(u16, Instant)>,
@@ -173,9 +162,7 @@ const RESET_GRACE: Duration = Duration::from_secs(2);
 /// The virtio-vsock device (the transport side); the worker thread does the relaying.
 pub struct Vsock {
     path: PathBuf,
-    shared: Arc<Mutex<SharedState>>,
-    kick: Arc<EventFd>,
-    worker: Option<JoinHandle<()>>,
+    thread: DeviceThread<VsockShared>,
 }
 
 impl Vsock {
@@ -183,38 +170,20 @@ impl Vsock {
     /// on, such as another VM) and starts the worker.
     pub fn new(path: &Path) -> Result<Box<Self>, VsockError> {
         let backend = VsockBackend::bind(path)?;
-        let kick =
-            Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VsockError::Worker(os_msg(&e)))?);
-        let shared = Arc::new(Mutex::new(SharedState::default()));
-        let worker = Worker {
-            backend,
-            kick: kick.clone(),
-            shared: shared.clone(),
-            resets_seen: 0,
-        };
-        let handle = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || {
-                // Filtered before it touches a host socket or guest memory (no-op in-process).
-                if let Err(e) =
-                    crate::worker::seccomp::apply(crate::worker::seccomp::ThreadKind::Device)
-                {
-                    eprintln!("vsock: the device thread stops: {e}");
-                    return;
-                }
-                worker.run()
-            })
-            .map_err(|e| VsockError::Worker(os_msg(&e)))?;
+        let thread = DeviceThread::spawn("vsock", VsockShared::default(), move |kick, shared| {
+            Worker {
+                backend,
+                kick,
+                shared,
+                resets_seen: 0,
+            }
+            .run()
+        })
+        .map_err(|e| VsockError::Worker(os_msg(&e)))?;
         Ok(Box::new(Vsock {
             path: path.to_path_buf(),
-            shared,
-            kick,
-            worker: Some(handle),
+            thread,
         }))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -246,51 +215,42 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), String> {
-        if queues.len() != 3 {
-            return Err("virtio-vsock has three queues".into());
-        }
-        self.lock().active = Some(VsockQueues {
-            mem,
-            queues,
-            interrupt,
-        });
-        let _ = self.kick.write(1);
-        Ok(())
+        self.thread
+            .activate(mem, queues, interrupt, 3, "virtio-vsock")
     }
 
     fn notify(&mut self, _index: u16) {
-        let _ = self.kick.write(1);
+        self.thread.kick();
     }
 
     fn reset(&mut self) {
-        let mut g = self.lock();
+        let mut g = self.thread.lock();
         if g.active.take().is_some() {
-            g.resets += 1;
+            g.extra.resets += 1;
         }
         drop(g);
-        let _ = self.kick.write(1);
+        self.thread.kick();
     }
 
     fn live_queues(&self) -> Option<Vec<Queue>> {
-        self.lock().active.as_ref().map(|a| a.queues.clone())
+        self.thread.live_queues()
     }
 
     fn set_quiesced(&mut self, quiesced: bool) {
-        self.lock().quiesced = quiesced;
-        let _ = self.kick.write(1);
+        self.thread.set_quiesced(quiesced);
     }
 
     /// Connections do not survive a snapshot: tell the driver with a transport-reset event so
     /// it drops the stale ones (listening sockets stay).
     fn restored(&mut self) {
-        let mut g = self.lock();
+        let mut g = self.thread.lock();
         let Some(active) = g.active.as_mut() else {
             return;
         };
         let event = EVENT_TRANSPORT_RESET.to_le_bytes();
         match pop(active, EVT) {
             Popped::Chain(chain) => {
-                let VsockQueues {
+                let ActiveQueues {
                     mem,
                     queues,
                     interrupt,
@@ -301,7 +261,7 @@ impl VirtioDevice for Vsock {
                     // Hold host connections back until the driver has handled the event (it
                     // then refills the event queue), or it would reset them as well.
                     if let Ok(idx) = queues[EVT].avail_idx(mem) {
-                        g.reset_wait = Some((idx, Instant::now()));
+                        g.extra.reset_wait = Some((idx, Instant::now()));
                     }
                 }
             }
@@ -309,24 +269,19 @@ impl VirtioDevice for Vsock {
             Popped::Broken => active.interrupt.signal_used(),
         }
         drop(g);
-        let _ = self.kick.write(1);
+        self.thread.kick();
     }
 
     fn shutdown(&mut self) {
-        self.lock().stop = true;
-        let _ = self.kick.write(1);
-        if let Some(h) = self.worker.take() {
-            let _ = h.join();
+        if self.thread.stop() {
+            let _ = std::fs::remove_file(&self.path);
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        if self.worker.is_some() {
-            self.shutdown();
-        }
+        self.shutdown();
     }
 }
 
@@ -335,7 +290,7 @@ impl Drop for Vsock {
 struct Worker {
     backend: VsockBackend,
     kick: Arc<EventFd>,
-    shared: Arc<Mutex<SharedState>>,
+    shared: Arc<Mutex<Shared<VsockShared>>>,
     resets_seen: u64,
 }
 
@@ -358,21 +313,20 @@ impl Worker {
     /// One pass over the queues; `None` when the worker must stop.
     fn service(&mut self, now: Instant) -> Option<Served> {
         let shared = self.shared.clone();
-        let mut g = shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = device_thread::lock(&shared);
         if g.stop {
             return None;
         }
-        if g.resets != self.resets_seen {
-            self.resets_seen = g.resets;
+        if g.extra.resets != self.resets_seen {
+            self.resets_seen = g.extra.resets;
             self.backend.drop_connections();
         }
         self.backend.expire(now);
         if g.quiesced {
             return Some(Served::default());
         }
-        let SharedState {
-            active, reset_wait, ..
-        } = &mut *g;
+        let Shared { active, extra, .. } = &mut *g;
+        let reset_wait = &mut extra.reset_wait;
         let Some(active) = active.as_mut() else {
             return Some(Served::default());
         };
@@ -406,7 +360,7 @@ pub struct Polled {
     pub ready: usize,
 }
 
-fn pop(q: &mut VsockQueues, which: usize) -> Popped {
+fn pop(q: &mut ActiveQueues, which: usize) -> Popped {
     pop_chain(&mut q.queues[which], &q.mem, &q.interrupt)
 }
 
@@ -662,7 +616,7 @@ impl VsockBackend {
     /// One pass over the queues: the guest's packets, queued replies, then host data. Each
     /// queue gives at most its size in buffers per pass. Does nothing once the device needs a
     /// reset.
-    pub fn serve(&mut self, q: &mut VsockQueues, now: Instant) -> Served {
+    pub fn serve(&mut self, q: &mut ActiveQueues, now: Instant) -> Served {
         if q.interrupt.needs_reset() {
             return Served::default();
         }
@@ -898,7 +852,7 @@ impl VsockBackend {
 
     /// Guest-to-host packets, at most a queue's worth. Returns whether used buffers were added,
     /// whether the budget ran out, and whether a full reply queue stopped the pass.
-    fn process_tx(&mut self, q: &mut VsockQueues, now: Instant) -> (bool, bool, bool) {
+    fn process_tx(&mut self, q: &mut ActiveQueues, now: Instant) -> (bool, bool, bool) {
         let mut used = false;
         for _ in 0..q.queues[TX].size {
             if self.replies.len() >= MAX_PENDING_REPLIES {
@@ -1069,7 +1023,7 @@ impl VsockBackend {
     }
 
     /// Queued control packets to the guest. Returns whether used buffers were added.
-    fn send_replies(&mut self, q: &mut VsockQueues) -> bool {
+    fn send_replies(&mut self, q: &mut ActiveQueues) -> bool {
         let mut used = false;
         while let Some(mut h) = self.replies.pop_front() {
             if let Some(c) = self.conns.get_mut(&(h.src_port, h.dst_port)) {
@@ -1094,7 +1048,7 @@ impl VsockBackend {
 
     /// Host-to-guest data of every connection with credit, at most a queue's worth of buffers.
     /// Returns whether buffers were used and whether the budget ran out.
-    fn relay_host_data(&mut self, q: &mut VsockQueues, now: Instant) -> (bool, bool) {
+    fn relay_host_data(&mut self, q: &mut ActiveQueues, now: Instant) -> (bool, bool) {
         let mut used = false;
         let mut budget = q.queues[RX].size;
         let keys: Vec<Key> = self.conns.keys().copied().collect();
@@ -1169,7 +1123,7 @@ impl VsockBackend {
 
 /// Writes a packet into a popped rx chain and returns the chain; `false` when that failed
 /// (the device is then marked broken).
-fn put_rx(q: &mut VsockQueues, chain: &DescriptorChain, h: Header, payload: &[u8]) -> bool {
+fn put_rx(q: &mut ActiveQueues, chain: &DescriptorChain, h: Header, payload: &[u8]) -> bool {
     let bytes = h.to_bytes();
     match scatter(&q.mem, &chain.descs, &[&bytes, payload]) {
         Some(len) if q.queues[RX].add_used(&q.mem, chain.head, len).is_ok() => true,
@@ -1464,7 +1418,7 @@ mod tests {
     const DESC: [u64; 3] = [0x10000, 0x20000, 0x30000];
 
     /// Three queues of 8 in fresh guest RAM; the rx queue gets `rx_buffers` buffers.
-    fn queues(rx_buffers: u16) -> (crate::vmm::memory::GuestRam, VsockQueues) {
+    fn queues(rx_buffers: u16) -> (crate::vmm::memory::GuestRam, ActiveQueues) {
         let r = ram();
         let qs = DESC
             .iter()
@@ -1479,7 +1433,7 @@ mod tests {
             })
             .collect();
         let interrupt = Arc::new(Interrupt::new(EventFd::new(0).unwrap()));
-        let q = VsockQueues {
+        let q = ActiveQueues {
             mem: r.mem.clone(),
             queues: qs,
             interrupt,
@@ -1498,7 +1452,7 @@ mod tests {
         (r, q)
     }
 
-    fn put(q: &VsockQueues, which: usize, i: u16, addr: u64, len: u32, flags: u16) {
+    fn put(q: &ActiveQueues, which: usize, i: u16, addr: u64, len: u32, flags: u16) {
         let at = GuestAddress(DESC[which] + 16 * u64::from(i));
         let mut d = [0u8; 16];
         d[..8].copy_from_slice(&addr.to_le_bytes());
@@ -1507,7 +1461,7 @@ mod tests {
         q.mem.write_slice(&d, at).unwrap();
     }
 
-    fn publish(q: &VsockQueues, which: usize, head: u16, idx: u16) {
+    fn publish(q: &ActiveQueues, which: usize, head: u16, idx: u16) {
         let avail = DESC[which] + 0x1000;
         let slot = u64::from((idx - 1) % 8);
         q.mem
@@ -1516,14 +1470,14 @@ mod tests {
         q.mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
     }
 
-    fn used_idx(q: &VsockQueues, which: usize) -> u16 {
+    fn used_idx(q: &ActiveQueues, which: usize) -> u16 {
         q.mem
             .read_obj(GuestAddress(DESC[which] + 0x2000 + 2))
             .unwrap()
     }
 
     /// Puts a guest packet in tx slot `i` (published as the `idx`-th buffer).
-    fn send(q: &VsockQueues, i: u16, idx: u16, h: Header) {
+    fn send(q: &ActiveQueues, i: u16, idx: u16, h: Header) {
         let at = 0x80000 + 0x1000 * u64::from(i);
         q.mem.write_slice(&h.to_bytes(), GuestAddress(at)).unwrap();
         put(q, TX, i, at, HDR_LEN as u32, 0);
