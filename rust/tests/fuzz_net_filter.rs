@@ -26,9 +26,10 @@
 #[allow(unused_mut)]
 mod fuzz_support;
 
+use fuzz_support::Input;
+
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use supermachine_core::net::{
@@ -117,28 +118,13 @@ const NAMES: [&str; 12] = [
 
 const TTLS: [u32; 7] = [0, 1, 2, 60, 3600, 86_400, 0x8000_0000];
 
-/// Reads the input front to back; past its end every read is zero.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn u8(&mut self) -> u8 {
-        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
-        self.0 = rest;
-        b
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn addr(&mut self) -> [u8; 4] {
-        [self.u8(), self.u8(), self.u8(), self.u8()]
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.u8()).collect()
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
+/// Addresses from the table, for this target's inputs.
+trait PickAddr {
     /// An address from [`ADDRS`], or raw when the selector is past the table.
+    fn pick_addr(&mut self) -> Ipv4Addr;
+}
+
+impl PickAddr for Input<'_> {
     fn pick_addr(&mut self) -> Ipv4Addr {
         let sel = usize::from(self.u8());
         Ipv4Addr::from(if sel < 0xf0 {
@@ -1129,25 +1115,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 /// `SUPERMACHINE_FUZZ_WRITE_SEEDS=1` they are (re)written instead.
 #[test]
 fn seed_corpus() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz")
-        .join("corpus")
-        .join("net_filter");
-    let write = std::env::var_os("SUPERMACHINE_FUZZ_WRITE_SEEDS").is_some();
-    for (seed, bytes) in seeds() {
-        let path = dir.join(format!("seed-{seed}.bin"));
-        if write {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &bytes).unwrap();
-        } else {
-            let stored = std::fs::read(&path).unwrap_or_default();
-            assert!(
-                stored == bytes,
-                "{} is out of date: regenerate the seeds",
-                path.display()
-            );
-        }
-    }
+    fuzz_support::check_seeds("net_filter", &seeds());
 }
 
 /// The seeds reach what they are named for (so a change to the input format that turns them

@@ -336,27 +336,5 @@ impl Seed {
 /// `SUPERMACHINE_FUZZ_WRITE_SEEDS=1` they are (re)written instead.
 #[test]
 fn seed_corpus() {
-    check_seeds("virtio_blk", &seeds());
-}
-
-fn check_seeds(name: &str, seeds: &[(&str, Vec<u8>)]) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz")
-        .join("corpus")
-        .join(name);
-    let write = std::env::var_os("SUPERMACHINE_FUZZ_WRITE_SEEDS").is_some();
-    for (seed, bytes) in seeds {
-        let path = dir.join(format!("seed-{seed}.bin"));
-        if write {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, bytes).unwrap();
-        } else {
-            let stored = std::fs::read(&path).unwrap_or_default();
-            assert!(
-                &stored == bytes,
-                "{} is out of date: regenerate the seeds",
-                path.display()
-            );
-        }
-    }
+    fuzz_support::check_seeds("virtio_blk", &seeds());
 }

@@ -37,12 +37,13 @@
 #[allow(unused_mut)]
 mod fuzz_support;
 
+use fuzz_support::Input;
+
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,32 +88,6 @@ const POISON: u8 = 0xa5;
 /// Most bytes the backend keeps to write while the socket does not take them.
 const MAX_BACKLOG: usize = 1 << 20;
 const RESOLVER: [u8; 4] = [10, 0, 2, 3];
-
-/// Reads the input front to back; past its end every read is zero.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn u8(&mut self) -> u8 {
-        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
-        self.0 = rest;
-        b
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.u8()).collect()
-    }
-    fn pick<T: Copy>(&mut self, table: &[T]) -> T {
-        table[usize::from(self.u8()) % table.len()]
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
 
 /// Event kinds, the first byte of each event.
 #[derive(Debug, Clone, Copy)]
@@ -1574,23 +1549,5 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
 /// `SUPERMACHINE_FUZZ_WRITE_SEEDS=1` they are (re)written instead.
 #[test]
 fn seed_corpus() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz")
-        .join("corpus")
-        .join("virtio_net");
-    let write = std::env::var_os("SUPERMACHINE_FUZZ_WRITE_SEEDS").is_some();
-    for (seed, bytes) in seeds() {
-        let path = dir.join(format!("seed-{seed}.bin"));
-        if write {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &bytes).unwrap();
-        } else {
-            let stored = std::fs::read(&path).unwrap_or_default();
-            assert!(
-                stored == bytes,
-                "{} is out of date: regenerate the seeds",
-                path.display()
-            );
-        }
-    }
+    fuzz_support::check_seeds("virtio_net", &seeds());
 }

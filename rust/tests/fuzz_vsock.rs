@@ -17,6 +17,8 @@
 #[allow(unused_mut)]
 mod fuzz_support;
 
+use fuzz_support::Input;
+
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -54,29 +56,6 @@ const MAX_HOST_STREAMS: usize = 8;
 const MAX_ROUNDS: usize = 64;
 /// Most control packets held for the guest (the device's MAX_PENDING_REPLIES).
 const MAX_PENDING_REPLIES: usize = 1024;
-
-/// Reads the input front to back; past its end every read is zero.
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn u8(&mut self) -> u8 {
-        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
-        self.0 = rest;
-        b
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.u8()).collect()
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
 
 /// Event kinds, the first byte of each event.
 #[derive(Debug, Clone, Copy)]
@@ -743,23 +722,5 @@ const OP_CREDIT_REQUEST_SEL: u16 = 7;
 /// `SUPERMACHINE_FUZZ_WRITE_SEEDS=1` they are (re)written instead.
 #[test]
 fn seed_corpus() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz")
-        .join("corpus")
-        .join("vsock");
-    let write = std::env::var_os("SUPERMACHINE_FUZZ_WRITE_SEEDS").is_some();
-    for (seed, bytes) in seeds() {
-        let path = dir.join(format!("seed-{seed}.bin"));
-        if write {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &bytes).unwrap();
-        } else {
-            let stored = std::fs::read(&path).unwrap_or_default();
-            assert!(
-                stored == bytes,
-                "{} is out of date: regenerate the seeds",
-                path.display()
-            );
-        }
-    }
+    fuzz_support::check_seeds("vsock", &seeds());
 }

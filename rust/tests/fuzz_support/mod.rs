@@ -216,3 +216,60 @@ pub fn run(name: &str, mut target: impl FnMut(&[u8])) {
     }
     eprintln!("fuzz {name}: {runs} mutated inputs, no failure");
 }
+
+/// The committed seed corpus of target `name` (`rust/fuzz/corpus/<name>/seed-*.bin`) is exactly
+/// `seeds`; with `SUPERMACHINE_FUZZ_WRITE_SEEDS=1` the files are (re)written instead.
+#[allow(dead_code)] // not every harness has built seeds
+pub fn check_seeds(name: &str, seeds: &[(&str, Vec<u8>)]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz")
+        .join("corpus")
+        .join(name);
+    let write = std::env::var_os("SUPERMACHINE_FUZZ_WRITE_SEEDS").is_some();
+    for (seed, bytes) in seeds {
+        let path = dir.join(format!("seed-{seed}.bin"));
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, bytes).unwrap();
+        } else {
+            let stored = std::fs::read(&path).unwrap_or_default();
+            assert!(
+                &stored == bytes,
+                "{} is out of date: regenerate the seeds",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Reads a fuzz input front to back; past its end every read is zero (so every input, however
+/// short, is a complete run).
+pub struct Input<'a>(pub &'a [u8]);
+
+#[allow(dead_code)] // each harness reads what it needs
+impl Input<'_> {
+    pub fn u8(&mut self) -> u8 {
+        let (b, rest) = self.0.split_first().map_or((0, &[][..]), |(b, r)| (*b, r));
+        self.0 = rest;
+        b
+    }
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.u8(), self.u8()])
+    }
+    pub fn u32(&mut self) -> u32 {
+        u32::from_le_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
+    }
+    pub fn addr(&mut self) -> [u8; 4] {
+        [self.u8(), self.u8(), self.u8(), self.u8()]
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.u8()).collect()
+    }
+    /// An entry of `table`, by the next byte.
+    pub fn pick<T: Copy>(&mut self, table: &[T]) -> T {
+        table[usize::from(self.u8()) % table.len()]
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
