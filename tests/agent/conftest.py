@@ -69,10 +69,8 @@ def _accepts(path: Path) -> bool:
     return True
 
 
-@pytest.fixture
-def agent(agent_binary: Path, tmp_path: Path) -> Iterator[AgentServer]:
-    """A fresh agent per test; the test fails if the agent died during it."""
-    server = start_agent(agent_binary, tmp_path)
+def serving(server: AgentServer) -> Iterator[AgentServer]:
+    """Yields ``server`` for a test, fails the test if the agent died during it, and ends it."""
     try:
         yield server
         assert server.alive(), f"agent exited with {server.process.returncode}; log:\n{server.log_text()}"
@@ -80,6 +78,12 @@ def agent(agent_binary: Path, tmp_path: Path) -> Iterator[AgentServer]:
         if server.process.poll() is None:
             server.process.terminate()
             server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def agent(agent_binary: Path, tmp_path: Path) -> Iterator[AgentServer]:
+    """A fresh agent per test; the test fails if the agent died during it."""
+    yield from serving(start_agent(agent_binary, tmp_path))
 
 
 @pytest.fixture

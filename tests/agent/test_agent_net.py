@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AgentServer, _accepts
+from conftest import AgentServer, _accepts, serving
 from supermachine.agent import (
     NET,
     OK,
@@ -103,14 +103,7 @@ def start_in_namespaces(binary: Path, directory: Path, *flags: str) -> AgentServ
 @pytest.fixture
 def net_agent(agent_binary: Path, tmp_path: Path) -> Iterator[AgentServer]:
     """An agent that may configure the network of the namespaces it was started in."""
-    server = start_in_namespaces(agent_binary, tmp_path, "--allow-net-config")
-    try:
-        yield server
-        assert server.alive(), f"agent exited with {server.process.returncode}; log:\n{server.log_text()}"
-    finally:
-        if server.process.poll() is None:
-            server.process.terminate()
-            server.process.wait(timeout=10)
+    yield from serving(start_in_namespaces(agent_binary, tmp_path, "--allow-net-config"))
 
 
 @pytest.fixture
