@@ -1,7 +1,7 @@
 //! [`EgressFilter`]: the policy applied to frames, with the addresses learned from DNS answers
 //! and the counters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,14 @@ const TCP_ACK: u8 = 0x10;
 /// Or one the guest made: protocol, destination address and port, guest port.
 type FlowKey = (u8, u32, u16, u16);
 
+/// The flow a packet the guest sends belongs to: protocol, destination address and port, the
+/// guest's port. A connection to a published port is remembered under the same key, seen from
+/// the peer's side (its address and port, then the guest's port).
+fn outbound_key(ip: &Ipv4<'_>) -> Option<FlowKey> {
+    let (protocol, src_port, dst_port, _) = frame::ports(ip)?;
+    Some((protocol, u32::from(ip.dst), dst_port, src_port))
+}
+
 /// How long a flow is remembered after its last packet.
 fn flow_idle(protocol: u8) -> Duration {
     if protocol == frame::PROTO_TCP {
@@ -48,7 +56,7 @@ fn flow_idle(protocol: u8) -> Duration {
 /// Remembers (or refreshes) `key` until `until`; a new key only while there is room (expired
 /// ones are pushed out first).
 fn remember(
-    flows: &mut std::collections::HashMap<FlowKey, Instant>,
+    flows: &mut HashMap<FlowKey, Instant>,
     cap: usize,
     key: FlowKey,
     until: Instant,
@@ -217,10 +225,10 @@ pub struct EgressFilter {
     /// Indices of the domain rules one DNS answer matches (capacity: the number of rules).
     matched: Vec<usize>,
     /// Connections the outside made to published ports, until when they may be answered.
-    flows: std::collections::HashMap<FlowKey, Instant>,
+    flows: HashMap<FlowKey, Instant>,
     /// Connections the guest made that a learned address allowed, until when they may go on
     /// without it.
-    outbound_flows: std::collections::HashMap<FlowKey, Instant>,
+    outbound_flows: HashMap<FlowKey, Instant>,
 }
 
 impl EgressFilter {
@@ -259,8 +267,8 @@ impl EgressFilter {
             has_domain_rules,
             learned: LearnedTable::default(),
             counters,
-            flows: std::collections::HashMap::new(),
-            outbound_flows: std::collections::HashMap::new(),
+            flows: HashMap::new(),
+            outbound_flows: HashMap::new(),
         }
     }
 
@@ -309,8 +317,14 @@ impl EgressFilter {
     /// exact peer address, peer port and guest port are answered, until [`TCP_FLOW_IDLE`] or
     /// [`UDP_FLOW_IDLE`] after the peer's last packet; at most [`MAX_INBOUND_FLOWS`] at once.
     pub fn inbound(&mut self, frame: &[u8], now: Instant) -> Verdict {
-        self.track_inbound(frame, now);
-        let verdict = self.inspect_inbound(frame, now);
+        let verdict = match frame::parse(frame) {
+            Ok(Frame::Ipv4(ip)) => {
+                self.track_inbound(&ip, now);
+                self.inspect_inbound(&ip, now)
+            }
+            // Only IPv4 is remembered or inspected; the guest copes with the rest.
+            _ => Verdict::Pass,
+        };
         self.count(verdict, frame.len(), false);
         verdict
     }
@@ -403,11 +417,9 @@ impl EgressFilter {
         if self.flows.is_empty() {
             return false;
         }
-        let Some((protocol, src_port, dst_port, _)) = frame::ports(ip) else {
-            return false;
-        };
-        let key = (protocol, u32::from(ip.dst), dst_port, src_port);
-        self.flows.get(&key).is_some_and(|&until| now < until)
+        outbound_key(ip)
+            .and_then(|key| self.flows.get(&key))
+            .is_some_and(|&until| now < until)
     }
 
     /// Whether `ip` belongs to a connection a learned address let out that is still active: it
@@ -416,13 +428,12 @@ impl EgressFilter {
         if self.outbound_flows.is_empty() {
             return false;
         }
-        let Some((protocol, src_port, dst_port, _)) = frame::ports(ip) else {
+        let Some(key) = outbound_key(ip) else {
             return false;
         };
-        let key = (protocol, u32::from(ip.dst), dst_port, src_port);
         match self.outbound_flows.get_mut(&key) {
             Some(until) if now < *until => {
-                *until = now + flow_idle(protocol);
+                *until = now + flow_idle(key.0);
                 true
             }
             _ => false,
@@ -431,11 +442,10 @@ impl EgressFilter {
 
     /// Remembers a connection (or UDP exchange) that a learned address let out.
     fn track_outbound(&mut self, ip: &Ipv4<'_>, now: Instant) {
-        let Some((protocol, src_port, dst_port, _)) = frame::ports(ip) else {
+        let Some(key) = outbound_key(ip) else {
             return;
         };
-        let key = (protocol, u32::from(ip.dst), dst_port, src_port);
-        let until = now + flow_idle(protocol);
+        let until = now + flow_idle(key.0);
         remember(
             &mut self.outbound_flows,
             MAX_OUTBOUND_FLOWS,
@@ -446,45 +456,35 @@ impl EgressFilter {
     }
 
     /// Remembers (or refreshes) a connection the outside makes to a published port.
-    fn track_inbound(&mut self, frame: &[u8], now: Instant) {
+    fn track_inbound(&mut self, ip: &Ipv4<'_>, now: Instant) {
         if self.policy.published_tcp.is_empty() && self.policy.published_udp.is_empty() {
             return;
         }
-        let Ok(Frame::Ipv4(ip)) = frame::parse(frame) else {
-            return;
-        };
-        let Some((protocol, src_port, dst_port, flags)) = frame::ports(&ip) else {
+        let Some((protocol, src_port, dst_port, flags)) = frame::ports(ip) else {
             return;
         };
         let key = (protocol, u32::from(ip.src), src_port, dst_port);
-        let (idle, opens) = match protocol {
+        let opens = match protocol {
             frame::PROTO_TCP if self.policy.published_tcp.contains(&dst_port) => {
-                (TCP_FLOW_IDLE, flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+                flags & (TCP_SYN | TCP_ACK) == TCP_SYN
             }
-            frame::PROTO_UDP if self.policy.published_udp.contains(&dst_port) => {
-                (UDP_FLOW_IDLE, true)
-            }
+            frame::PROTO_UDP if self.policy.published_udp.contains(&dst_port) => true,
             _ => return,
         };
         if opens || self.flows.contains_key(&key) {
-            remember(&mut self.flows, MAX_INBOUND_FLOWS, key, now + idle, now);
+            let until = now + flow_idle(protocol);
+            remember(&mut self.flows, MAX_INBOUND_FLOWS, key, until, now);
         }
     }
 
-    fn inspect_inbound(&mut self, frame: &[u8], now: Instant) -> Verdict {
+    fn inspect_inbound(&mut self, ip: &Ipv4<'_>, now: Instant) -> Verdict {
         let Some(resolver) = self.policy.dns else {
             return Verdict::Pass;
         };
-        if !self.has_domain_rules {
+        if !self.has_domain_rules || ip.src != resolver {
             return Verdict::Pass;
         }
-        let Ok(Frame::Ipv4(ip)) = frame::parse(frame) else {
-            return Verdict::Pass;
-        };
-        if ip.src != resolver {
-            return Verdict::Pass;
-        }
-        match frame::udp(&ip) {
+        match frame::udp(ip) {
             Some((DNS_PORT, _, payload)) => self.inspect_dns(payload, now),
             _ => Verdict::Pass,
         }
