@@ -576,7 +576,6 @@ class Vm:
             if self._stopped:
                 return
             self._stopped = True
-        with self._lock:
             forwards = list(self._forwards.values())
             self._forwards.clear()
         for forward in forwards:
@@ -635,7 +634,7 @@ class Vm:
         self._raise_if_ended("")
         if self._stopped:
             raise VmError("the VM was stopped")
-        forward = _forward.PortForward(lambda: self._client(), guest_port, host=host, host_port=host_port)
+        forward = _forward.PortForward(self._client, guest_port, host=host, host_port=host_port)
         with self._lock:
             stopped = self._stopped
             if not stopped:
