@@ -267,7 +267,7 @@ def test_a_forward_resets_connections_to_a_closed_guest_port(agent: AgentServer)
         port = probe.getsockname()[1]
     fwd = PortForward(agent.connect, port)
     try:
-        with socket.create_connection(fwd.address, timeout=TIMEOUT) as c, pytest.raises(ConnectionResetError):
+        with pytest.raises(ConnectionResetError), socket.create_connection(fwd.address, timeout=TIMEOUT) as c:
             read_to_eof(c)
     finally:
         fwd.close()
@@ -289,9 +289,10 @@ def test_connections_beyond_the_cap_are_reset_and_close_ends_the_rest(
                 assert guest_side.recv(1) == b"x"
                 held.append((c, guest_side))
             assert fwd.connections == 2
+            # The reset may come so fast that connect() itself reports it.
             with (
-                socket.create_connection(fwd.address, timeout=TIMEOUT) as third,
                 pytest.raises(ConnectionResetError),
+                socket.create_connection(fwd.address, timeout=TIMEOUT) as third,
             ):
                 read_to_eof(third)
         finally:
