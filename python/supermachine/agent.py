@@ -102,6 +102,7 @@ SHUTDOWN = 0x0A
 SYNC = 0x0B
 NET = 0x0C
 TCP_CONNECT = 0x0D
+CHANGES = 0x0E
 # Agent to client.
 STARTED = 0x81
 STDOUT = 0x82
@@ -111,6 +112,7 @@ DATA = 0x85
 END = 0x86
 PONG = 0x87
 OK = 0x88
+ENTRY = 0x89
 ERROR = 0x8F
 
 #: Most entropy one ``sync`` request may carry (the agent refuses more).
@@ -1045,6 +1047,34 @@ class AgentClient:
                     peer.shutdown(socket.SHUT_RD)
             upstream.join()
         return TcpRelayResult(to_guest=sent[0], from_guest=received)
+
+    def changes(self, *, with_data: bool, timeout: float) -> Iterator[dict[int, FieldValue] | bytes]:
+        """The raw ``changes`` stream: each ``entry`` as its decoded fields and, with
+        ``with_data``, each regular file's content as ``data`` chunks after its entry.
+
+        Nothing here is checked beyond the frame format: the guest wrote it, and
+        :mod:`supermachine.changes` validates it. The whole stream has ``timeout`` seconds. A
+        caller that stops early closes the connection (the agent then stops walking).
+        """
+        self._begin()
+        deadline = _Deadline.after(timeout)
+        self._send(CHANGES, _encode([(1, 1 if with_data else 0)]), deadline, "asking for the changes")
+        finished = False
+        try:
+            while True:
+                kind, payload = self._recv_frame(deadline, "reading the changes")
+                if kind == ENTRY:
+                    yield self._fields(payload)
+                elif kind == DATA and with_data:
+                    yield payload
+                elif kind == END:
+                    finished = True
+                    return
+                else:
+                    self._unexpected(kind, payload, "in reply to changes")
+        finally:
+            if not finished:
+                self.close()
 
     def _relay_to_guest(self, peer: socket.socket, sent: list[int]) -> None:
         """Copies what ``peer`` sends into the stream's data frames, then its end of stream."""

@@ -209,3 +209,8 @@ class OutputLimitError(AgentError):
         self.limit = limit
         self.stdout = stdout
         self.stderr = stderr
+
+
+class ExportError(SupermachineError):
+    """A VM's changes cannot be exported or committed as a layer: too large for the limit, a name a
+    layer cannot hold, or a VM that has no change set (booted on its initramfs)."""

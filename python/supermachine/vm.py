@@ -23,21 +23,25 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from supermachine import _core, agent, initramfs, kernel, worker
+from supermachine import changes as _changes
 from supermachine import forward as _forward
 from supermachine import network as _net
 from supermachine.agent import ExecResult, Process
 from supermachine.errors import (
+    AgentRequestError,
     AgentUnreachable,
     CommandFailedError,
     ExecTimeoutError,
+    ExportError,
     GuestPanickedError,
+    ImageNotFoundError,
     KvmUnavailableError,
     NetworkError,
     ProtocolError,
@@ -51,7 +55,11 @@ from supermachine.network import Network, NetworkInfo, NetworkMode
 from supermachine.worker import IoLimit, Limits, VmmMode
 
 if TYPE_CHECKING:
+    from typing import BinaryIO
+
     from supermachine.image import Image
+    from supermachine.oci import image as oci_image
+    from supermachine.oci.commit import ConfigChanges
     from supermachine.snapshots.bake import BaseChoice
     from supermachine.snapshots.metadata import FileIdentity, ImageIdentity
 
@@ -770,6 +778,101 @@ class Vm:
         with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
             return client.read_file(path, max_bytes=max_bytes, timeout=_seconds_left(deadline))
 
+    # -- what the VM changed ------------------------------------------------------------------------
+
+    def changes(self, *, timeout: float = _changes.EXPORT_TIMEOUT) -> list[_changes.Change]:
+        """What this VM changed in its root file system, in walk order (a directory before its
+        contents): added, modified and deleted paths, as ``docker diff`` lists them
+        (``str(change)`` is ``A /path``). For a restored VM this includes what the snapshotted VM
+        had changed. Raises :class:`ExportError` for a VM booted on its initramfs alone."""
+        deadline = time.monotonic() + timeout
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            stream = client.changes(with_data=False, timeout=_seconds_left(deadline))
+            return _changes.list_changes(_no_overlay_is_export_error(stream))
+
+    def export_layer(
+        self,
+        dest: str | os.PathLike[str] | BinaryIO,
+        *,
+        compress: bool = True,
+        max_bytes: int | None = None,
+        timeout: float = _changes.EXPORT_TIMEOUT,
+    ) -> _changes.Layer:
+        """Writes what this VM changed as an OCI layer tar (gzip unless ``compress`` is false) to
+        ``dest``, a path (complete or absent: written beside it, then renamed) or a binary file.
+
+        Deleted paths become ``.wh.NAME`` whiteouts, directories that replaced an image directory
+        are opaque (``.wh..wh..opq``); modes, owners, times, extended attributes, hard and symbolic
+        links are kept. ``max_bytes`` bounds the file data (default: the VM's memory size, which
+        bounds the in-memory upper layer too). Processes still running in the VM may change files
+        while they are read: stop them first for a consistent layer."""
+        limit = self.config.memory_mib << 20 if max_bytes is None else max_bytes
+        deadline = time.monotonic() + timeout
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            stream = client.changes(with_data=True, timeout=_seconds_left(deadline))
+            return _changes.write_layer(
+                _no_overlay_is_export_error(stream), dest, compress=compress, max_bytes=limit
+            )
+
+    def commit(
+        self,
+        ref: str,
+        *,
+        changes: ConfigChanges | Mapping[str, object] | None = None,
+        message: str | None = None,
+        timeout: float = _changes.EXPORT_TIMEOUT,
+    ) -> Image:
+        """Stores this VM's root file system as the new image ``ref`` (``docker commit``): the
+        image it started from, plus one layer of what it changed (:meth:`export_layer`), with the
+        run config ``changes`` (``cmd``, ``entrypoint``, ``env``, ``workdir``, ``user``,
+        ``labels``, ``exposed_ports``, ``volumes``, ``stop_signal``) and ``message`` in the
+        image's history. Returns the new image, ready to :meth:`~supermachine.image.Image.start`
+        (``supermachine run REF``)."""
+        from supermachine import oci
+        from supermachine.image import Image
+        from supermachine.oci.commit import ConfigChanges, commit_layer
+
+        wanted = ConfigChanges.of(changes)
+        parent = self._parent_image()
+        store = parent.store
+        store.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        layer_file = store.tmp_dir / f"commit-{os.getpid()}-{threading.get_ident()}.tar.gz"
+        try:
+            layer = self.export_layer(layer_file, timeout=timeout)
+            stored = commit_layer(
+                parent,
+                layer_file,
+                digest=layer.digest,
+                diff_id=layer.diff_id,
+                media_type=layer.media_type,
+                ref=ref,
+                changes=wanted,
+                created_by="supermachine commit",
+                comment=message,
+                store=store,
+            )
+        finally:
+            layer_file.unlink(missing_ok=True)
+        rootfs = oci.build_squashfs(stored)
+        return Image(ref=stored.ref, config=stored.config, rootfs=rootfs, oci_image=stored)
+
+    def _parent_image(self) -> oci_image.Image:
+        """The stored image this VM's root file system is, for :meth:`commit`."""
+        from supermachine.oci import load_image
+
+        if self._image is None or self._image.config_digest in ("", "none"):
+            raise ExportError(
+                "this VM was not started from an image in the local store (a bare root file system):"
+                " it cannot be committed; export_layer() still writes its changes"
+            )
+        try:
+            return load_image(self._image.config_digest)
+        except ImageNotFoundError:
+            raise ExportError(
+                f"the image this VM started from ({self._image.ref}, {self._image.config_digest[:19]})"
+                " is no longer in the local store: pull it again to commit"
+            ) from None
+
     def _env(self, env: Mapping[str, str] | None, replace_env: bool = False) -> Mapping[str, str] | None:
         """The environment a command gets: ``PATH``/``HOME``, the config's ``env``, then ``env``;
         only ``env`` with ``replace_env``.
@@ -785,6 +888,17 @@ class Vm:
         if compat:
             merged.setdefault("GLIBC_TUNABLES", _core.COMPAT_GLIBC_TUNABLES)
         return merged
+
+
+def _no_overlay_is_export_error(
+    stream: Iterator[dict[int, agent.FieldValue] | bytes],
+) -> Iterator[dict[int, agent.FieldValue] | bytes]:
+    """The agent's refusals (a VM without an overlay root, a tree too deep, a file that shrank
+    while read) as the export errors they are."""
+    try:
+        yield from stream
+    except AgentRequestError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _start_network(

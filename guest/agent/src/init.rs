@@ -6,6 +6,7 @@
 use std::ffi::CString;
 use std::io;
 
+use crate::changes::Layers;
 use crate::sys;
 
 pub struct Cmdline {
@@ -201,10 +202,17 @@ pub fn mount_cgroup2(target: &str) -> Result<(), String> {
     )
 }
 
+/// The overlay's options. Directory renames copy (`redirect_dir=off`) and a metadata change copies
+/// the whole file up (`metacopy=off`): either way the upper directory alone holds every change
+/// (see `changes`), with no reference back into the image.
+const OVERLAY_OPTIONS: &str =
+    "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work,redirect_dir=off,metacopy=off";
+
 /// Read-only root + tmpfs upper layer as an overlay, the API mounts moved into it, then the overlay
 /// moved onto `/` and made the root (what `switch_root` does; the initramfs itself cannot be
-/// unmounted and stays underneath).
-fn switch_root(cmd: &Cmdline) -> Result<(), String> {
+/// unmounted and stays underneath). Returns the overlay's halves, opened before they become
+/// unreachable by path.
+fn switch_root(cmd: &Cmdline) -> Result<Layers, String> {
     mount(
         &cmd.root,
         "/mnt/lower",
@@ -222,9 +230,11 @@ fn switch_root(cmd: &Cmdline) -> Result<(), String> {
         "/mnt/root",
         Some("overlay"),
         0,
-        Some("lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work"),
+        Some(OVERLAY_OPTIONS),
         0o755,
     )?;
+    let layers = Layers::open("/mnt/rw/upper", Some("/mnt/lower"))
+        .map_err(|e| format!("open the overlay's layers: {}", sys::errno_text(&e)))?;
     for (dir, mode) in [
         ("/dev", 0o755),
         ("/proc", 0o555),
@@ -269,7 +279,7 @@ fn switch_root(cmd: &Cmdline) -> Result<(), String> {
             return Err(fail("chdir /"));
         }
     }
-    Ok(())
+    Ok(layers)
 }
 
 fn loopback_up() {
@@ -293,24 +303,28 @@ fn loopback_up() {
     }
 }
 
-/// Everything PID 1 does before serving; returns what the root is, for the console. An error is
-/// fatal (the caller powers off).
-pub fn boot() -> Result<String, String> {
+/// Everything PID 1 does before serving; returns what the root is, for the console, and the
+/// overlay's layers (none when the initramfs stays the root). An error is fatal (the caller
+/// powers off).
+pub fn boot() -> Result<(String, Option<Layers>), String> {
     mount_api()?;
     let cmdline =
         std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("read /proc/cmdline: {e}"))?;
     let cmd = Cmdline::parse(&cmdline);
-    let root = if cmd.root == "none" {
-        "root: initramfs".to_string()
+    let (root, layers) = if cmd.root == "none" {
+        ("root: initramfs".to_string(), None)
     } else {
-        switch_root(&cmd)?;
-        format!("root: {} ({}) + tmpfs overlay", cmd.root, cmd.fstype)
+        let layers = switch_root(&cmd)?;
+        (
+            format!("root: {} ({}) + tmpfs overlay", cmd.root, cmd.fstype),
+            Some(layers),
+        )
     };
     // SAFETY: sethostname reads exactly `len` bytes from the string's buffer (no NUL needed); the
     // kernel rejects lengths above its limit with EINVAL.
     unsafe { libc::sethostname(cmd.hostname.as_ptr().cast(), cmd.hostname.len()) };
     loopback_up();
-    Ok(root)
+    Ok((root, layers))
 }
 
 #[cfg(test)]

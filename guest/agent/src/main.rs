@@ -8,6 +8,7 @@
 #![warn(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
 mod cgroup;
+mod changes;
 mod conn;
 mod exec;
 mod files;
@@ -42,6 +43,9 @@ pub struct Context {
     /// Outside a VM, whether `net` may reconfigure the network, /etc and host name the agent sees
     /// (`--allow-net-config`, for tests that run it in namespaces of its own).
     pub allow_net_config: bool,
+    /// The root overlay's upper and lower directories, for `changes`: opened by PID 1 before the
+    /// root switch, or given with `--upper`/`--lower` outside a VM.
+    pub layers: Option<changes::Layers>,
 }
 
 impl Context {
@@ -60,21 +64,28 @@ enum Listen {
 struct Args {
     listen: Listen,
     allow_net_config: bool,
+    upper: Option<String>,
+    lower: Option<String>,
 }
 
 const USAGE: &str = "usage: supermachine-agent [--listen unix:PATH | --listen vsock:PORT] \
-[--allow-net-config] [--version]
+[--allow-net-config] [--upper DIR [--lower DIR]] [--version]
 As PID 1 (the init of a supermachine VM) it serves on vsock:1024 unless --listen is given.
 Outside a VM the `net` request is refused unless --allow-net-config is given: it reconfigures the
-network interface, /etc and host name the agent sees, so use it only in namespaces made for it.";
+network interface, /etc and host name the agent sees, so use it only in namespaces made for it.
+--upper and --lower name an overlay's upper and lower directories for the `changes` request (as
+PID 1 the agent uses its root overlay's).";
 
 fn parse_args(pid1: bool) -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let mut listen = None;
     let mut allow_net_config = false;
+    let (mut upper, mut lower) = (None, None);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--allow-net-config" => allow_net_config = true,
+            "--upper" => upper = Some(args.next().ok_or("--upper needs a directory")?),
+            "--lower" => lower = Some(args.next().ok_or("--lower needs a directory")?),
             "--version" | "-V" => {
                 println!(
                     "supermachine-agent {} (protocol {})",
@@ -112,9 +123,14 @@ fn parse_args(pid1: bool) -> Result<Args, String> {
         None if pid1 => Listen::Vsock(VSOCK_PORT),
         None => return Err(format!("nothing to do: not PID 1 and no --listen\n{USAGE}")),
     };
+    if lower.is_some() && upper.is_none() {
+        return Err(format!("--lower needs --upper\n{USAGE}"));
+    }
     Ok(Args {
         listen,
         allow_net_config,
+        upper,
+        lower,
     })
 }
 
@@ -193,6 +209,8 @@ fn main() {
     let Args {
         listen,
         allow_net_config,
+        upper,
+        lower,
     } = match parse_args(pid1) {
         Ok(args) => args,
         Err(message) if pid1 => power::fatal(&message, true),
@@ -202,9 +220,26 @@ fn main() {
         }
     };
     let mut root = String::new();
+    let mut layers = None;
+    if let Some(upper) = &upper {
+        match changes::Layers::open(upper, lower.as_deref()) {
+            Ok(l) => layers = Some(l),
+            Err(e) => power::fatal(
+                &format!(
+                    "cannot open --upper {upper} / --lower {}: {}",
+                    lower.as_deref().unwrap_or("-"),
+                    sys::errno_text(&e)
+                ),
+                pid1,
+            ),
+        }
+    }
     if pid1 {
         match init::boot() {
-            Ok(description) => root = format!(", {description}"),
+            Ok((description, booted)) => {
+                root = format!(", {description}");
+                layers = layers.or(booted);
+            }
             Err(message) => power::fatal(&message, true),
         }
         if let Err(why) = cgroup::setup() {
@@ -241,6 +276,7 @@ fn main() {
         devnull,
         unix_path,
         allow_net_config,
+        layers,
     }));
     reaper::start();
     let ms = started.elapsed().as_millis();

@@ -31,6 +31,7 @@ pub mod kind {
     pub const SYNC: u8 = 0x0b;
     pub const NET: u8 = 0x0c;
     pub const TCP_CONNECT: u8 = 0x0d;
+    pub const CHANGES: u8 = 0x0e;
 
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -40,6 +41,7 @@ pub mod kind {
     pub const END: u8 = 0x86;
     pub const PONG: u8 = 0x87;
     pub const OK: u8 = 0x88;
+    pub const ENTRY: u8 = 0x89;
     pub const ERROR: u8 = 0x8f;
 
     pub fn name(kind: u8) -> &'static str {
@@ -57,13 +59,14 @@ pub mod kind {
             SYNC => "sync",
             NET => "net",
             TCP_CONNECT => "tcp_connect",
+            CHANGES => "changes",
             _ => "unknown",
         }
     }
 
     /// Whether a client may send this type at all.
     pub fn is_client(kind: u8) -> bool {
-        (EXEC..=TCP_CONNECT).contains(&kind)
+        (EXEC..=CHANGES).contains(&kind)
     }
 }
 
@@ -194,6 +197,23 @@ impl Encoder {
         self.buf
             .extend_from_slice(&(value.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(value);
+        self
+    }
+
+    pub fn list<I, T>(mut self, tag: u8, items: I) -> Self
+    where
+        I: ExactSizeIterator<Item = T>,
+        T: AsRef<[u8]>,
+    {
+        self.buf.extend_from_slice(&[tag, LIST]);
+        self.buf
+            .extend_from_slice(&(items.len() as u32).to_le_bytes());
+        for item in items {
+            let item = item.as_ref();
+            self.buf
+                .extend_from_slice(&(item.len() as u32).to_le_bytes());
+            self.buf.extend_from_slice(item);
+        }
         self
     }
 
