@@ -165,6 +165,64 @@ def test_cli_snapshot_then_run_from_it(registry_image: tuple[Registry, str], cac
     assert missing.returncode == 1 and "metadata.json: missing" in missing.stderr
 
 
+@pytest.mark.usefixtures("kvm", "cache")
+def test_changes_commit_and_run_the_new_image(registry_image: tuple[Registry, str]) -> None:
+    """vm.changes() names what a command added, changed and deleted; vm.commit() stores it as an
+    image that `supermachine run` starts (a whole command), and `supermachine commit` stacks
+    another layer on that image."""
+    _, ref = registry_image
+    with Image.from_oci(ref).start(memory_mib=256, user="root") as vm:
+        vm.exec(
+            [
+                "sh",
+                "-c",
+                "echo made > /srv/made && chmod 4750 /srv/made && rm /etc/group"
+                " && mkdir -p /opt/new && ln -s /srv/made /opt/new/link && echo x >> /etc/passwd",
+            ],
+            check=True,
+        )
+        rows = {str(c) for c in vm.changes()}
+        assert {"A /srv/made", "D /etc/group", "A /opt/new/link", "C /etc/passwd", "C /srv"} <= rows, rows
+        committed = vm.commit(
+            "localhost/e2e/committed:1", changes={"cmd": ["cat", "/opt/new/link"]}, message="e2e"
+        )
+    assert committed.oci_image is not None and len(committed.oci_image.layers) == 2
+    assert committed.config.user == "nobody"  # the parent's, kept
+
+    def sm(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "supermachine", *args], capture_output=True, text=True, timeout=600
+        )
+
+    ran = sm("run", "-u", "root", "localhost/e2e/committed:1")
+    assert (ran.returncode, ran.stdout) == (0, "made\n"), ran.stderr
+    stacked = sm(
+        "commit",
+        "--memory",
+        "256",
+        "-u",
+        "root",
+        "-c",
+        'CMD ["sh", "-c", "cat /srv/made; stat -c %a /srv/made; test -e /etc/group || echo gone"]',
+        "-c",
+        "USER root",
+        "localhost/e2e/committed:1",
+        "localhost/e2e/committed:2",
+        "--",
+        "sh",
+        "-c",
+        "echo again >> /srv/made",
+    )
+    assert stacked.returncode == 0, stacked.stderr
+    assert "docker.io" not in stacked.stdout and "committed:2: image" in stacked.stdout
+    result = Image.from_oci("localhost/e2e/committed:2", pull="never").run()
+    assert (result.status, result.stdout) == (0, b"made\nagain\n4750\ngone\n"), result.stderr
+    failed = sm("commit", "localhost/e2e/committed:2", "localhost/e2e/never:1", "--", "false")
+    assert failed.returncode == 1 and "nothing was stored" in failed.stderr
+    with pytest.raises(ImageNotFoundError):
+        Image.from_oci("localhost/e2e/never:1", pull="never")
+
+
 @pytest.mark.usefixtures("kvm")
 def test_cli_run_fetches_from_a_server_on_the_host_loopback(
     registry_image: tuple[Registry, str], cache: Path

@@ -34,7 +34,7 @@ from supermachine.oci.manifest import (
 from supermachine.oci.reference import Reference
 from supermachine.oci.store import ImageRecord, ImageStore
 
-__all__ = ["ConfigChanges", "commit_layer"]
+__all__ = ["ConfigChanges", "check_new_ref", "commit_layer"]
 
 _OCI_EQUIVALENT = {
     DOCKER_LAYER_GZIP: OCI_LAYER_GZIP,
@@ -223,7 +223,9 @@ def _now() -> str:
     return datetime.fromtimestamp(time.time(), timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _canonical_ref(ref: str) -> str:
+def check_new_ref(ref: str) -> str:
+    """``ref`` as stored (``app:1`` -> ``docker.io/library/app:1``); a one-line error for a
+    malformed name or one with a digest."""
     try:
         parsed = Reference.parse(ref)
     except ImageReferenceError as exc:
@@ -258,7 +260,7 @@ def commit_layer(
     """Stores ``parent`` + the layer in ``layer_file`` (whose ``digest`` and ``diff_id`` the caller
     computed while writing it; the store checks the digest again) as the image ``ref``."""
     store = store or (parent.store if parent is not None else ImageStore())
-    canonical = _canonical_ref(ref)
+    canonical = check_new_ref(ref)
     config: dict[str, Any]
     if parent is not None:
         config = copy.deepcopy(json.loads(store.blobs.read_bytes(parent.config_digest)))
