@@ -48,6 +48,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "REQUEST_TIMEOUT",
     "AgentClient",
+    "ChangeStream",
     "ExecResult",
     "NetworkResult",
     "Output",
@@ -477,6 +478,42 @@ class Process:
         """Sends ``sig`` to the process's process group (it runs in a session of its own)."""
         if self._result is None:
             self._client._send(SIGNAL, _encode([(1, int(sig))]), self._deadline, "sending a signal")
+
+
+class ChangeStream:
+    """The frames of one ``changes`` reply (see :meth:`AgentClient.changes`); iterate it once."""
+
+    def __init__(self, client: AgentClient, with_data: bool, deadline: _Deadline) -> None:
+        self._client = client
+        self._with_data = with_data
+        self._deadline = deadline
+        self.count: int | None = None
+        """Entries the agent says it sent (once the stream ended)."""
+        self.mark: int | None = None
+        """The mark the agent kept for this walk (once the stream ended, if asked to keep one)."""
+
+    def __iter__(self) -> Iterator[dict[int, FieldValue] | bytes]:
+        client = self._client
+        finished = False
+        try:
+            while True:
+                kind, payload = client._recv_frame(self._deadline, "reading the changes")
+                if kind == ENTRY:
+                    yield client._fields(payload)
+                elif kind == DATA and self._with_data:
+                    yield payload
+                elif kind == END:
+                    fields = client._fields(payload)
+                    self.count, self.mark = _uint(fields, 1), _uint(fields, 2)
+                    finished = True
+                    return
+                else:
+                    # A non-fatal error ends the reply and leaves the connection usable.
+                    finished = kind == ERROR
+                    client._unexpected(kind, payload, "in reply to changes")
+        finally:
+            if not finished:
+                client.close()
 
 
 class AgentClient:
@@ -1048,9 +1085,13 @@ class AgentClient:
             upstream.join()
         return TcpRelayResult(to_guest=sent[0], from_guest=received)
 
-    def changes(self, *, with_data: bool, timeout: float) -> Iterator[dict[int, FieldValue] | bytes]:
+    def changes(
+        self, *, with_data: bool, timeout: float, since: int | None = None, keep_mark: bool = False
+    ) -> ChangeStream:
         """The raw ``changes`` stream: each ``entry`` as its decoded fields and, with
-        ``with_data``, each regular file's content as ``data`` chunks after its entry.
+        ``with_data``, each regular file's content as ``data`` chunks after its entry. ``since``
+        limits it to what changed after the walk that kept that mark; ``keep_mark`` keeps this
+        walk as a mark (:attr:`ChangeStream.mark` once the stream is read to its end).
 
         Nothing here is checked beyond the frame format: the guest wrote it, and
         :mod:`supermachine.changes` validates it. The whole stream has ``timeout`` seconds. A
@@ -1058,23 +1099,9 @@ class AgentClient:
         """
         self._begin()
         deadline = _Deadline.after(timeout)
-        self._send(CHANGES, _encode([(1, 1 if with_data else 0)]), deadline, "asking for the changes")
-        finished = False
-        try:
-            while True:
-                kind, payload = self._recv_frame(deadline, "reading the changes")
-                if kind == ENTRY:
-                    yield self._fields(payload)
-                elif kind == DATA and with_data:
-                    yield payload
-                elif kind == END:
-                    finished = True
-                    return
-                else:
-                    self._unexpected(kind, payload, "in reply to changes")
-        finally:
-            if not finished:
-                self.close()
+        request = _encode([(1, 1 if with_data else 0), (2, since), (3, 1 if keep_mark else None)])
+        self._send(CHANGES, request, deadline, "asking for the changes")
+        return ChangeStream(self, with_data, deadline)
 
     def _relay_to_guest(self, peer: socket.socket, sent: list[int]) -> None:
         """Copies what ``peer`` sends into the stream's data frames, then its end of stream."""

@@ -23,7 +23,7 @@ import hashlib
 import os
 import secrets
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal, Protocol, cast
@@ -106,6 +106,9 @@ class Layer:
     """Changes in the layer (whiteout and opaque markers included)."""
     path: Path | None = None
     """Where it was written, when given a path."""
+    mark: int | None = None
+    """The guest agent's mark of this export (asked for with ``keep_mark``): what a later export
+    passes as ``since`` to hold only what changed after this one."""
 
 
 @dataclass
@@ -242,10 +245,11 @@ class _Validator:
 
 
 def _entries(
-    stream: Iterator[dict[int, FieldValue] | bytes], validator: _Validator
+    frames: Iterable[dict[int, FieldValue] | bytes], validator: _Validator
 ) -> Iterator[tuple[_Entry, Iterator[bytes]]]:
     """Validated entries, each with the iterator of its content chunks (exactly ``size`` bytes;
     the caller must consume it before taking the next entry)."""
+    stream = iter(frames)
 
     def next_item() -> dict[int, FieldValue] | bytes | None:
         return next(stream, None)
@@ -272,7 +276,7 @@ def _entries(
 
 
 def list_changes(
-    stream: Iterator[dict[int, FieldValue] | bytes], *, max_entries: int = DEFAULT_MAX_ENTRIES
+    stream: Iterable[dict[int, FieldValue] | bytes], *, max_entries: int = DEFAULT_MAX_ENTRIES
 ) -> list[Change]:
     """The change rows of a ``changes`` stream taken without data."""
     validator = _Validator(with_data=False, max_entries=max_entries, max_bytes=1 << 62)
@@ -358,7 +362,7 @@ def _marker(parts: tuple[str, ...], name: str, mtime: int) -> tarfile.TarInfo:
     return info
 
 
-def _write_tar(stream: Iterator[dict[int, FieldValue] | bytes], out: _Sink, validator: _Validator) -> int:
+def _write_tar(stream: Iterable[dict[int, FieldValue] | bytes], out: _Sink, validator: _Validator) -> int:
     entries = 0
     with tarfile.open(fileobj=cast(BinaryIO, out), mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for entry, chunks in _entries(stream, validator):
@@ -381,7 +385,7 @@ def _write_tar(stream: Iterator[dict[int, FieldValue] | bytes], out: _Sink, vali
 
 
 def write_layer(
-    stream: Iterator[dict[int, FieldValue] | bytes],
+    stream: Iterable[dict[int, FieldValue] | bytes],
     dest: str | os.PathLike[str] | BinaryIO,
     *,
     compress: bool = True,
@@ -409,7 +413,7 @@ def write_layer(
 
 
 def _write_stream(
-    stream: Iterator[dict[int, FieldValue] | bytes], out: BinaryIO, validator: _Validator, compress: bool
+    stream: Iterable[dict[int, FieldValue] | bytes], out: BinaryIO, validator: _Validator, compress: bool
 ) -> Layer:
     blob = _HashingWriter(out)
     if not compress:

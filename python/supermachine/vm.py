@@ -16,6 +16,7 @@ several threads at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -23,7 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -796,6 +797,8 @@ class Vm:
         *,
         compress: bool = True,
         max_bytes: int | None = None,
+        since: int | None = None,
+        keep_mark: bool = False,
         timeout: float = _changes.EXPORT_TIMEOUT,
     ) -> _changes.Layer:
         """Writes what this VM changed as an OCI layer tar (gzip unless ``compress`` is false) to
@@ -805,14 +808,21 @@ class Vm:
         are opaque (``.wh..wh..opq``); modes, owners, times, extended attributes, hard and symbolic
         links are kept. ``max_bytes`` bounds the file data (default: the VM's memory size, which
         bounds the in-memory upper layer too). Processes still running in the VM may change files
-        while they are read: stop them first for a consistent layer."""
+        while they are read: stop them first for a consistent layer.
+
+        Layers can be chained: with ``keep_mark`` the result's :attr:`~supermachine.changes.Layer.mark`
+        names this export, and a later ``export_layer(..., since=mark)`` holds only what changed
+        after it (the guest keeps its last few marks)."""
         limit = self.config.memory_mib << 20 if max_bytes is None else max_bytes
         deadline = time.monotonic() + timeout
         with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
-            stream = client.changes(with_data=True, timeout=_seconds_left(deadline))
-            return _changes.write_layer(
+            stream = client.changes(
+                with_data=True, timeout=_seconds_left(deadline), since=since, keep_mark=keep_mark
+            )
+            layer = _changes.write_layer(
                 _no_overlay_is_export_error(stream), dest, compress=compress, max_bytes=limit
             )
+        return dataclasses.replace(layer, mark=stream.mark)
 
     def commit(
         self,
@@ -891,7 +901,7 @@ class Vm:
 
 
 def _no_overlay_is_export_error(
-    stream: Iterator[dict[int, agent.FieldValue] | bytes],
+    stream: Iterable[dict[int, agent.FieldValue] | bytes],
 ) -> Iterator[dict[int, agent.FieldValue] | bytes]:
     """The agent's refusals (a VM without an overlay root, a tree too deep, a file that shrank
     while read) as the export errors they are."""

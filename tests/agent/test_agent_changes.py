@@ -270,3 +270,61 @@ def test_a_layer_is_not_left_half_written(changed: tuple[AgentServer, Overlay], 
     with server.connect() as client, pytest.raises(ExportError, match="max_bytes"):
         write_layer(client.changes(with_data=True, timeout=60), dest, max_bytes=1000)
     assert list(dest.parent.iterdir()) == []
+
+
+def _layer_names(path: Path) -> set[str]:
+    with tarfile.open(path) as tar:
+        return {m.name for m in tar.getmembers()}
+
+
+def test_chained_layers_hold_each_step_and_rebuild_the_merged_tree(
+    changed: tuple[AgentServer, Overlay], tmp_path: Path
+) -> None:
+    """A build exports one layer per step: the second holds only what changed after the first
+    (deletions of paths the first added, a directory made again, a file added to a directory the
+    first replaced), and both applied in order give the merged tree."""
+    server, ov = changed
+    m = ov.merged
+    with server.connect() as client:
+        stream = client.changes(with_data=True, timeout=60, keep_mark=True)
+        first = write_layer(stream, tmp_path / "1.tar.gz", max_bytes=1 << 30)
+        mark = stream.mark
+    assert mark is not None
+    (m / "new/empty").unlink()  # added by the first step
+    (m / "etc/keep").unlink()  # from the image
+    (m / "data/more").write_text("more\n")  # into the directory the first step replaced
+    shutil.rmtree(m / "new/nested")  # made again: replaces the first step's directory
+    (m / "new/nested").mkdir()
+    (m / "new/nested/fresh").write_text("fresh\n")
+    (m / "etc/modify").write_text("newer\n")
+    with server.connect() as client:
+        stream = client.changes(with_data=True, timeout=60, since=mark, keep_mark=True)
+        second = write_layer(stream, tmp_path / "2.tar.gz", max_bytes=1 << 30)
+        assert stream.mark is not None and stream.mark != mark
+    names = _layer_names(tmp_path / "2.tar.gz")
+    assert {"new/.wh.empty", "etc/.wh.keep", "data/more", "new/nested/.wh..wh..opq", "etc/modify"} <= names
+    assert "new/nested/fresh" in names and "new/file" not in names and "chmod-me" not in names
+    assert "data/.wh..wh..opq" not in names  # /data was replaced in the first step, not again
+    assert {"data", "etc", "new"} <= names  # the directories of what changed come along
+    result = tmp_path / "result"
+    subprocess.run(["cp", "-a", str(ov.lower), str(result)], check=True)
+    for layer in (first, second):
+        assert layer.path is not None
+        with open(layer.path, "rb") as f:
+            apply_layer(result, f, diff_id=layer.diff_id)
+    expected, got = _snapshot(m), _snapshot(result)
+    assert got.keys() == expected.keys()
+    for path in expected:
+        assert got[path] == expected[path], path
+    # Nothing changed since: an empty layer.
+    with server.connect() as client:
+        rows = list_changes(client.changes(with_data=False, timeout=60, since=stream.mark))
+    assert rows == []
+
+
+def test_an_unknown_mark_is_refused(changed: tuple[AgentServer, Overlay]) -> None:
+    server, _ = changed
+    with server.connect() as client:
+        with pytest.raises(AgentRequestError, match="no mark 12345"):
+            list(client.changes(with_data=False, timeout=30, since=12345))
+        assert client.ping()

@@ -10,19 +10,23 @@
 //! Entries come in walk order, a directory before its contents and names in byte order, so the
 //! same change set always gives the same stream (and the host the same layer digest).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, CString};
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
 
 use crate::conn::{Conn, End};
 use crate::proto::{self, kind, Encoder, Frame, CHUNK, HEADER, UINT};
 use crate::sys;
 
-/// Request field: send the content of regular files (an export) instead of only listing them.
+/// Request fields: send the content of regular files (an export) instead of only listing them;
+/// only what changed since a mark an earlier walk kept; keep this walk as a new mark.
 pub const WITH_DATA: u8 = 1;
-pub const SCHEMA: &[(u8, u8)] = &[(WITH_DATA, UINT)];
+pub const SINCE: u8 = 2;
+pub const KEEP_MARK: u8 = 3;
+pub const SCHEMA: &[(u8, u8)] = &[(WITH_DATA, UINT), (SINCE, UINT), (KEEP_MARK, UINT)];
 
 /// `entry` fields.
 pub const PATH: u8 = 1;
@@ -39,8 +43,9 @@ pub const XATTRS: u8 = 11;
 pub const OPAQUE: u8 = 12;
 pub const IN_IMAGE: u8 = 13;
 pub const HIDDEN: u8 = 14;
-/// `end` field: the number of entries sent.
+/// `end` fields: the number of entries sent, and the mark kept.
 pub const END_COUNT: u8 = 1;
+pub const END_MARK: u8 = 2;
 
 /// `entry` types.
 pub mod entry_type {
@@ -291,16 +296,69 @@ fn mtime_ns(st: &libc::stat) -> u64 {
         .saturating_add(st.st_mtime_nsec.clamp(0, 999_999_999) as u64)
 }
 
+/// What a walk saw of one upper entry, to tell later walks what changed since.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    ino: u64,
+    ctime_ns: u64,
+    is_dir: bool,
+}
+
+impl Seen {
+    fn of(st: &libc::stat) -> Seen {
+        Seen {
+            ino: st.st_ino,
+            ctime_ns: (st.st_ctime.max(0) as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_ctime_nsec.clamp(0, 999_999_999) as u64),
+            is_dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+        }
+    }
+}
+
+/// A recorded walk: for each directory (by path), what each of its entries was.
+type State = HashMap<Vec<u8>, HashMap<Vec<u8>, Seen>>;
+
+/// Marks the agent keeps (oldest dropped first): a build keeps one per step.
+pub const MAX_MARKS: usize = 8;
+
+struct Marks {
+    next: u64,
+    kept: VecDeque<(u64, Arc<State>)>,
+}
+
+static MARKS: Mutex<Marks> = Mutex::new(Marks {
+    next: 1,
+    kept: VecDeque::new(),
+});
+
+fn marks() -> std::sync::MutexGuard<'static, Marks> {
+    MARKS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 struct Walk<'a> {
     conn: &'a mut Conn,
     with_data: bool,
     count: u64,
     /// First path of each multiply-linked regular file, by inode: later links are sent as such.
     links: HashMap<u64, Vec<u8>>,
+    /// The mark this walk reports changes since (`None`: everything in the upper directory).
+    since: Option<Arc<State>>,
+    /// This walk's own state, when it is to be kept as a new mark.
+    record: Option<State>,
+    /// Unchanged directories above the current entry, sent only if something beneath them is:
+    /// a layer names the directories of the files it holds.
+    pending: Vec<Vec<u8>>,
 }
 
 impl Walk<'_> {
     fn send(&mut self, payload: Encoder) -> Result<(), Stop> {
+        for ancestor in std::mem::take(&mut self.pending) {
+            proto::send(self.conn.fd(), kind::ENTRY, &ancestor)?;
+            self.count += 1;
+        }
         proto::send(self.conn.fd(), kind::ENTRY, &payload.finish())?;
         self.count += 1;
         Ok(())
@@ -321,6 +379,22 @@ impl Walk<'_> {
         }
     }
 
+    /// What the mark saw at `name` in directory `prefix`, when this part of the walk is compared
+    /// with one (`everything` is false).
+    fn before(&self, prefix: &[u8], name: &CStr, everything: bool) -> Option<Option<Seen>> {
+        if everything {
+            return None;
+        }
+        let since = self.since.as_ref()?;
+        Some(
+            since
+                .get(prefix)
+                .and_then(|d| d.get(name.to_bytes()))
+                .copied(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn dir(
         &mut self,
         upper: &OwnedFd,
@@ -328,6 +402,7 @@ impl Walk<'_> {
         prefix: &[u8],
         depth: usize,
         opaque: bool,
+        everything: bool,
     ) -> Result<(), Stop> {
         if depth > MAX_DEPTH {
             return Err(Stop::Failed(
@@ -339,6 +414,7 @@ impl Walk<'_> {
             ));
         }
         let names = read_names(upper).map_err(|e| failed("read the directory", prefix, &e))?;
+        let mut seen_here = HashMap::new();
         for name in &names {
             let mut path = prefix.to_vec();
             if !path.is_empty() {
@@ -354,7 +430,34 @@ impl Walk<'_> {
                     ),
                 ));
             }
-            self.one(upper, lower, name, &path, depth)?;
+            if let Some(seen) = self.one(upper, lower, name, &path, depth, everything)? {
+                seen_here.insert(name.to_bytes().to_vec(), seen);
+            }
+        }
+        // Since a mark: what the mark saw here and is gone now was deleted in between.
+        if let Some(Some(before)) = (!everything)
+            .then(|| self.since.as_ref().map(|s| s.get(prefix).cloned()))
+            .flatten()
+        {
+            let mut gone: Vec<&Vec<u8>> = before
+                .keys()
+                .filter(|n| !seen_here.contains_key(*n))
+                .collect();
+            gone.sort();
+            for name in gone {
+                let mut path = prefix.to_vec();
+                if !path.is_empty() {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(name);
+                let e = Encoder::new()
+                    .bytes(PATH, &path)
+                    .uint(TYPE, entry_type::WHITEOUT);
+                self.send(e)?;
+            }
+        }
+        if let Some(record) = self.record.as_mut() {
+            record.insert(prefix.to_vec(), seen_here.clone());
         }
         // An opaque directory hides everything the image had in it: a listing names those paths
         // as deleted (an export needs no entry for them, the opaque mark says it).
@@ -379,6 +482,8 @@ impl Walk<'_> {
         Ok(())
     }
 
+    /// Sends one upper entry (and what is beneath it) unless a mark saw it unchanged; returns what
+    /// it is, for the next mark.
     fn one(
         &mut self,
         upper: &OwnedFd,
@@ -386,21 +491,38 @@ impl Walk<'_> {
         name: &CStr,
         path: &[u8],
         depth: usize,
-    ) -> Result<(), Stop> {
+        everything: bool,
+    ) -> Result<Option<Seen>, Stop> {
         let st = match lstat_at(upper.as_raw_fd(), name) {
             Ok(st) => st,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()), // removed meanwhile
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None), // removed meanwhile
             Err(e) => return Err(failed("stat", path, &e)),
         };
+        let seen = Seen::of(&st);
+        let prefix = &path[..path.len() - name.to_bytes().len()]
+            .strip_suffix(b"/")
+            .unwrap_or(&[]);
+        // None: no mark to compare with; Some(None): new since the mark; Some(Some(s)): seen then.
+        let before = self.before(prefix, name, everything);
+        let unchanged = before == Some(Some(seen));
         let in_image = lower.is_some_and(|l| lstat_at(l.as_raw_fd(), name).is_ok());
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
                 let fd = match open_dir_at(upper.as_raw_fd(), name) {
                     Ok(fd) => fd,
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
                     Err(e) => return Err(failed("open the directory", path, &e)),
                 };
-                let opaque = is_opaque(fd.as_raw_fd());
+                // A directory made again since the mark (or that was something else then) replaces
+                // the one the earlier layers have, as a whole.
+                let replaced = matches!(before, Some(Some(b)) if b.ino != seen.ino || !b.is_dir);
+                // The overlay's opaque mark says what the directory hides of the image; a directory
+                // the mark saw already did its hiding in an earlier layer, and marking it again
+                // would hide that layer's contents too.
+                let opaque = match before {
+                    Some(Some(_)) => replaced,
+                    _ => is_opaque(fd.as_raw_fd()),
+                };
                 let mut e = Self::common(path, entry_type::DIR, &st, in_image);
                 if opaque {
                     e = e.uint(OPAQUE, 1);
@@ -411,16 +533,24 @@ impl Walk<'_> {
                         e = e.list(XATTRS, x.iter());
                     }
                 }
-                self.send(e)?;
+                let waiting = self.pending.len();
+                if unchanged {
+                    self.pending.push(e.finish());
+                } else {
+                    self.send(e)?;
+                }
                 let lower_dir = lower.and_then(|l| open_dir_at(l.as_raw_fd(), name).ok());
-                self.dir(&fd, lower_dir.as_ref(), path, depth + 1, opaque)
+                let everything = everything || replaced || matches!(before, Some(None));
+                self.dir(&fd, lower_dir.as_ref(), path, depth + 1, opaque, everything)?;
+                self.pending.truncate(waiting);
             }
-            libc::S_IFREG => self.file(upper, name, path, &st, in_image),
+            _ if unchanged => {}
+            libc::S_IFREG => self.file(upper, name, path, &st, in_image)?,
             libc::S_IFLNK => {
                 let target = read_link_at(upper.as_raw_fd(), name)
                     .map_err(|e| failed("read the symbolic link", path, &e))?;
                 let e = Self::common(path, entry_type::SYMLINK, &st, in_image).bytes(LINK, &target);
-                self.send(e)
+                self.send(e)?;
             }
             libc::S_IFCHR if st.st_rdev == 0 => {
                 let mut e = Encoder::new()
@@ -429,7 +559,7 @@ impl Walk<'_> {
                 if in_image {
                     e = e.uint(IN_IMAGE, 1);
                 }
-                self.send(e)
+                self.send(e)?;
             }
             fmt @ (libc::S_IFCHR | libc::S_IFBLK) => {
                 let t = if fmt == libc::S_IFCHR {
@@ -440,12 +570,13 @@ impl Walk<'_> {
                 let e = Self::common(path, t, &st, in_image)
                     .uint(MAJOR, u64::from(libc::major(st.st_rdev)))
                     .uint(MINOR, u64::from(libc::minor(st.st_rdev)));
-                self.send(e)
+                self.send(e)?;
             }
-            libc::S_IFIFO => self.send(Self::common(path, entry_type::FIFO, &st, in_image)),
+            libc::S_IFIFO => self.send(Self::common(path, entry_type::FIFO, &st, in_image))?,
             // Sockets live only as long as the process that bound them: a layer cannot hold one.
-            _ => Ok(()),
+            _ => return Ok(None),
         }
+        Ok(Some(seen))
     }
 
     fn file(
@@ -538,6 +669,8 @@ impl Walk<'_> {
 pub fn run(conn: &mut Conn, frame: &Frame, layers: Option<&Layers>) -> Result<(), End> {
     let fields = Conn::decode(frame, SCHEMA)?;
     let with_data = fields.uint(WITH_DATA).unwrap_or(0) != 0;
+    let since_id = fields.uint(SINCE);
+    let keep = fields.uint(KEEP_MARK).unwrap_or(0) != 0;
     drop(fields);
     let Some(layers) = layers else {
         return conn.reply_error(
@@ -546,21 +679,44 @@ pub fn run(conn: &mut Conn, frame: &Frame, layers: Option<&Layers>) -> Result<()
             "this VM's root file system is not an overlay (it booted on its initramfs), so it has no change set",
         );
     };
+    let since = match since_id {
+        None => None,
+        Some(id) => match marks().kept.iter().find(|(m, _)| *m == id) {
+            Some((_, state)) => Some(Arc::clone(state)),
+            None => {
+                return conn.reply_error(
+                    "request",
+                    None,
+                    &format!("changes: no mark {id} (the agent keeps the last {MAX_MARKS})"),
+                )
+            }
+        },
+    };
     let mut walk = Walk {
         conn,
         with_data,
         count: 0,
         links: HashMap::new(),
+        since,
+        record: keep.then(HashMap::new),
+        pending: Vec::new(),
     };
-    let result = walk.dir(&layers.upper, layers.lower.as_ref(), b"", 0, false);
-    let count = walk.count;
+    let result = walk.dir(&layers.upper, layers.lower.as_ref(), b"", 0, false, false);
+    let (count, record) = (walk.count, walk.record.take());
     match result {
         Ok(()) => {
-            proto::send(
-                conn.fd(),
-                kind::END,
-                &Encoder::new().uint(END_COUNT, count).finish(),
-            )?;
+            let mut end = Encoder::new().uint(END_COUNT, count);
+            if let Some(state) = record {
+                let mut marks = marks();
+                let id = marks.next;
+                marks.next += 1;
+                if marks.kept.len() == MAX_MARKS {
+                    marks.kept.pop_front();
+                }
+                marks.kept.push_back((id, Arc::new(state)));
+                end = end.uint(END_MARK, id);
+            }
+            proto::send(conn.fd(), kind::END, &end.finish())?;
             Ok(())
         }
         Err(Stop::End(e)) => Err(e),
