@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, NoReturn
+from typing import BinaryIO, Literal, NoReturn
 
 from supermachine.errors import (
     AgentError,
@@ -104,6 +104,7 @@ SYNC = 0x0B
 NET = 0x0C
 TCP_CONNECT = 0x0D
 CHANGES = 0x0E
+PUT_ARCHIVE = 0x0F
 # Agent to client.
 STARTED = 0x81
 STDOUT = 0x82
@@ -909,6 +910,28 @@ class AgentClient:
         kind, payload = self._recv_frame(deadline, f"waiting for the reply to writing {path}")
         if kind != OK:
             self._unexpected(kind, payload, "in reply to write_file")
+
+    def put_archive(self, directory: str, archive: bytes | BinaryIO, *, timeout: float | None = None) -> int:
+        """Unpacks the tar stream ``archive`` (bytes or a binary file read to its end) into the
+        guest's absolute ``directory``, keeping modes, owners, times and extended attributes.
+        Returns the number of entries. The whole transfer has ``timeout`` seconds (default:
+        :attr:`request_timeout`)."""
+        self._begin()
+        deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
+        what = f"unpacking an archive into {directory}"
+        self._send(PUT_ARCHIVE, _encode([(1, os.fsencode(directory))]), deadline, what)
+        if isinstance(archive, bytes):
+            view = memoryview(archive)
+            for start in range(0, len(view), CHUNK):
+                self._send(FILE_DATA, bytes(view[start : start + CHUNK]), deadline, what)
+        else:
+            while chunk := archive.read(CHUNK):
+                self._send(FILE_DATA, chunk, deadline, what)
+        self._send(FILE_END, b"", deadline, what)
+        kind, payload = self._recv_frame(deadline, f"waiting for the reply to {what}")
+        if kind != OK:
+            self._unexpected(kind, payload, "in reply to put_archive")
+        return _uint(self._fields(payload), 2) or 0
 
     def read_file(
         self, path: str, *, max_bytes: int | None = MAX_READ, timeout: float | None = None

@@ -770,6 +770,15 @@ class Vm:
         with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
             client.write_file(path, data, mode=mode, timeout=_seconds_left(deadline))
 
+    def put_archive(
+        self, directory: str, archive: bytes | BinaryIO, *, timeout: float = agent.REQUEST_TIMEOUT
+    ) -> int:
+        """Unpacks a tar stream (bytes or a binary file) into the guest's ``directory``, keeping
+        modes, owners, times and extended attributes; returns the number of entries."""
+        deadline = time.monotonic() + timeout
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            return client.put_archive(directory, archive, timeout=_seconds_left(deadline))
+
     def read_file(
         self, path: str, *, max_bytes: int | None = agent.MAX_READ, timeout: float = agent.REQUEST_TIMEOUT
     ) -> bytes:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,50 @@ def test_relative_paths_are_refused(client: AgentClient) -> None:
 def test_read_proc_file(client: AgentClient) -> None:
     # Files whose size is reported as 0 are read to the end all the same.
     assert b"Name:" in client.read_file("/proc/self/status")
+
+
+def _tar(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return out.getvalue()
+
+
+def _info(name: str, kind: bytes = tarfile.REGTYPE, **attrs: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info
+
+
+def test_put_archive_unpacks_with_modes_owners_and_links(client: AgentClient, tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    archive = _tar(
+        [
+            (_info("app", tarfile.DIRTYPE, mode=0o750, uid=12, gid=34), None),
+            (_info("app/run.sh", mode=0o4755, size=5, uid=12, gid=34, mtime=1_000_000), b"hello"),
+            (_info("app/link", tarfile.SYMTYPE, linkname="run.sh"), None),
+            (_info("app/hard", tarfile.LNKTYPE, linkname="app/run.sh"), None),
+        ]
+    )
+    assert client.put_archive(str(dest), archive) == 4
+    script = dest / "app/run.sh"
+    st = script.stat()
+    assert (script.read_bytes(), st.st_mode & 0o7777, st.st_uid, st.st_gid) == (b"hello", 0o4755, 12, 34)
+    assert int(st.st_mtime) == 1_000_000
+    assert (dest / "app").stat().st_mode & 0o7777 == 0o750
+    assert os.readlink(dest / "app/link") == "run.sh"
+    assert (dest / "app/hard").stat().st_ino == st.st_ino
+    # The connection stays usable, and an escape is refused with nothing written outside.
+    bad = _tar([(_info("../escaped", size=1), b"x")])
+    with pytest.raises(AgentRequestError, match="put_archive"):
+        client.put_archive(str(dest), bad)
+    assert not (tmp_path / "escaped").exists()
+    with pytest.raises(AgentRequestError, match="not a directory"):
+        client.put_archive(str(script), archive)
+    with pytest.raises(AgentRequestError, match="put_archive"):
+        client.put_archive(str(dest), b"\xff" * 1024)
+    assert client.ping()

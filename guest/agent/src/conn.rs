@@ -4,7 +4,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::proto::{self, kind, Encoder, Fields, Frame, ReadError};
-use crate::{changes, exec, files, net, power, sync, tcp, Context};
+use crate::{archive, changes, exec, files, net, power, sync, tcp, Context};
 
 /// Why a connection ends early.
 pub enum End {
@@ -146,6 +146,7 @@ fn run(conn: &mut Conn, ctx: &'static Context) -> Result<(), End> {
             kind::NET => net::run(conn, &frame, ctx)?,
             kind::TCP_CONNECT => tcp::run(conn, &frame)?,
             kind::CHANGES => changes::run(conn, &frame, ctx.layers.as_ref())?,
+            kind::PUT_ARCHIVE => archive::run(conn, &frame)?,
             // Input for a process that has already finished may race with its exit report.
             kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL => {}
             other => {

@@ -7,6 +7,7 @@
 // Every unsafe block says why it is sound, and unsafe functions spell out their unsafe operations.
 #![warn(clippy::undocumented_unsafe_blocks, unsafe_op_in_unsafe_fn)]
 
+mod archive;
 mod cgroup;
 mod changes;
 mod conn;

@@ -32,6 +32,7 @@ pub mod kind {
     pub const NET: u8 = 0x0c;
     pub const TCP_CONNECT: u8 = 0x0d;
     pub const CHANGES: u8 = 0x0e;
+    pub const PUT_ARCHIVE: u8 = 0x0f;
 
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -60,13 +61,14 @@ pub mod kind {
             NET => "net",
             TCP_CONNECT => "tcp_connect",
             CHANGES => "changes",
+            PUT_ARCHIVE => "put_archive",
             _ => "unknown",
         }
     }
 
     /// Whether a client may send this type at all.
     pub fn is_client(kind: u8) -> bool {
-        (EXEC..=CHANGES).contains(&kind)
+        (EXEC..=PUT_ARCHIVE).contains(&kind)
     }
 }
 

@@ -13,7 +13,7 @@ mod fuzz_support;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::proto::{self, kind, Fields, Frame, Reader};
-use crate::{changes, conn, exec, files, net, sync, tcp};
+use crate::{archive, changes, conn, exec, files, net, sync, tcp};
 
 /// An in-memory file holding `data`, positioned at its start: what the reader sees is exactly
 /// the bytes a peer sent, then end of file.
@@ -50,6 +50,7 @@ fn decode_request(frame: &Frame) {
         kind::NET => net::SCHEMA,
         kind::TCP_CONNECT => tcp::SCHEMA,
         kind::CHANGES => changes::SCHEMA,
+        kind::PUT_ARCHIVE => archive::SCHEMA,
         kind::PING | kind::STDIN_CLOSE | kind::FILE_END => &[],
         // Data frames carry raw bytes.
         _ => return,
