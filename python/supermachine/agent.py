@@ -50,6 +50,7 @@ __all__ = [
     "AgentClient",
     "ChangeStream",
     "ExecResult",
+    "GuestStat",
     "NetworkResult",
     "Output",
     "Process",
@@ -105,6 +106,7 @@ NET = 0x0C
 TCP_CONNECT = 0x0D
 CHANGES = 0x0E
 PUT_ARCHIVE = 0x0F
+STAT = 0x10
 # Agent to client.
 STARTED = 0x81
 STDOUT = 0x82
@@ -479,6 +481,24 @@ class Process:
         """Sends ``sig`` to the process's process group (it runs in a session of its own)."""
         if self._result is None:
             self._client._send(SIGNAL, _encode([(1, int(sig))]), self._deadline, "sending a signal")
+
+
+_STAT_TYPES = ("file", "dir", "symlink", "hardlink", "whiteout", "char", "block", "fifo", "socket")
+
+
+@dataclass(frozen=True)
+class GuestStat:
+    """What a path in the guest is (:meth:`AgentClient.stat`)."""
+
+    type: str
+    """``file``, ``dir``, ``symlink``, ``char``, ``block``, ``fifo`` or ``socket``."""
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    link: str | None = None
+    """A symbolic link's target."""
 
 
 class ChangeStream:
@@ -910,6 +930,26 @@ class AgentClient:
         kind, payload = self._recv_frame(deadline, f"waiting for the reply to writing {path}")
         if kind != OK:
             self._unexpected(kind, payload, "in reply to write_file")
+
+    def stat(self, path: str, *, follow: bool = False, timeout: float | None = None) -> GuestStat:
+        """What the absolute ``path`` is in the guest (``lstat``; ``follow``: ``stat``). Raises
+        :class:`AgentRequestError` (``errno`` ENOENT for a missing path)."""
+        deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
+        payload = _encode([(1, os.fsencode(path)), (2, 1 if follow else None)])
+        fields = self._fields(self._request(STAT, payload, OK, f"stat {path}", deadline))
+        code = _uint(fields, 1)
+        if code is None or code >= len(_STAT_TYPES):
+            raise self._violation(f"agent sent file type {code!r} for {path}")
+        link = fields.get(7)
+        return GuestStat(
+            type=_STAT_TYPES[code],
+            mode=(_uint(fields, 2) or 0) & 0o7777,
+            uid=_uint(fields, 3) or 0,
+            gid=_uint(fields, 4) or 0,
+            size=_uint(fields, 5) or 0,
+            mtime_ns=_uint(fields, 6) or 0,
+            link=os.fsdecode(link) if isinstance(link, bytes) else None,
+        )
 
     def put_archive(self, directory: str, archive: bytes | BinaryIO, *, timeout: float | None = None) -> int:
         """Unpacks the tar stream ``archive`` (bytes or a binary file read to its end) into the

@@ -770,6 +770,13 @@ class Vm:
         with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
             client.write_file(path, data, mode=mode, timeout=_seconds_left(deadline))
 
+    def stat(
+        self, path: str, *, follow: bool = False, timeout: float = agent.REQUEST_TIMEOUT
+    ) -> agent.GuestStat:
+        """What ``path`` is in the guest (``follow``: through a final symbolic link)."""
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            return client.stat(path, follow=follow, timeout=timeout)
+
     def put_archive(
         self, directory: str, archive: bytes | BinaryIO, *, timeout: float = agent.REQUEST_TIMEOUT
     ) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -137,4 +138,25 @@ def test_put_archive_unpacks_with_modes_owners_and_links(client: AgentClient, tm
         client.put_archive(str(script), archive)
     with pytest.raises(AgentRequestError, match="put_archive"):
         client.put_archive(str(dest), b"\xff" * 1024)
+    assert client.ping()
+
+
+def test_stat_reports_types_modes_owners_and_links(client: AgentClient, tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_bytes(b"12345")
+    os.chown(target, 7, 8)
+    os.chmod(target, 0o4750)  # after chown, which clears set-id bits
+    (tmp_path / "link").symlink_to("file")
+    st = client.stat(str(target))
+    assert (st.type, st.mode, st.uid, st.gid, st.size) == ("file", 0o4750, 7, 8, 5)
+    assert st.mtime_ns // 1_000_000_000 == int(target.stat().st_mtime)
+    link = client.stat(str(tmp_path / "link"))
+    assert (link.type, link.link) == ("symlink", "file")
+    assert client.stat(str(tmp_path / "link"), follow=True).type == "file"
+    assert client.stat(str(tmp_path)).type == "dir"
+    with pytest.raises(AgentRequestError) as info:
+        client.stat(str(tmp_path / "missing"))
+    assert info.value.errno == errno.ENOENT
+    with pytest.raises(AgentRequestError, match="not absolute"):
+        client.stat("relative")
     assert client.ping()

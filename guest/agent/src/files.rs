@@ -2,6 +2,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::conn::{Conn, End};
@@ -237,4 +238,73 @@ pub fn read(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
         }
         Err(e) => os_error(conn, "read_file", &path, &e),
     }
+}
+
+pub const STAT_SCHEMA: &[(u8, u8)] = &[(PATH, BYTES), (STAT_FOLLOW, proto::UINT)];
+/// `stat` request field: follow a final symbolic link (as `stat`, not `lstat`).
+pub const STAT_FOLLOW: u8 = 2;
+/// `stat` reply fields.
+pub const STAT_TYPE: u8 = 1;
+pub const STAT_MODE: u8 = 2;
+pub const STAT_UID: u8 = 3;
+pub const STAT_GID: u8 = 4;
+pub const STAT_SIZE: u8 = 5;
+pub const STAT_MTIME_NS: u8 = 6;
+pub const STAT_LINK: u8 = 7;
+
+/// File types in `stat` replies (the same numbers as `changes` entries; 8 is a socket).
+fn type_code(mode: libc::mode_t) -> u64 {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => 0,
+        libc::S_IFDIR => 1,
+        libc::S_IFLNK => 2,
+        libc::S_IFCHR => 5,
+        libc::S_IFBLK => 6,
+        libc::S_IFIFO => 7,
+        _ => 8,
+    }
+}
+
+pub fn stat(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
+    let fields = Conn::decode(frame, STAT_SCHEMA)?;
+    let path = fields.bytes(PATH).unwrap_or(b"").to_vec();
+    let follow = fields.uint(STAT_FOLLOW).unwrap_or(0) != 0;
+    drop(fields);
+    if let Err(message) = check_path(&path) {
+        return conn.reply_error("request", None, &message);
+    }
+    let cpath = std::ffi::CString::new(path.clone()).expect("checked");
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `cpath` is NUL-terminated and borrowed for the call; stat/lstat write one `stat`
+    // into the live `st`.
+    let ret = unsafe {
+        if follow {
+            libc::stat(cpath.as_ptr(), st.as_mut_ptr())
+        } else {
+            libc::lstat(cpath.as_ptr(), st.as_mut_ptr())
+        }
+    };
+    if let Err(e) = sys::cvt(ret) {
+        return os_error(conn, "stat", &path, &e);
+    }
+    // SAFETY: the call succeeded, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    let mtime_ns = (st.st_mtime.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(st.st_mtime_nsec.clamp(0, 999_999_999) as u64);
+    let mut reply = Encoder::new()
+        .uint(STAT_TYPE, type_code(st.st_mode))
+        .uint(STAT_MODE, u64::from(st.st_mode & 0o7777))
+        .uint(STAT_UID, u64::from(st.st_uid))
+        .uint(STAT_GID, u64::from(st.st_gid))
+        .uint(STAT_SIZE, st.st_size.max(0) as u64)
+        .uint(STAT_MTIME_NS, mtime_ns);
+    if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        match std::fs::read_link(std::ffi::OsStr::from_bytes(&path)) {
+            Ok(target) => reply = reply.bytes(STAT_LINK, target.as_os_str().as_bytes()),
+            Err(e) => return os_error(conn, "readlink", &path, &e),
+        }
+    }
+    proto::send(conn.fd(), kind::OK, &reply.finish())?;
+    Ok(())
 }

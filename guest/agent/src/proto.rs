@@ -33,6 +33,7 @@ pub mod kind {
     pub const TCP_CONNECT: u8 = 0x0d;
     pub const CHANGES: u8 = 0x0e;
     pub const PUT_ARCHIVE: u8 = 0x0f;
+    pub const STAT: u8 = 0x10;
 
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -62,13 +63,14 @@ pub mod kind {
             TCP_CONNECT => "tcp_connect",
             CHANGES => "changes",
             PUT_ARCHIVE => "put_archive",
+            STAT => "stat",
             _ => "unknown",
         }
     }
 
     /// Whether a client may send this type at all.
     pub fn is_client(kind: u8) -> bool {
-        (EXEC..=PUT_ARCHIVE).contains(&kind)
+        (EXEC..=STAT).contains(&kind)
     }
 }
 

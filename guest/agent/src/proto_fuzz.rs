@@ -51,6 +51,7 @@ fn decode_request(frame: &Frame) {
         kind::TCP_CONNECT => tcp::SCHEMA,
         kind::CHANGES => changes::SCHEMA,
         kind::PUT_ARCHIVE => archive::SCHEMA,
+        kind::STAT => files::STAT_SCHEMA,
         kind::PING | kind::STDIN_CLOSE | kind::FILE_END => &[],
         // Data frames carry raw bytes.
         _ => return,
@@ -68,7 +69,7 @@ fn decode_request(frame: &Frame) {
                 assert!(!request.spec.candidates.is_empty());
             }
         }
-        kind::WRITE_FILE | kind::READ_FILE => {
+        kind::WRITE_FILE | kind::READ_FILE | kind::STAT => {
             let _ = files::check_path(fields.bytes(files::PATH).unwrap_or(b""));
         }
         kind::NET => {
