@@ -319,6 +319,27 @@ impl Seen {
 /// A recorded walk: for each directory (by path), what each of its entries was.
 type State = HashMap<Vec<u8>, HashMap<Vec<u8>, Seen>>;
 
+/// Inodes of the files the agent itself wrote into the root (`/etc/hosts`, `/etc/resolv.conf`):
+/// like the bind mounts docker uses for them, they are the VM's, not part of its changes. A file
+/// the VM replaced later has another inode and is a change again.
+static AGENT_FILES: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+const MAX_AGENT_FILES: usize = 64;
+
+pub fn agent_wrote(ino: u64) {
+    let mut files = AGENT_FILES.lock().unwrap_or_else(|p| p.into_inner());
+    if files.len() == MAX_AGENT_FILES {
+        files.remove(0);
+    }
+    files.push(ino);
+}
+
+fn written_by_agent(ino: u64) -> bool {
+    AGENT_FILES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&ino)
+}
+
 /// Marks the agent keeps (oldest dropped first): a build keeps one per step.
 pub const MAX_MARKS: usize = 8;
 
@@ -498,14 +519,24 @@ impl Walk<'_> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None), // removed meanwhile
             Err(e) => return Err(failed("stat", path, &e)),
         };
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG && written_by_agent(st.st_ino) {
+            return Ok(None);
+        }
         let seen = Seen::of(&st);
         let prefix = &path[..path.len() - name.to_bytes().len()]
             .strip_suffix(b"/")
             .unwrap_or(&[]);
         // None: no mark to compare with; Some(None): new since the mark; Some(Some(s)): seen then.
         let before = self.before(prefix, name, everything);
+        let image = lower.and_then(|l| lstat_at(l.as_raw_fd(), name).ok());
+        let in_image = image.is_some();
+        // Without a mark, a directory the overlay only copied up (to hold a change beneath it)
+        // counts as changed only if something beneath it is, as `docker diff` shows it.
+        let copied_up = before.is_none()
+            && image.is_some_and(|i| {
+                i.st_mode == st.st_mode && i.st_uid == st.st_uid && i.st_gid == st.st_gid
+            });
         let unchanged = before == Some(Some(seen));
-        let in_image = lower.is_some_and(|l| lstat_at(l.as_raw_fd(), name).is_ok());
         match st.st_mode & libc::S_IFMT {
             libc::S_IFDIR => {
                 let fd = match open_dir_at(upper.as_raw_fd(), name) {
@@ -534,7 +565,7 @@ impl Walk<'_> {
                     }
                 }
                 let waiting = self.pending.len();
-                if unchanged {
+                if unchanged || (copied_up && !opaque) {
                     self.pending.push(e.finish());
                 } else {
                     self.send(e)?;

@@ -13,6 +13,9 @@ pub struct Cmdline {
     pub root: String,
     pub fstype: String,
     pub hostname: String,
+    /// Whether `/run` and `/tmp` are tmpfs mounts (`sm.tmpfs=none`: they are the root's own
+    /// directories, as in a container build, so what a step writes there is part of its layer).
+    pub tmpfs: bool,
 }
 
 impl Cmdline {
@@ -21,6 +24,7 @@ impl Cmdline {
             root: "/dev/vda".into(),
             fstype: "squashfs".into(),
             hostname: "supermachine".into(),
+            tmpfs: true,
         };
         for word in text.split_ascii_whitespace() {
             if let Some(v) = word.strip_prefix("sm.root=") {
@@ -29,6 +33,8 @@ impl Cmdline {
                 out.fstype = v.to_string();
             } else if let Some(v) = word.strip_prefix("sm.hostname=") {
                 out.hostname = v.to_string();
+            } else if let Some(v) = word.strip_prefix("sm.tmpfs=") {
+                out.tmpfs = v != "none";
             }
         }
         out
@@ -171,6 +177,11 @@ fn mount_api() -> Result<(), String> {
         Some("mode=1777"),
         0o1777,
     )?;
+    Ok(())
+}
+
+/// The scratch file systems: tmpfs on `/run` and `/tmp`.
+fn mount_scratch() -> Result<(), String> {
     mount(
         "run",
         "/run",
@@ -186,8 +197,7 @@ fn mount_api() -> Result<(), String> {
         NOSUID_NODEV,
         Some("mode=1777"),
         0o1777,
-    )?;
-    Ok(())
+    )
 }
 
 /// Mounts the cgroup v2 hierarchy on `target` (for exec containment, see `cgroup`).
@@ -235,13 +245,15 @@ fn switch_root(cmd: &Cmdline) -> Result<Layers, String> {
     )?;
     let layers = Layers::open("/mnt/rw/upper", Some("/mnt/lower"))
         .map_err(|e| format!("open the overlay's layers: {}", sys::errno_text(&e)))?;
-    for (dir, mode) in [
-        ("/dev", 0o755),
-        ("/proc", 0o555),
-        ("/sys", 0o555),
-        ("/run", 0o755),
-        ("/tmp", 0o1777),
-    ] {
+    let scratch: &[(&str, libc::mode_t)] = if cmd.tmpfs {
+        &[("/run", 0o755), ("/tmp", 0o1777)]
+    } else {
+        &[]
+    };
+    for &(dir, mode) in [("/dev", 0o755), ("/proc", 0o555), ("/sys", 0o555)]
+        .iter()
+        .chain(scratch)
+    {
         mount(
             dir,
             &format!("/mnt/root{dir}"),
@@ -311,6 +323,9 @@ pub fn boot() -> Result<(String, Option<Layers>), String> {
     let cmdline =
         std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("read /proc/cmdline: {e}"))?;
     let cmd = Cmdline::parse(&cmdline);
+    if cmd.tmpfs || cmd.root == "none" {
+        mount_scratch()?;
+    }
     let (root, layers) = if cmd.root == "none" {
         ("root: initramfs".to_string(), None)
     } else {
@@ -338,6 +353,8 @@ mod tests {
             (c.root.as_str(), c.fstype.as_str(), c.hostname.as_str()),
             ("/dev/vda", "squashfs", "supermachine")
         );
+        assert!(c.tmpfs);
+        assert!(!Cmdline::parse("sm.tmpfs=none").tmpfs);
         let c = Cmdline::parse("sm.root=none sm.rootfstype=ext4 quiet sm.hostname=box sm.rootx=1");
         assert_eq!(
             (c.root.as_str(), c.fstype.as_str(), c.hostname.as_str()),

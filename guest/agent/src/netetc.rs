@@ -92,6 +92,14 @@ fn replace(dir: &OwnedFd, name: &str, content: &[u8]) -> io::Result<()> {
         // umask does not apply.
         sys::cvt(unsafe { libc::fchmod(file.as_raw_fd(), FILE_MODE) }).map(|_| ())
     });
+    if written.is_ok() {
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat writes one `stat` into the live `st`; `file` stays open for the call.
+        if unsafe { libc::fstat(file.as_raw_fd(), st.as_mut_ptr()) } == 0 {
+            // SAFETY: fstat succeeded, so it initialised `st`.
+            crate::changes::agent_wrote(unsafe { st.assume_init() }.st_ino);
+        }
+    }
     drop(file);
     let renamed = written.and_then(|()| {
         // SAFETY: both names are NUL-terminated CStrings that outlive the call, relative to `dir`,
