@@ -807,6 +807,18 @@ class Vm:
             stream = client.changes(with_data=False, timeout=_seconds_left(deadline))
             return _changes.list_changes(_no_overlay_is_export_error(stream))
 
+    def mark(self, *, timeout: float = _changes.EXPORT_TIMEOUT) -> int:
+        """Remembers this VM's file system as it is now and returns the mark: a later
+        ``export_layer(..., since=mark)`` holds only what changed after this call (the guest keeps
+        its last few marks)."""
+        deadline = time.monotonic() + timeout
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            stream = client.changes(with_data=False, timeout=_seconds_left(deadline), keep_mark=True)
+            _changes.list_changes(_no_overlay_is_export_error(stream))
+        if stream.mark is None:
+            raise ProtocolError("the guest agent kept no mark of the VM's changes")
+        return stream.mark
+
     def export_layer(
         self,
         dest: str | os.PathLike[str] | BinaryIO,

@@ -26,6 +26,14 @@ def test_rootfs_is_mounted_with_a_writable_overlay(vm: Vm) -> None:
     assert "overlay / overlay" in mounts
 
 
+def test_commands_create_files_with_umask_022(vm: Vm) -> None:
+    """As in a container: new files 0644, directories 0755 (PID 1 starts with umask 0)."""
+    result = vm.exec(
+        ["sh", "-c", "rm -rf /tmp/um && mkdir /tmp/um && touch /tmp/um/f && stat -c %a /tmp/um /tmp/um/f"]
+    )
+    assert result.stdout == b"755\n644\n", result.stderr
+
+
 def test_exit_status_stderr_and_signals(vm: Vm) -> None:
     failed = vm.exec(["sh", "-c", "echo oops >&2; exit 3"])
     assert (failed.status, failed.stderr, failed.stdout) == (3, b"oops\n", b"")

@@ -207,6 +207,10 @@ fn main() {
     let pid1 = std::process::id() == 1;
     // Before any thread exists, so that every thread inherits the mask: the reaper takes SIGCHLD.
     reaper::block_sigchld();
+    // The kernel starts PID 1 with umask 0, which every command would inherit (new files 0666,
+    // directories 0777); containers run with 022.
+    // SAFETY: umask takes and returns an integer and touches no memory.
+    unsafe { libc::umask(0o022) };
     let Args {
         listen,
         allow_net_config,

@@ -17,13 +17,14 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from supermachine.cli import commit, doctor, images, probe, snapshots, vm
+    from supermachine.cli import build, commit, doctor, images, probe, snapshots, vm
 
     probe.register(cli)
     images.register(cli)
     vm.register(cli)
     snapshots.register(cli)
     commit.register(cli)
+    build.register(cli)
     doctor.register(cli)
 
 

@@ -29,12 +29,13 @@ from supermachine.oci.manifest import (
     OCI_LAYER_GZIP,
     OCI_LAYER_TAR,
     OCI_MANIFEST,
+    Descriptor,
     Manifest,
 )
 from supermachine.oci.reference import Reference
 from supermachine.oci.store import ImageRecord, ImageStore
 
-__all__ = ["ConfigChanges", "check_new_ref", "commit_layer"]
+__all__ = ["ConfigChanges", "check_new_ref", "commit_layer", "store_image"]
 
 _OCI_EQUIVALENT = {
     DOCKER_LAYER_GZIP: OCI_LAYER_GZIP,
@@ -280,36 +281,55 @@ def commit_layer(
     with store.using():
         with open(layer_file, "rb") as f:
             store.blobs.put_stream(digest, size, f, "layer")
-        config_raw = json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
-        config_digest = store.blobs.put_bytes(config_raw, None, "config")
-        layers: list[dict[str, Any]] = [
-            {
-                "mediaType": _OCI_EQUIVALENT.get(d.media_type, d.media_type) or OCI_LAYER_GZIP,
-                "digest": d.digest,
-                "size": d.size,
-            }
-            for d in parent_layers
-        ]
-        layers.append({"mediaType": media_type, "digest": digest, "size": size})
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_raw)},
-            "layers": layers,
+        layers = [*parent_layers, Descriptor(media_type, digest, size)]
+        platform = parent.record.platform if parent is not None else "linux/amd64"
+        return store_image(store, config, layers, [canonical], platform=platform, source="commit")
+
+
+def store_image(
+    store: ImageStore,
+    config: dict[str, Any],
+    layers: Sequence[Descriptor],
+    refs: Sequence[str] | None,
+    *,
+    platform: str = "linux/amd64",
+    source: str = "build",
+) -> Image:
+    """Stores an image whose layer blobs are already in ``store``: its config (with the layers'
+    diff ids already in ``rootfs``), an OCI manifest, and an index record under each of ``refs``
+    (canonical references; none: under its config digest, as docker keeps an untagged image).
+    Returns the stored image."""
+    config_raw = json.dumps(config, separators=(",", ":"), sort_keys=True).encode()
+    config_digest = store.blobs.put_bytes(config_raw, None, "config")
+    described: list[dict[str, Any]] = [
+        {
+            "mediaType": _OCI_EQUIVALENT.get(d.media_type, d.media_type) or OCI_LAYER_GZIP,
+            "digest": d.digest,
+            "size": d.size,
         }
-        manifest_raw = json.dumps(manifest, separators=(",", ":")).encode()
-        Manifest.parse(manifest_raw, "the new manifest")  # the same checks as a pulled one
-        manifest_digest = store.blobs.put_bytes(manifest_raw, None, "manifest")
+        for d in layers
+    ]
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config_raw)},
+        "layers": described,
+    }
+    manifest_raw = json.dumps(manifest, separators=(",", ":")).encode()
+    Manifest.parse(manifest_raw, "the new manifest")  # the same checks as a pulled one
+    manifest_digest = store.blobs.put_bytes(manifest_raw, None, "manifest")
+    names = list(refs) if refs else [config_digest]
+    for name in names:
         store.add(
             ImageRecord(
-                ref=canonical,
+                ref=name,
                 manifest_digest=manifest_digest,
                 config_digest=config_digest,
-                layers=tuple(str(m["digest"]) for m in layers),
-                size=len(config_raw) + sum(int(m["size"]) for m in layers),
-                platform=parent.record.platform if parent is not None else "linux/amd64",
-                source="commit",
+                layers=tuple(str(m["digest"]) for m in described),
+                size=len(config_raw) + sum(int(m["size"]) for m in described),
+                platform=platform,
+                source=source,
                 pulled_at=time.time(),
             )
         )
-    return load_image(canonical, store)
+    return load_image(names[0], store)

@@ -1,0 +1,140 @@
+"""``supermachine build``: Dockerfile builds, each RUN in a microVM (:mod:`supermachine.build`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from supermachine import ui
+from supermachine.errors import InputError
+from supermachine.units import human_bytes
+
+
+class _Printer:
+    """Progress as buildah prints it: a line per step, the steps' output as it comes."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def step(self, number: int, total: int, text: str) -> None:
+        if not self.quiet:
+            ui.stderr.print(
+                f"[bold]STEP {number}/{total}:[/bold] {text}", markup=True, highlight=False, soft_wrap=True
+            )
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            ui.stderr.print(text, markup=False, highlight=False)
+
+    def output(self, data: bytes, stderr: bool) -> None:
+        if self.quiet:
+            return
+        stream = sys.stderr.buffer if stderr else sys.stdout.buffer
+        stream.write(data)
+        stream.flush()
+
+
+def _build_args(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not key:
+            raise InputError(f"--build-arg expected KEY=VALUE or KEY, got {pair!r}")
+        if not sep:
+            # docker's habit: `--build-arg KEY` takes KEY's value from this environment.
+            if key not in os.environ:
+                continue
+            value = os.environ[key]
+        out[key] = value
+    return out
+
+
+@click.command("build")
+@click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]", help="Name the image. Repeatable.")
+@click.option(
+    "-f",
+    "--file",
+    "dockerfile",
+    type=click.Path(path_type=Path),
+    help="The Dockerfile [default: CONTEXT/Dockerfile].",
+)
+@click.option(
+    "--build-arg",
+    "build_args",
+    multiple=True,
+    metavar="KEY[=VALUE]",
+    help="Set a build argument. Repeatable.",
+)
+@click.option("--target", metavar="STAGE", help="Build this stage (and what it needs) only.")
+@click.option("--no-cache", is_flag=True, help="Run every step, taking nothing from the build cache.")
+@click.option("--platform", metavar="OS/ARCH", help="Only linux/amd64 is built.")
+@click.option("--memory", "memory_mib", default=1024, show_default=True, help="RAM of the build VMs in MiB.")
+@click.option("--vcpus", default=1, show_default=True, help="vCPUs of the build VMs.")
+@click.option(
+    "--network",
+    "network_mode",
+    type=click.Choice(["egress", "none"]),
+    default="egress",
+    show_default=True,
+    help="The network of RUN steps.",
+)
+@click.option(
+    "--insecure/--secure",
+    default=None,
+    help="Plain HTTP for base images (default: only for loopback registries).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
+@click.argument("context", type=click.Path(path_type=Path))
+def build_cmd(
+    tags: tuple[str, ...],
+    dockerfile: Path | None,
+    build_args: tuple[str, ...],
+    target: str | None,
+    no_cache: bool,
+    platform: str | None,
+    memory_mib: int,
+    vcpus: int,
+    network_mode: str,
+    insecure: bool | None,
+    quiet: bool,
+    context: Path,
+) -> None:
+    """Build the image described by a Dockerfile in CONTEXT, like docker build: every RUN runs in a
+    microVM, every step is cached, and the result is stored (`supermachine run NAME`).
+
+    Steps whose inputs did not change are taken from the build cache; a rebuild with nothing
+    changed boots no VM. Consecutive RUN steps share one build VM.
+    """
+    from supermachine.build.builder import BuildOptions, build
+
+    options = BuildOptions(
+        context=context,
+        dockerfile=dockerfile,
+        tags=tags,
+        build_args=_build_args(build_args),
+        target=target,
+        no_cache=no_cache,
+        platform=platform,
+        memory_mib=memory_mib,
+        vcpus=vcpus,
+        network=network_mode,
+        insecure=insecure,
+    )
+    result = build(options, _Printer(quiet))
+    record = result.image.record
+    if not quiet:
+        ui.stderr.print(
+            f"COMMIT {', '.join(result.refs) or '(no tag)'}: {result.steps} steps,"
+            f" {result.cached} from the cache, {result.ran} run, {len(record.layers)} layers,"
+            f" {human_bytes(record.size)}",
+            markup=False,
+            highlight=False,
+        )
+    click.echo(record.config_digest)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(build_cmd)
