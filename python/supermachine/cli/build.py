@@ -86,6 +86,12 @@ def _build_args(pairs: tuple[str, ...]) -> dict[str, str]:
     default=None,
     help="Plain HTTP for base images (default: only for loopback registries).",
 )
+@click.option(
+    "--output",
+    metavar="oci:DIR",
+    help="Also write the image as an OCI layout in the new directory DIR.",
+)
+@click.option("--push", "push_to", metavar="REF", help="Also push the image to a registry as REF.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
 @click.argument("context", type=click.Path(path_type=Path))
 def build_cmd(
@@ -99,6 +105,8 @@ def build_cmd(
     vcpus: int,
     network_mode: str,
     insecure: bool | None,
+    output: str | None,
+    push_to: str | None,
     quiet: bool,
     context: Path,
 ) -> None:
@@ -109,7 +117,14 @@ def build_cmd(
     changed boots no VM. Consecutive RUN steps share one build VM.
     """
     from supermachine.build.builder import BuildOptions, build
+    from supermachine.oci.push import push, write_oci_layout
 
+    if output is not None and not output.startswith("oci:"):
+        raise InputError(f"--output {output}: expected oci:DIR")
+    if push_to is not None:
+        from supermachine.oci.reference import Reference
+
+        Reference.parse(push_to)  # a malformed name fails before the build
     options = BuildOptions(
         context=context,
         dockerfile=dockerfile,
@@ -133,6 +148,15 @@ def build_cmd(
             markup=False,
             highlight=False,
         )
+    if output is not None:
+        directory, _, tag = output.removeprefix("oci:").partition(":")
+        write_oci_layout(result.image, Path(directory), name=tag or None)
+        if not quiet:
+            ui.stderr.print(f"Wrote the OCI layout {directory}", markup=False, highlight=False)
+    if push_to is not None:
+        digest = push(result.image, push_to, insecure=insecure)
+        if not quiet:
+            ui.stderr.print(f"Pushed {push_to} ({digest})", markup=False, highlight=False)
     click.echo(record.config_digest)
 
 

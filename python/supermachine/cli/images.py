@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from supermachine import snapshots
 from supermachine.errors import ImageReferenceError
-from supermachine.oci import ImageStore, RichProgress, build_squashfs, pull
+from supermachine.oci import ImageStore, RichProgress, build_squashfs, load_image, pull
 from supermachine.oci.reference import Reference
 from supermachine.snapshots import publish
 
@@ -133,7 +134,39 @@ def prune_command() -> None:
         )
 
 
+@click.command("push")
+@click.argument("image")
+@click.argument("destination", required=False)
+@click.option(
+    "--insecure/--secure",
+    default=None,
+    help="Plain HTTP (default: only for localhost/loopback registries).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; print only the manifest digest.")
+def push_command(image: str, destination: str | None, insecure: bool | None, quiet: bool) -> None:
+    """Upload a stored IMAGE to a registry, as DESTINATION (a registry reference; default: IMAGE's
+    own name). Blobs the registry has already are not sent again.
+
+    DESTINATION may also be oci:DIR[:TAG], a new OCI image layout directory.
+    """
+    from supermachine.oci.push import push, write_oci_layout
+
+    stored = load_image(image)
+    target = destination or stored.ref
+    if target.startswith("oci:"):
+        directory, _, tag = target.removeprefix("oci:").partition(":")
+        write_oci_layout(stored, Path(directory), name=tag or None)
+        click.echo(f"Wrote {directory}" if not quiet else stored.record.manifest_digest)
+        return
+    if quiet:
+        digest = push(stored, target, insecure=insecure)
+    else:
+        with RichProgress() as progress:
+            digest = push(stored, target, insecure=insecure, progress=progress)
+    click.echo(digest if quiet else f"Pushed {target}\nDigest: {digest}")
+
+
 def register(group: click.Group) -> None:
     """Attach the image commands to the top-level group."""
-    for command in (pull_command, images_command, rmi_command, prune_command):
+    for command in (pull_command, push_command, images_command, rmi_command, prune_command):
         group.add_command(command)

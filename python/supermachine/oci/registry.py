@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import requests
 
@@ -138,12 +138,23 @@ class RegistryClient:
             raise _Retry(message) from None
         raise RegistryError(message) from None
 
-    def _send(self, url: str, scope: str, headers: dict[str, str]) -> requests.Response:
-        """GET with authentication: answers up to two 401 challenges, then gives up."""
+    def _send(
+        self,
+        url: str,
+        scope: str,
+        headers: dict[str, str],
+        *,
+        method: str = "GET",
+        body: bytes | IO[bytes] | None = None,
+    ) -> requests.Response:
+        """A request with authentication: answers up to two 401 challenges, then gives up. A file
+        ``body`` is sent again from its start after a challenge."""
         for round_ in range(3):
             sent = {**headers, **self.auth.header(scope)}
+            if body is not None and not isinstance(body, bytes):
+                body.seek(0)
             try:
-                resp = send(self.session, "GET", url, headers=sent, timeout=self.timeout)
+                resp = send(self.session, method, url, headers=sent, timeout=self.timeout, body=body)
             except NETWORK_ERRORS as exc:
                 self._failed(exc)
             # Only the registry's own challenges are answered, not those of a host it redirected to.
@@ -226,6 +237,73 @@ class RegistryClient:
         return raw, media_type, digest
 
     # ---- blobs -----------------------------------------------------------------------------------
+    # ---- uploads ---------------------------------------------------------------------------------
+    def blob_exists(self, repository: str, desc: Descriptor) -> bool:
+        """Whether the registry has ``desc`` in ``repository`` already (HEAD)."""
+        url = f"{self.base_url}/v2/{repository}/blobs/{desc.digest}"
+        scope = f"repository:{repository}:pull,push"
+
+        def attempt() -> bool:
+            with contextlib.closing(self._send(url, scope, {}, method="HEAD")) as resp:
+                if resp.status_code == 200:
+                    return resp.headers.get("Content-Length") in (None, str(desc.size))
+                if resp.status_code == 404:
+                    return False
+                self._status_error(resp, f"blob {desc.digest} in {self.registry}")
+
+        return bool(self._retrying(f"checking blob {desc.digest}", attempt))
+
+    def push_blob(self, repository: str, desc: Descriptor, opener: Callable[[], IO[bytes]]) -> bool:
+        """Uploads the blob ``opener()`` reads (``desc`` says its digest and size) unless the
+        registry has it; returns whether it was sent. One monolithic upload: POST for a session,
+        then PUT with the digest; a failed attempt starts a new session."""
+        if self.blob_exists(repository, desc):
+            return False
+        scope = f"repository:{repository}:pull,push"
+        start = f"{self.base_url}/v2/{repository}/blobs/uploads/"
+
+        def attempt() -> None:
+            with contextlib.closing(self._send(start, scope, {"Content-Length": "0"}, method="POST")) as resp:
+                if resp.status_code != 202 or not resp.headers.get("Location"):
+                    self._status_error(resp, f"an upload session for {repository}")
+                location = requests.compat.urljoin(start, resp.headers["Location"])
+            separator = "&" if "?" in location else "?"
+            url = f"{location}{separator}digest={desc.digest}"
+            headers = {"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)}
+            with (
+                opener() as blob,
+                contextlib.closing(self._send(url, scope, headers, method="PUT", body=blob)) as put,
+            ):
+                if put.status_code not in (201, 204):
+                    self._status_error(put, f"the upload of {desc.digest}")
+                echoed = put.headers.get("Docker-Content-Digest")
+                if echoed and echoed != desc.digest:
+                    raise RegistryError(f"registry {self.registry} stored {desc.digest} as {echoed}")
+
+        with Deadline(self.blob_deadline(desc.size), f"the upload of {desc.digest} took too long"):
+            self._retrying(f"uploading blob {desc.digest}", attempt)
+        return True
+
+    def put_manifest(self, repository: str, tag: str, raw: bytes, media_type: str) -> str:
+        """Uploads a manifest under ``tag``; returns its digest (checked against the registry's)."""
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        url = f"{self.base_url}/v2/{repository}/manifests/{tag}"
+        scope = f"repository:{repository}:pull,push"
+
+        def attempt() -> None:
+            headers = {"Content-Type": media_type}
+            with contextlib.closing(self._send(url, scope, headers, method="PUT", body=raw)) as resp:
+                if resp.status_code not in (201, 204):
+                    self._status_error(resp, f"manifest {repository}:{tag}")
+                echoed = resp.headers.get("Docker-Content-Digest")
+                if echoed and echoed != digest:
+                    raise RegistryError(
+                        f"registry {self.registry} stored the manifest as {echoed}, not {digest}"
+                    )
+
+        self._retrying(f"uploading manifest {repository}:{tag}", attempt)
+        return digest
+
     def blob_deadline(self, size: int) -> float:
         """Seconds a blob of ``size`` bytes may take to download, retries included."""
         return self.deadline + size / self.min_throughput

@@ -23,7 +23,7 @@ import ssl
 import threading
 import zlib
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import requests
 import urllib3.exceptions
@@ -215,6 +215,7 @@ def send(
     auth: tuple[str, str] | None = None,
     params: list[tuple[str, str]] | None = None,
     data: dict[str, str] | None = None,
+    body: bytes | IO[bytes] | None = None,
 ) -> requests.Response:
     """Make a streaming request, following up to :data:`MAX_REDIRECTS` redirects here rather than in
     ``requests`` (which would read and decode each redirect body whole).
@@ -232,7 +233,7 @@ def send(
             headers=sent,
             auth=auth if same_origin else None,
             params=params,
-            data=data,
+            data=data if body is None else body,
             stream=True,
             timeout=timeout,
             allow_redirects=False,
@@ -244,6 +245,9 @@ def send(
         target = requests.compat.urljoin(url, location)
         if _origin(target)[0] not in ("http", "https"):
             raise RegistryError(f"{_host(url)} redirected to a non-HTTP URL")
+        if body is not None:
+            # An upload's body is a stream that was (partly) sent already: it cannot follow.
+            raise RegistryError(f"{_host(url)} redirected an upload")
         if data is not None and resp.status_code in (307, 308) and _origin(target) != origin:
             # The form would be posted again, and it carries a credential (a refresh token).
             raise RegistryError(f"{_host(url)} redirected a credential-bearing request to another host")
