@@ -20,6 +20,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oci"))
-from _support import umoci_image
+from _support import full_busybox_rootfs, umoci_image
 from supermachine import paths
 from supermachine.errors import KvmUnavailableError
 from supermachine.oci import build_rootfs, load_image
@@ -107,20 +108,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     if shutil.which("buildah") is None:
         pytest.fail("buildah is not installed; run scripts/setup.sh")
     work = tmp_path_factory.mktemp("buildah-compare")
-    root = work / "rootfs"
-    for d in ("bin", "etc/removed", "tmp", "root", "usr/local/bin", "var"):
-        (root / d).mkdir(parents=True)
-    shutil.copy2("/bin/busybox", root / "bin" / "busybox")
-    applets = _run(["/bin/busybox", "--list"]).stdout.split()
-    for applet in applets:
-        if applet != "busybox":
-            os.symlink("busybox", root / "bin" / applet)
-    (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
-    (root / "etc/group").write_text("root:x:0:\napp:x:1000:\n")
+    root = full_busybox_rootfs(
+        work / "rootfs",
+        "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        "root:x:0:\napp:x:1000:\n",
+        ("etc/removed", "usr/local/bin", "var"),
+    )
     (root / "etc/motd").write_text("motd\n")
     (root / "etc/removed/a").write_text("a\n")
     (root / "etc/removed/b").write_text("b\n")
-    os.chmod(root / "tmp", 0o1777)
     layout = work / "layout"
     umoci_image(layout, "base", root, work, {"cmd": "sh"})
     context = work / "context"
@@ -349,3 +345,55 @@ def test_bad_dockerfiles_fail_in_one_line_before_any_vm(setup: Setup, text: str,
     assert result.returncode == 1
     assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _vmm_pids() -> set[int]:
+    found = subprocess.run(["pgrep", "-f", "supermachine-vmm"], capture_output=True, text=True).stdout
+    return {int(p) for p in found.split()}
+
+
+def test_kill_9_mid_build_leaves_the_stores_consistent(setup: Setup) -> None:
+    """A build killed while its VM boots leaves complete cache entries and images only, no VM
+    behind, and nothing `prune` cannot clear; the next build works."""
+    path = setup.context.parent / "slow.Dockerfile"
+    path.write_text("ARG BASE\nFROM ${BASE}\nRUN sleep 600\n")
+    before = _vmm_pids()
+    env = {**os.environ, "SUPERMACHINE_CACHE_DIR": str(setup.cache)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "supermachine",
+        "build",
+        "-f",
+        str(path),
+        "--build-arg",
+        f"BASE={setup.base}",
+    ]
+    proc = subprocess.Popen([*cmd, str(setup.context)], env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "booting a build VM" in line:
+            break
+    time.sleep(3)
+    proc.kill()
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while _vmm_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _vmm_pids() - before == set(), "a VMM worker outlived the killed build"
+    for entry in (setup.cache / "build" / "steps").iterdir():
+        json.loads(entry.read_text())
+    json.loads((setup.cache / "images.json").read_text())
+    pruned = sm(setup, "prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert not any((setup.cache / "tmp").iterdir())
+    again = sm(
+        setup,
+        "build",
+        "-f",
+        str(setup.context.parent / "single.Dockerfile"),
+        "--build-arg",
+        f"BASE={setup.base}",
+        str(setup.context),
+    )
+    assert again.returncode == 0, again.stderr[-2000:]

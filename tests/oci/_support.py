@@ -329,6 +329,22 @@ def busybox_rootfs(dest: Path, applets: tuple[str, ...] = ("sh", "ls", "cat", "e
     return dest
 
 
+def full_busybox_rootfs(dest: Path, passwd: str, group: str, dirs: tuple[str, ...] = ()) -> Path:
+    """A root filesystem with the static busybox and every applet, the given /etc/passwd and
+    /etc/group, /tmp (1777) and the extra ``dirs``: a base image that RUN steps can use."""
+    for d in ("bin", "etc", "tmp", "root", *dirs):
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2("/bin/busybox", dest / "bin" / "busybox")
+    applets = subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True, check=True).stdout
+    for applet in applets.split():
+        if applet != "busybox":
+            os.symlink("busybox", dest / "bin" / applet)
+    (dest / "etc" / "passwd").write_text(passwd)
+    (dest / "etc" / "group").write_text(group)
+    os.chmod(dest / "tmp", 0o1777)
+    return dest
+
+
 def umoci_image(
     layout: Path, tag: str, rootfs: Path, work: Path, config: dict[str, str] | None = None
 ) -> None:

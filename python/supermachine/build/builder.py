@@ -231,7 +231,10 @@ class _Builder:
         self.cache = BuildCache(self.store.blobs)
         self.results: dict[int, _StageState] = {}
         self.trees: dict[int, SourceTree] = {}
-        self.work = Path(tempfile.mkdtemp(prefix="supermachine-build-"))
+        # Stage trees and copy archives: in the store's private tmp/, which `prune` clears of what a
+        # killed build left.
+        self.store.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.work = Path(tempfile.mkdtemp(prefix="build-", dir=self.store.tmp_dir))
         self.number = 0
         self.total = 0
         self.cached = 0
@@ -577,15 +580,15 @@ class _Builder:
         return env
 
     def do_run(self, state: _StageState, ins: Instruction) -> None:
-        for flag in ins.flags:
-            if flag != "network":
-                raise ins.error(f"RUN --{flag} is not supported")
+        for flag, value in ins.flags.items():
+            if (flag, value) != ("network", "default"):
+                raise ins.error(f"RUN --{flag}={value} is not supported")
         argv = self._command(state, ins)
         env = self.run_env(state)
         user = state.section.get("User") or None
         cwd = state.section.get("WorkingDir") or "/"
         args = sorted((k, v) for k, v in state.args.items() if v is not None)
-        key = chain(state.key, ["RUN", argv, args, ins.flags.get("network", "")])
+        key = chain(state.key, ["RUN", argv, args])
 
         def make(build_vm: _BuildVm) -> None:
             process = build_vm.vm.spawn(argv, env=env, replace_env=True, cwd=cwd, user=user)

@@ -7,8 +7,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -59,23 +58,24 @@ def _ran(
         yield vm
 
 
-def _config(
-    memory_mib: int,
-    vcpus: int,
-    env_pairs: tuple[str, ...],
-    workdir: str | None,
-    user: str | None,
-    kernel: Path | None,
-    network: tuple[str, tuple[str, ...], tuple[str, ...], tuple[str, ...], tuple[str, ...], str | None],
-) -> dict[str, object]:
+def _config(options: dict[str, Any]) -> dict[str, object]:
+    """The VmConfig fields the shared VM options (``vm_options``) ask for."""
+    network = network_from_options(
+        options["network_mode"],
+        options["allow"],
+        options["deny"],
+        options["published"],
+        options["add_hosts"],
+        options["dns_server"],
+    )
     return {
-        "memory_mib": memory_mib,
-        "vcpus": vcpus,
-        "kernel": kernel,
-        "env": parse_env(env_pairs),
-        "workdir": workdir,
-        "user": user,
-        "network": network_from_options(*network) or "egress",
+        "memory_mib": options["memory_mib"],
+        "vcpus": options["vcpus"],
+        "kernel": options["kernel"],
+        "env": parse_env(options["env_pairs"]),
+        "workdir": options["workdir"],
+        "user": options["user"],
+        "network": network or "egress",
     }
 
 
@@ -102,20 +102,9 @@ def commit_cmd(
     change_lines: tuple[str, ...],
     message: str | None,
     insecure: bool | None,
-    memory_mib: int,
-    vcpus: int,
-    env_pairs: tuple[str, ...],
-    workdir: str | None,
-    user: str | None,
     timeout: float | None,
-    kernel: Path | None,
     show_console: bool,
-    network_mode: str,
-    allow: tuple[str, ...],
-    deny: tuple[str, ...],
-    published: tuple[str, ...],
-    add_hosts: tuple[str, ...],
-    dns_server: str | None,
+    **options: Any,
 ) -> None:
     """Boot IMAGE, run COMMAND in it (it must succeed), and store what it changed as the new image
     TAG: IMAGE's layers plus one layer of the changes (docker run, then docker commit).
@@ -127,8 +116,7 @@ def commit_cmd(
 
     changes = ConfigChanges.parse(change_lines)  # before anything boots: a typo costs nothing
     check_new_ref(tag)
-    network = (network_mode, allow, deny, published, add_hosts, dns_server)
-    config = _config(memory_mib, vcpus, env_pairs, workdir, user, kernel, network)
+    config = _config(options)
     with _ran(image, command, insecure=insecure, timeout=timeout, show_console=show_console, **config) as vm:
         status = ui.stderr.status("storing the changes as a layer", spinner="dots")
         with status if ui.stderr.is_terminal else nullcontext():
@@ -151,25 +139,13 @@ def diff_cmd(
     image: str,
     command: tuple[str, ...],
     insecure: bool | None,
-    memory_mib: int,
-    vcpus: int,
-    env_pairs: tuple[str, ...],
-    workdir: str | None,
-    user: str | None,
     timeout: float | None,
-    kernel: Path | None,
     show_console: bool,
-    network_mode: str,
-    allow: tuple[str, ...],
-    deny: tuple[str, ...],
-    published: tuple[str, ...],
-    add_hosts: tuple[str, ...],
-    dns_server: str | None,
+    **options: Any,
 ) -> None:
     """Boot IMAGE, run COMMAND in it (it must succeed), and list the paths it added (A), changed
     (C) and deleted (D) in the root file system, like docker diff."""
-    network = (network_mode, allow, deny, published, add_hosts, dns_server)
-    config = _config(memory_mib, vcpus, env_pairs, workdir, user, kernel, network)
+    config = _config(options)
     with _ran(image, command, insecure=insecure, timeout=timeout, show_console=show_console, **config) as vm:
         rows = vm.changes()
     for row in rows:
