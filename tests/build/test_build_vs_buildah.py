@@ -325,28 +325,6 @@ def test_a_failing_run_stops_the_build_with_its_output_and_keeps_the_cache(setup
     assert "Using cache" in again.stderr  # the WORKDIR step before it was kept
 
 
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("FROM scratch\nRUNN x\n", "bad.Dockerfile:2: unknown instruction RUNN"),
-        ("RUN x\n", "bad.Dockerfile:1:"),
-        (
-            "FROM scratch\nCOPY missing /x\n",
-            "bad.Dockerfile:2: 'missing' does not exist in the build context",
-        ),
-        ("FROM scratch\nCOPY notes.log /x\n", "does not exist in the build context"),
-        ("FROM scratch\nCOPY ../../etc/passwd /x\n", "does not exist in the build context"),
-    ],
-)
-def test_bad_dockerfiles_fail_in_one_line_before_any_vm(setup: Setup, text: str, message: str) -> None:
-    path = setup.context.parent / "bad.Dockerfile"
-    path.write_text(text)
-    result = sm(setup, "build", "-q", "-f", str(path), str(setup.context))
-    assert result.returncode == 1
-    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def _vmm_pids() -> set[int]:
     found = subprocess.run(["pgrep", "-f", "supermachine-vmm"], capture_output=True, text=True).stdout
     return {int(p) for p in found.split()}

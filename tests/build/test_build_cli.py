@@ -1,0 +1,71 @@
+"""`supermachine build` refusing bad input before any VM: one line naming the file and line, exit 1,
+no traceback, nothing stored."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Path:
+    ctx = tmp_path / "context"
+    ctx.mkdir()
+    (ctx / "notes.log").write_text("excluded\n")
+    (ctx / ".dockerignore").write_text("*.log\n")
+    return ctx
+
+
+def build(context: Path, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    path = context.parent / "bad.Dockerfile"
+    path.write_text(text)
+    env = {**os.environ, "SUPERMACHINE_CACHE_DIR": str(context.parent / "cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "supermachine", "build", "-q", "-f", str(path), *args, str(context)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "args", "message"),
+    [
+        ("FROM scratch\nRUNN x\n", (), "bad.Dockerfile:2: unknown instruction RUNN"),
+        ("RUN x\n", (), "bad.Dockerfile:1:"),
+        ("FROM scratch\nONBUILD RUN x\n", (), "bad.Dockerfile:2: ONBUILD is not supported"),
+        (
+            "FROM scratch\nCOPY missing /x\n",
+            (),
+            "bad.Dockerfile:2: 'missing' does not exist in the build context",
+        ),
+        ("FROM scratch\nCOPY notes.log /x\n", (), "does not exist in the build context"),
+        ("FROM scratch\nCOPY ../../etc/passwd /x\n", (), "does not exist in the build context"),
+        ("FROM scratch\nCOPY https://example.com/x /x\n", (), "remote sources are not supported"),
+        ("FROM scratch\nRUN --mount=type=cache,target=/x true\n", (), "is not supported"),
+        ("FROM scratch\nEXPOSE http\n", (), "bad.Dockerfile:2: EXPOSE: 'http' is not PORT"),
+        ("FROM scratch AS a\nFROM scratch\n", ("--target", "nope"), "no build stage named 'nope'"),
+        ("FROM scratch\n", ("--platform", "linux/arm64"), "builds only linux/amd64"),
+        ("FROM scratch\n", ("-t", "Bad:Name"), "cannot name the new image"),
+    ],
+)
+def test_bad_input_fails_in_one_line_before_any_vm(
+    context: Path, text: str, args: tuple[str, ...], message: str
+) -> None:
+    result = build(context, text, *args)
+    assert result.returncode == 1, result.stderr
+    assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (context.parent / "cache" / "images.json").exists()
+
+
+def test_a_scratch_image_with_metadata_only_is_built_without_a_vm(context: Path) -> None:
+    """Config-only steps need no VM: FROM scratch + ENV/LABEL/CMD builds on any host."""
+    result = build(context, 'FROM scratch\nENV A=1\nLABEL x=y\nCMD ["/app"]\n', "-t", "meta:1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("sha256:")
