@@ -107,6 +107,7 @@ TCP_CONNECT = 0x0D
 CHANGES = 0x0E
 PUT_ARCHIVE = 0x0F
 STAT = 0x10
+REMOVE = 0x11
 # Agent to client.
 STARTED = 0x81
 STDOUT = 0x82
@@ -950,6 +951,13 @@ class AgentClient:
             mtime_ns=_uint(fields, 6) or 0,
             link=os.fsdecode(link) if isinstance(link, bytes) else None,
         )
+
+    def remove(self, path: str, *, recursive: bool = False, timeout: float | None = None) -> None:
+        """Removes the absolute ``path`` in the guest: a file, link or empty directory, or with
+        ``recursive`` a whole tree (links inside are removed, not followed)."""
+        deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
+        payload = _encode([(1, os.fsencode(path)), (2, 1 if recursive else None)])
+        self._request(REMOVE, payload, OK, f"remove {path}", deadline)
 
     def put_archive(self, directory: str, archive: bytes | BinaryIO, *, timeout: float | None = None) -> int:
         """Unpacks the tar stream ``archive`` (bytes or a binary file read to its end) into the

@@ -777,6 +777,11 @@ class Vm:
         with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
             return client.stat(path, follow=follow, timeout=timeout)
 
+    def remove(self, path: str, *, recursive: bool = False, timeout: float = agent.REQUEST_TIMEOUT) -> None:
+        """Removes a file, link or empty directory in the guest (``recursive``: a whole tree)."""
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            client.remove(path, recursive=recursive, timeout=timeout)
+
     def put_archive(
         self, directory: str, archive: bytes | BinaryIO, *, timeout: float = agent.REQUEST_TIMEOUT
     ) -> int:

@@ -160,3 +160,27 @@ def test_stat_reports_types_modes_owners_and_links(client: AgentClient, tmp_path
     with pytest.raises(AgentRequestError, match="not absolute"):
         client.stat("relative")
     assert client.ping()
+
+
+def test_remove_files_links_and_trees(client: AgentClient, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub/f").write_text("x")
+    (tree / "escape").symlink_to(outside)  # removed, never followed
+    (tmp_path / "file").write_text("x")
+    client.remove(str(tmp_path / "file"))
+    assert not (tmp_path / "file").exists()
+    with pytest.raises(AgentRequestError) as info:
+        client.remove(str(tree))
+    assert info.value.errno == errno.ENOTEMPTY
+    client.remove(str(tree), recursive=True)
+    assert not tree.exists() and (outside / "keep").read_text() == "keep"
+    with pytest.raises(AgentRequestError, match="refusing to remove /"):
+        client.remove("/", recursive=True)
+    with pytest.raises(AgentRequestError) as info:
+        client.remove(str(tmp_path / "missing"))
+    assert info.value.errno == errno.ENOENT
+    assert client.ping()

@@ -11,6 +11,7 @@ changed COPY source reruns that step and the later ones), a failing RUN and a ma
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -64,6 +65,7 @@ RUN echo "$GREETING $NAME" > made.txt \\
  && chmod 0600 hello.txt && ln -s made.txt link && ln made.txt hard \\
  && mkdir -p /var/tmpdir && echo x > /var/tmpdir/f && echo t > /tmp/kept
 RUN rm /var/tmpdir/f && echo y >> made.txt && chown 1000:1000 made.txt
+RUN --mount=type=secret,id=tok,required=true wc -c < /run/secrets/tok > /app/secret-size
 USER app
 EXPOSE 8080/tcp 53/udp
 LABEL org.test.a=1 b="two words"
@@ -93,6 +95,7 @@ class Setup:
     context: Path
     cache: Path
     buildah_root: Path
+    secret: Path
 
 
 def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -145,7 +148,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     for artefact in ("kernels", "agent", "initramfs"):
         (shared / artefact).mkdir(parents=True, exist_ok=True)
         (cache / artefact).symlink_to(shared / artefact)
-    yield Setup(f"oci:{layout}:base", context, cache, work / "buildah")
+    secret = work / "tok.secret"
+    secret.write_text("s3cr3t-value\n")
+    yield Setup(f"oci:{layout}:base", context, cache, work / "buildah", secret)
+
+
+def base_args(setup: Setup) -> list[str]:
+    """The arguments every build here takes: the base image and the step secret."""
+    return ["--build-arg", f"BASE={setup.base}", "--secret", f"id=tok,src={setup.secret}"]
 
 
 def sm(setup: Setup, *args: str) -> subprocess.CompletedProcess[str]:
@@ -173,8 +183,7 @@ def build_both(setup: Setup, name: str, dockerfile: str) -> tuple[str, str]:
         "build",
         "-f",
         str(path),
-        "--build-arg",
-        f"BASE={setup.base}",
+        *base_args(setup),
         "-t",
         f"{name}:1",
         str(setup.context),
@@ -187,8 +196,7 @@ def build_both(setup: Setup, name: str, dockerfile: str) -> tuple[str, str]:
         "chroot",
         "-f",
         str(path),
-        "--build-arg",
-        f"BASE={setup.base}",
+        *base_args(setup),
         "-t",
         f"{name}:1",
         str(setup.context),
@@ -272,6 +280,17 @@ def test_single_stage_build_matches_buildah(setup: Setup, tmp_path: Path) -> Non
     assert "app/notes.log" not in our and "app/secret" not in our  # .dockerignore
     assert "var/tmpdir/f" not in our and "etc/motd" not in our and "etc/removed/a" not in our
     assert our["tmp/kept"][0] == stat.S_IFREG  # /tmp is the image's own in a build
+    # The secret was there for its step, and is in no layer.
+    assert (tmp_path / "ours/app/secret-size").read_text().strip() == "13"
+    assert "run" not in our
+    os.environ["SUPERMACHINE_CACHE_DIR"] = str(setup.cache)
+    try:
+        image = load_image(ours)
+        for layer in image.layers:
+            with image.store.blobs.open(layer.digest) as f:
+                assert b"s3cr3t" not in gzip.decompress(f.read())
+    finally:
+        del os.environ["SUPERMACHINE_CACHE_DIR"]
 
 
 def test_multi_stage_build_matches_buildah(setup: Setup, tmp_path: Path) -> None:
@@ -292,12 +311,13 @@ def test_rebuild_uses_the_cache_and_a_changed_source_reruns_from_its_step(setup:
         "build",
         "-f",
         str(path),
-        "--build-arg",
-        f"BASE={setup.base}",
+        *base_args(setup),
         "-t",
         "single:2",
         str(setup.context),
     )
+    first = sm(setup, *args)  # all from the cache when the single-stage test ran before
+    assert first.returncode == 0, first.stderr[-3000:]
     again = sm(setup, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 run" in again.stderr and "booting" not in again.stderr
@@ -307,21 +327,21 @@ def test_rebuild_uses_the_cache_and_a_changed_source_reruns_from_its_step(setup:
     finally:
         (setup.context / "notes.md").write_text("notes\n")
     assert changed.returncode == 0, changed.stderr[-3000:]
-    # WORKDIR and the first COPY come from the cache; the changed COPY, ADD and both RUNs run.
-    assert "2 from the cache, 4 run" in changed.stderr, changed.stderr[-2000:]
+    # WORKDIR and the first COPY come from the cache; the changed COPY, ADD and the three RUNs run.
+    assert "2 from the cache, 5 run" in changed.stderr, changed.stderr[-2000:]
 
 
 def test_a_failing_run_stops_the_build_with_its_output_and_keeps_the_cache(setup: Setup) -> None:
     path = setup.context.parent / "failing.Dockerfile"
     path.write_text("ARG BASE\nFROM ${BASE}\nWORKDIR /app\nRUN echo doing it && echo broken >&2 && exit 3\n")
-    failed = sm(setup, "build", "-f", str(path), "--build-arg", f"BASE={setup.base}", str(setup.context))
+    failed = sm(setup, "build", "-f", str(path), *base_args(setup), str(setup.context))
     assert failed.returncode == 1
     assert "failing.Dockerfile:4: RUN" in failed.stderr and "exit status 3" in failed.stderr
     assert "broken" in failed.stderr and "doing it" in failed.stdout
     assert failed.stderr.strip().splitlines()[-1].startswith("error: ")
     for entry in (setup.cache / "build" / "steps").iterdir():
         json.loads(entry.read_text())  # every cache entry complete
-    again = sm(setup, "build", "-f", str(path), "--build-arg", f"BASE={setup.base}", str(setup.context))
+    again = sm(setup, "build", "-f", str(path), *base_args(setup), str(setup.context))
     assert "Using cache" in again.stderr  # the WORKDIR step before it was kept
 
 
@@ -344,8 +364,7 @@ def test_kill_9_mid_build_leaves_the_stores_consistent(setup: Setup) -> None:
         "build",
         "-f",
         str(path),
-        "--build-arg",
-        f"BASE={setup.base}",
+        *base_args(setup),
     ]
     proc = subprocess.Popen([*cmd, str(setup.context)], env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
@@ -370,8 +389,7 @@ def test_kill_9_mid_build_leaves_the_stores_consistent(setup: Setup) -> None:
         "build",
         "-f",
         str(setup.context.parent / "single.Dockerfile"),
-        "--build-arg",
-        f"BASE={setup.base}",
+        *base_args(setup),
         str(setup.context),
     )
     assert again.returncode == 0, again.stderr[-2000:]

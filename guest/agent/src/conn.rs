@@ -148,6 +148,7 @@ fn run(conn: &mut Conn, ctx: &'static Context) -> Result<(), End> {
             kind::CHANGES => changes::run(conn, &frame, ctx.layers.as_ref())?,
             kind::PUT_ARCHIVE => archive::run(conn, &frame)?,
             kind::STAT => files::stat(conn, &frame)?,
+            kind::REMOVE => files::remove(conn, &frame)?,
             // Input for a process that has already finished may race with its exit report.
             kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL => {}
             other => {

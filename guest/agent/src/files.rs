@@ -308,3 +308,35 @@ pub fn stat(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
     proto::send(conn.fd(), kind::OK, &reply.finish())?;
     Ok(())
 }
+
+pub const REMOVE_RECURSIVE: u8 = 2;
+pub const REMOVE_SCHEMA: &[(u8, u8)] = &[(PATH, BYTES), (REMOVE_RECURSIVE, proto::UINT)];
+
+/// The `remove` request: a file, symbolic link or empty directory, or with `recursive` a whole
+/// tree (symbolic links inside are removed, never followed).
+pub fn remove(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
+    let fields = Conn::decode(frame, REMOVE_SCHEMA)?;
+    let path = fields.bytes(PATH).unwrap_or(b"").to_vec();
+    let recursive = fields.uint(REMOVE_RECURSIVE).unwrap_or(0) != 0;
+    drop(fields);
+    if let Err(message) = check_path(&path) {
+        return conn.reply_error("request", None, &message);
+    }
+    if path == b"/" {
+        return conn.reply_error("request", None, "refusing to remove /");
+    }
+    let target = std::path::Path::new(std::ffi::OsStr::from_bytes(&path));
+    let result = match std::fs::symlink_metadata(target) {
+        Ok(meta) if meta.is_dir() && recursive => std::fs::remove_dir_all(target),
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir(target),
+        Ok(_) => std::fs::remove_file(target),
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => {
+            proto::send(conn.fd(), kind::OK, &[])?;
+            Ok(())
+        }
+        Err(e) => os_error(conn, "remove", &path, &e),
+    }
+}

@@ -34,6 +34,7 @@ pub mod kind {
     pub const CHANGES: u8 = 0x0e;
     pub const PUT_ARCHIVE: u8 = 0x0f;
     pub const STAT: u8 = 0x10;
+    pub const REMOVE: u8 = 0x11;
 
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -64,13 +65,14 @@ pub mod kind {
             CHANGES => "changes",
             PUT_ARCHIVE => "put_archive",
             STAT => "stat",
+            REMOVE => "remove",
             _ => "unknown",
         }
     }
 
     /// Whether a client may send this type at all.
     pub fn is_client(kind: u8) -> bool {
-        (EXEC..=STAT).contains(&kind)
+        (EXEC..=REMOVE).contains(&kind)
     }
 }
 

@@ -52,6 +52,7 @@ fn decode_request(frame: &Frame) {
         kind::CHANGES => changes::SCHEMA,
         kind::PUT_ARCHIVE => archive::SCHEMA,
         kind::STAT => files::STAT_SCHEMA,
+        kind::REMOVE => files::REMOVE_SCHEMA,
         kind::PING | kind::STDIN_CLOSE | kind::FILE_END => &[],
         // Data frames carry raw bytes.
         _ => return,
@@ -69,7 +70,7 @@ fn decode_request(frame: &Frame) {
                 assert!(!request.spec.candidates.is_empty());
             }
         }
-        kind::WRITE_FILE | kind::READ_FILE | kind::STAT => {
+        kind::WRITE_FILE | kind::READ_FILE | kind::STAT | kind::REMOVE => {
             let _ = files::check_path(fields.bytes(files::PATH).unwrap_or(b""));
         }
         kind::NET => {

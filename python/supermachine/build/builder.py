@@ -121,6 +121,9 @@ class BuildOptions:
     network: Any = "egress"
     """The build VMs' network (as :attr:`VmConfig.network <supermachine.vm.VmConfig.network>`)."""
     insecure: bool | None = None
+    secrets: Mapping[str, bytes] = field(default_factory=dict)
+    """Build secrets by id (``--secret``), for ``RUN --mount=type=secret``; never in a layer or
+    a cache key."""
 
 
 @dataclass(frozen=True)
@@ -350,6 +353,9 @@ class _Builder:
         # them again when it declares them (docker's scoping).
         state.args = {}
         state.config.pop("created", None)
+        if "PATH" not in state.env():
+            # Docker and buildah give an image without PATH the default one.
+            state.section["Env"] = [f"PATH={DEFAULT_PATH}", *(state.section.get("Env") or [])]
         return state
 
     def pull(self, ref: str, ins: Instruction) -> oci.Image:
@@ -579,27 +585,93 @@ class _Builder:
         env = {"PATH": DEFAULT_PATH, **args, **state.env()}
         return env
 
+    def secret_mount(self, ins: Instruction, spec: str) -> tuple[str, str, int, bytes | None]:
+        """``--mount=type=secret,id=NAME[,target=PATH][,required=true][,mode=0400]``: the secret's
+        id, where the step sees it, its mode, and its content (``None``: not given, not required)."""
+        fields: dict[str, str] = {}
+        for item in spec.split(","):
+            key, _, value = item.partition("=")
+            fields[key.strip()] = value.strip()
+        if fields.get("type") != "secret":
+            raise ins.error(f"RUN --mount={spec} is not supported (only type=secret)")
+        unknown = set(fields) - {"type", "id", "target", "dst", "destination", "required", "mode"}
+        if unknown or not fields.get("id"):
+            raise ins.error(f"RUN --mount={spec}: expected type=secret,id=NAME[,target=PATH][,required=true]")
+        secret_id = fields["id"]
+        target = (
+            fields.get("target")
+            or fields.get("dst")
+            or fields.get("destination")
+            or f"/run/secrets/{secret_id}"
+        )
+        if not target.startswith("/") or ".." in target.split("/"):
+            raise ins.error(f"RUN --mount={spec}: the target must be an absolute path without '..'")
+        try:
+            mode = int(fields.get("mode", "0400"), 8)
+        except ValueError:
+            raise ins.error(f"RUN --mount={spec}: mode is not octal") from None
+        content = self.options.secrets.get(secret_id)
+        if content is None and fields.get("required", "false").lower() == "true":
+            raise ins.error(
+                f"secret {secret_id!r} is required: give it with --secret id={secret_id},src=FILE"
+            )
+        return secret_id, target, mode & 0o7777, content
+
     def do_run(self, state: _StageState, ins: Instruction) -> None:
+        mount = None
         for flag, value in ins.flags.items():
-            if (flag, value) != ("network", "default"):
+            if flag == "mount":
+                mount = self.secret_mount(ins, value)
+            elif (flag, value) != ("network", "default"):
                 raise ins.error(f"RUN --{flag}={value} is not supported")
         argv = self._command(state, ins)
         env = self.run_env(state)
         user = state.section.get("User") or None
         cwd = state.section.get("WorkingDir") or "/"
         args = sorted((k, v) for k, v in state.args.items() if v is not None)
-        key = chain(state.key, ["RUN", argv, args])
+        # A secret's id and place are part of the step; its content is not (docker's rule).
+        key = chain(state.key, ["RUN", argv, args] + ([mount[:3]] if mount else []))
 
         def make(build_vm: _BuildVm) -> None:
-            process = build_vm.vm.spawn(argv, env=env, replace_env=True, cwd=cwd, user=user)
-            for event in process:
-                self.reporter.output(event.data, event.stream == "stderr")
-            result = process.wait()
+            made = self.place_secret(build_vm, mount) if mount is not None and mount[3] is not None else []
+            try:
+                process = build_vm.vm.spawn(argv, env=env, replace_env=True, cwd=cwd, user=user)
+                for event in process:
+                    self.reporter.output(event.data, event.stream == "stderr")
+                result = process.wait()
+            finally:
+                for path in reversed(made):  # before the export: a secret never enters a layer
+                    build_vm.vm.remove(path, recursive=True)
             if result.returncode != 0:
                 shown = " ".join(argv) if len(" ".join(argv)) < 200 else " ".join(argv)[:197] + "..."
                 raise BuildError(f"{ins.where}: RUN {shown}: exit status {result.returncode}")
 
         self.step_layer(state, ins, key, make, " ".join(argv))
+
+    def place_secret(self, build_vm: _BuildVm, mount: tuple[str, str, int, bytes | None]) -> list[str]:
+        """Writes a secret where the step expects it; returns what was made (to remove after)."""
+        _, target, mode, content = mount
+        assert content is not None
+        plan = CopyPlan()
+        made: list[str] = []
+        for prefix in _prefixes(os.path.dirname(target)):
+            if not made and self.exists_as_dir(build_vm, prefix):
+                continue
+            plan.add(_dir_item(prefix, None))
+            made.append(prefix)
+        secret_file = self.work / f"secret-{secrets.token_hex(6)}"
+        secret_file.write_bytes(content)
+        os.chmod(secret_file, 0o600)
+        try:
+            plan.add(
+                CopyItem(
+                    target.lstrip("/"), "file", mode, 0, 0, int(time.time()), secret_file, size=len(content)
+                )
+            )
+            self.unpack(build_vm, plan)
+        finally:
+            secret_file.unlink(missing_ok=True)
+        return made[:1] if made else [target]
 
     def do_workdir(self, state: _StageState, ins: Instruction) -> None:
         path = expand(ins.args, state.substitution(), ins.where, self.dockerfile.escape).strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -52,6 +53,38 @@ def _build_args(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+#: Largest secret read for a build (docker's limit is 500 KiB).
+MAX_SECRET_BYTES = 512 << 10
+
+
+def _secrets(specs: tuple[str, ...]) -> dict[str, bytes]:
+    """``--secret id=NAME,src=FILE`` (or ``env=VAR``), docker's syntax: the secrets by id."""
+    out: dict[str, bytes] = {}
+    for spec in specs:
+        fields = dict(item.partition("=")[::2] for item in spec.split(","))
+        secret_id = fields.get("id", "")
+        if not secret_id or set(fields) - {"id", "src", "source", "env", "type"}:
+            raise InputError(f"--secret {spec!r}: expected id=NAME,src=FILE or id=NAME,env=VAR")
+        if "env" in fields:
+            if fields["env"] not in os.environ:
+                raise InputError(f"--secret {spec!r}: the variable {fields['env']} is not set")
+            data = os.environ[fields["env"]].encode()
+        else:
+            source = Path(fields.get("src") or fields.get("source") or secret_id)
+            try:
+                fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as exc:
+                raise InputError(f"--secret {spec!r}: cannot read {source}: {exc.strerror}") from None
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise InputError(f"--secret {spec!r}: {source} is not a regular file")
+                data = f.read(MAX_SECRET_BYTES + 1)
+        if len(data) > MAX_SECRET_BYTES:
+            raise InputError(f"--secret {spec!r}: larger than {MAX_SECRET_BYTES // 1024} KiB")
+        out[secret_id] = data
+    return out
+
+
 @click.command("build")
 @click.option("-t", "--tag", "tags", multiple=True, metavar="NAME[:TAG]", help="Name the image. Repeatable.")
 @click.option(
@@ -69,6 +102,13 @@ def _build_args(pairs: tuple[str, ...]) -> dict[str, str]:
     help="Set a build argument. Repeatable.",
 )
 @click.option("--target", metavar="STAGE", help="Build this stage (and what it needs) only.")
+@click.option(
+    "--secret",
+    "secret_specs",
+    multiple=True,
+    metavar="id=NAME[,src=FILE|,env=VAR]",
+    help="A secret for RUN --mount=type=secret,id=NAME (never stored in the image). Repeatable.",
+)
 @click.option("--no-cache", is_flag=True, help="Run every step, taking nothing from the build cache.")
 @click.option("--platform", metavar="OS/ARCH", help="Only linux/amd64 is built.")
 @click.option("--memory", "memory_mib", default=1024, show_default=True, help="RAM of the build VMs in MiB.")
@@ -99,6 +139,7 @@ def build_cmd(
     dockerfile: Path | None,
     build_args: tuple[str, ...],
     target: str | None,
+    secret_specs: tuple[str, ...],
     no_cache: bool,
     platform: str | None,
     memory_mib: int,
@@ -137,6 +178,7 @@ def build_cmd(
         vcpus=vcpus,
         network=network_mode,
         insecure=insecure,
+        secrets=_secrets(secret_specs),
     )
     result = build(options, _Printer(quiet))
     record = result.image.record
