@@ -141,6 +141,40 @@ class Image:
         rootfs = oci.build_squashfs(stored)
         return cls(ref=ref, config=stored.config, rootfs=rootfs, oci_image=stored)
 
+    @classmethod
+    def build(
+        cls,
+        context: str | os.PathLike[str],
+        *,
+        tag: str | None = None,
+        dockerfile: str | os.PathLike[str] | None = None,
+        build_args: Mapping[str, str] | None = None,
+        target: str | None = None,
+        no_cache: bool = False,
+        secrets: Mapping[str, bytes] | None = None,
+        memory_mib: int | None = None,
+        network: object = "egress",
+    ) -> Image:
+        """Builds the Dockerfile in ``context`` (``supermachine build``: each RUN in a microVM,
+        every step cached) and returns the stored image, tagged ``tag`` if given."""
+        from supermachine.build.builder import DEFAULT_BUILD_MEMORY_MIB, BuildOptions, build
+
+        options = BuildOptions(
+            context=Path(context),
+            dockerfile=Path(dockerfile) if dockerfile is not None else None,
+            tags=(tag,) if tag else (),
+            build_args=dict(build_args or {}),
+            target=target,
+            no_cache=no_cache,
+            secrets=dict(secrets or {}),
+            memory_mib=memory_mib or DEFAULT_BUILD_MEMORY_MIB,
+            network=network,
+        )
+        result = build(options)
+        stored = result.image
+        rootfs = oci.build_squashfs(stored)
+        return cls(ref=stored.ref, config=stored.config, rootfs=rootfs, oci_image=stored)
+
     def vm_config(self, base: VmConfig | None = None) -> VmConfig:
         """``base`` (or the defaults) with this image's root filesystem, Env, WorkingDir and User."""
         base = base or VmConfig()

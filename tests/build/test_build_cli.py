@@ -69,3 +69,16 @@ def test_a_scratch_image_with_metadata_only_is_built_without_a_vm(context: Path)
     result = build(context, 'FROM scratch\nENV A=1\nLABEL x=y\nCMD ["/app"]\n', "-t", "meta:1")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith("sha256:")
+
+
+def test_image_build_returns_the_stored_image(context: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supermachine.image import Image
+
+    monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(context.parent / "cache"))
+    (context / "Dockerfile").write_text('FROM scratch\nENV A=1\nCMD ["/app"]\nEXPOSE 80\n')
+    image = Image.build(context, tag="meta:2")
+    assert image.ref == "docker.io/library/meta:2"
+    assert image.config.cmd == ("/app",) and image.config.exposed_ports == ("80/tcp",)
+    assert image.config.environment()["A"] == "1" and "PATH" in image.config.environment()
+    assert image.rootfs is not None and image.rootfs.is_file()
+    assert Image.from_oci("meta:2", pull="never").config == image.config
