@@ -82,3 +82,18 @@ def test_image_build_returns_the_stored_image(context: Path, monkeypatch: pytest
     assert image.config.environment()["A"] == "1" and "PATH" in image.config.environment()
     assert image.rootfs is not None and image.rootfs.is_file()
     assert Image.from_oci("meta:2", pull="never").config == image.config
+
+
+def test_an_untagged_build_is_listed_as_none_and_runs_by_id(context: Path) -> None:
+    result = build(context, 'FROM scratch\nCMD ["/x"]\n')
+    assert result.returncode == 0, result.stderr
+    digest = result.stdout.strip()
+    env = {**os.environ, "SUPERMACHINE_CACHE_DIR": str(context.parent / "cache")}
+    listed = subprocess.run(
+        [sys.executable, "-m", "supermachine", "images"], capture_output=True, text=True, env=env, timeout=60
+    )
+    row = next(line for line in listed.stdout.splitlines() if digest[7:19] in line)
+    assert row.split()[:2] == ["<none>", "<none>"]
+    from supermachine.oci import ImageStore
+
+    assert ImageStore(context.parent / "cache").resolve(digest[7:19]).config_digest == digest

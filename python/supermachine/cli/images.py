@@ -35,7 +35,10 @@ def _age(ts: float) -> str:
 
 
 def _split_ref(ref: str) -> tuple[str, str]:
-    """(repository, tag-or-digest) for display; local sources are shown whole."""
+    """(repository, tag-or-digest) for display; local sources are shown whole, an untagged build
+    (stored under its config digest) as docker shows one."""
+    if ref.startswith("sha256:"):
+        return "<none>", "<none>"
     try:
         parsed = Reference.parse(ref)
     except ImageReferenceError:
