@@ -393,3 +393,20 @@ def test_kill_9_mid_build_leaves_the_stores_consistent(setup: Setup) -> None:
         str(setup.context),
     )
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_a_changed_later_step_restores_the_vm_of_the_step_before(setup: Setup, tmp_path: Path) -> None:
+    """Each step that ran leaves a snapshot of its build VM (a diff against the previous one); a
+    rebuild whose first changed step follows it restores that VM instead of booting one."""
+    path = setup.context.parent / "restore.Dockerfile"
+    path.write_text('ARG BASE\nFROM ${BASE}\nRUN echo one > /one\nARG LAST=a\nRUN echo "$LAST" > /last\n')
+    args = ("build", "-f", str(path), *base_args(setup))
+    first = sm(setup, *args, "-t", "restore:1", str(setup.context))
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = sm(setup, *args, "--build-arg", "LAST=b", "-t", "restore:2", str(setup.context))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "restoring the build VM of the last step" in again.stderr and "booting" not in again.stderr
+    assert "1 from the cache, 1 run" in again.stderr
+    our_tree(setup, again.stdout.strip().splitlines()[-1], tmp_path / "tree")
+    assert (tmp_path / "tree/last").read_text() == "b\n" and (tmp_path / "tree/one").read_text() == "one\n"
+    assert len(list((setup.cache / "build" / "snapshots").iterdir())) >= 2

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from supermachine import oci
-from supermachine.build.cache import BuildCache, CacheEntry, LayerRef, chain
+from supermachine.build.cache import BuildCache, CacheEntry, LayerRef, StepSnapshot, chain, file_stamp
 from supermachine.build.dockerfile import (
     Dockerfile,
     DockerfileError,
@@ -121,6 +121,8 @@ class BuildOptions:
     network: Any = "egress"
     """The build VMs' network (as :attr:`VmConfig.network <supermachine.vm.VmConfig.network>`)."""
     insecure: bool | None = None
+    step_snapshots: bool = True
+    """Snapshot the build VM after each step that ran, so changing the next step restores it."""
     secrets: Mapping[str, bytes] = field(default_factory=dict)
     """Build secrets by id (``--secret``), for ``RUN --mount=type=secret``; never in a layer or
     a cache key."""
@@ -145,6 +147,9 @@ class _BuildVm:
     mark: int
     layers: int
     """How many of the stage's layers its file system holds."""
+    rootfs: Path
+    snapshot: Path | None = None
+    """The snapshot of this VM's latest step, the base of the next step's (a diff)."""
 
 
 @dataclass
@@ -156,6 +161,8 @@ class _StageState:
     args: dict[str, str | None] = field(default_factory=dict)
     shell: tuple[str, ...] = DEFAULT_SHELL
     vm: _BuildVm | None = None
+    snapshot: StepSnapshot | None = None
+    """The snapshot of the VM after the last step, when that step's entry has one."""
 
     @property
     def section(self) -> dict[str, Any]:
@@ -513,29 +520,61 @@ class _Builder:
         return oci.Image(record, manifest, ImageConfig.parse(raw), self.store)
 
     def vm(self, state: _StageState) -> _BuildVm:
-        """The stage's build VM, booted (again) if it does not hold the stage's file system."""
+        """The stage's build VM: the one running if it holds the stage's file system, else one
+        restored from the last step's snapshot, else one booted on the file system so far."""
         if state.vm is not None and state.vm.layers == len(state.layers):
             return state.vm
         self.stop_vm(state)
+        from supermachine.snapshots.metadata import ImageIdentity
         from supermachine.vm import Vm, VmConfig
 
-        rootfs = oci.build_squashfs(self._image_of(state))
+        image = self._image_of(state)
+        usable = self.cache.snapshot_usable(state.snapshot) if state.snapshot is not None else None
+        if state.snapshot is not None and usable is not None:
+            self.reporter.note(f"--> restoring the build VM of the last step ({usable.name[:12]})")
+            try:
+                vm = Vm.restore(usable, rootfs=state.snapshot.rootfs, network=self.options.network)
+            except SupermachineError as exc:  # a base of its chain went, say: boot instead
+                self.reporter.note(f"--> cannot restore it ({exc}); booting instead")
+            else:
+                rootfs_path = Path(state.snapshot.rootfs)
+                state.vm = _BuildVm(vm, state.snapshot.mark, len(state.layers), rootfs_path, usable)
+                return state.vm
+        rootfs = oci.build_squashfs(image)
         self.reporter.note("--> booting a build VM")
-        vm = Vm.start(
-            VmConfig(
-                rootfs=rootfs,
-                memory_mib=self.options.memory_mib,
-                vcpus=self.options.vcpus,
-                network=self.options.network,
-                kernel_args=BUILD_KERNEL_ARGS,
-            )
+        config = VmConfig(
+            rootfs=rootfs,
+            memory_mib=self.options.memory_mib,
+            vcpus=self.options.vcpus,
+            network=self.options.network,
+            kernel_args=BUILD_KERNEL_ARGS,
         )
+        vm = Vm._boot(config, image=ImageIdentity(image.ref, image.config_digest))
         try:
-            state.vm = _BuildVm(vm, vm.mark(), len(state.layers))
+            state.vm = _BuildVm(vm, vm.mark(), len(state.layers), rootfs)
         except BaseException:
             vm.stop()
             raise
         return state.vm
+
+    def snapshot(self, key: str, build_vm: _BuildVm) -> StepSnapshot | None:
+        """Snapshots the build VM after a step (a diff against the previous step's snapshot),
+        so a later build that changes the next step restores it instead of booting."""
+        if not self.options.step_snapshots:
+            return None
+        name = key.removeprefix("sha256:")
+        directory = self.cache.snapshots / name
+        self.cache.snapshots.mkdir(parents=True, exist_ok=True)
+        if (directory / "metadata.json").exists():
+            shutil.rmtree(directory)  # an earlier run of the same step (--no-cache): replaced
+        base = build_vm.snapshot if build_vm.snapshot is not None and build_vm.snapshot.exists() else None
+        try:
+            build_vm.vm.snapshot(directory, base=base)
+        except SupermachineError as exc:
+            self.reporter.note(f"--> no snapshot of this step: {exc}")
+            return None
+        build_vm.snapshot = directory
+        return StepSnapshot(name, build_vm.mark, str(build_vm.rootfs), file_stamp(build_vm.rootfs))
 
     def step_layer(
         self, state: _StageState, ins: Instruction, key: str, make: Callable[[_BuildVm], None], history: str
@@ -550,10 +589,12 @@ class _Builder:
             build_vm = self.vm(state)
             make(build_vm)
             self.ran += 1
-            entry = CacheEntry(self.export(state, build_vm))
+            layer = self.export(state, build_vm)
+            entry = CacheEntry(layer, self.snapshot(key, build_vm))
             self.cache.put(key, entry)
             self.reporter.note(f"--> {entry.layer.digest[7:19] if entry.layer else 'no changes'}")
         state.key = key
+        state.snapshot = entry.snapshot
         if entry.layer is not None:
             state.layers.append(entry.layer)
             state.config.setdefault("rootfs", {"type": "layers", "diff_ids": []})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from supermachine import paths
 from supermachine.oci.store import BlobStore, atomic_write_bytes
 
 ENTRY_VERSION = 1
+_SNAPSHOT_NAME = re.compile(r"[a-f0-9]{64}")
 _MAX_ENTRY_BYTES = 64 << 10
 
 
@@ -50,10 +52,45 @@ class LayerRef:
 
 
 @dataclass(frozen=True)
+class StepSnapshot:
+    """The build VM right after a step: a snapshot beside the cache entries, the agent's mark of
+    that moment, and the root file system image the VM runs on as it was then (a rebuilt one,
+    even of the same layers, may lay its blocks out otherwise: the VM's page cache would lie)."""
+
+    name: str
+    mark: int
+    rootfs: str
+    rootfs_stamp: tuple[int, int, int]
+    """(inode, size, mtime ns) of ``rootfs`` when the snapshot was taken."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "mark": self.mark,
+            "rootfs": self.rootfs,
+            "rootfs_stamp": list(self.rootfs_stamp),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> StepSnapshot:
+        stamp = tuple(int(v) for v in data["rootfs_stamp"])
+        if len(stamp) != 3 or not _SNAPSHOT_NAME.fullmatch(str(data["name"])):
+            raise ValueError("bad snapshot record")
+        return cls(str(data["name"]), int(data["mark"]), str(data["rootfs"]), (stamp[0], stamp[1], stamp[2]))
+
+
+def file_stamp(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
 class CacheEntry:
-    """What a step made: a layer, or nothing (a step that changed no file)."""
+    """What a step made: a layer, or nothing (a step that changed no file), and, when it ran, a
+    snapshot of the build VM after it."""
 
     layer: LayerRef | None
+    snapshot: StepSnapshot | None = None
 
 
 def chain(previous: str, step: object) -> str:
@@ -66,7 +103,10 @@ class BuildCache:
     """Step results by key (see the module docstring)."""
 
     def __init__(self, blobs: BlobStore, root: Path | None = None) -> None:
-        self.dir = (root or paths.cache_dir() / "build") / "steps"
+        base = root or paths.cache_dir() / "build"
+        self.dir = base / "steps"
+        self.snapshots = base / "snapshots"
+        """Step snapshots, siblings, so each can be a diff against the one before it."""
         self.blobs = blobs
 
     def _path(self, key: str) -> Path:
@@ -85,12 +125,29 @@ class BuildCache:
             if data.get("version") != ENTRY_VERSION or len(raw) > _MAX_ENTRY_BYTES:
                 return None
             layer = LayerRef.from_json(data["layer"]) if data.get("layer") else None
+            snapshot = StepSnapshot.from_json(data["snapshot"]) if data.get("snapshot") else None
         except (ValueError, KeyError, TypeError, AttributeError):
             return None  # damaged: the step runs again and rewrites it
         if layer is not None and not self.blobs.has(layer.digest, layer.size):
             return None
-        return CacheEntry(layer)
+        return CacheEntry(layer, snapshot)
+
+    def snapshot_usable(self, snapshot: StepSnapshot) -> Path | None:
+        """The snapshot's directory if it and the root file system it ran on are still as they
+        were; ``None`` otherwise (a boot serves instead)."""
+        directory = self.snapshots / snapshot.name
+        try:
+            if file_stamp(Path(snapshot.rootfs)) != snapshot.rootfs_stamp:
+                return None
+        except OSError:
+            return None
+        return directory if (directory / "metadata.json").is_file() else None
 
     def put(self, key: str, entry: CacheEntry) -> None:
-        data = {"version": ENTRY_VERSION, "layer": entry.layer.to_json() if entry.layer else None}
+        data: dict[str, Any] = {
+            "version": ENTRY_VERSION,
+            "layer": entry.layer.to_json() if entry.layer else None,
+        }
+        if entry.snapshot is not None:
+            data["snapshot"] = entry.snapshot.to_json()
         atomic_write_bytes(self._path(key), json.dumps(data).encode())
