@@ -9,8 +9,8 @@ the peers in rotating order every round:
 1. cold: ``--no-cache`` (every step runs: for supermachine a build VM boots);
 2. cached: nothing changed since the last build (every step from the cache);
 3. last step changed: ``--build-arg LAST=<new>``, an ARG only the last RUN sees, so every step
-   before it is cached and the last one runs again (supermachine boots a VM for it; the step
-   cache is per layer, restoring a step's VM from a snapshot is not done yet).
+   before it is cached and the last one runs again (supermachine restores the build VM of the
+   step before it from that step's snapshot instead of booting one).
 
 Per scenario: each peer's median (min..max) seconds, and the per-round ratio supermachine /
 buildah (median, min..max), in ``extra_info`` and printed (run with ``-s``).
@@ -18,7 +18,7 @@ buildah (median, min..max), in ``extra_info`` and printed (run with ``-s``).
 On hosts whose KVM emulates guest kernel code (kvm_pvm) a VM boot takes tens of seconds and every
 guest system call hundreds of microseconds, so the scenarios that run a step are dominated by that
 emulation; buildah runs the steps as host processes. The cached scenario boots nothing and is
-meaningful here.
+meaningful here, and so is the restore in scenario 3 (the VMM side of a restore is host work).
 """
 
 from __future__ import annotations
