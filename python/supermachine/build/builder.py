@@ -62,7 +62,7 @@ from supermachine.errors import (
     InputError,
     SupermachineError,
 )
-from supermachine.oci.commit import check_new_ref, store_image
+from supermachine.oci.commit import ConfigChanges, apply_changes, check_new_ref, exposed_port, store_image
 from supermachine.oci.manifest import OCI_CONFIG, OCI_MANIFEST, Descriptor, ImageConfig, Manifest
 from supermachine.oci.store import ImageRecord, ImageStore
 
@@ -400,17 +400,17 @@ class _Builder:
             state.args[name] = value
             state.key = chain(state.key, ["ARG", name, value])
 
+    # Config changes go through apply_changes, which vm.commit uses too: one owner of the rules
+    # (Env and Labels merged, ports and volumes added, an ENTRYPOINT resetting CMD).
+
     def do_env(self, state: _StageState, ins: Instruction) -> None:
         pairs = key_values(ins.args, state.substitution(), ins.where, self.dockerfile.escape)
-        env = state.env()
-        for key, value in pairs:
-            env[key] = value
-        state.section["Env"] = [f"{k}={v}" for k, v in env.items()]
+        apply_changes(state.config, ConfigChanges(env=dict(pairs)))
         self.meta(state, ins, pairs)
 
     def do_label(self, state: _StageState, ins: Instruction) -> None:
         pairs = key_values(ins.args, state.substitution(), ins.where, self.dockerfile.escape)
-        state.section["Labels"] = {**(state.section.get("Labels") or {}), **dict(pairs)}
+        apply_changes(state.config, ConfigChanges(labels=dict(pairs)))
         self.meta(state, ins, pairs)
 
     def do_maintainer(self, state: _StageState, ins: Instruction) -> None:
@@ -418,25 +418,24 @@ class _Builder:
         self.meta(state, ins, state.config["author"])
 
     def do_user(self, state: _StageState, ins: Instruction) -> None:
-        state.section["User"] = expand(ins.args, state.substitution(), ins.where, self.dockerfile.escape)
-        self.meta(state, ins, state.section["User"])
+        user = expand(ins.args, state.substitution(), ins.where, self.dockerfile.escape)
+        apply_changes(state.config, ConfigChanges(user=user))
+        self.meta(state, ins, user)
 
     def do_stopsignal(self, state: _StageState, ins: Instruction) -> None:
-        state.section["StopSignal"] = expand(
-            ins.args, state.substitution(), ins.where, self.dockerfile.escape
-        )
-        self.meta(state, ins, state.section["StopSignal"])
+        signal = expand(ins.args, state.substitution(), ins.where, self.dockerfile.escape)
+        apply_changes(state.config, ConfigChanges(stop_signal=signal))
+        self.meta(state, ins, signal)
 
     def do_expose(self, state: _StageState, ins: Instruction) -> None:
-        ports: dict[str, dict[str, str]] = {}
+        ports = []
         for word in words(ins.args, state.substitution(), ins.where, self.dockerfile.escape):
-            port, _, proto = word.partition("/")
-            proto = (proto or "tcp").lower()
-            if not port.isdigit() or not 1 <= int(port) <= 65535 or proto not in ("tcp", "udp", "sctp"):
-                raise ins.error(f"{word!r} is not PORT[/tcp|udp|sctp]")
-            ports[f"{int(port)}/{proto}"] = {}
-        state.section["ExposedPorts"] = {**(state.section.get("ExposedPorts") or {}), **ports}
-        self.meta(state, ins, sorted(ports))
+            try:
+                ports.append(exposed_port(word.lower()))  # docker takes TCP as tcp
+            except InputError:
+                raise ins.error(f"{word!r} is not PORT[/tcp|udp|sctp]") from None
+        apply_changes(state.config, ConfigChanges(exposed_ports=tuple(ports)))
+        self.meta(state, ins, sorted(set(ports)))
 
     def do_volume(self, state: _StageState, ins: Instruction) -> None:
         listed = exec_form(ins.args)
@@ -444,7 +443,7 @@ class _Builder:
             listed = words(ins.args, state.substitution(), ins.where, self.dockerfile.escape)
         if not listed:
             raise ins.error("needs at least one path")
-        state.section["Volumes"] = {**(state.section.get("Volumes") or {}), **{v: {} for v in listed}}
+        apply_changes(state.config, ConfigChanges(volumes=tuple(listed)))
         self.meta(state, ins, listed)
 
     def _command(self, state: _StageState, ins: Instruction) -> list[str]:
@@ -452,13 +451,14 @@ class _Builder:
         return listed if listed is not None else [*state.shell, ins.args]
 
     def do_cmd(self, state: _StageState, ins: Instruction) -> None:
-        state.section["Cmd"] = self._command(state, ins)
-        self.meta(state, ins, state.section["Cmd"])
+        command = self._command(state, ins)
+        apply_changes(state.config, ConfigChanges(cmd=tuple(command)))
+        self.meta(state, ins, command)
 
     def do_entrypoint(self, state: _StageState, ins: Instruction) -> None:
-        state.section["Entrypoint"] = self._command(state, ins)
-        state.section.pop("Cmd", None)  # docker: an ENTRYPOINT resets the base image's CMD
-        self.meta(state, ins, state.section["Entrypoint"])
+        command = self._command(state, ins)
+        apply_changes(state.config, ConfigChanges(entrypoint=tuple(command)))  # resets CMD, as docker does
+        self.meta(state, ins, command)
 
     def do_shell(self, state: _StageState, ins: Instruction) -> None:
         listed = exec_form(ins.args)
@@ -721,7 +721,7 @@ class _Builder:
         if not path.startswith("/"):
             path = os.path.join(state.section.get("WorkingDir") or "/", path)
         path = os.path.normpath(path)
-        state.section["WorkingDir"] = path
+        apply_changes(state.config, ConfigChanges(workdir=path))
         key = chain(state.key, ["WORKDIR", path])
 
         def make(build_vm: _BuildVm) -> None:
@@ -755,17 +755,22 @@ class _Builder:
         """``--chown=user[:group]``: numbers, or names from the stage's /etc/passwd and /etc/group
         (read in the build VM)."""
         user, _, group = spec.partition(":")
+        tables: dict[str, list[list[str]]] = {}
+
+        def rows(db: str) -> list[list[str]]:
+            """The image's /etc/passwd or /etc/group as fields, read once per COPY."""
+            if db not in tables:
+                try:
+                    data = self.vm(state).vm.read_file(f"/etc/{db}", max_bytes=4 << 20)
+                except AgentRequestError:
+                    data = b""
+                tables[db] = [line.split(":") for line in data.decode(errors="replace").splitlines()]
+            return tables[db]
 
         def number(name: str, db: str) -> int:
             if name.isdigit():
                 return int(name)
-            build_vm = self.vm(state)
-            try:
-                text = build_vm.vm.read_file(f"/etc/{db}", max_bytes=4 << 20).decode(errors="replace")
-            except AgentRequestError:
-                text = ""
-            for line in text.splitlines():
-                fields = line.split(":")
+            for fields in rows(db):
                 if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
                     return int(fields[2])
             raise ins.error(f"--chown: no {'user' if db == 'passwd' else 'group'} {name!r} in the image")
@@ -775,6 +780,11 @@ class _Builder:
             return uid, number(group, "group")
         if user.isdigit():
             return uid, uid
+        # A user name alone: its primary group, as docker does.
+        for fields in rows("passwd"):
+            if len(fields) > 3 and fields[0] == user and fields[3].isdigit():
+                return uid, int(fields[3])
+        return uid, uid
         # A user name alone: its primary group, as docker does.
         build_vm = self.vm(state)
         text = build_vm.vm.read_file("/etc/passwd", max_bytes=4 << 20).decode(errors="replace")
@@ -916,13 +926,8 @@ def _prefixes(path: str) -> list[str]:
 
 
 def _selected(tree: SourceTree, pattern: str, where: str) -> list[tuple[str, os.stat_result]]:
-    out = []
-    for rel in tree.select(pattern, where):
-        found = tree.resolve(rel)
-        if found is None:
-            raise SourceError(f"{where}: {pattern!r} does not exist in {tree.what}")
-        out.append(found)
-    return out
+    """The sources ``pattern`` names and what each is (select gives real paths: no link to follow)."""
+    return [(rel, os.lstat(tree.root / rel if rel else tree.root)) for rel in tree.select(pattern, where)]
 
 
 _ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")

@@ -113,7 +113,7 @@ class ConfigChanges:
                 items = [item] if isinstance(item, str) else item
                 if not isinstance(items, Sequence) or not all(isinstance(v, str) and v for v in items):
                     raise InputError(f"{key} must be a list of strings, got {item!r}")
-                out[key] = tuple(_port(v) if key == "exposed_ports" else v for v in items)
+                out[key] = tuple(exposed_port(v) if key == "exposed_ports" else v for v in items)
             elif not isinstance(item, str):
                 raise InputError(f"{key} must be a string, got {item!r}")
             else:
@@ -141,16 +141,15 @@ class ConfigChanges:
             elif name == "EXPOSE":
                 merged["exposed_ports"] = (*merged.get("exposed_ports", ()), *rest.split())
             elif name == "VOLUME":
-                volumes = _json_or_shell(rest, line)
-                if volumes and volumes[:2] == ("/bin/sh", "-c"):
-                    volumes = tuple(rest.split())
+                volumes = _json_or_shell(rest, line) if rest.startswith("[") else tuple(rest.split())
                 merged["volumes"] = (*merged.get("volumes", ()), *volumes)
             else:
                 merged[{"WORKDIR": "workdir", "USER": "user", "STOPSIGNAL": "stop_signal"}[name]] = rest
         return cls.of(merged)
 
 
-def _port(value: str) -> str:
+def exposed_port(value: str) -> str:
+    """``PORT[/tcp|udp|sctp]`` as an image config key (``80`` -> ``80/tcp``); InputError else."""
     port, _, proto = value.partition("/")
     proto = proto or "tcp"
     if not port.isdigit() or not 1 <= int(port) <= 65535 or proto not in ("tcp", "udp", "sctp"):
