@@ -289,6 +289,17 @@ fn read_link_at(dir: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
     Ok(target)
 }
 
+/// `prefix/name`, or `name` at the root (whose prefix is empty).
+fn child_path(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut path = Vec::with_capacity(prefix.len() + 1 + name.len());
+    if !prefix.is_empty() {
+        path.extend_from_slice(prefix);
+        path.push(b'/');
+    }
+    path.extend_from_slice(name);
+    path
+}
+
 fn mtime_ns(st: &libc::stat) -> u64 {
     // Times before 1970 are sent as 1970: the field is unsigned.
     (st.st_mtime.max(0) as u64)
@@ -437,11 +448,7 @@ impl Walk<'_> {
         let names = read_names(upper).map_err(|e| failed("read the directory", prefix, &e))?;
         let mut seen_here = HashMap::new();
         for name in &names {
-            let mut path = prefix.to_vec();
-            if !path.is_empty() {
-                path.push(b'/');
-            }
-            path.extend_from_slice(name.to_bytes());
+            let path = child_path(prefix, name.to_bytes());
             if path.len() > MAX_PATH {
                 return Err(Stop::Failed(
                     None,
@@ -456,21 +463,16 @@ impl Walk<'_> {
             }
         }
         // Since a mark: what the mark saw here and is gone now was deleted in between.
-        if let Some(Some(before)) = (!everything)
-            .then(|| self.since.as_ref().map(|s| s.get(prefix).cloned()))
-            .flatten()
-        {
+        // (The mark is shared, not copied: an Arc clone lets `send` borrow `self` meanwhile.)
+        let since = if everything { None } else { self.since.clone() };
+        if let Some(before) = since.as_ref().and_then(|s| s.get(prefix)) {
             let mut gone: Vec<&Vec<u8>> = before
                 .keys()
                 .filter(|n| !seen_here.contains_key(*n))
                 .collect();
             gone.sort();
             for name in gone {
-                let mut path = prefix.to_vec();
-                if !path.is_empty() {
-                    path.push(b'/');
-                }
-                path.extend_from_slice(name);
+                let path = child_path(prefix, name);
                 let e = Encoder::new()
                     .bytes(PATH, &path)
                     .uint(TYPE, entry_type::WHITEOUT);
@@ -478,7 +480,7 @@ impl Walk<'_> {
             }
         }
         if let Some(record) = self.record.as_mut() {
-            record.insert(prefix.to_vec(), seen_here.clone());
+            record.insert(prefix.to_vec(), seen_here);
         }
         // An opaque directory hides everything the image had in it: a listing names those paths
         // as deleted (an export needs no entry for them, the opaque mark says it).
@@ -487,9 +489,7 @@ impl Walk<'_> {
             let hidden =
                 read_names(lower).map_err(|e| failed("read the image directory", prefix, &e))?;
             for name in hidden.iter().filter(|n| !present.contains(n)) {
-                let mut path = prefix.to_vec();
-                path.push(b'/');
-                path.extend_from_slice(name.to_bytes());
+                let path = child_path(prefix, name.to_bytes());
                 if path.len() <= MAX_PATH {
                     let e = Encoder::new()
                         .bytes(PATH, &path)
