@@ -38,8 +38,7 @@ import pytest
 from conftest import skip_unless_kvm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "oci"))
-from _support import full_busybox_rootfs, umoci_image
-from supermachine import paths
+from _support import full_busybox_rootfs, private_cache, umoci_image
 
 ROUNDS = 3
 NOTE = "whole commands; step-running scenarios are dominated by guest kernel emulation on kvm_pvm hosts"
@@ -83,12 +82,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     for i in range(64):
         (context / "src" / f"part{i:02}.txt").write_bytes(os.urandom(16 << 10).hex().encode())
     (context / "Dockerfile").write_text(DOCKERFILE)
-    cache = work / "cache"
-    cache.mkdir()
-    shared = paths.cache_dir()
-    for artefact in ("kernels", "agent", "initramfs"):
-        (shared / artefact).mkdir(parents=True, exist_ok=True)
-        (cache / artefact).symlink_to(shared / artefact)
+    cache = private_cache(work / "cache")
     setup = Setup(f"oci:{work / 'layout'}:base", context, cache, work / "buildah")
     # Both builders get the base image into their storage, and warm: not timed.
     for peer in PEERS:

@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import pytest
 from conftest import AgentServer, _accepts, serving
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oci"))
+from _support import tree_metadata
 from supermachine.changes import Change, list_changes, write_layer
 from supermachine.errors import AgentRequestError, ExportError
 from supermachine.oci.rootfs import apply_layer
@@ -130,33 +134,8 @@ def changed(agent_binary: Path, tmp_path: Path, overlay: Overlay) -> Iterator[tu
 
 
 def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:
-    """Everything the comparison checks, by path: type, mode, owner, size, content hash, link
-    target, device numbers, user xattrs, and which paths share an inode."""
-    out: dict[str, tuple[object, ...]] = {}
-    inodes: dict[int, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            st = path.lstat()
-            kind = stat.S_IFMT(st.st_mode)
-            extra: object = None
-            if stat.S_ISREG(st.st_mode):
-                extra = hashlib.sha256(path.read_bytes()).hexdigest()
-                if st.st_nlink > 1:
-                    extra = (extra, "linked-with", inodes.setdefault(st.st_ino, rel))
-            elif stat.S_ISLNK(st.st_mode):
-                extra = os.readlink(path)
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            xattrs = {}
-            if not stat.S_ISLNK(st.st_mode):
-                for key in os.listxattr(path):
-                    if key.startswith("user."):
-                        xattrs[key] = os.getxattr(path, key)
-            mtime = int(st.st_mtime) if stat.S_ISREG(st.st_mode) else None
-            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, extra, xattrs, mtime)
-    return out
+    """Everything the comparison checks, by path: times and user xattrs too."""
+    return tree_metadata(root, xattrs=True, mtimes=True)
 
 
 def test_changes_lists_additions_modifications_and_deletions(changed: tuple[AgentServer, Overlay]) -> None:

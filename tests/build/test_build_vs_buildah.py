@@ -29,8 +29,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oci"))
-from _support import full_busybox_rootfs, umoci_image
-from supermachine import paths
+from _support import full_busybox_rootfs, private_cache, tree_metadata, umoci_image
 from supermachine.errors import KvmUnavailableError
 from supermachine.oci import build_rootfs, load_image
 from supermachine.vm import check_kvm
@@ -142,12 +141,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.uid, info.gid = len(data), mode, 0, 0
             tar.addfile(info, io.BytesIO(data))
-    cache = work / "cache"
-    cache.mkdir()
-    shared = paths.cache_dir()
-    for artefact in ("kernels", "agent", "initramfs"):
-        (shared / artefact).mkdir(parents=True, exist_ok=True)
-        (cache / artefact).symlink_to(shared / artefact)
+    cache = private_cache(work / "cache")
     secret = work / "tok.secret"
     secret.write_text("s3cr3t-value\n")
     yield Setup(f"oci:{layout}:base", context, cache, work / "buildah", secret)
@@ -205,25 +199,6 @@ def build_both(setup: Setup, name: str, dockerfile: str) -> tuple[str, str]:
     return ours.stdout.strip().splitlines()[-1], theirs.stdout.strip().splitlines()[-1]
 
 
-def _tree(root: Path) -> dict[str, tuple[object, ...]]:
-    out: dict[str, tuple[object, ...]] = {}
-    inodes: dict[int, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            st = path.lstat()
-            extra: object = None
-            if stat.S_ISREG(st.st_mode):
-                extra = hashlib.sha256(path.read_bytes()).hexdigest()
-                if st.st_nlink > 1:
-                    extra = (extra, "linked-with", inodes.setdefault(st.st_ino, rel))
-            elif stat.S_ISLNK(st.st_mode):
-                extra = os.readlink(path)
-            out[rel] = (stat.S_IFMT(st.st_mode), oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid, extra)
-    return out
-
-
 def our_tree(
     setup: Setup, image_id: str, dest: Path
 ) -> tuple[dict[str, tuple[object, ...]], dict[str, object]]:
@@ -234,14 +209,14 @@ def our_tree(
         config = json.loads(image.store.blobs.read_bytes(image.config_digest))["config"]
     finally:
         del os.environ["SUPERMACHINE_CACHE_DIR"]
-    return _tree(dest), config
+    return tree_metadata(dest), config
 
 
 def their_tree(setup: Setup, name: str) -> tuple[dict[str, tuple[object, ...]], dict[str, object]]:
     container = buildah(setup, "from", "--pull-never", f"{name}:1").stdout.strip()
     mount = buildah(setup, "mount", container).stdout.strip()
     try:
-        tree = _tree(Path(mount))
+        tree = tree_metadata(Path(mount))
     finally:
         buildah(setup, "umount", container)
         buildah(setup, "rm", container)

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oci"))
-from _support import Registry, missing_tools, skopeo_copy, start_registry, umoci_image
-from supermachine import paths
+from _support import Registry, missing_tools, private_cache, skopeo_copy, start_registry, umoci_image
 from supermachine.errors import ImageNotFoundError, InputError
 from supermachine.image import Image
 
@@ -79,12 +78,7 @@ def registry_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[R
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A private image cache, sharing only the built guest kernel and agent with the user's cache
     (they are keyed by their inputs; rebuilding them per test would take minutes)."""
-    shared = paths.cache_dir()
-    private = tmp_path / "cache"
-    private.mkdir()
-    for artefact in ("kernels", "agent", "initramfs"):
-        (shared / artefact).mkdir(parents=True, exist_ok=True)
-        (private / artefact).symlink_to(shared / artefact)
+    private = private_cache(tmp_path / "cache")
     monkeypatch.setenv("SUPERMACHINE_CACHE_DIR", str(private))
     return private
 

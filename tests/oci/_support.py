@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tarfile
 import threading
@@ -343,6 +344,59 @@ def full_busybox_rootfs(dest: Path, passwd: str, group: str, dirs: tuple[str, ..
     (dest / "etc" / "group").write_text(group)
     os.chmod(dest / "tmp", 0o1777)
     return dest
+
+
+def private_cache(path: Path) -> Path:
+    """A new, empty supermachine cache at ``path`` that shares only the built guest kernel, agent
+    and initramfs with the user's (keyed by their inputs; rebuilding them would take minutes)."""
+    from supermachine import paths
+
+    path.mkdir(parents=True)
+    shared = paths.cache_dir()
+    for artefact in ("kernels", "agent", "initramfs"):
+        (shared / artefact).mkdir(parents=True, exist_ok=True)
+        (path / artefact).symlink_to(shared / artefact)
+    return path
+
+
+def tree_metadata(root: Path, *, xattrs: bool = False, mtimes: bool = False) -> dict[str, tuple[object, ...]]:
+    """What two root file systems are compared by, per path: type, mode, owner, and a regular
+    file's content hash (with the first path of its inode when hard-linked), a link's target or a
+    device's numbers; with ``xattrs`` its ``user.`` attributes, with ``mtimes`` a file's mtime."""
+    out: dict[str, tuple[object, ...]] = {}
+    inodes: dict[int, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = path.lstat()
+            extra: object = None
+            if stat.S_ISREG(st.st_mode):
+                extra = hashlib.sha256(path.read_bytes()).hexdigest()
+                if st.st_nlink > 1:
+                    extra = (extra, "linked-with", inodes.setdefault(st.st_ino, rel))
+            elif stat.S_ISLNK(st.st_mode):
+                extra = os.readlink(path)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                extra = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            row: tuple[object, ...] = (
+                stat.S_IFMT(st.st_mode),
+                oct(stat.S_IMODE(st.st_mode)),
+                st.st_uid,
+                st.st_gid,
+                extra,
+            )
+            if xattrs:
+                found = (
+                    {}
+                    if stat.S_ISLNK(st.st_mode)
+                    else {k: os.getxattr(path, k) for k in os.listxattr(path) if k.startswith("user.")}
+                )
+                row += (found,)
+            if mtimes:
+                row += (int(st.st_mtime) if stat.S_ISREG(st.st_mode) else None,)
+            out[rel] = row
+    return out
 
 
 def umoci_image(
