@@ -123,6 +123,7 @@ def test_config_changes_follow_docker_rules() -> None:
     assert ConfigChanges.parse(["ENV K v w"]).env == {"K": "v w"}
     assert ConfigChanges.parse(["VOLUME /data /logs"]).volumes == ("/data", "/logs")
     assert ConfigChanges.parse(['VOLUME ["/a"]']).volumes == ("/a",)
+    assert ConfigChanges.parse(['VOLUME ["/bin/sh", "-c"]']).volumes == ("/bin/sh", "-c")
     assert ConfigChanges.parse(["USER 1000:1000", "WORKDIR /srv"]).user == "1000:1000"
 
 
