@@ -38,6 +38,13 @@ def _initramfs(path: Path, init: str) -> Path:
     return path
 
 
+def _online_cpus(vmlinux: Path, vcpus: int) -> str:
+    """What the guest lists in /sys/devices/system/cpu/online: every vCPU, unless the kernel was
+    built without SMP (the compat profile, for now: see guest/kernel/README.md)."""
+    smp = "CONFIG_SMP=y" in (vmlinux.parent / ".config").read_text()
+    return f"0-{vcpus - 1}" if smp and vcpus > 1 else "0"
+
+
 @pytest.fixture(scope="module")
 def vmlinux(kvm: None) -> Path:
     from supermachine import kernel
@@ -51,14 +58,25 @@ def vmlinux(kvm: None) -> Path:
 
 
 @pytest.mark.slow
-def test_kernel_boots_reads_the_disk_and_resets(vmlinux: Path, tmp_path: Path) -> None:
-    disk = tmp_path / "disk.img"
-    disk.write_bytes(b"SUPERMACHINE-DISK".ljust(4096, b"\0"))
+def test_kernel_boots_on_two_vcpus_reads_the_last_of_19_disks_and_resets(
+    vmlinux: Path, tmp_path: Path
+) -> None:
+    """The MP table gives the guest both vCPUs (an SMP kernel brings them up) and the I/O APIC,
+    whose pins carry interrupts beyond the legacy PIC's 16 lines: the 19th disk is on GSI 23."""
+    disks = []
+    for n in range(_core.MAX_VIRTIO_DEVICES):
+        disk = tmp_path / f"disk{n}.img"
+        disk.write_bytes(f"SUPERMACHINE-DISK-{n:02}".encode().ljust(512 * (n + 1), b"\0"))
+        disks.append({"path": str(disk), "read_only": True})
+    last = "vd" + chr(ord("a") + len(disks) - 1)
     init = (
         "#!/bin/sh\n"
         "mount -t devtmpfs dev /dev\n"
         "mount -t sysfs sys /sys\n"
-        'echo "disk: $(head -c 17 /dev/vda) sectors: $(cat /sys/block/vda/size)"\n'
+        "mount -t proc proc /proc\n"
+        f'echo "disk: $(head -c 20 /dev/{last}) sectors: $(cat /sys/block/{last}/size)"\n'
+        'echo "cpus: $(cat /sys/devices/system/cpu/online)"\n'
+        "cat /proc/interrupts\n"
         "echo VMM-BOOT-OK\n"
         "reboot -f\n"
     )
@@ -68,16 +86,21 @@ def test_kernel_boots_reads_the_disk_and_resets(vmlinux: Path, tmp_path: Path) -
             "initramfs": str(_initramfs(tmp_path / "initrd.cpio", init)),
             "cmdline": CMDLINE,
             "memory_mib": 256,
-            "disks": [{"path": str(disk), "read_only": True}],
+            "vcpus": 2,
+            "disks": disks,
             "console_log": str(tmp_path / "console.log"),
         }
     )
     try:
         assert "virtio_mmio.device=4K@0xd0000000:5" in vm.cmdline
-        outcome = vm.wait(180)
+        assert f"virtio_mmio.device=4K@{0xD0000000 + 0x1000 * (len(disks) - 1):#x}:23" in vm.cmdline
+        outcome = vm.wait(300)
         console = vm.console().decode(errors="replace")
         assert outcome is not None, console[-2000:]
-        assert "disk: SUPERMACHINE-DISK sectors: 8" in console, console[-2000:]
+        assert f"disk: SUPERMACHINE-DISK-{len(disks) - 1} sectors: {len(disks)}" in console, console[-2000:]
+        assert f"cpus: {_online_cpus(vmlinux, 2)}" in console, console[-3000:]
+        routed = [line for line in console.splitlines() if "virtio" in line and "IO-APIC" in line]
+        assert len(routed) == len(disks), console[-3000:]
         assert "VMM-BOOT-OK" in console
         assert outcome.kind == "reset", outcome
     finally:

@@ -128,7 +128,8 @@ def test_the_policy_the_vmm_gets_resolves_host_and_keeps_rule_order() -> None:
 
 
 def test_identities_differ_and_are_unicast_locally_administered() -> None:
-    ids = [Identity.new() for _ in range(300)]
+    # Enough that 24 random bits per MAC would collide (about 1 - e**-12 of the time).
+    ids = [Identity.new() for _ in range(20_000)]
     assert len({i.mac for i in ids}) == len(ids)
     assert len({i.address for i in ids[:240]}) == 240  # the /24 is cycled through before reuse
     for i in ids:

@@ -27,6 +27,18 @@ def test_serial_output_and_power_off_code(start_vm: StartVm) -> None:
     assert vm.cpu_template in ("normal", "compat")
 
 
+@pytest.mark.parametrize("vcpus", [1, 2, 4])
+def test_every_vcpu_is_in_the_mp_table_and_starts_on_a_sipi(start_vm: StartVm, vcpus: int) -> None:
+    """vCPU 0 finds one processor per vCPU in the VMM's MP table and wakes the others with
+    INIT and SIPI through its local APIC; each runs the real-mode trampoline and checks in."""
+    vm = start_vm(g.SMP, vcpus=vcpus)
+    ended = vm.wait(60)
+    assert ended is not None, f"not every AP checked in: {vm.read_memory(g.AP_COUNTER, 4)!r}"
+    assert (ended.kind, ended.code) == ("poweroff", 0x40 + vcpus)
+    assert struct.unpack("<Q", vm.read_memory(g.RESULTS, 8))[0] == vcpus
+    assert struct.unpack("<I", vm.read_memory(g.AP_COUNTER, 4))[0] == vcpus - 1
+
+
 def test_console_log_file(start_vm: StartVm, tmp_path: Any) -> None:
     log = tmp_path / "console.log"
     vm = start_vm(g.HELLO, console_log=str(log))

@@ -261,6 +261,77 @@ _start:
 """
 
 
+# The application processors' meeting point: each one, started in real mode by the SIPI below,
+# adds one to this counter (below 1 MiB, as real-mode code must address it).
+AP_COUNTER = 0x9000
+AP_TRAMPOLINE = 0x8000  # SIPI vector 8
+
+# Reads the MP table the VMM wrote at 0x9fc00 (floating pointer "_MP_", then the "PCMP" table)
+# and counts its processor entries into RESULTS; broadcasts INIT and one SIPI (vector 8) to every
+# other local APIC, and waits until that many minus one have counted themselves in at
+# AP_COUNTER. Powers off with code 0x40 + processors. Any other code: 1 = no floating pointer,
+# 2 = no configuration table. With a missing AP it never powers off.
+SMP = (
+    PRELUDE
+    + f"""
+    mov rdi, {AP_TRAMPOLINE}
+    lea rsi, [rip + ap_start]
+    lea rcx, [rip + ap_end]
+    sub rcx, rsi
+5:  mov al, byte ptr [rsi]
+    mov byte ptr [rdi], al
+    inc rsi
+    inc rdi
+    dec rcx
+    jnz 5b
+    mov dword ptr [{AP_COUNTER}], 0
+    mov rsi, 0x9fc00
+    mov r9, 1
+    cmp dword ptr [rsi], 0x5f504d5f
+    jne 8f
+    mov esi, dword ptr [rsi + 4]
+    mov r9, 2
+    cmp dword ptr [rsi], 0x504d4350
+    jne 8f
+    movzx ecx, word ptr [rsi + 34]
+    lea rdx, [rsi + 44]
+    xor r8, r8
+6:  cmp byte ptr [rdx], 0
+    jne 7f
+    inc r8
+    add rdx, 12
+7:  add rdx, 8
+    dec ecx
+    jnz 6b
+    mov qword ptr [{RESULTS}], r8
+    mov rbx, 0xfee00000
+    mov dword ptr [rbx + 0xf0], 0x1ff
+    mov dword ptr [rbx + 0x300], 0xc4500
+    mov dword ptr [rbx + 0x300], 0xc4608
+    lea r9, [r8 - 1]
+4:  mov eax, dword ptr [{AP_COUNTER}]
+    cmp rax, r9
+    jne 4b
+    lea r9, [r8 + 0x40]
+8:  mov dx, {POWER_OFF}
+    mov eax, r9d
+    out dx, eax
+9:  hlt
+    jmp 9b
+.code16
+ap_start:
+    cli
+    xor ax, ax
+    mov ds, ax
+    lock inc dword ptr [{AP_COUNTER}]
+3:  hlt
+    jmp 3b
+ap_end:
+.code64
+"""
+)
+
+
 def build(source: str, workdir: Path, *, load_addr: int = LOAD_ADDR, elf: bool = False) -> Path:
     """Assembles `source` linked at `load_addr`; returns the flat binary (or the ELF)."""
     key = hashlib.sha256(f"{source}{load_addr}".encode()).hexdigest()[:12]

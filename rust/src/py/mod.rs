@@ -48,6 +48,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_VCPUS", crate::vmm::DEFAULT_VCPUS)?;
     m.add("MAX_VCPUS", crate::vmm::MAX_VCPUS)?;
     m.add(
+        "MAX_VIRTIO_DEVICES",
+        crate::vmm::builder::VIRTIO_MAX_DEVICES,
+    )?;
+    m.add(
         "WORKER_PROTOCOL_VERSION",
         crate::worker::protocol::PROTOCOL_VERSION,
     )?;

@@ -26,7 +26,7 @@ pub const CMDLINE_ADDR: u64 = 0x20000;
 /// Longest command line (x86 Linux's COMMAND_LINE_SIZE, including the NUL).
 pub const CMDLINE_MAX: usize = 2048;
 /// Start of the extended BIOS data area; RAM below it is usable, up to 1 MiB is reserved.
-const EBDA_START: u64 = 0x9fc00;
+pub(super) const EBDA_START: u64 = 0x9fc00;
 const HIGH_MEM_START: u64 = 0x10_0000;
 
 const PVH_MAGIC: u32 = 0x336e_c578;

@@ -17,6 +17,7 @@ use super::bus::{Bus, SharedDevice};
 use super::control::{Outcome, VmControl};
 use super::cpuid::CpuTemplate;
 use super::memory::{GuestRam, MemoryError};
+use super::mptable::{self, MpTableError};
 use super::persist;
 use super::vcpu::{self, ExitStats, SharedVcpu, VcpuContext};
 use super::vcpu_setup::{self, VcpuSetupError};
@@ -26,6 +27,7 @@ use crate::devices::legacy::{
     ConsoleBuffer, I8042Data, PowerOffPort, PvPanic, SerialConsole, I8042,
 };
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_LEN};
 use crate::devices::virtio::net::{Net, NetCounters, NetError};
 use crate::devices::virtio::vsock::{Vsock, VsockError};
@@ -36,8 +38,9 @@ use crate::snapshot::{DeviceState, SnapshotError};
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// GSI of the first virtio device; the next ones count up.
 pub const VIRTIO_FIRST_GSI: u32 = 5;
-/// The legacy PIC has 16 lines; the VMM uses 5..=15 for virtio devices.
-pub const VIRTIO_MAX_DEVICES: usize = 11;
+/// Virtio devices get the I/O APIC pins from [`VIRTIO_FIRST_GSI`] up (the MP table routes
+/// every pin; lines 0..=4 are the PIT, i8042, cascade and serial ones).
+pub const VIRTIO_MAX_DEVICES: usize = mptable::IO_APIC_PINS as usize - VIRTIO_FIRST_GSI as usize;
 
 /// Why a VM could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -51,11 +54,15 @@ pub enum VmmError {
     #[error(transparent)]
     VcpuSetup(#[from] VcpuSetupError),
     #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    #[error(transparent)]
     Block(#[from] BlockError),
     #[error(transparent)]
     Vsock(#[from] VsockError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Fs(#[from] FsError),
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot open console log {path}: {msg}")]
@@ -88,6 +95,7 @@ impl VmmError {
                 | BootError::RawNotFound(_),
             )
             | VmmError::Block(BlockError::NotFound(_))
+            | VmmError::Fs(FsError::NotFound(_))
             | VmmError::Snapshot(
                 SnapshotError::Missing { .. } | SnapshotError::BaseMissing { .. },
             ) => ErrorClass::NotFound,
@@ -113,10 +121,12 @@ impl VmmError {
                 | BootError::RawRead { .. },
             )
             | VmmError::Block(BlockError::Open { .. })
+            | VmmError::Fs(FsError::Open { .. } | FsError::Thread { .. })
             | VmmError::Vsock(_)
             | VmmError::Net(NetError::Backend(_) | NetError::Worker(_))
             | VmmError::ConsoleLog { .. } => ErrorClass::Os,
             VmmError::Config(_)
+            | VmmError::Fs(FsError::NotADirectory(_) | FsError::BadTag(_))
             | VmmError::Memory(MemoryError::BadSize(_))
             | VmmError::Boot(
                 BootError::NotElf(_)
@@ -139,7 +149,7 @@ pub struct DeviceInfo {
     pub mmio_base: u64,
     pub gsi: u32,
     pub path: PathBuf,
-    /// For a disk: whether the guest may only read it.
+    /// For a disk or a shared folder: whether the guest may only read it.
     pub read_only: bool,
 }
 
@@ -297,7 +307,7 @@ impl Machine {
 }
 
 /// The devices of a VM: legacy ones on the port bus, virtio-mmio ones (disks, vsock, network
-/// card) on the MMIO bus.
+/// card, shared folders) on the MMIO bus.
 pub(super) struct Devices {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
@@ -434,7 +444,8 @@ fn legacy_bus(
 type VirtioSlot = (&'static str, PathBuf, bool, Box<dyn VirtioDevice>);
 
 /// Opens the virtio backends `config` names, in device order: disks first, then vsock, then the
-/// network card.
+/// network card, then the shared folders (last, so that the devices of a VM without any keep
+/// the places snapshots recorded).
 fn open_virtio(config: &MachineConfig) -> Result<Vec<VirtioSlot>, VmmError> {
     let mut virtio: Vec<VirtioSlot> = Vec::new();
     for disk in &config.disks {
@@ -454,6 +465,10 @@ fn open_virtio(config: &MachineConfig) -> Result<Vec<VirtioSlot>, VmmError> {
             .ok_or_else(|| NetError::Backend("none was given".into()))?;
         let dev = Net::new(fd, net.mac, net.policy.clone(), net.rate_limit)?;
         virtio.push(("net", PathBuf::new(), false, dev));
+    }
+    for m in &config.mounts {
+        let dev = Fs::new(&m.host_dir, &m.tag, m.read_only)?;
+        virtio.push(("fs", m.host_dir.clone(), m.read_only, dev));
     }
     Ok(virtio)
 }
@@ -607,6 +622,8 @@ impl Vmm {
         phases.mark("create_vm");
         let devices = Devices::build(&machine, config, None)?;
         phases.mark("devices");
+        // First, so that a raw image placed over it owns those bytes.
+        mptable::write(&machine.ram.mem, config.vcpus)?;
         let (entry, cmdline) = load_boot_image(&machine, config, &devices.info)?;
         phases.mark("boot_image");
         let caps = persist::Caps::probe(&machine.kvm).map_err(VmmError::Setup)?;
