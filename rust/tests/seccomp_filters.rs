@@ -181,7 +181,12 @@ fn forbidden_calls_end_the_process_with_159_and_a_diagnostic() {
 fn allowed_calls_work_on_every_kind_and_threads_end_cleanly() {
     seccomp::prepare(Mode::Enforce, None).expect("prepare");
     assert!(seccomp::active());
-    for kind in [ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Control] {
+    for kind in [
+        ThreadKind::Vcpu,
+        ThreadKind::Device,
+        ThreadKind::Fs,
+        ThreadKind::Control,
+    ] {
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two new descriptors into `fds`.
         assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
@@ -315,4 +320,180 @@ fn a_raw_guest_runs_to_power_off_with_filtered_vcpu_and_device_threads() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("guest powered off"));
+}
+
+// ---- the file server's thread ---------------------------------------------------------------
+
+/// A FUSE request as the guest's driver builds it.
+fn fuse(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(40 + body.len());
+    r.extend_from_slice(&((40 + body.len()) as u32).to_le_bytes());
+    r.extend_from_slice(&opcode.to_le_bytes());
+    r.extend_from_slice(&unique.to_le_bytes());
+    r.extend_from_slice(&nodeid.to_le_bytes());
+    r.extend_from_slice(&[0u8; 16]);
+    r.extend_from_slice(body);
+    r
+}
+
+fn with_name(fixed: &[u8], names: &[&str]) -> Vec<u8> {
+    let mut b = fixed.to_vec();
+    for n in names {
+        b.extend_from_slice(n.as_bytes());
+        b.push(0);
+    }
+    b
+}
+
+/// Every operation of the file server, on a thread under the file server's filter: each must
+/// succeed (a call missing from the list would end the process instead).
+fn run_fs_case(dir: &Path) {
+    use supermachine_core::devices::virtio::fs::protocol::op;
+    use supermachine_core::devices::virtio::fs::Server;
+    seccomp::prepare(Mode::Enforce, None).expect("prepare");
+    std::fs::write(dir.join("host.txt"), b"from the host").unwrap();
+    let mut server = Server::open(dir, false).expect("open the share");
+    // SAFETY: getuid and getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let done = filtered("virtio-fs", ThreadKind::Fs, move || {
+        let mut unique = 0;
+        let mut call = |opcode: u32, node: u64, body: &[u8]| -> Vec<u8> {
+            unique += 1;
+            let out = server
+                .handle(&fuse(opcode, unique, node, body), 1 << 20)
+                .expect("a reply");
+            let err = i32::from_le_bytes(out[4..8].try_into().unwrap());
+            assert_eq!(err, 0, "operation {opcode} failed with {}", -err);
+            out[16..].to_vec()
+        };
+        let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let init: Vec<u8> = [7u32, 31, 0, 0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        call(op::INIT, 0, &init);
+        let host = u64_at(&call(op::LOOKUP, 1, &with_name(&[], &["host.txt"])), 0);
+        let created = call(
+            op::CREATE,
+            1,
+            &with_name(
+                &[2, 0, 0, 0, 0o644u32 as u8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                &["new"],
+            ),
+        );
+        let (node, fh) = (u64_at(&created, 0), u64_at(&created, 128));
+        let mut write = [fh.to_le_bytes(), 0u64.to_le_bytes()].concat();
+        write.extend_from_slice(&5u32.to_le_bytes());
+        write.extend_from_slice(&[0u8; 20]);
+        write.extend_from_slice(b"hello");
+        call(op::WRITE, node, &write);
+        let mut read = [fh.to_le_bytes(), 0u64.to_le_bytes()].concat();
+        read.extend_from_slice(&100u32.to_le_bytes());
+        read.extend_from_slice(&[0u8; 20]);
+        assert_eq!(call(op::READ, node, &read), b"hello");
+        call(op::FSYNC, node, &[fh.to_le_bytes(), [0; 8]].concat());
+        // chmod, truncate, both times, chown to the same ids.
+        let mut setattr = vec![0u8; 88];
+        setattr[0..4].copy_from_slice(&(1u32 | 8 | 16 | 32 | 2 | 4).to_le_bytes());
+        setattr[16..24].copy_from_slice(&3u64.to_le_bytes());
+        setattr[68..72].copy_from_slice(&0o600u32.to_le_bytes());
+        setattr[76..80].copy_from_slice(&uid.to_le_bytes());
+        setattr[80..84].copy_from_slice(&gid.to_le_bytes());
+        call(op::SETATTR, node, &setattr);
+        call(op::GETATTR, host, &[0u8; 16]);
+        call(
+            op::RELEASE,
+            node,
+            &[fh.to_le_bytes(), [0; 8], [0; 8]].concat(),
+        );
+        let sub = u64_at(
+            &call(
+                op::MKDIR,
+                1,
+                &with_name(&[0xed, 1, 0, 0, 0, 0, 0, 0], &["d"]),
+            ),
+            0,
+        );
+        let link = u64_at(
+            &call(op::SYMLINK, sub, &with_name(&[], &["ln", "../new"])),
+            0,
+        );
+        assert_eq!(call(op::READLINK, link, &[]), b"../new");
+        call(op::LINK, sub, &with_name(&node.to_le_bytes(), &["hard"]));
+        call(
+            op::RENAME,
+            1,
+            &with_name(&sub.to_le_bytes(), &["host.txt", "moved"]),
+        );
+        let dfh = u64_at(&call(op::OPENDIR, sub, &[0u8; 8]), 0);
+        let mut readdir = [dfh.to_le_bytes(), 0u64.to_le_bytes()].concat();
+        readdir.extend_from_slice(&4096u32.to_le_bytes());
+        readdir.extend_from_slice(&[0u8; 20]);
+        assert!(!call(op::READDIR, sub, &readdir).is_empty());
+        call(op::FSYNCDIR, sub, &[dfh.to_le_bytes(), [0; 8]].concat());
+        call(
+            op::RELEASEDIR,
+            sub,
+            &[dfh.to_le_bytes(), [0; 8], [0; 8]].concat(),
+        );
+        call(op::STATFS, 1, &[]);
+        call(op::ACCESS, 1, &[4, 0, 0, 0, 0, 0, 0, 0]);
+        for name in ["ln", "hard", "moved"] {
+            call(op::UNLINK, sub, &with_name(&[], &[name]));
+        }
+        call(op::RMDIR, 1, &with_name(&[], &["d"]));
+        call(op::UNLINK, 1, &with_name(&[], &["new"]));
+        call(op::DESTROY, 0, &[]);
+        // The one open the server must never make: a path not beneath a directory it holds.
+        true
+    });
+    assert!(done);
+    println!("survived fs-server");
+    if std::env::var("SECCOMP_FS_OPENAT").is_ok() {
+        filtered("virtio-fs", ThreadKind::Fs, || {
+            // SAFETY: a valid NUL-terminated path; the descriptor is closed if one comes back.
+            let fd = unsafe { libc::openat(libc::AT_FDCWD, c"/etc/hostname".as_ptr(), 0) };
+            if fd >= 0 {
+                // SAFETY: fd was just opened here.
+                unsafe { libc::close(fd) };
+            }
+        });
+        println!("survived fs-openat");
+    }
+    std::process::exit(0);
+}
+
+#[test]
+fn the_file_server_works_under_its_own_filter_and_nothing_more() {
+    if let Some(dir) = child_case() {
+        run_fs_case(Path::new(&dir));
+    }
+    let test = "the_file_server_works_under_its_own_filter_and_nothing_more";
+    let dir = std::env::temp_dir().join(format!("seccomp-fs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = child(test, dir.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("survived fs-server"));
+    // A plain openat on the same thread ends the process.
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = Command::new(exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, &dir)
+        .env("SECCOMP_FS_OPENAT", "1")
+        .output()
+        .expect("re-run the test binary");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_SECCOMP_DENIED),
+        "stderr: {}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out)
+            .contains("seccomp: thread virtio-fs made a forbidden system call 257 (openat)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("survived fs-openat"));
 }

@@ -68,6 +68,19 @@ pub struct DiskConfig {
     pub rate_limit: Option<RateLimit>,
 }
 
+/// One host folder shared with the guest (virtio-fs), which the guest mounts by its tag.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MountConfig {
+    pub host_dir: PathBuf,
+    /// The name the guest mounts it by (`mount -t virtiofs <tag> <dir>`): 1 to
+    /// [`MAX_TAG_LEN`] ASCII letters, digits, `.`, `_` or `-`, unique in the VM.
+    pub tag: String,
+    pub read_only: bool,
+}
+
+/// Longest tag of a shared folder (the virtio-fs configuration space holds 36 bytes).
+pub const MAX_TAG_LEN: usize = crate::devices::virtio::fs::TAG_LEN;
+
 /// The VM's network card: where its backend listens, its MAC address, what it may reach and
 /// how fast.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -94,6 +107,9 @@ pub struct MachineConfig {
     pub vsock_path: Option<PathBuf>,
     /// A network card (none: the guest has no network at all).
     pub net: Option<NetConfig>,
+    /// Host folders shared with the guest. A VM with any cannot be snapshotted (yet).
+    #[serde(default)]
+    pub mounts: Vec<MountConfig>,
     pub console_log: Option<PathBuf>,
     /// Bytes of serial output kept in memory (the oldest are dropped first).
     pub console_capacity: usize,
@@ -114,6 +130,7 @@ impl MachineConfig {
             disks: Vec::new(),
             vsock_path: None,
             net: None,
+            mounts: Vec::new(),
             console_log: None,
             console_capacity: DEFAULT_CONSOLE_CAPACITY,
             cpu_template: CpuTemplateChoice::Auto,
@@ -145,11 +162,30 @@ impl MachineConfig {
                 ));
             }
         }
+        for (i, m) in self.mounts.iter().enumerate() {
+            if !crate::devices::virtio::fs::device::valid_tag(&m.tag) {
+                return Err(VmmError::Config(format!(
+                    "the tag {:?} of the shared folder {} must be 1 to {MAX_TAG_LEN} ASCII \
+                     letters, digits, '.', '_' or '-'",
+                    m.tag,
+                    m.host_dir.display()
+                )));
+            }
+            if self.mounts[..i].iter().any(|o| o.tag == m.tag) {
+                return Err(VmmError::Config(format!(
+                    "two shared folders have the tag {:?}",
+                    m.tag
+                )));
+            }
+        }
         Ok(())
     }
 
     /// How many virtio-mmio devices the VM has.
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock_path.is_some()) + usize::from(self.net.is_some())
+        self.disks.len()
+            + usize::from(self.vsock_path.is_some())
+            + usize::from(self.net.is_some())
+            + self.mounts.len()
     }
 }

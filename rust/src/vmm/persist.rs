@@ -307,6 +307,7 @@ impl Vmm {
         dir: &Path,
         base: Option<&Path>,
     ) -> Result<SnapshotReport, SnapshotError> {
+        self.check_snapshottable()?;
         let base = base.map(|b| open_base(self.ram.size, dir, b)).transpose()?;
         let mut out = AtomicDir::new(dir)?;
         let (memory, memory_tmp) = out.create(MEMORY_FILE)?;
@@ -334,6 +335,7 @@ impl Vmm {
     ) -> Result<SnapshotReport, SnapshotError> {
         let mut clock = Instant::now();
         let mut phases = Vec::new();
+        self.check_snapshottable()?;
         let mut mark = |name: &'static str| {
             let now = Instant::now();
             phases.push((name, (now - clock).as_secs_f64()));
@@ -444,6 +446,23 @@ impl Vmm {
             diff_pages,
             compared_pages,
         })
+    }
+
+    /// Refuses a snapshot of a VM with shared folders. Their file server holds host
+    /// descriptors for every node id the guest kernel caches, and a snapshot would have to
+    /// carry that table (as paths beneath each folder, looked up again on restore); until it
+    /// does, a restored guest would hold node ids nobody serves, so we refuse rather than
+    /// produce a clone whose mounts fail.
+    fn check_snapshottable(&self) -> Result<(), SnapshotError> {
+        if let Some(m) = self.config.mounts.first() {
+            return Err(SnapshotError::Capture(format!(
+                "the VM shares the host folder {} (tag {:?}), and a VM with shared folders \
+                 cannot be snapshotted yet",
+                m.host_dir.display(),
+                m.tag
+            )));
+        }
+        Ok(())
     }
 
     /// The pages that may differ from the snapshot whose memory is `base_id`, when this VM's

@@ -14,6 +14,11 @@
 //! only from ABI 9 (`LANDLOCK_ACCESS_FS_RESOLVE_UNIX`); there the socket's directory gets that
 //! one right. The vsock listener itself is bound while the VM is built, before any restriction.
 //!
+//! The one thread that works on files by path is a shared folder's file server (virtio-fs, see
+//! `devices::virtio::fs`): it gets a ruleset of its own, the same one plus the rights beneath
+//! each shared folder (reading only, for a read-only share; otherwise everything but making
+//! device nodes, FIFOs and sockets), opened while the ruleset is built, before the jail.
+//!
 //! Landlock restricts a thread (and the threads it creates later), not a process, until ABI 8's
 //! `TSYNC`; the VM's threads already exist when the jail is entered. So, as with seccomp, every
 //! thread restricts itself: [`prepare`] builds the ruleset once before the build, the vCPU and
@@ -49,6 +54,8 @@ pub enum LandlockError {
 /// The ruleset every thread applies, or why there is none.
 struct Prepared {
     ruleset: Result<RulesetCreated, String>,
+    /// The file server's ruleset (see the module comment), when the VM shares folders.
+    fs_ruleset: Option<Result<RulesetCreated, String>>,
     /// The ABI the ruleset was built for.
     abi: i32,
     /// What it restricts, for the report ("files, TCP, abstract sockets, signals").
@@ -101,10 +108,14 @@ pub fn host_summary() -> Result<(i32, i32, String), String> {
     Ok((kernel, abi as i32, covers))
 }
 
+/// One folder the file server may work in, and whether only to read it.
+pub type FsRule<'a> = (&'a Path, bool);
+
 /// Builds the worker's ruleset, once per process, before the VM is built (while `shared_dir`,
-/// the vsock socket's directory, can still be opened). A host without Landlock is not an error:
-/// [`restrict_thread`] then does nothing and [`describe`] says why.
-pub fn prepare(shared_dir: Option<&Path>) {
+/// the vsock socket's directory, and the shared folders of `mounts` can still be opened). A
+/// host without Landlock is not an error: [`restrict_thread`] then does nothing and
+/// [`describe`] says why.
+pub fn prepare(shared_dir: Option<&Path>, mounts: &[FsRule<'_>]) {
     PREPARED.get_or_init(|| {
         let probe = std::env::var_os(PROBE_ENV).and_then(|p| {
             use std::os::unix::ffi::OsStrExt;
@@ -118,8 +129,11 @@ pub fn prepare(shared_dir: Option<&Path>) {
                     Ok((r, c)) => (Ok(r), c),
                     Err(e) => (Err(e.to_string()), String::new()),
                 };
+                let fs_ruleset =
+                    (!mounts.is_empty()).then(|| build_fs(abi, mounts).map_err(|e| e.to_string()));
                 Prepared {
                     ruleset,
+                    fs_ruleset,
                     abi: abi as i32,
                     covers,
                     probe,
@@ -127,6 +141,7 @@ pub fn prepare(shared_dir: Option<&Path>) {
             }
             Err(why) => Prepared {
                 ruleset: Err(why),
+                fs_ruleset: None,
                 abi: 0,
                 covers: String::new(),
                 probe,
@@ -177,6 +192,27 @@ fn build(abi: ABI, shared_dir: Option<&Path>) -> Result<(RulesetCreated, String)
     Ok((created, covers.join(", ")))
 }
 
+/// The file server's ruleset: the worker's, plus the rights beneath each shared folder.
+fn build_fs(abi: ABI, mounts: &[FsRule<'_>]) -> Result<RulesetCreated, LandlockError> {
+    let err = |e: &dyn std::fmt::Display| LandlockError::Build(e.to_string());
+    let (mut created, _) = build(abi, None)?;
+    let all = AccessFs::from_all(abi);
+    let no_nodes =
+        AccessFs::MakeChar | AccessFs::MakeBlock | AccessFs::MakeFifo | AccessFs::MakeSock;
+    for &(dir, read_only) in mounts {
+        let rights = if read_only {
+            AccessFs::from_read(abi)
+        } else {
+            all & !no_nodes
+        };
+        let fd = PathFd::new(dir).map_err(|e| err(&e))?;
+        created = created
+            .add_rule(PathBeneath::new(fd, rights))
+            .map_err(|e| err(&e))?;
+    }
+    Ok(created)
+}
+
 /// Restricts the calling thread with the prepared ruleset (and sets its `no_new_privs`, which
 /// an unprivileged Landlock needs). Returns the enforcement status, or `None` when nothing was
 /// prepared (the in-process VMM) or the host has no Landlock.
@@ -184,7 +220,18 @@ pub fn restrict_thread(thread: &str) -> Result<Option<RestrictionStatus>, Landlo
     let Some(prepared) = PREPARED.get() else {
         return Ok(None);
     };
-    let Ok(ruleset) = &prepared.ruleset else {
+    let fail = |msg: String| LandlockError::Restrict {
+        thread: thread.to_string(),
+        msg,
+    };
+    let chosen = match (thread, &prepared.fs_ruleset) {
+        // A file server whose ruleset could not be built must not run with the worker's
+        // (it would fail every request) nor unrestricted.
+        ("fs", Some(Err(why))) => return Err(fail(why.clone())),
+        ("fs", Some(Ok(fs))) => Ok(fs),
+        _ => prepared.ruleset.as_ref(),
+    };
+    let Ok(ruleset) = chosen else {
         return Ok(None);
     };
     // Once per thread: the control thread restricts itself in the jail step and again passes
@@ -192,10 +239,6 @@ pub fn restrict_thread(thread: &str) -> Result<Option<RestrictionStatus>, Landlo
     if RESTRICTED.with(|r| r.replace(true)) {
         return Ok(None);
     }
-    let fail = |msg: String| LandlockError::Restrict {
-        thread: thread.to_string(),
-        msg,
-    };
     let status = ruleset
         .try_clone()
         .map_err(|e| fail(crate::vmm::os_msg(&e)))?
@@ -306,6 +349,53 @@ mod tests {
             assert_eq!(tcp, Some(libc::EACCES), "TCP bind");
         }
         assert_eq!(read, "kept", "a descriptor opened before keeps working");
+    }
+
+    #[test]
+    fn the_file_server_reaches_its_shared_folders_and_nothing_else() {
+        let dir = temp_dir("fs");
+        let (rw, ro, outside) = (dir.join("rw"), dir.join("ro"), dir.join("outside"));
+        for d in [&rw, &ro, &outside] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("f"), b"f").unwrap();
+        }
+        let Ok(abi) = kernel_abi() else {
+            std::fs::remove_dir_all(&dir).unwrap();
+            return; // no Landlock on this kernel
+        };
+        let ruleset = build_fs(ABI::from(abi), &[(&rw, false), (&ro, true)]).unwrap();
+        let (a, b, c) = (rw.clone(), ro.clone(), outside.clone());
+        let got = std::thread::spawn(move || {
+            ruleset.restrict_self().unwrap();
+            let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error());
+            (
+                errno(std::fs::read(a.join("f")).map(drop)),
+                errno(std::fs::write(a.join("new"), b"n")),
+                errno(std::fs::create_dir(a.join("sub"))),
+                errno(std::fs::read(b.join("f")).map(drop)),
+                errno(std::fs::write(b.join("new"), b"n")),
+                errno(std::fs::read(c.join("f")).map(drop)),
+                errno(std::fs::hard_link(c.join("f"), a.join("in"))),
+                errno(std::fs::rename(a.join("f"), c.join("g"))),
+            )
+        })
+        .join()
+        .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let denied = Some(libc::EACCES);
+        let xdev = Some(libc::EXDEV);
+        assert_eq!(got.0, None, "read in the read-write share");
+        assert_eq!(got.1, None, "create in the read-write share");
+        assert_eq!(got.2, None, "mkdir in the read-write share");
+        assert_eq!(got.3, None, "read in the read-only share");
+        assert_eq!(got.4, denied, "create in the read-only share");
+        assert_eq!(got.5, denied, "read outside");
+        assert!(
+            got.6 == denied || got.6 == xdev,
+            "link in from outside: {:?}",
+            got.6
+        );
+        assert!(got.7 == denied || got.7 == xdev, "rename out: {:?}", got.7);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! seccomp-bpf allow-lists per thread kind, compiled with `seccompiler`.
 //!
-//! A worker calls [`prepare`] once, before it builds the VM: that compiles the three filters
-//! (vCPU, device, control) into a process-global and installs the `SIGSYS` handler. Each thread
+//! A worker calls [`prepare`] once, before it builds the VM: that compiles the four filters
+//! (vCPU, device, file server, control) into a process-global and installs the `SIGSYS` handler. Each thread
 //! then installs its own filter with [`apply`] (no TSYNC: the kinds need different lists), the
 //! vCPU and device threads at their start, the control thread once the VM is built and jailed.
 //! Without [`prepare`], [`apply`] does nothing: the in-process VMM is never filtered.
@@ -24,7 +24,9 @@
 //! Not allowed for any kind: starting programs (`execve`, `execveat`), new processes or threads
 //! (`fork`, `vfork`, `clone`, `clone3`: every thread exists before its filter is installed, and
 //! one created later would inherit its creator's list anyway), opening paths (`open`, `openat`,
-//! `openat2`, `creat`: after the jail the worker only uses descriptors it holds or is sent),
+//! `openat2`, `creat`: after the jail the worker only uses descriptors it holds or is sent;
+//! the one exception is the file server of a shared folder, whose own list has `openat2` and
+//! the `*at` calls, see [`ThreadKind::Fs`]),
 //! other socket families, `ptrace`, `process_vm_*`, mounts and root changes, namespaces,
 //! credentials, `bpf`, `perf_event_open`, keyrings, modules, `kexec`, `personality`,
 //! `userfaultfd`, `prctl` and `seccomp` itself.
@@ -49,6 +51,10 @@ pub enum ThreadKind {
     Vcpu,
     /// A device's own thread (the vsock event loop).
     Device,
+    /// The thread of a shared folder's file server (virtio-fs): the only kind that may open
+    /// and change files, and only relative to directory descriptors (Landlock confines it to
+    /// the shared folders).
+    Fs,
     /// The worker's main thread: the control channel, snapshots, pause/resume.
     Control,
 }
@@ -58,6 +64,7 @@ impl ThreadKind {
         match self {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Device => "device",
+            ThreadKind::Fs => "fs",
             ThreadKind::Control => "control",
         }
     }
@@ -321,6 +328,53 @@ const DEVICE: &[Allow] = &[
     allow!(SYS_fdatasync),
 ];
 
+/// The file server of a shared folder (`devices::virtio::fs`): waits for its kick, and works
+/// on the folder only through descriptors it holds: `openat2` (which the server always calls
+/// with `RESOLVE_BENEATH` and friends; seccomp cannot see inside `open_how`, Landlock limits it
+/// to the shared folders), the `*at` calls relative to a directory, and I/O on open files.
+/// Not `open`, `openat`, `mknodat`, `chdir` or any call that takes a path alone.
+const FS: &[Allow] = &[
+    allow!(SYS_poll),
+    allow!(SYS_ppoll),
+    allow!(SYS_openat2),
+    allow!(SYS_newfstatat),
+    allow!(SYS_fstat),
+    allow!(SYS_statx),
+    allow!(SYS_fstatfs),
+    allow!(SYS_mkdirat),
+    allow!(SYS_symlinkat),
+    allow!(SYS_readlinkat),
+    allow!(SYS_linkat),
+    allow!(SYS_unlinkat),
+    allow!(SYS_renameat2),
+    allow!(SYS_fchownat),
+    allow!(SYS_fchmod),
+    allow!(SYS_fchmodat2),
+    allow!(SYS_ftruncate),
+    allow!(SYS_utimensat),
+    allow!(SYS_pread64),
+    allow!(SYS_pwrite64),
+    allow!(SYS_lseek),
+    allow!(SYS_getdents64),
+    allow!(SYS_fsync),
+    allow!(SYS_fdatasync),
+];
+
+/// Calls only the [`FS`] list may make (every other kind must not touch files by name).
+const FS_ONLY: &[(libc::c_long, &str)] = named![
+    SYS_openat2,
+    SYS_mkdirat,
+    SYS_symlinkat,
+    SYS_readlinkat,
+    SYS_linkat,
+    SYS_renameat2,
+    SYS_fchownat,
+    SYS_fchmod,
+    SYS_fchmodat2,
+    SYS_utimensat,
+    SYS_getdents64,
+];
+
 /// The control thread after the jail: the control socket (descriptors arrive with
 /// SCM_RIGHTS), pause (kicks) and resume, snapshots — vCPU and VM state through KVM's GET
 /// requests, the dirty log, guest memory written to and compared with descriptors it was
@@ -392,7 +446,6 @@ const CONTROL: &[Allow] = &[
 const DENIED_NAMES: &[(libc::c_long, &str)] = named![
     SYS_open,
     SYS_openat,
-    SYS_openat2,
     SYS_creat,
     SYS_execve,
     SYS_execveat,
@@ -431,17 +484,24 @@ const DENIED_NAMES: &[(libc::c_long, &str)] = named![
     SYS_memfd_create,
     SYS_rename,
     SYS_renameat,
-    SYS_renameat2,
     SYS_mkdir,
-    SYS_mkdirat,
-    SYS_getdents64,
     SYS_socketpair,
+    SYS_mknodat,
+    SYS_mknod,
+    SYS_link,
+    SYS_symlink,
+    SYS_chmod,
+    SYS_fchmodat,
+    SYS_chown,
+    SYS_lchown,
+    SYS_truncate,
 ];
 
 fn list(kind: ThreadKind) -> impl Iterator<Item = &'static Allow> {
     let own = match kind {
         ThreadKind::Vcpu => VCPU,
         ThreadKind::Device => DEVICE,
+        ThreadKind::Fs => FS,
         ThreadKind::Control => CONTROL,
     };
     COMMON.iter().chain(own)
@@ -461,9 +521,11 @@ fn syscall_name(nr: libc::c_long) -> Option<&'static str> {
         .iter()
         .chain(VCPU)
         .chain(DEVICE)
+        .chain(FS)
         .chain(CONTROL)
         .map(|a| (a.nr, a.name))
         .chain(DENIED_NAMES.iter().copied())
+        .chain(FS_ONLY.iter().copied())
         .find(|(n, _)| *n == nr)
         .map(|(_, name)| name.trim_start_matches("SYS_"))
 }
@@ -546,6 +608,7 @@ struct Prepared {
     mode: Mode,
     vcpu: BpfProgram,
     device: BpfProgram,
+    fs: BpfProgram,
     control: BpfProgram,
 }
 
@@ -564,6 +627,7 @@ pub fn prepare(mode: Mode, drop_to: Option<(u32, u32)>) -> Result<(), SeccompErr
             mode,
             vcpu: compile(ThreadKind::Vcpu, mode)?,
             device: compile(ThreadKind::Device, mode)?,
+            fs: compile(ThreadKind::Fs, mode)?,
             control: compile(ThreadKind::Control, mode)?,
         };
         install_sigsys_handler()?;
@@ -607,6 +671,7 @@ pub fn apply(kind: ThreadKind) -> Result<(), SeccompError> {
     let program = match kind {
         ThreadKind::Vcpu => &p.vcpu,
         ThreadKind::Device => &p.device,
+        ThreadKind::Fs => &p.fs,
         ThreadKind::Control => &p.control,
     };
     set_label(std::thread::current().name().unwrap_or(kind.name()));
@@ -748,9 +813,16 @@ extern "C" fn handle_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut 
 mod tests {
     use super::*;
 
+    const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Device,
+        ThreadKind::Fs,
+        ThreadKind::Control,
+    ];
+
     #[test]
     fn every_kind_compiles_and_keeps_the_handlers_calls() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Control] {
+        for kind in ALL {
             for mode in [Mode::Enforce, Mode::Log] {
                 assert!(!compile(kind, mode).unwrap().is_empty());
             }
@@ -767,7 +839,7 @@ mod tests {
 
     #[test]
     fn no_list_allows_a_dangerous_call() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::Device, ThreadKind::Control] {
+        for kind in ALL {
             // The privilege drop is allowed only to the prepared ids (an exact argument rule).
             for a in list(kind)
                 .filter(|a| !matches!(a.args, Args::DropUid | Args::DropGid | Args::NoGroups))
@@ -777,7 +849,22 @@ mod tests {
                     "{kind:?} allows {}",
                     a.name
                 );
+                assert!(
+                    kind == ThreadKind::Fs || !FS_ONLY.iter().any(|(nr, _)| *nr == a.nr),
+                    "{kind:?} allows the file server's {}",
+                    a.name
+                );
             }
+        }
+        // The file server resolves beneath directories only: no plain open, no mknod.
+        let fs: Vec<_> = list(ThreadKind::Fs).map(|a| a.nr).collect();
+        for nr in [
+            libc::SYS_open,
+            libc::SYS_openat,
+            libc::SYS_mknodat,
+            libc::SYS_chdir,
+        ] {
+            assert!(!fs.contains(&nr), "the file server may call {nr}");
         }
     }
 

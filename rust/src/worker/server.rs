@@ -22,7 +22,7 @@ use super::spawn;
 use crate::snapshot::memory::{LayerFile, MemoryLayer, MAX_CHAIN};
 use crate::snapshot::SnapshotError;
 use crate::vmm::persist::OpenedBase;
-use crate::vmm::{Vmm, VmmError};
+use crate::vmm::{MountConfig, Vmm, VmmError};
 
 /// Exit status of a worker whose thread panicked (the message is on standard error).
 pub const EXIT_PANIC: i32 = 101;
@@ -127,7 +127,8 @@ impl Worker {
             }
             Request::Start { mut config, jail } => {
                 let wants_net = config.net.is_some();
-                self.launch(files, wants_net, &jail, |hook, net_fd| {
+                let mounts = config.mounts.clone();
+                self.launch(files, wants_net, &mounts, &jail, |hook, net_fd| {
                     if let Some(net) = config.net.as_mut() {
                         net.backend_fd = net_fd;
                     }
@@ -140,7 +141,8 @@ impl Worker {
                 jail,
             } => {
                 let wants_net = overrides.net.is_some();
-                self.launch(files, wants_net, &jail, |hook, net_fd| {
+                // A snapshot has no shared folders (a VM with any cannot be snapshotted).
+                self.launch(files, wants_net, &[], &jail, |hook, net_fd| {
                     if let Some(net) = overrides.net.as_mut() {
                         net.backend_fd = net_fd;
                     }
@@ -218,6 +220,7 @@ impl Worker {
         &mut self,
         files: Vec<File>,
         wants_net: bool,
+        mounts: &[MountConfig],
         jail_config: &JailConfig,
         build: impl FnOnce(
             &mut dyn FnMut() -> Result<(), VmmError>,
@@ -268,9 +271,13 @@ impl Worker {
         if jail_config.seccomp {
             seccomp::prepare(seccomp_mode(), drop_to).map_err(|e| jail_error(e.to_string()))?;
         }
-        // Built now, while the vsock socket's directory can still be opened; every VM thread
-        // applies it (see landlock.rs), whatever the caller's privileges.
-        landlock::prepare(jail_config.shared_dir.as_deref());
+        // Built now, while the vsock socket's directory and the shared folders can still be
+        // opened; every VM thread applies it (see landlock.rs), whatever the caller's privileges.
+        let fs_rules: Vec<landlock::FsRule<'_>> = mounts
+            .iter()
+            .map(|m| (m.host_dir.as_path(), m.read_only))
+            .collect();
+        landlock::prepare(jail_config.shared_dir.as_deref(), &fs_rules);
         crate::snapshot::memory::preopen_pagemap().map_err(|e| WireError {
             kind: ErrorKind::Os,
             message: format!("cannot open /proc/self/pagemap: {e}"),

@@ -13,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, Queue};
+use crate::worker::seccomp::ThreadKind;
 
 /// What a worker serves once the driver activated the device: guest memory, the queues and
 /// the interrupt.
@@ -48,6 +49,15 @@ impl<E: Send + 'static> DeviceThread<E> {
     where
         F: FnOnce(Arc<EventFd>, Arc<Mutex<Shared<E>>>) + Send + 'static,
     {
+        Self::spawn_as(ThreadKind::Device, name, extra, body)
+    }
+
+    /// [`DeviceThread::spawn`] under the filter of thread kind `kind` (the file server's
+    /// thread has a list of its own).
+    pub fn spawn_as<F>(kind: ThreadKind, name: &str, extra: E, body: F) -> std::io::Result<Self>
+    where
+        F: FnOnce(Arc<EventFd>, Arc<Mutex<Shared<E>>>) + Send + 'static,
+    {
         let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let shared = Arc::new(Mutex::new(Shared {
             active: None,
@@ -60,9 +70,7 @@ impl<E: Send + 'static> DeviceThread<E> {
         let handle = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                if let Err(e) =
-                    crate::worker::seccomp::apply(crate::worker::seccomp::ThreadKind::Device)
-                {
+                if let Err(e) = crate::worker::seccomp::apply(kind) {
                     eprintln!("{label}: the device thread stops: {e}");
                     return;
                 }

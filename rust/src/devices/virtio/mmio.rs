@@ -58,6 +58,9 @@ const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
 const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
 const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
 const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+/// Length of the shared memory region `SHMSel` selects (virtio 1.2, 4.2.2).
+const REG_SHM_LEN_LOW: u64 = 0x0b0;
+const REG_SHM_LEN_HIGH: u64 = 0x0b4;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG_START: u64 = 0x100;
 /// Size of the register window.
@@ -319,6 +322,9 @@ impl MmioTransport {
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status(),
             REG_CONFIG_GENERATION => 0,
+            // No device has shared memory regions; a length of -1 says so (a length of 0
+            // would be a region, which Linux's virtio-fs driver would try to map for DAX).
+            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
             _ => 0,
         }
     }
@@ -616,6 +622,16 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.contains("type 2"), "{err}");
+    }
+
+    #[test]
+    fn there_is_no_shared_memory_region() {
+        let mut t = transport();
+        for id in [0, 1, 255] {
+            w(&mut t, 0x0ac, id);
+            assert_eq!(r(&mut t, REG_SHM_LEN_LOW), u32::MAX);
+            assert_eq!(r(&mut t, REG_SHM_LEN_HIGH), u32::MAX);
+        }
     }
 
     #[test]

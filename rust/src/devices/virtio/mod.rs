@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod device_thread;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod queue;
