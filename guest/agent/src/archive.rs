@@ -61,7 +61,7 @@ impl Read for Frames<'_> {
                     self.at = 0;
                 }
                 kind::FILE_END => self.ended = true,
-                kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL => {}
+                kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL | kind::RESIZE => {}
                 other => {
                     self.violation = Some(End::Fatal(format!(
                         "unexpected {} frame inside put_archive",

@@ -4,7 +4,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::proto::{self, kind, Encoder, Fields, Frame, ReadError};
-use crate::{archive, changes, exec, files, net, power, sync, tcp, Context};
+use crate::{archive, changes, exec, files, mounts, net, power, sync, tcp, tree, Context};
 
 /// Why a connection ends early.
 pub enum End {
@@ -149,8 +149,12 @@ fn run(conn: &mut Conn, ctx: &'static Context) -> Result<(), End> {
             kind::PUT_ARCHIVE => archive::run(conn, &frame)?,
             kind::STAT => files::stat(conn, &frame)?,
             kind::REMOVE => files::remove(conn, &frame)?,
+            kind::LIST_DIR => tree::list_dir(conn, &frame)?,
+            kind::GET_ARCHIVE => tree::get_archive(conn, &frame)?,
+            kind::MOUNT => mounts::run(conn, &frame)?,
+            kind::UNMOUNT => mounts::unmount(conn, &frame)?,
             // Input for a process that has already finished may race with its exit report.
-            kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL => {}
+            kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL | kind::RESIZE => {}
             other => {
                 return Err(End::Fatal(format!(
                     "unexpected {} frame outside a request",

@@ -18,6 +18,9 @@ pub const STDIN: u8 = 5;
 pub const TIMEOUT_MS: u8 = 6;
 pub const KEEP_BACKGROUND: u8 = 7;
 pub const PIDS_MAX: u8 = 8;
+pub const TTY: u8 = 9;
+pub const ROWS: u8 = 10;
+pub const COLS: u8 = 11;
 
 pub const STARTED_PID: u8 = 1;
 pub const EXIT_STATUS: u8 = 1;
@@ -26,6 +29,12 @@ pub const EXIT_TIMED_OUT: u8 = 3;
 pub const EXIT_DURATION_MS: u8 = 4;
 pub const SIGNAL_NUMBER: u8 = 1;
 pub const SIGNAL_SCHEMA: &[(u8, u8)] = &[(SIGNAL_NUMBER, UINT)];
+/// `resize` fields: the terminal's new size.
+pub const RESIZE_ROWS: u8 = 1;
+pub const RESIZE_COLS: u8 = 2;
+pub const RESIZE_SCHEMA: &[(u8, u8)] = &[(RESIZE_ROWS, UINT), (RESIZE_COLS, UINT)];
+/// A terminal's size when the request gives none.
+const DEFAULT_TTY_SIZE: (u16, u16) = (24, 80);
 
 pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Stop reading the socket while this much stdin is waiting for the process (back-pressure).
@@ -42,6 +51,9 @@ pub const SCHEMA: &[(u8, u8)] = &[
     (TIMEOUT_MS, UINT),
     (KEEP_BACKGROUND, UINT),
     (PIDS_MAX, UINT),
+    (TTY, UINT),
+    (ROWS, UINT),
+    (COLS, UINT),
 ];
 
 /// An exec request, checked and converted for `spawn`.
@@ -53,6 +65,18 @@ pub struct Request {
     pub keep_background: bool,
     /// `pids.max` of the exec's cgroup; 0: no limit of its own.
     pub pids_max: u64,
+    /// Run on a new pseudo-terminal of this size (rows, columns): its stdin, stdout and stderr.
+    pub tty: Option<(u16, u16)>,
+}
+
+/// A terminal size from request fields: both or neither, each 1 to 65535.
+pub fn window_size(rows: Option<u64>, cols: Option<u64>) -> Result<Option<(u16, u16)>, String> {
+    let fits = |v: u64| (1..=u64::from(u16::MAX)).contains(&v);
+    match (rows, cols) {
+        (None, None) => Ok(None),
+        (Some(r), Some(c)) if fits(r) && fits(c) => Ok(Some((r as u16, c as u16))),
+        _ => Err("a terminal size needs rows and columns, each 1 to 65535".into()),
+    }
 }
 
 /// What a request asks for, checked and converted for `spawn`. `Err` is a one-line request error.
@@ -113,6 +137,12 @@ pub fn prepare(fields: &Fields<'_>) -> Result<Request, String> {
         stdout: -1,
         stderr: -1,
         cgroup_procs: -1,
+        controlling_tty: false,
+    };
+    let tty = if fields.uint(TTY).unwrap_or(0) != 0 {
+        Some(window_size(fields.uint(ROWS), fields.uint(COLS))?.unwrap_or(DEFAULT_TTY_SIZE))
+    } else {
+        None
     };
     Ok(Request {
         spec,
@@ -120,6 +150,7 @@ pub fn prepare(fields: &Fields<'_>) -> Result<Request, String> {
         timeout,
         keep_background: fields.uint(KEEP_BACKGROUND).unwrap_or(0) != 0,
         pids_max: fields.uint(PIDS_MAX).unwrap_or(cgroup::DEFAULT_PIDS_MAX),
+        tty,
     })
 }
 
@@ -145,6 +176,71 @@ fn report_exec_failure(
     Ok(())
 }
 
+/// The descriptors of one exec: the child's ends (closed here once it has its copies) and ours.
+struct Streams {
+    /// The child's stdin, stdout and stderr (a pipe end each, `/dev/null`, or one terminal).
+    child: Vec<OwnedFd>,
+    out: Option<OwnedFd>,
+    err: Option<OwnedFd>,
+    stdin: Option<OwnedFd>,
+    /// The terminal's master end, for window size changes.
+    tty: Option<OwnedFd>,
+}
+
+/// Pipes for stdout and stderr, and for stdin if asked (else `/dev/null`, when there is one).
+fn pipes(spec: &mut Spec, want_stdin: bool, devnull: Option<&OwnedFd>) -> std::io::Result<Streams> {
+    let stdin = if want_stdin || devnull.is_none() {
+        Some(sys::pipe()?)
+    } else {
+        None
+    };
+    let ((out_r, out_w), (err_r, err_w)) = (sys::pipe()?, sys::pipe()?);
+    let mut streams = Streams {
+        child: Vec::new(),
+        out: Some(out_r),
+        err: Some(err_r),
+        stdin: None,
+        tty: None,
+    };
+    spec.stdin = match (stdin, devnull) {
+        (Some((r, w)), _) => {
+            streams.stdin = want_stdin.then_some(w);
+            let fd = r.as_raw_fd();
+            streams.child.push(r);
+            fd
+        }
+        (None, Some(null)) => null.as_raw_fd(),
+        (None, None) => unreachable!("a stdin pipe exists when /dev/null is missing"),
+    };
+    spec.stdout = out_w.as_raw_fd();
+    spec.stderr = err_w.as_raw_fd();
+    streams.child.extend([out_w, err_w]);
+    Ok(streams)
+}
+
+/// A new pseudo-terminal of `size` as the child's stdin, stdout and stderr and its controlling
+/// terminal; output comes back as `stdout` only, as from a terminal.
+fn terminal(spec: &mut Spec, want_stdin: bool, size: (u16, u16)) -> std::io::Result<Streams> {
+    let (master, peer) = sys::open_pty()?;
+    sys::set_window_size(&master, size.0, size.1)?;
+    spec.stdin = peer.as_raw_fd();
+    spec.stdout = peer.as_raw_fd();
+    spec.stderr = peer.as_raw_fd();
+    spec.controlling_tty = true;
+    let dup = |fd: &OwnedFd| fd.try_clone();
+    Ok(Streams {
+        child: vec![peer],
+        out: Some(dup(&master)?),
+        err: None,
+        stdin: if want_stdin {
+            Some(dup(&master)?)
+        } else {
+            None
+        },
+        tty: Some(master),
+    })
+}
+
 pub fn run(conn: &mut Conn, frame: &Frame, ctx: &Context) -> Result<(), End> {
     let fields = Conn::decode(frame, SCHEMA)?;
     let request = match prepare(&fields) {
@@ -158,44 +254,41 @@ pub fn run(conn: &mut Conn, frame: &Frame, ctx: &Context) -> Result<(), End> {
         timeout,
         keep_background,
         pids_max,
+        tty,
     } = request;
 
-    let pipes = (|| -> std::io::Result<_> {
-        let stdin = if want_stdin || ctx.devnull.is_none() {
-            Some(sys::pipe()?)
-        } else {
-            None
-        };
-        Ok((stdin, sys::pipe()?, sys::pipe()?))
-    })();
-    let (stdin_pipe, (out_r, out_w), (err_r, err_w)) = match pipes {
-        Ok(p) => p,
+    let streams = match tty {
+        Some(size) => terminal(&mut spec, want_stdin, size),
+        None => pipes(&mut spec, want_stdin, ctx.devnull.as_ref()),
+    };
+    let Streams {
+        child,
+        out,
+        err,
+        stdin: mut stdin_w,
+        tty,
+    } = match streams {
+        Ok(streams) => streams,
         Err(e) => {
+            let what = if tty.is_some() {
+                "pseudo-terminal"
+            } else {
+                "pipe"
+            };
             return conn.reply_error(
                 "os",
                 e.raw_os_error(),
-                &format!("pipe: {}", sys::errno_text(&e)),
-            )
+                &format!("{what}: {}", sys::errno_text(&e)),
+            );
         }
     };
-    let (stdin_r, mut stdin_w) = match stdin_pipe {
-        Some((r, w)) => (Some(r), if want_stdin { Some(w) } else { None }),
-        None => (None, None),
-    };
-    spec.stdin = match (&stdin_r, &ctx.devnull) {
-        (Some(r), _) => r.as_raw_fd(),
-        (None, Some(null)) => null.as_raw_fd(),
-        (None, None) => unreachable!("a stdin pipe exists when /dev/null is missing"),
-    };
-    spec.stdout = out_w.as_raw_fd();
-    spec.stderr = err_w.as_raw_fd();
     let group = ExecGroup::create(pids_max);
     spec.cgroup_procs = group.as_ref().map_or(-1, ExecGroup::procs_fd);
 
     let started = Instant::now();
     let result = spawn::spawn(&spec, &mut conn.stack);
     // The child has its copies (or is gone): close ours so EOF can be seen.
-    drop((stdin_r, out_w, err_w));
+    drop(child);
     let (pid, pidfd) = match result {
         Ok(started) => started,
         Err(failure) => {
@@ -217,9 +310,10 @@ pub fn run(conn: &mut Conn, frame: &Frame, ctx: &Context) -> Result<(), End> {
     let mut running = Running {
         pid,
         pidfd,
-        out: Some(out_r),
-        err: Some(err_r),
+        out,
+        err,
         stdin: stdin_w,
+        tty,
         pending: Vec::new(),
         pending_at: 0,
         stdin_closing: false,
@@ -269,6 +363,8 @@ struct Running {
     out: Option<OwnedFd>,
     err: Option<OwnedFd>,
     stdin: Option<OwnedFd>,
+    /// The terminal's master end, when the process runs on one.
+    tty: Option<OwnedFd>,
     pending: Vec<u8>,
     pending_at: usize,
     stdin_closing: bool,
@@ -347,6 +443,21 @@ impl Running {
                     }
                 }
                 kind::STDIN_CLOSE => self.stdin_closing = true,
+                kind::RESIZE => match Fields::decode(&frame.payload, RESIZE_SCHEMA)
+                    .map(|f| window_size(f.uint(RESIZE_ROWS), f.uint(RESIZE_COLS)))
+                {
+                    Ok(Ok(Some((rows, cols)))) => {
+                        if let Some(tty) = &self.tty {
+                            // A terminal gone with its process: nothing left to resize.
+                            let _ = sys::set_window_size(tty, rows, cols);
+                        }
+                    }
+                    _ => {
+                        self.violation
+                            .get_or_insert("resize request without a valid size".into());
+                        self.disconnect();
+                    }
+                },
                 kind::SIGNAL => match Fields::decode(&frame.payload, SIGNAL_SCHEMA) {
                     Ok(f) => match f.uint(SIGNAL_NUMBER) {
                         Some(sig) if (1..=64).contains(&sig) => self.kill(sig as libc::c_int),

@@ -24,7 +24,7 @@ fn shown(path: &[u8]) -> String {
     String::from_utf8_lossy(path).into_owned()
 }
 
-fn os_error(conn: &Conn, op: &str, path: &[u8], e: &io::Error) -> Result<(), End> {
+pub fn os_error(conn: &Conn, op: &str, path: &[u8], e: &io::Error) -> Result<(), End> {
     conn.reply_error(
         "os",
         e.raw_os_error(),
@@ -148,7 +148,7 @@ pub fn write(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
                 size += frame.payload.len() as u64;
             }
             kind::FILE_END => break,
-            kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL => {}
+            kind::STDIN | kind::STDIN_CLOSE | kind::SIGNAL | kind::RESIZE => {}
             other => {
                 return Err(End::Fatal(format!(
                     "unexpected {} frame inside write_file",
@@ -252,6 +252,19 @@ pub const STAT_SIZE: u8 = 5;
 pub const STAT_MTIME_NS: u8 = 6;
 pub const STAT_LINK: u8 = 7;
 
+/// The `stat` reply fields of `st`, but a link's target (`list_dir` entries carry the same).
+pub fn stat_fields(enc: Encoder, st: &libc::stat) -> Encoder {
+    let mtime_ns = (st.st_mtime.max(0) as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(st.st_mtime_nsec.clamp(0, 999_999_999) as u64);
+    enc.uint(STAT_TYPE, type_code(st.st_mode))
+        .uint(STAT_MODE, u64::from(st.st_mode & 0o7777))
+        .uint(STAT_UID, u64::from(st.st_uid))
+        .uint(STAT_GID, u64::from(st.st_gid))
+        .uint(STAT_SIZE, st.st_size.max(0) as u64)
+        .uint(STAT_MTIME_NS, mtime_ns)
+}
+
 /// File types in `stat` replies (the same numbers as `changes` entries; 8 is a socket).
 fn type_code(mode: libc::mode_t) -> u64 {
     match mode & libc::S_IFMT {
@@ -289,16 +302,7 @@ pub fn stat(conn: &mut Conn, frame: &Frame) -> Result<(), End> {
     }
     // SAFETY: the call succeeded, so it initialised `st`.
     let st = unsafe { st.assume_init() };
-    let mtime_ns = (st.st_mtime.max(0) as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(st.st_mtime_nsec.clamp(0, 999_999_999) as u64);
-    let mut reply = Encoder::new()
-        .uint(STAT_TYPE, type_code(st.st_mode))
-        .uint(STAT_MODE, u64::from(st.st_mode & 0o7777))
-        .uint(STAT_UID, u64::from(st.st_uid))
-        .uint(STAT_GID, u64::from(st.st_gid))
-        .uint(STAT_SIZE, st.st_size.max(0) as u64)
-        .uint(STAT_MTIME_NS, mtime_ns);
+    let mut reply = stat_fields(Encoder::new(), &st);
     if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
         match std::fs::read_link(std::ffi::OsStr::from_bytes(&path)) {
             Ok(target) => reply = reply.bytes(STAT_LINK, target.as_os_str().as_bytes()),

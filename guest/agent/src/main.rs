@@ -14,6 +14,7 @@ mod conn;
 mod exec;
 mod files;
 mod init;
+mod mounts;
 mod net;
 mod netetc;
 mod netif;
@@ -27,6 +28,7 @@ mod spawn;
 mod sync;
 mod sys;
 mod tcp;
+mod tree;
 mod users;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

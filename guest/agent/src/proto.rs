@@ -35,6 +35,11 @@ pub mod kind {
     pub const PUT_ARCHIVE: u8 = 0x0f;
     pub const STAT: u8 = 0x10;
     pub const REMOVE: u8 = 0x11;
+    pub const LIST_DIR: u8 = 0x12;
+    pub const GET_ARCHIVE: u8 = 0x13;
+    pub const RESIZE: u8 = 0x14;
+    pub const MOUNT: u8 = 0x15;
+    pub const UNMOUNT: u8 = 0x16;
 
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -66,13 +71,18 @@ pub mod kind {
             PUT_ARCHIVE => "put_archive",
             STAT => "stat",
             REMOVE => "remove",
+            LIST_DIR => "list_dir",
+            GET_ARCHIVE => "get_archive",
+            RESIZE => "resize",
+            MOUNT => "mount",
+            UNMOUNT => "unmount",
             _ => "unknown",
         }
     }
 
     /// Whether a client may send this type at all.
     pub fn is_client(kind: u8) -> bool {
-        (EXEC..=REMOVE).contains(&kind)
+        (EXEC..=UNMOUNT).contains(&kind)
     }
 }
 

@@ -13,7 +13,7 @@ mod fuzz_support;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::proto::{self, kind, Fields, Frame, Reader};
-use crate::{archive, changes, conn, exec, files, net, sync, tcp};
+use crate::{archive, changes, conn, exec, files, mounts, net, sync, tcp, tree};
 
 /// An in-memory file holding `data`, positioned at its start: what the reader sees is exactly
 /// the bytes a peer sent, then end of file.
@@ -43,6 +43,7 @@ fn decode_request(frame: &Frame) {
     let schema: &[(u8, u8)] = match frame.kind {
         kind::EXEC => exec::SCHEMA,
         kind::SIGNAL => exec::SIGNAL_SCHEMA,
+        kind::RESIZE => exec::RESIZE_SCHEMA,
         kind::WRITE_FILE => files::WRITE_SCHEMA,
         kind::READ_FILE => files::READ_SCHEMA,
         kind::SHUTDOWN => conn::SHUTDOWN_SCHEMA,
@@ -53,6 +54,9 @@ fn decode_request(frame: &Frame) {
         kind::PUT_ARCHIVE => archive::SCHEMA,
         kind::STAT => files::STAT_SCHEMA,
         kind::REMOVE => files::REMOVE_SCHEMA,
+        kind::LIST_DIR | kind::GET_ARCHIVE => tree::SCHEMA,
+        kind::MOUNT => mounts::SCHEMA,
+        kind::UNMOUNT => mounts::UNMOUNT_SCHEMA,
         kind::PING | kind::STDIN_CLOSE | kind::FILE_END => &[],
         // Data frames carry raw bytes.
         _ => return,
@@ -68,9 +72,32 @@ fn decode_request(frame: &Frame) {
             if let Ok(request) = exec::prepare(&fields) {
                 assert!(!request.spec.argv.is_empty());
                 assert!(!request.spec.candidates.is_empty());
+                if let Some((rows, cols)) = request.tty {
+                    assert!(rows > 0 && cols > 0);
+                }
             }
         }
-        kind::WRITE_FILE | kind::READ_FILE | kind::STAT | kind::REMOVE => {
+        kind::MOUNT => {
+            let _ = mounts::check(
+                fields.bytes(mounts::SOURCE).unwrap_or(b""),
+                fields.bytes(mounts::TARGET).unwrap_or(b""),
+                fields.bytes(mounts::FSTYPE).unwrap_or(b"ext4"),
+            );
+        }
+        kind::RESIZE => {
+            if let Ok(Some((rows, cols))) = exec::window_size(
+                fields.uint(exec::RESIZE_ROWS),
+                fields.uint(exec::RESIZE_COLS),
+            ) {
+                assert!(rows > 0 && cols > 0);
+            }
+        }
+        kind::WRITE_FILE
+        | kind::READ_FILE
+        | kind::STAT
+        | kind::REMOVE
+        | kind::LIST_DIR
+        | kind::GET_ARCHIVE => {
             let _ = files::check_path(fields.bytes(files::PATH).unwrap_or(b""));
         }
         kind::NET => {

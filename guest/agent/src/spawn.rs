@@ -23,6 +23,8 @@ pub struct Spec {
     /// `cgroup.procs` of the exec's cgroup, open for writing, or -1: the child moves itself there
     /// first, so that everything it starts is contained from the beginning.
     pub cgroup_procs: RawFd,
+    /// stdin is a terminal that becomes the controlling terminal of the child's new session.
+    pub controlling_tty: bool,
 }
 
 /// The step at which the child failed.
@@ -38,6 +40,7 @@ pub enum Stage {
     Dup,
     Exec,
     Cgroup,
+    Tty,
 }
 
 pub struct Failure {
@@ -63,6 +66,7 @@ struct Shared {
     ngroups: usize,
     fds: [RawFd; 3],
     cgroup_procs: RawFd,
+    controlling_tty: bool,
     /// Bit `n - 1` set: signal `n` is ignored by the agent and must be reset in the child.
     ignored: u64,
     // Written by the child on failure.
@@ -152,6 +156,13 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
         for (target, &fd) in s.fds.iter().enumerate() {
             if let Err(e) = raw(libc::SYS_dup2, fd as usize, target, 0, 0) {
                 return fail(s, Stage::Dup, e);
+            }
+        }
+        if s.controlling_tty {
+            // The session setsid made above has no terminal yet: stdin's becomes it, so the
+            // terminal's ^C and ^Z reach the foreground process group.
+            if let Err(e) = raw(libc::SYS_ioctl, 0, libc::TIOCSCTTY as usize, 0, 0) {
+                return fail(s, Stage::Tty, e);
             }
         }
         // Ignored dispositions survive execve (the agent ignores SIGPIPE, and may inherit more
@@ -269,6 +280,7 @@ pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd),
         ngroups: groups.len(),
         fds: [spec.stdin, spec.stdout, spec.stderr],
         cgroup_procs: spec.cgroup_procs,
+        controlling_tty: spec.controlling_tty,
         ignored: ignored_signals(),
         stage: 0,
         errno: 0,
@@ -343,6 +355,7 @@ pub fn spawn(spec: &Spec, stack: &mut Vec<u8>) -> Result<(libc::pid_t, OwnedFd),
             5 => Stage::Chdir,
             6 => Stage::Dup,
             8 => Stage::Cgroup,
+            9 => Stage::Tty,
             _ => Stage::Exec,
         };
         let path = if stage == Stage::Exec {
@@ -376,6 +389,7 @@ impl Failure {
             ),
             Stage::Dup => format!("dup2: {err}"),
             Stage::Cgroup => format!("cannot enter the exec's cgroup: {err}"),
+            Stage::Tty => format!("cannot give the process its terminal: {err}"),
             Stage::Exec => self.exec_failure(spec).1,
         }
     }

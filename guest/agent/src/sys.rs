@@ -121,6 +121,39 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// A new pseudo-terminal: its master and the peer (slave) end, neither one our controlling
+/// terminal, both close-on-exec (the child gets the peer through dup2).
+pub fn open_pty() -> io::Result<(OwnedFd, OwnedFd)> {
+    let flags = libc::O_RDWR | libc::O_NOCTTY;
+    let master = open(&CString::from(c"/dev/ptmx"), flags, 0)
+        .or_else(|_| open(&CString::from(c"/dev/pts/ptmx"), flags, 0))?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from the live `unlock`; `master` stays open for the call.
+    cvt(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
+    // SAFETY: TIOCGPTPEER takes open flags as an integer and returns a new descriptor.
+    let peer = cvt(unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the ioctl succeeded, so `peer` is a new open descriptor nothing else owns.
+    Ok((master, unsafe { OwnedFd::from_raw_fd(peer) }))
+}
+
+/// Sets a terminal's window size (the kernel tells its foreground process group with SIGWINCH).
+pub fn set_window_size(fd: &OwnedFd, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the live `size`; `fd` stays open for the call.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) }).map(|_| ())
+}
+
 pub fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     // Our pipe ends carry no other status flags, so one F_SETFL suffices.
     // SAFETY: fcntl(F_SETFL) takes an integer argument and touches no memory of ours; `fd` is
