@@ -16,6 +16,7 @@ DEFAULT_MEMORY_MIB: int
 MAX_MEMORY_MIB: int
 DEFAULT_VCPUS: int
 MAX_VCPUS: int  # the most vCPUs a VM (and a snapshot) may have
+MAX_VIRTIO_DEVICES: int  # the most virtio devices (disks, volumes, vsock, network card) a VM may have
 WORKER_PROTOCOL_VERSION: int  # what this module and its supermachine-vmm speak
 # Destination ranges a network card refuses unless a rule allows them: (name, CIDR), in the
 # order of the VMM's dropped_builtin counters.

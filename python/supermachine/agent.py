@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import io
 import ipaddress
 import math
 import os
@@ -28,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Literal, NoReturn
+from typing import Any, BinaryIO, Literal, NoReturn
 
 from supermachine.errors import (
     AgentError,
@@ -43,13 +44,16 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "DEFAULT_PORT",
     "EXEC_GRACE",
+    "MAX_LIST_ENTRIES",
     "MAX_OUTPUT",
     "MAX_READ",
     "PROTOCOL_VERSION",
     "REQUEST_TIMEOUT",
     "AgentClient",
+    "ArchiveStream",
     "ChangeStream",
     "ExecResult",
+    "GuestDirEntry",
     "GuestStat",
     "NetworkResult",
     "Output",
@@ -85,6 +89,8 @@ EXEC_GRACE = 30.0
 MAX_OUTPUT = 64 << 20
 #: Default limit, in bytes, of a file that ``read_file`` reads.
 MAX_READ = 64 << 20
+#: Default limit of the entries ``list_dir`` accepts for one directory.
+MAX_LIST_ENTRIES = 100_000
 #: Most characters of text (error messages, versions) taken from the agent.
 MAX_TEXT = 500
 #: Bytes asked of the socket per read.
@@ -108,6 +114,11 @@ CHANGES = 0x0E
 PUT_ARCHIVE = 0x0F
 STAT = 0x10
 REMOVE = 0x11
+LIST_DIR = 0x12
+GET_ARCHIVE = 0x13
+RESIZE = 0x14
+MOUNT = 0x15
+UNMOUNT = 0x16
 # Agent to client.
 STARTED = 0x81
 STDOUT = 0x82
@@ -483,6 +494,20 @@ class Process:
         if self._result is None:
             self._client._send(SIGNAL, _encode([(1, int(sig))]), self._deadline, "sending a signal")
 
+    def resize(self, rows: int, cols: int) -> None:
+        """Sets the size of the process's terminal (``spawn(..., tty=True)``); the guest kernel
+        tells its foreground process group with SIGWINCH. Ignored for a process without one."""
+        _check_tty_size(rows, cols)
+        if self._result is None:
+            self._client._send(
+                RESIZE, _encode([(1, rows), (2, cols)]), self._deadline, "resizing the terminal"
+            )
+
+
+def _check_tty_size(rows: int, cols: int) -> None:
+    if not (1 <= rows <= 0xFFFF and 1 <= cols <= 0xFFFF):
+        raise AgentError(f"a terminal size is rows and columns of 1 to 65535, got {rows}x{cols}")
+
 
 _STAT_TYPES = ("file", "dir", "symlink", "hardlink", "whiteout", "char", "block", "fifo", "socket")
 
@@ -500,6 +525,74 @@ class GuestStat:
     mtime_ns: int
     link: str | None = None
     """A symbolic link's target."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuestDirEntry(GuestStat):
+    """One entry of a guest directory (:meth:`AgentClient.list_dir`): its name and what it is
+    (``lstat``: a link is described, not its target)."""
+
+    name: str
+
+
+class ArchiveStream(io.RawIOBase):
+    """The tar stream of one ``get_archive`` reply, read as a file (see
+    :meth:`AgentClient.get_archive`). Reading past ``max_bytes`` raises
+    :class:`OutputLimitError`; an error the agent reports midway raises
+    :class:`AgentRequestError`. Closing it before the end closes the connection, which stops the
+    agent."""
+
+    def __init__(self, client: AgentClient, path: str, max_bytes: int | None, deadline: _Deadline) -> None:
+        super().__init__()
+        self._client = client
+        self._path = path
+        self._max_bytes = max_bytes
+        self._deadline = deadline
+        self._chunk = b""
+        self._at = 0
+        self.received = 0
+        self.finished = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        while self._at >= len(self._chunk):
+            if self.finished:
+                return 0
+            self._next_chunk()
+        n = min(len(view), len(self._chunk) - self._at)
+        view[:n] = self._chunk[self._at : self._at + n]
+        self._at += n
+        return n
+
+    def _next_chunk(self) -> None:
+        client = self._client
+        kind, payload = client._recv_frame(self._deadline, f"reading the archive of {self._path}")
+        if kind == DATA:
+            self.received += len(payload)
+            if self._max_bytes is not None and self.received > self._max_bytes:
+                client.close()  # the agent stops sending when the connection goes
+                raise OutputLimitError(
+                    f"the archive of {self._path} is larger than the limit of {_mib(self._max_bytes)}"
+                    " (max_bytes); copying stopped",
+                    limit=self._max_bytes,
+                )
+            self._chunk, self._at = payload, 0
+        elif kind == END:
+            size = _uint(client._fields(payload), 1)
+            if size != self.received:
+                raise client._violation(f"agent said it sent {size} archive bytes but sent {self.received}")
+            self.finished = True
+        else:
+            self.finished = kind == ERROR  # a reported error leaves the connection usable
+            client._unexpected(kind, payload, "in reply to get_archive")
+
+    def close(self) -> None:
+        if not self.finished and not self.closed:
+            self._client.close()
+        super().close()
 
 
 class ChangeStream:
@@ -791,6 +884,8 @@ class AgentClient:
         deadline: float | None = None,
         keep_background: bool = False,
         pids_max: int | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
     ) -> Process:
         """Starts a process and returns as soon as it runs.
 
@@ -804,8 +899,15 @@ class AgentClient:
         ``pids_max`` bounds its process tree (agent default 1024, 0: no limit of its own). A program
         that is not found or not executable exits with status 127 or 126 (and a line on stderr);
         other start failures (bad ``cwd``, unknown ``user``) raise :class:`AgentRequestError`.
+
+        With ``tty`` the process runs on a new pseudo-terminal of ``tty_size`` (rows, columns;
+        default 24x80) as its stdin, stdout and stderr and its controlling terminal: its output
+        comes as ``stdout`` only, bytes written to its stdin are what a keyboard types (``\x03``
+        interrupts the foreground job), and :meth:`Process.resize` changes the size.
         """
         self._begin()
+        if tty_size is not None:
+            _check_tty_size(*tty_size)
         if not argv:
             raise AgentError("exec needs a non-empty argv")
         if timeout is not None and timeout <= 0:
@@ -832,6 +934,9 @@ class AgentClient:
                 (6, None if timeout is None else max(1, round(timeout * 1000))),
                 (7, int(keep_background) if keep_background else None),
                 (8, pids_max),
+                (9, 1 if tty else None),
+                (10, tty_size[0] if tty and tty_size else None),
+                (11, tty_size[1] if tty and tty_size else None),
             ]
         )
         start = _Deadline.after(self.request_timeout).earliest(end)
@@ -938,19 +1043,102 @@ class AgentClient:
         deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
         payload = _encode([(1, os.fsencode(path)), (2, 1 if follow else None)])
         fields = self._fields(self._request(STAT, payload, OK, f"stat {path}", deadline))
+        return GuestStat(**self._stat_values(fields, path))
+
+    def _stat_values(self, fields: dict[int, FieldValue], path: str) -> dict[str, Any]:
+        """The ``stat`` reply fields (also those of a ``list_dir`` entry), checked."""
         code = _uint(fields, 1)
         if code is None or code >= len(_STAT_TYPES):
             raise self._violation(f"agent sent file type {code!r} for {path}")
         link = fields.get(7)
-        return GuestStat(
-            type=_STAT_TYPES[code],
-            mode=(_uint(fields, 2) or 0) & 0o7777,
-            uid=_uint(fields, 3) or 0,
-            gid=_uint(fields, 4) or 0,
-            size=_uint(fields, 5) or 0,
-            mtime_ns=_uint(fields, 6) or 0,
-            link=os.fsdecode(link) if isinstance(link, bytes) else None,
+        return {
+            "type": _STAT_TYPES[code],
+            "mode": (_uint(fields, 2) or 0) & 0o7777,
+            "uid": _uint(fields, 3) or 0,
+            "gid": _uint(fields, 4) or 0,
+            "size": _uint(fields, 5) or 0,
+            "mtime_ns": _uint(fields, 6) or 0,
+            "link": os.fsdecode(link) if isinstance(link, bytes) else None,
+        }
+
+    def list_dir(
+        self, path: str, *, max_entries: int = MAX_LIST_ENTRIES, timeout: float | None = None
+    ) -> list[GuestDirEntry]:
+        """The entries of the guest directory ``path``, sorted by name (``.`` and ``..`` left
+        out). More than ``max_entries`` raises :class:`OutputLimitError`. Every name is checked:
+        one path component, no NUL, at most 255 bytes, in strictly increasing order."""
+        self._begin()
+        deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
+        self._send(LIST_DIR, _encode([(1, os.fsencode(path))]), deadline, f"listing {path}")
+        entries: list[GuestDirEntry] = []
+        previous = b""
+        while True:
+            kind, payload = self._recv_frame(deadline, f"listing {path}")
+            if kind == ENTRY:
+                fields = self._fields(payload)
+                name = fields.get(8)
+                if (
+                    not isinstance(name, bytes)
+                    or name in (b"", b".", b"..")
+                    or b"/" in name
+                    or b"\0" in name
+                    or len(name) > 255
+                    or name <= previous
+                ):
+                    raise self._violation(f"agent sent a bad or out-of-order entry name {name!r} in {path}")
+                previous = name
+                if len(entries) == max_entries:
+                    self.close()
+                    raise OutputLimitError(
+                        f"{path} has more than {max_entries} entries (max_entries); listing stopped",
+                        limit=max_entries,
+                    )
+                entries.append(GuestDirEntry(**self._stat_values(fields, path), name=os.fsdecode(name)))
+            elif kind == END:
+                count = _uint(self._fields(payload), 1)
+                if count != len(entries):
+                    raise self._violation(f"agent said it listed {count} entries but sent {len(entries)}")
+                return entries
+            else:
+                self._unexpected(kind, payload, "in reply to list_dir")
+
+    def get_archive(
+        self, path: str, *, max_bytes: int | None = None, timeout: float | None = None
+    ) -> ArchiveStream:
+        """Asks for a tar stream of the guest ``path`` (a file, or a directory and all in it; see
+        PROTOCOL.md) and returns it as a file to read within ``timeout`` seconds (default:
+        :attr:`request_timeout`). The stream is the guest's: unpack it as hostile input."""
+        self._begin()
+        deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
+        self._send(GET_ARCHIVE, _encode([(1, os.fsencode(path))]), deadline, f"asking for {path}")
+        return ArchiveStream(self, path, max_bytes, deadline)
+
+    def mount(
+        self,
+        device: str,
+        target: str,
+        *,
+        fstype: str = "ext4",
+        read_only: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Mounts the guest's virtio disk ``device`` (``/dev/vdX``) at the absolute ``target``
+        (made with its parents when missing), ``nosuid,nodev``, read-only if asked."""
+        deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
+        payload = _encode(
+            [
+                (1, device.encode()),
+                (2, os.fsencode(target)),
+                (3, fstype.encode()),
+                (4, 1 if read_only else None),
+            ]
         )
+        self._request(MOUNT, payload, OK, f"mount {device} on {target}", deadline)
+
+    def unmount(self, target: str, *, timeout: float | None = None) -> None:
+        """Syncs and unmounts what :meth:`mount` mounted at ``target`` (EBUSY while in use)."""
+        deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
+        self._request(UNMOUNT, _encode([(2, os.fsencode(target))]), OK, f"unmount {target}", deadline)
 
     def remove(self, path: str, *, recursive: bool = False, timeout: float | None = None) -> None:
         """Removes the absolute ``path`` in the guest: a file, link or empty directory, or with

@@ -214,3 +214,17 @@ class OutputLimitError(AgentError):
 class ExportError(SupermachineError):
     """A VM's changes cannot be exported or committed as a layer: too large for the limit, a name a
     layer cannot hold, or a VM that has no change set (booted on its initramfs)."""
+
+
+class CopyError(SupermachineError):
+    """A copy between the host and a VM failed: a host source that cannot be read, a destination
+    that cannot be written, or an archive from the guest that breaks the rules of
+    :func:`supermachine.transfer.unpack_guest_archive`."""
+
+
+class VolumeError(SupermachineError):
+    """A named volume cannot be made, found, attached, mounted or removed."""
+
+
+class VolumeInUseError(VolumeError):
+    """A volume is attached read-write to another VM (or, for a writer, to any)."""

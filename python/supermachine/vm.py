@@ -16,7 +16,9 @@ several threads at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
@@ -28,9 +30,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Literal, cast
 
-from supermachine import _core, agent, initramfs, kernel, worker
+from supermachine import _core, agent, initramfs, kernel, transfer, volumes, worker
 from supermachine import changes as _changes
 from supermachine import forward as _forward
 from supermachine import network as _net
@@ -43,14 +45,17 @@ from supermachine.errors import (
     ExportError,
     GuestPanickedError,
     ImageNotFoundError,
+    InputError,
     KvmUnavailableError,
     NetworkError,
     ProtocolError,
     SnapshotError,
     SupermachineError,
+    VmConfigError,
     VmError,
     VmmCrashedError,
     VmOutOfMemoryError,
+    VolumeError,
 )
 from supermachine.network import Network, NetworkInfo, NetworkMode
 from supermachine.worker import IoLimit, Limits, VmmMode
@@ -75,6 +80,8 @@ DEFAULT_ENV: Mapping[str, str] = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
 }
+VOLUME_UNMOUNT_TIMEOUT = 30.0
+"""Most seconds :meth:`Vm.stop` waits for the guest to unmount its read-write volumes."""
 LINUX_MIN_MEMORY_MIB = 64
 """Least guest RAM a Linux guest with the agent boots in (the VMM's own minimum, for freestanding
 guests, is 1 MiB); the VMM owns the other defaults and limits (``_core.DEFAULT_MEMORY_MIB``...)."""
@@ -87,6 +94,27 @@ class Disk:
 
     path: Path
     read_only: bool = True
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    """A named volume (``supermachine volume create NAME``) mounted at ``target`` in the guest
+    (``-v NAME:TARGET[:ro]``). It is attached as a virtio-blk disk after :attr:`VmConfig.disks`,
+    and only one running VM may attach a volume read-write."""
+
+    name: str
+    target: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> VolumeMount:
+        """``NAME:/guest/dir`` or ``NAME:/guest/dir:ro`` (docker's ``-v`` syntax)."""
+        name, _, rest = spec.partition(":")
+        target, _, mode = rest.partition(":")
+        if not name or not target.startswith("/") or mode not in ("", "ro", "rw"):
+            raise InputError(f"-v {spec!r}: expected NAME:/GUEST/DIR[:ro]")
+        volumes.check_name(name)
+        return cls(name, target, read_only=mode == "ro")
 
 
 @dataclass(frozen=True)
@@ -136,6 +164,8 @@ class VmConfig:
     """The VM's network (see :mod:`supermachine.network`): ``"egress"`` (default, like ``docker
     run``: outbound connections to the internet, nothing published), ``"none"`` (no network
     card at all), or a :class:`~supermachine.network.Network` with allow/deny rules and ports."""
+    volumes: tuple[VolumeMount, ...] = ()
+    """Named volumes to mount (needs a root filesystem: they are mounted in it)."""
 
     def validated(self) -> VmConfig:
         if not LINUX_MIN_MEMORY_MIB <= self.memory_mib <= _core.MAX_MEMORY_MIB:
@@ -211,6 +241,7 @@ class Vm:
         self._runtime_dir = runtime_dir
         self._vsock = runtime_dir / "vsock.sock"
         self._stopped = False
+        self._volumes: list[volumes.Attachment] = []
         self._lock = threading.Lock()
         self._kernel_path = kernel_path
         self._initramfs_path = initramfs_path
@@ -256,6 +287,8 @@ class Vm:
         if config.rootfs is not None:
             disks.append({"path": str(config.rootfs), "read_only": True})
         disks += [{"path": str(d.path), "read_only": d.read_only} for d in config.disks]
+        attached = _attach_volumes(config)
+        disks += [{"path": str(a.volume.path), "read_only": a.read_only} for a in attached]
         disks = _with_io_limit(disks, config.io_limit)
         core_config: _core.MachineConfig = {
             "kernel": str(vmlinux),
@@ -272,6 +305,7 @@ class Vm:
             net = _start_network(Network.of(config.network), runtime_dir, core_config)
         except BaseException:
             shutil.rmtree(runtime_dir, ignore_errors=True)
+            _release(attached)
             raise
         try:
             handle = _core.Vm.start(core_config, _worker(config.vmm, runtime_dir, config.limits))
@@ -279,7 +313,11 @@ class Vm:
             if net is not None:
                 net.stop()
             shutil.rmtree(runtime_dir, ignore_errors=True)
+            _release(attached)
             raise _vmm_failure(exc, "cannot start the VM", VmError) from None
+        except BaseException:
+            _release(attached)
+            raise
         finally:
             if net is not None:
                 net.handed_over()
@@ -293,12 +331,47 @@ class Vm:
             run_defaults=run_defaults,
             net=net,
         )
+        vm._volumes = attached
         try:
             vm._wait_for_agent(config.boot_timeout)
+            vm._mount_volumes(config)
         except BaseException:
             vm.stop()
             raise
         return vm
+
+    def _mount_volumes(self, config: VmConfig) -> None:
+        """Mounts each attached volume at its target (its disk follows the root filesystem and
+        :attr:`VmConfig.disks`)."""
+        first = len(config.disks) + (0 if config.rootfs is None else 1)
+        for index, (mount, attachment) in enumerate(zip(config.volumes, self._volumes, strict=True)):
+            device = guest_disk_name(first + index)
+            with self._client() as client:
+                try:
+                    client.mount(device, mount.target, read_only=attachment.read_only)
+                except AgentRequestError as exc:
+                    what = f"volume {mount.name} on {mount.target}"
+                    if attachment.read_only and exc.errno == errno.EROFS:
+                        raise VolumeError(
+                            f"cannot mount {what} read-only: its last VM did not unmount it (a crash?);"
+                            " attach it read-write once to replay its journal"
+                        ) from None
+                    raise VolumeError(f"cannot mount {what}: {exc}") from None
+
+    def _unmount_volumes(self) -> None:
+        """Unmounts the read-write volumes before the VM stops (best effort, at most
+        :data:`VOLUME_UNMOUNT_TIMEOUT` seconds), so their journals are clean for the next VM."""
+        writable = [m for m, a in zip(self.config.volumes, self._volumes, strict=False) if not a.read_only]
+        if not writable or self.outcome is not None:
+            return
+        deadline = time.monotonic() + VOLUME_UNMOUNT_TIMEOUT
+        for mount in writable:
+            try:
+                connect = min(agent.CONNECT_TIMEOUT, _seconds_left(deadline))
+                with agent.connect_vsock_uds(self._vsock, timeout=connect) as client:
+                    client.unmount(mount.target, timeout=_seconds_left(deadline))
+            except SupermachineError as exc:
+                log.warning("volume %s was not unmounted before the VM stopped: %s", mount.name, exc)
 
     @classmethod
     def restore(
@@ -437,6 +510,14 @@ class Vm:
         self._raise_if_ended("before the snapshot")
         if self._kernel_path is None or self._initramfs_path is None:
             raise SnapshotError("this VM was not started by Vm.start or Vm.restore; it cannot be snapshotted")
+        if self._volumes:
+            # The guest's RAM holds the mounted volumes' file system state (page cache, journal):
+            # a clone restored from it would write over whatever later VMs stored on the volume.
+            names = ", ".join(m.name for m in self.config.volumes)
+            raise SnapshotError(
+                f"this VM has volumes mounted ({names}); a snapshot cannot carry them: "
+                "snapshot a VM started without volumes"
+            )
         identity = self._image or bake.rootfs_identity(self.config.rootfs)
         attach.vouch_for_rootfs(identity, self.config.rootfs)
         entrypoint, cmd = self._entrypoint_cmd
@@ -589,9 +670,12 @@ class Vm:
             self._forwards.clear()
         for forward in forwards:
             forward.close()
+        self._unmount_volumes()
         self._handle.stop()
         if self._net is not None:
             self._net.stop()
+        # The VMM has let go of the disks: another VM may now attach the volumes.
+        _release(self._volumes)
         shutil.rmtree(self._runtime_dir, ignore_errors=True)
 
     def __enter__(self) -> Vm:
@@ -741,9 +825,14 @@ class Vm:
         timeout: float | None = None,
         keep_background: bool = False,
         pids_max: int | None = None,
+        tty: bool = False,
+        tty_size: tuple[int, int] | None = None,
     ) -> Process:
         """Starts ``argv`` and returns a :class:`Process` that streams its output as it comes
-        (without a size limit). ``env``, ``replace_env``, ``timeout``: as for :meth:`exec`."""
+        (without a size limit). ``env``, ``replace_env``, ``timeout``: as for :meth:`exec`. With
+        ``tty`` it runs on a new terminal in the guest of ``tty_size`` (rows, columns), which
+        :meth:`Process.resize <supermachine.agent.Process.resize>` changes; see
+        :meth:`AgentClient.spawn <supermachine.agent.AgentClient.spawn>`."""
         deadline = None if timeout is None else time.monotonic() + timeout + agent.EXEC_GRACE
         client = self._client(_connect_timeout(deadline))
         try:
@@ -757,6 +846,8 @@ class Vm:
                 deadline=deadline,
                 keep_background=keep_background,
                 pids_max=pids_max,
+                tty=tty,
+                tty_size=tty_size,
             )
         except BaseException:
             client.close()
@@ -790,6 +881,58 @@ class Vm:
         deadline = time.monotonic() + timeout
         with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
             return client.put_archive(directory, archive, timeout=_seconds_left(deadline))
+
+    def listdir(
+        self, path: str, *, max_entries: int = agent.MAX_LIST_ENTRIES, timeout: float = agent.REQUEST_TIMEOUT
+    ) -> list[agent.GuestDirEntry]:
+        """The entries of the guest directory ``path``, sorted by name: each one's ``name``,
+        ``type``, ``mode``, owner, ``size``, ``mtime_ns`` and a link's target (a link is described,
+        not followed). More than ``max_entries`` raises :class:`OutputLimitError`."""
+        deadline = time.monotonic() + timeout
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            return client.list_dir(path, max_entries=max_entries, timeout=_seconds_left(deadline))
+
+    def copy_in(
+        self,
+        source: str | os.PathLike[str],
+        guest_dir: str,
+        *,
+        keep_owner: bool = False,
+        timeout: float = transfer.COPY_TIMEOUT,
+    ) -> int:
+        """Copies the host file, link or directory tree ``source`` into the existing guest
+        directory ``guest_dir``, as ``guest_dir/<last component of source>``, with modes and
+        times; owners become root unless ``keep_owner``. Links are copied, not followed. Returns
+        the number of entries."""
+        deadline = time.monotonic() + timeout
+        with transfer.host_archive(Path(source), keep_owner=keep_owner) as stream:
+            return self.put_archive(guest_dir, stream, timeout=_seconds_left(deadline))
+
+    def copy_out(
+        self,
+        guest_path: str,
+        dest: str | os.PathLike[str],
+        *,
+        max_bytes: int | None = transfer.MAX_COPY_BYTES,
+        max_entries: int = transfer.MAX_COPY_ENTRIES,
+        timeout: float = transfer.COPY_TIMEOUT,
+    ) -> transfer.CopyResult:
+        """Copies the guest file or directory tree ``guest_path`` into the existing host
+        directory ``dest``, as ``dest/<last component of guest_path>``. The guest is untrusted:
+        nothing is written outside ``dest`` and no link is followed; device nodes and FIFOs are
+        skipped; set-id bits and owners are dropped (see :mod:`supermachine.transfer`). More than
+        ``max_bytes`` of archive or ``max_entries`` entries stop the copy with an error, leaving
+        what was copied so far."""
+        deadline = time.monotonic() + timeout
+        with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
+            stream = client.get_archive(guest_path, max_bytes=max_bytes, timeout=_seconds_left(deadline))
+            with contextlib.closing(stream):
+                result = transfer.unpack_guest_archive(
+                    cast(IO[bytes], stream), Path(dest), max_entries=max_entries
+                )
+                while stream.read(agent.CHUNK):  # the end of the reply, bounded by max_bytes
+                    pass
+            return result
 
     def read_file(
         self, path: str, *, max_bytes: int | None = agent.MAX_READ, timeout: float = agent.REQUEST_TIMEOUT
@@ -1006,6 +1149,37 @@ def _snapshot_info(directory: Path) -> _core.SnapshotInfo:
         return _core.snapshot_info(str(directory))
     except (OSError, ValueError) as exc:
         raise SnapshotError(str(exc)) from None
+
+
+def guest_disk_name(index: int) -> str:
+    """The guest's name of the ``index``-th virtio disk (0: ``/dev/vda``), as Linux names them."""
+    name = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        name = chr(ord("a") + rest) + name
+    return f"/dev/vd{name}"
+
+
+def _attach_volumes(config: VmConfig) -> list[volumes.Attachment]:
+    """Each volume of ``config``, locked for this VM (all or none)."""
+    if config.volumes and config.rootfs is None:
+        raise VmConfigError("volumes need a root filesystem to be mounted in")
+    attached: list[volumes.Attachment] = []
+    try:
+        for mount in config.volumes:
+            attachment = volumes.Attachment(volumes.get(mount.name), read_only=mount.read_only)
+            attachment.acquire()
+            attached.append(attachment)
+    except BaseException:
+        _release(attached)
+        raise
+    return attached
+
+
+def _release(attached: list[volumes.Attachment]) -> None:
+    for attachment in attached:
+        attachment.release()
 
 
 def _cmdline(config: VmConfig) -> str:

@@ -98,7 +98,7 @@ def test_zero_length_frame(agent: AgentServer) -> None:
     _still_serving(agent)
 
 
-@pytest.mark.parametrize("kind", [0x00, 0x12, 0x81, 0x8F, 0xFF])
+@pytest.mark.parametrize("kind", [0x00, 0x17, 0x81, 0x8F, 0xFF])
 def test_unknown_frame_type(agent: AgentServer, kind: int) -> None:
     message = _fatal_error(_exchange(agent, HELLO + struct.pack("<IB", 1, kind)))
     assert message == f"unknown frame type 0x{kind:02x}"

@@ -2,8 +2,7 @@
 jailed, seccomp-filtered worker, and a worker that is killed or faults ends only its own VM while
 another VM of the same process keeps executing commands; a pool replaces a dead idle worker.
 
-The session's VM is snapshotted once; every VM here is a restore of that snapshot. (This module
-must sort before test_vm_linux.py, whose last test stops the session's VM.)"""
+The session's VM is snapshotted once; every VM here is a restore of that snapshot."""
 
 from __future__ import annotations
 

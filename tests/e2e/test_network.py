@@ -89,7 +89,8 @@ def _builtin_name(cidr: str) -> str:
 
 
 def test_the_guest_fetches_from_the_host_by_name_and_address(vm: Vm, host_server: int) -> None:
-    by_name = vm.exec(["wget", "-qO-", f"http://{HOST_NAME}:{host_server}/a"], timeout=120)
+    # The VM's first command: slow while its pages fault in, more so beside another test worker.
+    by_name = vm.exec(["wget", "-qO-", f"http://{HOST_NAME}:{host_server}/a"], timeout=300)
     assert (by_name.status, by_name.stdout) == (0, b"page for /a\n"), by_name.stderr
     # A name the test controls (--add-host), and the gateway address itself.
     both = vm.exec(

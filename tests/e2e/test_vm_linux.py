@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from supermachine.errors import ExecTimeoutError, GuestPanickedError, VmError
+from supermachine.errors import ExecTimeoutError, GuestPanickedError
 from supermachine.vm import Vm, VmConfig
 
 pytestmark = pytest.mark.slow
@@ -70,6 +70,31 @@ def test_file_round_trip(vm: Vm) -> None:
         vm.read_file("/tmp/missing")
 
 
+def test_copy_a_tree_in_list_it_and_copy_it_back_out(vm: Vm, tmp_path: Path) -> None:
+    source = tmp_path / "src" / "proj"
+    (source / "lib").mkdir(parents=True)
+    (source / "lib/data.bin").write_bytes(os.urandom(150_000))
+    (source / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    os.chmod(source / "run.sh", 0o755)
+    os.symlink("run.sh", source / "link")
+    vm.exec(["sh", "-c", "rm -rf /tmp/cp && mkdir /tmp/cp"], check=True)
+    assert vm.copy_in(source, "/tmp/cp") == 5
+    assert vm.exec(["/tmp/cp/proj/link"]).stdout == b"ran\n"
+    listing = {e.name: e for e in vm.listdir("/tmp/cp/proj")}
+    assert sorted(listing) == ["lib", "link", "run.sh"]
+    assert (listing["link"].type, listing["link"].link) == ("symlink", "run.sh")
+    assert (listing["lib"].type, listing["run.sh"].mode, listing["run.sh"].uid) == ("dir", 0o755, 0)
+    # What the guest adds comes back out with the rest; its /dev node does not.
+    vm.exec(["sh", "-c", "echo made > /tmp/cp/proj/made && mknod /tmp/cp/proj/null c 1 3"], check=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = vm.copy_out("/tmp/cp/proj", out)
+    assert (result.entries, result.skipped) == (6, 1)
+    assert (out / "proj/lib/data.bin").read_bytes() == (source / "lib/data.bin").read_bytes()
+    assert (out / "proj/made").read_text() == "made\n" and os.readlink(out / "proj/link") == "run.sh"
+    assert not (out / "proj/null").exists()
+
+
 def test_spawn_streams_output(vm: Vm) -> None:
     process = vm.spawn(["sh", "-c", "echo one; sleep 1; echo two >&2"])
     events = [(e.stream, e.data) for e in process]
@@ -99,13 +124,3 @@ def test_kernel_panic_is_reported_with_the_console(tmp_path: Path) -> None:
         subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files, stdout=out, check=True)
     with pytest.raises(GuestPanickedError, match="Attempted to kill init"):
         Vm.start(VmConfig(initramfs=initrd, memory_mib=128, boot_timeout=240))
-
-
-def test_stop_is_clean_and_final(vm: Vm) -> None:
-    """Runs last in this module: it stops the session's VM."""
-    assert vm.exec(["true"]).status == 0
-    vm.stop()
-    vm.stop()  # idempotent
-    assert vm.outcome is not None and vm.outcome.kind == "stopped"
-    with pytest.raises(VmError, match="stopped"):
-        vm.exec(["true"])

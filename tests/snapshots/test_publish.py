@@ -81,16 +81,21 @@ def write_seconds(seed: Path, identity: Path, tmp_path: Path) -> float:
     """How long one uninterrupted write takes here (so kills land inside it)."""
     store = tmp_path / "measure"
     store.mkdir()
-    proc = _spawn(seed, store / "snap", identity)
-    _wait_for(proc, "ready")
-    took = _wait_for(proc, "done")
-    assert proc.wait(timeout=60) == 0
-    assert _visible(store) == ["snap"] and _hidden(store) == []
-    return took
+    took = []
+    for _ in range(2):  # the faster of two: the first can be slowed by the seed's write-back
+        proc = _spawn(seed, store / "snap", identity)
+        _wait_for(proc, "ready")
+        took.append(_wait_for(proc, "done"))
+        assert proc.wait(timeout=60) == 0
+        assert _visible(store) == ["snap"] and _hidden(store) == []
+        shutil.rmtree(store / "snap")
+    return min(took)
 
 
 def _kill_during_write(seed: Path, target: Path, identity: Path, after: float) -> bool:
-    """Start a write and SIGKILL it ``after`` seconds in; ``True`` if it had finished by then."""
+    """Start a write and SIGKILL it ``after`` seconds in; ``True`` if it said it had finished.
+    (A writer can also be killed after its rename but before it says so: whether the snapshot
+    was published is read from the store, not from this.)"""
     proc = _spawn(seed, target, identity)
     _wait_for(proc, "ready")
     time.sleep(after)
@@ -111,14 +116,17 @@ def test_a_killed_writer_leaves_nothing_visible_and_the_next_write_cleans_up(
     store = tmp_path / "store"
     store.mkdir()
     interrupted = 0
+    stale_lock = publish.lock_path(store / "snap").name
     for after in _kills(write_seconds, 6, 1):
-        finished = _kill_during_write(seed, store / "snap", identity, after)
+        said_done = _kill_during_write(seed, store / "snap", identity, after)
         snaps, problems = golden.list_snapshots(store)
         assert problems == []
-        if finished:  # the write won the race: a whole snapshot, which the next round replaces
-            assert [s.name for s in snaps] == ["snap"] and _hidden(store) == []
+        if _visible(store):  # the rename won the race: a whole snapshot, which the next round replaces
+            assert [s.name for s in snaps] == ["snap"]
+            assert set(_hidden(store)) <= {stale_lock}  # killed between its rename and its unlock
             shutil.rmtree(store / "snap")
             continue
+        assert not said_done
         interrupted += 1
         assert _visible(store) == [], f"killed after {after:.2f} s of {write_seconds:.2f} s"
         assert snaps == []
@@ -138,12 +146,11 @@ def test_prune_removes_what_killed_writers_left(
     store = tmp_path / "store"
     store.mkdir()
     write_snapshot(store, "kept", b"\0" * 8192)
-    finished = {
-        f"snap{i}"
-        for i, after in enumerate(_kills(write_seconds, 3, 2))
-        if _kill_during_write(seed, store / f"snap{i}", identity, after)
-    }
-    assert _visible(store) == sorted({"kept"} | finished)
+    for i, after in enumerate(_kills(write_seconds, 3, 2)):
+        _kill_during_write(seed, store / f"snap{i}", identity, after)
+    finished = set(_visible(store)) - {"kept"}  # writes whose rename won the race
+    snaps, problems = golden.list_snapshots(store)
+    assert problems == [] and {s.name for s in snaps} == {"kept"} | finished
     assert len(finished) < 3, "the kills did not land inside the write"
     result = publish.prune_store(store)
     assert result.partial + result.locks >= 1

@@ -1,5 +1,10 @@
 """Commands that run something in a microVM: ``run IMAGE`` (OCI images) and ``boot`` (a raw
-root filesystem image, for development)."""
+root filesystem image, for development).
+
+The VM, image and terminal-output machinery is imported inside the commands, so that loading this
+module to parse a command line, or to show its help, costs next to nothing. ``_core``, for
+the options' defaults, stays: loading the Rust extension takes under a millisecond.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,14 @@ from typing import TYPE_CHECKING
 
 import click
 
-from supermachine import _core, ui
+from supermachine import _core
+from supermachine.cli.terminal import PLAIN, Stdio, guest_env, raw_terminal, window_size
 from supermachine.errors import AgentError, InputError, SupermachineError
 
 if TYPE_CHECKING:
     from supermachine.agent import Process
     from supermachine.network import Network
+    from supermachine.vm import VolumeMount
 
 #: Bytes read from the host's stdin at a time with ``-i`` (one stdin frame).
 _STDIN_CHUNK = 64 * 1024
@@ -83,13 +90,16 @@ def _run_streaming(
     timeout: float | None,
     show_console: bool,
     snapshot: Path | None = None,
-    interactive: bool = False,
+    stdio: Stdio = PLAIN,
 ) -> int:
     """Boots a VM from ``config`` (or restores ``snapshot``), runs ``argv`` streaming its output
-    (and, ``interactive``, our stdin to its stdin), returns the exit status."""
+    (and, ``interactive``, our stdin to its stdin; with ``tty``, on a terminal in the guest),
+    returns the exit status."""
+    from supermachine import ui
     from supermachine.vm import Vm, VmConfig
 
     assert isinstance(config, VmConfig)
+    stdio.check()
     doing = "booting the microVM" if snapshot is None else "restoring the microVM"
     status = ui.stderr.status(doing, spinner="dots")
     with status if ui.stderr.is_terminal else nullcontext():
@@ -104,10 +114,23 @@ def _run_streaming(
                 network=None if config.network == "egress" else config.network,
             )
     with vm:
-        process = vm.spawn(argv, timeout=timeout, stdin=interactive)
-        if interactive:
-            threading.Thread(target=_forward_stdin, args=(process,), name="stdin", daemon=True).start()
-        if not _copy_output(process):
+        if stdio.tty:
+            process = vm.spawn(
+                argv,
+                env=guest_env(config.env),
+                timeout=timeout,
+                stdin=stdio.interactive,
+                tty=True,
+                tty_size=window_size(),
+            )
+            with raw_terminal(process, stdio.interactive):
+                copied = _copy_output(process)
+        else:
+            process = vm.spawn(argv, timeout=timeout, stdin=stdio.interactive)
+            if stdio.interactive:
+                threading.Thread(target=_forward_stdin, args=(process,), name="stdin", daemon=True).start()
+            copied = _copy_output(process)
+        if not copied:
             return 128 + signal.SIGPIPE  # as a shell reports a command killed by SIGPIPE
         result = process.wait()
         if show_console:
@@ -227,18 +250,45 @@ def network_from_options(
     ).validated()
 
 
-def interactive_option(f: click.decorators.FC) -> click.decorators.FC:
+def volume_option(f: click.decorators.FC) -> click.decorators.FC:
+    return click.option(
+        "-v",
+        "--volume",
+        "volume_specs",
+        multiple=True,
+        metavar="NAME:/DIR[:ro]",
+        help="Mount a named volume (supermachine volume create NAME) at DIR; one VM at a time may "
+        "write to a volume. Repeatable.",
+    )(f)
+
+
+def _volumes(specs: tuple[str, ...]) -> tuple[VolumeMount, ...]:
+    from supermachine.vm import VolumeMount
+
+    return tuple(VolumeMount.parse(spec) for spec in specs)
+
+
+def stdio_options(f: click.decorators.FC) -> click.decorators.FC:
+    """``-i`` and ``-t``, as docker run has them."""
+    f = click.option(
+        "-t",
+        "--tty",
+        is_flag=True,
+        help="Run the command on a terminal in the guest (with -i: ours in raw mode, keys and "
+        "window size passed on).",
+    )(f)
     return click.option(
         "-i",
         "--interactive",
         is_flag=True,
-        help="Pass this program's stdin to the command's stdin until end of file (not a TTY).",
+        help="Pass this program's stdin to the command's stdin until end of file.",
     )(f)
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
 @vm_options
-@interactive_option
+@stdio_options
+@volume_option
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform to pick from a multi-arch image.")
 @click.option("--insecure/--secure", default=None, help="Plain HTTP (default: only for loopback registries).")
 @click.option(
@@ -268,6 +318,8 @@ def run(
     add_hosts: tuple[str, ...],
     dns_server: str | None,
     interactive: bool,
+    tty: bool,
+    volume_specs: tuple[str, ...],
     platform: str | None,
     insecure: bool | None,
     pull: str,
@@ -281,6 +333,7 @@ def run(
     Put COMMAND after `--` when it has options of its own. With -i, stdin is passed to COMMAND
     (`echo hi | supermachine run -i IMAGE -- cat`); without it COMMAND reads nothing.
     """
+    from supermachine import ui
     from supermachine.image import Image, PullPolicy
     from supermachine.oci.progress import RichProgress
     from supermachine.vm import VmConfig
@@ -289,10 +342,15 @@ def run(
         command = command[1:]
     env = parse_env(env_pairs)
     network = network_from_options(network_mode, allow, deny, published, add_hosts, dns_server)
+    mounts = _volumes(volume_specs)
     if image.startswith("snapshot:"):
+        if mounts:
+            raise InputError("-v: volumes cannot be attached to a VM restored from a snapshot yet")
         where = image.removeprefix("snapshot:")
         sys.exit(
-            _run_snapshot(where, command, env, workdir, user, timeout, show_console, interactive, network)
+            _run_snapshot(
+                where, command, env, workdir, user, timeout, show_console, Stdio(interactive, tty), network
+            )
         )
     policy: PullPolicy = "always" if pull == "always" else "never" if pull == "never" else "missing"
     with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
@@ -307,9 +365,10 @@ def run(
             workdir=workdir,
             user=user,
             network=network or "egress",
+            volumes=mounts,
         )
     )
-    sys.exit(_run_streaming(config, argv, timeout, show_console, interactive=interactive))
+    sys.exit(_run_streaming(config, argv, timeout, show_console, stdio=Stdio(interactive, tty)))
 
 
 def _run_snapshot(
@@ -320,7 +379,7 @@ def _run_snapshot(
     user: str | None,
     timeout: float | None,
     show_console: bool,
-    interactive: bool = False,
+    stdio: Stdio = PLAIN,
     network: Network | None = None,
 ) -> int:
     from supermachine.image import Image
@@ -333,12 +392,13 @@ def _run_snapshot(
     img = Image.from_snapshot(directory)
     argv = img.argv(command or None)
     config = img.vm_config(VmConfig(env=env, workdir=workdir, user=user, network=network or "egress"))
-    return _run_streaming(config, argv, timeout, show_console, snapshot=directory, interactive=interactive)
+    return _run_streaming(config, argv, timeout, show_console, snapshot=directory, stdio=stdio)
 
 
 @click.command()
 @vm_options
-@interactive_option
+@stdio_options
+@volume_option
 @click.option("--rootfs", type=click.Path(path_type=Path), help="Root filesystem image (squashfs).")
 @click.argument("command", nargs=-1, required=True)
 def boot(
@@ -359,6 +419,8 @@ def boot(
     add_hosts: tuple[str, ...],
     dns_server: str | None,
     interactive: bool,
+    tty: bool,
+    volume_specs: tuple[str, ...],
 ) -> None:
     """Boot a microVM on a root filesystem image and run COMMAND in it; exit with its status.
 
@@ -377,10 +439,6 @@ def boot(
         workdir=workdir,
         user=user,
         network=network_from_options(network_mode, allow, deny, published, add_hosts, dns_server) or "egress",
+        volumes=_volumes(volume_specs),
     )
-    sys.exit(_run_streaming(config, list(command), timeout, show_console, interactive=interactive))
-
-
-def register(group: click.Group) -> None:
-    group.add_command(run)
-    group.add_command(boot)
+    sys.exit(_run_streaming(config, list(command), timeout, show_console, stdio=Stdio(interactive, tty)))
