@@ -2,7 +2,8 @@
 child process (its memory figures are then its own, not this test process's).
 
 mem-dedup restores its snapshots, so it is fast; density cold-boots 1 + N VMs (N = 2 here), tens of
-seconds each on hosts that emulate guest kernel code.
+seconds each on hosts that emulate guest kernel code; density of a Dockerfile builds it first (one
+build VM), then restores N clones of the build's VM and cold-boots N VMs of the built image.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from supermachine.vm import Vm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "oci"))
+from _support import full_busybox_rootfs, private_cache, umoci_image
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +29,14 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RAM_PAGES = 256 * MiB // 4096  # the session VM's 256 MiB
 
 
-def run_cli(*args: str, tmpdir: Path | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """The installed CLI in a child process; ``tmpdir`` becomes its ``$TMPDIR``."""
+def run_cli(
+    *args: str, tmpdir: Path | None = None, timeout: float = 900, cache: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The installed CLI in a child process; ``tmpdir`` becomes its ``$TMPDIR``, ``cache`` its
+    supermachine cache."""
     env = dict(os.environ)
+    if cache is not None:
+        env["SUPERMACHINE_CACHE_DIR"] = str(cache)
     if tmpdir is not None:
         tmpdir.mkdir(exist_ok=True)
         env["TMPDIR"] = str(tmpdir)
@@ -137,6 +147,20 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
     assert proc.stderr.strip() == "error: --plot needs matplotlib: pip install 'supermachine[plot]'"
 
 
+def assert_clones_share_what_boots_duplicate(report: dict[str, Any], read: int) -> None:
+    """Each cold boot holds the ``read`` bytes in RAM of its own; the second clone shares the
+    pages the first mapped from the snapshot: RSS counts them again, PSS does not. (PSS also moves
+    when other processes on the host map or unmap the same libraries, by a few MiB at most: hence
+    the margins.)"""
+    restore, boot = report["restore"], report["boot"]
+    for sample in boot["vms"]:
+        assert sample["pss_added"] > read, sample
+    second = restore["vms"][1]
+    assert second["rss_added"] - second["pss_added"] > read, second
+    assert second["pss_added"] < 0.25 * boot["mean_pss_added"], report
+    assert restore["mean_pss_added"] < 0.75 * boot["mean_pss_added"], report
+
+
 def test_density_restored_clones_share_what_cold_boots_duplicate(
     kvm: None, rootfs: Path, tmp_path: Path
 ) -> None:
@@ -146,24 +170,17 @@ def test_density_restored_clones_share_what_cold_boots_duplicate(
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     print(json.dumps(report, indent=2))
-    assert report["vms"] == 2 and report["memory_mib"] == 256 and report["blob_bytes"] == 16 * MiB
-    blob = report["blob_bytes"]
+    assert report["vms"] == 2 and report["memory_mib"] == 256 and report["read_bytes"] == 16 * MiB
+    blob = report["read_bytes"]
+    assert report["reads"] == "a 16 MiB blob" and report["golden"]["source"] == "boot"
     restore, boot = report["restore"], report["boot"]
     for mode in (restore, boot):
         assert len(mode["vms"]) == 2
         for sample in mode["vms"]:
             assert sample["start_seconds"] > 0 and sample["read_seconds"] > 0
         assert mode["total_pss_added"] == sum(s["pss_added"] for s in mode["vms"])
-    # Each cold boot reads the blob into RAM of its own; a clone reads the snapshot's page cache,
-    # whose pages the second clone shares with the first: RSS counts them again, PSS does not.
-    # (PSS also moves when other processes on the host map or unmap the same libraries, by a few
-    # MiB at most: hence the margins.)
-    for sample in boot["vms"]:
-        assert sample["pss_added"] > blob, sample
-    second = restore["vms"][1]
-    assert second["rss_added"] - second["pss_added"] > blob, second
-    assert second["pss_added"] < 0.25 * boot["mean_pss_added"], report
-    assert restore["mean_pss_added"] < 0.75 * boot["mean_pss_added"], report
+    # Each cold boot reads the blob into RAM of its own; a clone reads the snapshot's page cache.
+    assert_clones_share_what_boots_duplicate(report, blob)
     assert report["pss_ratio"] == pytest.approx(boot["mean_pss_added"] / restore["mean_pss_added"])
     assert png.read_bytes()[:8] == PNG_SIGNATURE
     assert list((tmp_path / "tmp").iterdir()) == [], "the blob or the snapshot was left behind"
@@ -181,3 +198,105 @@ def test_density_rejects_bad_arguments(rootfs: Path) -> None:
     proc = run_cli("probe", "density", "--rootfs", str(rootfs), "--blob-mib", "200")
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: a 200 MiB blob does not stay in the page cache")
+
+
+#: A RUN that makes a big file of random bytes (nothing shares its pages by accident) and a small
+#: one, deletes a base image file and a file of its own, and a COPY: what the VMs read is every
+#: regular file the build made and kept.
+DENSITY_DOCKERFILE = """\
+FROM {base}
+COPY note.txt /srv/note.txt
+RUN dd if=/dev/urandom of=/blob bs=1M count=4 2>/dev/null && echo small > /srv/small \\
+ && echo gone > /srv/gone && rm /srv/gone /etc/motd
+ENV DONE=1
+"""
+
+
+@pytest.fixture
+def dockerfile_context(tmp_path: Path) -> tuple[Path, Path]:
+    """A build context with its Dockerfile over a busybox base image in an OCI layout, and a
+    private cache (sharing only the guest kernel and agent)."""
+    work = tmp_path / "work"
+    root = full_busybox_rootfs(work / "rootfs", "root:x:0:0::/root:/bin/sh\n", "root:x:0:\n", ("srv",))
+    (root / "etc/motd").write_text("motd\n")
+    layout = work / "layout"
+    umoci_image(layout, "base", root, work, {"cmd": "sh"})
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "note.txt").write_text("a note\n")
+    (context / "Dockerfile").write_text(DENSITY_DOCKERFILE.format(base=f"oci:{layout}:base"))
+    return context, private_cache(tmp_path / "cache")
+
+
+@pytest.mark.timeout(1800)  # a build VM, 2 + 1 clones, 2 + 1 cold boots: ~10 min where kernels are emulated
+def test_density_of_a_dockerfile_clones_the_build_vm_and_boots_the_built_image(
+    kvm: None, dockerfile_context: tuple[Path, Path], tmp_path: Path
+) -> None:
+    context, cache = dockerfile_context
+    args = ["--vms", "2", "--memory-mib", "256", "--json", str(context)]
+    proc = run_cli("probe", "density", *args, tmpdir=tmp_path / "tmp", cache=cache, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    print(json.dumps(report, indent=2))
+    # The build's progress went to stderr, so stdout is the report alone.
+    assert "STEP 3/4: RUN" in proc.stderr
+    # The files the build made and kept: the blob, the small file and the copied note.
+    assert report["reads"] == "3 files the build made"
+    blob = 4 * MiB
+    assert report["read_bytes"] == blob + len("small\n") + len("a note\n")
+    assert report["golden"]["source"] == "build" and report["golden"]["seconds"] > 0
+    assert report["memory_mib"] == 256
+    # A cold boot reads the blob from its squashfs into a page cache of its own; a clone finds it
+    # in the build VM's RAM (its overlay's tmpfs), mapped from the snapshot.
+    assert_clones_share_what_boots_duplicate(report, blob)
+    assert list((tmp_path / "tmp").iterdir()) == [], "the measurement left files behind"
+
+    # Again, reading one named file: the build is all cache hits (no build VM) and its snapshot
+    # still serves.
+    args = [
+        "--vms",
+        "1",
+        "--memory-mib",
+        "256",
+        "--json",
+        "--read",
+        "/srv/small",
+        "-f",
+        str(context / "Dockerfile"),
+    ]
+    proc = run_cli("probe", "density", *args, cache=cache, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    assert "Using cache" in proc.stderr and "booting a build VM" not in proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["reads"] == "1 file named with --read" and report["read_bytes"] == len("small\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--read", "/x"], "error: --read, --build-arg, --target and --no-cache need a Dockerfile"),
+        (["-f", "Dockerfile", "--image", "busybox"], "error: give a Dockerfile or --rootfs or --image"),
+        (["-f", "Dockerfile", "--blob-mib", "8"], "error: --blob-mib does not apply to a Dockerfile"),
+        (["-f", "Dockerfile", "--read", "etc/passwd"], "error: --read 'etc/passwd': expected an absolute"),
+        (["-f", "Dockerfile", "--read", "/a/../b"], "error: --read '/a/../b': expected an absolute"),
+    ],
+)
+def test_density_of_a_dockerfile_rejects_bad_arguments_in_one_line(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    proc = run_cli("probe", "density", *[a.replace("Dockerfile", str(tmp_path / "Dockerfile")) for a in args])
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert proc.stdout == ""
+
+
+def test_density_of_a_dockerfile_whose_last_stage_changes_no_file_says_so(
+    kvm: None, dockerfile_context: tuple[Path, Path], tmp_path: Path
+) -> None:
+    context, cache = dockerfile_context
+    (context / "Dockerfile").write_text("FROM scratch\nENV A=1\n")
+    proc = run_cli("probe", "density", "--vms", "1", str(context), cache=cache)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: the build has no snapshot of its VM"), proc.stderr

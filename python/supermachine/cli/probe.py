@@ -5,24 +5,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
-from supermachine import paths, ui
-from supermachine.cdc import ChunkParams
 from supermachine.errors import InputError
-from supermachine.probes import chunk_dedup, density, mem_dedup, page_overlap
+
+# For --fixed-size's default, shown in the help; this probe is light (none of what
+# the other probes need: no numpy, no VM).
+from supermachine.probes import chunk_dedup
 from supermachine.units import human_bytes
-from supermachine.vm import VmConfig
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from supermachine.probes import density, mem_dedup
+    from supermachine.vm import VmConfig
 
 MiB = 1 << 20
 PLOT_HELP = "Also draw the result into this PNG file (needs the 'plot' extra: matplotlib)."
@@ -61,6 +62,9 @@ def chunk_dedup_cmd(
     decompressed and chunked content-defined (FastCDC) and fixed-size; corrupt layers are
     reported and skipped; non-layer blobs (configs, manifests) are ignored.
     """
+    from supermachine import paths, ui
+    from supermachine.cdc import ChunkParams
+
     directory = blob_dir if blob_dir is not None else paths.blob_dir()
     if blob_dir is None and not directory.exists():
         raise InputError(f"no layer cache at {directory} yet: pull an image first, or pass BLOB_DIR")
@@ -91,6 +95,10 @@ def chunk_dedup_cmd(
 
 
 def _print_chunk_dedup(report: chunk_dedup.ChunkDedupReport) -> None:
+    from rich.table import Table
+
+    from supermachine import ui
+
     out = ui.stdout
     out.print(f"[bold]Sub-layer redundancy[/bold] of {report.blob_dir}")
     summary = Table.grid(padding=(0, 2))
@@ -138,6 +146,11 @@ def page_overlap_cmd(files: tuple[Path, ...], algo: str, threads: int | None, as
     Per image: zero pages, pages that differ from the golden at the same offset (what a diff
     snapshot stores) and pages equal to it (shared copy-on-write); over all images: unique pages.
     """
+    from rich.table import Table
+
+    from supermachine import ui
+    from supermachine.probes import page_overlap
+
     with ui.count_progress("hashing pages", len(files)) as bar:
         task = bar.task_ids[0]
         report = page_overlap.compare_images(
@@ -203,6 +216,9 @@ def mem_dedup_cmd(
     added: the first snapshot restored once more after running a small command in it. Per snapshot:
     zero pages, pages that differ from the golden (what a diff stores), pages shared with it.
     """
+    from supermachine import ui
+    from supermachine.probes import mem_dedup
+
     _check_plot(plot)
     with _steps(mem_dedup.steps(len(snapshot_dirs), not no_sibling)) as step:
         report = mem_dedup.measure(
@@ -224,6 +240,10 @@ def mem_dedup_cmd(
 
 
 def _print_mem_dedup(report: mem_dedup.MemDedupReport) -> None:
+    from rich.table import Table
+
+    from supermachine import ui
+
     table = Table(
         title=f"RAM of snapshots against golden {report.golden} ({report.algo}, 4 KiB pages, full RAM)",
         title_justify="left",
@@ -261,20 +281,48 @@ def _stored_as(row: mem_dedup.SnapshotRow) -> str:
 @click.option("--vms", type=click.IntRange(min=1), default=4, show_default=True, help="VMs in each mode.")
 @click.option("--rootfs", type=click.Path(path_type=Path), help="Root filesystem image (squashfs).")
 @click.option("--image", "image_ref", metavar="REF", help="OCI image to run (pulled if needed).")
+@click.option(
+    "-f",
+    "--file",
+    "dockerfile",
+    type=click.Path(path_type=Path),
+    help="Build this Dockerfile and measure it [default with CONTEXT: CONTEXT/Dockerfile].",
+)
+@click.option(
+    "--build-arg", "build_args", multiple=True, metavar="KEY[=VALUE]", help="A build argument. Repeatable."
+)
+@click.option("--target", metavar="STAGE", help="Build this stage of the Dockerfile.")
+@click.option("--no-cache", is_flag=True, help="Run every build step, taking nothing from the build cache.")
+@click.option(
+    "--read",
+    "read_paths",
+    multiple=True,
+    metavar="PATH",
+    help="With a Dockerfile: a guest file each VM reads [default: the files the build made]. Repeatable.",
+)
 @click.option("--memory-mib", type=click.IntRange(min=64), default=256, show_default=True, help="Guest RAM.")
 @click.option(
     "--blob-mib", type=click.IntRange(min=1), default=32, show_default=True, help="Blob each VM reads."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of tables.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.png", help=PLOT_HELP)
+@click.argument("context", required=False, type=click.Path(path_type=Path))
+@click.pass_context
 def density_cmd(
+    ctx: click.Context,
     vms: int,
     rootfs: Path | None,
     image_ref: str | None,
+    dockerfile: Path | None,
+    build_args: tuple[str, ...],
+    target: str | None,
+    no_cache: bool,
+    read_paths: tuple[str, ...],
     memory_mib: int,
     blob_mib: int,
     as_json: bool,
     plot: Path | None,
+    context: Path | None,
 ) -> None:
     """Host memory per VM: clones restored from one snapshot (A) vs cold boots (B).
 
@@ -283,11 +331,39 @@ def density_cmd(
     again (from the snapshot's page cache, shared copy-on-write). B: VMS VMs are booted and each
     reads it into its own RAM. Reports the RSS and PSS each VM adds to this process (the VMs run
     in it) and its start time. The image needs sh and dd.
+
+    With a Dockerfile (-f FILE, or a build CONTEXT) the Dockerfile is built first, and the VMs
+    read the files the build made instead of a blob: A restores its clones from the build's
+    snapshot of its VM after the last step that changed files (the files are in that VM's RAM),
+    B cold-boots the built image (the files are on its squashfs root).
     """
+    from supermachine import ui
+    from supermachine.probes import density
+    from supermachine.vm import VmConfig
+
     _check_plot(plot)
-    config = _density_config(rootfs, image_ref, VmConfig(memory_mib=memory_mib))
-    with _steps(density.steps(vms)) as step:
-        report = density.measure(config, vms=vms, blob_mib=blob_mib, step=step)
+    if dockerfile is not None or context is not None:
+        report = _density_of_build(
+            ctx,
+            vms,
+            rootfs,
+            image_ref,
+            dockerfile,
+            context,
+            build_args,
+            target,
+            no_cache,
+            read_paths,
+            memory_mib,
+        )
+    else:
+        if read_paths or build_args or target or no_cache:
+            raise InputError(
+                "--read, --build-arg, --target and --no-cache need a Dockerfile (-f FILE or CONTEXT)"
+            )
+        config = _density_config(rootfs, image_ref, VmConfig(memory_mib=memory_mib))
+        with _steps(density.steps(vms)) as step:
+            report = density.measure(config, vms=vms, blob_mib=blob_mib, step=step)
     if plot is not None:
         _save_figure(_density_figure(report), plot)
     if as_json:
@@ -298,6 +374,48 @@ def density_cmd(
         ui.stdout.print(f"plot written to {plot}")
 
 
+def _density_of_build(
+    ctx: click.Context,
+    vms: int,
+    rootfs: Path | None,
+    image_ref: str | None,
+    dockerfile: Path | None,
+    context: Path | None,
+    build_args: tuple[str, ...],
+    target: str | None,
+    no_cache: bool,
+    read_paths: tuple[str, ...],
+    memory_mib: int,
+) -> density.DensityReport:
+    from supermachine.build.builder import BuildOptions
+    from supermachine.cli.build import BuildPrinter, build_args_of
+    from supermachine.probes import density
+
+    if rootfs is not None or image_ref is not None:
+        raise InputError("give a Dockerfile or --rootfs or --image, not more than one")
+    if ctx.get_parameter_source("blob_mib") is not click.core.ParameterSource.DEFAULT:
+        raise InputError("--blob-mib does not apply to a Dockerfile: the VMs read the files the build made")
+    if context is None:
+        assert dockerfile is not None
+        context = dockerfile.parent
+    options = BuildOptions(
+        context=context,
+        dockerfile=dockerfile,
+        build_args=build_args_of(build_args),
+        target=target,
+        no_cache=no_cache,
+        memory_mib=memory_mib,
+    )
+    with _steps(density.steps(vms)) as step:
+        return density.measure_build(
+            options,
+            vms=vms,
+            read=read_paths,
+            reporter=BuildPrinter(False, output_to_stderr=True),
+            step=step,
+        )
+
+
 def _density_config(rootfs: Path | None, image_ref: str | None, base: VmConfig) -> VmConfig:
     """``base`` with the root filesystem (and, for an image, its Env, WorkingDir and User)."""
     if rootfs is not None and image_ref is not None:
@@ -306,6 +424,7 @@ def _density_config(rootfs: Path | None, image_ref: str | None, base: VmConfig) 
         return replace(base, rootfs=rootfs)
     if image_ref is None:
         raise InputError("no root filesystem for the VMs: give --rootfs SQUASHFS or --image REF")
+    from supermachine import ui
     from supermachine.image import Image
     from supermachine.oci.progress import RichProgress
 
@@ -315,10 +434,14 @@ def _density_config(rootfs: Path | None, image_ref: str | None, base: VmConfig) 
 
 
 def _print_density(report: density.DensityReport) -> None:
+    from rich.table import Table
+
+    from supermachine import ui
+
     a, b = report.restore, report.boot
     table = Table(
         title=(
-            f"host memory added per VM, each reading a {human_bytes(report.blob_bytes)} blob "
+            f"host memory added per VM, each reading {report.reads} ({human_bytes(report.read_bytes)}) "
             f"({report.memory_mib} MiB guests): A = clones restored from one snapshot, B = cold boots"
         ),
         title_justify="left",
@@ -347,10 +470,16 @@ def _print_density(report: density.DensityReport) -> None:
             f"B {_signed_bytes(b.marginal_pss_added)} (the first clone maps the shared pages)"
         )
     ui.stdout.print(
-        f"[dim]A's snapshot: VM booted in {report.golden_boot_seconds:.1f} s, snapshotted in "
-        f"{report.golden_snapshot_seconds:.2f} s (not counted above). start = until the guest agent "
-        "answers; PSS shares each page among the VMs mapping it, RSS counts it in each.[/dim]"
+        f"[dim]A's snapshot: {_golden_text(report.golden)} (not counted above). start = until the "
+        "guest agent answers; PSS shares each page among the VMs mapping it, RSS counts it in "
+        "each.[/dim]"
     )
+
+
+def _golden_text(golden: density.Golden) -> str:
+    if golden.source == "build":
+        return f"the build's, after its last step that changed files (build: {golden.seconds:.1f} s)"
+    return f"VM booted in {golden.seconds:.1f} s, snapshotted in {golden.snapshot_seconds or 0:.2f} s"
 
 
 def _sample_cells(sample: density.VmSample) -> tuple[str, str, str]:
@@ -380,6 +509,8 @@ def _signed_bytes(n: float) -> str:
 @contextlib.contextmanager
 def _steps(total: int) -> Iterator[mem_dedup.StepCallback]:
     """A step counter on stderr whose description names the step under way."""
+    from supermachine import ui
+
     with ui.count_progress("starting", total) as bar:
         task = bar.task_ids[0]
         started = 0
@@ -416,6 +547,8 @@ def _new_figure(width: float, height: float) -> Figure:
 
 def _save_figure(figure: Figure, path: Path) -> None:
     """Writes a PNG atomically: a temp file beside ``path``, renamed over it once complete."""
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -483,12 +616,8 @@ def _density_figure(report: density.DensityReport) -> Figure:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("VMs")
     ax.set_ylabel("host memory added, cumulative (MiB)")
-    blob = human_bytes(report.blob_bytes)
-    ax.set_title(f"Host memory per VM: {report.memory_mib} MiB guests, each reading a {blob} blob")
+    read = f"{report.reads} ({human_bytes(report.read_bytes)})"
+    ax.set_title(f"Host memory per VM: {report.memory_mib} MiB guests, each reading {read}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return figure
-
-
-def register(group: click.Group) -> None:
-    group.add_command(probe)

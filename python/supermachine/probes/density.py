@@ -15,6 +15,16 @@ plus every VM's worker process (each VM's VMM runs in its own process; an in-pro
 this one), from just before the VM starts until it has read the blob. PSS divides each shared
 page among the mappings that share it, so N clones sharing a page add one page in all; RSS counts
 it N times.
+
+With a Dockerfile (:func:`measure_build`, the measurement supermachine's build was made for) the
+Dockerfile is built first (:mod:`supermachine.build`) and what each VM reads is the files the build
+made (or the paths the caller names):
+
+* **A** restores its clones from the snapshot the build took of its VM after the last step that
+  changed files. The build VM's root is the base image under a RAM-backed overlay, so the files
+  its RUN steps wrote are in the snapshot's RAM, and clones share them.
+* **B** cold-boots the committed image, whose root file system holds the same files on squashfs;
+  each VM reads them into its own page cache.
 """
 
 from __future__ import annotations
@@ -27,18 +37,31 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from supermachine.errors import InputError, VmError
-from supermachine.vm import Disk, Vm, VmConfig, check_kvm
+from supermachine.vm import DEFAULT_ENV, Disk, Vm, VmConfig, check_kvm, guest_disk_name
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from supermachine.build.builder import BuildOptions, Reporter
+    from supermachine.build.cache import LayerRef
+    from supermachine.oci.store import BlobStore
 
 SMAPS_ROLLUP = "/proc/self/smaps_rollup"
 READ_TIMEOUT = 600.0
 _BLOB_BLOCK = 1 << 20
+MAX_READ_FILES = 4096
+"""Most files each VM reads after a Dockerfile build (one ``dd`` each, in the guest)."""
+_MAX_READ_LIST_BYTES = 1 << 20
 
 Mode = Literal["restore", "boot"]
 StepCallback = Callable[[str], object]
 """Called as each step of the measurement starts, with what it does."""
+Reader = Callable[[Vm], int | None]
+"""What each VM does once started so that it holds what is measured: returns the bytes it read,
+when it knows them."""
 
 
 @dataclass(frozen=True)
@@ -139,14 +162,31 @@ class ModeResult:
 
 
 @dataclass(frozen=True)
+class Golden:
+    """Where mode A's snapshot came from (not counted in A)."""
+
+    source: Literal["boot", "build"]
+    """``boot``: a VM booted, read the blob and was snapshotted; ``build``: the snapshot the
+    Dockerfile build took after its last file-changing step."""
+    seconds: float
+    """The cold boot (``boot``) or the whole build (``build``)."""
+    snapshot_seconds: float | None = None
+    """Writing the snapshot (``boot`` only: a build snapshots as it goes)."""
+
+    def to_json(self) -> dict[str, object]:
+        return {"source": self.source, "seconds": self.seconds, "snapshot_seconds": self.snapshot_seconds}
+
+
+@dataclass(frozen=True)
 class DensityReport:
     vms: int
     memory_mib: int
-    blob_bytes: int
+    read_bytes: int
+    """What each VM read: the blob, or the files a build made."""
+    reads: str
+    """The same, in words (``a 32 MiB blob``, ``3 files the build made``)."""
     rootfs: str | None
-    golden_boot_seconds: float
-    """Cold boot of the VM that mode A's snapshot was taken from (not counted in A)."""
-    golden_snapshot_seconds: float
+    golden: Golden
     restore: ModeResult
     """A: clones restored from one snapshot."""
     boot: ModeResult
@@ -166,12 +206,10 @@ class DensityReport:
         return {
             "vms": self.vms,
             "memory_mib": self.memory_mib,
-            "blob_bytes": self.blob_bytes,
+            "read_bytes": self.read_bytes,
+            "reads": self.reads,
             "rootfs": self.rootfs,
-            "golden": {
-                "boot_seconds": self.golden_boot_seconds,
-                "snapshot_seconds": self.golden_snapshot_seconds,
-            },
+            "golden": self.golden.to_json(),
             "restore": self.restore.to_json(),
             "boot": self.boot.to_json(),
             "pss_ratio": self.pss_ratio,
@@ -194,10 +232,7 @@ def write_blob(path: Path, size: int) -> None:
 def guest_device(config: VmConfig, disk_index: int) -> str:
     """The guest's name for ``config.disks[disk_index]``: the root filesystem, if any, is
     ``/dev/vda`` and the extra disks follow in order."""
-    index = disk_index + (0 if config.rootfs is None else 1)
-    if index >= 26:
-        raise InputError("too many disks: the blob would not be one of /dev/vda../dev/vdz")
-    return f"/dev/vd{chr(ord('a') + index)}"
+    return guest_disk_name(disk_index + (0 if config.rootfs is None else 1))
 
 
 def read_blob(vm: Vm, device: str, *, hold: bool) -> None:
@@ -231,13 +266,15 @@ class _Pending:
 @dataclass
 class Fleet:
     """The VMs of one mode, started one at a time. :meth:`start` starts one (timed);
-    :meth:`settle` makes it read the blob and records the memory it added since just before its
-    start. Every VM is stopped when the fleet is closed (``with`` block)."""
+    :meth:`settle` makes it read what ``read`` reads and records the memory it added since just
+    before its start. Every VM is stopped when the fleet is closed (``with`` block)."""
 
     mode: Mode
-    blob_device: str
+    read: Reader
     vms: list[Vm] = field(default_factory=list)
     samples: list[VmSample] = field(default_factory=list)
+    read_bytes: int | None = None
+    """What the last VM settled said it read, when it says."""
     _pending: _Pending | None = None
 
     @property
@@ -260,8 +297,7 @@ class Fleet:
         if pending is None:
             raise RuntimeError("no VM was started since the last settle")
         started = time.monotonic()
-        # Clones inherit the snapshot's holder of the device (see read_blob); booted VMs need one.
-        read_blob(pending.vm, self.blob_device, hold=self.mode == "boot")
+        self.read_bytes = self.read(pending.vm)
         read_seconds = time.monotonic() - started
         after = vms_memory(self.vms)
         sample = VmSample(
@@ -293,6 +329,16 @@ class Fleet:
         self.close()
 
 
+def blob_reader(device: str, mode: Mode) -> Reader:
+    """Reads the blob device: clones inherit the snapshot's holder of the device (see
+    :func:`read_blob`); booted VMs need one."""
+
+    def read(vm: Vm) -> None:
+        read_blob(vm, device, hold=mode == "boot")
+
+    return read
+
+
 def with_blob(config: VmConfig, blob: Path) -> tuple[VmConfig, str]:
     """``config`` with ``blob`` as its last disk (read-only), and the blob's guest device."""
     config = replace(config, disks=(*config.disks, Disk(blob, read_only=True)))
@@ -309,6 +355,31 @@ def bake_golden(config: VmConfig, device: str, target: Path) -> tuple[float, flo
         started = time.monotonic()
         vm.snapshot(target, base=None, stop=True)
     return boot_seconds, time.monotonic() - started
+
+
+def run_modes(
+    vms: int,
+    restore_one: tuple[Callable[[], Vm], str, Reader],
+    boot_one: tuple[Callable[[], Vm], str, Reader],
+    notify: StepCallback,
+) -> tuple[ModeResult, ModeResult, int | None]:
+    """Mode A then mode B, ``vms`` VMs each (each mode's VMs stopped before the next starts):
+    each VM started by the mode's function (named by its text for the progress), then made to
+    read by its reader. Returns both results and what A's last VM said it read."""
+    modes: tuple[tuple[Mode, str, tuple[Callable[[], Vm], str, Reader]], ...] = (
+        ("restore", "A", restore_one),
+        ("boot", "B", boot_one),
+    )
+    results: list[ModeResult] = []
+    read_bytes = None
+    for mode, label, (start, what, reader) in modes:
+        with Fleet(mode, reader) as fleet:
+            for i in range(vms):
+                notify(f"{label}: {what} {i + 1} of {vms}")
+                fleet.add(start)
+            results.append(fleet.result())
+            read_bytes = fleet.read_bytes if mode == "restore" else read_bytes
+    return results[0], results[1], read_bytes
 
 
 def steps(vms: int) -> int:
@@ -337,32 +408,36 @@ def measure(
         golden = Path(tmp) / "golden"
         notify("booting the VM to snapshot")
         golden_boot, golden_snapshot = bake_golden(config, device, golden)
-        with Fleet("restore", device) as clones:
-            for i in range(vms):
-                notify(f"A: restoring clone {i + 1} of {vms}")
-                # A restore attaches only the disks it is given: the same root filesystem and blob.
-                clones.add(lambda: Vm.restore(golden, rootfs=config.rootfs, disks=config.disks))
-            restore = clones.result()
-        with Fleet("boot", device) as boots:
-            for i in range(vms):
-                notify(f"B: cold-booting VM {i + 1} of {vms}")
-                boots.add(lambda: Vm.start(config))
-            boot = boots.result()
+        restore, boot, _read = run_modes(
+            vms,
+            # A restore attaches only the disks it is given: the same root filesystem and blob.
+            (
+                lambda: Vm.restore(golden, rootfs=config.rootfs, disks=config.disks),
+                "restoring clone",
+                blob_reader(device, "restore"),
+            ),
+            (lambda: Vm.start(config), "cold-booting VM", blob_reader(device, "boot")),
+            notify,
+        )
     return DensityReport(
         vms=vms,
         memory_mib=config.memory_mib,
-        blob_bytes=blob_mib << 20,
+        read_bytes=blob_mib << 20,
+        reads=f"a {blob_mib} MiB blob",
         rootfs=None if config.rootfs is None else str(config.rootfs),
-        golden_boot_seconds=golden_boot,
-        golden_snapshot_seconds=golden_snapshot,
+        golden=Golden("boot", golden_boot, golden_snapshot),
         restore=restore,
         boot=boot,
     )
 
 
-def _check(config: VmConfig, vms: int, blob_mib: int) -> None:
+def _check_vms(vms: int) -> None:
     if vms < 1:
         raise InputError(f"the number of VMs must be at least 1, got {vms}")
+
+
+def _check(config: VmConfig, vms: int, blob_mib: int) -> None:
+    _check_vms(vms)
     if blob_mib < 1:
         raise InputError(f"the blob size must be at least 1 MiB, got {blob_mib}")
     # The blob must stay in the guest page cache next to the guest's own memory.
@@ -374,3 +449,171 @@ def _check(config: VmConfig, vms: int, blob_mib: int) -> None:
     if config.rootfs is None:
         raise InputError("a root filesystem with sh and dd is needed to read the blob in the guest")
     config.validated()
+
+
+# -- after a Dockerfile build -------------------------------------------------------------------
+
+_READ_FILES = (
+    "n=0; while IFS= read -r f; do"
+    ' if [ ! -f "$f" ] || [ ! -r "$f" ]; then echo "$f: not a readable regular file" >&2; exit 1; fi;'
+    ' b=$(dd if="$f" bs=1M 2>/dev/null | wc -c) || exit 1; n=$((n + b));'
+    ' done; echo "$n"'
+)
+"""Reads each path named on stdin with ``dd`` (read(2) into user space, so every page is touched;
+see :func:`read_blob`) and prints the bytes read in all."""
+
+
+def read_files(vm: Vm, paths: Sequence[str]) -> int:
+    """Reads every file of ``paths`` whole in the guest, as root; returns the bytes read."""
+    listing = "".join(f"{p}\n" for p in paths).encode()
+    result = vm.exec(
+        ["/bin/sh", "-c", _READ_FILES],
+        input=listing,
+        user="0",
+        env={"PATH": DEFAULT_ENV["PATH"]},
+        timeout=READ_TIMEOUT,
+    )
+    if result.timed_out or result.returncode != 0:
+        detail = result.stderr.decode(errors="replace").strip().splitlines()[:1] or ["no output"]
+        raise VmError(f"reading the files in the guest failed (does the image have sh and dd?): {detail[0]}")
+    try:
+        return int(result.stdout.decode().strip())
+    except ValueError:
+        raise VmError("reading the files in the guest gave no byte count (does the image have wc?)") from None
+
+
+def files_reader(paths: Sequence[str]) -> Reader:
+    def read(vm: Vm) -> int:
+        return read_files(vm, paths)
+
+    return read
+
+
+def check_read_path(path: str) -> str:
+    """A guest path for ``--read``: absolute, one line, and naming no ``..``."""
+    if not path.startswith("/") or "\n" in path or "\0" in path or ".." in path.split("/"):
+        raise InputError(f"--read {path!r}: expected an absolute guest path without '..' or newlines")
+    return path
+
+
+def built_files(layers: Sequence[LayerRef], blobs: BlobStore) -> list[str]:
+    """The regular files, not empty, that ``layers`` (a build's own, bottom first) leave in the
+    root file system, sorted; a hard link's first path only. Read top layer first, as overlayfs
+    looks paths up: a path shows unless a layer above has an entry at it, a deletion or a
+    non-directory at it or above it, or an opaque directory above it."""
+    import posixpath
+    import tarfile
+
+    from supermachine.oci.rootfs import open_layer
+
+    shown: set[str] = set()
+    taken: set[str] = set()  # paths a layer above has an entry at
+    cut: set[str] = set()  # paths a layer above deleted, or holds a non-directory at
+    opaque: set[str] = set()  # directories whose lower contents a layer above hides
+
+    def hidden(path: str) -> bool:
+        if path in taken or path in cut:
+            return True
+        parent = posixpath.dirname(path)
+        while parent != "/":
+            if parent in cut or parent in opaque:
+                return True
+            parent = posixpath.dirname(parent)
+        return "/" in opaque
+
+    for layer in reversed(layers):
+        layer_taken: set[str] = set()
+        layer_cut: set[str] = set()
+        layer_opaque: set[str] = set()
+        with (
+            blobs.open(layer.digest) as raw,
+            open_layer(raw) as stream,
+            tarfile.open(fileobj=stream, mode="r|") as tar,
+        ):
+            for member in tar:
+                path = posixpath.normpath("/" + member.name)
+                parent, name = posixpath.split(path)
+                if name == ".wh..wh..opq":
+                    layer_opaque.add(parent)
+                elif name.startswith(".wh."):
+                    layer_cut.add(posixpath.join(parent, name[4:]))
+                else:
+                    if member.isreg() and member.size > 0 and "\n" not in path and not hidden(path):
+                        shown.add(path)
+                    layer_taken.add(path)
+                    if not member.isdir():
+                        layer_cut.add(path)
+        taken |= layer_taken
+        cut |= layer_cut
+        opaque |= layer_opaque
+    return sorted(shown)
+
+
+def measure_build(
+    options: BuildOptions,
+    *,
+    vms: int,
+    read: Sequence[str] = (),
+    reporter: Reporter | None = None,
+    step: StepCallback | None = None,
+) -> DensityReport:
+    """Builds the Dockerfile of ``options`` (cached steps are taken from the build cache), then
+    runs mode A (clones restored from the build's last snapshot) and mode B (cold boots of the
+    built image), ``vms`` VMs each, every VM reading the files the build made or ``read``."""
+    from supermachine.build.builder import build
+    from supermachine.image import Image
+    from supermachine.oci import build_squashfs
+    from supermachine.oci.store import ImageStore
+    from supermachine.snapshots import metadata
+
+    _check_vms(vms)
+    paths = [check_read_path(p) for p in read]
+    check_kvm()
+    notify: StepCallback = step or (lambda _description: None)
+    notify("building the Dockerfile")
+    started = time.monotonic()
+    result = build(replace(options, step_snapshots=True), reporter)
+    build_seconds = time.monotonic() - started
+    snapshot, snapshot_rootfs = result.snapshot, result.snapshot_rootfs
+    if snapshot is None or snapshot_rootfs is None:
+        raise InputError(
+            "the build has no snapshot of its VM after the last step that changed files (the "
+            "target stage changes none, or the cached step's snapshot is gone: add --no-cache)"
+        )
+    if not paths:
+        paths = built_files(result.built_layers, ImageStore().blobs)
+        if not paths:
+            raise InputError("the build made no file for the VMs to read: name guest files with --read")
+    if len(paths) > MAX_READ_FILES:
+        raise InputError(
+            f"the VMs would read {len(paths)} files, more than {MAX_READ_FILES}: "
+            "name the ones to read with --read"
+        )
+    if sum(len(p) + 1 for p in paths) > _MAX_READ_LIST_BYTES:
+        raise InputError("the list of files to read is larger than 1 MiB: name fewer with --read")
+    meta = metadata.load(snapshot)
+    stored = result.image
+    image = Image(ref=stored.ref, config=stored.config, rootfs=build_squashfs(stored), oci_image=stored)
+    shape = VmConfig(memory_mib=meta.memory_mib, vcpus=meta.vcpus, network=options.network)
+    reader = files_reader(paths)
+    restore, boot, read_bytes = run_modes(
+        vms,
+        (
+            lambda: Vm.restore(snapshot, rootfs=snapshot_rootfs, network=options.network),
+            "restoring a clone of the build's last snapshot,",
+            reader,
+        ),
+        (lambda: image.start(shape), "cold-booting the built image, VM", reader),
+        notify,
+    )
+    return DensityReport(
+        vms=vms,
+        memory_mib=meta.memory_mib,
+        read_bytes=read_bytes or 0,
+        reads=f"{len(paths)} file{'s' if len(paths) != 1 else ''} "
+        + ("the build made" if not read else "named with --read"),
+        rootfs=str(image.rootfs),
+        golden=Golden("build", build_seconds),
+        restore=restore,
+        boot=boot,
+    )
