@@ -9,36 +9,48 @@ from pathlib import Path
 
 import click
 
-from supermachine import ui
 from supermachine.errors import InputError
 from supermachine.units import human_bytes
 
 
-class _Printer:
-    """Progress as buildah prints it: a line per step, the steps' output as it comes."""
+class BuildPrinter:
+    """Progress as buildah prints it: a line per step, the steps' output as it comes (with
+    ``output_to_stderr``, all of it on stderr, for commands whose stdout is a report)."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, *, output_to_stderr: bool = False) -> None:
         self.quiet = quiet
+        self.output_to_stderr = output_to_stderr
 
     def step(self, number: int, total: int, text: str) -> None:
+        from supermachine import ui
+
         if not self.quiet:
             ui.stderr.print(
                 f"[bold]STEP {number}/{total}:[/bold] {text}", markup=True, highlight=False, soft_wrap=True
             )
 
     def note(self, text: str) -> None:
+        from supermachine import ui
+
         if not self.quiet:
             ui.stderr.print(text, markup=False, highlight=False)
 
     def output(self, data: bytes, stderr: bool) -> None:
         if self.quiet:
             return
+        if self.output_to_stderr:
+            from supermachine import ui
+
+            # Through the console, so a progress display on it stays below the output.
+            ui.stderr.out(data.decode(errors="replace"), end="", highlight=False)
+            return
         stream = sys.stderr.buffer if stderr else sys.stdout.buffer
         stream.write(data)
         stream.flush()
 
 
-def _build_args(pairs: tuple[str, ...]) -> dict[str, str]:
+def build_args_of(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``--build-arg`` values by name."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -157,6 +169,7 @@ def build_cmd(
     Steps whose inputs did not change are taken from the build cache; a rebuild with nothing
     changed boots no VM. Consecutive RUN steps share one build VM.
     """
+    from supermachine import ui
     from supermachine.build.builder import BuildOptions, build
     from supermachine.oci.push import push, write_oci_layout
 
@@ -170,7 +183,7 @@ def build_cmd(
         context=context,
         dockerfile=dockerfile,
         tags=tags,
-        build_args=_build_args(build_args),
+        build_args=build_args_of(build_args),
         target=target,
         no_cache=no_cache,
         platform=platform,
@@ -180,7 +193,7 @@ def build_cmd(
         insecure=insecure,
         secrets=_secrets(secret_specs),
     )
-    result = build(options, _Printer(quiet))
+    result = build(options, BuildPrinter(quiet))
     record = result.image.record
     if not quiet:
         ui.stderr.print(
@@ -200,7 +213,3 @@ def build_cmd(
         if not quiet:
             ui.stderr.print(f"Pushed {push_to} ({digest})", markup=False, highlight=False)
     click.echo(record.config_digest)
-
-
-def register(group: click.Group) -> None:
-    group.add_command(build_cmd)

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from supermachine import ui
 from supermachine.cli.vm import _copy_output, exit_status, network_from_options, parse_env, vm_options
 from supermachine.errors import CommandFailedError
 from supermachine.units import human_bytes
@@ -31,6 +30,7 @@ def _ran(
     **config: object,
 ) -> Iterator[Vm]:
     """Boots IMAGE, runs COMMAND (streaming its output; it must succeed) and yields the VM."""
+    from supermachine import ui
     from supermachine.image import Image
     from supermachine.oci.progress import RichProgress
     from supermachine.vm import VmConfig
@@ -112,6 +112,7 @@ def commit_cmd(
     `supermachine run TAG` then starts from the changed file system. -u, -w and -e apply to
     COMMAND only; use --change to set them in the new image.
     """
+    from supermachine import ui
     from supermachine.oci.commit import ConfigChanges, check_new_ref
 
     changes = ConfigChanges.parse(change_lines)  # before anything boots: a typo costs nothing
@@ -150,8 +151,3 @@ def diff_cmd(
         rows = vm.changes()
     for row in rows:
         click.echo(str(row))
-
-
-def register(group: click.Group) -> None:
-    group.add_command(commit_cmd)
-    group.add_command(diff_cmd)

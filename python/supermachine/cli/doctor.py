@@ -7,10 +7,8 @@ import os
 from pathlib import Path
 
 import click
-from rich.markup import escape
-from rich.table import Table
 
-from supermachine import _core, artefacts, initramfs, kernel, ui, worker
+from supermachine import _core
 from supermachine.errors import AgentBuildError, KernelError, KvmUnavailableError, WorkerStartError
 
 # What each probe is called in the table, in the order the core reports them.
@@ -48,6 +46,11 @@ def doctor(as_json: bool) -> None:
 
     Exits 1 when VMs cannot run here (KVM is not usable).
     """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from supermachine import ui, worker
+
     protections = _core.host_protections()
     jail = _core.host_jail_level()
     kvm = protections["kvm"]
@@ -106,6 +109,8 @@ def _network_backend() -> _core.HostProtection:
 
 
 def _identity(path: Path, recipe_key: str | None) -> dict[str, object]:
+    from supermachine import artefacts
+
     found: dict[str, object] = {"path": str(path), "ready": path.is_file()}
     if recipe_key is not None:
         found["recipe_key"] = recipe_key
@@ -119,6 +124,8 @@ def artefact_sources() -> dict[str, dict[str, object]]:
     environment variable; ``checkout``: built by the source checkout's recipe into the cache;
     ``packaged``: carried by the installed wheel, unpacked into the cache) and their identities
     (SHA-256 of the file; the recipe's input key). Never builds or unpacks anything."""
+    from supermachine import artefacts, initramfs, kernel, worker
+
     out: dict[str, dict[str, object]] = {}
     source = artefacts.guest_source()
     origin = "none" if source is None else source[0]
@@ -165,6 +172,11 @@ def artefact_sources() -> dict[str, dict[str, object]]:
 
 
 def _print_artefacts(sources: dict[str, dict[str, object]]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from supermachine import ui
+
     table = Table(box=None, header_style="bold", pad_edge=False, title_justify="left")
     for column in ("ARTEFACT", "SOURCE", "IDENTITY", "PATH"):
         table.add_column(column, no_wrap=column != "PATH")
@@ -180,7 +192,3 @@ def _print_artefacts(sources: dict[str, dict[str, object]]) -> None:
         table.add_row(label, str(entry["source"]), identity, escape(str(where)))
     ui.stdout.print()
     ui.stdout.print(table)
-
-
-def register(group: click.Group) -> None:
-    group.add_command(doctor)

@@ -1,4 +1,8 @@
-"""Image commands: ``pull``, ``images``, ``rmi`` and ``prune``."""
+"""Image commands: ``pull``, ``images``, ``rmi`` and ``prune``.
+
+The image machinery (registry client, store, rich) is imported inside the commands, so that
+loading this module to parse a command line, or to show its help, costs next to nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,8 @@ import time
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from supermachine import snapshots
 from supermachine.errors import ImageReferenceError
-from supermachine.oci import ImageStore, RichProgress, build_squashfs, load_image, pull
-from supermachine.oci.reference import Reference
-from supermachine.snapshots import publish
 
 
 def _size(n: float) -> str:
@@ -37,6 +35,8 @@ def _age(ts: float) -> str:
 def _split_ref(ref: str) -> tuple[str, str]:
     """(repository, tag-or-digest) for display; local sources are shown whole, an untagged build
     (stored under its config digest) as docker shows one."""
+    from supermachine.oci.reference import Reference
+
     if ref.startswith("sha256:"):
         return "<none>", "<none>"
     try:
@@ -62,6 +62,8 @@ def pull_command(ref: str, platform: str | None, insecure: bool | None, rootfs: 
     REF is a registry reference (alpine, ghcr.io/o/img:tag, name@sha256:...) or a local image:
     oci:DIR[:TAG], docker-archive:FILE, or a path to either.
     """
+    from supermachine.oci import RichProgress, build_squashfs, pull
+
     if quiet:
         image = pull(ref, platform=platform, insecure=insecure)
     else:
@@ -82,6 +84,11 @@ def pull_command(ref: str, platform: str | None, insecure: bool | None, rootfs: 
 @click.option("-q", "--quiet", is_flag=True, help="Print image ids only.")
 def images_command(quiet: bool) -> None:
     """List the images in the local cache."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from supermachine.oci import ImageStore
+
     store = ImageStore()
     records = store.images()
     if quiet:
@@ -104,6 +111,8 @@ def images_command(quiet: bool) -> None:
 @click.argument("refs", nargs=-1, required=True)
 def rmi_command(refs: tuple[str, ...]) -> None:
     """Remove images (by ref or image id) and the cached data only they used."""
+    from supermachine.oci import ImageStore
+
     store = ImageStore()
     for ref in refs:
         record, freed = store.remove(ref)
@@ -119,16 +128,28 @@ def prune_command() -> None:
     """Delete cached blobs and root filesystems that no image uses, and what interrupted pulls and
     builds left behind (partial downloads, temporary files and build trees).
 
+    In the build cache it deletes the steps whose layer went with that, and the build VM
+    snapshots no remaining step can restore (a later rebuild of those steps boots a VM instead).
+
     In the snapshot store it deletes what interrupted snapshot writes left (partial snapshots, lock
     files) and verification records of RAM files that changed or are gone; snapshots being written
     right now are left alone.
     """
+    from supermachine import snapshots
+    from supermachine.oci import ImageStore
+    from supermachine.snapshots import publish
+
     result = ImageStore().prune()
     click.echo(
         f"Deleted {result.blobs} blobs and {result.rootfs_images} root filesystems,"
         f" {result.partial_files} partial or temporary files and {result.temp_trees} build trees;"
         f" {_size(result.bytes_freed)} freed"
     )
+    if result.build_steps or result.build_snapshots:
+        click.echo(
+            f"Deleted {result.build_steps} build cache steps and {result.build_snapshots}"
+            " build VM snapshots whose images are gone"
+        )
     debris = publish.prune_store(snapshots.store_dir())
     if debris.partial or debris.incomplete or debris.locks:
         click.echo(
@@ -152,6 +173,7 @@ def push_command(image: str, destination: str | None, insecure: bool | None, qui
 
     DESTINATION may also be oci:DIR[:TAG], a new OCI image layout directory.
     """
+    from supermachine.oci import RichProgress, load_image
     from supermachine.oci.push import push, write_oci_layout
 
     stored = load_image(image)

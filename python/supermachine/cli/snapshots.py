@@ -13,16 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
 
-from supermachine import ui
 from supermachine.cli.vm import network_from_options, parse_env, vm_options
 from supermachine.errors import CommandFailedError, InputError, SnapshotError
-from supermachine.snapshots import dedup as dedup_mod
-from supermachine.snapshots import golden, metadata, publish, store_dir
-from supermachine.units import human_bytes, percent
 
 if TYPE_CHECKING:
+    from supermachine.snapshots import dedup as dedup_mod
+    from supermachine.snapshots import golden
     from supermachine.vm import VmConfig
 
 
@@ -77,6 +74,7 @@ def snapshot_cmd(
     newest full snapshot of the same image and memory size) unless --base none or
     SUPERMACHINE_AUTO_DEDUP=0.
     """
+    from supermachine.snapshots import publish, store_dir
     from supermachine.vm import VmConfig
 
     if warm[:1] == ("--",):
@@ -119,8 +117,11 @@ def _pull_boot_and_bake(
     timeout: float | None,
     show_console: bool,
 ) -> None:
+    from supermachine import ui
     from supermachine.image import Image
     from supermachine.oci.progress import RichProgress
+    from supermachine.snapshots import metadata
+    from supermachine.units import human_bytes
 
     if (target / metadata.METADATA_FILE).exists():
         raise InputError(f"{target} already holds a snapshot")
@@ -156,6 +157,8 @@ def _pull_boot_and_bake(
 
 def _allocated(directory: Path) -> int:
     """Bytes allocated to a snapshot's files (``du``; shared extents count in full)."""
+    from supermachine.snapshots import metadata
+
     total = 0
     for name in (metadata.MEMORY_FILE, metadata.VMSTATE_FILE, metadata.METADATA_FILE):
         with suppress(OSError):
@@ -172,6 +175,9 @@ def snapshots_cmd(store: Path | None, as_json: bool) -> None:
     A directory that is not a readable snapshot gets one warning line on stderr and the exit status
     is 1; the others are still listed.
     """
+    from supermachine import ui
+    from supermachine.snapshots import golden, store_dir
+
     directory = store if store is not None else store_dir()
     if not directory.is_dir():
         if store is not None:
@@ -188,6 +194,11 @@ def snapshots_cmd(store: Path | None, as_json: bool) -> None:
 
 
 def _print_listing(directory: Path, found: list[golden.Snapshot], as_json: bool) -> None:
+    from rich.table import Table
+
+    from supermachine import ui
+    from supermachine.units import human_bytes
+
     rows: list[dict[str, Any]] = [
         {
             "name": s.name,
@@ -230,6 +241,10 @@ def dedup_cmd(store: Path | None, dry_run: bool, as_json: bool) -> None:
     after checking the result is byte-identical. Needs a filesystem with reflinks (XFS, btrfs).
     STORE defaults to the snapshot store in supermachine's cache.
     """
+    from supermachine import ui
+    from supermachine.snapshots import dedup as dedup_mod
+    from supermachine.snapshots import store_dir
+
     directory = store if store is not None else store_dir()
     report = dedup_mod.dedup_store(directory, dry_run=dry_run)
     for line in report.problems:
@@ -243,6 +258,11 @@ def dedup_cmd(store: Path | None, dry_run: bool, as_json: bool) -> None:
 
 
 def _print_report(report: dedup_mod.StoreReport) -> None:
+    from rich.table import Table
+
+    from supermachine import ui
+    from supermachine.units import human_bytes, percent
+
     out = ui.stdout
     verb = "would save" if report.dry_run else "saved"
     table = Table(title=f"snapshot dedup in {report.store}", title_justify="left")
@@ -269,14 +289,7 @@ def _print_report(report: dedup_mod.StoreReport) -> None:
     out.print(f"total {verb}: {human_bytes(max(report.bytes_saved, 0))} ({measured})")
 
 
-def register(group: click.Group) -> None:
-    group.add_command(snapshot_cmd)
-    group.add_command(snapshots_cmd)
-    group.add_command(dedup_cmd)
-
-
 if __name__ == "__main__":  # pragma: no cover - `python -m supermachine.cli.snapshots`
-    from supermachine.cli import cli, main
+    from supermachine.cli import main
 
-    register(cli)
     main()

@@ -1,0 +1,138 @@
+"""The command line starts fast: a command's module, and what it imports, load only when that
+command runs, while the listing in ``supermachine --help`` still shows every command."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from supermachine.cli import COMMANDS, LazyGroup
+
+HEAVY = (
+    "requests",
+    "rich",
+    "numpy",
+    "supermachine.oci",
+    "supermachine.agent",
+    "supermachine.vm",
+    "supermachine._core",
+    "supermachine.ui",
+    "supermachine.image",
+    "supermachine.build",
+    "supermachine.snapshots",
+    "supermachine.volumes",
+    "supermachine.probes.density",
+    "supermachine.probes.mem_dedup",
+    "supermachine.probes.page_overlap",
+)
+"""Packages that a help text does not need; all but the Rust extension take tens of milliseconds."""
+
+CORE = ("supermachine._core",)
+
+_REPORT_MODULES = """
+import json, sys
+from supermachine.cli import main
+sys.argv = ["supermachine", *sys.argv[1:]]
+try:
+    main()
+finally:
+    print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def _supermachine(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    """The real entry point in a fresh interpreter; its last line of stdout lists the modules
+    that were imported."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[2] / "python"),
+        "SUPERMACHINE_CACHE_DIR": str(cache),
+    }
+    return subprocess.run(
+        [sys.executable, "-c", _REPORT_MODULES, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "allowed"),
+    [
+        ((), ()),
+        (("pull",), ()),
+        # run's options show the VMM's defaults, from the Rust extension (a sub-millisecond load).
+        (("run",), CORE),
+        (("boot",), CORE),
+        # commit, diff and snapshot share run's VM options.
+        (("commit",), CORE),
+        (("diff",), CORE),
+        (("snapshot",), CORE),
+        (("snapshots",), CORE),
+        (("dedup",), CORE),
+        (("build",), ()),
+        (("doctor",), CORE),
+        # chunk-dedup's --fixed-size shows its probe's default; the probe loads the extension.
+        (("probe",), CORE),
+        (("probe", "chunk-dedup"), CORE),
+        (("probe", "page-overlap"), CORE),
+        (("probe", "mem-dedup"), CORE),
+        (("probe", "density"), CORE),
+        (("volume",), ()),
+        (("volume", "create"), ()),
+        (("volume", "ls"), ()),
+        (("volume", "inspect"), ()),
+        (("volume", "rm"), ()),
+    ],
+)
+def test_help_imports_nothing_heavy(args: tuple[str, ...], allowed: tuple[str, ...], tmp_path: Path) -> None:
+    proc = _supermachine(*args, "--help", cache=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    imported = json.loads(proc.stdout.splitlines()[-1])
+    heavy = {package for package in HEAVY for m in imported if m == package or m.startswith(f"{package}.")}
+    assert heavy <= set(allowed)
+
+
+def test_lazily_loaded_commands_fail_with_one_line(tmp_path: Path) -> None:
+    proc = _supermachine("pull", f"oci:{tmp_path / 'nowhere'}", cache=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0
+
+
+def test_unknown_command_is_a_usage_error(tmp_path: Path) -> None:
+    proc = _supermachine("pul", cache=tmp_path)
+    assert proc.returncode == 2
+    assert "No such command 'pul'" in proc.stderr
+
+
+def _real(name: str) -> click.Command:
+    entry = COMMANDS[name]
+    command = getattr(importlib.import_module(f"supermachine.cli.{entry.module}"), entry.attribute)
+    assert isinstance(command, click.Command)
+    return command
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_each_entry_names_its_command(name: str) -> None:
+    assert _real(name).name == name
+
+
+@pytest.mark.parametrize("width", [60, 80, 120, 400])
+def test_listing_matches_the_commands_own_help(width: int) -> None:
+    """The summaries in the table, shortened by click, read as the commands' docstrings would."""
+
+    def listing(group: click.Group) -> str:
+        formatter = click.HelpFormatter(width=width)
+        group.format_commands(click.Context(group), formatter)
+        return formatter.getvalue()
+
+    eager = click.Group("supermachine", commands=[_real(name) for name in COMMANDS])
+    assert listing(LazyGroup("supermachine")) == listing(eager)
