@@ -139,6 +139,14 @@ class BuildResult:
     """Steps taken from the cache."""
     ran: int
     """Steps that ran in a build VM."""
+    built_layers: tuple[LayerRef, ...] = ()
+    """The layers the target stage's own steps (and the stages it starts from) made, above the
+    image it pulled: what the Dockerfile added."""
+    snapshot: Path | None = None
+    """The snapshot of the build VM after the target stage's last file-changing step, if that
+    step has one and it and the root file system it ran on are still as they were."""
+    snapshot_rootfs: Path | None = None
+    """The root file system :attr:`snapshot` restores with."""
 
 
 @dataclass
@@ -163,6 +171,8 @@ class _StageState:
     vm: _BuildVm | None = None
     snapshot: StepSnapshot | None = None
     """The snapshot of the VM after the last step, when that step's entry has one."""
+    base_layers: int = 0
+    """How many of ``layers`` come from a pulled image rather than from this build's steps."""
 
     @property
     def section(self) -> dict[str, Any]:
@@ -348,6 +358,7 @@ class _Builder:
             parent = self.results[earlier]
             state = _StageState(stage.index, list(parent.layers), copy.deepcopy(parent.config), parent.key)
             state.shell = parent.shell
+            state.base_layers = parent.base_layers
         else:
             image = self.pull(base, ins)
             raw = json.loads(self.store.blobs.read_bytes(image.config_digest))
@@ -356,6 +367,7 @@ class _Builder:
                 for d, diff in zip(image.layers, image.config.diff_ids, strict=True)
             ]
             state = _StageState(stage.index, layers, raw, chain("", ["FROM", image.config_digest]))
+            state.base_layers = len(layers)
         # Build arguments declared before the first FROM are visible to FROM only; a stage sees
         # them again when it declares them (docker's scoping).
         state.args = {}
@@ -912,7 +924,17 @@ class _Builder:
         refs = tuple(check_new_ref(t) for t in self.options.tags)
         layers = [Descriptor(layer.media_type, layer.digest, layer.size) for layer in state.layers]
         image = store_image(self.store, config, layers, refs or None)
-        return BuildResult(image, refs, self.total, self.cached, self.ran)
+        usable = self.cache.snapshot_usable(state.snapshot) if state.snapshot is not None else None
+        return BuildResult(
+            image,
+            refs,
+            self.total,
+            self.cached,
+            self.ran,
+            built_layers=tuple(state.layers[state.base_layers :]),
+            snapshot=usable,
+            snapshot_rootfs=Path(state.snapshot.rootfs) if usable is not None and state.snapshot else None,
+        )
 
 
 def _dir_item(path: str, owner: tuple[int, int] | None) -> CopyItem:

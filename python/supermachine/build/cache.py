@@ -9,6 +9,11 @@ Entries live under ``<cache>/build/steps/<key hex>.json`` and name their layer b
 itself is a blob of the image store. An entry is written atomically once its layer is stored, so a
 killed build leaves either a complete entry or none. An entry whose layer the store no longer has
 (``supermachine prune`` removed it) is a miss.
+
+Step snapshots live beside the entries, under ``<cache>/build/snapshots/<key hex>``, each a diff
+against the one of the step before. :meth:`BuildCache.prune` (part of ``supermachine prune``)
+deletes the entries that became misses, and every snapshot no entry can restore any more, keeping
+the bases the kept ones are diffs of.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from supermachine import paths
-from supermachine.oci.store import BlobStore, atomic_write_bytes
+from supermachine.oci.store import BlobStore, atomic_write_bytes, remove_entry, scan_entries
 
 ENTRY_VERSION = 1
 _SNAPSHOT_NAME = re.compile(r"[a-f0-9]{64}")
+_ENTRY_NAME = re.compile(r"[a-f0-9]{64}\.json")
 _MAX_ENTRY_BYTES = 64 << 10
 
 
@@ -93,6 +99,19 @@ class CacheEntry:
     snapshot: StepSnapshot | None = None
 
 
+@dataclass(frozen=True)
+class CachePruneResult:
+    """What :meth:`BuildCache.prune` deleted."""
+
+    entries: int
+    snapshots: int
+    other: int
+    """Files and directories that are neither: what killed builds left."""
+    bytes_freed: int
+    rootfs_in_use: frozenset[Path]
+    """The root file systems the kept snapshots restore with."""
+
+
 def chain(previous: str, step: object) -> str:
     """The key of a step: its inputs (JSON) after the key of the step before."""
     data = json.dumps([previous, step], sort_keys=True, separators=(",", ":")).encode()
@@ -151,3 +170,52 @@ class BuildCache:
         if entry.snapshot is not None:
             data["snapshot"] = entry.snapshot.to_json()
         atomic_write_bytes(self._path(key), json.dumps(data).encode())
+
+    def prune(self) -> CachePruneResult:
+        """Deletes entries whose layer is gone, snapshots no remaining entry can restore (its
+        directory or root file system changed or went) unless a kept one is a diff of it, and
+        leftovers. The caller (:meth:`ImageStore.prune <supermachine.oci.store.ImageStore.prune>`)
+        holds the image store's lock exclusively, so no build is running, and keeps the root file
+        systems the result names."""
+        entries = other = freed = 0
+        live: set[str] = set()
+        rootfs: set[Path] = set()
+        for item in scan_entries(self.dir):
+            if not _ENTRY_NAME.fullmatch(item.name) or not item.is_file(follow_symlinks=False):
+                freed += remove_entry(item)
+                other += 1
+                continue
+            entry = self.get("sha256:" + item.name.removesuffix(".json"))
+            if entry is None:
+                freed += remove_entry(item)
+                entries += 1
+            elif entry.snapshot is not None and self.snapshot_usable(entry.snapshot) is not None:
+                live.add(entry.snapshot.name)
+                rootfs.add(Path(entry.snapshot.rootfs))
+        todo = list(live)
+        while todo:
+            base = self._base_of(todo.pop())
+            if base is not None and base not in live:
+                live.add(base)
+                todo.append(base)
+        snapshots = 0
+        for item in scan_entries(self.snapshots):
+            if item.name in live and item.is_dir(follow_symlinks=False):
+                continue
+            freed += remove_entry(item)
+            if _SNAPSHOT_NAME.fullmatch(item.name):
+                snapshots += 1
+            else:
+                other += 1
+        return CachePruneResult(entries, snapshots, other, freed, frozenset(rootfs))
+
+    def _base_of(self, name: str) -> str | None:
+        """The sibling a step snapshot is a diff of (``None``: a full one, or unreadable)."""
+        from supermachine.errors import SupermachineError
+        from supermachine.snapshots import attach, verify
+
+        try:
+            base = attach.base_name(verify.snapshot_info(self.snapshots / name))
+        except SupermachineError:
+            return None
+        return base if base is not None and _SNAPSHOT_NAME.fullmatch(base) else None

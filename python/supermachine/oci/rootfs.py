@@ -42,7 +42,6 @@ import zstandard
 from supermachine.errors import (
     CorruptBlobError,
     DigestMismatchError,
-    InputError,
     LayerError,
     LayerLimitError,
     LayerTooLargeError,
@@ -52,7 +51,7 @@ from supermachine.errors import (
 )
 from supermachine.oci.image import Image
 from supermachine.oci.store import BlobStore, file_lock, fsync_dir, hex_of
-from supermachine.units import human_bytes
+from supermachine.units import human_bytes, parse_size
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -136,17 +135,6 @@ DEFAULT_MAX_ENTRIES = 1_000_000  # tar entries in one layer
 DEFAULT_MAX_PATH_BYTES = 4096  # an entry name or link target (PATH_MAX)
 DEFAULT_MAX_DEPTH = 256  # directory levels, as named and as resolved through symlinks
 MAX_HEADER_BYTES = 1 << 20  # one pax or GNU long-name header (tarfile reads it into memory)
-
-_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str, what: str) -> int:
-    """``"512M"`` -> bytes (suffixes K, M, G, T are powers of 1024; a trailing ``iB``/``B`` is allowed)."""
-    raw = text.strip().upper().removesuffix("IB").removesuffix("B")
-    number, suffix = (raw[:-1], raw[-1]) if raw[-1:] in _SIZE_SUFFIXES else (raw, "")
-    if not number.isdigit():
-        raise InputError(f"{what}={text!r} is not a size (bytes, or a number with K, M, G or T)")
-    return int(number) * _SIZE_SUFFIXES[suffix]
 
 
 @dataclass(frozen=True)

@@ -368,6 +368,8 @@ class PruneResult:
     bytes_freed: int
     partial_files: int = 0  # interrupted downloads and temporary files of interrupted writes
     temp_trees: int = 0  # root filesystem trees left by interrupted builds
+    build_steps: int = 0  # build cache steps whose layer is gone
+    build_snapshots: int = 0  # build VM snapshots no remaining step can restore
 
 
 class ImageStore:
@@ -482,7 +484,9 @@ class ImageStore:
 
     # ---- garbage collection --------------------------------------------------------------------
     def prune(self) -> PruneResult:
-        """Delete blobs and root filesystems no stored image or snapshot refers to, and stale
+        """Delete blobs and root filesystems no stored image or snapshot refers to, the build
+        cache's steps and build VM snapshots that became useless with them
+        (:meth:`BuildCache.prune <supermachine.build.cache.BuildCache.prune>`), and stale
         temporary files."""
         with self.exclusive():
             return self._prune_locked()
@@ -495,35 +499,46 @@ class ImageStore:
         freed = removed_blobs = removed_rootfs = partial = trees = 0
         # With the store lock held exclusively no pull or build is running: every partial download,
         # temporary file and build tree is left over from one that was killed.
-        for entry in _entries(self.blobs.dir):
+        for entry in scan_entries(self.blobs.dir):
             is_blob = _HEX.fullmatch(entry.name) is not None
             if is_blob and f"sha256:{entry.name}" in keep_blobs:
                 continue
-            freed += _remove_entry(entry)
+            freed += remove_entry(entry)
             removed_blobs += is_blob
             partial += not is_blob
-        for entry in _entries(self.rootfs_dir):
+        # The build cache's steps name layers (some just removed) and snapshots of build VMs that
+        # run on root filesystems here: its dead steps and snapshots go, the rest keep their disks.
+        from supermachine.build.cache import BuildCache
+
+        build = BuildCache(self.blobs, self.root / "build").prune()
+        freed += build.bytes_freed
+        partial += build.other
+        keep_rootfs |= {path.name for path in build.rootfs_in_use if path.parent == self.rootfs_dir}
+        for entry in scan_entries(self.rootfs_dir):
             if entry.name in keep_rootfs:
                 continue
-            freed += _remove_entry(entry)
+            freed += remove_entry(entry)
             is_image = entry.name.endswith(".squashfs") and not entry.name.startswith(".")
             removed_rootfs += is_image
             partial += not is_image
-        for entry in _entries(self.tmp_dir):
-            freed += _remove_entry(entry)
+        for entry in scan_entries(self.tmp_dir):
+            freed += remove_entry(entry)
             trees += 1
-        for entry in _entries(self.root):
+        for entry in scan_entries(self.root):
             if entry.name.startswith(f".{self.index_path.name}.tmp-"):
-                freed += _remove_entry(entry)
+                freed += remove_entry(entry)
                 partial += 1
         if self.locks.is_dir():  # per-blob lock files; nobody holds one while we hold the store lock
             for entry in os.scandir(self.locks):
                 if entry.name.endswith(".lock") and _HEX.fullmatch(entry.name[:-5]):
                     os.unlink(entry.path)
-        return PruneResult(removed_blobs, removed_rootfs, freed, partial, trees)
+        return PruneResult(
+            removed_blobs, removed_rootfs, freed, partial, trees, build.entries, build.snapshots
+        )
 
 
-def _entries(directory: Path) -> list[os.DirEntry[str]]:
+def scan_entries(directory: Path) -> list[os.DirEntry[str]]:
+    """The entries of ``directory`` (none if it does not exist)."""
     try:
         with os.scandir(directory) as it:
             return list(it)
@@ -531,7 +546,7 @@ def _entries(directory: Path) -> list[os.DirEntry[str]]:
         return []
 
 
-def _remove_entry(entry: os.DirEntry[str]) -> int:
+def remove_entry(entry: os.DirEntry[str]) -> int:
     """Delete a file or a whole directory tree (never following symlinks); the bytes it held."""
     if not entry.is_dir(follow_symlinks=False):
         size = entry.stat(follow_symlinks=False).st_size
