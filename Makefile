@@ -1,7 +1,7 @@
 # The two entry points the README promises. Both do all set-up first (idempotent).
 #   make demo   - the main job
 #   make test   - lint + type checks + Rust tests + the pytest suite
-.PHONY: setup demo test lint rust-test fuzz py-test bench bench-setup wheel wheel-test clean
+.PHONY: setup demo test test-heavy lint rust-test fuzz py-test bench bench-setup wheel wheel-test clean
 
 VENV := .venv/bin
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
@@ -29,8 +29,17 @@ fuzz:
 	SUPERMACHINE_FUZZ_SECONDS=$(FUZZ_SECONDS) cargo test -p supermachine-core -q --release --test 'fuzz_*'
 	cd guest/agent && SUPERMACHINE_FUZZ_SECONDS=$(FUZZ_SECONDS) cargo test -q --release fuzz
 
+# Two workers: most of the suite's time is guest kernel code, one core per VM on emulating hosts.
+# A module's tests stay together on one worker (they share module fixtures, often a booted VM).
+# A short base for temporary directories: VM sockets live in them and a unix socket path has
+# at most 107 bytes.
+PYTEST_WORKERS ?= 2
 py-test: setup
-	$(VENV)/pytest -q tests
+	$(VENV)/pytest -q tests -n $(PYTEST_WORKERS) --dist loadfile --durations=30 --basetemp="$$(mktemp -d /tmp/smt.XXXXXX)"
+
+# The heavy tests (minutes each here; see tests/conftest.py), on their own.
+test-heavy: setup
+	SUPERMACHINE_HEAVY_TESTS=1 $(VENV)/pytest -q tests -m heavy --durations=0
 
 test: lint rust-test py-test
 

@@ -84,21 +84,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.usefixtures("kvm")
-def test_cli_run_echo_hi(registry_image: tuple[Registry, str], cache: Path) -> None:
-    _, ref = registry_image
-    proc = subprocess.run(
-        [sys.executable, "-m", "supermachine", "run", ref, "--", "echo", "hi"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert (proc.returncode, proc.stdout) == (0, "hi\n"), proc.stderr
-    assert (cache / "rootfs").is_dir()  # pulled and converted on the way
-
-
-@pytest.mark.usefixtures("kvm")
-def test_cli_run_interactive_passes_stdin(registry_image: tuple[Registry, str], cache: Path) -> None:
-    """`-i` streams our stdin to the command and closes it at end of file (so `cat` ends)."""
+def test_cli_run_pulls_converts_and_passes_stdin(registry_image: tuple[Registry, str], cache: Path) -> None:
+    """`run -i` pulls and converts the image on the way, streams our stdin to the command and
+    closes it at end of file (so `cat` ends)."""
     _, ref = registry_image
     proc = subprocess.run(
         [sys.executable, "-m", "supermachine", "run", "-i", ref, "--", "sh", "-c", "cat; echo done"],
@@ -108,6 +96,7 @@ def test_cli_run_interactive_passes_stdin(registry_image: tuple[Registry, str], 
         timeout=600,
     )
     assert (proc.returncode, proc.stdout) == (0, "hi\ndone\n"), proc.stderr
+    assert (cache / "rootfs").is_dir()
 
 
 @pytest.mark.usefixtures("kvm", "cache")
@@ -182,14 +171,14 @@ def test_changes_commit_and_run_the_new_image(registry_image: tuple[Registry, st
         )
     assert committed.oci_image is not None and len(committed.oci_image.layers) == 2
     assert committed.config.user == "nobody"  # the parent's, kept
+    assert committed.config.cmd == ("cat", "/opt/new/link")
 
     def sm(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "supermachine", *args], capture_output=True, text=True, timeout=600
         )
 
-    ran = sm("run", "-u", "root", "localhost/e2e/committed:1")
-    assert (ran.returncode, ran.stdout) == (0, "made\n"), ran.stderr
+    # committed:1 runs as a whole command: `supermachine commit` starts it and stacks a layer.
     stacked = sm(
         "commit",
         "--memory",
@@ -197,7 +186,7 @@ def test_changes_commit_and_run_the_new_image(registry_image: tuple[Registry, st
         "-u",
         "root",
         "-c",
-        'CMD ["sh", "-c", "cat /srv/made; stat -c %a /srv/made; test -e /etc/group || echo gone"]',
+        'CMD ["sh", "-c", "cat /opt/new/link; stat -c %a /srv/made; test -e /etc/group || echo gone"]',
         "-c",
         "USER root",
         "localhost/e2e/committed:1",
@@ -218,12 +207,18 @@ def test_changes_commit_and_run_the_new_image(registry_image: tuple[Registry, st
 
 
 @pytest.mark.usefixtures("kvm")
-def test_cli_run_fetches_from_a_server_on_the_host_loopback(
+def test_cli_run_reaches_the_host_loopback_and_publishes_a_port(
     registry_image: tuple[Registry, str], cache: Path
 ) -> None:
-    """`--allow-net host`: the guest reaches a server on the host's loopback by the host's name."""
+    """`--allow-net host`: the guest fetches a page from a server on the host's loopback by the
+    host's name; `-p HOST_PORT:GUEST_PORT`: a server in the guest then serves that page on the
+    host's loopback. The port is gone with the command."""
     import http.server
+    import signal
+    import socket
     import threading
+    import time
+    import urllib.request
 
     class Page(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -237,50 +232,15 @@ def test_cli_run_fetches_from_a_server_on_the_host_loopback(
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _, ref = registry_image
     url = f"http://host.supermachine.internal:{server.server_address[1]}/"
-    try:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "supermachine",
-                "run",
-                "--allow-net",
-                "host",
-                ref,
-                "--",
-                "wget",
-                "-qO-",
-                url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert (proc.returncode, proc.stdout) == (0, "from host!\n"), proc.stderr
-
-
-@pytest.mark.usefixtures("kvm")
-def test_cli_run_publish_serves_a_page_to_the_host(registry_image: tuple[Registry, str], cache: Path) -> None:
-    """`run -p HOST_PORT:GUEST_PORT`: a server in the guest answers on the host's loopback."""
-    import signal
-    import socket
-    import time
-    import urllib.request
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _, ref = registry_image
-    serve = "echo guest page > /tmp/index.html && httpd -p 8080 -h /tmp && exec sleep 3600"
+    serve = f"wget -qO /tmp/index.html {url} && httpd -p 8080 -h /tmp && exec sleep 3600"
+    argv = ["run", "--allow-net", "host", "-p", f"{port}:8080", ref, "--", "sh", "-c", serve]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supermachine", "run", "-p", f"{port}:8080", ref, "--", "sh", "-c", serve],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        [sys.executable, "-m", "supermachine", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
         deadline = time.monotonic() + 600
@@ -288,7 +248,7 @@ def test_cli_run_publish_serves_a_page_to_the_host(registry_image: tuple[Registr
             assert proc.poll() is None, proc.communicate()
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=30) as r:
-                    assert r.read() == b"guest page\n"
+                    assert r.read() == b"from host!\n"
                 break
             except OSError:
                 assert time.monotonic() < deadline, "the published port never answered"
@@ -300,7 +260,8 @@ def test_cli_run_publish_serves_a_page_to_the_host(registry_image: tuple[Registr
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-    # The VM, and with it the port, are gone with the command.
+        server.shutdown()
+        server.server_close()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
 

@@ -245,6 +245,7 @@ def compare_config(ours: dict[str, object], theirs: dict[str, object]) -> None:
     assert (ours.get("Labels") or {}) == their_labels
 
 
+@pytest.mark.heavy
 def test_single_stage_build_matches_buildah(setup: Setup, tmp_path: Path) -> None:
     ours, _ = build_both(setup, "single", DOCKERFILE_SINGLE)
     our, our_config = our_tree(setup, ours, tmp_path / "ours")
@@ -268,6 +269,7 @@ def test_single_stage_build_matches_buildah(setup: Setup, tmp_path: Path) -> Non
         del os.environ["SUPERMACHINE_CACHE_DIR"]
 
 
+@pytest.mark.heavy
 def test_multi_stage_build_matches_buildah(setup: Setup, tmp_path: Path) -> None:
     ours, _ = build_both(setup, "multi", DOCKERFILE_MULTI)
     our, our_config = our_tree(setup, ours, tmp_path / "ours")
@@ -279,6 +281,7 @@ def test_multi_stage_build_matches_buildah(setup: Setup, tmp_path: Path) -> None
     assert our["copied-passwd"][4] == hashlib.sha256(image_passwd.encode()).hexdigest()
 
 
+@pytest.mark.heavy
 def test_rebuild_uses_the_cache_and_a_changed_source_reruns_from_its_step(setup: Setup) -> None:
     path = setup.context.parent / "single.Dockerfile"
     path.write_text(DOCKERFILE_SINGLE)
@@ -306,6 +309,7 @@ def test_rebuild_uses_the_cache_and_a_changed_source_reruns_from_its_step(setup:
     assert "2 from the cache, 5 run" in changed.stderr, changed.stderr[-2000:]
 
 
+@pytest.mark.heavy
 def test_a_failing_run_stops_the_build_with_its_output_and_keeps_the_cache(setup: Setup) -> None:
     path = setup.context.parent / "failing.Dockerfile"
     path.write_text("ARG BASE\nFROM ${BASE}\nWORKDIR /app\nRUN echo doing it && echo broken >&2 && exit 3\n")
@@ -325,6 +329,7 @@ def _vmm_pids() -> set[int]:
     return {int(p) for p in found.split()}
 
 
+@pytest.mark.heavy
 def test_kill_9_mid_build_leaves_the_stores_consistent(setup: Setup) -> None:
     """A build killed while its VM boots leaves complete cache entries and images only, no VM
     behind, and nothing `prune` cannot clear; the next build works."""
@@ -370,6 +375,7 @@ def test_kill_9_mid_build_leaves_the_stores_consistent(setup: Setup) -> None:
     assert again.returncode == 0, again.stderr[-2000:]
 
 
+@pytest.mark.heavy
 def test_a_changed_later_step_restores_the_vm_of_the_step_before(setup: Setup, tmp_path: Path) -> None:
     """Each step that ran leaves a snapshot of its build VM (a diff against the previous one); a
     rebuild whose first changed step follows it restores that VM instead of booting one."""
@@ -385,3 +391,41 @@ def test_a_changed_later_step_restores_the_vm_of_the_step_before(setup: Setup, t
     our_tree(setup, again.stdout.strip().splitlines()[-1], tmp_path / "tree")
     assert (tmp_path / "tree/last").read_text() == "b\n" and (tmp_path / "tree/one").read_text() == "one\n"
     assert len(list((setup.cache / "build" / "snapshots").iterdir())) >= 2
+
+
+def _step_snapshot_of_layer(cache: Path, digest: str) -> str:
+    """The snapshot name of the cache entry that made the layer ``digest``."""
+    for entry in (cache / "build" / "steps").iterdir():
+        data = json.loads(entry.read_text())
+        if data.get("layer") and data["layer"]["digest"] == digest and data.get("snapshot"):
+            return str(data["snapshot"]["name"])
+    raise AssertionError(f"no cache entry with a snapshot made {digest}")
+
+
+@pytest.mark.heavy
+def test_prune_drops_the_steps_and_snapshots_of_removed_images_only(setup: Setup) -> None:
+    """After the restore test: removing ``restore:1`` (its own last layer) deletes that step's cache
+    entry and build VM snapshot; the snapshots of ``restore:2``'s steps stay, with the root file
+    system they run on, and still serve a rebuild."""
+    from supermachine.oci.store import ImageStore
+
+    store = ImageStore(setup.cache)
+    gone_layer = store.resolve("restore:1").layers[-1]
+    kept_layer = store.resolve("restore:2").layers[-1]
+    gone = _step_snapshot_of_layer(setup.cache, gone_layer)
+    kept = _step_snapshot_of_layer(setup.cache, kept_layer)
+    snapshots = setup.cache / "build" / "snapshots"
+    assert (snapshots / gone).is_dir() and (snapshots / kept).is_dir()
+    removed = sm(setup, "rmi", "restore:1")
+    assert removed.returncode == 0, removed.stderr
+    pruned = sm(setup, "prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert not (snapshots / gone).exists()
+    assert (snapshots / kept).is_dir()
+    steps = [json.loads(p.read_text()) for p in (setup.cache / "build" / "steps").iterdir()]
+    assert all(not s.get("layer") or s["layer"]["digest"] != gone_layer for s in steps)
+    path = setup.context.parent / "restore.Dockerfile"
+    args = ("build", "-f", str(path), *base_args(setup), "--build-arg", "LAST=c", str(setup.context))
+    again = sm(setup, *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "restoring the build VM of the last step" in again.stderr and "booting" not in again.stderr
