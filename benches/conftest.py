@@ -114,6 +114,69 @@ def random_256m() -> bytes:
     return np.random.default_rng(20261122).bytes(256 * MiB)
 
 
+@pytest.fixture(scope="session")
+def random_256m_file(tmp_path_factory: pytest.TempPathFactory, random_256m: bytes) -> Iterator[Path]:
+    """``random_256m`` in a file, for the peers that chunk a path. Just written, it sits in the
+    page cache, so the peers read memory, not the disk."""
+    path = tmp_path_factory.mktemp("random") / "random.bin"
+    path.write_bytes(random_256m)
+    yield path
+    path.unlink()
+
+
+USR_TAR_LIMIT = 256 * MiB
+TAR_OVERHEAD = 2048
+"""Bytes charged per member on top of its 512-byte-padded data: its header, and a long name's."""
+TAR_END = 10240
+"""The end-of-archive blocks, padded to tar's default record size."""
+
+
+def _files(top: str) -> Iterator[str]:
+    """The readable regular files under ``top``, in sorted walk order (the same on every run)."""
+    for root, dirs, files in os.walk(top):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and os.path.isfile(path) and os.access(path, os.R_OK):
+                yield path
+
+
+def _usr_sample(limit: int) -> list[str]:
+    """Files from /usr/bin, /usr/lib and /usr/share (executables, libraries, shared data), a third
+    of ``limit`` of tar each, as paths relative to /."""
+    picked: list[str] = []
+    for top in ("bin", "lib", "share"):
+        left = (limit - TAR_END) // 3
+        for path in _files(f"/usr/{top}"):
+            cost = -(-os.path.getsize(path) // 512) * 512 + TAR_OVERHEAD
+            if cost <= left:
+                picked.append(path.removeprefix("/"))
+                left -= cost
+            if left < 512 + TAR_OVERHEAD:
+                break
+    return picked
+
+
+@pytest.fixture(scope="session")
+def usr_tar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``tar cf`` of a bounded part of this host's /usr (at most 256 MiB): real data, with the
+    structure, repeats and zero padding random bytes lack, as image layers hold. Its bytes differ
+    between hosts, so peers are only comparable within one run. In the page cache once written."""
+    if shutil.which("tar") is None:
+        pytest.skip("tar is needed to build the real-data input")
+    directory = tmp_path_factory.mktemp("usr-tar")
+    members = directory / "members"
+    members.write_bytes(b"\0".join(p.encode() for p in _usr_sample(USR_TAR_LIMIT)))
+    path = directory / "usr.tar"
+    subprocess.run(
+        ["tar", "cf", str(path), "-C", "/", "--null", "--no-recursion", "-T", str(members)], check=True
+    )
+    assert path.stat().st_size <= USR_TAR_LIMIT
+    yield path
+    path.unlink()
+    members.unlink()
+
+
 def _ram_like(rng: np.random.Generator, pages: int, zero_share: float) -> np.ndarray:
     data = rng.integers(0, 2**64, size=(pages, 512), dtype=np.uint64)
     data[rng.random(pages) < zero_share] = 0

@@ -59,7 +59,7 @@ def test_density(benchmark: Any, guest: Guest, mode: density.Mode) -> None:
     def start() -> Vm:
         return Vm.restore(guest.snapshot) if mode == "restore" else Vm.start(guest.config)
 
-    with density.Fleet(mode, guest.blob_device) as fleet:
+    with density.Fleet(mode, density.blob_reader(guest.blob_device, mode)) as fleet:
 
         def settle_previous() -> None:  # untimed: the previous VM reads the blob and is measured
             if fleet.pending:

@@ -1,11 +1,15 @@
 """Pull throughput and squashfs build time, each against a reference tool in the same run.
 
-* pulling a multi-layer image from a local ``docker-registry``: ``supermachine.oci.pull`` vs
-  ``skopeo copy docker://… oci:…``, both into a fresh directory every round;
+* pulling a multi-layer image from a local ``docker-registry``: the whole ``supermachine pull``
+  command vs the whole ``skopeo copy docker://… oci:…`` command, interleaved round by round (see
+  interleave.py). Each peer's span is one process from start to exit plus removing what it wrote:
+  it pulls into a fresh directory (supermachine's cache, skopeo's OCI layout) that is deleted
+  inside the span, so both pay for their start-up, their writes and their teardown alike;
 * building the root filesystem: our builder (apply layers + ``mksquashfs``) vs plain ``mksquashfs``
   on the already-unpacked tree.
 
-``benchmark.extra_info`` carries MB/s (compressed bytes for pulls, unpacked tree bytes for builds).
+``benchmark.extra_info`` carries MB/s (compressed bytes for pulls, unpacked tree bytes for builds)
+and, for pulls, supermachine's time over skopeo's per round (median and spread).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import gzip
 import io
 import itertools
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -24,12 +30,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "oci"))
 from _support import LayoutWriter, Registry, missing_tools, skopeo_copy, start_registry
+from interleave import interleave
 from supermachine.oci import ImageStore, build_rootfs, build_squashfs, load_image, pull
 from supermachine.oci.rootfs import mksquashfs
 
 LAYERS = 4
 LAYER_MB = 16
 ROUNDS = 3
+PULL_ROUNDS = 8  # every order of the two peers, four times
+SUPERMACHINE = Path(sys.executable).with_name("supermachine")
+"""The installed console script, next to this interpreter."""
 _counter = itertools.count()
 
 
@@ -80,25 +90,41 @@ def _mb_per_s(nbytes: int, seconds: float) -> float:
     return round(nbytes / 1e6 / seconds, 1)
 
 
-def test_pull_supermachine(benchmark, bench_image: BenchImage, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    def setup() -> tuple[tuple[ImageStore], dict[str, object]]:
-        return (ImageStore(_fresh(tmp_path)),), {}
-
-    image = benchmark.pedantic(lambda store: pull(bench_image.ref, store=store), setup=setup, rounds=ROUNDS)
-    assert len(image.layers) == LAYERS
-    benchmark.extra_info["MB"] = round(bench_image.compressed_bytes / 1e6, 1)
-    benchmark.extra_info["MB/s"] = _mb_per_s(bench_image.compressed_bytes, benchmark.stats.stats.median)
-
-
-def test_pull_skopeo(benchmark, bench_image: BenchImage, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    def setup() -> tuple[tuple[Path], dict[str, object]]:
-        return (_fresh(tmp_path) / "oci",), {}
-
-    benchmark.pedantic(
-        lambda dest: skopeo_copy(f"docker://{bench_image.ref}", f"oci:{dest}:v1"), setup=setup, rounds=ROUNDS
+def _supermachine_pull(ref: str, base: Path) -> str:
+    """``supermachine pull -q REF`` into a fresh cache, removed again; the image id it printed."""
+    cache = _fresh(base)
+    proc = subprocess.run(
+        [str(SUPERMACHINE), "pull", "-q", ref],
+        env={**os.environ, "SUPERMACHINE_CACHE_DIR": str(cache)},
+        capture_output=True,
+        text=True,
+        check=True,
     )
-    benchmark.extra_info["MB"] = round(bench_image.compressed_bytes / 1e6, 1)
-    benchmark.extra_info["MB/s"] = _mb_per_s(bench_image.compressed_bytes, benchmark.stats.stats.median)
+    shutil.rmtree(cache)
+    return proc.stdout.strip()
+
+
+def _skopeo_copy(ref: str, base: Path) -> str:
+    """``skopeo copy -q docker://REF oci:DIR`` into a fresh directory, removed again."""
+    target = _fresh(base)
+    skopeo_copy(f"docker://{ref}", f"oci:{target / 'oci'}:v1")
+    shutil.rmtree(target)
+    return "copied"
+
+
+@pytest.mark.benchmark(group="pull: whole commands, interleaved")
+def test_pull_commands(benchmark: object, bench_image: BenchImage, tmp_path: Path) -> None:
+    if not SUPERMACHINE.is_file():
+        pytest.skip(f"no installed supermachine console script at {SUPERMACHINE}")
+    ref = bench_image.ref
+    peers = {
+        "skopeo copy": lambda: _skopeo_copy(ref, tmp_path),
+        "supermachine pull": lambda: _supermachine_pull(ref, tmp_path),
+    }
+    title = f"pull {LAYERS} layers, {bench_image.compressed_bytes / 1e6:.0f} MB, from a loopback registry"
+    run = interleave(benchmark, title, peers, rounds=PULL_ROUNDS, nbytes=bench_image.compressed_bytes)
+    assert run.results["supermachine pull"], "supermachine pull printed no image id"
+    assert list(tmp_path.iterdir()) == [], "a peer left files behind"
 
 
 @pytest.fixture(scope="module")
