@@ -106,6 +106,12 @@ class VmDisk(TypedDict, total=False):
     read_only: bool
     rate_limit: VmRateLimit
 
+class VmMount(TypedDict, total=False):
+    # A host folder shared with the guest (virtio-fs), which the guest mounts by its tag.
+    host_dir: str | os.PathLike[str]  # required
+    tag: str  # required: 1 to 36 ASCII letters, digits, '.', '_' or '-', unique in the VM
+    read_only: bool  # default False
+
 class MachineConfig(TypedDict, total=False):
     # Exactly one of kernel (ELF vmlinux, PVH boot) or raw (flat binary).
     kernel: str | os.PathLike[str]
@@ -123,6 +129,7 @@ class MachineConfig(TypedDict, total=False):
     # this process's end of the socket pair whose other end the backend (passt) holds.
     net: str
     net_fd: int
+    mounts: Sequence[VmMount]
     console_log: str | os.PathLike[str] | None
     console_capacity: int  # bytes of serial output kept in memory, default 1 MiB
     cpu_template: str  # "auto" (default) | "normal" | "compat"

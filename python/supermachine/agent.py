@@ -1122,8 +1122,9 @@ class AgentClient:
         read_only: bool = False,
         timeout: float | None = None,
     ) -> None:
-        """Mounts the guest's virtio disk ``device`` (``/dev/vdX``) at the absolute ``target``
-        (made with its parents when missing), ``nosuid,nodev``, read-only if asked."""
+        """Mounts the guest's virtio disk ``device`` (``/dev/vdX``), or with ``fstype="virtiofs"``
+        the shared folder whose tag is ``device``, at the absolute ``target`` (made with its
+        parents when missing), ``nosuid,nodev``, read-only if asked."""
         deadline = _Deadline.after(self.request_timeout if timeout is None else timeout)
         payload = _encode(
             [

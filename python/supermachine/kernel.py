@@ -26,9 +26,21 @@ from pathlib import Path
 from supermachine import artefacts, paths
 from supermachine.errors import KernelError
 
-__all__ = ["PROFILES", "build_script", "cached_path", "default_profile", "guest_dir", "kernel_path"]
+__all__ = [
+    "PROFILES",
+    "PROFILE_CPUS",
+    "build_script",
+    "cached_path",
+    "default_profile",
+    "guest_dir",
+    "kernel_path",
+]
 
 PROFILES: tuple[str, ...] = ("normal", "compat")
+
+PROFILE_CPUS: dict[str, int] = {"normal": 64, "compat": 1}
+"""The most CPUs a guest of each profile brings up: its kernel's ``CONFIG_NR_CPUS`` (the config
+fragments in ``guest/kernel/config`` set it; a test holds this table to them)."""
 
 _SYS_MODULE = Path("/sys/module")
 # Kernel modules whose presence means guest kernel code is emulated rather than run by the CPU.

@@ -71,7 +71,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Disk", "ExecResult", "IoLimit", "Limits", "Network", "Outcome", "Process", "Vm", "VmConfig"]
+__all__ = [
+    "Disk",
+    "ExecResult",
+    "IoLimit",
+    "Limits",
+    "Network",
+    "Outcome",
+    "Process",
+    "SharedFolder",
+    "Vm",
+    "VmConfig",
+    "VolumeMount",
+    "parse_mount",
+]
 
 CpuTemplate = Literal["auto", "normal", "compat"]
 Argument = str | bytes | os.PathLike[str]
@@ -106,15 +119,44 @@ class VolumeMount:
     target: str
     read_only: bool = False
 
-    @classmethod
-    def parse(cls, spec: str) -> VolumeMount:
-        """``NAME:/guest/dir`` or ``NAME:/guest/dir:ro`` (docker's ``-v`` syntax)."""
-        name, _, rest = spec.partition(":")
-        target, _, mode = rest.partition(":")
-        if not name or not target.startswith("/") or mode not in ("", "ro", "rw"):
-            raise InputError(f"-v {spec!r}: expected NAME:/GUEST/DIR[:ro]")
-        volumes.check_name(name)
-        return cls(name, target, read_only=mode == "ro")
+
+@dataclass(frozen=True)
+class SharedFolder:
+    """A host folder shared with the guest and mounted at ``target`` (virtio-fs; ``-v
+    HOST_DIR:TARGET[:ro]``). The guest sees its files as they are on the host, and its changes
+    are made there at once.
+
+    The VMM's file server works in the folder for the guest, confined beneath it: it never
+    follows a symbolic link on the host, opens only regular files and directories, makes no
+    device nodes and drops set-id bits. It works with the rights of the VM's worker process: when
+    supermachine runs as root, the owner of the read-write folders (which must not be root), or
+    the unprivileged jail user when every folder is read-only; otherwise the calling user."""
+
+    host_dir: Path | str
+    target: str
+    read_only: bool = False
+
+
+def parse_mount(spec: str) -> VolumeMount | SharedFolder:
+    """docker's ``-v``: ``HOST_DIR:/guest/dir[:ro]`` shares a host folder (``HOST_DIR`` starts
+    with ``/``, ``.`` or ``~``); ``NAME:/guest/dir[:ro]`` mounts the named volume ``NAME``."""
+    source, _, rest = spec.partition(":")
+    target, _, mode = rest.partition(":")
+    if not source or mode not in ("", "ro", "rw"):
+        raise InputError(f"-v {spec!r}: expected NAME:/GUEST/DIR[:ro] or HOST_DIR:/GUEST/DIR[:ro]")
+    _check_guest_dir(target, f"-v {spec!r}")
+    if source.startswith(("/", ".", "~")):
+        return SharedFolder(Path(source).expanduser().absolute(), target, read_only=mode == "ro")
+    volumes.check_name(source)
+    return VolumeMount(source, target, read_only=mode == "ro")
+
+
+def _check_guest_dir(target: str, what: str) -> None:
+    """Refuses a mount target the agent would refuse, before anything starts."""
+    if not target.startswith("/") or target.rstrip("/") == "" or "\0" in target:
+        raise InputError(f"{what}: the guest directory must be an absolute path below /")
+    if ".." in target.split("/"):
+        raise InputError(f"{what}: the guest directory may not contain '..'")
 
 
 @dataclass(frozen=True)
@@ -166,6 +208,9 @@ class VmConfig:
     card at all), or a :class:`~supermachine.network.Network` with allow/deny rules and ports."""
     volumes: tuple[VolumeMount, ...] = ()
     """Named volumes to mount (needs a root filesystem: they are mounted in it)."""
+    mounts: tuple[SharedFolder, ...] = ()
+    """Host folders to share (needs a root filesystem: they are mounted in it). A VM with shared
+    folders cannot be snapshotted yet."""
 
     def validated(self) -> VmConfig:
         if not LINUX_MIN_MEMORY_MIB <= self.memory_mib <= _core.MAX_MEMORY_MIB:
@@ -186,7 +231,20 @@ class VmConfig:
         if self.vmm not in ("worker", "in-process"):
             raise VmError(f"vmm must be 'worker' or 'in-process', got {self.vmm!r}")
         Network.of(self.network)
+        self._check_mounts()
         return self
+
+    def _check_mounts(self) -> None:
+        if (self.mounts or self.volumes) and self.rootfs is None:
+            raise VmConfigError("shared folders and volumes need a root filesystem to be mounted in")
+        for mount in self.mounts:
+            _check_guest_dir(mount.target, f"shared folder {mount.host_dir}")
+            if not Path(mount.host_dir).is_dir():
+                raise VmConfigError(f"shared folder {mount.host_dir} does not exist or is not a directory")
+        targets = [m.target.rstrip("/") for m in self.mounts] + [v.target.rstrip("/") for v in self.volumes]
+        for target in targets:
+            if targets.count(target) > 1:
+                raise VmConfigError(f"two mounts share the guest directory {target}")
 
 
 @dataclass(frozen=True)
@@ -280,6 +338,8 @@ class Vm:
     ) -> Vm:
         config = config.validated()
         check_kvm()
+        if config.kernel is None:
+            _warn_of_idle_vcpus(config.vcpus, kernel.default_profile())
         vmlinux = Path(config.kernel) if config.kernel is not None else kernel.kernel_path()
         initrd = Path(config.initramfs) if config.initramfs is not None else initramfs.initramfs_path()
         runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
@@ -301,6 +361,11 @@ class Vm:
             "console_log": None if config.console_log is None else str(config.console_log),
             "cpu_template": config.cpu_template,
         }
+        if config.mounts:
+            core_config["mounts"] = [
+                {"host_dir": str(Path(m.host_dir).resolve()), "tag": _share_tag(i), "read_only": m.read_only}
+                for i, m in enumerate(config.mounts)
+            ]
         try:
             net = _start_network(Network.of(config.network), runtime_dir, core_config)
         except BaseException:
@@ -308,7 +373,9 @@ class Vm:
             _release(attached)
             raise
         try:
-            handle = _core.Vm.start(core_config, _worker(config.vmm, runtime_dir, config.limits))
+            handle = _core.Vm.start(
+                core_config, _worker(config.vmm, runtime_dir, config.limits, _shared_folder_owner(config))
+            )
         except (OSError, RuntimeError, ValueError) as exc:
             if net is not None:
                 net.stop()
@@ -335,6 +402,7 @@ class Vm:
         try:
             vm._wait_for_agent(config.boot_timeout)
             vm._mount_volumes(config)
+            vm._mount_shared_folders(config)
         except BaseException:
             vm.stop()
             raise
@@ -357,6 +425,17 @@ class Vm:
                             " attach it read-write once to replay its journal"
                         ) from None
                     raise VolumeError(f"cannot mount {what}: {exc}") from None
+
+    def _mount_shared_folders(self, config: VmConfig) -> None:
+        """Mounts each shared folder at its target, by its device's tag."""
+        for index, mount in enumerate(config.mounts):
+            tag = _share_tag(index)
+            with self._client() as client:
+                try:
+                    client.mount(tag, mount.target, fstype="virtiofs", read_only=mount.read_only)
+                except AgentRequestError as exc:
+                    what = f"the shared folder {mount.host_dir} on {mount.target}"
+                    raise VmError(f"cannot mount {what}: {exc}") from None
 
     def _unmount_volumes(self) -> None:
         """Unmounts the read-write volumes before the VM stops (best effort, at most
@@ -1120,9 +1199,52 @@ def _restored_network(
     return "none"
 
 
-def _worker(vmm: VmmMode, runtime_dir: Path, limits: Limits | None) -> _core.VmWorker | None:
+def _worker(
+    vmm: VmmMode, runtime_dir: Path, limits: Limits | None, run_as: tuple[int, int] | None = None
+) -> _core.VmWorker | None:
     """How to run the VM's VMM: ``None`` for this process."""
-    return None if vmm == "in-process" else worker.worker_options(runtime_dir, limits)
+    return None if vmm == "in-process" else worker.worker_options(runtime_dir, limits, run_as=run_as)
+
+
+def _warn_of_idle_vcpus(vcpus: int, profile: str) -> None:
+    """Says so when the guest kernel of ``profile`` brings up fewer CPUs than the VM has vCPUs."""
+    cpus = kernel.PROFILE_CPUS[profile]
+    if vcpus > cpus:
+        log.warning(
+            "the guest kernel (profile %s) brings up at most %d CPU(s): %d of the VM's %d vCPUs will be used",
+            profile,
+            cpus,
+            cpus,
+            vcpus,
+        )
+
+
+def _share_tag(index: int) -> str:
+    """The virtio-fs tag of a VM's ``index``-th shared folder (the guest mounts it by this)."""
+    return f"share{index}"
+
+
+def _shared_folder_owner(config: VmConfig) -> tuple[int, int] | None:
+    """The uid and gid a root-started worker runs as to serve ``config``'s read-write shared
+    folders: their owner, so what the guest makes there is the owner's, and the worker stays
+    unprivileged. ``None`` (the jail's own user) without any, or when not running as root (the
+    worker then runs as the caller, in a user namespace)."""
+    writable = [Path(m.host_dir) for m in config.mounts if not m.read_only]
+    if not writable or os.geteuid() != 0 or config.vmm == "in-process":
+        return None
+    owners = {}
+    for folder in writable:
+        info = folder.stat()
+        if info.st_uid == 0:
+            raise VmConfigError(
+                f"cannot share {folder} read-write: it belongs to root, and the VMM never runs as root;"
+                " chown it to an unprivileged user (the guest's files there become theirs), or add :ro"
+            )
+        owners[(info.st_uid, info.st_gid)] = folder
+    if len({uid for uid, _ in owners}) > 1:
+        listed = ", ".join(f"{folder} (uid {uid})" for (uid, _), folder in owners.items())
+        raise VmConfigError(f"the read-write shared folders of one VM must have one owner: {listed}")
+    return next(iter(owners))
 
 
 def _with_io_limit(disks: list[_core.VmDisk], limit: IoLimit | None) -> list[_core.VmDisk]:
@@ -1163,8 +1285,6 @@ def guest_disk_name(index: int) -> str:
 
 def _attach_volumes(config: VmConfig) -> list[volumes.Attachment]:
     """Each volume of ``config``, locked for this VM (all or none)."""
-    if config.volumes and config.rootfs is None:
-        raise VmConfigError("volumes need a root filesystem to be mounted in")
     attached: list[volumes.Attachment] = []
     try:
         for mount in config.volumes:

@@ -91,10 +91,15 @@ def program_path() -> Path:
 
 
 def worker_options(
-    runtime_dir: Path, limits: Limits | None, console_capacity: int | None = None
+    runtime_dir: Path,
+    limits: Limits | None,
+    console_capacity: int | None = None,
+    *,
+    run_as: tuple[int, int] | None = None,
 ) -> _core.VmWorker:
     """The ``worker`` argument of ``_core.Vm.start``/``restore`` for a VM whose private runtime
-    directory is ``runtime_dir``."""
+    directory is ``runtime_dir``. A root-started worker drops to ``run_as`` (uid, gid; never
+    root), or to :data:`JAIL_UID`/:data:`JAIL_GID`."""
     root = os.geteuid() == 0
     options: _core.VmWorker = {
         "program": str(program_path()),
@@ -103,8 +108,11 @@ def worker_options(
         "seccomp": os.environ.get("SUPERMACHINE_SECCOMP") != "off",
     }
     if root:
-        options["uid"] = JAIL_UID
-        options["gid"] = JAIL_GID
+        uid, gid = run_as or (JAIL_UID, JAIL_GID)
+        if uid == 0 or gid == 0:
+            raise ValueError("a VMM worker never runs as root")
+        options["uid"] = uid
+        options["gid"] = gid
     if console_capacity is not None:
         options["console_capacity"] = console_capacity
     if limits is not None and limits != Limits():

@@ -41,3 +41,39 @@ def test_option_with_unmet_dependencies_is_named(tmp_path: Path) -> None:
     assert "CONFIG_ACPI_BUTTON (wanted y, got unset)" in last
     assert "CONFIG_PCI_MSI (wanted y, got unset)" in last
     assert result.stdout == ""
+
+
+def _fragment_value(profile: str, option: str) -> str | None:
+    """``option``'s last setting in the fragments ``profile`` merges (base, then its own)."""
+    value = None
+    for name in ("base", profile):
+        fragment = REPO_GUEST / "kernel" / "config" / f"{name}.config"
+        if not fragment.is_file():
+            continue
+        for line in fragment.read_text().splitlines():
+            if line.startswith(f"{option}="):
+                value = line.split("=", 1)[1]
+            elif line == f"# {option} is not set":
+                value = "n"
+    return value
+
+
+def test_the_cpu_count_of_each_profile_is_what_its_config_builds() -> None:
+    from supermachine import kernel
+
+    for profile in kernel.PROFILES:
+        assert _fragment_value(profile, "CONFIG_NR_CPUS") == str(kernel.PROFILE_CPUS[profile]), profile
+        smp = _fragment_value(profile, "CONFIG_SMP")
+        assert (smp == "y") == (kernel.PROFILE_CPUS[profile] > 1), profile
+
+
+def test_more_vcpus_than_the_kernel_brings_up_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    from supermachine.vm import _warn_of_idle_vcpus
+
+    _warn_of_idle_vcpus(1, "compat")
+    _warn_of_idle_vcpus(8, "normal")
+    assert caplog.messages == []
+    _warn_of_idle_vcpus(2, "compat")
+    assert caplog.messages == [
+        "the guest kernel (profile compat) brings up at most 1 CPU(s): 1 of the VM's 2 vCPUs will be used"
+    ]

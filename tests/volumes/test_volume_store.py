@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from supermachine import volumes
 from supermachine.errors import InputError, VolumeError, VolumeInUseError
-from supermachine.vm import VolumeMount
+from supermachine.vm import SharedFolder, VolumeMount, parse_mount
 
 
 @pytest.fixture(autouse=True)
@@ -143,13 +143,20 @@ def test_a_damaged_or_planted_volume_is_refused(data_dir: Path, tmp_path: Path) 
         ("data:/data", VolumeMount("data", "/data")),
         ("data:/srv/x:ro", VolumeMount("data", "/srv/x", read_only=True)),
         ("data:/srv/x:rw", VolumeMount("data", "/srv/x")),
+        ("/srv/share:/data", SharedFolder(Path("/srv/share"), "/data")),
+        ("/srv/share:/data:ro", SharedFolder(Path("/srv/share"), "/data", read_only=True)),
+        ("./src:/src", SharedFolder(Path.cwd() / "src", "/src")),
+        ("~/x:/x", SharedFolder(Path.home() / "x", "/x")),
     ],
 )
-def test_volume_specs_parse_as_docker_writes_them(spec: str, mount: VolumeMount) -> None:
-    assert VolumeMount.parse(spec) == mount
+def test_mount_specs_parse_as_docker_writes_them(spec: str, mount: VolumeMount | SharedFolder) -> None:
+    assert parse_mount(spec) == mount
 
 
-@pytest.mark.parametrize("spec", ["data", "data:relative", ":/x", "data:/x:rx", "bad name:/x"])
-def test_bad_volume_specs_are_refused(spec: str) -> None:
+@pytest.mark.parametrize(
+    "spec",
+    ["data", "data:relative", ":/x", "data:/x:rx", "bad name:/x", "data:/", "/h:/a/../b", "/h:x", "/h"],
+)
+def test_bad_mount_specs_are_refused(spec: str) -> None:
     with pytest.raises(InputError):
-        VolumeMount.parse(spec)
+        parse_mount(spec)

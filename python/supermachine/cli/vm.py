@@ -26,7 +26,7 @@ from supermachine.errors import AgentError, InputError, SupermachineError
 if TYPE_CHECKING:
     from supermachine.agent import Process
     from supermachine.network import Network
-    from supermachine.vm import VolumeMount
+    from supermachine.vm import SharedFolder, VolumeMount
 
 #: Bytes read from the host's stdin at a time with ``-i`` (one stdin frame).
 _STDIN_CHUNK = 64 * 1024
@@ -256,16 +256,22 @@ def volume_option(f: click.decorators.FC) -> click.decorators.FC:
         "--volume",
         "volume_specs",
         multiple=True,
-        metavar="NAME:/DIR[:ro]",
-        help="Mount a named volume (supermachine volume create NAME) at DIR; one VM at a time may "
-        "write to a volume. Repeatable.",
+        metavar="SOURCE:/DIR[:ro]",
+        help="Mount at DIR a host folder (SOURCE starts with /, . or ~; the guest works in it "
+        "directly) or a named volume (supermachine volume create NAME; one VM at a time may write "
+        "to it). Repeatable.",
     )(f)
 
 
-def _volumes(specs: tuple[str, ...]) -> tuple[VolumeMount, ...]:
-    from supermachine.vm import VolumeMount
+def _mounts(specs: tuple[str, ...]) -> tuple[tuple[VolumeMount, ...], tuple[SharedFolder, ...]]:
+    """The ``-v`` specs: named volumes, and host folders."""
+    from supermachine.vm import SharedFolder, VolumeMount, parse_mount
 
-    return tuple(VolumeMount.parse(spec) for spec in specs)
+    parsed = [parse_mount(spec) for spec in specs]
+    return (
+        tuple(m for m in parsed if isinstance(m, VolumeMount)),
+        tuple(m for m in parsed if isinstance(m, SharedFolder)),
+    )
 
 
 def stdio_options(f: click.decorators.FC) -> click.decorators.FC:
@@ -342,10 +348,10 @@ def run(
         command = command[1:]
     env = parse_env(env_pairs)
     network = network_from_options(network_mode, allow, deny, published, add_hosts, dns_server)
-    mounts = _volumes(volume_specs)
+    named_volumes, folders = _mounts(volume_specs)
     if image.startswith("snapshot:"):
-        if mounts:
-            raise InputError("-v: volumes cannot be attached to a VM restored from a snapshot yet")
+        if volume_specs:
+            raise InputError("-v: a VM restored from a snapshot cannot take volumes or host folders yet")
         where = image.removeprefix("snapshot:")
         sys.exit(
             _run_snapshot(
@@ -365,7 +371,8 @@ def run(
             workdir=workdir,
             user=user,
             network=network or "egress",
-            volumes=mounts,
+            volumes=named_volumes,
+            mounts=folders,
         )
     )
     sys.exit(_run_streaming(config, argv, timeout, show_console, stdio=Stdio(interactive, tty)))
@@ -430,6 +437,7 @@ def boot(
 
     if rootfs is not None and not rootfs.is_file():
         raise InputError(f"root filesystem image {rootfs} does not exist")
+    named_volumes, folders = _mounts(volume_specs)
     config = VmConfig(
         rootfs=rootfs,
         memory_mib=memory_mib,
@@ -439,6 +447,7 @@ def boot(
         workdir=workdir,
         user=user,
         network=network_from_options(network_mode, allow, deny, published, add_hosts, dns_server) or "egress",
-        volumes=_volumes(volume_specs),
+        volumes=named_volumes,
+        mounts=folders,
     )
     sys.exit(_run_streaming(config, list(command), timeout, show_console, stdio=Stdio(interactive, tty)))

@@ -14,7 +14,7 @@ use crate::snapshot::Snapshot;
 use crate::vmm::persist::RestoreOverrides;
 use crate::vmm::{
     BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MachineConfig, MemoryBacking,
-    NetConfig, Outcome, RawMode, Vmm, VmmError,
+    MountConfig, NetConfig, Outcome, RawMode, Vmm, VmmError,
 };
 use crate::worker::client::{IsolationChoice, WorkerError, WorkerOptions, WorkerVm};
 use crate::worker::protocol::{ErrorKind, VmInfo, WireDevice, WireError, WireTimings};
@@ -94,6 +94,7 @@ const KEYS: &[&str] = &[
     "vsock_path",
     "net",
     "net_fd",
+    "mounts",
     "console_log",
     "console_capacity",
     "cpu_template",
@@ -181,6 +182,36 @@ fn parse_disks(d: &Bound<'_, PyDict>, what: &str) -> PyResult<Vec<DiskConfig>> {
     Ok(out)
 }
 
+/// The "mounts" entry of a config: dicts {host_dir, tag, read_only} (checked by the VMM: the
+/// tag's form and uniqueness, and the folder when its device opens it).
+fn parse_mounts(d: &Bound<'_, PyDict>) -> PyResult<Vec<MountConfig>> {
+    let Some(mounts) = d.get_item("mounts")?.filter(|v| !v.is_none()) else {
+        return Ok(Vec::new());
+    };
+    let list = mounts
+        .cast::<PyList>()
+        .map_err(|_| PyTypeError::new_err("config key 'mounts' must be a list"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for item in list.iter() {
+        let mount = item.cast::<PyDict>().map_err(|_| {
+            PyTypeError::new_err("each mount must be a dict {host_dir, tag, read_only}")
+        })?;
+        for k in mount.keys() {
+            let k: String = k.extract()?;
+            if !["host_dir", "tag", "read_only"].contains(&k.as_str()) {
+                return Err(PyValueError::new_err(format!("unknown mount key '{k}'")));
+            }
+        }
+        let need = |key: &str| PyValueError::new_err(format!("a mount needs a '{key}'"));
+        out.push(MountConfig {
+            host_dir: get(mount, "host_dir")?.ok_or_else(|| need("host_dir"))?,
+            tag: get(mount, "tag")?.ok_or_else(|| need("tag"))?,
+            read_only: get(mount, "read_only")?.unwrap_or(false),
+        });
+    }
+    Ok(out)
+}
+
 fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<MachineConfig> {
     for k in d.keys() {
         let k: String = k
@@ -246,6 +277,7 @@ fn parse_config(d: &Bound<'_, PyDict>) -> PyResult<MachineConfig> {
     cfg.disks = parse_disks(d, "config")?;
     cfg.vsock_path = get(d, "vsock_path")?;
     cfg.net = parse_net(d)?;
+    cfg.mounts = parse_mounts(d)?;
     cfg.console_log = get(d, "console_log")?;
     cfg.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
     if let Some(c) = get(d, "console_capacity")? {
