@@ -198,6 +198,9 @@ class VmRestoreOverrides(TypedDict, total=False):
     # The disks to attach, one per saved disk, in order (required: the snapshot names none); a
     # disk is read-only if the caller or the snapshot says so.
     disks: Sequence[VmDisk | str | os.PathLike[str]]
+    # The host folders to share, one per shared folder the snapshot has, in order (required:
+    # the snapshot names none); read-only if the caller or the snapshot says so.
+    mounts: Sequence[VmMount]
     track_dirty_pages: bool
     base: str | os.PathLike[str]  # where a diff's base is, if not where the diff recorded it
 
@@ -222,6 +225,7 @@ class SnapshotInfo(TypedDict):
     disks: list[bool]  # read-only flag of each disk, in device order (no paths are kept)
     vsock: bool
     net: bool  # whether the VM had a network card
+    shares: list[bool]  # read-only flag of each shared host folder, in device order (no paths)
     memory_id: str  # 64 hex digits: BLAKE3 over its pages (see hash_snapshot_memory)
     base: SnapshotBase | None
     diff_pages: int

@@ -192,7 +192,8 @@ class Image:
 
         For a snapshot image this restores the snapshot instead: the VM's shape is fixed by the
         snapshot, so only ``console_log``, ``boot_timeout``, ``env``, ``workdir``, ``user``,
-        ``vmm`` and ``network`` may be given."""
+        ``vmm``, ``network`` and ``mounts`` (one per shared folder the snapshot's VM had) may be
+        given."""
         if config is not None and overrides:
             raise TypeError("pass either a VmConfig or keyword arguments, not both")
         if self.snapshot is not None:
@@ -214,7 +215,7 @@ class Image:
         assert self.snapshot is not None
         given = config if config is not None else VmConfig(**overrides)  # type: ignore[arg-type]
         defaults = VmConfig()
-        allowed = {"console_log", "boot_timeout", "env", "workdir", "user", "vmm", "network"}
+        allowed = {"console_log", "boot_timeout", "env", "workdir", "user", "vmm", "network", "mounts"}
         fixed = sorted(
             name
             for name in VmConfig.__dataclass_fields__
@@ -235,6 +236,7 @@ class Image:
             user=given.user,
             vmm=given.vmm,
             network=None if given.network == defaults.network else given.network,
+            mounts=given.mounts,
         )
 
     def argv(self, command: Sequence[str] | None = None) -> list[str]:

@@ -362,10 +362,7 @@ class Vm:
             "cpu_template": config.cpu_template,
         }
         if config.mounts:
-            core_config["mounts"] = [
-                {"host_dir": str(Path(m.host_dir).resolve()), "tag": _share_tag(i), "read_only": m.read_only}
-                for i, m in enumerate(config.mounts)
-            ]
+            core_config["mounts"] = _core_mounts(config.mounts)
         try:
             net = _start_network(Network.of(config.network), runtime_dir, core_config)
         except BaseException:
@@ -426,9 +423,12 @@ class Vm:
                         ) from None
                     raise VolumeError(f"cannot mount {what}: {exc}") from None
 
-    def _mount_shared_folders(self, config: VmConfig) -> None:
-        """Mounts each shared folder at its target, by its device's tag."""
+    def _mount_shared_folders(self, config: VmConfig, only: Sequence[int] | None = None) -> None:
+        """Mounts each shared folder (or those at the positions ``only`` names) at its target,
+        by its device's tag."""
         for index, mount in enumerate(config.mounts):
+            if only is not None and index not in only:
+                continue
             tag = _share_tag(index)
             with self._client() as client:
                 try:
@@ -436,6 +436,24 @@ class Vm:
                 except AgentRequestError as exc:
                     what = f"the shared folder {mount.host_dir} on {mount.target}"
                     raise VmError(f"cannot mount {what}: {exc}") from None
+
+    def _unmount_shared_folders(self) -> None:
+        """Unmounts every shared folder in the guest, or none: one in use refuses (the ones
+        already unmounted are mounted again)."""
+        done: list[int] = []
+        for index, mount in enumerate(self.config.mounts):
+            try:
+                with self._client() as client:
+                    client.unmount(mount.target)
+            except AgentRequestError as exc:
+                self._mount_shared_folders(self.config, only=done)
+                if exc.errno == errno.EBUSY:
+                    raise SnapshotError(
+                        f"the guest is using the shared folder on {mount.target} (an open file or a working"
+                        " directory there): end what uses it before a snapshot"
+                    ) from None
+                raise SnapshotError(f"cannot unmount the shared folder on {mount.target}: {exc}") from None
+            done.append(index)
 
     def _unmount_volumes(self) -> None:
         """Unmounts the read-write volumes before the VM stops (best effort, at most
@@ -469,6 +487,7 @@ class Vm:
         io_limit: IoLimit | None = None,
         vmm: VmmMode = "worker",
         network: Network | NetworkMode | None = None,
+        mounts: Sequence[SharedFolder] = (),
     ) -> Vm:
         """Restores a VM from a snapshot directory written by :meth:`snapshot` and returns once its
         agent answers. Guest RAM maps the snapshot (and, for a diff, its base) copy-on-write, so
@@ -488,6 +507,10 @@ class Vm:
         ``"egress"``) gives its policy and ports, and the clone gets its own address and MAC, its
         guest's old TCP connections are reset and its DNS settings kept; ``"none"`` keeps the card
         but refuses every destination. A snapshot without a card restores without one.
+
+        A snapshot of a VM with shared folders needs as many ``mounts``, in order: the clone
+        shares those host folders (a folder the snapshot had read-only stays read-only) and
+        mounts them where each says.
         """
         from supermachine.snapshots import attach, metadata, verify
 
@@ -516,12 +539,18 @@ class Vm:
             io_limit=io_limit,
             vmm=vmm,
             network=_restored_network(directory, info, network),
+            mounts=tuple(mounts),
         )
+        config._check_mounts()
+        _check_restored_shares(directory, info, config.mounts)
+        run_as = _shared_folder_owner(config)
         runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
         overrides: _core.VmRestoreOverrides = {
             "vsock_path": str(runtime_dir / "vsock.sock"),
             "disks": _with_io_limit(attached, io_limit),
         }
+        if config.mounts:
+            overrides["mounts"] = _core_mounts(config.mounts)
         if console_log is not None:
             overrides["console_log"] = str(console_log)
         if base_dir is not None:
@@ -530,7 +559,7 @@ class Vm:
         try:
             if info["net"]:
                 net = _start_network(Network.of(config.network), runtime_dir, overrides, card_required=True)
-            handle = _core.Vm.restore(str(directory), overrides, _worker(vmm, runtime_dir, limits))
+            handle = _core.Vm.restore(str(directory), overrides, _worker(vmm, runtime_dir, limits, run_as))
         except (OSError, RuntimeError, ValueError) as exc:
             if net is not None:
                 net.stop()
@@ -559,6 +588,7 @@ class Vm:
         )
         try:
             vm._wait_for_agent(boot_timeout, refresh=True)
+            vm._mount_shared_folders(config)
         except BaseException:
             vm.stop()
             raise
@@ -580,6 +610,10 @@ class Vm:
         compatible full snapshot beside ``directory`` (same image, memory size and supermachine
         version), unless ``SUPERMACHINE_AUTO_DEDUP=0``; ``base=None`` writes a full snapshot;
         a path names the base snapshot directory.
+
+        The guest unmounts its shared folders for the snapshot and mounts them again after it
+        (a clone mounts the folders its restore names); a folder the guest is using (an open
+        file, a working directory there) refuses the snapshot, and nothing is written.
         """
         from supermachine.image import Image
         from supermachine.snapshots import attach, bake, metadata
@@ -608,6 +642,7 @@ class Vm:
             cmd=cmd,
             rootfs=None if self.config.rootfs is None else os.path.abspath(self.config.rootfs),
         )
+        self._unmount_shared_folders()
         try:
             bake.bake(
                 self._handle,
@@ -625,6 +660,7 @@ class Vm:
                 self.stop()
             elif self._handle.outcome is None:
                 self._handle.resume()
+                self._mount_shared_folders(self.config)
         return Image.from_snapshot(directory, rootfs=self.config.rootfs)
 
     def _wait_for_agent(self, timeout: float, *, refresh: bool = False) -> None:
@@ -1216,6 +1252,25 @@ def _warn_of_idle_vcpus(vcpus: int, profile: str) -> None:
             cpus,
             cpus,
             vcpus,
+        )
+
+
+def _core_mounts(mounts: Sequence[SharedFolder]) -> list[_core.VmMount]:
+    """The VMM's form of ``mounts``: each folder's real path, and its tag by position."""
+    return [
+        {"host_dir": str(Path(m.host_dir).resolve()), "tag": _share_tag(i), "read_only": m.read_only}
+        for i, m in enumerate(mounts)
+    ]
+
+
+def _check_restored_shares(directory: Path, info: _core.SnapshotInfo, mounts: Sequence[SharedFolder]) -> None:
+    """A restore shares exactly as many folders as the snapshot's VM had (the snapshot names
+    none: its caller chooses them)."""
+    saved = len(info["shares"])
+    if len(mounts) != saved:
+        raise VmConfigError(
+            f"{directory} was taken of a VM with {saved} shared folder(s), and {len(mounts)} were given:"
+            " pass one per folder, in order (mounts=[SharedFolder(HOST_DIR, GUEST_DIR)], or -v HOST_DIR:/DIR)"
         )
 
 

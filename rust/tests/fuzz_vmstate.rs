@@ -202,6 +202,7 @@ fn write_seed_corpus() {
     let mut devices = snapshot_with(None, 4);
     devices.machine.disks = vec![true, false];
     devices.machine.vsock = true;
+    devices.machine.shares = vec![true];
     devices.machine.cmdline = "console=ttyS0 quiet".into();
     devices.devices.transports = vec![
         TransportState {
@@ -214,7 +215,7 @@ fn write_seed_corpus() {
             }],
             ..Default::default()
         };
-        3
+        4
     ];
     devices.vcpus[0].msrs = vec![(0x10, 1), (0xc000_0080, 0xd01)];
     let mut seeds: Vec<(&str, Vec<u8>)> = vec![
@@ -251,7 +252,7 @@ fn write_seed_corpus() {
 }
 
 /// The corpus's states of a real 2-vCPU guest decode (they are regenerated when the format
-/// version changes; older ones stay as `v2-*` to `v4-*` and are refused by their version).
+/// version changes; older ones stay as `v2-*` to `v5-*` and are refused by their version).
 #[test]
 fn the_real_states_in_the_corpus_decode() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/vmstate");
@@ -268,6 +269,7 @@ fn the_real_states_in_the_corpus_decode() {
         "v2-real-counter-2vcpus-diff.bin",
         "v3-real-counter-2vcpus-diff.bin",
         "v4-real-counter-2vcpus-diff.bin",
+        "v5-real-counter-2vcpus-diff.bin",
     ] {
         let data = std::fs::read(dir.join(old)).unwrap();
         let e = Snapshot::decode(&data, old).unwrap_err().to_string();

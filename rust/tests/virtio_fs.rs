@@ -8,6 +8,7 @@
 use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +21,10 @@ use supermachine_core::devices::virtio::fs::server::{MAX_HANDLES, MAX_IO, MAX_RE
 use supermachine_core::devices::virtio::fs::{Fs, Server, VIRTIO_ID_FS};
 use supermachine_core::devices::virtio::queue::{Queue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
 use supermachine_core::devices::virtio::{Interrupt, VirtioDevice};
+use supermachine_core::snapshot::Snapshot;
 use supermachine_core::vmm::builder::ErrorClass;
 use supermachine_core::vmm::memory::{GuestRam, MemoryBacking};
+use supermachine_core::vmm::persist::RestoreOverrides;
 use supermachine_core::vmm::{BootSource, DiskConfig, MachineConfig, MountConfig, RawMode, Vmm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -566,6 +569,8 @@ fn forgotten_nodes_are_dropped_and_destroy_ends_the_session() {
     std::fs::write(d.share.join("a"), b"a").unwrap();
     std::fs::write(d.share.join("b"), b"b").unwrap();
     let mut g = Guest::mounted(&d.share, false);
+    let session = g.server.session_flag();
+    assert!(session.load(Ordering::Acquire), "INIT opened a session");
     let a = g.lookup(FUSE_ROOT_ID, "a").node();
     g.lookup(FUSE_ROOT_ID, "a");
     let b = g.lookup(FUSE_ROOT_ID, "b").node();
@@ -600,8 +605,13 @@ fn forgotten_nodes_are_dropped_and_destroy_ends_the_session() {
     let fh = g.open(e.node(), libc::O_RDONLY).u64_at(0);
     g.call(op::DESTROY, 0, &[]).ok();
     assert_eq!(g.server.counts(), (1, 0));
+    assert!(
+        !session.load(Ordering::Acquire),
+        "DESTROY ended the session"
+    );
     assert_eq!(g.read(fh, 0, 1).errno(), libc::EIO);
     g.call(op::INIT, 0, &init_body(7, 38)).ok();
+    assert!(session.load(Ordering::Acquire));
     assert_eq!(g.read(fh, 0, 1).errno(), libc::EBADF);
 }
 
@@ -1094,7 +1104,12 @@ fn the_device_serves_its_queues_on_its_own_thread() {
         mem.read_slice(&mut out, GuestAddress(REPLY)).unwrap();
         parse_reply(&out)
     };
+    assert_eq!(dev.snapshot_refusal(), None, "nothing is mounted yet");
     call(&mut dev, op::INIT, 0, &init_body(7, 31), 0).ok();
+    assert_eq!(
+        dev.snapshot_refusal().as_deref(),
+        Some("the guest has the shared folder tagged \"hostshare\" mounted")
+    );
     let node = call(&mut dev, op::LOOKUP, FUSE_ROOT_ID, &cstr("f"), 1).node();
     let fh = call(&mut dev, op::OPEN, node, &[0u8; 8], 2).u64_at(0);
     assert_eq!(
@@ -1120,6 +1135,7 @@ fn the_device_serves_its_queues_on_its_own_thread() {
         libc::EIO,
         "the old session goes on after a reset"
     );
+    assert_eq!(dev.snapshot_refusal(), None, "a reset ended the session");
     call(&mut dev, op::INIT, 0, &init_body(7, 31), 1).ok();
     let r = call(&mut dev, op::READ, 0, &io_in(fh, 0, 1), 2);
     assert_eq!(r.errno(), libc::EBADF, "a handle of the old session");
@@ -1188,7 +1204,7 @@ fn mount(dir: &Path, tag: &str, read_only: bool) -> MountConfig {
 }
 
 #[test]
-fn a_vm_places_its_shared_folders_last_and_refuses_to_be_snapshotted() {
+fn a_vm_places_its_shared_folders_last_and_a_restore_shares_the_folders_its_caller_names() {
     if !kvm_usable() {
         return;
     }
@@ -1205,11 +1221,12 @@ fn a_vm_places_its_shared_folders_last_and_refuses_to_be_snapshotted() {
             mount(&d.outside, "ro", true),
         ],
     );
-    cfg.disks.push(DiskConfig {
+    let blk = DiskConfig {
         path: disk,
         read_only: false,
         rate_limit: None,
-    });
+    };
+    cfg.disks.push(blk.clone());
     let vmm = Vmm::start(&cfg).unwrap();
     let kinds: Vec<_> = vmm
         .devices()
@@ -1218,19 +1235,46 @@ fn a_vm_places_its_shared_folders_last_and_refuses_to_be_snapshotted() {
         .collect();
     assert_eq!(kinds, [("blk", false), ("fs", false), ("fs", true)]);
     assert_eq!(vmm.devices()[1].path, d.share);
+    // Nothing has the folders mounted (the guest never mounted them): a snapshot may be taken,
+    // and records the folders' read-only flags, never their paths.
     let snap = d.base.join("snap");
-    let err = vmm.snapshot(&snap, None).err().unwrap();
-    assert_eq!(
-        err.to_string(),
-        format!(
-            "cannot capture the VM state: the VM shares the host folder {} (tag \"work\"), and \
-             a VM with shared folders cannot be snapshotted yet",
-            d.share.display()
-        )
-    );
-    assert!(!snap.exists(), "a refused snapshot leaves nothing behind");
-    assert!(vmm.outcome().is_none(), "the VM still runs");
+    vmm.snapshot(&snap, None).unwrap();
     vmm.stop();
+    assert_eq!(Snapshot::load(&snap).unwrap().machine.shares, [false, true]);
+    let state = std::fs::read(snap.join("vmstate.bin")).unwrap();
+    let share_path = d.share.as_os_str().as_encoded_bytes();
+    assert!(!state.windows(share_path.len()).any(|w| w == share_path));
+    let (other, other_ro) = (d.base.join("other"), d.base.join("other-ro"));
+    std::fs::create_dir(&other).unwrap();
+    std::fs::create_dir(&other_ro).unwrap();
+    let restore = |mounts: Vec<MountConfig>| {
+        let overrides = RestoreOverrides {
+            disks: vec![blk.clone()],
+            mounts,
+            ..Default::default()
+        };
+        Vmm::restore(&snap, &overrides)
+    };
+    let e = restore(vec![mount(&other, "work", false)]).err().unwrap();
+    assert_eq!(
+        e.to_string(),
+        "invalid configuration: the snapshot has 2 shared folders but 1 were given (a restore \
+         shares only the folders its caller names)"
+    );
+    // The caller's folders are shared; one the snapshot had read-only stays read-only.
+    let clone = restore(vec![
+        mount(&other, "work", false),
+        mount(&other_ro, "ro", false),
+    ])
+    .unwrap();
+    let shared: Vec<_> = clone
+        .devices()
+        .iter()
+        .map(|i| (i.kind, i.path.clone(), i.read_only))
+        .collect();
+    assert_eq!(shared[1..], [("fs", other, false), ("fs", other_ro, true)]);
+    assert!(clone.outcome().is_none(), "the clone runs");
+    clone.stop();
 }
 
 #[test]

@@ -1,7 +1,8 @@
 """Host folders shared with a real guest (virtio-fs): the guest reads and changes a read-write
 folder, and the host sees each change at once, made as the folder's owner; a read-only folder
 refuses writes; links that point out of a folder are not followed, device nodes are not made and
-set-id bits are dropped; a VM with a shared folder refuses to be snapshotted."""
+set-id bits are dropped. A snapshot unmounts the folders (refused while the guest uses one) and
+mounts them again; a clone shares the folders its restore names."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from supermachine.errors import SnapshotError
+from supermachine.errors import SnapshotError, VmConfigError
 from supermachine.vm import SharedFolder, Vm, VmConfig
 
 pytestmark = pytest.mark.slow
@@ -75,17 +76,27 @@ def test_a_guest_works_in_shared_folders_and_cannot_leave_them(
         memory_mib=256,
         mounts=(SharedFolder(rw, "/mnt/rw"), SharedFolder(ro, "/mnt/ro", read_only=True)),
     )
+    snap = tmp_path / "snap"
     with Vm.start(config) as vm:
         result = vm.exec(["sh", "-c", GUEST_SCRIPT], timeout=600)
         assert result.stdout.decode() == GUEST_OUTPUT, result.stderr
-        with pytest.raises(SnapshotError, match="cannot be snapshotted yet"):
-            vm.snapshot(tmp_path / "snap")
-        assert not (tmp_path / "snap").exists()
         # The host sees the guest's changes while the VM runs.
         moved = rw / "gdir" / "moved.txt"
         assert moved.read_text() == "guest-wrote\n"
         if root:
             assert (moved.stat().st_uid, moved.stat().st_gid) == OWNER
+        # A folder in use (a working directory there) refuses the snapshot, and stays mounted.
+        user = vm.spawn(["sh", "-c", "cd /mnt/rw && exec sleep 600"])
+        vm.exec(["sh", "-c", "while ! pidof sleep; do sleep 0.1; done"], check=True, timeout=120)
+        with pytest.raises(SnapshotError, match="the guest is using the shared folder on /mnt/rw"):
+            vm.snapshot(snap, base=None)
+        assert not snap.exists()
+        vm.exec(["sh", "-c", "kill $(pidof sleep)"], check=True)
+        user.wait()
+        vm.snapshot(snap, base=None)
+        # Mounted again after the snapshot.
+        vm.exec(["sh", "-c", "echo after > /mnt/rw/after.txt"], check=True)
+        assert (rw / "after.txt").read_text() == "after\n"
     assert not (rw / "sub" / "deep.txt").exists() and not (rw / "new.txt").exists()
     assert os.readlink(rw / "glink") == "/etc/passwd"
     assert not os.path.lexists(rw / "node")
@@ -93,3 +104,19 @@ def test_a_guest_works_in_shared_folders_and_cannot_leave_them(
     assert (rw / "big").stat().st_size == 3 << 20
     assert (tmp_path / "secret.txt").read_text() == "outside the share\n"
     assert sorted(p.name for p in ro.iterdir()) == ["data.txt"]
+
+    # A clone shares the folders its restore names, where they say.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "hello.txt").write_text("another folder\n")
+    if root:
+        os.chown(other, *OWNER)
+    with pytest.raises(VmConfigError, match=r"with 2 shared folder\(s\), and 0 were given"):
+        Vm.restore(snap, rootfs=rootfs)
+    shared = (SharedFolder(other, "/srv/other"), SharedFolder(ro, "/mnt/ro", read_only=True))
+    with Vm.restore(snap, rootfs=rootfs, mounts=shared) as clone:
+        script = "cat /srv/other/hello.txt /mnt/ro/data.txt && echo from-clone > /srv/other/new.txt"
+        result = clone.exec(["sh", "-c", script], timeout=900)
+        assert (result.status, result.stdout) == (0, b"another folder\nread only\n"), result.stderr
+    assert (other / "new.txt").read_text() == "from-clone\n"
+    assert not (rw / "new.txt").exists()

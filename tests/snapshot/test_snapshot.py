@@ -213,7 +213,7 @@ def test_other_format_versions_and_foreign_files_are_refused(snapshot_dir: Path)
     data[8:12] = struct.pack("<I", 99)
     state.write_bytes(bytes(data))
     assert _restore_error(snapshot_dir) == (
-        f"snapshot {state} has format version 99, but this build reads only version 5"
+        f"snapshot {state} has format version 99, but this build reads only version 6"
         " (it was made by another version of supermachine): take the snapshot again"
     )
     state.write_bytes(b"#!/bin/sh\necho not a snapshot\n")

@@ -106,7 +106,7 @@ def test_a_state_file_of_the_older_format_is_one_line_saying_take_it_again(
     old = _copy(snaps[0], tmp_path)
     shutil.copyfile(V3_STATE, old / "vmstate.bin")
     expected = (
-        f"snapshot {old / 'vmstate.bin'} has format version 3, but this build reads only version 5"
+        f"snapshot {old / 'vmstate.bin'} has format version 3, but this build reads only version 6"
         " (it was made by another version of supermachine): take the snapshot again"
     )
     for attempt in (

@@ -15,7 +15,7 @@ import pytest
 import vmm_guests as g
 from supermachine import errors
 from supermachine.errors import InputError, VmConfigError
-from supermachine.vm import SharedFolder, VmConfig, VolumeMount, _shared_folder_owner
+from supermachine.vm import SharedFolder, VmConfig, VolumeMount, _check_restored_shares, _shared_folder_owner
 
 StartVm = Callable[..., Any]
 
@@ -60,7 +60,7 @@ def test_a_valid_share_builds_its_device_and_the_guest_runs(start_vm: StartVm, t
         ([{"tag": "t"}], ValueError, "a mount needs a 'host_dir'"),
         ([{"host_dir": "SHARE"}], ValueError, "a mount needs a 'tag'"),
         (["SHARE"], TypeError, "each mount must be a dict"),
-        ({"host_dir": "SHARE"}, TypeError, "'mounts' must be a list"),
+        ({"host_dir": "SHARE"}, TypeError, "key 'mounts' must be a list"),
         ([{"host_dir": "SHARE/missing", "tag": "t"}], OSError, "missing"),
         ([{"host_dir": "SHARE/file", "tag": "t"}], errors.VmConfigError, "share/file is not a directory"),
     ],
@@ -150,3 +150,13 @@ def test_the_cli_refuses_bad_shares_in_one_line(rootfs: Path, tmp_path: Path) ->
         )
         assert proc.returncode != 0 and complaint in proc.stderr, (spec, proc.stderr)
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_restore_names_one_folder_per_share_of_the_snapshot(tmp_path: Path) -> None:
+    share = folder(tmp_path / "share")
+    info: Any = {"shares": [False, True]}
+    _check_restored_shares(tmp_path, info, (SharedFolder(share, "/a"), SharedFolder(share, "/b")))
+    with pytest.raises(
+        VmConfigError, match=r"with 2 shared folder\(s\), and 1 were given: pass one per folder"
+    ):
+        _check_restored_shares(tmp_path, info, (SharedFolder(share, "/a"),))

@@ -112,6 +112,7 @@ def _run_streaming(
                 workdir=config.workdir,
                 user=config.user,
                 network=None if config.network == "egress" else config.network,
+                mounts=config.mounts,
             )
     with vm:
         if stdio.tty:
@@ -350,13 +351,12 @@ def run(
     network = network_from_options(network_mode, allow, deny, published, add_hosts, dns_server)
     named_volumes, folders = _mounts(volume_specs)
     if image.startswith("snapshot:"):
-        if volume_specs:
-            raise InputError("-v: a VM restored from a snapshot cannot take volumes or host folders yet")
+        if named_volumes:
+            raise InputError("-v: a VM restored from a snapshot cannot take named volumes yet")
         where = image.removeprefix("snapshot:")
+        stdio = Stdio(interactive, tty)
         sys.exit(
-            _run_snapshot(
-                where, command, env, workdir, user, timeout, show_console, Stdio(interactive, tty), network
-            )
+            _run_snapshot(where, command, env, workdir, user, timeout, show_console, stdio, network, folders)
         )
     policy: PullPolicy = "always" if pull == "always" else "never" if pull == "never" else "missing"
     with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
@@ -388,6 +388,7 @@ def _run_snapshot(
     show_console: bool,
     stdio: Stdio = PLAIN,
     network: Network | None = None,
+    folders: tuple[SharedFolder, ...] = (),
 ) -> int:
     from supermachine.image import Image
     from supermachine.snapshots import store_dir
@@ -398,7 +399,9 @@ def _run_snapshot(
         directory = store_dir() / where
     img = Image.from_snapshot(directory)
     argv = img.argv(command or None)
-    config = img.vm_config(VmConfig(env=env, workdir=workdir, user=user, network=network or "egress"))
+    config = img.vm_config(
+        VmConfig(env=env, workdir=workdir, user=user, network=network or "egress", mounts=folders)
+    )
     return _run_streaming(config, argv, timeout, show_console, snapshot=directory, stdio=stdio)
 
 

@@ -182,7 +182,8 @@ fn parse_disks(d: &Bound<'_, PyDict>, what: &str) -> PyResult<Vec<DiskConfig>> {
     Ok(out)
 }
 
-/// The "mounts" entry of a config: dicts {host_dir, tag, read_only} (checked by the VMM: the
+/// The "mounts" entry of a config or restore overrides: dicts {host_dir, tag, read_only}
+/// (checked by the VMM: the
 /// tag's form and uniqueness, and the folder when its device opens it).
 fn parse_mounts(d: &Bound<'_, PyDict>) -> PyResult<Vec<MountConfig>> {
     let Some(mounts) = d.get_item("mounts")?.filter(|v| !v.is_none()) else {
@@ -190,7 +191,7 @@ fn parse_mounts(d: &Bound<'_, PyDict>) -> PyResult<Vec<MountConfig>> {
     };
     let list = mounts
         .cast::<PyList>()
-        .map_err(|_| PyTypeError::new_err("config key 'mounts' must be a list"))?;
+        .map_err(|_| PyTypeError::new_err("key 'mounts' must be a list"))?;
     let mut out = Vec::with_capacity(list.len());
     for item in list.iter() {
         let mount = item.cast::<PyDict>().map_err(|_| {
@@ -522,12 +523,13 @@ fn parse_overrides(d: &Bound<'_, PyDict>) -> PyResult<RestoreOverrides> {
         let k: String = k
             .extract()
             .map_err(|_| PyTypeError::new_err("override keys must be strings"))?;
-        const KNOWN: [&str; 7] = [
+        const KNOWN: [&str; 8] = [
             "vsock_path",
             "net",
             "net_fd",
             "console_log",
             "disks",
+            "mounts",
             "track_dirty_pages",
             "base",
         ];
@@ -542,6 +544,7 @@ fn parse_overrides(d: &Bound<'_, PyDict>) -> PyResult<RestoreOverrides> {
     ov.net = parse_net(d)?;
     ov.console_log = get(d, "console_log")?;
     ov.disks = parse_disks(d, "override")?;
+    ov.mounts = parse_mounts(d)?;
     ov.track_dirty_pages = get(d, "track_dirty_pages")?.unwrap_or(false);
     ov.base = get(d, "base")?;
     Ok(ov)
@@ -925,7 +928,8 @@ impl PyVm {
 
 /// What a snapshot directory's `vmstate.bin` says, checked (magic, version, length, CRC):
 /// {"memory_size", "vcpus", "cmdline", "cpu_template", "disks": [read_only, ...],
-/// "vsock": bool, "memory_id", "base": None | {"path", "memory_id"}, "diff_pages"}.
+/// "vsock": bool, "net": bool, "shares": [read_only, ...], "memory_id",
+/// "base": None | {"path", "memory_id"}, "diff_pages"}.
 #[pyfunction]
 fn snapshot_info<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDict>> {
     let snap = py
@@ -943,6 +947,7 @@ fn snapshot_info<'py>(py: Python<'py>, dir: PathBuf) -> PyResult<Bound<'py, PyDi
     d.set_item("disks", m.disks.clone())?;
     d.set_item("vsock", m.vsock)?;
     d.set_item("net", m.net)?;
+    d.set_item("shares", m.shares.clone())?;
     d.set_item("memory_id", id_hex(&snap.memory.id))?;
     match &snap.memory.base {
         None => d.set_item("base", py.None())?,

@@ -39,8 +39,8 @@ pub use state::{DeviceState, MachineState, QueueState, TransportState, VcpuState
 /// Version 2 added the memory section (identity, base, page bitmap); version 3 replaced the
 /// section table by one serde-encoded body; version 4 made the memory identity a 256-bit BLAKE3
 /// digest (it was a 128-bit xxh3, which anyone can collide); version 5 records whether the VM
-/// had a network card.
-pub const FORMAT_VERSION: u32 = 5;
+/// had a network card; version 6 records its shared folders.
+pub const FORMAT_VERSION: u32 = 6;
 pub const MAGIC: [u8; 8] = *b"SMVMSNAP";
 pub const VMSTATE_FILE: &str = "vmstate.bin";
 pub const MEMORY_FILE: &str = "memory.bin";
@@ -372,6 +372,7 @@ mod tests {
                 disks: vec![true],
                 vsock: true,
                 net: false,
+                shares: Vec::new(),
             },
             vm: VmState::default(),
             vcpus: vec![VcpuState::default()],

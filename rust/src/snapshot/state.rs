@@ -21,7 +21,8 @@ pub const MAX_VCPUS: usize = crate::vmm::config::MAX_VCPUS as usize;
 pub const MAX_CMDLINE_LEN: usize = 4096;
 /// Most MSRs one vCPU's state may hold; KVM's list of saveable MSRs has a few hundred.
 pub const MAX_MSRS: usize = 4096;
-/// Most virtio-mmio devices a VM has (disks, vsock, network card), as the VMM builds them.
+/// Most virtio-mmio devices a VM has (disks, vsock, network card, shared folders), as the VMM
+/// builds them.
 pub const MAX_DEVICES: usize = crate::vmm::builder::VIRTIO_MAX_DEVICES;
 /// Most virtqueues of one device (vsock has the most: 3).
 pub const MAX_QUEUES: usize = 8;
@@ -48,20 +49,25 @@ pub struct MachineState {
     pub vsock: bool,
     /// Whether the VM had a network card.
     pub net: bool,
+    /// Whether each shared host folder (virtio-fs) was read-only, in device order (after every
+    /// other device). The guest had them unmounted when the snapshot was taken.
+    #[serde(deserialize_with = "disks")]
+    pub shares: Vec<bool>,
 }
 
 fn cmdline<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     bounded_string(d, MAX_CMDLINE_LEN, "a kernel command line")
 }
 
+/// A list of per-device flags (disks, shared folders): at most [`MAX_DEVICES`].
 fn disks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<bool>, D::Error> {
     bounded(d, MAX_DEVICES, "disks")
 }
 
 impl MachineState {
-    /// How many virtio-mmio devices the VM had (disks, vsock, network card).
+    /// How many virtio-mmio devices the VM had (disks, vsock, network card, shared folders).
     pub fn virtio_device_count(&self) -> usize {
-        self.disks.len() + usize::from(self.vsock) + usize::from(self.net)
+        self.disks.len() + usize::from(self.vsock) + usize::from(self.net) + self.shares.len()
     }
 
     /// The values a restore relies on are in range.

@@ -16,7 +16,7 @@ use super::builder::{self, BeforeRun, Devices, Machine, Parts, Phases, Vmm, VmmE
 use super::memory::GuestRam;
 use super::{
     os_msg, BootSource, CpuTemplate, CpuTemplateChoice, DiskConfig, MachineConfig, MemoryBacking,
-    NetConfig, RawMode,
+    MountConfig, NetConfig, RawMode,
 };
 use crate::snapshot::memory::{self as snapmem, BaseRef, MemoryState};
 use crate::snapshot::state::FpuState;
@@ -264,6 +264,11 @@ pub struct RestoreOverrides {
     /// writable). The snapshot file records no paths a restore would use: it may have been
     /// written by anyone, and a path from it would hand the guest any host file.
     pub disks: Vec<DiskConfig>,
+    /// The host folders to share, one per shared folder the snapshot has, in device order; a
+    /// folder is read-only if the caller or the snapshot says so. The guest mounts them afresh
+    /// (a snapshot is only taken with every one unmounted).
+    #[serde(default)]
+    pub mounts: Vec<MountConfig>,
     /// Log guest writes from the restore on (see [`Vmm::dirty_pages`]).
     pub track_dirty_pages: bool,
     /// Where the base of a diff snapshot is (default: the path the diff recorded, relative to
@@ -347,6 +352,9 @@ impl Vmm {
                 .unwrap_or_else(|e| e.into_inner())
                 .set_quiesced(true);
         }
+        // Again, now that no device serves the guest: it may have mounted a shared folder
+        // since the first check. (The caller resumes the VM after an error, as after any.)
+        self.check_snapshottable()?;
         mark("pause");
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (i, fd) in self.vcpus.iter().enumerate() {
@@ -381,6 +389,7 @@ impl Vmm {
             disks: self.config.disks.iter().map(|d| d.read_only).collect(),
             vsock: self.config.vsock_path.is_some(),
             net: self.config.net.is_some(),
+            shares: self.config.mounts.iter().map(|m| m.read_only).collect(),
         };
         mark("capture");
 
@@ -448,19 +457,21 @@ impl Vmm {
         })
     }
 
-    /// Refuses a snapshot of a VM with shared folders. Their file server holds host
-    /// descriptors for every node id the guest kernel caches, and a snapshot would have to
-    /// carry that table (as paths beneath each folder, looked up again on restore); until it
-    /// does, a restored guest would hold node ids nobody serves, so we refuse rather than
-    /// produce a clone whose mounts fail.
+    /// Refuses a snapshot while a device holds state a snapshot cannot carry: a shared
+    /// folder the guest has mounted (its file server holds a host descriptor for every node id
+    /// the guest kernel caches; a restored guest would hold ids nobody serves). Unmounted, a
+    /// shared folder's server holds nothing, and the clone mounts it afresh.
     fn check_snapshottable(&self) -> Result<(), SnapshotError> {
-        if let Some(m) = self.config.mounts.first() {
-            return Err(SnapshotError::Capture(format!(
-                "the VM shares the host folder {} (tag {:?}), and a VM with shared folders \
-                 cannot be snapshotted yet",
-                m.host_dir.display(),
-                m.tag
-            )));
+        for t in &self.transports {
+            let refusal = t
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .snapshot_refusal();
+            if let Some(why) = refusal {
+                return Err(SnapshotError::Capture(format!(
+                    "{why}: unmount it in the guest before a snapshot"
+                )));
+            }
         }
         Ok(())
     }
@@ -639,6 +650,23 @@ fn restored_config(
         }
         (true, Some(n)) => Some(n.clone()),
     };
+    if overrides.mounts.len() != m.shares.len() {
+        return Err(VmmError::Config(format!(
+            "the snapshot has {} shared folders but {} were given (a restore shares only the \
+             folders its caller names)",
+            m.shares.len(),
+            overrides.mounts.len()
+        )));
+    }
+    cfg.mounts = overrides
+        .mounts
+        .iter()
+        .zip(&m.shares)
+        .map(|(mount, saved_read_only)| MountConfig {
+            read_only: mount.read_only || *saved_read_only,
+            ..mount.clone()
+        })
+        .collect();
     let layers = snapmem::resolve_chain(dir, snap, overrides.base.as_deref())?;
     cfg.memory_backing = MemoryBacking::Snapshot(layers);
     Ok(cfg)

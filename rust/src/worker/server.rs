@@ -141,8 +141,8 @@ impl Worker {
                 jail,
             } => {
                 let wants_net = overrides.net.is_some();
-                // A snapshot has no shared folders (a VM with any cannot be snapshotted).
-                self.launch(files, wants_net, &[], &jail, |hook, net_fd| {
+                let mounts = overrides.mounts.clone();
+                self.launch(files, wants_net, &mounts, &jail, |hook, net_fd| {
                     if let Some(net) = overrides.net.as_mut() {
                         net.backend_fd = net_fd;
                     }

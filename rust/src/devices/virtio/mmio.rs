@@ -216,6 +216,12 @@ impl MmioTransport {
         self.device.set_quiesced(quiesced);
     }
 
+    /// Why a snapshot cannot carry the device's state now (see
+    /// [`VirtioDevice::snapshot_refusal`]).
+    pub fn snapshot_refusal(&self) -> Option<String> {
+        self.device.snapshot_refusal()
+    }
+
     /// What the device counted, if it is a network card.
     pub fn net_counters(&self) -> Option<super::net::NetCounters> {
         self.device.net_counters()

@@ -160,6 +160,10 @@ pub trait VirtioDevice: Send {
     fn set_quiesced(&mut self, _quiesced: bool) {}
     /// Called once after the device was re-activated from a snapshot.
     fn restored(&mut self) {}
+    /// Why a snapshot cannot carry the device's state now (`None`: it can).
+    fn snapshot_refusal(&self) -> Option<String> {
+        None
+    }
     /// What a network card counted (none for other devices).
     fn net_counters(&self) -> Option<net::NetCounters> {
         None

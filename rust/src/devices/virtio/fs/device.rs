@@ -10,6 +10,7 @@
 //! node and open file is dropped.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ pub struct Fs {
     tag: [u8; TAG_LEN],
     /// The shared part's own flag: the driver reset the device, so the FUSE session is over.
     thread: DeviceThread<bool>,
+    /// Set while the guest has the folder mounted (see [`Server::session_flag`]).
+    session: Arc<AtomicBool>,
 }
 
 /// Whether `tag` is a tag the guest agent will mount: 1 to [`TAG_LEN`] bytes of ASCII
@@ -74,6 +77,7 @@ impl Fs {
 
     /// The device around an opened server.
     pub fn with_server(server: Server, tag: [u8; TAG_LEN]) -> std::io::Result<Box<Self>> {
+        let session = server.session_flag();
         let thread =
             DeviceThread::spawn_as(ThreadKind::Fs, "virtio-fs", false, move |kick, shared| {
                 Worker {
@@ -83,7 +87,11 @@ impl Fs {
                 }
                 .run()
             })?;
-        Ok(Box::new(Fs { tag, thread }))
+        Ok(Box::new(Fs {
+            tag,
+            thread,
+            session,
+        }))
     }
 }
 
@@ -162,6 +170,19 @@ impl VirtioDevice for Fs {
 
     fn set_quiesced(&mut self, quiesced: bool) {
         self.thread.set_quiesced(quiesced);
+    }
+
+    /// A snapshot cannot carry an open FUSE session: the guest kernel's node ids would name
+    /// host descriptors the restored server does not have. Unmounted, the server holds nothing
+    /// but its root, and a restored one starts the next session afresh.
+    fn snapshot_refusal(&self) -> Option<String> {
+        self.session.load(Ordering::Acquire).then(|| {
+            let end = self.tag.iter().position(|&b| b == 0).unwrap_or(TAG_LEN);
+            format!(
+                "the guest has the shared folder tagged {:?} mounted",
+                String::from_utf8_lossy(&self.tag[..end])
+            )
+        })
     }
 
     fn shutdown(&mut self) {

@@ -36,6 +36,7 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::protocol::{self as p, fattr, op, InHeader, Reader, Writer};
@@ -105,6 +106,9 @@ pub struct Server {
     next_node: u64,
     next_handle: u64,
     initialized: bool,
+    /// Whether a FUSE session is open (the guest has the folder mounted), for the VMM thread
+    /// that asks before a snapshot (see [`Server::session_flag`]).
+    session: Arc<AtomicBool>,
 }
 
 type OpResult = Result<Vec<u8>, Errno>;
@@ -182,6 +186,7 @@ impl Server {
             next_node: p::FUSE_ROOT_ID + 1,
             next_handle: 1,
             initialized: false,
+            session: Arc::new(AtomicBool::new(false)),
         };
         s.by_key.insert(key_of(&st), p::FUSE_ROOT_ID);
         s.inodes.insert(
@@ -444,7 +449,16 @@ impl Server {
             .u16(0) // map_alignment
             .zeros(p::INIT_OUT_LEN - 32);
         self.initialized = true;
+        self.session.store(true, Ordering::Release);
         Ok(out.finish())
+    }
+
+    /// A flag that is set while a FUSE session is open: from the guest's `INIT` to its
+    /// `DESTROY` (sent when it unmounts the folder) or a driver reset. Set before the reply
+    /// that ends the guest's mount or unmount is written, so it is current once the guest
+    /// returns from either.
+    pub fn session_flag(&self) -> Arc<AtomicBool> {
+        self.session.clone()
     }
 
     /// The driver was reset: the FUSE session is over, as after `DESTROY`.
@@ -458,6 +472,7 @@ impl Server {
         self.inodes.retain(|&id, _| id == p::FUSE_ROOT_ID);
         self.by_key.retain(|_, id| *id == p::FUSE_ROOT_ID);
         self.initialized = false;
+        self.session.store(false, Ordering::Release);
     }
 
     fn forget(&mut self, h: &InHeader, body: &[u8]) {
