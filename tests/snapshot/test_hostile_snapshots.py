@@ -59,7 +59,7 @@ def _skip_string(s: bytes, at: int) -> int:
 def _machine_end(body: bytes) -> int:
     at = _read_varint(body, 0)[1] + 2  # memory size, vCPUs, template
     at = _read_varint(body, _skip_string(body, at))[1]  # command line, console capacity
-    return _skip_string(body, at) + 2  # disks, vsock, net
+    return _skip_string(body, _skip_string(body, at) + 2)  # disks, vsock, net, shares
 
 
 ID_LEN = 32
@@ -82,7 +82,7 @@ def _split(data: bytes) -> dict[str, bytes]:
     return {SECTION_MACHINE: body[:m], SECTION_MEMORY: body[m:e], "rest": body[e:]}
 
 
-def _assemble(parts: dict[str, bytes], version: int = 5) -> bytes:
+def _assemble(parts: dict[str, bytes], version: int = 6) -> bytes:
     body = parts[SECTION_MACHINE] + parts[SECTION_MEMORY] + parts["rest"]
     out = b"SMVMSNAP" + struct.pack("<IIQ", version, 0, 24 + len(body) + 4) + body
     return out + struct.pack("<I", zlib.crc32(out))
@@ -102,6 +102,7 @@ def _machine(
     disks: list[bool],
     vsock: bool,
     net: bool = False,
+    shares: tuple[bool, ...] = (),
 ) -> bytes:
     return (
         _varint(memory_size)
@@ -110,6 +111,7 @@ def _machine(
         + _varint(console)
         + _string(bytes(disks))
         + bytes([vsock, net])
+        + _string(bytes(shares))
     )
 
 
@@ -128,6 +130,7 @@ def _parse_machine(s: bytes) -> dict[str, Any]:
         "disks": [bool(b) for b in s[at : at + n]],
         "vsock": bool(s[at + n]),
         "net": bool(s[at + n + 1]),
+        "shares": [bool(b) for b in s[at + n + 3 : at + n + 3 + s[at + n + 2]]],
     }
 
 
@@ -355,6 +358,39 @@ def test_a_vcpu_count_that_disagrees_with_the_state_is_refused(vms: Any, tmp_pat
 
     _edit(tmp_path / "snap" / "vmstate.bin", SECTION_MACHINE, rewrite)
     assert "it names 4 vCPUs but holds the state of 1" in _restore_error(tmp_path / "snap")
+
+
+def test_shared_folders_the_state_invents_are_refused(vms: Any, tmp_path: Path) -> None:
+    """A state claiming a shared folder its devices do not hold is corrupt; one claiming
+    thousands is refused while it is decoded."""
+    vm = vms.start(g.COUNTER)
+    vm.snapshot(str(tmp_path / "snap"))
+    vm.stop()
+    state = tmp_path / "snap" / "vmstate.bin"
+    assert _parse_machine(_split(state.read_bytes())[SECTION_MACHINE])["shares"] == []
+
+    def claiming(shares: tuple[bool, ...]) -> Any:
+        def rewrite(s: bytes) -> bytes:
+            m = _parse_machine(s)
+            return _machine(
+                m["memory_size"],
+                m["vcpus"],
+                m["cmdline"],
+                m["console"],
+                m["disks"],
+                m["vsock"],
+                m["net"],
+                shares,
+            )
+
+        return rewrite
+
+    original = state.read_bytes()
+    _edit(state, SECTION_MACHINE, claiming((True,)))
+    assert "it names 1 virtio devices but holds the state of 0" in _restore_error(tmp_path / "snap")
+    state.write_bytes(original)
+    _edit(state, SECTION_MACHINE, claiming((False,) * 4000))
+    assert "is corrupt: 4000 shared folders (at most 19)" in _restore_error(tmp_path / "snap")
 
 
 # -- metadata.json: Vm.restore checks it against the state and opens none of its paths ---------------

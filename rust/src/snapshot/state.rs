@@ -51,7 +51,7 @@ pub struct MachineState {
     pub net: bool,
     /// Whether each shared host folder (virtio-fs) was read-only, in device order (after every
     /// other device). The guest had them unmounted when the snapshot was taken.
-    #[serde(deserialize_with = "disks")]
+    #[serde(deserialize_with = "shares")]
     pub shares: Vec<bool>,
 }
 
@@ -59,9 +59,12 @@ fn cmdline<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     bounded_string(d, MAX_CMDLINE_LEN, "a kernel command line")
 }
 
-/// A list of per-device flags (disks, shared folders): at most [`MAX_DEVICES`].
 fn disks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<bool>, D::Error> {
     bounded(d, MAX_DEVICES, "disks")
+}
+
+fn shares<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<bool>, D::Error> {
+    bounded(d, MAX_DEVICES, "shared folders")
 }
 
 impl MachineState {

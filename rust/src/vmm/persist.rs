@@ -604,24 +604,13 @@ fn restored_config(
     } else {
         CpuTemplate::Normal
     });
-    if overrides.disks.len() != m.disks.len() {
-        return Err(VmmError::Config(format!(
-            "the snapshot has {} disks but {} disk paths were given (a restore attaches only \
-             the disks its caller names)",
-            m.disks.len(),
-            overrides.disks.len()
-        )));
-    }
-    cfg.disks = overrides
-        .disks
-        .iter()
-        .zip(&m.disks)
-        .map(|(disk, saved_read_only)| DiskConfig {
-            path: disk.path.clone(),
-            read_only: disk.read_only || *saved_read_only,
-            rate_limit: disk.rate_limit,
-        })
-        .collect();
+    cfg.disks = callers_devices(
+        &overrides.disks,
+        &m.disks,
+        "disks but {given} disk paths were given (a restore attaches only the disks its caller \
+         names)",
+        |d| &mut d.read_only,
+    )?;
     cfg.vsock_path = match (m.vsock, &overrides.vsock_path) {
         (false, None) => None,
         (false, Some(_)) => {
@@ -650,26 +639,44 @@ fn restored_config(
         }
         (true, Some(n)) => Some(n.clone()),
     };
-    if overrides.mounts.len() != m.shares.len() {
-        return Err(VmmError::Config(format!(
-            "the snapshot has {} shared folders but {} were given (a restore shares only the \
-             folders its caller names)",
-            m.shares.len(),
-            overrides.mounts.len()
-        )));
-    }
-    cfg.mounts = overrides
-        .mounts
-        .iter()
-        .zip(&m.shares)
-        .map(|(mount, saved_read_only)| MountConfig {
-            read_only: mount.read_only || *saved_read_only,
-            ..mount.clone()
-        })
-        .collect();
+    cfg.mounts = callers_devices(
+        &overrides.mounts,
+        &m.shares,
+        "shared folders but {given} were given (a restore shares only the folders its caller \
+         names)",
+        |f| &mut f.read_only,
+    )?;
     let layers = snapmem::resolve_chain(dir, snap, overrides.base.as_deref())?;
     cfg.memory_backing = MemoryBacking::Snapshot(layers);
     Ok(cfg)
+}
+
+/// The devices of one kind a restore attaches: the caller's, one per device of that kind the
+/// snapshot has (`saved_read_only`), each read-only if the caller or the snapshot says so (a
+/// snapshot cannot make a caller's read-only disk or folder writable). `mismatch` completes
+/// "the snapshot has N ..." when the counts differ, with `{given}` for the caller's count.
+fn callers_devices<T: Clone>(
+    given: &[T],
+    saved_read_only: &[bool],
+    mismatch: &str,
+    read_only: fn(&mut T) -> &mut bool,
+) -> Result<Vec<T>, VmmError> {
+    if given.len() != saved_read_only.len() {
+        return Err(VmmError::Config(format!(
+            "the snapshot has {} {}",
+            saved_read_only.len(),
+            mismatch.replace("{given}", &given.len().to_string())
+        )));
+    }
+    Ok(given
+        .iter()
+        .zip(saved_read_only)
+        .map(|(device, &saved)| {
+            let mut device = device.clone();
+            *read_only(&mut device) |= saved;
+            device
+        })
+        .collect())
 }
 
 /// Largest console ring a restore keeps: the capacity comes from the snapshot file, and the
