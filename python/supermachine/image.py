@@ -192,8 +192,8 @@ class Image:
 
         For a snapshot image this restores the snapshot instead: the VM's shape is fixed by the
         snapshot, so only ``console_log``, ``boot_timeout``, ``env``, ``workdir``, ``user``,
-        ``vmm``, ``network`` and ``mounts`` (one per shared folder the snapshot's VM had) may be
-        given."""
+        ``vmm``, ``network``, ``mounts`` and ``volumes`` (one per shared folder and volume the
+        snapshot's VM had) may be given."""
         if config is not None and overrides:
             raise TypeError("pass either a VmConfig or keyword arguments, not both")
         if self.snapshot is not None:
@@ -215,7 +215,17 @@ class Image:
         assert self.snapshot is not None
         given = config if config is not None else VmConfig(**overrides)  # type: ignore[arg-type]
         defaults = VmConfig()
-        allowed = {"console_log", "boot_timeout", "env", "workdir", "user", "vmm", "network", "mounts"}
+        allowed = {
+            "console_log",
+            "boot_timeout",
+            "env",
+            "workdir",
+            "user",
+            "vmm",
+            "network",
+            "mounts",
+            "volumes",
+        }
         fixed = sorted(
             name
             for name in VmConfig.__dataclass_fields__
@@ -237,6 +247,7 @@ class Image:
             vmm=given.vmm,
             network=None if given.network == defaults.network else given.network,
             mounts=given.mounts,
+            volumes=given.volumes,
         )
 
     def argv(self, command: Sequence[str] | None = None) -> list[str]:

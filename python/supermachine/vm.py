@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from supermachine.oci import image as oci_image
     from supermachine.oci.commit import ConfigChanges
     from supermachine.snapshots.bake import BaseChoice
-    from supermachine.snapshots.metadata import FileIdentity, ImageIdentity
+    from supermachine.snapshots.metadata import FileIdentity, ImageIdentity, SnapshotMetadata
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,7 @@ class Vm:
         self._vsock = runtime_dir / "vsock.sock"
         self._stopped = False
         self._volumes: list[volumes.Attachment] = []
+        self._unmounted_for_snapshot = False
         self._lock = threading.Lock()
         self._kernel_path = kernel_path
         self._initramfs_path = initramfs_path
@@ -405,11 +406,13 @@ class Vm:
             raise
         return vm
 
-    def _mount_volumes(self, config: VmConfig) -> None:
-        """Mounts each attached volume at its target (its disk follows the root filesystem and
-        :attr:`VmConfig.disks`)."""
+    def _mount_volumes(self, config: VmConfig, only: Sequence[int] | None = None) -> None:
+        """Mounts each attached volume (or those at the positions ``only`` names) at its target
+        (its disk follows the root filesystem and :attr:`VmConfig.disks`)."""
         first = len(config.disks) + (0 if config.rootfs is None else 1)
         for index, (mount, attachment) in enumerate(zip(config.volumes, self._volumes, strict=True)):
+            if only is not None and index not in only:
+                continue
             device = guest_disk_name(first + index)
             with self._client() as client:
                 try:
@@ -437,29 +440,40 @@ class Vm:
                     what = f"the shared folder {mount.host_dir} on {mount.target}"
                     raise VmError(f"cannot mount {what}: {exc}") from None
 
-    def _unmount_shared_folders(self) -> None:
-        """Unmounts every shared folder in the guest, or none: one in use refuses (the ones
-        already unmounted are mounted again)."""
-        done: list[int] = []
-        for index, mount in enumerate(self.config.mounts):
+    def _unmount_for_snapshot(self) -> None:
+        """Unmounts every volume and shared folder in the guest, or none: one in use refuses the
+        snapshot (what was already unmounted is mounted again). A snapshot must not carry their
+        state: a volume's page cache and journal, a shared folder's open nodes."""
+        targets = [(f"volume {m.name}", m.target) for m in self.config.volumes]
+        targets += [("the shared folder", m.target) for m in self.config.mounts]
+        self._unmounted_for_snapshot = True
+        for done, (what, target) in enumerate(targets):
             try:
                 with self._client() as client:
-                    client.unmount(mount.target)
+                    client.unmount(target)
             except AgentRequestError as exc:
-                self._mount_shared_folders(self.config, only=done)
+                self._mount_after_snapshot(done)
                 if exc.errno == errno.EBUSY:
                     raise SnapshotError(
-                        f"the guest is using the shared folder on {mount.target} (an open file or a working"
-                        " directory there): end what uses it before a snapshot"
+                        f"the guest is using {what} on {target} (an open file or a working directory"
+                        " there): end what uses it before a snapshot"
                     ) from None
-                raise SnapshotError(f"cannot unmount the shared folder on {mount.target}: {exc}") from None
-            done.append(index)
+                raise SnapshotError(f"cannot unmount {what} on {target} for the snapshot: {exc}") from None
+
+    def _mount_after_snapshot(self, count: int | None = None) -> None:
+        """Mounts again the first ``count`` (default: all) of what :meth:`_unmount_for_snapshot`
+        unmounts, in its order: the volumes, then the shared folders."""
+        volume_count = len(self.config.volumes)
+        count = volume_count + len(self.config.mounts) if count is None else count
+        self._unmounted_for_snapshot = False
+        self._mount_volumes(self.config, only=range(min(count, volume_count)))
+        self._mount_shared_folders(self.config, only=range(max(count - volume_count, 0)))
 
     def _unmount_volumes(self) -> None:
         """Unmounts the read-write volumes before the VM stops (best effort, at most
         :data:`VOLUME_UNMOUNT_TIMEOUT` seconds), so their journals are clean for the next VM."""
         writable = [m for m, a in zip(self.config.volumes, self._volumes, strict=False) if not a.read_only]
-        if not writable or self.outcome is not None:
+        if not writable or self.outcome is not None or self._unmounted_for_snapshot:
             return
         deadline = time.monotonic() + VOLUME_UNMOUNT_TIMEOUT
         for mount in writable:
@@ -488,6 +502,7 @@ class Vm:
         vmm: VmmMode = "worker",
         network: Network | NetworkMode | None = None,
         mounts: Sequence[SharedFolder] = (),
+        volumes: Sequence[VolumeMount] = (),
     ) -> Vm:
         """Restores a VM from a snapshot directory written by :meth:`snapshot` and returns once its
         agent answers. Guest RAM maps the snapshot (and, for a diff, its base) copy-on-write, so
@@ -510,9 +525,10 @@ class Vm:
 
         A snapshot of a VM with shared folders needs as many ``mounts``, in order: the clone
         shares those host folders (a folder the snapshot had read-only stays read-only) and
-        mounts them where each says.
+        mounts them where each says. Likewise a snapshot of a VM with named volumes needs as many
+        ``volumes`` (after ``disks``), attached and mounted as :meth:`start` attaches them.
         """
-        from supermachine.snapshots import attach, metadata, verify
+        from supermachine.snapshots import attach, metadata
 
         directory = Path(snapshot_dir)
         meta = metadata.load(directory)
@@ -520,11 +536,6 @@ class Vm:
         info = _snapshot_info(directory)
         attach.check_state_matches(directory, meta, info)
         root = attach.snapshot_rootfs(directory, meta, rootfs)
-        attached = attach.restore_disks(directory, root, disks, info)
-        base_dir = attach.base_override(directory, meta, info, base)
-        verify.check_ram(directory, meta, base_dir)
-        check_kvm()
-        started = time.monotonic()
         config = VmConfig(
             rootfs=root,
             memory_mib=meta.memory_mib,
@@ -540,10 +551,53 @@ class Vm:
             vmm=vmm,
             network=_restored_network(directory, info, network),
             mounts=tuple(mounts),
+            volumes=tuple(volumes),
         )
         config._check_mounts()
         _check_restored_shares(directory, info, config.mounts)
         run_as = _shared_folder_owner(config)
+        held = _attach_volumes(config)
+        try:
+            vm, started = cls._restore_attached(directory, meta, info, config, held, disks, base, run_as)
+        except BaseException:
+            _release(held)
+            raise
+        try:
+            vm._wait_for_agent(boot_timeout, refresh=True)
+            vm._mount_volumes(config)
+            vm._mount_shared_folders(config)
+        except BaseException:
+            vm.stop()
+            raise
+        vm.restore_seconds = time.monotonic() - started
+        return vm
+
+    @classmethod
+    def _restore_attached(
+        cls,
+        directory: Path,
+        meta: SnapshotMetadata,
+        info: _core.SnapshotInfo,
+        config: VmConfig,
+        held: list[volumes.Attachment],
+        disks: Sequence[Disk],
+        base: str | os.PathLike[str] | None,
+        run_as: tuple[int, int] | None,
+    ) -> tuple[Vm, float]:
+        """:meth:`restore` once its volumes are held: the VMM restored (and when its start was
+        timed from), its agent not yet asked."""
+        from supermachine.snapshots import attach, metadata, verify
+
+        saved = meta.run or metadata.RunDefaults()
+        volume_disks: list[_core.VmDisk] = [
+            {"path": str(a.volume.path), "read_only": a.read_only} for a in held
+        ]
+        attached = attach.restore_disks(directory, config.rootfs, disks, info, volume_disks)
+        base_dir = attach.base_override(directory, meta, info, base)
+        verify.check_ram(directory, meta, base_dir)
+        check_kvm()
+        started = time.monotonic()
+        io_limit, console_log, vmm = config.io_limit, config.console_log, config.vmm
         runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
         overrides: _core.VmRestoreOverrides = {
             "vsock_path": str(runtime_dir / "vsock.sock"),
@@ -559,7 +613,9 @@ class Vm:
         try:
             if info["net"]:
                 net = _start_network(Network.of(config.network), runtime_dir, overrides, card_required=True)
-            handle = _core.Vm.restore(str(directory), overrides, _worker(vmm, runtime_dir, limits, run_as))
+            handle = _core.Vm.restore(
+                str(directory), overrides, _worker(vmm, runtime_dir, config.limits, run_as)
+            )
         except (OSError, RuntimeError, ValueError) as exc:
             if net is not None:
                 net.stop()
@@ -586,14 +642,8 @@ class Vm:
             snapshot_dir=directory,
             net=net,
         )
-        try:
-            vm._wait_for_agent(boot_timeout, refresh=True)
-            vm._mount_shared_folders(config)
-        except BaseException:
-            vm.stop()
-            raise
-        vm.restore_seconds = time.monotonic() - started
-        return vm
+        vm._volumes = held
+        return vm, started
 
     def snapshot(
         self,
@@ -611,9 +661,9 @@ class Vm:
         version), unless ``SUPERMACHINE_AUTO_DEDUP=0``; ``base=None`` writes a full snapshot;
         a path names the base snapshot directory.
 
-        The guest unmounts its shared folders for the snapshot and mounts them again after it
-        (a clone mounts the folders its restore names); a folder the guest is using (an open
-        file, a working directory there) refuses the snapshot, and nothing is written.
+        The guest unmounts its volumes and shared folders for the snapshot and mounts them again
+        after it (a clone mounts those its restore names); one the guest is using (an open file,
+        a working directory there) refuses the snapshot, and nothing is written.
         """
         from supermachine.image import Image
         from supermachine.snapshots import attach, bake, metadata
@@ -623,14 +673,6 @@ class Vm:
         self._raise_if_ended("before the snapshot")
         if self._kernel_path is None or self._initramfs_path is None:
             raise SnapshotError("this VM was not started by Vm.start or Vm.restore; it cannot be snapshotted")
-        if self._volumes:
-            # The guest's RAM holds the mounted volumes' file system state (page cache, journal):
-            # a clone restored from it would write over whatever later VMs stored on the volume.
-            names = ", ".join(m.name for m in self.config.volumes)
-            raise SnapshotError(
-                f"this VM has volumes mounted ({names}); a snapshot cannot carry them: "
-                "snapshot a VM started without volumes"
-            )
         identity = self._image or bake.rootfs_identity(self.config.rootfs)
         attach.vouch_for_rootfs(identity, self.config.rootfs)
         entrypoint, cmd = self._entrypoint_cmd
@@ -642,7 +684,7 @@ class Vm:
             cmd=cmd,
             rootfs=None if self.config.rootfs is None else os.path.abspath(self.config.rootfs),
         )
-        self._unmount_shared_folders()
+        self._unmount_for_snapshot()
         try:
             bake.bake(
                 self._handle,
@@ -660,7 +702,7 @@ class Vm:
                 self.stop()
             elif self._handle.outcome is None:
                 self._handle.resume()
-                self._mount_shared_folders(self.config)
+                self._mount_after_snapshot()
         return Image.from_snapshot(directory, rootfs=self.config.rootfs)
 
     def _wait_for_agent(self, timeout: float, *, refresh: bool = False) -> None:

@@ -1,7 +1,8 @@
 """Named volumes in real guests: data one VM writes is there for the next; a second writer is
-refused while the first runs; a read-only attachment cannot be written; a volume whose VM crashed
-cannot be attached read-only until a read-write attachment replays its journal (the CLI's -v); stopping a VM
-is idempotent and final."""
+refused while the first runs; a snapshot unmounts the volume and a clone attaches the one its
+restore names; a read-only attachment cannot be written; a volume whose VM crashed cannot be
+attached read-only until a read-write attachment replays its journal (the CLI's -v); stopping a
+VM is idempotent and final."""
 
 from __future__ import annotations
 
@@ -33,14 +34,25 @@ def test_data_outlives_its_vm_with_one_writer_at_a_time(
         # The volume is taken: a second writer is refused before anything boots.
         with pytest.raises(VolumeInUseError, match="volume data is attached to another VM"):
             Vm.start(writer)
-        # Its RAM holds the volume's mounted state: no snapshot, and the VM runs on.
-        with pytest.raises(SnapshotError, match=r"has volumes mounted \(data\); a snapshot cannot carry"):
-            vm.snapshot(tmp_path / "snap")
+        # A snapshot unmounts the volume (refused while the guest uses it) and mounts it again.
+        user = vm.spawn(["sh", "-c", "cd /srv/data && exec sleep 600"])
+        vm.exec(["sh", "-c", "while ! pidof sleep; do sleep 0.1; done"], check=True, timeout=120)
+        with pytest.raises(SnapshotError, match="the guest is using volume data on /srv/data"):
+            vm.snapshot(tmp_path / "snap", base=None)
         assert not (tmp_path / "snap").exists()
+        vm.exec(["sh", "-c", "kill $(pidof sleep)"], check=True)
+        user.wait()
+        vm.snapshot(tmp_path / "snap", base=None)
+        vm.exec(["sh", "-c", "echo after > /srv/data/after && sync"], check=True)
         assert vm.exec(["cat", "/srv/data/f"]).stdout == b"kept\n"
+    # A clone attaches the volume its restore names and reads what the VM wrote after the snapshot.
+    with Vm.restore(tmp_path / "snap", rootfs=rootfs, volumes=(VolumeMount("data", "/srv/data"),)) as clone:
+        shown = clone.exec(["cat", "/srv/data/f", "/srv/data/after"], timeout=900)
+        assert (shown.status, shown.stdout) == (0, b"kept\nafter\n"), shown.stderr
+        clone.exec(["sh", "-c", "echo clone > /srv/data/clone && sync"], check=True)
     reader = VmConfig(rootfs=rootfs, memory_mib=256, volumes=(VolumeMount("data", "/data", read_only=True),))
     with Vm.start(reader) as vm:
-        assert vm.exec(["cat", "/data/f"]).stdout == b"kept\n"
+        assert vm.exec(["cat", "/data/f", "/data/clone"]).stdout == b"kept\nclone\n"
         denied = vm.exec(["sh", "-c", "echo x > /data/g"])
         assert denied.status != 0 and b"Read-only file system" in denied.stderr
         # Stopping is idempotent and final. Checked on this VM of its own: the session's VM is

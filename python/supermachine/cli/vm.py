@@ -113,6 +113,7 @@ def _run_streaming(
                 user=config.user,
                 network=None if config.network == "egress" else config.network,
                 mounts=config.mounts,
+                volumes=config.volumes,
             )
     with vm:
         if stdio.tty:
@@ -351,12 +352,11 @@ def run(
     network = network_from_options(network_mode, allow, deny, published, add_hosts, dns_server)
     named_volumes, folders = _mounts(volume_specs)
     if image.startswith("snapshot:"):
-        if named_volumes:
-            raise InputError("-v: a VM restored from a snapshot cannot take named volumes yet")
         where = image.removeprefix("snapshot:")
         stdio = Stdio(interactive, tty)
+        mounted = (named_volumes, folders)
         sys.exit(
-            _run_snapshot(where, command, env, workdir, user, timeout, show_console, stdio, network, folders)
+            _run_snapshot(where, command, env, workdir, user, timeout, show_console, stdio, network, mounted)
         )
     policy: PullPolicy = "always" if pull == "always" else "never" if pull == "never" else "missing"
     with RichProgress() if ui.stderr.is_terminal else nullcontext() as progress:
@@ -388,7 +388,7 @@ def _run_snapshot(
     show_console: bool,
     stdio: Stdio = PLAIN,
     network: Network | None = None,
-    folders: tuple[SharedFolder, ...] = (),
+    mounted: tuple[tuple[VolumeMount, ...], tuple[SharedFolder, ...]] = ((), ()),
 ) -> int:
     from supermachine.image import Image
     from supermachine.snapshots import store_dir
@@ -400,7 +400,14 @@ def _run_snapshot(
     img = Image.from_snapshot(directory)
     argv = img.argv(command or None)
     config = img.vm_config(
-        VmConfig(env=env, workdir=workdir, user=user, network=network or "egress", mounts=folders)
+        VmConfig(
+            env=env,
+            workdir=workdir,
+            user=user,
+            network=network or "egress",
+            volumes=mounted[0],
+            mounts=mounted[1],
+        )
     )
     return _run_streaming(config, argv, timeout, show_console, snapshot=directory, stdio=stdio)
 

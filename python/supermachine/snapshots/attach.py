@@ -120,19 +120,25 @@ def _is_regular(path: Path) -> bool:
 
 
 def restore_disks(
-    directory: Path, rootfs: Path | None, disks: Sequence[Disk], info: _core.SnapshotInfo
+    directory: Path,
+    rootfs: Path | str | None,
+    disks: Sequence[Disk],
+    info: _core.SnapshotInfo,
+    volume_disks: Sequence[_core.VmDisk] = (),
 ) -> list[_core.VmDisk]:
-    """The disks in device order: the root filesystem (always read-only), then the caller's."""
+    """The disks in device order: the root filesystem (always read-only), then the caller's,
+    then its volumes' (held by the caller)."""
     wanted: list[_core.VmDisk] = []
     if rootfs is not None:
         wanted.append({"path": str(rootfs), "read_only": True})
     wanted += [{"path": str(d.path), "read_only": d.read_only} for d in disks]
+    wanted += volume_disks
     saved = len(info["disks"])
     if len(wanted) != saved:
         has_root = "the root filesystem and " if rootfs is not None else ""
         raise SnapshotError(
-            f"{directory} has {saved} disks, but {len(wanted)} were given ({has_root}disks=): "
-            "pass the snapshot's extra disks, in order"
+            f"{directory} has {saved} disks, but {len(wanted)} were given ({has_root}disks= and volumes=): "
+            "pass the snapshot's extra disks and volumes, in order"
         )
     for disk in disks:
         if not _is_regular(Path(disk.path)):
