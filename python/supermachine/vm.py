@@ -343,7 +343,7 @@ class Vm:
             _warn_of_idle_vcpus(config.vcpus, kernel.default_profile())
         vmlinux = Path(config.kernel) if config.kernel is not None else kernel.kernel_path()
         initrd = Path(config.initramfs) if config.initramfs is not None else initramfs.initramfs_path()
-        runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
+        runtime_dir = _new_runtime_dir()
         disks: list[_core.VmDisk] = []
         if config.rootfs is not None:
             disks.append({"path": str(config.rootfs), "read_only": True})
@@ -598,7 +598,7 @@ class Vm:
         check_kvm()
         started = time.monotonic()
         io_limit, console_log, vmm = config.io_limit, config.console_log, config.vmm
-        runtime_dir = Path(tempfile.mkdtemp(prefix="supermachine-vm-"))
+        runtime_dir = _new_runtime_dir()
         overrides: _core.VmRestoreOverrides = {
             "vsock_path": str(runtime_dir / "vsock.sock"),
             "disks": _with_io_limit(attached, io_limit),
@@ -1314,6 +1314,21 @@ def _check_restored_shares(directory: Path, info: _core.SnapshotInfo, mounts: Se
             f"{directory} was taken of a VM with {saved} shared folder(s), and {len(mounts)} were given:"
             " pass one per folder, in order (mounts=[SharedFolder(HOST_DIR, GUEST_DIR)], or -v HOST_DIR:/DIR)"
         )
+
+
+RUNTIME_DIR_MAX_BYTES = 80
+"""Longest path of a VM's runtime directory: its sockets (``vsock.sock``, and ``vsock.sock_PORT``
+for connections the guest makes to the host) live in it, and a Unix socket's path holds at most
+107 bytes."""
+
+
+def _new_runtime_dir() -> Path:
+    """A new private directory for a VM's sockets: under the temporary directory, or under
+    ``/tmp`` when that one's path is too long for socket paths beneath it."""
+    base = tempfile.gettempdir()
+    if len(os.fsencode(os.path.join(base, "supermachine-vm-XXXXXXXX"))) > RUNTIME_DIR_MAX_BYTES:
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="supermachine-vm-", dir=base))
 
 
 def _share_tag(index: int) -> str:
