@@ -446,7 +446,6 @@ def test_extra_disks_must_be_given_by_the_caller(vms: Any, tmp_path: Path) -> No
     vm.snapshot(str(tmp_path / "snap"))
     vm.stop()
     _describe(tmp_path / "snap")
-    with pytest.raises(
-        SnapshotError, match=r"has 1 disks, but 0 were given \(disks=\): pass the snapshot's extra"
-    ):
+    missing = r"has 1 disks, but 0 were given \(disks= and volumes=\): pass the snapshot's extra disks"
+    with pytest.raises(SnapshotError, match=missing):
         Vm.restore(tmp_path / "snap", boot_timeout=1)
