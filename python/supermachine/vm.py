@@ -209,8 +209,9 @@ class VmConfig:
     volumes: tuple[VolumeMount, ...] = ()
     """Named volumes to mount (needs a root filesystem: they are mounted in it)."""
     mounts: tuple[SharedFolder, ...] = ()
-    """Host folders to share (needs a root filesystem: they are mounted in it). A VM with shared
-    folders cannot be snapshotted yet."""
+    """Host folders to share (needs a root filesystem: they are mounted in it). A snapshot
+    unmounts them in the guest and mounts them again; a clone shares the folders its restore
+    names (:meth:`Vm.restore`)."""
 
     def validated(self) -> VmConfig:
         if not LINUX_MIN_MEMORY_MIB <= self.memory_mib <= _core.MAX_MEMORY_MIB:
