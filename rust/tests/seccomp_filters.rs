@@ -5,6 +5,9 @@
 //! Anything that may end the process runs in a child: the test binary re-executes itself with
 //! `SECCOMP_CHILD=<case>` and only the named test, which then runs that case instead of spawning.
 
+mod kvm_support;
+
+use kvm_support::kvm_usable;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
@@ -231,14 +234,6 @@ const GUEST: &[u8] = &[
     0xf4, // hlt
 ];
 const GO: u64 = 0x300000;
-
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
 
 /// (thread name, seccomp mode) of every thread of this process, from /proc.
 fn seccomp_modes() -> Vec<(String, u32)> {

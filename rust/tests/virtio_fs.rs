@@ -5,6 +5,9 @@
 //! can be checked right after its request; the last ones run the device with its own thread
 //! through the [`VirtioDevice`] interface.
 
+mod kvm_support;
+
+use kvm_support::kvm_usable;
 use std::ffi::CString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -1166,20 +1169,6 @@ fn a_shared_folder_that_is_missing_or_not_a_folder_is_refused_with_a_sentence() 
 }
 
 // ---- in a VM --------------------------------------------------------------------------------
-
-fn kvm_usable() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
-}
 
 /// A raw real-mode guest that spins, with `mounts`.
 fn vm_config(d: &Dirs, mounts: Vec<MountConfig>) -> MachineConfig {

@@ -5,6 +5,9 @@
 //! One test function: it counts this process's threads by name, so no other VM may run
 //! alongside it (integration tests get a process of their own).
 
+mod kvm_support;
+
+use kvm_support::kvm_usable;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,20 +21,6 @@ const GUEST: &[u8] = &[
     0xee, // out dx, al
     0xeb, 0xfe, // jmp $
 ];
-
-fn kvm_usable() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped: /dev/kvm is not usable here ({e})");
-            false
-        }
-    }
-}
 
 /// How many threads this process has.
 fn thread_count() -> usize {
