@@ -134,6 +134,17 @@ def _parse_machine(s: bytes) -> dict[str, Any]:
     }
 
 
+def _machine_with(**changes: Any) -> Any:
+    """An edit of the machine section: its fields as they are, but for ``changes``."""
+
+    def edit(s: bytes) -> bytes:
+        m = {**_parse_machine(s), **changes}
+        fields = ("memory_size", "vcpus", "cmdline", "console", "disks", "vsock", "net")
+        return _machine(*(m[f] for f in fields), shares=tuple(m["shares"]))
+
+    return edit
+
+
 def _with_base_path(path: bytes) -> Any:
     def edit(s: bytes) -> bytes:
         assert s[ID_LEN] == 1, "a diff"
@@ -169,18 +180,7 @@ def test_the_state_names_no_disk_path_and_a_saved_writable_flag_is_ignored(vms: 
     # attacker marks the saved disk writable, in a state file with a valid checksum.
     state = snap / "vmstate.bin"
 
-    def rewrite(s: bytes) -> bytes:
-        m = _parse_machine(s)
-        return _machine(
-            m["memory_size"],
-            m["vcpus"],
-            m["cmdline"],
-            m["console"],
-            [False],
-            m["vsock"],
-        )
-
-    _edit(state, SECTION_MACHINE, rewrite)
+    _edit(state, SECTION_MACHINE, _machine_with(disks=[False]))
     assert "the snapshot has 1 disks but 0 disk paths were given" in _restore_error(snap)
 
     # With the caller's disk the guest reads the caller's disk, read-only as the caller asked.
@@ -338,11 +338,7 @@ def test_a_huge_console_capacity_is_capped(vms: Any, tmp_path: Path) -> None:
     vm.snapshot(str(tmp_path / "snap"))
     vm.stop()
 
-    def rewrite(s: bytes) -> bytes:
-        m = _parse_machine(s)
-        return _machine(m["memory_size"], m["vcpus"], m["cmdline"], 1 << 62, m["disks"], m["vsock"])
-
-    _edit(tmp_path / "snap" / "vmstate.bin", SECTION_MACHINE, rewrite)
+    _edit(tmp_path / "snap" / "vmstate.bin", SECTION_MACHINE, _machine_with(console=1 << 62))
     clone = vms.restore(tmp_path / "snap")
     assert clone.console_capacity == 64 << 20
 
@@ -352,11 +348,7 @@ def test_a_vcpu_count_that_disagrees_with_the_state_is_refused(vms: Any, tmp_pat
     vm.snapshot(str(tmp_path / "snap"))
     vm.stop()
 
-    def rewrite(s: bytes) -> bytes:
-        m = _parse_machine(s)
-        return _machine(m["memory_size"], 4, m["cmdline"], m["console"], m["disks"], m["vsock"])
-
-    _edit(tmp_path / "snap" / "vmstate.bin", SECTION_MACHINE, rewrite)
+    _edit(tmp_path / "snap" / "vmstate.bin", SECTION_MACHINE, _machine_with(vcpus=4))
     assert "it names 4 vCPUs but holds the state of 1" in _restore_error(tmp_path / "snap")
 
 
@@ -369,27 +361,11 @@ def test_shared_folders_the_state_invents_are_refused(vms: Any, tmp_path: Path) 
     state = tmp_path / "snap" / "vmstate.bin"
     assert _parse_machine(_split(state.read_bytes())[SECTION_MACHINE])["shares"] == []
 
-    def claiming(shares: tuple[bool, ...]) -> Any:
-        def rewrite(s: bytes) -> bytes:
-            m = _parse_machine(s)
-            return _machine(
-                m["memory_size"],
-                m["vcpus"],
-                m["cmdline"],
-                m["console"],
-                m["disks"],
-                m["vsock"],
-                m["net"],
-                shares,
-            )
-
-        return rewrite
-
     original = state.read_bytes()
-    _edit(state, SECTION_MACHINE, claiming((True,)))
+    _edit(state, SECTION_MACHINE, _machine_with(shares=(True,)))
     assert "it names 1 virtio devices but holds the state of 0" in _restore_error(tmp_path / "snap")
     state.write_bytes(original)
-    _edit(state, SECTION_MACHINE, claiming((False,) * 4000))
+    _edit(state, SECTION_MACHINE, _machine_with(shares=(False,) * 4000))
     assert "is corrupt: 4000 shared folders (at most 19)" in _restore_error(tmp_path / "snap")
 
 
