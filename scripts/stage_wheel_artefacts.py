@@ -33,7 +33,6 @@ PACKAGE = ROOT / "python" / "supermachine"
 STAGE = PACKAGE / "guest"
 WORKER = PACKAGE / "bin" / "supermachine-vmm"
 MANIFEST_VERSION = 1  # supermachine.artefacts.MANIFEST_VERSION
-PROFILES = ("normal", "compat")
 AGENT = "supermachine-agent"
 # The wheel's platform tag (pyproject's [tool.maturin] compatibility): glibc symbol versions the
 # worker may need. maturin checks the extension module itself; the worker is checked here.
@@ -79,6 +78,15 @@ def recipe(*args: str, quiet: bool = False) -> Path:
     if result.returncode != 0 or not lines:
         raise StageError(f"{' '.join(args)} failed (exit status {result.returncode}; its errors are above)")
     return Path(lines[-1])
+
+
+def kernel_profiles(script: Path) -> list[str]:
+    """The kernel profiles the recipe builds: the wheel carries each one's vmlinux."""
+    result = subprocess.run(["bash", str(script), "--profiles"], capture_output=True, text=True, check=False)
+    profiles = result.stdout.split()
+    if result.returncode != 0 or not profiles:
+        raise StageError(f"{script} --profiles failed (exit status {result.returncode}): {result.stderr}")
+    return profiles
 
 
 def cached(script: Path, *args: str) -> Path | None:
@@ -188,7 +196,7 @@ def stage() -> None:
 
     kernel_recipe = ROOT / "guest" / "kernel" / "build.sh"
     agent_recipe = ROOT / "guest" / "agent" / "build.sh"
-    kernels = {profile: cached(kernel_recipe, profile) for profile in PROFILES}
+    kernels = {profile: cached(kernel_recipe, profile) for profile in kernel_profiles(kernel_recipe)}
     agent = cached(agent_recipe)
     check_dependencies(kernels, agent)
 

@@ -4,8 +4,11 @@
 #   build.sh PROFILE                 build (or take from the cache); last stdout line: path to vmlinux
 #   build.sh --print-path PROFILE    print where vmlinux for the current inputs lives; never builds
 #   build.sh --config-only PROFILE   prepare and check .config only; last stdout line: path to .config
+#   build.sh --inputs PROFILE        print the config fragments and patches PROFILE is built from
+#   build.sh --profiles              print the profiles, one per line
 #
-# Profiles: "normal" (hardware KVM) and "compat" (hosts that emulate guest kernel code). See README.md.
+# Profiles: "normal" (hardware KVM), "compat" (hosts that emulate guest kernel code: one CPU) and
+# "compat-smp" (compat with SMP, for VMs of more than one vCPU on such hosts). See README.md.
 #
 # Environment:
 #   SUPERMACHINE_CACHE_DIR       cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/supermachine)
@@ -15,7 +18,10 @@
 # Only the final path goes to stdout; progress goes to stderr, compiler output to a log file.
 set -euo pipefail
 
-readonly PROFILES=(normal compat)
+readonly PROFILES=(normal compat compat-smp)
+# A profile that builds on another takes its patches, and merges its own config fragment after the
+# other's.
+declare -rA PARENT=([compat-smp]=compat)
 readonly SRC_PKG=linux-source-6.12
 
 prog=build.sh
@@ -26,7 +32,7 @@ die() {
 log() { echo "$prog: $*" >&2; }
 usage() {
 	local IFS='|'
-	echo "usage: $prog [--print-path | --config-only] {${PROFILES[*]}}"
+	echo "usage: $prog [--print-path | --config-only | --inputs] {${PROFILES[*]}} | --profiles"
 }
 
 # Everything runs inside main() so bash has parsed the whole script before it starts: editing
@@ -39,6 +45,8 @@ main() {
 	case "${1:-}" in
 	--print-path) mode=print-path && shift ;;
 	--config-only) mode=config-only && shift ;;
+	--inputs) mode=inputs && shift ;;
+	--profiles) printf '%s\n' "${PROFILES[@]}" && exit 0 ;;
 	-h | --help) usage && exit 0 ;;
 	-*) usage >&2 && exit 2 ;;
 	esac
@@ -52,6 +60,24 @@ main() {
 	((known)) || die "unknown profile '$profile' (expected one of: ${PROFILES[*]})"
 
 	# ---- inputs -------------------------------------------------------------------------------------
+	# The profile's lineage, oldest first: its fragments merge in this order, and it takes the
+	# patches of every profile in it.
+	lineage=("$profile")
+	while [[ -v PARENT[${lineage[0]}] ]]; do lineage=("${PARENT[${lineage[0]}]}" "${lineage[@]}"); done
+	fragments=("$here/config/base.config")
+	patches=()
+	for p in "${lineage[@]}"; do
+		[[ -f $here/config/$p.config ]] && fragments+=("$here/config/$p.config")
+		if [[ -d $here/patches/$p ]]; then
+			while IFS= read -r -d '' f; do patches+=("$f"); done \
+				< <(find "$here/patches/$p" -maxdepth 1 -name '*.patch' -print0 | LC_ALL=C sort -z)
+		fi
+	done
+	if [[ $mode == inputs ]]; then
+		printf '%s\n' "${fragments[@]#"$here"/}" "${patches[@]#"$here"/}"
+		exit 0
+	fi
+
 	src_tar=${SUPERMACHINE_KERNEL_SOURCE:-/usr/src/$SRC_PKG.tar.xz}
 	[[ -f $src_tar ]] ||
 		die "kernel source $src_tar not found: install the Debian package $SRC_PKG (apt-get install $SRC_PKG)"
@@ -64,14 +90,6 @@ main() {
 		src_id="$(basename "$src_tar")-$(stat -c %Y "$src_tar")-$src_size"
 	fi
 	src_id=${src_id//[^A-Za-z0-9._+-]/_}
-
-	fragments=("$here/config/base.config")
-	[[ -f $here/config/$profile.config ]] && fragments+=("$here/config/$profile.config")
-	patches=()
-	if [[ -d $here/patches/$profile ]]; then
-		while IFS= read -r -d '' f; do patches+=("$f"); done \
-			< <(find "$here/patches/$profile" -maxdepth 1 -name '*.patch' -print0 | LC_ALL=C sort -z)
-	fi
 
 	# Digest of a list of files, by path relative to this directory and content.
 	digest_files() {

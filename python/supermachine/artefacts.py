@@ -66,7 +66,7 @@ class PackagedFile:
     """One artefact of the wheel, as its manifest describes it."""
 
     name: str
-    """``vmlinux-normal``, ``vmlinux-compat`` or ``supermachine-agent``."""
+    """``vmlinux-<profile>`` (one per kernel profile) or ``supermachine-agent``."""
     file: Path
     """The compressed file inside the installed package."""
     sha256: str

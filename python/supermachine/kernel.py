@@ -11,8 +11,11 @@ Profiles:
     For hardware KVM (Intel VMX / AMD SVM). No workarounds.
 ``compat``
     For hosts whose KVM emulates guest kernel code, such as the software nested hypervisor
-    ``kvm_pvm``: a few kernel patches that avoid instructions those hosts cannot emulate, and one vCPU.
-    Chosen automatically when ``/sys/module/kvm_pvm`` exists.
+    ``kvm_pvm``: a few kernel patches that avoid instructions those hosts cannot emulate, and one CPU
+    (an SMP kernel boots about 1.5x slower there even on one vCPU). Chosen automatically for
+    one-vCPU VMs when ``/sys/module/kvm_pvm`` exists.
+``compat-smp``
+    ``compat`` with SMP: chosen automatically there for VMs of more than one vCPU.
 """
 
 from __future__ import annotations
@@ -36,23 +39,29 @@ __all__ = [
     "kernel_path",
 ]
 
-PROFILES: tuple[str, ...] = ("normal", "compat")
+PROFILES: tuple[str, ...] = ("normal", "compat", "compat-smp")
+"""The recipe's profiles (``build.sh --profiles``; a test holds the two lists together)."""
 
-PROFILE_CPUS: dict[str, int] = {"normal": 64, "compat": 1}
+PROFILE_CPUS: dict[str, int] = {"normal": 64, "compat": 1, "compat-smp": 64}
 """The most CPUs a guest of each profile brings up: its kernel's ``CONFIG_NR_CPUS`` (the config
 fragments in ``guest/kernel/config`` set it; a test holds this table to them)."""
+
+# Under an emulating KVM: the profiles to choose from, fewest CPUs (fastest boot) first.
+_EMULATED_PROFILES = ("compat", "compat-smp")
 
 _SYS_MODULE = Path("/sys/module")
 # Kernel modules whose presence means guest kernel code is emulated rather than run by the CPU.
 _EMULATING_KVM_MODULES = ("kvm_pvm",)
 
 
-def default_profile(sys_module: Path | None = None) -> str:
-    """The profile for this host: ``compat`` under an emulating KVM such as kvm_pvm, else ``normal``."""
+def default_profile(sys_module: Path | None = None, *, vcpus: int = 1) -> str:
+    """The profile for a VM of ``vcpus`` on this host: ``normal`` on hardware KVM; under an
+    emulating KVM such as kvm_pvm, ``compat`` for one vCPU and ``compat-smp`` for more."""
     root = _SYS_MODULE if sys_module is None else sys_module
-    if any((root / name).exists() for name in _EMULATING_KVM_MODULES):
-        return "compat"
-    return "normal"
+    if not any((root / name).exists() for name in _EMULATING_KVM_MODULES):
+        return "normal"
+    fitting = [p for p in _EMULATED_PROFILES if PROFILE_CPUS[p] >= vcpus]
+    return fitting[0] if fitting else _EMULATED_PROFILES[-1]
 
 
 def guest_dir() -> Path:
@@ -129,7 +138,7 @@ def cached_path(profile: str | None = None) -> Path:
 
 
 def kernel_path(profile: str | None = None, build: bool = True) -> Path:
-    """The cached ``vmlinux`` for ``profile`` (default: :func:`default_profile`).
+    """The cached ``vmlinux`` for ``profile`` (default: :func:`default_profile` for one vCPU).
 
     Builds it with ``guest/kernel/build.sh`` when it is not cached and ``build`` is true (about five
     minutes on two cores; progress goes to stderr). Raises :class:`KernelError` otherwise.

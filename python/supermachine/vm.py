@@ -172,7 +172,8 @@ class VmConfig:
     vcpus: int = _core.DEFAULT_VCPUS
     """vCPUs, from 1 to ``_core.MAX_VCPUS``."""
     kernel: Path | str | None = None
-    """``vmlinux`` to boot; default: supermachine's kernel for this host, built on first use."""
+    """``vmlinux`` to boot; default: supermachine's kernel for this host and number of vCPUs
+    (:func:`supermachine.kernel.default_profile`), built on first use."""
     initramfs: Path | str | None = None
     """Initramfs whose ``/init`` is the agent; default: built from the bundled agent."""
     disks: tuple[Disk, ...] = ()
@@ -340,9 +341,10 @@ class Vm:
     ) -> Vm:
         config = config.validated()
         check_kvm()
-        if config.kernel is None:
-            _warn_of_idle_vcpus(config.vcpus, kernel.default_profile())
-        vmlinux = Path(config.kernel) if config.kernel is not None else kernel.kernel_path()
+        if config.kernel is not None:
+            vmlinux = Path(config.kernel)
+        else:
+            vmlinux = kernel.kernel_path(kernel.default_profile(vcpus=config.vcpus))
         initrd = Path(config.initramfs) if config.initramfs is not None else initramfs.initramfs_path()
         runtime_dir = _new_runtime_dir()
         disks: list[_core.VmDisk] = []
@@ -1283,19 +1285,6 @@ def _worker(
 ) -> _core.VmWorker | None:
     """How to run the VM's VMM: ``None`` for this process."""
     return None if vmm == "in-process" else worker.worker_options(runtime_dir, limits, run_as=run_as)
-
-
-def _warn_of_idle_vcpus(vcpus: int, profile: str) -> None:
-    """Says so when the guest kernel of ``profile`` brings up fewer CPUs than the VM has vCPUs."""
-    cpus = kernel.PROFILE_CPUS[profile]
-    if vcpus > cpus:
-        log.warning(
-            "the guest kernel (profile %s) brings up at most %d CPU(s): %d of the VM's %d vCPUs will be used",
-            profile,
-            cpus,
-            cpus,
-            vcpus,
-        )
 
 
 def _core_mounts(mounts: Sequence[SharedFolder]) -> list[_core.VmMount]:

@@ -35,8 +35,13 @@ def test_kernel_error_is_a_supermachine_error() -> None:
 def test_default_profile_is_compat_under_kvm_pvm(tmp_path: Path) -> None:
     (tmp_path / "kvm").mkdir()
     assert kernel.default_profile(tmp_path) == "normal"
+    assert kernel.default_profile(tmp_path, vcpus=4) == "normal"
     (tmp_path / "kvm_pvm").mkdir()
     assert kernel.default_profile(tmp_path) == "compat"
+    assert kernel.default_profile(tmp_path, vcpus=1) == "compat"
+    # An SMP kernel boots slower there: only a VM of more than one vCPU gets one.
+    assert kernel.default_profile(tmp_path, vcpus=2) == "compat-smp"
+    assert kernel.default_profile(tmp_path, vcpus=32) == "compat-smp"
 
 
 def test_default_profile_matches_this_host() -> None:
@@ -85,6 +90,56 @@ def test_cache_key_of_a_profile_covers_only_its_own_inputs(guest_copy: Path) -> 
     patch.write_text(patch.read_text() + "\n")
     assert kernel.cached_path("compat") != after_fragment
     assert kernel.cached_path("normal") == normal
+
+
+def test_a_profile_built_on_another_is_rebuilt_when_that_one_changes(guest_copy: Path) -> None:
+    normal, compat, smp = (kernel.cached_path(p) for p in ("normal", "compat", "compat-smp"))
+    assert len({normal.parent, compat.parent, smp.parent}) == 3
+
+    patch = next((guest_copy / "kernel" / "patches" / "compat").glob("*.patch"))
+    patch.write_text(patch.read_text() + "\n")
+    assert kernel.cached_path("compat-smp") != smp
+    smp = kernel.cached_path("compat-smp")
+
+    with (guest_copy / "kernel" / "config" / "compat.config").open("a") as fragment:
+        fragment.write("CONFIG_IKCONFIG=y\n")
+    assert kernel.cached_path("compat-smp") != smp
+    smp = kernel.cached_path("compat-smp")
+    compat = kernel.cached_path("compat")
+
+    # Its own fragment is its own: the profile it builds on does not change with it.
+    with (guest_copy / "kernel" / "config" / "compat-smp.config").open("a") as fragment:
+        fragment.write("CONFIG_IKCONFIG=y\n")
+    assert kernel.cached_path("compat-smp") != smp
+    assert kernel.cached_path("compat") == compat
+    assert kernel.cached_path("normal") == normal
+
+
+def _recipe(*args: str) -> list[str]:
+    script = REPO_GUEST / "kernel" / "build.sh"
+    return subprocess.run(
+        ["bash", str(script), *args], capture_output=True, text=True, check=True
+    ).stdout.split()
+
+
+def test_the_recipe_and_the_package_name_the_same_profiles() -> None:
+    assert tuple(_recipe("--profiles")) == kernel.PROFILES
+    assert set(kernel.PROFILE_CPUS) == set(kernel.PROFILES)
+
+
+def test_a_profile_merges_the_fragments_of_the_one_it_builds_on_first() -> None:
+    compat_patches = sorted(
+        f"patches/compat/{p.name}" for p in (REPO_GUEST / "kernel/patches/compat").glob("*.patch")
+    )
+    assert compat_patches
+    assert _recipe("--inputs", "normal") == ["config/base.config"]
+    assert _recipe("--inputs", "compat") == ["config/base.config", "config/compat.config", *compat_patches]
+    assert _recipe("--inputs", "compat-smp") == [
+        "config/base.config",
+        "config/compat.config",
+        "config/compat-smp.config",
+        *compat_patches,
+    ]
 
 
 def test_cache_key_covers_the_build_script_and_the_source(guest_copy: Path, tmp_path: Path) -> None:
@@ -165,7 +220,7 @@ def test_build_script_rejects_bad_usage(guest_copy: Path) -> None:
     result = subprocess.run(["bash", script, "turbo"], capture_output=True, text=True, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "build.sh: error: unknown profile 'turbo' (expected one of: normal compat)"
+        "build.sh: error: unknown profile 'turbo' (expected one of: normal compat compat-smp)"
     ]
 
 

@@ -44,13 +44,18 @@ def test_option_with_unmet_dependencies_is_named(tmp_path: Path) -> None:
 
 
 def _fragment_value(profile: str, option: str) -> str | None:
-    """``option``'s last setting in the fragments ``profile`` merges (base, then its own)."""
+    """``option``'s last setting in the fragments ``profile`` merges, in the recipe's order."""
+    listed = subprocess.run(
+        ["bash", str(REPO_GUEST / "kernel" / "build.sh"), "--inputs", profile],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     value = None
-    for name in ("base", profile):
-        fragment = REPO_GUEST / "kernel" / "config" / f"{name}.config"
-        if not fragment.is_file():
+    for name in listed:
+        if not name.startswith("config/"):
             continue
-        for line in fragment.read_text().splitlines():
+        for line in (REPO_GUEST / "kernel" / name).read_text().splitlines():
             if line.startswith(f"{option}="):
                 value = line.split("=", 1)[1]
             elif line == f"# {option} is not set":
@@ -67,13 +72,12 @@ def test_the_cpu_count_of_each_profile_is_what_its_config_builds() -> None:
         assert (smp == "y") == (kernel.PROFILE_CPUS[profile] > 1), profile
 
 
-def test_more_vcpus_than_the_kernel_brings_up_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
-    from supermachine.vm import _warn_of_idle_vcpus
+def test_every_vcpu_count_gets_a_kernel_that_brings_up_that_many_cpus(tmp_path: Path) -> None:
+    from supermachine import _core, kernel
 
-    _warn_of_idle_vcpus(1, "compat")
-    _warn_of_idle_vcpus(8, "normal")
-    assert caplog.messages == []
-    _warn_of_idle_vcpus(2, "compat")
-    assert caplog.messages == [
-        "the guest kernel (profile compat) brings up at most 1 CPU(s): 1 of the VM's 2 vCPUs will be used"
-    ]
+    emulating = tmp_path / "emulating"
+    (emulating / "kvm_pvm").mkdir(parents=True)
+    for host in (tmp_path, emulating):
+        for vcpus in range(1, _core.MAX_VCPUS + 1):
+            profile = kernel.default_profile(host, vcpus=vcpus)
+            assert kernel.PROFILE_CPUS[profile] >= vcpus, (host.name, vcpus, profile)

@@ -19,6 +19,7 @@ from supermachine.errors import AgentBuildError, KernelError
 CONTENT = {
     "vmlinux-normal": b"normal kernel " * 5000,
     "vmlinux-compat": b"compat kernel " * 5000,
+    "vmlinux-compat-smp": b"compat-smp kernel " * 5000,
     "supermachine-agent": b"\x7fELF agent " * 3000,
 }
 
@@ -157,7 +158,7 @@ def test_doctor_names_the_source_and_identity_of_each_artefact(
         assert entry["source"] == "packaged"
         assert entry["sha256"] == hashlib.sha256(CONTENT[f"vmlinux-{profile}"]).hexdigest()
         assert entry["recipe_key"] == f"key-vmlinux-{profile}"
-        assert entry["used_here"] is (profile == kernel.default_profile())
+        assert entry["used_here"] is (profile in {kernel.default_profile(vcpus=n) for n in (1, 2)})
     assert report["agent"]["sha256"] == hashlib.sha256(CONTENT["supermachine-agent"]).hexdigest()
     assert report["worker"] == {
         "source": "override",

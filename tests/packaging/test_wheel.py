@@ -25,7 +25,13 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 WHEEL = os.environ.get("SUPERMACHINE_WHEEL")
 pytestmark = pytest.mark.skipif(not WHEEL, reason="needs a built wheel: run `make wheel-test`")
 
-GUEST_FILES = ("manifest.json", "vmlinux-normal.zst", "vmlinux-compat.zst", "supermachine-agent.zst")
+GUEST_FILES = (
+    "manifest.json",
+    "vmlinux-normal.zst",
+    "vmlinux-compat.zst",
+    "vmlinux-compat-smp.zst",
+    "supermachine-agent.zst",
+)
 # What the installed package may run on the host: the squashfs builder and the network backend
 # (passt, one per VM with a network), nothing else.
 HOST_TOOLS = ("mksquashfs", "passt")
@@ -131,11 +137,12 @@ def test_packaged_kernels_and_agent_are_the_recipes_builds() -> None:
             .decompress(wheel.read(f"supermachine/guest/{entry['file']}"))
             for name, entry in manifest.items()
         }
+    kernel_recipe = str(CHECKOUT / "guest/kernel/build.sh")
     built = {
-        "vmlinux-normal": recipe_output(str(CHECKOUT / "guest/kernel/build.sh"), "--print-path", "normal"),
-        "vmlinux-compat": recipe_output(str(CHECKOUT / "guest/kernel/build.sh"), "--print-path", "compat"),
-        "supermachine-agent": recipe_output(str(CHECKOUT / "guest/agent/build.sh"), "--print-path"),
+        f"vmlinux-{profile}": recipe_output(kernel_recipe, "--print-path", profile)
+        for profile in ("normal", "compat", "compat-smp")
     }
+    built["supermachine-agent"] = recipe_output(str(CHECKOUT / "guest/agent/build.sh"), "--print-path")
     assert set(packaged) == set(built)
     for name, path in built.items():
         data = path.read_bytes()
@@ -171,7 +178,7 @@ def test_runs_a_vm_without_checkout_or_compiler(installed: Installed) -> None:
     doctor = installed.supermachine("doctor", "--json", timeout=120)
     report = json.loads(doctor.stdout)["artefacts"]
     manifest = json.loads((installed.package / "guest" / "manifest.json").read_text())["artefacts"]
-    for name in ("kernel-normal", "kernel-compat", "agent", "worker"):
+    for name in ("kernel-normal", "kernel-compat", "kernel-compat-smp", "agent", "worker"):
         assert report[name]["source"] == "packaged", (name, report[name])
     assert report["kernel-compat"]["sha256"] == manifest["vmlinux-compat"]["sha256"]
     assert report["agent"]["sha256"] == manifest["supermachine-agent"]["sha256"]

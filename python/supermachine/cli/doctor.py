@@ -130,9 +130,10 @@ def artefact_sources() -> dict[str, dict[str, object]]:
     source = artefacts.guest_source()
     origin = "none" if source is None else source[0]
     packaged = artefacts.manifest() if origin == "packaged" else {}
-    here = kernel.default_profile()
+    # The profiles VMs of this host boot: one for one vCPU, maybe another for more.
+    here = {kernel.default_profile(vcpus=1), kernel.default_profile(vcpus=_core.MAX_VCPUS)}
     for profile in kernel.PROFILES:
-        entry: dict[str, object] = {"source": origin, "used_here": profile == here}
+        entry: dict[str, object] = {"source": origin, "used_here": profile in here}
         try:
             path = kernel.cached_path(profile)
             if origin == "packaged":
