@@ -311,7 +311,14 @@ class Vm:
         self.snapshot_dir = snapshot_dir
         """The snapshot this VM was restored from (``None`` after a boot)."""
         self.restore_seconds: float | None = None
-        """Seconds from the restore call until the agent answered (``None`` after a boot)."""
+        """Seconds of the whole :meth:`restore` call (``None`` after a boot)."""
+        self.restore_phases: dict[str, float] | None = None
+        """Seconds per phase of the :meth:`restore` call, in order, adding up to
+        :attr:`restore_seconds` (``None`` after a boot): ``checks`` (the metadata, the RAM file's
+        identity, the disks and volumes), ``vmm`` (runtime directory, network backend and the
+        VMM's restore, which ``timings.phases`` breaks down), ``agent`` (until the agent answered,
+        the guest clock and entropy refreshed) and ``mounts`` (volumes and shared folders mounted
+        in the guest)."""
         self.refreshed: agent.SyncResult | None = None
         """What the agent did about the guest clock and entropy after the restore (``None`` after
         a boot, or when the snapshot's agent is too old to be asked)."""
@@ -533,6 +540,7 @@ class Vm:
         """
         from supermachine.snapshots import attach, metadata
 
+        phases = _Phases()
         directory = Path(snapshot_dir)
         meta = metadata.load(directory)
         saved = meta.run or metadata.RunDefaults()
@@ -561,18 +569,21 @@ class Vm:
         run_as = _shared_folder_owner(config)
         held = _attach_volumes(config)
         try:
-            vm, started = cls._restore_attached(directory, meta, info, config, held, disks, base, run_as)
+            vm = cls._restore_attached(directory, meta, info, config, held, disks, base, run_as, phases)
         except BaseException:
             _release(held)
             raise
         try:
             vm._wait_for_agent(boot_timeout, refresh=True)
+            phases.mark("agent")
             vm._mount_volumes(config)
             vm._mount_shared_folders(config)
+            phases.mark("mounts")
         except BaseException:
             vm.stop()
             raise
-        vm.restore_seconds = time.monotonic() - started
+        vm.restore_phases = phases.durations
+        vm.restore_seconds = sum(phases.durations.values())
         return vm
 
     @classmethod
@@ -586,9 +597,10 @@ class Vm:
         disks: Sequence[Disk],
         base: str | os.PathLike[str] | None,
         run_as: tuple[int, int] | None,
-    ) -> tuple[Vm, float]:
-        """:meth:`restore` once its volumes are held: the VMM restored (and when its start was
-        timed from), its agent not yet asked."""
+        phases: _Phases,
+    ) -> Vm:
+        """:meth:`restore` once its volumes are held: the VMM restored, its agent not yet asked.
+        Marks the ``checks`` and ``vmm`` phases."""
         from supermachine.snapshots import attach, metadata, verify
 
         saved = meta.run or metadata.RunDefaults()
@@ -599,7 +611,7 @@ class Vm:
         base_dir = attach.base_override(directory, meta, info, base)
         verify.check_ram(directory, meta, base_dir)
         check_kvm()
-        started = time.monotonic()
+        phases.mark("checks")
         io_limit, console_log, vmm = config.io_limit, config.console_log, config.vmm
         runtime_dir = _new_runtime_dir()
         overrides: _core.VmRestoreOverrides = {
@@ -646,7 +658,8 @@ class Vm:
             net=net,
         )
         vm._volumes = held
-        return vm, started
+        phases.mark("vmm")
+        return vm
 
     def snapshot(
         self,
@@ -1278,6 +1291,19 @@ def _restored_network(
             f"{directory} was taken of a VM without a network card, so it restores without a network"
         )
     return "none"
+
+
+class _Phases:
+    """Durations of consecutive phases, from this object's creation: each :meth:`mark` ends one."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.durations: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.durations[name] = now - self._last
+        self._last = now
 
 
 def _worker(

@@ -41,11 +41,24 @@ def test_a_snapshot_image_restores_with_its_state(golden: Image, store: Path) ->
     assert golden.snapshot_meta is not None and golden.snapshot_base is None
     again = Image.from_snapshot(store / "golden")
     assert again.snapshot_meta == golden.snapshot_meta
+    called = time.perf_counter()
     with golden.start() as clone:
+        whole = time.perf_counter() - called
         assert clone.exec(["cat", "/tmp/state"]).stdout == b"baked\n"
         assert clone.snapshot_dir == store / "golden"
-        assert clone.restore_seconds is not None
-        print(f"restore to agent answering: {clone.restore_seconds:.3f} s")
+        # The restore's phases add up to the whole call, which the caller's clock contains.
+        assert clone.restore_phases is not None and clone.restore_seconds is not None
+        assert list(clone.restore_phases) == ["checks", "vmm", "agent", "mounts"]
+        assert sum(clone.restore_phases.values()) == pytest.approx(clone.restore_seconds)
+        assert 0 < clone.restore_seconds <= whole
+        assert all(seconds >= 0 for seconds in clone.restore_phases.values())
+        # The VMM's own phases fall within its phase.
+        assert 0 < sum(clone._handle.timings.phases.values()) <= clone.restore_phases["vmm"]
+        vmm_phases = {k: round(v * 1e3, 2) for k, v in clone._handle.timings.phases.items()}
+        print(
+            f"restore to agent answering: {clone.restore_seconds:.3f} s {clone.restore_phases},"
+            f" VMM (ms) {vmm_phases}"
+        )
         # The image's defaults survive: HOME from the default environment, cwd /.
         assert clone.exec(["sh", "-c", "pwd"]).stdout == b"/\n"
 
