@@ -104,8 +104,18 @@ def counter_vm(workdir: Path, memory_mib: int, data_mib: int = 32) -> Any:
         time.sleep(0.001)
     chunk = bytes(range(256)) * (MiB // 256)
     for i in range(data_mib):
-        vm.write_memory((4 + i * (memory_mib - 8) // data_mib) * MiB, chunk)
+        vm.write_memory(ram_address((4 + i * (memory_mib - 8) // data_mib) * MiB), chunk)
     return vm
+
+
+MMIO_HOLE = (0xC000_0000, 0x1_0000_0000)
+"""The 32-bit MMIO hole: guest RAM that would fall in it continues above it (the VMM's layout)."""
+
+
+def ram_address(offset: int) -> int:
+    """The guest physical address of byte ``offset`` of guest RAM."""
+    start, end = MMIO_HOLE
+    return offset if offset < start else offset + (end - start)
 
 
 @pytest.fixture(scope="session")
@@ -223,3 +233,15 @@ def throughput(benchmark: object, nbytes: int) -> None:
     """Adds the median throughput to the benchmark's extra_info, in MB/s."""
     stats = benchmark.stats.stats  # type: ignore[attr-defined]
     benchmark.extra_info["MB/s"] = round(nbytes / stats.median / 1e6)  # type: ignore[attr-defined]
+
+
+def wait_until_gone(pid: int | None, timeout: float = 30) -> None:
+    """Returns once process ``pid`` (a VM's worker; ``None``: an in-process VMM) is gone. A
+    worker's ``stop`` returns once its VM is stopped and collects the process beside the caller,
+    so a span that includes the teardown waits for this too, as it waits for QEMU to exit."""
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, f"worker {pid} did not exit"
+        time.sleep(0.0001)

@@ -1,9 +1,10 @@
-"""VM snapshots: VMM-side restore latency for 128 MiB, 512 MiB and 2 GiB of guest RAM (it should
-not grow with the RAM size: memory.bin is mapped copy-on-write, never read up front), the time to
-write a snapshot, the time to write a diff snapshot against the base the VM was restored from as
-the number of dirty pages grows (side by side with a full snapshot of the same VM), restore from a
-diff, and QEMU's restore from a migration file (`-incoming "exec:cat FILE"`) of a tiny guest for
-comparison.
+"""VM snapshots: VMM-side restore latency for 128 MiB to 8 GiB of guest RAM (it should not grow
+with the RAM size: memory.bin is mapped copy-on-write, never read up front), as the whole call
+with phases that add up to it and the teardown after it, the sizes interleaved round by round;
+the time to write a snapshot, the time to write a diff snapshot against the base the VM was
+restored from as the number of dirty pages grows (side by side with a full snapshot of the same
+VM), restore from a diff; and restore plus stop against QEMU's restore from a migration file, the
+same guest and data on both sides, interleaved.
 
 Every snapshot holds the same 32 MiB of non-zero data written by the host, so only the RAM size
 varies. These are host-side figures and meaningful on any host; the guest does no work after the
@@ -11,6 +12,7 @@ restore that is timed here (on emulating hosts such as kvm_pvm guest kernel code
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -18,12 +20,22 @@ import shutil
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assemble, counter_value, counter_vm, skip_unless_binutils, skip_unless_kvm
+from conftest import (
+    assemble,
+    counter_value,
+    counter_vm,
+    ram_address,
+    skip_unless_binutils,
+    skip_unless_kvm,
+    wait_until_gone,
+)
+from interleave import Interleaved, Spread, report, rotation
 from supermachine import _core
 
 MiB = 1 << 20
@@ -92,35 +104,72 @@ def test_snapshot_write(benchmark: Any, workdir: Path, memory_mib: int) -> None:
         benchmark.extra_info[f"{phase}_ms_median"] = round(statistics.median(values) * 1e3, 3)
 
 
-@pytest.mark.parametrize("memory_mib", SIZES_MIB)
-def test_restore_latency(benchmark: Any, snapshots: dict[int, Path], memory_mib: int) -> None:
-    """Vm.restore until the vCPUs run again (VMM side). The previous clone is stopped between
-    rounds, untimed. Should be flat across RAM sizes."""
-    live: list[Any] = []
-    phases: list[dict[str, float]] = []
+FLAT_SIZES_MIB = (128, 512, 2048, 8192)
+FLAT_ROUNDS = 16
+QEMU_ROUNDS = 9
 
-    def drop_previous() -> None:
-        while live:
-            live.pop().stop()
-        gc.collect()
 
-    def restore() -> None:
-        vm = _core.Vm.restore(str(snapshots[memory_mib]))
-        live.append(vm)
-        phases.append(dict(vm.timings.phases))
+def test_restore_whole_call_and_phases_across_ram_sizes(benchmark: Any, workdir: Path) -> None:
+    """The whole in-process ``_core.Vm.restore`` call, its phases and the teardown after it, for
+    128 MiB to 8 GiB of RAM interleaved round by round in rotating order (the sizes share every
+    phase of a noisy host alike). Reported per size: the whole call and its per-round ratio to
+    128 MiB (flat in RAM size means 1.0), each phase's median, what the phases leave out of the
+    call (the binding layer: converting arguments, releasing the GIL, wrapping the result), and
+    the teardown (``stop`` and dropping the VM: joining the threads, closing the VM, unmapping
+    RAM), timed as a span of its own."""
+    snaps = {}
+    for size in FLAT_SIZES_MIB:
+        vm = counter_vm(workdir, size)
+        snaps[size] = workdir / f"flat-{size}"
+        vm.snapshot(str(snaps[size]))
+        vm.stop()
+    names = [f"{size} MiB" for size in FLAT_SIZES_MIB]
+    restores = Interleaved[None](names[0], {name: [] for name in names})
+    teardowns = Interleaved[None](names[0], {name: [] for name in names})
+    phases: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    rounds = 0
 
-    benchmark.pedantic(restore, setup=drop_previous, rounds=20, warmup_rounds=2)
-    # The restored guest really runs on.
-    vm = live[-1]
+    def one_round(record: bool = True) -> None:
+        nonlocal rounds
+        for size in rotation(FLAT_SIZES_MIB, rounds):
+            name = f"{size} MiB"
+            gc.collect()
+            started = time.perf_counter()
+            vm = _core.Vm.restore(str(snaps[size]))
+            restored = time.perf_counter()
+            phase_times = dict(vm.timings.phases)
+            stopping = time.perf_counter()
+            vm.stop()
+            del vm
+            gc.collect()
+            gone = time.perf_counter()
+            if record:
+                restores.times[name].append(restored - started)
+                teardowns.times[name].append(gone - stopping)
+                phases[name].append(phase_times | {"binding": restored - started - sum(phase_times.values())})
+        rounds += 1
+
+    one_round(record=False)
+    benchmark.pedantic(one_round, rounds=FLAT_ROUNDS, iterations=1)
+    # The restored guests really run on: the largest one's counter moves.
+    vm = _core.Vm.restore(str(snaps[FLAT_SIZES_MIB[-1]]))
     before = counter_value(vm)
     deadline = time.monotonic() + 10
     while counter_value(vm) == before:
         assert time.monotonic() < deadline, "the restored guest does not run"
         time.sleep(0.001)
-    drop_previous()
-    for name in phases[0]:
-        values = [p[name] for p in phases]
-        benchmark.extra_info[f"{name}_ms_median"] = round(statistics.median(values) * 1e3, 3)
+    vm.stop()
+    report(benchmark, "whole in-process restore call", restores, key="restore")
+    report(benchmark, "teardown after the restore (stop and drop)", teardowns, key="teardown")
+    lines = [f"  {'phase (median ms [q1 q3])':<28}" + "".join(f"{n:>22}" for n in names)]
+    for phase in phases[names[0]][0]:
+        cells = []
+        for name in names:
+            spread = Spread.of([p[phase] * 1e3 for p in phases[name]])
+            benchmark.extra_info[f"{name}_{phase}_ms_median"] = round(spread.median, 3)
+            cells.append(f"{spread.median:.2f} [{spread.q1:.2f} {spread.q3:.2f}]")
+        lines.append(f"  {phase:<28}" + "".join(f"{c:>22}" for c in cells))
+    print("\nrestore phases per RAM size\n" + "\n".join(lines))
 
 
 DIFF_BASE_MIB = 512
@@ -267,18 +316,71 @@ def _qemu_cmd(qemu: str, elf: Path, memory_mib: int, qmp: Path) -> list[str]:
     ]
 
 
+def _write_data(vm: Any, memory_mib: int) -> list[int]:
+    """Writes the benchmark's ``DATA_MIB`` MiB of non-zero data into ``vm``'s RAM (the counter
+    guests' layout); returns the guest addresses, one per MiB."""
+    chunk = bytes(range(256)) * (MiB // 256)
+    addresses = [ram_address((4 + i * (memory_mib - 8) // DATA_MIB) * MiB) for i in range(DATA_MIB)]
+    for address in addresses:
+        vm.write_memory(address, chunk)
+    return addresses
+
+
+class _QemuClone:
+    """One QEMU microvm restoring the migration file: process start until QMP reports the VM
+    running, and ``stop``: ``quit`` over QMP until the process is gone."""
+
+    def __init__(self, cmd: list[str], qmp_path: Path) -> None:
+        qmp_path.unlink(missing_ok=True)
+        self.process = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        self.qmp = _Qmp(qmp_path)
+        deadline = time.monotonic() + 120
+        while self.qmp.cmd("query-status").get("status") != "running":
+            assert self.process.poll() is None, "QEMU exited during the incoming migration"
+            assert time.monotonic() < deadline, "QEMU did not finish the incoming migration"
+            time.sleep(0.0005)
+
+    def stop(self) -> None:
+        with contextlib.suppress(EOFError):  # QEMU may close the socket before it answers
+            self.qmp.cmd("quit")
+        self.qmp.sock.close()
+        assert self.process.wait(30) == 0
+
+
 @pytest.mark.parametrize("memory_mib", (128, 2048))
-def test_qemu_incoming_restore(benchmark: Any, workdir: Path, memory_mib: int) -> None:
-    """QEMU microvm restoring a tiny guest from a migration file: process start until QMP reports
-    the VM running. Includes QEMU's process start-up, which Vm.restore (a library call) does not
-    pay; see test_bench_vmm for QEMU's bare start-up cost."""
+def test_restore_and_stop_against_qemu(benchmark: Any, workdir: Path, memory_mib: int) -> None:
+    """The same guest (one PVH ELF whose entry spins), the same RAM size and the same 32 MiB of
+    data at the same guest addresses, restored and stopped by each peer, interleaved round by
+    round in rotating order. The span is the whole life of a clone for every peer: from the call
+    (or the process start) until the guest runs again, then the teardown until the VM (and its
+    process) is gone. Peers: supermachine with its VMM in a jailed process of its own (process
+    start included, as for QEMU), supermachine's in-process VMM, and QEMU microvm restoring its
+    migration file (``-incoming "exec:cat FILE"``: QEMU 7 has no file migration)."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed")
+    from supermachine.worker import worker_options
+
     elf = assemble(workdir, "spin", PVH_SPIN, flat=False)
+    ours = workdir / f"spin-{memory_mib}"
+    vm = _core.Vm.start({"kernel": str(elf), "memory_mib": memory_mib})
+    addresses = _write_data(vm, memory_mib)
+    vm.snapshot(str(ours))
+    vm.stop()
+
+    # QEMU's guest gets the same data before it starts: the generic loader device puts a file's
+    # bytes at a guest address. It keeps no migration state, so the restoring side needs none.
+    chunk_file = workdir / "data-chunk.bin"
+    chunk_file.write_bytes(bytes(range(256)) * (MiB // 256))
+    loaders = [
+        a
+        for address in addresses
+        for a in ("-device", f"loader,file={chunk_file},addr={address},force-raw=on")
+    ]
     state = workdir / f"qemu-{memory_mib}.mig"
     qmp_path = workdir / f"qmp-{memory_mib}.sock"
-    src = subprocess.Popen(_qemu_cmd(qemu, elf, memory_mib, qmp_path), stderr=subprocess.PIPE)
+    qmp_path.unlink(missing_ok=True)
+    src = subprocess.Popen([*_qemu_cmd(qemu, elf, memory_mib, qmp_path), *loaders], stderr=subprocess.PIPE)
     try:
         qmp = _Qmp(qmp_path)
         time.sleep(0.2)
@@ -293,36 +395,57 @@ def test_qemu_incoming_restore(benchmark: Any, workdir: Path, memory_mib: int) -
     finally:
         src.kill()
         src.wait()
+    incoming = [*_qemu_cmd(qemu, elf, memory_mib, qmp_path), "-incoming", f"exec:cat {state}"]
 
-    procs: list[subprocess.Popen[bytes]] = []
+    def supermachine(worker: bool) -> Any:
+        def run() -> None:
+            runtime_dir = Path(tempfile.mkdtemp(prefix="sm-bench-vm-", dir="/tmp")) if worker else None
+            options = None if runtime_dir is None else worker_options(runtime_dir, None)
+            started = time.perf_counter()
+            clone = _core.Vm.restore(str(ours), None, options)
+            pid = clone.pid
+            clone.stop()
+            del clone
+            wait_until_gone(pid)
+            spans.append(time.perf_counter() - started)
+            if runtime_dir is not None:
+                shutil.rmtree(runtime_dir, ignore_errors=True)
 
-    def drop_previous() -> None:
-        while procs:
-            p = procs.pop()
-            p.kill()
-            p.wait()
-        qmp_path.unlink(missing_ok=True)
+        return run
 
-    def restore() -> None:
-        cmd = [*_qemu_cmd(qemu, elf, memory_mib, qmp_path), "-incoming", f"exec:cat {state}"]
-        p = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-        procs.append(p)
-        qmp = _Qmp(qmp_path)
-        deadline = time.monotonic() + 120
-        while qmp.cmd("query-status").get("status") != "running":
-            assert p.poll() is None, "QEMU exited during the incoming migration"
-            assert time.monotonic() < deadline, "QEMU did not finish the incoming migration"
-            time.sleep(0.0005)
-        qmp.sock.close()
+    def qemu_peer() -> None:
+        started = time.perf_counter()
+        _QemuClone(incoming, qmp_path).stop()
+        spans.append(time.perf_counter() - started)
 
-    t = time.monotonic()
-    restore()
-    drop_previous()
-    if time.monotonic() - t > 30:
+    spans: list[float] = []
+    first = time.monotonic()
+    qemu_peer()
+    if time.monotonic() - first > 30:
         pytest.skip("QEMU takes over 30 s per restore here")
-    benchmark.pedantic(restore, setup=drop_previous, rounds=5, warmup_rounds=1)
-    drop_previous()
+    peers = {
+        "supermachine (jailed worker)": supermachine(worker=True),
+        "supermachine (in-process)": supermachine(worker=False),
+        "qemu microvm -incoming": qemu_peer,
+    }
+    run = Interleaved[None]("supermachine (jailed worker)", {name: [] for name in peers})
+    rounds = 0
+
+    def one_round(record: bool = True) -> None:
+        nonlocal rounds
+        for name in rotation(list(peers), rounds):
+            gc.collect()
+            spans.clear()
+            peers[name]()
+            if record:
+                run.times[name].append(spans[0])
+        rounds += 1
+
+    one_round(record=False)
+    benchmark.pedantic(one_round, rounds=QEMU_ROUNDS, iterations=1)
+    report(benchmark, f"restore + stop of the same {memory_mib} MiB guest and data", run)
     benchmark.extra_info["migration_file_bytes"] = state.stat().st_size
+    benchmark.extra_info["memory_bin_bytes"] = (ours / "memory.bin").stat().st_blocks * 512
 
 
 def _rollup() -> dict[str, int]:

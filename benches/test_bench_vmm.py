@@ -13,12 +13,14 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import skip_unless_kvm
+from conftest import skip_unless_kvm, wait_until_gone
+from interleave import interleave
 from supermachine import _core
 
 EMULATING = os.path.exists("/sys/module/kvm_pvm")
@@ -103,11 +105,17 @@ def test_supermachine_cold_start(benchmark: Any, pvh_elf: Path) -> None:
     benchmark.extra_info["note"] = NOTE
 
 
-def test_qemu_microvm_cold_start(benchmark: Any, pvh_elf: Path) -> None:
-    """The same guest under QEMU microvm: process start to the guest's power-off."""
+def test_cold_start_against_qemu(benchmark: Any, pvh_elf: Path) -> None:
+    """The same guest under supermachine and QEMU microvm, interleaved round by round in rotating
+    order, each timed over the whole life of the VM: from the call (or the process start) to the
+    guest's power-off, then the teardown until the VM (and its process) is gone. Peers:
+    supermachine with its VMM in a jailed process of its own (process start included, as for
+    QEMU), supermachine's in-process VMM, and ``qemu-system-x86_64 -M microvm`` as one command."""
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed")
+    from supermachine.worker import worker_options
+
     cmd = [
         qemu,
         "-M",
@@ -132,15 +140,44 @@ def test_qemu_microvm_cold_start(benchmark: Any, pvh_elf: Path) -> None:
         str(pvh_elf),
     ]
 
-    def boot() -> None:
+    def qemu_boot() -> None:
         r = subprocess.run(cmd, capture_output=True, timeout=60)
         # isa-debug-exit exits with (value << 1) | 1.
         assert r.returncode == 1, r.stderr.decode(errors="replace")
         assert r.stdout == b"X"
 
+    def supermachine(worker: bool) -> Any:
+        def boot() -> None:
+            runtime_dir = Path(tempfile.mkdtemp(prefix="sm-bench-vm-", dir="/tmp")) if worker else None
+            options = None if runtime_dir is None else worker_options(runtime_dir, None)
+            try:
+                vm = _core.Vm.start({"kernel": str(pvh_elf), "memory_mib": 64}, options)
+                outcome = vm.wait(30)
+                assert outcome is not None and outcome.kind == "poweroff", outcome
+                assert vm.console() == b"X"
+                pid = vm.pid
+                vm.stop()
+                del vm
+                wait_until_gone(pid)
+            finally:
+                if runtime_dir is not None:
+                    shutil.rmtree(runtime_dir, ignore_errors=True)
+
+        return boot
+
     t = time.monotonic()
-    boot()
+    qemu_boot()
     if time.monotonic() - t > 30:
         pytest.skip("QEMU takes over 30 s per start here")
-    benchmark.pedantic(boot, rounds=10, warmup_rounds=1)
+    interleave(
+        benchmark,
+        "cold start to power-off, then teardown, of the same PVH guest",
+        {
+            "supermachine (jailed worker)": supermachine(worker=True),
+            "supermachine (in-process)": supermachine(worker=False),
+            "qemu microvm": qemu_boot,
+        },
+        rounds=12,
+        before=gc.collect,
+    )
     benchmark.extra_info["note"] = NOTE
