@@ -94,7 +94,7 @@ def qemu_command(
     """
     append = ["console=ttyS0", "reboot=k", "panic=-1", "loglevel=4"]
     cpu = "host"
-    if profile == "compat":
+    if profile != "normal":  # compat and compat-smp
         append += ["noxsave", f"clearcpuid={COMPAT_CLEARCPUID}"]
         # With an AMD vendor the kernel runs an FPU workaround that cannot be emulated: present an
         # Intel CPU. QEMU then also sets IA32_ARCH_CAPABILITIES, which such hosts refuse.

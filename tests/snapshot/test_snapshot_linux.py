@@ -25,7 +25,7 @@ def small_rootfs(dest: Path) -> Path:
     for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "run"):
         (root / d).mkdir(parents=True, exist_ok=True)
     shutil.copy(busybox, root / "bin" / "busybox")
-    for applet in ("sh", "echo", "cat", "uname", "taskset", "nproc"):
+    for applet in ("sh", "echo", "cat", "uname", "taskset", "nproc", "seq"):
         (root / "bin" / applet).symlink_to("busybox")
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
     (root / "etc" / "group").write_text("root:x:0:\n")
@@ -50,8 +50,16 @@ def _user_ticks_per_cpu(proc_stat: bytes) -> dict[str, int]:
     return ticks
 
 
-# Two shell loops of pure user-space work (no system calls), started together, unpinned.
-PARALLEL_JOB = "for n in 1 2; do (i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done) & done; wait"
+def _parallel_job_ticks(vm: Vm, loops: int) -> dict[str, int]:
+    """Runs ``loops`` shell loops of pure user-space work (no system calls) in ``vm``, started
+    together and unpinned, and returns the user ticks each guest CPU spent meanwhile."""
+    job = f"for n in $(seq {loops}); do (i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done) & done; wait"
+    before = _user_ticks_per_cpu(vm.exec(["cat", "/proc/stat"]).stdout)
+    assert vm.exec(["sh", "-c", job]).status == 0
+    after = _user_ticks_per_cpu(vm.exec(["cat", "/proc/stat"]).stdout)
+    busy = {cpu: after[cpu] - before[cpu] for cpu in after}
+    print(f"user ticks of {loops} parallel loops per CPU: {busy}")
+    return busy
 
 
 @pytest.mark.slow
@@ -69,11 +77,7 @@ def test_a_two_vcpu_linux_guest_answers_its_agent_after_restore_on_both_cpus(tmp
         online = vm.exec(["cat", "/sys/devices/system/cpu/online"]).stdout
         assert online == b"0-1\n"
         assert vm.exec(["nproc"]).stdout == b"2\n"
-        before = _user_ticks_per_cpu(vm.exec(["cat", "/proc/stat"]).stdout)
-        assert vm.exec(["sh", "-c", PARALLEL_JOB]).status == 0
-        after = _user_ticks_per_cpu(vm.exec(["cat", "/proc/stat"]).stdout)
-        busy = {cpu: after[cpu] - before[cpu] for cpu in after}
-        print(f"user ticks of the parallel job per CPU: {busy}")
+        busy = _parallel_job_ticks(vm, 2)
         assert sorted(busy) == ["cpu0", "cpu1"]
         assert min(busy.values()) >= 20, busy
         # The agent is idle, listening on vsock; an old connection is open while we snapshot.
@@ -108,3 +112,17 @@ def test_a_two_vcpu_linux_guest_answers_its_agent_after_restore_on_both_cpus(tmp
         print(f"restore phases {clone.timings.phases}, first exec after {took:.2f} s")
     finally:
         clone.stop()
+
+
+@pytest.mark.slow
+def test_a_four_vcpu_linux_guest_runs_a_parallel_job_on_all_four_cpus(tmp_path: Path) -> None:
+    try:
+        check_kvm()
+    except KvmUnavailableError as exc:
+        pytest.skip(f"KVM is not usable here: {exc}")
+    with Vm.start(VmConfig(rootfs=small_rootfs(tmp_path), memory_mib=256, vcpus=4, network="none")) as vm:
+        assert vm.exec(["cat", "/sys/devices/system/cpu/online"]).stdout == b"0-3\n"
+        assert vm.exec(["nproc"]).stdout == b"4\n"
+        busy = _parallel_job_ticks(vm, 4)
+        assert sorted(busy) == ["cpu0", "cpu1", "cpu2", "cpu3"]
+        assert min(busy.values()) >= 20, busy
