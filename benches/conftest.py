@@ -108,6 +108,18 @@ def counter_vm(workdir: Path, memory_mib: int, data_mib: int = 32) -> Any:
     return vm
 
 
+def counter_snapshots(workdir: Path, sizes: tuple[int, ...], prefix: str = "snap") -> dict[int, Path]:
+    """A snapshot of a running counter guest (:func:`counter_vm`) per RAM size in MiB, written to
+    ``workdir/<prefix>-<size>`` in-process (untimed)."""
+    out = {}
+    for size in sizes:
+        vm = counter_vm(workdir, size)
+        out[size] = workdir / f"{prefix}-{size}"
+        vm.snapshot(str(out[size]))
+        vm.stop()
+    return out
+
+
 MMIO_HOLE = (0xC000_0000, 0x1_0000_0000)
 """The 32-bit MMIO hole: guest RAM that would fall in it continues above it (the VMM's layout)."""
 

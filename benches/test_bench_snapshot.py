@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from conftest import (
     assemble,
+    counter_snapshots,
     counter_value,
     counter_vm,
     ram_address,
@@ -69,13 +70,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def snapshots(workdir: Path) -> dict[int, Path]:
-    out = {}
-    for size in SIZES_MIB:
-        vm = counter_vm(workdir, size)
-        out[size] = workdir / f"snap-{size}"
-        vm.snapshot(str(out[size]))
-        vm.stop()
-    return out
+    return counter_snapshots(workdir, SIZES_MIB)
 
 
 @pytest.mark.parametrize("memory_mib", SIZES_MIB)
@@ -117,12 +112,7 @@ def test_restore_whole_call_and_phases_across_ram_sizes(benchmark: Any, workdir:
     call (the binding layer: converting arguments, releasing the GIL, wrapping the result), and
     the teardown (``stop`` and dropping the VM: joining the threads, closing the VM, unmapping
     RAM), timed as a span of its own."""
-    snaps = {}
-    for size in FLAT_SIZES_MIB:
-        vm = counter_vm(workdir, size)
-        snaps[size] = workdir / f"flat-{size}"
-        vm.snapshot(str(snaps[size]))
-        vm.stop()
+    snaps = counter_snapshots(workdir, FLAT_SIZES_MIB, "flat")
     names = [f"{size} MiB" for size in FLAT_SIZES_MIB]
     restores = Interleaved[None](names[0], {name: [] for name in names})
     teardowns = Interleaved[None](names[0], {name: [] for name in names})

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import busybox_squashfs, counter_value, counter_vm, skip_unless_binutils, skip_unless_kvm
+from conftest import busybox_squashfs, counter_snapshots, counter_value, skip_unless_binutils, skip_unless_kvm
 from supermachine import _core
 from supermachine.errors import AgentTimeoutError
 from supermachine.image import Image
@@ -125,14 +125,7 @@ def raw_snapshots(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """A snapshot of a running counter guest per RAM size (in-process, untimed)."""
     skip_unless_kvm()
     skip_unless_binutils()
-    workdir = tmp_path_factory.mktemp("worker-bench-raw")
-    out = {}
-    for size in RAW_SIZES_MIB:
-        vm = counter_vm(workdir, size)
-        out[size] = workdir / f"snap-{size}"
-        vm.snapshot(str(out[size]))
-        vm.stop()
-    return out
+    return counter_snapshots(tmp_path_factory.mktemp("worker-bench-raw"), RAW_SIZES_MIB)
 
 
 class _RawClones:

@@ -40,6 +40,13 @@ def small_rootfs(dest: Path) -> Path:
     return image
 
 
+def _skip_unless_kvm() -> None:
+    try:
+        check_kvm()
+    except KvmUnavailableError as exc:
+        pytest.skip(f"KVM is not usable here: {exc}")
+
+
 def _user_ticks_per_cpu(proc_stat: bytes) -> dict[str, int]:
     """``cpuN`` -> its user time in ticks, from ``/proc/stat``."""
     ticks = {}
@@ -64,10 +71,7 @@ def _parallel_job_ticks(vm: Vm, loops: int) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_a_two_vcpu_linux_guest_answers_its_agent_after_restore_on_both_cpus(tmp_path: Path) -> None:
-    try:
-        check_kvm()
-    except KvmUnavailableError as exc:
-        pytest.skip(f"KVM is not usable here: {exc}")
+    _skip_unless_kvm()
     rootfs = small_rootfs(tmp_path)
     snap = tmp_path / "snap"
     with Vm.start(VmConfig(rootfs=rootfs, memory_mib=256, vcpus=2, network="none")) as vm:
@@ -116,10 +120,7 @@ def test_a_two_vcpu_linux_guest_answers_its_agent_after_restore_on_both_cpus(tmp
 
 @pytest.mark.slow
 def test_a_four_vcpu_linux_guest_runs_a_parallel_job_on_all_four_cpus(tmp_path: Path) -> None:
-    try:
-        check_kvm()
-    except KvmUnavailableError as exc:
-        pytest.skip(f"KVM is not usable here: {exc}")
+    _skip_unless_kvm()
     with Vm.start(VmConfig(rootfs=small_rootfs(tmp_path), memory_mib=256, vcpus=4, network="none")) as vm:
         assert vm.exec(["cat", "/sys/devices/system/cpu/online"]).stdout == b"0-3\n"
         assert vm.exec(["nproc"]).stdout == b"4\n"
