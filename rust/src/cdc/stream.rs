@@ -5,12 +5,14 @@ use std::io::{self, Read};
 
 use super::Chunker;
 
-/// Size of the read buffer. Large reads keep syscall and memmove costs negligible.
-const BUFFER_SIZE: usize = 4 << 20;
+/// Size of the read buffer: large enough that syscall and memmove costs stay small, small enough
+/// that what `read` just copied is still in the core's cache when the cut-point scan reads it
+/// (measured on a tar of /usr: 66.7 ms against 71.4 ms with a 4 MiB buffer; random bytes: no change).
+const BUFFER_SIZE: usize = 256 << 10;
 
 /// Reads `reader` to the end and calls `on_chunk(offset, bytes)` for each chunk in order.
 ///
-/// Memory use is bounded by `max(4 MiB, 2 * max_size)` whatever the input length. Returns the
+/// Memory use is bounded by `max(256 KiB, 2 * max_size)` whatever the input length. Returns the
 /// total number of bytes read.
 pub fn chunk_reader<R, E, F>(mut reader: R, chunker: &Chunker, mut on_chunk: F) -> Result<u64, E>
 where
