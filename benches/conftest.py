@@ -102,10 +102,19 @@ def counter_vm(workdir: Path, memory_mib: int, data_mib: int = 32) -> Any:
     while counter_value(vm) == 0:
         assert time.monotonic() < deadline, "the guest never ran"
         time.sleep(0.001)
-    chunk = bytes(range(256)) * (MiB // 256)
-    for i in range(data_mib):
-        vm.write_memory(ram_address((4 + i * (memory_mib - 8) // data_mib) * MiB), chunk)
+    write_data(vm, memory_mib, data_mib)
     return vm
+
+
+def write_data(vm: Any, memory_mib: int, data_mib: int = 32) -> list[int]:
+    """Writes ``data_mib`` MiB of the same non-zero bytes spread over ``vm``'s RAM of
+    ``memory_mib``, one MiB at a time, at the same places for the same sizes; returns those
+    guest addresses."""
+    chunk = bytes(range(256)) * (MiB // 256)
+    addresses = [ram_address((4 + i * (memory_mib - 8) // data_mib) * MiB) for i in range(data_mib)]
+    for address in addresses:
+        vm.write_memory(address, chunk)
+    return addresses
 
 
 def counter_snapshots(workdir: Path, sizes: tuple[int, ...], prefix: str = "snap") -> dict[int, Path]:

@@ -31,10 +31,10 @@ from conftest import (
     counter_snapshots,
     counter_value,
     counter_vm,
-    ram_address,
     skip_unless_binutils,
     skip_unless_kvm,
     wait_until_gone,
+    write_data,
 )
 from interleave import Interleaved, Spread, report, rotation
 from supermachine import _core
@@ -306,16 +306,6 @@ def _qemu_cmd(qemu: str, elf: Path, memory_mib: int, qmp: Path) -> list[str]:
     ]
 
 
-def _write_data(vm: Any, memory_mib: int) -> list[int]:
-    """Writes the benchmark's ``DATA_MIB`` MiB of non-zero data into ``vm``'s RAM (the counter
-    guests' layout); returns the guest addresses, one per MiB."""
-    chunk = bytes(range(256)) * (MiB // 256)
-    addresses = [ram_address((4 + i * (memory_mib - 8) // DATA_MIB) * MiB) for i in range(DATA_MIB)]
-    for address in addresses:
-        vm.write_memory(address, chunk)
-    return addresses
-
-
 class _QemuClone:
     """One QEMU microvm restoring the migration file: process start until QMP reports the VM
     running, and ``stop``: ``quit`` over QMP until the process is gone."""
@@ -354,7 +344,7 @@ def test_restore_and_stop_against_qemu(benchmark: Any, workdir: Path, memory_mib
     elf = assemble(workdir, "spin", PVH_SPIN, flat=False)
     ours = workdir / f"spin-{memory_mib}"
     vm = _core.Vm.start({"kernel": str(elf), "memory_mib": memory_mib})
-    addresses = _write_data(vm, memory_mib)
+    addresses = write_data(vm, memory_mib, DATA_MIB)
     vm.snapshot(str(ours))
     vm.stop()
 
