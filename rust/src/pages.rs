@@ -9,7 +9,10 @@ use std::collections::HashSet;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use rayon::prelude::*;
-use xxhash_rust::xxh3::xxh3_64;
+
+mod xxh3_page;
+
+pub use xxh3_page::xxh3_page;
 
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
@@ -81,31 +84,41 @@ pub fn is_zero(bytes: &[u8]) -> bool {
     blocks_zero && blocks.remainder().iter().all(|&x| x == 0)
 }
 
+/// The whole page [`xxh3_page::PREFETCH_PAGES`] after page `index` of `data`, if there is one.
+fn page_ahead(data: &[u8], index: usize) -> Option<&[u8; PAGE_SIZE]> {
+    let start = (index + xxh3_page::PREFETCH_PAGES) * PAGE_SIZE;
+    data.get(start..start + PAGE_SIZE)?.try_into().ok()
+}
+
+/// `digest(page, ahead)` of every page; `ahead` is a page the same thread hashes soon, for digests
+/// that prefetch.
 fn hash_pages<D, F>(data: &[u8], digest: F) -> (Vec<D>, Vec<u64>)
 where
     D: Copy + Default + Send + Sync,
-    F: Fn(&[u8]) -> D + Sync + Send,
+    F: Fn(&[u8], Option<&[u8; PAGE_SIZE]>) -> D + Sync + Send,
 {
     let pages = data.len().div_ceil(PAGE_SIZE);
-    let zero_digest = digest(&[0u8; PAGE_SIZE]);
+    let zero_digest = digest(&[0u8; PAGE_SIZE], None);
     let mut digests = vec![D::default(); pages];
     let mut bitmap = vec![0u64; pages.div_ceil(PAGES_PER_WORD)];
     digests
         .par_chunks_mut(PAGES_PER_WORD)
         .zip(bitmap.par_iter_mut())
         .zip(data.par_chunks(PAGES_PER_WORD * PAGE_SIZE))
-        .for_each(|((out, word), block)| {
+        .enumerate()
+        .for_each(|(block_index, ((out, word), block))| {
             for (i, (page, slot)) in block.chunks(PAGE_SIZE).zip(out.iter_mut()).enumerate() {
+                let ahead = page_ahead(data, block_index * PAGES_PER_WORD + i);
                 if is_zero(page) {
                     *word |= 1 << i;
                     // Only a full zero page has the precomputed digest; a short one is hashed.
                     *slot = if page.len() == PAGE_SIZE {
                         zero_digest
                     } else {
-                        digest(page)
+                        digest(page, ahead)
                     };
                 } else {
-                    *slot = digest(page);
+                    *slot = digest(page, ahead);
                 }
             }
         });
@@ -117,11 +130,11 @@ impl PageDigests {
     pub fn compute(data: &[u8], algo: PageHash) -> Self {
         let (digests, zero_bitmap) = match algo {
             PageHash::Xxh3 => {
-                let (d, z) = hash_pages(data, xxh3_64);
+                let (d, z) = hash_pages(data, xxh3_page);
                 (Digests::Xxh3(d), z)
             }
             PageHash::Blake3 => {
-                let (d, z) = hash_pages(data, |p| *blake3::hash(p).as_bytes());
+                let (d, z) = hash_pages(data, |p, _| *blake3::hash(p).as_bytes());
                 (Digests::Blake3(d), z)
             }
         };
