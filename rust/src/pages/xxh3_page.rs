@@ -82,7 +82,7 @@ mod avx2 {
         let input = page.as_ptr();
         let secret = SECRET.as_ptr();
         let ahead = ahead.as_ptr();
-        // SAFETY (all the block): every load reads 32 bytes at an offset the constants above keep
+        // SAFETY: every load reads 32 bytes at an offset the constants above keep
         // within `page` (offset + 64 <= 4096) or within `SECRET` (key offset + 64 <= 192);
         // unaligned loads and stores are used throughout; the prefetches read nothing.
         unsafe {
