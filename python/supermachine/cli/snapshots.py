@@ -70,7 +70,9 @@ def snapshot_cmd(
     """Boot IMAGE, run the WARM command in it (if given; it must succeed), and snapshot the VM.
 
     `supermachine run snapshot:DIR -- CMD` (or `Image.from_snapshot(DIR)`) then starts from that
-    point in milliseconds. In the store, the snapshot is kept as a diff against its golden (the
+    point in milliseconds. A clone's first command runs as fast as a warm one when WARM already
+    used the same files (the interpreter, the imports): what WARM read stays in the guest's page
+    cache in the snapshot. In the store, the snapshot is kept as a diff against its golden (the
     newest full snapshot of the same image and memory size) unless --base none or
     SUPERMACHINE_AUTO_DEDUP=0.
     """
