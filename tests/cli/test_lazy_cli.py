@@ -14,6 +14,9 @@ import click
 import pytest
 from supermachine.cli import COMMANDS, LazyGroup
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "oci"))
+from _support import Entry, LayoutWriter, make_layer
+
 HEAVY = (
     "requests",
     "rich",
@@ -96,9 +99,28 @@ def _supermachine(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
 def test_help_imports_nothing_heavy(args: tuple[str, ...], allowed: tuple[str, ...], tmp_path: Path) -> None:
     proc = _supermachine(*args, "--help", cache=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert _imported(proc, *HEAVY) <= set(allowed)
+
+
+def _imported(proc: subprocess.CompletedProcess[str], *packages: str) -> set[str]:
+    """Which of ``packages`` the process behind ``proc`` (see ``_supermachine``) imported."""
     imported = json.loads(proc.stdout.splitlines()[-1])
-    heavy = {package for package in HEAVY for m in imported if m == package or m.startswith(f"{package}.")}
-    assert heavy <= set(allowed)
+    return {package for package in packages for m in imported if m == package or m.startswith(f"{package}.")}
+
+
+def test_a_quiet_pull_loads_neither_the_progress_display_nor_the_rootfs_builder(tmp_path: Path) -> None:
+    layout = LayoutWriter(tmp_path / "layout")
+    layout.tag(layout.image([(make_layer([Entry("hello", data=b"hi")]), "gzip")]), "v1")
+    unneeded = ("rich", "supermachine.oci.rootfs")
+    quiet = _supermachine("pull", "-q", f"oci:{layout.path}:v1", cache=tmp_path / "cache")
+    assert quiet.returncode == 0, quiet.stderr
+    image_id = quiet.stdout.splitlines()[0]
+    assert len(image_id) == 12 and int(image_id, 16) >= 0, quiet.stdout
+    assert _imported(quiet, *unneeded) == set()
+    # Without -q the progress display loads; with --rootfs the builder does.
+    loud = _supermachine("pull", "--rootfs", f"oci:{layout.path}:v1", cache=tmp_path / "cache")
+    assert loud.returncode == 0, loud.stderr
+    assert _imported(loud, *unneeded) == set(unneeded)
 
 
 def test_lazily_loaded_commands_fail_with_one_line(tmp_path: Path) -> None:

@@ -62,14 +62,20 @@ def pull_command(ref: str, platform: str | None, insecure: bool | None, rootfs: 
     REF is a registry reference (alpine, ghcr.io/o/img:tag, name@sha256:...) or a local image:
     oci:DIR[:TAG], docker-archive:FILE, or a path to either.
     """
-    from supermachine.oci import RichProgress, build_squashfs, pull
+    from supermachine.oci import pull
 
     if quiet:
         image = pull(ref, platform=platform, insecure=insecure)
     else:
+        from supermachine.oci import RichProgress
+
         with RichProgress() as progress:
             image = pull(ref, platform=platform, insecure=insecure, progress=progress)
-    squashfs = build_squashfs(image) if rootfs else None
+    squashfs = None
+    if rootfs:
+        from supermachine.oci import build_squashfs
+
+        squashfs = build_squashfs(image)
     if quiet:
         click.echo(image.record.image_id)
         return

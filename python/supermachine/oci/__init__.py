@@ -18,15 +18,44 @@ Modules, by concern: :mod:`~supermachine.oci.reference` (names), :mod:`~supermac
 
 from __future__ import annotations
 
-from supermachine.oci.auth import Credentials, load_credentials, parse_www_authenticate
-from supermachine.oci.image import Image, load_image, pull
-from supermachine.oci.manifest import Descriptor, ImageConfig, Index, Manifest, Platform
-from supermachine.oci.progress import ProgressReporter, RichProgress
-from supermachine.oci.reference import Reference, parse_reference
-from supermachine.oci.registry import RegistryClient
-from supermachine.oci.rootfs import apply_layer, build_rootfs, build_squashfs
-from supermachine.oci.sources import LocalSource, parse_source
-from supermachine.oci.store import BlobStore, ImageRecord, ImageStore, PruneResult
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from supermachine.oci.auth import Credentials, load_credentials, parse_www_authenticate
+    from supermachine.oci.image import Image, load_image, pull
+    from supermachine.oci.manifest import Descriptor, ImageConfig, Index, Manifest, Platform
+    from supermachine.oci.progress import ProgressReporter, RichProgress
+    from supermachine.oci.reference import Reference, parse_reference
+    from supermachine.oci.registry import RegistryClient
+    from supermachine.oci.rootfs import apply_layer, build_rootfs, build_squashfs
+    from supermachine.oci.sources import LocalSource, parse_source
+    from supermachine.oci.store import BlobStore, ImageRecord, ImageStore, PruneResult
+
+# Each name's module, imported on first use (PEP 562): a command that only pulls does not pay for
+# the root filesystem builder, and one that only lists images does not pay for the HTTP stack.
+_HOMES = {
+    "auth": ("Credentials", "load_credentials", "parse_www_authenticate"),
+    "image": ("Image", "load_image", "pull"),
+    "manifest": ("Descriptor", "ImageConfig", "Index", "Manifest", "Platform"),
+    "progress": ("ProgressReporter", "RichProgress"),
+    "reference": ("Reference", "parse_reference"),
+    "registry": ("RegistryClient",),
+    "rootfs": ("apply_layer", "build_rootfs", "build_squashfs"),
+    "sources": ("LocalSource", "parse_source"),
+    "store": ("BlobStore", "ImageRecord", "ImageStore", "PruneResult"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BlobStore",

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:
+    # rich is imported when a progress display is made: `pull -q` does without it.
+    from rich.console import Console
+    from rich.progress import TaskID
 
 
 class ProgressReporter(Protocol):
@@ -32,6 +26,16 @@ class RichProgress:
     """One rich progress bar per blob; use as a context manager around the pull."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
