@@ -54,11 +54,17 @@ _SYS_MODULE = Path("/sys/module")
 _EMULATING_KVM_MODULES = ("kvm_pvm",)
 
 
+def emulating_host(sys_module: Path | None = None) -> bool:
+    """Whether this host's KVM emulates guest kernel code (kvm_pvm) rather than running it on the
+    CPU: guest kernel work costs hundreds of times more there."""
+    root = _SYS_MODULE if sys_module is None else sys_module
+    return any((root / name).exists() for name in _EMULATING_KVM_MODULES)
+
+
 def default_profile(sys_module: Path | None = None, *, vcpus: int = 1) -> str:
     """The profile for a VM of ``vcpus`` on this host: ``normal`` on hardware KVM; under an
     emulating KVM such as kvm_pvm, ``compat`` for one vCPU and ``compat-smp`` for more."""
-    root = _SYS_MODULE if sys_module is None else sys_module
-    if not any((root / name).exists() for name in _EMULATING_KVM_MODULES):
+    if not emulating_host(sys_module):
         return "normal"
     fitting = [p for p in _EMULATED_PROFILES if PROFILE_CPUS[p] >= vcpus]
     return fitting[0] if fitting else _EMULATED_PROFILES[-1]

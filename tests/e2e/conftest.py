@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from supermachine.errors import KvmUnavailableError
+from supermachine.oci.rootfs import compression_args, default_compression
 from supermachine.vm import Vm, VmConfig, check_kvm
 
 
@@ -47,9 +48,17 @@ def busybox_squashfs(dest: Path) -> Path:
     (root / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
     (root / "etc" / "motd").write_text("hello from the rootfs\n")
     os.chmod(root / "tmp", 0o1777)
-    image = dest / "rootfs.squashfs"
+    return squash(root, dest / "rootfs.squashfs")
+
+
+def squash(tree: Path, image: Path, compression: str | None = None) -> Path:
+    """``tree`` as a squashfs ``image``, every file owned by root, compressed as the product
+    compresses images on this host unless ``compression`` is given (uncompressed where guest
+    kernel code is emulated: decompressing there made each booted VM's first command take a
+    minute)."""
+    args = compression_args(compression or default_compression())
     subprocess.run(
-        ["mksquashfs", str(root), str(image), "-noappend", "-quiet", "-all-root", "-comp", "gzip"],
+        ["mksquashfs", str(tree), str(image), "-noappend", "-quiet", "-all-root", *args],
         check=True,
         stdout=subprocess.DEVNULL,
     )

@@ -13,12 +13,15 @@ from _support import (
     LayoutWriter,
     Registry,
     make_layer,
+    run,
     skopeo_copy,
     unsquashfs_extract,
     unsquashfs_list,
 )
-from supermachine.errors import DigestMismatchError, LayerError, UnsafeLayerError
+from supermachine import kernel
+from supermachine.errors import DigestMismatchError, LayerError, RootfsError, UnsafeLayerError
 from supermachine.oci import ImageStore, apply_layer, build_rootfs, build_squashfs, pull
+from supermachine.oci.rootfs import default_compression
 
 
 def _push(tmp: Path, registry: Registry, repo: str, layers: list[tuple[bytes, str]], **config: object) -> str:
@@ -50,6 +53,42 @@ def test_busybox_squashfs_contents(store: ImageStore, busybox_pushed: str, tmp_p
     assert not list(store.tmp_dir.iterdir()) and [p.name for p in store.rootfs_dir.iterdir()] == [
         squashfs.name
     ]
+
+
+def _superblock(squashfs: Path) -> str:
+    return run(["unsquashfs", "-s", str(squashfs)]).stdout
+
+
+def test_the_default_compression_follows_the_kind_of_host(tmp_path: Path) -> None:
+    assert default_compression(tmp_path) == "gzip"
+    (tmp_path / "kvm_pvm").mkdir()
+    assert default_compression(tmp_path) == "none"
+    assert default_compression() == ("none" if kernel.emulating_host() else "gzip")
+
+
+def test_root_filesystems_are_built_with_the_compression_asked_for_or_the_hosts(
+    store: ImageStore, registry: Registry, tmp_path: Path
+) -> None:
+    layer = make_layer([Entry("data.txt", data=b"squash me " * 50_000)])  # 500 kB, compresses well
+    ref = _push(tmp_path, registry, "test/compressions", [(layer, "gzip")])
+    image = pull(ref)
+    refused = r"unknown root filesystem compression 'lz77': expected one of gzip, xz, none"
+    with pytest.raises(RootfsError, match=refused):
+        build_squashfs(image, compression="lz77")
+    assert not store.rootfs_path(image.config_digest).exists()  # refused before any work
+    built = _superblock(build_squashfs(image))
+    if default_compression() == "none":
+        assert "Data is uncompressed" in built and "Fragments are uncompressed" in built
+    else:
+        assert "Compression gzip" in built and "Data is compressed" in built
+    for compression in ("gzip", "xz"):
+        squashfs = build_squashfs(image, compression=compression, force=True)
+        assert f"Compression {compression}" in _superblock(squashfs)
+        assert "Data is compressed" in _superblock(squashfs)
+    uncompressed = build_squashfs(image, compression="none", force=True)
+    assert "Data is uncompressed" in _superblock(uncompressed)
+    extracted = unsquashfs_extract(uncompressed, tmp_path / "x")
+    assert (extracted / "data.txt").read_bytes() == b"squash me " * 50_000
 
 
 def test_whiteouts_opaque_dirs_hardlinks_and_compressions(
