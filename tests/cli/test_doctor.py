@@ -60,6 +60,8 @@ def test_json_states_the_facts_of_this_host() -> None:
     assert proc.returncode == (0 if _kvm_usable() else 1)
     assert protections["root"]["available"] is ROOT
     assert protections["kvm_pvm"]["available"] is Path("/sys/module/kvm_pvm").exists()
+    emulating = protections["kvm_pvm"]["available"]
+    assert report["rootfs_compression"]["compression"] == ("none" if emulating else "gzip")
     if ROOT:
         assert report["jail"] == "full"
     landlock = protections["landlock"]
@@ -101,6 +103,10 @@ def test_table_lists_every_protection_and_the_jail() -> None:
     for label in doctor_cli.LABELS.values():
         assert any(line.startswith(label) for line in lines), label
     assert "VMs run in a " in result.output
+    assert (
+        "Image root filesystems: " + ("uncompressed" if Path("/sys/module/kvm_pvm").exists() else "gzip")
+        in result.output
+    )
     landlock_line = next(line for line in lines if line.startswith("Landlock"))
     if isinstance(_landlock_abi(), int):
         assert landlock_line.split()[1] == "active", landlock_line

@@ -61,6 +61,7 @@ def doctor(as_json: bool) -> None:
     can_run = kvm["available"] and program["available"]
     sources = artefact_sources()
     net = _network_backend()
+    compression = _rootfs_compression()
     if as_json:
         print(
             json.dumps(
@@ -69,6 +70,7 @@ def doctor(as_json: bool) -> None:
                     "jail": jail,
                     "worker": program,
                     "network": net,
+                    "rootfs_compression": compression,
                     "artefacts": sources,
                     "vms_can_run": can_run,
                 },
@@ -88,6 +90,7 @@ def doctor(as_json: bool) -> None:
         ui.stdout.print(table)
         ui.stdout.print(f"\nVMM worker: {escape(program['detail'])}")
         ui.stdout.print(f"Network backend: {escape(net['detail'])}")
+        ui.stdout.print(f"Image root filesystems: {escape(compression['detail'])}")
         landlock = ", Landlock" if protections["landlock"]["available"] else ""
         ui.stdout.print(f"VMs run in a {escape(JAIL.get(jail, jail))}{landlock}, one worker process per VM.")
         _print_artefacts(sources)
@@ -95,6 +98,16 @@ def doctor(as_json: bool) -> None:
         raise KvmUnavailableError(f"VMs cannot run here: {kvm['detail']}")
     if not program["available"]:
         raise WorkerStartError(f"VMs cannot run here: {program['detail']}")
+
+
+def _rootfs_compression() -> dict[str, str]:
+    """How image root filesystems are compressed on this host, and why."""
+    from supermachine.oci.rootfs import default_compression
+
+    chosen = default_compression()
+    why = "guest kernel code is emulated here" if chosen == "none" else "the guest decompresses cheaply"
+    shown = "uncompressed" if chosen == "none" else chosen
+    return {"compression": chosen, "detail": f"{shown} squashfs ({why})"}
 
 
 def _network_backend() -> _core.HostProtection:
