@@ -34,9 +34,9 @@ def skip_unless_kvm() -> None:
         pytest.skip(f"/dev/kvm is not usable: {e.strerror}")
 
 
-def busybox_squashfs(dest: Path) -> Path:
-    """The e2e suite's busybox root filesystem, built in ``dest`` (loaded by path: both
-    directories have a conftest). Skips the caller where busybox or mksquashfs is missing."""
+def _e2e_conftest() -> Any:
+    """The e2e suite's conftest module (loaded by path: both directories have a conftest). Skips
+    the caller where busybox or mksquashfs, which its root filesystems need, is missing."""
     for tool in ("busybox", "mksquashfs"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is needed to build the benchmark's root filesystem")
@@ -44,8 +44,29 @@ def busybox_squashfs(dest: Path) -> Path:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    path: Path = module.busybox_squashfs(dest)
+    return module
+
+
+def busybox_squashfs(dest: Path) -> Path:
+    """The e2e suite's busybox root filesystem, built in ``dest``; its tree stays in ``dest/root``."""
+    path: Path = _e2e_conftest().busybox_squashfs(dest)
     return path
+
+
+def squash(tree: Path, image: Path, compression: str | None = None) -> Path:
+    """The e2e suite's squashfs maker: ``tree`` owned by root, compressed as the product does on
+    this host unless ``compression`` is given."""
+    path: Path = _e2e_conftest().squash(tree, image, compression)
+    return path
+
+
+def timed_exec(vm: Any, command: list[str], expected: bytes) -> float:
+    """Seconds of the whole ``vm.exec(command)`` call, which must succeed printing ``expected``."""
+    started = time.perf_counter()
+    result = vm.exec(command, timeout=900)
+    elapsed = time.perf_counter() - started
+    assert result.status == 0 and result.stdout == expected, result.stderr
+    return elapsed
 
 
 def skip_unless_binutils() -> None:

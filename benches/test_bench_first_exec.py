@@ -24,13 +24,12 @@ hardware KVM; the ratios between runs in the same guest are what this measures.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
-from conftest import busybox_squashfs, skip_unless_kvm
+from conftest import busybox_squashfs, skip_unless_kvm, timed_exec
 from interleave import Interleaved, report, rotation
 from supermachine.vm import Vm, VmConfig
 
@@ -48,11 +47,7 @@ class Baked(NamedTuple):
 
 
 def _timed_exec(vm: Vm) -> float:
-    started = time.perf_counter()
-    result = vm.exec(COMMAND, timeout=900)
-    elapsed = time.perf_counter() - started
-    assert result.status == 0 and result.stdout == b"hello from the rootfs\n", result.stderr
-    return elapsed
+    return timed_exec(vm, COMMAND, b"hello from the rootfs\n")
 
 
 def _drop_from_host_cache(snapshot: Path) -> None:
