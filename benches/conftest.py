@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import mmap
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,6 +277,22 @@ def throughput(benchmark: object, nbytes: int) -> None:
     """Adds the median throughput to the benchmark's extra_info, in MB/s."""
     stats = benchmark.stats.stats  # type: ignore[attr-defined]
     benchmark.extra_info["MB/s"] = round(nbytes / stats.median / 1e6)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def worker_runtime(worker: bool) -> Iterator[Any]:
+    """The worker options of a worker-backed VM, with a runtime directory of its own that is
+    removed on leaving; ``None`` (an in-process VM) when ``worker`` is false."""
+    if not worker:
+        yield None
+        return
+    from supermachine.worker import worker_options
+
+    runtime_dir = Path(tempfile.mkdtemp(prefix="sm-bench-vm-", dir="/tmp"))
+    try:
+        yield worker_options(runtime_dir, None)
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def wait_until_gone(pid: int | None, timeout: float = 30) -> None:

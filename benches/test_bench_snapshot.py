@@ -20,7 +20,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from conftest import (
     skip_unless_binutils,
     skip_unless_kvm,
     wait_until_gone,
+    worker_runtime,
     write_data,
 )
 from interleave import Interleaved, Spread, report, rotation
@@ -339,8 +339,6 @@ def test_restore_and_stop_against_qemu(benchmark: Any, workdir: Path, memory_mib
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed")
-    from supermachine.worker import worker_options
-
     elf = assemble(workdir, "spin", PVH_SPIN, flat=False)
     ours = workdir / f"spin-{memory_mib}"
     vm = _core.Vm.start({"kernel": str(elf), "memory_mib": memory_mib})
@@ -382,15 +380,12 @@ def test_restore_and_stop_against_qemu(benchmark: Any, workdir: Path, memory_mib
             # The worker's runtime directory is made and removed inside the span, as the product's
             # `Vm.restore` and `stop` do (QEMU needs none).
             started = time.perf_counter()
-            runtime_dir = Path(tempfile.mkdtemp(prefix="sm-bench-vm-", dir="/tmp")) if worker else None
-            options = None if runtime_dir is None else worker_options(runtime_dir, None)
-            clone = _core.Vm.restore(str(ours), None, options)
-            pid = clone.pid
-            clone.stop()
-            del clone
-            wait_until_gone(pid)
-            if runtime_dir is not None:
-                shutil.rmtree(runtime_dir, ignore_errors=True)
+            with worker_runtime(worker) as options:
+                clone = _core.Vm.restore(str(ours), None, options)
+                pid = clone.pid
+                clone.stop()
+                del clone
+                wait_until_gone(pid)
             spans.append(time.perf_counter() - started)
 
         return run

@@ -13,13 +13,12 @@ import os
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import skip_unless_kvm, wait_until_gone
+from conftest import skip_unless_kvm, wait_until_gone, worker_runtime
 from interleave import interleave
 from supermachine import _core
 
@@ -114,7 +113,6 @@ def test_cold_start_against_qemu(benchmark: Any, pvh_elf: Path) -> None:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         pytest.skip("qemu-system-x86_64 is not installed")
-    from supermachine.worker import worker_options
 
     cmd = [
         qemu,
@@ -148,9 +146,7 @@ def test_cold_start_against_qemu(benchmark: Any, pvh_elf: Path) -> None:
 
     def supermachine(worker: bool) -> Any:
         def boot() -> None:
-            runtime_dir = Path(tempfile.mkdtemp(prefix="sm-bench-vm-", dir="/tmp")) if worker else None
-            options = None if runtime_dir is None else worker_options(runtime_dir, None)
-            try:
+            with worker_runtime(worker) as options:
                 vm = _core.Vm.start({"kernel": str(pvh_elf), "memory_mib": 64}, options)
                 outcome = vm.wait(30)
                 assert outcome is not None and outcome.kind == "poweroff", outcome
@@ -159,9 +155,6 @@ def test_cold_start_against_qemu(benchmark: Any, pvh_elf: Path) -> None:
                 vm.stop()
                 del vm
                 wait_until_gone(pid)
-            finally:
-                if runtime_dir is not None:
-                    shutil.rmtree(runtime_dir, ignore_errors=True)
 
         return boot
 
