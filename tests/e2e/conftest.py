@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -63,6 +63,12 @@ def squash(tree: Path, image: Path, compression: str | None = None) -> Path:
         stdout=subprocess.DEVNULL,
     )
     return image
+
+
+@pytest.fixture(scope="session")
+def make_squashfs() -> Callable[[Path, Path, str | None], Path]:
+    """:func:`squash`, for tests that make root filesystems of their own."""
+    return squash
 
 
 @pytest.fixture(scope="session")

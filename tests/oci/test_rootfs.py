@@ -72,7 +72,7 @@ def test_root_filesystems_are_built_with_the_compression_asked_for_or_the_hosts(
     layer = make_layer([Entry("data.txt", data=b"squash me " * 50_000)])  # 500 kB, compresses well
     ref = _push(tmp_path, registry, "test/compressions", [(layer, "gzip")])
     image = pull(ref)
-    refused = r"unknown root filesystem compression 'lz77': expected one of gzip, xz, none"
+    refused = r"unknown root filesystem compression 'lz77': expected one of gzip, xz, zstd, none"
     with pytest.raises(RootfsError, match=refused):
         build_squashfs(image, compression="lz77")
     assert not store.rootfs_path(image.config_digest).exists()  # refused before any work
@@ -81,7 +81,7 @@ def test_root_filesystems_are_built_with_the_compression_asked_for_or_the_hosts(
         assert "Data is uncompressed" in built and "Fragments are uncompressed" in built
     else:
         assert "Compression gzip" in built and "Data is compressed" in built
-    for compression in ("gzip", "xz"):
+    for compression in ("gzip", "xz", "zstd"):
         squashfs = build_squashfs(image, compression=compression, force=True)
         assert f"Compression {compression}" in _superblock(squashfs)
         assert "Data is compressed" in _superblock(squashfs)

@@ -670,9 +670,8 @@ def build_rootfs(image: Image, dest: Path, *, limits: LayerLimits | None = None)
     return dest
 
 
-COMPRESSIONS = ("gzip", "xz", "none")
-"""Root filesystem compressions: what the guest kernels decompress, or none. (The kernels have zstd
-too, but on emulating hosts its decoder uses BMI2 instructions they cannot run.)"""
+COMPRESSIONS = ("gzip", "xz", "zstd", "none")
+"""Root filesystem compressions: what the guest kernels decompress, or none."""
 
 
 def default_compression(sys_module: Path | None = None) -> str:
