@@ -1346,12 +1346,19 @@ class AgentClient:
         return TcpRelayResult(to_guest=sent[0], from_guest=received)
 
     def changes(
-        self, *, with_data: bool, timeout: float, since: int | None = None, keep_mark: bool = False
+        self,
+        *,
+        with_data: bool,
+        timeout: float,
+        since: int | None = None,
+        keep_mark: bool = False,
+        pause: bool = False,
     ) -> ChangeStream:
         """The raw ``changes`` stream: each ``entry`` as its decoded fields and, with
         ``with_data``, each regular file's content as ``data`` chunks after its entry. ``since``
         limits it to what changed after the walk that kept that mark; ``keep_mark`` keeps this
-        walk as a mark (:attr:`ChangeStream.mark` once the stream is read to its end).
+        walk as a mark (:attr:`ChangeStream.mark` once the stream is read to its end); ``pause``
+        freezes every process the guest's commands started until the walk is over.
 
         Nothing here is checked beyond the frame format: the guest wrote it, and
         :mod:`supermachine.changes` validates it. The whole stream has ``timeout`` seconds. A
@@ -1359,7 +1366,10 @@ class AgentClient:
         """
         self._begin()
         deadline = _Deadline.after(timeout)
-        request = _encode([(1, 1 if with_data else 0), (2, since), (3, 1 if keep_mark else None)])
+        # Fields that are off are left out, so agents that predate them still take the request.
+        request = _encode(
+            [(1, 1 if with_data else 0), (2, since), (3, 1 if keep_mark else None), (4, 1 if pause else None)]
+        )
         self._send(CHANGES, request, deadline, "asking for the changes")
         return ChangeStream(self, with_data, deadline)
 

@@ -1148,6 +1148,7 @@ class Vm:
         max_bytes: int | None = None,
         since: int | None = None,
         keep_mark: bool = False,
+        pause: bool = False,
         timeout: float = _changes.EXPORT_TIMEOUT,
     ) -> _changes.Layer:
         """Writes what this VM changed as an OCI layer tar (gzip unless ``compress`` is false) to
@@ -1157,7 +1158,10 @@ class Vm:
         are opaque (``.wh..wh..opq``); modes, owners, times, extended attributes, hard and symbolic
         links are kept. ``max_bytes`` bounds the file data (default: the VM's memory size, which
         bounds the in-memory upper layer too). Processes still running in the VM may change files
-        while they are read: stop them first for a consistent layer.
+        while they are read: ``pause`` freezes every process the VM's commands started (background
+        ones included) while the layer is read, and thaws them after, as ``docker commit`` pauses a
+        container; a command started meanwhile waits for the thaw. An agent older than this field
+        refuses ``pause`` with a one-line error.
 
         Layers can be chained: with ``keep_mark`` the result's :attr:`~supermachine.changes.Layer.mark`
         names this export, and a later ``export_layer(..., since=mark)`` holds only what changed
@@ -1166,7 +1170,11 @@ class Vm:
         deadline = time.monotonic() + timeout
         with self._client(min(agent.CONNECT_TIMEOUT, timeout)) as client:
             stream = client.changes(
-                with_data=True, timeout=_seconds_left(deadline), since=since, keep_mark=keep_mark
+                with_data=True,
+                timeout=_seconds_left(deadline),
+                since=since,
+                keep_mark=keep_mark,
+                pause=pause,
             )
             layer = _changes.write_layer(
                 _no_overlay_is_export_error(stream), dest, compress=compress, max_bytes=limit
@@ -1179,14 +1187,16 @@ class Vm:
         *,
         changes: ConfigChanges | Mapping[str, object] | None = None,
         message: str | None = None,
+        pause: bool = True,
         timeout: float = _changes.EXPORT_TIMEOUT,
     ) -> Image:
         """Stores this VM's root file system as the new image ``ref`` (``docker commit``): the
         image it started from, plus one layer of what it changed (:meth:`export_layer`), with the
         run config ``changes`` (``cmd``, ``entrypoint``, ``env``, ``workdir``, ``user``,
         ``labels``, ``exposed_ports``, ``volumes``, ``stop_signal``) and ``message`` in the
-        image's history. Returns the new image, ready to :meth:`~supermachine.image.Image.start`
-        (``supermachine run REF``)."""
+        image's history. The VM's processes are frozen while the layer is read unless ``pause``
+        is false (``docker commit --pause``). Returns the new image, ready to
+        :meth:`~supermachine.image.Image.start` (``supermachine run REF``)."""
         from supermachine import oci
         from supermachine.image import Image
         from supermachine.oci.commit import ConfigChanges, commit_layer
@@ -1197,7 +1207,7 @@ class Vm:
         store.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         layer_file = store.tmp_dir / f"commit-{os.getpid()}-{threading.get_ident()}.tar.gz"
         try:
-            layer = self.export_layer(layer_file, timeout=timeout)
+            layer = self.export_layer(layer_file, pause=pause, timeout=timeout)
             stored = commit_layer(
                 parent,
                 layer_file,

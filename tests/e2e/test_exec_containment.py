@@ -7,6 +7,7 @@ exec ends unless it asks to keep them; programs that cannot run exit 127/126 lik
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from supermachine.vm import Vm
@@ -88,3 +89,50 @@ def test_programs_that_cannot_run_exit_127_and_126(vm: Vm) -> None:
     # /etc/motd exists but is not executable (mode 0644).
     refused = vm.exec(["/etc/motd"], timeout=GRACE)
     assert (refused.returncode, refused.stderr) == (126, b"exec: /etc/motd: Permission denied\n")
+
+
+# Counts its turns and keeps the longest time between two turns (centiseconds of /proc/uptime) in
+# /run/loop as "TURNS LONGEST"; every turn is system calls only, no fork.
+GAP_LOOP = (
+    "read p _ < /proc/uptime; p=${p%.*}${p#*.}; n=0; longest=0; "
+    "while :; do read u _ < /proc/uptime; u=${u%.*}${u#*.}; gap=$((u - p)); p=$u; n=$((n + 1)); "
+    '[ $gap -gt $longest ] && longest=$gap; echo "$n $longest" > /run/loop; done'
+)
+
+
+def _loop_state(vm: Vm) -> tuple[int, float]:
+    """The gap loop's turns so far and its longest gap in seconds."""
+    deadline = time.monotonic() + GRACE
+    while True:
+        text = vm.read_file("/run/loop").split()  # empty while the loop rewrites it
+        if len(text) == 2:
+            return int(text[0]), int(text[1]) / 100
+        assert time.monotonic() < deadline, "the gap loop wrote nothing"
+        time.sleep(0.2)
+
+
+def test_a_paused_export_freezes_every_process_while_it_reads_then_thaws_them(vm: Vm, tmp_path: Path) -> None:
+    """`export_layer(pause=True)` (what `vm.commit` does by default) freezes the processes that
+    commands started, kept background ones included, for the whole walk, so none changes a file
+    while it is read; they run on afterwards."""
+    vm.exec(["sh", "-c", "head -c 4194304 /dev/zero > /root/export-me"], check=True, timeout=GRACE)
+    pid = int(vm.exec(["sh", "-c", f"({GAP_LOOP}) > /dev/null 2>&1 & echo $!"], keep_background=True).stdout)
+    try:
+        turns_before, _ = _loop_state(vm)
+        started = time.monotonic()
+        layer = vm.export_layer(tmp_path / "layer.tar", compress=False, pause=True, timeout=GRACE)
+        walk = time.monotonic() - started
+        assert layer.size > 4 << 20
+        # Thawed: the loop turns on, and its first turn after the thaw measured the freeze.
+        turns_after, _ = _loop_state(vm)
+        deadline = time.monotonic() + GRACE
+        while (state := _loop_state(vm))[0] <= turns_after:
+            assert time.monotonic() < deadline, "the loop stayed frozen after the export"
+            time.sleep(0.2)
+        assert turns_after > turns_before
+        # Frozen for (nearly) the whole walk: its longest gap covers most of it.
+        longest = state[1]
+        assert longest >= walk / 2, (longest, walk)
+    finally:
+        vm.exec(["kill", "-9", str(pid)], timeout=GRACE)
+        vm.exec(["rm", "-f", "/root/export-me", "/run/loop"], timeout=GRACE)

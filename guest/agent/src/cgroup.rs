@@ -193,6 +193,53 @@ impl ExecGroup {
     }
 }
 
+/// How long a freeze waits for every exec's processes to stop before the work it guards goes on
+/// anyway (a process in a long uninterruptible wait freezes only when it leaves it).
+const FREEZE_WAIT: Duration = Duration::from_secs(2);
+/// How many holders of [`freeze_execs`] there are: the first freezes, the last thaws.
+static FREEZERS: Mutex<u32> = Mutex::new(0);
+
+/// Every exec's processes, background ones included, kept frozen (cgroup v2's freezer on the
+/// parent of all execs) until this is dropped; the agent itself, in the root cgroup, runs on.
+pub struct Frozen(());
+
+/// Freezes every exec's processes and waits (bounded by [`FREEZE_WAIT`]) until they are; `None`
+/// where there is no containment. A frozen process holds its state: one that was stopped stays
+/// stopped when thawed, and a fatal signal (an exec's `cgroup.kill`) still ends it.
+pub fn freeze_execs() -> Option<Frozen> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut holders = FREEZERS.lock().unwrap_or_else(|e| e.into_inner());
+    if *holders == 0 {
+        write_control(&format!("{EXECS}/cgroup.freeze"), b"1").ok()?;
+        let events = format!("{EXECS}/cgroup.events");
+        let deadline = Instant::now() + FREEZE_WAIT;
+        while !is_frozen(&std::fs::read(&events).unwrap_or_default()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    *holders += 1;
+    Some(Frozen(()))
+}
+
+/// Whether the text of a `cgroup.events` file says the cgroup is frozen.
+fn is_frozen(events: &[u8]) -> bool {
+    events
+        .split(|&b| b == b'\n')
+        .any(|line| line == b"frozen 1")
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let mut holders = FREEZERS.lock().unwrap_or_else(|e| e.into_inner());
+        *holders -= 1;
+        if *holders == 0 {
+            let _ = write_control(&format!("{EXECS}/cgroup.freeze"), b"0");
+        }
+    }
+}
+
 /// Removes the cgroups of earlier execs whose processes have all exited.
 fn remove_leftovers() {
     let mut leftovers = LEFTOVERS.lock().unwrap_or_else(|e| e.into_inner());
@@ -224,5 +271,14 @@ mod tests {
     fn no_containment_without_setup() {
         // Unit tests never run setup(): no cgroup is made and nothing touches the host's cgroups.
         assert!(ExecGroup::create(DEFAULT_PIDS_MAX).is_none());
+        assert!(freeze_execs().is_none());
+    }
+
+    #[test]
+    fn frozen_is_read_from_cgroup_events() {
+        assert!(is_frozen(b"populated 1\nfrozen 1\n"));
+        assert!(!is_frozen(b"populated 1\nfrozen 0\n"));
+        assert!(!is_frozen(b""));
+        assert!(!is_frozen(b"frozen 10\n"));
     }
 }

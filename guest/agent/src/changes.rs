@@ -22,11 +22,19 @@ use crate::proto::{self, kind, Encoder, Frame, CHUNK, HEADER, UINT};
 use crate::sys;
 
 /// Request fields: send the content of regular files (an export) instead of only listing them;
-/// only what changed since a mark an earlier walk kept; keep this walk as a new mark.
+/// only what changed since a mark an earlier walk kept; keep this walk as a new mark; freeze every
+/// exec's processes for the walk, so that none changes a file while it is read (`docker commit`
+/// pauses the container the same way).
 pub const WITH_DATA: u8 = 1;
 pub const SINCE: u8 = 2;
 pub const KEEP_MARK: u8 = 3;
-pub const SCHEMA: &[(u8, u8)] = &[(WITH_DATA, UINT), (SINCE, UINT), (KEEP_MARK, UINT)];
+pub const PAUSE: u8 = 4;
+pub const SCHEMA: &[(u8, u8)] = &[
+    (WITH_DATA, UINT),
+    (SINCE, UINT),
+    (KEEP_MARK, UINT),
+    (PAUSE, UINT),
+];
 
 /// `entry` fields.
 pub const PATH: u8 = 1;
@@ -702,6 +710,7 @@ pub fn run(conn: &mut Conn, frame: &Frame, layers: Option<&Layers>) -> Result<()
     let with_data = fields.uint(WITH_DATA).unwrap_or(0) != 0;
     let since_id = fields.uint(SINCE);
     let keep = fields.uint(KEEP_MARK).unwrap_or(0) != 0;
+    let pause = fields.uint(PAUSE).unwrap_or(0) != 0;
     drop(fields);
     let Some(layers) = layers else {
         return conn.reply_error(
@@ -722,6 +731,12 @@ pub fn run(conn: &mut Conn, frame: &Frame, layers: Option<&Layers>) -> Result<()
                 )
             }
         },
+    };
+    // Thawed when the walk is over, whatever its outcome (the guard is dropped on every return).
+    let _frozen = if pause {
+        crate::cgroup::freeze_execs()
+    } else {
+        None
     };
     let mut walk = Walk {
         conn,
