@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from supermachine.errors import AgentRequestError
 from supermachine.vm import Vm
 
 pytestmark = pytest.mark.slow
@@ -104,7 +105,10 @@ def _loop_state(vm: Vm) -> tuple[int, float]:
     """The gap loop's turns so far and its longest gap in seconds."""
     deadline = time.monotonic() + GRACE
     while True:
-        text = vm.read_file("/run/loop").split()  # empty while the loop rewrites it
+        try:
+            text = vm.read_file("/run/loop").split()  # empty while the loop rewrites it
+        except AgentRequestError:
+            text = []  # not written yet: the loop's shell is still starting
         if len(text) == 2:
             return int(text[0]), int(text[1]) / 100
         assert time.monotonic() < deadline, "the gap loop wrote nothing"
