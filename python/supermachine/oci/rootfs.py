@@ -677,7 +677,8 @@ COMPRESSIONS = ("gzip", "xz", "zstd", "none")
 def default_compression(sys_module: Path | None = None) -> str:
     """``gzip`` on hardware KVM, where decompressing in the guest is cheap and the file is half the
     size; ``none`` where guest kernel code is emulated, because there decompressing each block a
-    command reads dominates its first run (a busybox command: 47 s against 7 s uncompressed)."""
+    command reads dominates its first run (``benches/test_bench_rootfs_compression.py``: a booted
+    VM's first busybox command took 72 s on gzip against 27.5 s uncompressed)."""
     from supermachine import kernel
 
     return "none" if kernel.emulating_host(sys_module) else "gzip"
@@ -693,10 +694,12 @@ def compression_args(compression: str) -> list[str]:
     return ["-comp", compression]
 
 
-def mksquashfs(tree: Path, out: Path, *, compression: str = "gzip", processors: int | None = None) -> None:
+def mksquashfs(
+    tree: Path, out: Path, *, compression: str | None = None, processors: int | None = None
+) -> None:
     """Run ``mksquashfs`` on ``tree`` (ownership, modes and xattrs kept) writing ``out``,
-    ``compression`` one of :data:`COMPRESSIONS`."""
-    args = compression_args(compression)
+    ``compression`` one of :data:`COMPRESSIONS` (default: :func:`default_compression`)."""
+    args = compression_args(compression or default_compression())
     exe = shutil.which("mksquashfs")
     if exe is None:
         raise RootfsError("mksquashfs not found; install squashfs-tools")
@@ -718,13 +721,12 @@ def build_squashfs(
     limits: LayerLimits | None = None,
 ) -> Path:
     """The read-only squashfs root filesystem of ``image``, built once and cached by config digest;
-    ``compression`` (see :data:`COMPRESSIONS`) defaults to :func:`default_compression`.
+    ``compression`` as for :func:`mksquashfs`.
 
     The tree is built in a private (0700) directory under the cache's ``tmp/``, so nothing in it
     (setuid binaries, device nodes) is reachable by other users, and removed afterwards.
     """
-    chosen = compression or default_compression()
-    compression_args(chosen)  # a bad name fails before any work
+    compression_args(compression or default_compression())  # a bad name fails before any work
     store = image.store
     out = store.rootfs_path(image.config_digest)
     with store.using(), file_lock(store.locks / f"rootfs-{hex_of(image.config_digest)}.lock"):
@@ -737,7 +739,7 @@ def build_squashfs(
             _private_dir(work)
             out.parent.mkdir(parents=True, exist_ok=True)
             tree = build_rootfs(image, work / "tree", limits=limits)
-            mksquashfs(tree, tmp_out, compression=chosen, processors=processors)
+            mksquashfs(tree, tmp_out, compression=compression, processors=processors)
             with open(tmp_out, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp_out, out)
