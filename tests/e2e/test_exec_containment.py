@@ -6,6 +6,7 @@ exec ends unless it asks to keep them; programs that cannot run exit 127/126 lik
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -92,51 +93,74 @@ def test_programs_that_cannot_run_exit_127_and_126(vm: Vm) -> None:
     assert (refused.returncode, refused.stderr) == (126, b"exec: /etc/motd: Permission denied\n")
 
 
-# Counts its turns and keeps the longest time between two turns (centiseconds of /proc/uptime) in
-# /run/loop as "TURNS LONGEST"; every turn is system calls only, no fork.
-GAP_LOOP = (
-    "read p _ < /proc/uptime; p=${p%.*}${p#*.}; n=0; longest=0; "
-    "while :; do read u _ < /proc/uptime; u=${u%.*}${u#*.}; gap=$((u - p)); p=$u; n=$((n + 1)); "
-    '[ $gap -gt $longest ] && longest=$gap; echo "$n $longest" > /run/loop; done'
-)
+# Counts its turns in /run/loop; every turn is system calls only, no fork.
+TURN_LOOP = 'n=0; while :; do n=$((n + 1)); echo "$n" > /run/loop; done'
+EXECS_EVENTS = "/sys/fs/cgroup/exec/cgroup.events"
 
 
-def _loop_state(vm: Vm) -> tuple[int, float]:
-    """The gap loop's turns so far and its longest gap in seconds."""
+def _turns(vm: Vm) -> int:
+    """The turn loop's count so far (waiting for its first write)."""
     deadline = time.monotonic() + GRACE
     while True:
         try:
-            text = vm.read_file("/run/loop").split()  # empty while the loop rewrites it
+            text = vm.read_file("/run/loop").strip()  # empty while the loop rewrites it
         except AgentRequestError:
-            text = []  # not written yet: the loop's shell is still starting
-        if len(text) == 2:
-            return int(text[0]), int(text[1]) / 100
-        assert time.monotonic() < deadline, "the gap loop wrote nothing"
+            text = b""  # not written yet: the loop's shell is still starting
+        if text:
+            return int(text)
+        assert time.monotonic() < deadline, "the turn loop wrote nothing"
         time.sleep(0.2)
+
+
+def _frozen(vm: Vm) -> bool:
+    """Whether the cgroup of all execs is frozen (read by the agent, which is not in it)."""
+    return b"frozen 1" in vm.read_file(EXECS_EVENTS).splitlines()
 
 
 def test_a_paused_export_freezes_every_process_while_it_reads_then_thaws_them(vm: Vm, tmp_path: Path) -> None:
     """`export_layer(pause=True)` (what `vm.commit` does by default) freezes the processes that
-    commands started, kept background ones included, for the whole walk, so none changes a file
-    while it is read; they run on afterwards."""
+    commands started, kept background ones included, while the walk runs, so none changes a file
+    while it is read; they run on afterwards. Watched from a second agent connection during the
+    export: the kernel's own report that every process of the execs is frozen, and a kept
+    background loop that makes no turn meanwhile."""
     vm.exec(["sh", "-c", "head -c 4194304 /dev/zero > /root/export-me"], check=True, timeout=GRACE)
-    pid = int(vm.exec(["sh", "-c", f"({GAP_LOOP}) > /dev/null 2>&1 & echo $!"], keep_background=True).stdout)
+    pid = int(vm.exec(["sh", "-c", f"({TURN_LOOP}) > /dev/null 2>&1 & echo $!"], keep_background=True).stdout)
+    samples: list[tuple[bool, int]] = []
+    exporting = threading.Event()
+
+    def watch() -> None:
+        while exporting.is_set():
+            # A count read between two frozen reports was read while frozen (the thaw may come
+            # between any two reads).
+            if _frozen(vm):
+                turns = _turns(vm)
+                samples.append((_frozen(vm), turns))
+            else:
+                samples.append((False, -1))
+            time.sleep(0.1)
+
     try:
-        turns_before, _ = _loop_state(vm)
-        started = time.monotonic()
-        layer = vm.export_layer(tmp_path / "layer.tar", compress=False, pause=True, timeout=GRACE)
-        walk = time.monotonic() - started
+        turns_before = _turns(vm)
+        assert not _frozen(vm)
+        exporting.set()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            layer = vm.export_layer(tmp_path / "layer.tar", compress=False, pause=True, timeout=GRACE)
+        finally:
+            exporting.clear()
+            watcher.join(GRACE)
         assert layer.size > 4 << 20
-        # Thawed: the loop turns on, and its first turn after the thaw measured the freeze.
-        turns_after, _ = _loop_state(vm)
+        frozen_turns = {turns for frozen, turns in samples if frozen}
+        assert frozen_turns, f"the execs were never seen frozen during the export: {samples}"
+        assert len(frozen_turns) == 1, f"the loop turned while frozen: {samples}"
+        # Thawed: the cgroup says so, and the loop turns on.
+        assert not _frozen(vm)
         deadline = time.monotonic() + GRACE
-        while (state := _loop_state(vm))[0] <= turns_after:
+        while _turns(vm) <= max(frozen_turns):
             assert time.monotonic() < deadline, "the loop stayed frozen after the export"
             time.sleep(0.2)
-        assert turns_after > turns_before
-        # Frozen for (nearly) the whole walk: its longest gap covers most of it.
-        longest = state[1]
-        assert longest >= walk / 2, (longest, walk)
+        assert max(frozen_turns) >= turns_before
     finally:
         vm.exec(["kill", "-9", str(pid)], timeout=GRACE)
         vm.exec(["rm", "-f", "/root/export-me", "/run/loop"], timeout=GRACE)
