@@ -1,4 +1,4 @@
-"""Chunking throughput: supermachine's FastCDC vs the peers, configured identically
+"""Chunking throughput: supermachine's chunker vs the FastCDC peers, configured identically
 (min 2 KiB / avg 16 KiB / max 64 KiB), one thread each, interleaved round by round in the same run
 (see interleave.py) on the same input: 256 MiB of random bytes, and a tar of part of /usr (real
 data), each given as a buffer and as a file path.
@@ -66,10 +66,10 @@ CHUNK_COUNT_RATIO = {
     "pyfastcdc": (0.95, 1.05),
     "fastcdc-py-2016": (1.03, 1.16),
 }
-"""Each peer's chunk count over supermachine's on the same input. The 2020 peers differ from
-supermachine only in the gear table (measured: 1.005 on random bytes, 0.980 on a /usr tar). The
-2016 algorithm places its normal size lower and so cuts 8-9% more, smaller chunks (measured:
-1.094 on random bytes, 1.079 on a /usr tar)."""
+"""Each peer's chunk count over supermachine's on the same input. The 2020 peers normalize the
+same way with the same masks' weights; supermachine hashes a 32-byte window instead of a gear
+table (measured: 0.986 on random bytes, 0.997 on a 2.4 GB /usr tar). The 2016 algorithm places its
+normal size lower and so cuts 8-9% more, smaller chunks."""
 
 
 @pytest.fixture(scope="module", params=["random", "usr-tar"])

@@ -1,4 +1,10 @@
-"""Content-defined chunking (FastCDC 2020 with normalized chunking), computed by the Rust core.
+"""Content-defined chunking (FastCDC-style normalized chunking), computed by the Rust core.
+
+A chunk may end after a byte when the hash of the 32 bytes ending there has its top bits zero:
+the digest ``sum((b ^ CDC_BYTE_KEY) << k)`` of the window's bytes (``k`` counts back from the last
+byte), times ``CDC_MULTIPLIER``, modulo 2**32; :func:`masks` gives the bits tested below and above
+``avg_size``. Every position's hash depends on its window alone, so the core scans for them in SIMD
+lanes (AVX-512 or AVX2, chosen at run time).
 
 Inputs are any bytes-like object (bytes, bytearray, memoryview, mmap, NumPy array), read in place
 without copying, or a path, which is streamed in bounded memory whatever its size. The GIL is
@@ -73,11 +79,7 @@ def chunk_many(
     return _core.cdc_lengths_many(inputs, threads=threads, **params.as_kwargs())
 
 
-def gear_table() -> list[int]:
-    """The 256-entry gear table (SplitMix64 from the fixed seed ``_core.CDC_GEAR_SEED``)."""
-    return _core.cdc_gear_table()
-
-
 def masks(params: ChunkParams = DEFAULT_PARAMS) -> tuple[int, int]:
-    """The (strict, loose) cut masks used below and above ``avg_size``."""
+    """The (strict, loose) masks of the 32-bit hash, used below and above ``avg_size``: a chunk
+    may end where the hash ANDed with the mask is zero."""
     return _core.cdc_masks(**params.as_kwargs())

@@ -12,40 +12,35 @@ from pathlib import Path
 import pytest
 from supermachine import _core, cdc
 
-MASK64 = (1 << 64) - 1
+MASK32 = (1 << 32) - 1
+WINDOW, MULTIPLIER, BYTE_KEY = _core.CDC_WINDOW, _core.CDC_MULTIPLIER, _core.CDC_BYTE_KEY
 
 
-def splitmix64_table(seed: int) -> list[int]:
-    """SplitMix64, written from its published definition, independently of the Rust code."""
-    out, state = [], seed
-    for _ in range(256):
-        state = (state + 0x9E3779B97F4A7C15) & MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-        out.append(z ^ (z >> 31))
-    return out
+def top_mask(bits: int) -> int:
+    """The documented mask rule: the top ``bits`` bits of the 32-bit hash."""
+    return (MASK32 << (32 - bits)) & MASK32
 
 
-def spread_mask(ones: int) -> int:
-    """The documented mask rule: `ones` bits spread evenly over bits 62 down to 15."""
-    return sum(1 << (62 - i * 48 // ones) for i in range(ones))
+def window_hash(data: bytes, index: int) -> int:
+    """The hash of the 32 bytes ending at ``data[index]``, straight from its definition."""
+    digest = sum((data[index - k] ^ BYTE_KEY) << k for k in range(WINDOW)) & MASK32
+    return (digest * MULTIPLIER) & MASK32
 
 
 def reference_lengths(data: bytes, p: cdc.ChunkParams) -> list[int]:
-    """FastCDC 2020 normalized chunking, one byte at a time, as the algorithm is specified."""
-    gear = splitmix64_table(_core.CDC_GEAR_SEED)
+    """Normalized chunking on the window hash, one byte at a time, as the algorithm is specified."""
     bits = round(math.log2(p.avg_size))
-    mask_small, mask_large = spread_mask(bits + p.normalization), spread_mask(bits - p.normalization)
+    mask_small, mask_large = top_mask(bits + p.normalization), top_mask(bits - p.normalization)
     out, start = [], 0
     while start < len(data):
         remaining = len(data) - start
         cut = min(remaining, p.max_size)
         if remaining > p.min_size:
-            h = 0
-            for i in range(p.min_size, cut):
-                h = ((h << 1) + gear[data[start + i]]) & MASK64
-                if h & (mask_small if i < p.avg_size else mask_large) == 0:
+            digest = 0
+            for i in range(p.min_size - WINDOW, cut):
+                digest = ((digest << 1) + (data[start + i] ^ BYTE_KEY)) & MASK32
+                h = (digest * MULTIPLIER) & MASK32
+                if i >= p.min_size and h & (mask_small if i < p.avg_size else mask_large) == 0:
                     cut = i + 1
                     break
         out.append(cut)
@@ -60,13 +55,26 @@ def random_bytes(n: int, seed: int) -> bytes:
 SMALL = cdc.ChunkParams(min_size=256, avg_size=1024, max_size=4096)
 
 
-def test_gear_table_is_splitmix64_of_the_documented_seed() -> None:
-    assert cdc.gear_table() == splitmix64_table(_core.CDC_GEAR_SEED)
+def test_the_rolling_digest_is_the_window_hash() -> None:
+    """The reference rolls its digest; the definition sums the window. They agree once 32 bytes
+    are in, and the first cut of a chunk is where the defined hash first passes."""
+    data = random_bytes(5000, seed=1)
+    params = cdc.ChunkParams(min_size=64, avg_size=128, max_size=4096, normalization=0)
+    first = cdc.lengths(data, params)[0]
+    mask = top_mask(7)
+    passing = [i for i in range(64, 4096) if window_hash(data, i) & mask == 0]
+    assert first == passing[0] + 1
 
 
 def test_masks_follow_the_documented_rule() -> None:
-    assert cdc.masks() == (spread_mask(15), spread_mask(13))
-    assert cdc.masks(SMALL) == (spread_mask(11), spread_mask(9))
+    assert cdc.masks() == (top_mask(15), top_mask(13))
+    assert cdc.masks(SMALL) == (top_mask(11), top_mask(9))
+
+
+def test_runs_of_one_byte_are_cut_at_max_size() -> None:
+    """Zero pages, padding and blank space are never cut points (the byte key sees to it)."""
+    for byte in (0x00, 0xFF, 0x20):
+        assert cdc.lengths(bytes([byte]) * 150_000) == [65536, 65536, 18928]
 
 
 @pytest.mark.parametrize(

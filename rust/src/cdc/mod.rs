@@ -1,23 +1,29 @@
-//! Content-defined chunking: a FastCDC-style gear-hash chunker with normalized chunking
-//! (Xia et al., "The Design of Fast Content-Defined Chunking for Data Deduplication Based
-//! Storage Systems", 2020).
+//! Content-defined chunking: normalized chunking in the manner of FastCDC (Xia et al., "The
+//! Design of Fast Content-Defined Chunking for Data Deduplication Based Storage Systems", 2020),
+//! on a window hash that SIMD lanes can compute independently.
 //!
-//! A cut point is placed after byte `i` when the rolling gear hash over the bytes since
-//! `min_size` satisfies `hash & mask == 0`. A stricter mask (more one-bits) is used before the
-//! average size and a looser one after it, which narrows the chunk-size distribution around the
-//! average ("normalized chunking"). Bytes before `min_size` are never hashed (the sub-minimum
-//! skip that makes FastCDC fast), and no chunk is longer than `max_size`.
+//! A chunk may end after byte `i` when the hash of the 32 bytes ending there has its top bits
+//! zero (see [`window`]). A stricter mask (more bits) is used while the chunk is shorter than the
+//! average size and a looser one after, which narrows the chunk-size distribution around the
+//! average ("normalized chunking"). No chunk ends within its first `min_size` bytes, and none is
+//! longer than `max_size`.
 //!
-//! The cut decision only ever looks at `max_size` bytes from the chunk start, which is what lets
+//! Each position's hash depends on its 32-byte window alone, not on where the chunk started, so
+//! the scan for candidate positions runs ahead of the cut decisions, in 8 or 16 SIMD lanes (see
+//! [`simd`]), and [`cutter::Cutter`] resolves the cuts from the candidates. The cut decision only
+//! ever looks at `max_size` bytes from the chunk start, which is what lets
 //! [`stream::chunk_reader`] produce exactly the same cut points as [`Chunker::chunks`] on the
-//! whole buffer.
+//! whole buffer. [`Chunker::cut`] is the same rule one chunk at a time, one byte at a time.
 
-mod gear;
+pub mod cutter;
+pub mod simd;
 pub mod stream;
+pub mod window;
 
-pub use gear::{GEAR, GEAR_LS, GEAR_SEED};
+use cutter::Cutter;
+use window::{mix, roll, top_bits_mask, Masks};
 
-/// Smallest `min_size` accepted: below it the gear hash has too little context.
+/// Smallest `min_size` accepted: below it the window hash has too little context.
 pub const MIN_SIZE_FLOOR: usize = 64;
 /// Largest `max_size` accepted (chunks are held in memory whole).
 pub const MAX_SIZE_CEILING: usize = 256 << 20;
@@ -27,12 +33,6 @@ pub const DEFAULT_AVG: usize = 16 << 10;
 pub const DEFAULT_MAX: usize = 64 << 10;
 /// Default normalization level (FastCDC's "NC level"): masks of avg bits +/- 1.
 pub const DEFAULT_NORMALIZATION: u32 = 1;
-
-/// Mask one-bits are spread over this window of the 64-bit hash. High bits depend on more input
-/// bytes (bit `k` of a gear hash depends on the last `k + 1` bytes), so low bits are avoided; bit
-/// 63 is avoided so the two-bytes-per-step loop, which checks `hash << 1`, loses no mask bit.
-const MASK_HIGHEST_BIT: u32 = 62;
-const MASK_WINDOW: u32 = 48;
 
 /// Why a set of chunker parameters was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,10 +53,7 @@ pub struct Chunker {
     min_size: usize,
     avg_size: usize,
     max_size: usize,
-    /// Stricter mask, used while the chunk is shorter than `avg_size`.
-    mask_small: u64,
-    /// Looser mask, used from `avg_size` up to `max_size`.
-    mask_large: u64,
+    masks: Masks,
 }
 
 impl Default for Chunker {
@@ -64,14 +61,6 @@ impl Default for Chunker {
         Self::new(DEFAULT_MIN, DEFAULT_AVG, DEFAULT_MAX, DEFAULT_NORMALIZATION)
             .expect("default chunk sizes are valid")
     }
-}
-
-/// A mask with `ones` one-bits spread evenly over the mask window.
-pub fn spread_mask(ones: u32) -> u64 {
-    let ones = ones.clamp(1, MASK_WINDOW);
-    (0..ones).fold(0u64, |mask, i| {
-        mask | 1u64 << (MASK_HIGHEST_BIT - i * MASK_WINDOW / ones)
-    })
 }
 
 impl Chunker {
@@ -110,8 +99,10 @@ impl Chunker {
             min_size,
             avg_size,
             max_size,
-            mask_small: spread_mask(bits + normalization),
-            mask_large: spread_mask(bits.saturating_sub(normalization)),
+            masks: Masks {
+                strict: top_bits_mask(bits + normalization),
+                loose: top_bits_mask(bits.saturating_sub(normalization)),
+            },
         })
     }
 
@@ -125,28 +116,32 @@ impl Chunker {
         self.max_size
     }
     /// The (strict, loose) masks, for independent implementations to check against.
-    pub fn masks(&self) -> (u64, u64) {
-        (self.mask_small, self.mask_large)
+    pub fn masks(&self) -> (u32, u32) {
+        (self.masks.strict, self.masks.loose)
     }
 
-    /// Length of the chunk that starts at `data[0]`.
+    /// Length of the chunk that starts at `data[0]`, one byte at a time: the plain statement of
+    /// the rule that [`Chunker::chunks`] and [`stream::chunk_reader`] compute faster.
     ///
     /// `data` must hold at least `max_size` bytes unless it is the end of the input; the result
     /// never depends on bytes past `max_size`.
-    #[inline]
     pub fn cut(&self, data: &[u8]) -> usize {
         let len = data.len();
         if len <= self.min_size {
             return len;
         }
         let end = len.min(self.max_size);
-        let normal = self.avg_size.min(end);
-        let mut hash = 0u64;
-        if let Some(cut) = scan(&mut hash, data, self.min_size, normal, self.mask_small) {
-            return cut;
-        }
-        if let Some(cut) = scan(&mut hash, data, normal, end, self.mask_large) {
-            return cut;
+        let mut digest = window::digest_before(data, self.min_size);
+        for (index, &byte) in data.iter().enumerate().take(end).skip(self.min_size) {
+            digest = roll(digest, byte);
+            let mask = if index < self.avg_size {
+                self.masks.strict
+            } else {
+                self.masks.loose
+            };
+            if mix(digest) & mask == 0 {
+                return index + 1;
+            }
         }
         end
     }
@@ -154,196 +149,23 @@ impl Chunker {
     /// Iterates over `(offset, length)` of the chunks of a whole buffer.
     pub fn chunks<'a>(&self, data: &'a [u8]) -> Chunks<'a> {
         Chunks {
-            chunker: *self,
+            cutter: Cutter::new(*self),
             data,
+            cuts: Vec::new(),
+            next_cut: 0,
             offset: 0,
         }
     }
 }
 
-/// Rolls the gear hash over `data[from..to]`, returning the chunk length at the first byte whose
-/// hash matches `mask`. On x86-64 eight bytes are taken per loop turn by [`scan_x86_64`]; the
-/// portable [`scan_portable`] does the rest (and all of it elsewhere). Both give the same cuts.
-#[inline(always)]
-fn scan(hash: &mut u64, data: &[u8], from: usize, to: usize, mask: u64) -> Option<usize> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        scan_x86_64(hash, data, from, to, mask)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        scan_portable(hash, data, from, to, mask)
-    }
-}
-
-/// The hot loop of [`scan`] in assembly, eight bytes per turn, for whole 8-byte blocks of
-/// `data[from..to]`; the tail goes to [`scan_portable`].
-///
-/// Same algebra as [`scan_portable`], scheduled so that the loop-carried chain is one shift and
-/// two adds per four bytes while every intermediate hash is formed by an `lea` off that chain
-/// (`lea x, [G'[a] + h*4]` is the hash after `a`, shifted). Compilers reassociate the portable
-/// version's adds back into the chain and spend more instructions; this version measured about
-/// 9% faster on one core.
-#[cfg(target_arch = "x86_64")]
-#[inline(never)]
-fn scan_x86_64(hash: &mut u64, data: &[u8], from: usize, to: usize, mask: u64) -> Option<usize> {
-    if from >= to {
-        return None;
-    }
-    let blocks = &data[from..to][..(to - from) / 8 * 8];
-    if blocks.is_empty() {
-        return scan_portable(hash, data, from, to, mask);
-    }
-    let start = blocks.as_ptr();
-    let end = start.wrapping_add(blocks.len());
-    let mut p = start;
-    let mut h = *hash;
-    let hit: u64;
-    // SAFETY: the loop reads the bytes `[p, p + 8)` for `p` from `start` up to `end` in steps of
-    // 8, all inside `blocks`, and 8-byte table entries at byte indexes (< 256) of the two static
-    // 256-entry gear tables. It writes no memory and touches no stack; every register it changes
-    // is declared as an output.
-    unsafe {
-        std::arch::asm!(
-            "2:",
-            "movzx {a:e}, byte ptr [{p}]",
-            "movzx {b:e}, byte ptr [{p} + 1]",
-            "mov {ga}, qword ptr [{gls} + {a}*8]",
-            "lea {x}, [{ga} + {h}*4]",
-            "test {x}, {ms}",
-            "jz 31f",
-            "add {ga}, qword ptr [{g} + {b}*8]",
-            "lea {x}, [{ga} + {h}*4]",
-            "test {x}, {m}",
-            "jz 32f",
-            "movzx {a:e}, byte ptr [{p} + 2]",
-            "movzx {b:e}, byte ptr [{p} + 3]",
-            "mov {x}, qword ptr [{gls} + {a}*8]",
-            "lea {x}, [{x} + {ga}*4]",
-            "shl {h}, 4",
-            "add {h}, {x}",
-            "test {h}, {ms}",
-            "jz 33f",
-            "add {h}, qword ptr [{g} + {b}*8]",
-            "test {h}, {m}",
-            "jz 34f",
-            "movzx {a:e}, byte ptr [{p} + 4]",
-            "movzx {b:e}, byte ptr [{p} + 5]",
-            "mov {ga}, qword ptr [{gls} + {a}*8]",
-            "lea {x}, [{ga} + {h}*4]",
-            "test {x}, {ms}",
-            "jz 35f",
-            "add {ga}, qword ptr [{g} + {b}*8]",
-            "lea {x}, [{ga} + {h}*4]",
-            "test {x}, {m}",
-            "jz 36f",
-            "movzx {a:e}, byte ptr [{p} + 6]",
-            "movzx {b:e}, byte ptr [{p} + 7]",
-            "mov {x}, qword ptr [{gls} + {a}*8]",
-            "lea {x}, [{x} + {ga}*4]",
-            "shl {h}, 4",
-            "add {h}, {x}",
-            "test {h}, {ms}",
-            "jz 37f",
-            "add {h}, qword ptr [{g} + {b}*8]",
-            "test {h}, {m}",
-            "jz 38f",
-            "add {p}, 8",
-            "cmp {p}, {end}",
-            "jb 2b",
-            "xor {hit:e}, {hit:e}",
-            "jmp 4f",
-            "31:", "mov {hit:e}, 1", "jmp 4f",
-            "32:", "mov {hit:e}, 2", "jmp 4f",
-            "33:", "mov {hit:e}, 3", "jmp 4f",
-            "34:", "mov {hit:e}, 4", "jmp 4f",
-            "35:", "mov {hit:e}, 5", "jmp 4f",
-            "36:", "mov {hit:e}, 6", "jmp 4f",
-            "37:", "mov {hit:e}, 7", "jmp 4f",
-            "38:", "mov {hit:e}, 8",
-            "4:",
-            p = inout(reg) p,
-            h = inout(reg) h,
-            hit = out(reg) hit,
-            a = out(reg) _,
-            b = out(reg) _,
-            ga = out(reg) _,
-            x = out(reg) _,
-            end = in(reg) end,
-            gls = in(reg) GEAR_LS.as_ptr(),
-            g = in(reg) GEAR.as_ptr(),
-            ms = in(reg) mask << 1,
-            m = in(reg) mask,
-            options(nostack, readonly, pure),
-        );
-    }
-    let done = p as usize - start as usize;
-    if hit != 0 {
-        return Some(from + done + hit as usize);
-    }
-    *hash = h;
-    scan_portable(hash, data, from + blocks.len(), to, mask)
-}
-
-/// [`scan`] in plain Rust, for any target.
-///
-/// The speed of a gear hash is bounded by its serial shift-add chain, so four bytes are taken per
-/// step and the chain is shortened algebraically. With `G' = G << 1`:
-///
-/// * `(h << 2) + G'[a]` is the hash after byte `a`, shifted left by one: testing it against
-///   `mask << 1` is the same test as on the hash itself, because bit 63 is never in a mask;
-/// * `p = G'[a] + G[b]` does not depend on `h`, so the hash after `b` is `(h << 2) + p`, and the
-///   hash after `d` is `(h << 4) + (p << 2) + G'[c] + G[d]`.
-///
-/// The intermediate hashes are then computed off the critical path, which carries only about one
-/// operation per byte instead of two. Kept out of line so the loop owns the registers it needs.
-#[inline(never)]
-fn scan_portable(hash: &mut u64, data: &[u8], from: usize, to: usize, mask: u64) -> Option<usize> {
-    if from >= to {
-        return None;
-    }
-    let mask_shifted = mask << 1;
-    let mut h = *hash;
-    let mut pos = from;
-    let mut quads = data[from..to].chunks_exact(4);
-    for q in &mut quads {
-        let ga = GEAR_LS[q[0] as usize];
-        let p = ga.wrapping_add(GEAR[q[1] as usize]);
-        let s = h << 2;
-        if s.wrapping_add(ga) & mask_shifted == 0 {
-            return Some(pos + 1);
-        }
-        if s.wrapping_add(p) & mask == 0 {
-            return Some(pos + 2);
-        }
-        let t = (h << 4)
-            .wrapping_add(p << 2)
-            .wrapping_add(GEAR_LS[q[2] as usize]);
-        if t & mask_shifted == 0 {
-            return Some(pos + 3);
-        }
-        h = t.wrapping_add(GEAR[q[3] as usize]);
-        if h & mask == 0 {
-            return Some(pos + 4);
-        }
-        pos += 4;
-    }
-    for &byte in quads.remainder() {
-        h = (h << 1).wrapping_add(GEAR[byte as usize]);
-        pos += 1;
-        if h & mask == 0 {
-            return Some(pos);
-        }
-    }
-    *hash = h;
-    None
-}
-
-/// Iterator over the chunks of a whole buffer, as `(offset, length)`.
+/// Iterator over the chunks of a whole buffer, as `(offset, length)`; scans a block at a time.
 #[derive(Debug, Clone)]
 pub struct Chunks<'a> {
-    chunker: Chunker,
+    cutter: Cutter,
     data: &'a [u8],
+    /// End offsets of chunks found and not yet returned, from `next_cut` on.
+    cuts: Vec<u64>,
+    next_cut: usize,
     offset: usize,
 }
 
@@ -351,79 +173,37 @@ impl Iterator for Chunks<'_> {
     type Item = (usize, usize);
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.offset >= self.data.len() {
-            return None;
+        while self.next_cut == self.cuts.len() {
+            let len = self.data.len() as u64;
+            if self.cutter.start() == len {
+                return None;
+            }
+            self.cuts.clear();
+            self.next_cut = 0;
+            let scanned = self.cutter.scanned();
+            if scanned < len {
+                let to = len.min(scanned + cutter::SCAN_BLOCK as u64) as usize;
+                self.cutter.scan(&self.data[..to], 0, &mut self.cuts);
+            } else {
+                self.cutter.finish(len, &mut self.cuts);
+            }
         }
-        let len = self.chunker.cut(&self.data[self.offset..]);
-        let item = (self.offset, len);
-        self.offset += len;
+        let end = self.cuts[self.next_cut] as usize;
+        self.next_cut += 1;
+        let item = (self.offset, end - self.offset);
+        self.offset = end;
         Some(item)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::simd::{Kernel, Lanes};
+    use super::window::{scan_portable, BYTE_KEY, MULTIPLIER, WINDOW};
     use super::*;
 
-    #[test]
-    fn the_assembly_loop_cuts_where_the_portable_one_does() {
-        // Masks from strict to loose, so hits fall at every position of the 8-byte blocks, and
-        // ranges of every length modulo 8.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let data: Vec<u8> = (0..1 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 32) as u8
-            })
-            .collect();
-        let mut positions = [0usize; 8];
-        for ones in 1..14 {
-            let mask = spread_mask(ones);
-            let mut from = 0;
-            for step in 0..2000 {
-                let to = (from + 1 + step % 300).min(data.len());
-                let (mut h1, mut h2) = (step as u64 * 0x1234_5678, step as u64 * 0x1234_5678);
-                let fast = scan(&mut h1, &data, from, to, mask);
-                let slow = scan_portable(&mut h2, &data, from, to, mask);
-                assert_eq!(fast, slow, "mask bits {ones}, range {from}..{to}");
-                match fast {
-                    Some(cut) => positions[(cut - from - 1) % 8] += 1,
-                    None => assert_eq!(h1, h2),
-                }
-                from = fast.unwrap_or(to) % (data.len() - 400);
-            }
-        }
-        assert!(
-            positions.iter().all(|&n| n > 0),
-            "hits at every block offset: {positions:?}"
-        );
-    }
-
-    /// A deliberately plain one-byte-at-a-time version of the cut rule, to check the unrolled one.
-    fn reference_cut(c: &Chunker, data: &[u8]) -> usize {
-        if data.len() <= c.min_size {
-            return data.len();
-        }
-        let end = data.len().min(c.max_size);
-        let mut h = 0u64;
-        for (i, &b) in data.iter().enumerate().take(end).skip(c.min_size) {
-            h = (h << 1).wrapping_add(GEAR[b as usize]);
-            let mask = if i < c.avg_size {
-                c.mask_small
-            } else {
-                c.mask_large
-            };
-            if h & mask == 0 {
-                return i + 1;
-            }
-        }
-        end
-    }
-
     fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed;
+        let mut x = seed | 1;
         (0..len)
             .map(|_| {
                 x ^= x << 13;
@@ -434,20 +214,117 @@ mod tests {
             .collect()
     }
 
+    /// The hash of the window ending at `index`, straight from its definition.
+    fn window_hash(data: &[u8], index: usize) -> u32 {
+        let digest = (0..WINDOW).fold(0u32, |sum, k| {
+            sum.wrapping_add(u32::from(data[index - k] ^ BYTE_KEY).wrapping_shl(k as u32))
+        });
+        digest.wrapping_mul(MULTIPLIER)
+    }
+
     #[test]
-    fn unrolled_cut_matches_the_byte_at_a_time_rule() {
-        for (min, avg, max) in [(64, 256, 1024), (2048, 16384, 65536), (1000, 3000, 9001)] {
-            let c = Chunker::new(min, avg, max, 1).unwrap();
-            let data = pseudo_random(1 << 20, min as u64);
-            let mut off = 0;
-            while off < data.len() {
-                let want = reference_cut(&c, &data[off..]);
+    fn the_rolled_hash_is_the_window_hash() {
+        let data = pseudo_random(4096, 3);
+        let masks = Masks {
+            strict: top_bits_mask(3),
+            loose: top_bits_mask(2),
+        };
+        let mut found = Vec::new();
+        scan_portable(&data, WINDOW, data.len(), masks, &mut found);
+        let want: Vec<_> = (WINDOW..data.len())
+            .filter_map(|i| window::Candidate::of(i, window_hash(&data, i), masks))
+            .collect();
+        assert_eq!(found, want);
+        assert!(found.len() > 500, "about a quarter of the positions pass");
+    }
+
+    #[test]
+    fn every_kernel_finds_the_candidates_the_portable_scan_finds() {
+        let kernels = Kernel::available();
+        assert!(kernels.contains(&Kernel::Portable));
+        let data = pseudo_random(1 << 20, 11);
+        let mut lanes = Lanes::default();
+        // Loose masks from 1 bit (every other position) to 14, ranges of every length modulo
+        // 256 (whole turns per lane or not) from every offset modulo 16.
+        for bits in [1, 2, 5, 9, 14] {
+            let masks = Masks {
+                strict: top_bits_mask(bits + 2),
+                loose: top_bits_mask(bits),
+            };
+            let mut from = WINDOW;
+            for step in 0..300 {
+                let to = (from + step * 37 % 70_000).min(data.len());
+                let mut want = Vec::new();
+                scan_portable(&data, from, to, masks, &mut want);
+                for &kernel in &kernels {
+                    let mut got = Vec::new();
+                    kernel.scan(&data, from, to, masks, &mut lanes, &mut got);
+                    assert_eq!(got, want, "{kernel:?}, {bits} bits, {from}..{to}");
+                }
+                from = WINDOW + (from + 4099) % (data.len() / 2);
+            }
+        }
+    }
+
+    /// Cut points by [`Chunker::cut`], the one-chunk-at-a-time statement of the rule.
+    fn cut_by_cut(c: &Chunker, data: &[u8]) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut offset = 0;
+        while offset < data.len() {
+            let len = c.cut(&data[offset..]);
+            out.push((offset, len));
+            offset += len;
+        }
+        out
+    }
+
+    fn cut_by_cutter(c: &Chunker, data: &[u8], kernel: Kernel) -> Vec<(usize, usize)> {
+        let mut cutter = Cutter::with_kernel(*c, kernel);
+        let mut ends = Vec::new();
+        cutter.scan(data, 0, &mut ends);
+        cutter.finish(data.len() as u64, &mut ends);
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let chunk = (start, end as usize - start);
+                start = end as usize;
+                chunk
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_cutter_cuts_where_the_one_chunk_rule_does() {
+        for (min, avg, max, norm) in [
+            (64, 256, 1024, 1),
+            (2048, 16384, 65536, 1),
+            (1000, 3000, 9001, 2),
+            (64, 65, 66, 0),
+            (4096, 8192, 1 << 20, 3),
+        ] {
+            let c = Chunker::new(min, avg, max, norm).unwrap();
+            for data in [
+                pseudo_random(3 << 20, min as u64),
+                // Runs longer than max_size, with random stretches between.
+                (0..3 << 20)
+                    .map(|i: usize| {
+                        if (i / 100_000).is_multiple_of(2) {
+                            0
+                        } else {
+                            ((i * 7919) >> 5) as u8
+                        }
+                    })
+                    .collect(),
+            ] {
+                let want = cut_by_cut(&c, &data);
                 assert_eq!(
-                    c.cut(&data[off..]),
+                    c.chunks(&data).collect::<Vec<_>>(),
                     want,
-                    "at offset {off} for {min}/{avg}/{max}"
+                    "{min}/{avg}/{max}"
                 );
-                off += want;
+                for kernel in Kernel::available() {
+                    assert_eq!(cut_by_cutter(&c, &data, kernel), want, "{kernel:?}");
+                }
             }
         }
     }
@@ -469,26 +346,33 @@ mod tests {
         assert_eq!(expect_offset, data.len());
         let avg = data.len() / chunks.len();
         assert!(
-            (8 << 10..32 << 10).contains(&avg),
-            "average chunk {avg} far from 16 KiB"
+            (16 << 10..22 << 10).contains(&avg),
+            "average chunk {avg} far from the 18-19 KiB normalized chunking gives"
         );
     }
 
     #[test]
-    fn zero_bytes_cut_at_max_size() {
+    fn runs_of_common_bytes_cut_at_max_size() {
         let c = Chunker::default();
-        let data = vec![0u8; 300_000];
-        let lens: Vec<_> = c.chunks(&data).map(|(_, l)| l).collect();
-        assert_eq!(lens, vec![65536, 65536, 65536, 65536, 37856]);
+        for byte in [0x00, 0xff, b' '] {
+            let data = vec![byte; 300_000];
+            let lens: Vec<_> = c.chunks(&data).map(|(_, l)| l).collect();
+            assert_eq!(lens, vec![65536, 65536, 65536, 65536, 37856], "{byte:#x}");
+        }
     }
 
     #[test]
-    fn masks_have_expected_weight_and_avoid_bit_63() {
-        let (s, l) = Chunker::default().masks();
-        assert_eq!(s.count_ones(), 15);
-        assert_eq!(l.count_ones(), 13);
-        assert_eq!(s >> 63, 0);
-        assert_eq!(l >> 63, 0);
+    fn masks_are_the_top_bits() {
+        let (strict, loose) = Chunker::default().masks();
+        assert_eq!(strict, 0xfffe_0000, "15 bits for 16 KiB + 1");
+        assert_eq!(loose, 0xfff8_0000, "13 bits for 16 KiB - 1");
+        let (strict, loose) = Chunker::new(64, 65, 66, 3).unwrap().masks();
+        assert_eq!((strict, loose), (top_bits_mask(9), top_bits_mask(3)));
+        // The largest sizes accepted still leave a bit of the hash unmasked.
+        let (strict, _) = Chunker::new(1 << 20, (1 << 28) - 1, 1 << 28, 3)
+            .unwrap()
+            .masks();
+        assert_eq!(strict, top_bits_mask(31));
     }
 
     #[test]
@@ -516,5 +400,7 @@ mod tests {
         let c = Chunker::default();
         assert_eq!(c.chunks(&[]).count(), 0);
         assert_eq!(c.chunks(&[1, 2, 3]).collect::<Vec<_>>(), vec![(0, 3)]);
+        let data = pseudo_random(DEFAULT_MIN + 1, 5);
+        assert_eq!(c.chunks(&data).collect::<Vec<_>>(), cut_by_cut(&c, &data));
     }
 }

@@ -112,12 +112,6 @@ fn cdc_chunks(
     })
 }
 
-/// The 256-entry gear table, for independent implementations and tests.
-#[pyfunction]
-fn cdc_gear_table() -> Vec<u64> {
-    cdc::GEAR.to_vec()
-}
-
 /// The (strict, loose) masks a chunker with these sizes uses.
 #[pyfunction]
 #[pyo3(signature = (*, min_size=cdc::DEFAULT_MIN, avg_size=cdc::DEFAULT_AVG, max_size=cdc::DEFAULT_MAX, normalization=cdc::DEFAULT_NORMALIZATION))]
@@ -126,16 +120,17 @@ fn cdc_masks(
     avg_size: usize,
     max_size: usize,
     normalization: u32,
-) -> PyResult<(u64, u64)> {
+) -> PyResult<(u32, u32)> {
     Ok(chunker(min_size, avg_size, max_size, normalization)?.masks())
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("CDC_GEAR_SEED", cdc::GEAR_SEED)?;
+    m.add("CDC_WINDOW", cdc::window::WINDOW)?;
+    m.add("CDC_MULTIPLIER", cdc::window::MULTIPLIER)?;
+    m.add("CDC_BYTE_KEY", cdc::window::BYTE_KEY)?;
     m.add_function(wrap_pyfunction!(cdc_lengths, m)?)?;
     m.add_function(wrap_pyfunction!(cdc_lengths_many, m)?)?;
     m.add_function(wrap_pyfunction!(cdc_chunks, m)?)?;
-    m.add_function(wrap_pyfunction!(cdc_gear_table, m)?)?;
     m.add_function(wrap_pyfunction!(cdc_masks, m)?)?;
     Ok(())
 }

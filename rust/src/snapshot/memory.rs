@@ -116,7 +116,7 @@ pub fn runs(bitmap: &[u8], from: usize, to: usize) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut page = from;
     while page < to {
-        if bitmap[page / 8] == 0 && page % 8 == 0 {
+        if bitmap[page / 8] == 0 && page.is_multiple_of(8) {
             page += 8;
             continue;
         }

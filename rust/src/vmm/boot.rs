@@ -271,7 +271,7 @@ pub fn load_raw(
             EntryPoint::Long { entry: load_addr }
         }
         RawMode::Real => {
-            if load_addr % 16 != 0 || end > HIGH_MEM_START || load_addr < 0x600 {
+            if !load_addr.is_multiple_of(16) || end > HIGH_MEM_START || load_addr < 0x600 {
                 return Err(placement(
                     "real mode images must be 16-byte aligned between 0x600 and 1 MiB",
                 ));

@@ -468,7 +468,7 @@ fn parse(
             if segments.iter().any(|d| d.is_write_only() == write) {
                 return Err(ioerr());
             }
-            if data_len % SECTOR_SIZE != 0 || data_len > MAX_REQUEST_BYTES {
+            if !data_len.is_multiple_of(SECTOR_SIZE) || data_len > MAX_REQUEST_BYTES {
                 return Err(ioerr());
             }
             let end = sector

@@ -421,14 +421,14 @@ impl BusDevice for MmioTransport {
             }
             return;
         }
-        if data.len() == 4 && offset % 4 == 0 {
+        if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         // Configuration space of our devices is read-only; registers are 32-bit only.
-        if offset < CONFIG_START && data.len() == 4 && offset % 4 == 0 {
+        if offset < CONFIG_START && data.len() == 4 && offset.is_multiple_of(4) {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             self.write_reg(offset, v);
         }
