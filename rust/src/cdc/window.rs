@@ -46,7 +46,8 @@ pub fn top_bits_mask(bits: u32) -> u32 {
     !0u32 << (32 - bits.clamp(1, 32))
 }
 
-/// The two masks of normalized chunking.
+/// The two masks of normalized chunking, both made by [`top_bits_mask`] (the scans rely on it:
+/// a hash passes a top-bits mask exactly when it is below a threshold).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Masks {
     /// Used while the chunk is shorter than the average size.
@@ -81,17 +82,46 @@ pub fn digest_before(data: &[u8], from: usize) -> u32 {
         .fold(0, |digest, &byte| roll(digest, byte))
 }
 
-/// Appends the candidates at byte indexes `from..to` of `data`, in order, one byte at a time.
-/// `from` must be at least [`WINDOW`].
+/// Appends the candidates at byte indexes `from..to` of `data`, in order. `from` must be at
+/// least [`WINDOW`].
+///
+/// Four bytes are taken per step, and the digest's serial chain is shortened algebraically: with
+/// `x` the keyed bytes, the digest after the fourth is `(d << 4) + (((2*x0 + x1)*2 + x2)*2 + x3)`,
+/// whose second term does not depend on `d`, and the digests after the first three are formed off
+/// the chain the same way (rolled one byte at a time, the chain is two cycles per byte). Eight
+/// positions are then tested at once: the loose mask is the top bits, so some hash of the eight
+/// passes exactly when the smallest does, and only then are they looked at one by one.
 pub fn scan_portable(data: &[u8], from: usize, to: usize, masks: Masks, out: &mut Vec<Candidate>) {
     if from >= to {
         return;
     }
     let mut digest = digest_before(data, from);
-    for (index, &byte) in data[from..to].iter().enumerate() {
-        digest = roll(digest, byte);
-        if let Some(candidate) = Candidate::of(from + index, mix(digest), masks) {
-            out.push(candidate);
+    let mut octets = data[from..to].chunks_exact(8);
+    let mut index = from;
+    for octet in &mut octets {
+        let mut hashes = [0u32; 8];
+        for (quad, hashes) in octet.chunks_exact(4).zip(hashes.chunks_exact_mut(4)) {
+            let x = |k: usize| u32::from(quad[k] ^ BYTE_KEY);
+            let two = (x(0) << 1).wrapping_add(x(1));
+            let three = (two << 1).wrapping_add(x(2));
+            let four = (three << 1).wrapping_add(x(3));
+            hashes[0] = mix((digest << 1).wrapping_add(x(0)));
+            hashes[1] = mix((digest << 2).wrapping_add(two));
+            hashes[2] = mix((digest << 3).wrapping_add(three));
+            digest = (digest << 4).wrapping_add(four);
+            hashes[3] = mix(digest);
         }
+        let smallest = hashes.iter().fold(u32::MAX, |low, &hash| low.min(hash));
+        if smallest & masks.loose == 0 {
+            for (k, &hash) in hashes.iter().enumerate() {
+                out.extend(Candidate::of(index + k, hash, masks));
+            }
+        }
+        index += 8;
+    }
+    for &byte in octets.remainder() {
+        digest = roll(digest, byte);
+        out.extend(Candidate::of(index, mix(digest), masks));
+        index += 1;
     }
 }
