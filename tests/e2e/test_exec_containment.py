@@ -6,7 +6,6 @@ exec ends unless it asks to keep them; programs that cannot run exit 127/126 lik
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -96,6 +95,21 @@ def test_programs_that_cannot_run_exit_127_and_126(vm: Vm) -> None:
 # Counts its turns in /run/loop; every turn is system calls only, no fork.
 TURN_LOOP = 'n=0; while :; do n=$((n + 1)); echo "$n" > /run/loop; done'
 EXECS_EVENTS = "/sys/fs/cgroup/exec/cgroup.events"
+OBSERVER_LOG = "/run/observer.log"
+# Watches the freeze from inside the guest, where a look takes milliseconds (from the host, through
+# the agent, it can take seconds on a loaded emulating host, longer than the whole freeze). It first
+# moves itself to the root cgroup, which the freeze of the execs' cgroup does not reach, then logs
+# every change of "<frozen> <loop count> <frozen>", the kernel's frozen flag read before and after
+# the count: a count between two frozen reads was read while frozen (the shell's `read` takes one
+# byte per system call, so a count read while the loop runs can be torn). Builtins only, no fork.
+OBSERVER = (
+    "echo 0 > /sys/fs/cgroup/cgroup.procs; last=; "
+    f'frozen() {{ f=0; while read -r k v; do [ "$k" = frozen ] && f=$v; done < {EXECS_EVENTS}; }}; '
+    "while :; do "
+    "frozen; before=$f; turns=; read -r turns < /run/loop; frozen; "
+    f'now="$before $turns $f"; [ "$now" = "$last" ] || echo "$now" >> {OBSERVER_LOG}; last=$now; '
+    "done"
+)
 
 
 def _turns(vm: Vm) -> int:
@@ -112,55 +126,54 @@ def _turns(vm: Vm) -> int:
         time.sleep(0.2)
 
 
-def _frozen(vm: Vm) -> bool:
-    """Whether the cgroup of all execs is frozen (read by the agent, which is not in it)."""
-    return b"frozen 1" in vm.read_file(EXECS_EVENTS).splitlines()
+def _observed(vm: Vm) -> list[tuple[bool, int | None, bool]]:
+    """The observer's log so far: (frozen before, loop count or None mid-write, frozen after)."""
+    try:
+        text = vm.read_file(OBSERVER_LOG).decode()
+    except AgentRequestError:
+        return []  # nothing logged yet
+    lines = [line.split(" ") for line in text.splitlines()]
+    return [(before == "1", int(turns) if turns else None, after == "1") for before, turns, after in lines]
+
+
+def _keep(vm: Vm, script: str) -> int:
+    """Starts a kept background shell running `script`; its pid."""
+    return int(vm.exec(["sh", "-c", f"({script}) > /dev/null 2>&1 & echo $!"], keep_background=True).stdout)
 
 
 def test_a_paused_export_freezes_every_process_while_it_reads_then_thaws_them(vm: Vm, tmp_path: Path) -> None:
     """`export_layer(pause=True)` (what `vm.commit` does by default) freezes the processes that
     commands started, kept background ones included, while the walk runs, so none changes a file
-    while it is read; they run on afterwards. Watched from a second agent connection during the
-    export: the kernel's own report that every process of the execs is frozen, and a kept
+    while it is read; they run on afterwards. Watched by an observer in the guest outside the
+    frozen cgroup: the kernel's own report that every process of the execs is frozen, and a kept
     background loop that makes no turn meanwhile."""
     vm.exec(["sh", "-c", "head -c 4194304 /dev/zero > /root/export-me"], check=True, timeout=GRACE)
-    pid = int(vm.exec(["sh", "-c", f"({TURN_LOOP}) > /dev/null 2>&1 & echo $!"], keep_background=True).stdout)
-    samples: list[tuple[bool, int]] = []
-    exporting = threading.Event()
-
-    def watch() -> None:
-        while exporting.is_set():
-            # A count read between two frozen reports was read while frozen (the thaw may come
-            # between any two reads).
-            if _frozen(vm):
-                turns = _turns(vm)
-                samples.append((_frozen(vm), turns))
-            else:
-                samples.append((False, -1))
-            time.sleep(0.1)
-
+    pids = [_keep(vm, TURN_LOOP)]
     try:
         turns_before = _turns(vm)
-        assert not _frozen(vm)
-        exporting.set()
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        try:
-            layer = vm.export_layer(tmp_path / "layer.tar", compress=False, pause=True, timeout=GRACE)
-        finally:
-            exporting.clear()
-            watcher.join(GRACE)
-        assert layer.size > 4 << 20
-        frozen_turns = {turns for frozen, turns in samples if frozen}
-        assert frozen_turns, f"the execs were never seen frozen during the export: {samples}"
-        assert len(frozen_turns) == 1, f"the loop turned while frozen: {samples}"
-        # Thawed: the cgroup says so, and the loop turns on.
-        assert not _frozen(vm)
+        pids.append(_keep(vm, OBSERVER))
         deadline = time.monotonic() + GRACE
-        while _turns(vm) <= max(frozen_turns):
+        while not _observed(vm):
+            assert time.monotonic() < deadline, "the observer logged nothing"
+            time.sleep(0.2)
+        assert vm.read_file(f"/proc/{pids[1]}/cgroup") == b"0::/\n", "the observer left the execs' cgroup"
+        assert not any(before or after for before, _, after in _observed(vm))
+
+        layer = vm.export_layer(tmp_path / "layer.tar", compress=False, pause=True, timeout=GRACE)
+        assert layer.size > 4 << 20
+        # Thawed once the export is back: the kernel says so, and the loop turns on.
+        deadline = time.monotonic() + GRACE
+        while (log := _observed(vm))[-1][0] or log[-1][2]:
+            assert time.monotonic() < deadline, f"the execs stayed frozen after the export: {log[-8:]}"
+            time.sleep(0.2)
+        assert any(before or after for before, _, after in log), "the execs were never seen frozen"
+        frozen_turns = {turns for before, turns, after in log if before and after and turns is not None}
+        assert len(frozen_turns) <= 1, f"the loop turned while frozen: {frozen_turns}"
+        last_frozen = max(frozen_turns, default=turns_before)
+        while _turns(vm) <= last_frozen:
             assert time.monotonic() < deadline, "the loop stayed frozen after the export"
             time.sleep(0.2)
-        assert max(frozen_turns) >= turns_before
+        assert last_frozen >= turns_before
     finally:
-        vm.exec(["kill", "-9", str(pid)], timeout=GRACE)
-        vm.exec(["rm", "-f", "/root/export-me", "/run/loop"], timeout=GRACE)
+        vm.exec(["kill", "-9", *map(str, pids)], timeout=GRACE)
+        vm.exec(["rm", "-f", "/root/export-me", "/run/loop", OBSERVER_LOG], timeout=GRACE)
