@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
+from supermachine.archive_names import UnsafeName, has_nul, name_parts
 from supermachine.errors import CopyError, InputError
 
 #: Default seconds of one copy, either way.
@@ -116,18 +117,10 @@ def host_archive(source: Path, *, keep_owner: bool = False) -> Iterator[BinaryIO
 
 def _components(name: str) -> list[str]:
     """The path components of an entry name, refused if it could leave the destination."""
-    if len(name.encode(errors="surrogateescape")) > MAX_COPY_NAME:
-        raise CopyError(f"the guest's archive holds a name longer than {MAX_COPY_NAME} bytes")
-    if name.startswith("/"):
-        raise CopyError(f"the guest's archive holds an absolute name {name!r}")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise CopyError(f"the guest's archive holds a name with '..': {name!r}")
-    if "\0" in name:
-        raise CopyError("the guest's archive holds a name with a NUL byte")
-    if len(parts) > MAX_COPY_DEPTH:
-        raise CopyError(f"the guest's archive holds an entry more than {MAX_COPY_DEPTH} levels deep")
-    return parts
+    try:
+        return name_parts(name, max_bytes=MAX_COPY_NAME, max_depth=MAX_COPY_DEPTH)
+    except UnsafeName as bad:
+        raise CopyError(f"the guest's archive holds an entry named {bad.shown}, which {bad.reason}") from None
 
 
 class _Destination:
@@ -267,7 +260,7 @@ def _unpack_entry(
     target.clear(parent, name)
     target.files.discard(tuple(parts))
     if member.issym():
-        if not member.linkname or "\0" in member.linkname or len(member.linkname) > MAX_COPY_NAME:
+        if not member.linkname or has_nul(member.linkname) or len(member.linkname) > MAX_COPY_NAME:
             raise CopyError(f"the guest's archive holds a link {'/'.join(parts)} with a bad target")
         os.symlink(member.linkname, name, dir_fd=parent)
         with contextlib.suppress(OSError):

@@ -238,6 +238,12 @@ def _tar(*members: tuple[tarfile.TarInfo, bytes | None]) -> io.BytesIO:
     return out
 
 
+def _pax(info: tarfile.TarInfo, **headers: str) -> tarfile.TarInfo:
+    """``info`` with extended header records, which can carry bytes no ustar field can (NUL)."""
+    info.pax_headers = headers
+    return info
+
+
 def _m(name: str, kind: bytes = tarfile.REGTYPE, **attrs: object) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
@@ -268,7 +274,8 @@ def _untouched(outside: Path) -> None:
 @pytest.mark.parametrize(
     ("members", "error"),
     [
-        ([(_m("/abs"), b"x")], "absolute name"),
+        ([(_m("/abs"), b"x")], "named '/abs', which is an absolute path"),
+        ([(_pax(_m("x"), path="a\0b"), b"x")], r"named 'a\\x00b', which contains a NUL byte"),
         ([(_m("a/../../escape"), b"x")], "'..'"),
         ([(_m("to-outside/secret"), b"pwned")], "is not a directory"),
         ([(_m("l", tarfile.SYMTYPE, linkname="/"), None), (_m("l/tmp/x"), b"x")], "is not a directory"),

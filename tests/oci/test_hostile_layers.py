@@ -413,6 +413,37 @@ def test_entry_count_name_length_and_depth_are_bounded(tmp_path: Path) -> None:
         apply_layer(tmp_path / "rootfs", io.BytesIO(via_links))
 
 
+def _pax_layer(kind: bytes, **headers: str) -> bytes:
+    """A file ``target``, then an entry ``e`` of type ``kind`` with extended header records, which
+    can carry what no ustar field can (a NUL byte)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(tarfile.TarInfo("target"), io.BytesIO(b""))
+        info = tarfile.TarInfo("e")
+        info.type, info.pax_headers = kind, headers
+        tar.addfile(info, io.BytesIO(b""))
+    return raw.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("kind", "headers", "message"),
+    [
+        (tarfile.REGTYPE, {"path": "a\0b"}, r"layer: entry 'a\x00b' contains a NUL byte"),
+        (tarfile.LNKTYPE, {"linkpath": "t\0t"}, r"layer: hard link target 't\x00t' contains a NUL byte"),
+        (tarfile.SYMTYPE, {"linkpath": "t\0t"}, "layer: symlink 'e' has a target with a NUL byte"),
+        (tarfile.REGTYPE, {"SCHILY.xattr.\0": "v"}, "layer: entry 'e' has an xattr name with a NUL byte"),
+    ],
+)
+def test_nul_bytes_in_names_are_refused_as_unsafe(
+    tmp_path: Path, kind: bytes, headers: dict[str, str], message: str
+) -> None:
+    """No file name can hold a NUL byte; the operating system refuses one with an exception, which
+    used to escape as a bare ValueError (a traceback on the command line)."""
+    with pytest.raises(UnsafeLayerError) as refused:
+        apply_layer(tree_root(tmp_path), io.BytesIO(_pax_layer(kind, **headers)))
+    assert str(refused.value) == message
+
+
 def test_oversized_pax_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -39,6 +39,7 @@ from typing import IO, Any, cast
 
 import zstandard
 
+from supermachine.archive_names import UnsafeName, has_nul, name_parts
 from supermachine.errors import (
     CorruptBlobError,
     DigestMismatchError,
@@ -194,16 +195,11 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _check_name(name: str, what: str, limits: LayerLimits, kind: str = "entry") -> list[str]:
-    if len(name.encode("utf-8", "surrogateescape")) > limits.max_path_bytes:
-        raise LayerLimitError(f"{what}: {kind} {name[:64]!r}... is longer than {limits.max_path_bytes} bytes")
-    if name.startswith("/"):
-        raise UnsafeLayerError(f"{what}: {kind} {name!r} is an absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafeLayerError(f"{what}: {kind} {name!r} contains '..'")
-    if len(parts) > limits.max_depth:
-        raise LayerLimitError(f"{what}: {kind} {name[:64]!r}... is more than {limits.max_depth} levels deep")
-    return parts
+    try:
+        return name_parts(name, max_bytes=limits.max_path_bytes, max_depth=limits.max_depth)
+    except UnsafeName as bad:
+        error = LayerLimitError if bad.problem.is_limit else UnsafeLayerError
+        raise error(f"{what}: {kind} {bad}") from None
 
 
 def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
@@ -425,6 +421,8 @@ class _Applier:
         elif member.issym():
             if len(member.linkname.encode("utf-8", "surrogateescape")) > self.limits.max_path_bytes:
                 raise LayerLimitError(f"{self.what}: symlink {member.name!r} has an overlong target")
+            if has_nul(member.linkname):
+                raise UnsafeLayerError(f"{self.what}: symlink {member.name!r} has a target with a NUL byte")
             os.symlink(member.linkname, base, dir_fd=pfd)
             self._metadata(pfd, base, member, None, rel)
         elif member.islnk():
@@ -541,6 +539,10 @@ class _Applier:
         for key, value in member.pax_headers.items():
             if not key.startswith("SCHILY.xattr."):
                 continue
+            if has_nul(key):
+                raise UnsafeLayerError(
+                    f"{self.what}: entry {member.name!r} has an xattr name with a NUL byte"
+                )
             data = value.encode("utf-8", "surrogateescape")
             try:
                 if fd is not None:

@@ -1,0 +1,64 @@
+"""The rule for entry names in an archive we did not write (an image layer, a guest's archive).
+
+Each name says where an entry goes beneath a destination, so it must be relative, free of ``..``
+and of NUL bytes (which no file name can hold: the operating system would refuse it with an
+exception rather than an answer), and bounded in bytes and in depth. One rule for both readers of
+such archives (:mod:`supermachine.oci.rootfs` and :mod:`supermachine.transfer`), each of which
+words the refusal in its own error type.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class NameProblem(enum.Enum):
+    """Why a name was refused; the value completes a sentence about the name."""
+
+    TOO_LONG = "is longer than {limit} bytes"
+    ABSOLUTE = "is an absolute path"
+    PARENT = "contains '..'"
+    NUL = "contains a NUL byte"
+    TOO_DEEP = "is more than {limit} levels deep"
+
+    @property
+    def is_limit(self) -> bool:
+        """A size bound was exceeded (the name itself could be harmless)."""
+        return self in (NameProblem.TOO_LONG, NameProblem.TOO_DEEP)
+
+
+class UnsafeName(ValueError):
+    """A name the rule refuses: :attr:`problem`, and the limit it exceeded where there is one."""
+
+    def __init__(self, name: str, problem: NameProblem, limit: int = 0) -> None:
+        self.name, self.problem, self.limit = name, problem, limit
+        super().__init__(f"{self.shown} {self.reason}")
+
+    @property
+    def reason(self) -> str:
+        return self.problem.value.format(limit=self.limit)
+
+    @property
+    def shown(self) -> str:
+        """The name as an error message quotes it: cut short when it is the problem's size."""
+        return f"{self.name[:64]!r}..." if self.problem.is_limit else repr(self.name)
+
+
+def has_nul(text: str) -> bool:
+    return "\0" in text
+
+
+def name_parts(name: str, *, max_bytes: int, max_depth: int) -> list[str]:
+    """The path components of ``name`` (``.`` and empty ones dropped), or :class:`UnsafeName`."""
+    if len(name.encode("utf-8", "surrogateescape")) > max_bytes:
+        raise UnsafeName(name, NameProblem.TOO_LONG, max_bytes)
+    if has_nul(name):
+        raise UnsafeName(name, NameProblem.NUL)
+    if name.startswith("/"):
+        raise UnsafeName(name, NameProblem.ABSOLUTE)
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeName(name, NameProblem.PARENT)
+    if len(parts) > max_depth:
+        raise UnsafeName(name, NameProblem.TOO_DEEP, max_depth)
+    return parts
