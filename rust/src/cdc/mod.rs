@@ -25,6 +25,9 @@ use window::{mix, roll, top_bits_mask, Masks};
 
 /// Smallest `min_size` accepted: below it the window hash has too little context.
 pub const MIN_SIZE_FLOOR: usize = 64;
+// A chunk's first cut candidate is then a whole window past its start, and past the input's
+// start: the cutter never hashes the input's first WINDOW bytes.
+const _: () = assert!(MIN_SIZE_FLOOR > window::WINDOW);
 /// Largest `max_size` accepted (chunks are held in memory whole).
 pub const MAX_SIZE_CEILING: usize = 256 << 20;
 /// Default sizes: 2 KiB / 16 KiB / 64 KiB.
