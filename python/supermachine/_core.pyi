@@ -22,11 +22,21 @@ WORKER_PROTOCOL_VERSION: int  # what this module and its supermachine-vmm speak
 # order of the VMM's dropped_builtin counters.
 NET_BUILTIN_DENY: list[tuple[str, str]]
 COMPAT_GLIBC_TUNABLES: str
-CDC_GEAR_SEED: int
+# The chunker's window hash (see supermachine.cdc).
+CDC_WINDOW: int
+CDC_MULTIPLIER: int
+CDC_BYTE_KEY: int
 
 def cdc_lengths(
-    data: _Input, *, min_size: int = ..., avg_size: int = ..., max_size: int = ..., normalization: int = ...
+    data: _Input,
+    *,
+    min_size: int = ...,
+    avg_size: int = ...,
+    max_size: int = ...,
+    normalization: int = ...,
+    kernel: str | None = None,
 ) -> list[int]: ...
+def cdc_kernels() -> list[str]: ...
 def cdc_lengths_many(
     inputs: Sequence[_Input],
     *,
@@ -39,7 +49,6 @@ def cdc_lengths_many(
 def cdc_chunks(
     data: _Input, *, min_size: int = ..., avg_size: int = ..., max_size: int = ..., normalization: int = ...
 ) -> list[tuple[int, int, bytes]]: ...
-def cdc_gear_table() -> list[int]: ...
 def cdc_masks(
     *, min_size: int = ..., avg_size: int = ..., max_size: int = ..., normalization: int = ...
 ) -> tuple[int, int]: ...

@@ -19,12 +19,20 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import TypedDict
 
 from typing_extensions import Buffer
 
 from supermachine import _core
 
 Input = Buffer | str | os.PathLike[str]
+
+
+class ChunkKwargs(TypedDict):
+    min_size: int
+    avg_size: int
+    max_size: int
+    normalization: int
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,7 @@ class ChunkParams:
     max_size: int = 64 * 1024
     normalization: int = 1
 
-    def as_kwargs(self) -> dict[str, int]:
+    def as_kwargs(self) -> ChunkKwargs:
         return {
             "min_size": self.min_size,
             "avg_size": self.avg_size,

@@ -66,6 +66,24 @@ def test_the_rolling_digest_is_the_window_hash() -> None:
     assert first == passing[0] + 1
 
 
+def test_every_scan_kernel_cuts_the_same_through_the_binding(tmp_path: Path) -> None:
+    """The fastest kernel the CPU has is the default; every one gives the same cuts, for buffers
+    and for streamed paths."""
+    data = random_bytes(3_000_000, seed=9)
+    path = tmp_path / "data"
+    path.write_bytes(data)
+    kernels = _core.cdc_kernels()
+    assert kernels[-1] == "portable"
+    want = cdc.lengths(data)
+    assert len(want) > 100
+    for kernel in kernels:
+        assert _core.cdc_lengths(data, kernel=kernel) == want, kernel
+        assert _core.cdc_lengths(path, kernel=kernel) == want, kernel
+    unknown = r"^no chunking kernel is called 'sse9' \(avx512, avx2 or portable\)$"
+    with pytest.raises(ValueError, match=unknown):
+        _core.cdc_lengths(data, kernel="sse9")
+
+
 def test_masks_follow_the_documented_rule() -> None:
     assert cdc.masks() == (top_mask(15), top_mask(13))
     assert cdc.masks(SMALL) == (top_mask(11), top_mask(9))

@@ -45,6 +45,10 @@ impl Cutter {
         }
     }
 
+    pub fn chunker(&self) -> &Chunker {
+        &self.chunker
+    }
+
     /// Start of the chunk not yet cut.
     pub fn start(&self) -> u64 {
         self.start

@@ -151,8 +151,13 @@ impl Chunker {
 
     /// Iterates over `(offset, length)` of the chunks of a whole buffer.
     pub fn chunks<'a>(&self, data: &'a [u8]) -> Chunks<'a> {
+        self.chunks_with(data, simd::Kernel::detect())
+    }
+
+    /// [`Chunker::chunks`], scanning with `kernel` (the same cuts, at that kernel's speed).
+    pub fn chunks_with<'a>(&self, data: &'a [u8], kernel: simd::Kernel) -> Chunks<'a> {
         Chunks {
-            cutter: Cutter::new(*self),
+            cutter: Cutter::with_kernel(*self, kernel),
             data,
             cuts: Vec::new(),
             next_cut: 0,

@@ -25,6 +25,15 @@ pub struct Lanes {
     lists: [Vec<Candidate>; MAX_LANES],
 }
 
+/// Why a kernel asked for by name cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    #[error("no chunking kernel is called '{0}' (avx512, avx2 or portable)")]
+    Unknown(String),
+    #[error("this CPU cannot run the {0} chunking kernel")]
+    Unsupported(&'static str),
+}
+
 /// The scan the CPU supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -57,6 +66,28 @@ impl Kernel {
             Kernel::Portable => true,
             #[allow(unreachable_patterns)]
             _ => false,
+        }
+    }
+
+    /// The kernel's name, as [`Kernel::from_name`] takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512 => "avx512",
+            Kernel::Avx2 => "avx2",
+            Kernel::Portable => "portable",
+        }
+    }
+
+    /// The kernel called `name` (see [`Kernel::name`]), if the CPU can run it.
+    pub fn from_name(name: &str) -> Result<Self, KernelError> {
+        let kernel = [Kernel::Avx512, Kernel::Avx2, Kernel::Portable]
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| KernelError::Unknown(name.to_owned()))?;
+        if kernel.is_supported() {
+            Ok(kernel)
+        } else {
+            Err(KernelError::Unsupported(kernel.name()))
         }
     }
 

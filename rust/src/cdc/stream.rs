@@ -14,15 +14,29 @@ use super::Chunker;
 /// copied is still in the core's cache when the scan reads it. What is kept between reads (the
 /// chunk not yet cut, and the hash window before the next byte to scan) is at most `max_size`
 /// bytes. Returns the total number of bytes read.
-pub fn chunk_reader<R, E, F>(mut reader: R, chunker: &Chunker, mut on_chunk: F) -> Result<u64, E>
+pub fn chunk_reader<R, E, F>(reader: R, chunker: &Chunker, on_chunk: F) -> Result<u64, E>
 where
     R: Read,
     E: From<io::Error>,
     F: FnMut(u64, &[u8]) -> Result<(), E>,
 {
-    let capacity = SCAN_BLOCK.max(2 * chunker.max_size());
+    chunk_reader_with(reader, Cutter::new(*chunker), on_chunk)
+}
+
+/// [`chunk_reader`] with a given cutter (a chunker and the kernel it scans with), fresh.
+pub fn chunk_reader_with<R, E, F>(
+    mut reader: R,
+    mut cutter: Cutter,
+    mut on_chunk: F,
+) -> Result<u64, E>
+where
+    R: Read,
+    E: From<io::Error>,
+    F: FnMut(u64, &[u8]) -> Result<(), E>,
+{
+    assert_eq!(cutter.scanned(), 0, "a fresh cutter");
+    let capacity = SCAN_BLOCK.max(2 * cutter.chunker().max_size());
     let mut buf = vec![0u8; capacity];
-    let mut cutter = Cutter::new(*chunker);
     let mut cuts = Vec::new();
     // `buf[..filled]` holds the input from offset `base`; the next chunk starts at `chunk_start`.
     let (mut base, mut filled, mut eof, mut chunk_start) = (0u64, 0usize, false, 0u64);
