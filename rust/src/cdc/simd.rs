@@ -43,17 +43,20 @@ pub enum Kernel {
 }
 
 impl Kernel {
+    /// Every kernel, fastest first.
+    const ALL: [Kernel; 3] = [Kernel::Avx512, Kernel::Avx2, Kernel::Portable];
+
     /// The fastest kernel this CPU can run.
     pub fn detect() -> Self {
-        Self::available()[0]
+        Self::ALL
+            .into_iter()
+            .find(|k| k.is_supported())
+            .unwrap_or(Kernel::Portable)
     }
 
     /// The kernels this CPU can run, fastest first (the tests compare them all).
     pub fn available() -> Vec<Self> {
-        [Kernel::Avx512, Kernel::Avx2, Kernel::Portable]
-            .into_iter()
-            .filter(|k| k.is_supported())
-            .collect()
+        Self::ALL.into_iter().filter(|k| k.is_supported()).collect()
     }
 
     /// Whether this CPU can run the kernel (`is_x86_feature_detected` caches its answer).
@@ -80,7 +83,7 @@ impl Kernel {
 
     /// The kernel called `name` (see [`Kernel::name`]), if the CPU can run it.
     pub fn from_name(name: &str) -> Result<Self, KernelError> {
-        let kernel = [Kernel::Avx512, Kernel::Avx2, Kernel::Portable]
+        let kernel = Self::ALL
             .into_iter()
             .find(|k| k.name() == name)
             .ok_or_else(|| KernelError::Unknown(name.to_owned()))?;
