@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
-from supermachine.archive_names import UnsafeName, has_nul, name_parts
 from supermachine.errors import CopyError, InputError
+from supermachine.untrusted_archives import UnsafeName, has_nul, name_parts, time_ns
 
 #: Default seconds of one copy, either way.
 COPY_TIMEOUT = 3600.0
@@ -240,7 +240,12 @@ def _unpack_entry(
     """Makes one entry in the directory ``parent``; returns the file bytes written."""
     name = parts[-1]
     mode = member.mode & 0o777
-    mtime_ns = int(max(0, member.mtime) * 1_000_000_000)
+    mtime_ns = time_ns(max(0, member.mtime))
+    if mtime_ns is None:
+        raise CopyError(
+            f"the guest's archive holds an entry named {member.name!r} with a modification time"
+            f" out of range ({member.mtime!r})"
+        )
     if member.isdir():
         try:
             fd = os.open(name, _O_DIR, dir_fd=parent)

@@ -276,6 +276,7 @@ def _untouched(outside: Path) -> None:
     [
         ([(_m("/abs"), b"x")], "named '/abs', which is an absolute path"),
         ([(_pax(_m("x"), path="a\0b"), b"x")], r"named 'a\\x00b', which contains a NUL byte"),
+        ([(_pax(_m("f"), mtime="1e23"), b"x")], r"named 'f' with a modification time out of range"),
         ([(_m("a/../../escape"), b"x")], "'..'"),
         ([(_m("to-outside/secret"), b"pwned")], "is not a directory"),
         ([(_m("l", tarfile.SYMTYPE, linkname="/"), None), (_m("l/tmp/x"), b"x")], "is not a directory"),

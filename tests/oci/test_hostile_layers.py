@@ -444,6 +444,26 @@ def test_nul_bytes_in_names_are_refused_as_unsafe(
     assert str(refused.value) == message
 
 
+@pytest.mark.parametrize(
+    ("headers", "message"),
+    [
+        ({"mtime": "1e23"}, "layer: entry 'e' has a modification time out of range (1e+23)"),
+        ({"mtime": "-1e20"}, "layer: entry 'e' has a modification time out of range (-1e+20)"),
+        ({"mtime": "nan"}, "layer: entry 'e' has a modification time out of range (nan)"),
+        ({"uid": "4294967295"}, "layer: entry 'e' has uid 4294967295 (at most 4294967294)"),
+        ({"gid": "-1"}, "layer: entry 'e' has gid -1 (at most 4294967294)"),
+    ],
+)
+def test_owners_and_times_no_file_can_have_are_refused(
+    tmp_path: Path, headers: dict[str, str], message: str
+) -> None:
+    """Extended headers give owners and times as any decimal text; out of range, the system calls
+    raised OverflowError or ValueError (a traceback on the command line), or took -1 as "unchanged"."""
+    with pytest.raises(UnsafeLayerError) as refused:
+        apply_layer(tree_root(tmp_path), io.BytesIO(_pax_layer(tarfile.REGTYPE, **headers)))
+    assert str(refused.value) == message
+
+
 def test_oversized_pax_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -39,7 +39,6 @@ from typing import IO, Any, cast
 
 import zstandard
 
-from supermachine.archive_names import UnsafeName, has_nul, name_parts
 from supermachine.errors import (
     CorruptBlobError,
     DigestMismatchError,
@@ -53,6 +52,7 @@ from supermachine.errors import (
 from supermachine.oci.image import Image
 from supermachine.oci.store import BlobStore, file_lock, fsync_dir, hex_of
 from supermachine.units import human_bytes, parse_size
+from supermachine.untrusted_archives import UnsafeName, has_nul, name_parts, time_ns
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -200,6 +200,24 @@ def _check_name(name: str, what: str, limits: LayerLimits, kind: str = "entry") 
     except UnsafeName as bad:
         error = LayerLimitError if bad.problem.is_limit else UnsafeLayerError
         raise error(f"{what}: {kind} {bad}") from None
+
+
+_MAX_ID = 2**32 - 2
+"""The largest uid or gid a file can have (``(uid_t) -1`` means "leave unchanged" to chown)."""
+
+
+def _check_numbers(member: tarfile.TarInfo, what: str) -> None:
+    """Refuse owners and times no file can have: extended headers carry them as any decimal text,
+    and the system calls would refuse them with an exception rather than an error code."""
+    for field in ("uid", "gid"):
+        value = getattr(member, field)
+        if not 0 <= value <= _MAX_ID:
+            raise UnsafeLayerError(f"{what}: entry {member.name!r} has {field} {value} (at most {_MAX_ID})")
+    mtime = member.mtime
+    if time_ns(mtime) is None:
+        raise UnsafeLayerError(
+            f"{what}: entry {member.name!r} has a modification time out of range ({mtime!r})"
+        )
 
 
 def _lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
@@ -381,6 +399,7 @@ class _Applier:
         if self.entries > self.limits.max_entries:
             raise LayerLimitError(f"{self.what} has more than {self.limits.max_entries} entries")
         parts = _check_name(member.name, self.what, self.limits)
+        _check_numbers(member, self.what)
         try:
             self._apply(tar, member, parts)
         except OSError as exc:
@@ -516,7 +535,7 @@ class _Applier:
         elif not member.issym():
             self._chmod_node(pfd, base, mode)
         self._xattrs(pfd, base, member, fd)
-        mtime_ns = int(member.mtime * 1_000_000_000)
+        mtime_ns = int(member.mtime * 1_000_000_000)  # in range: checked by _check_numbers
         if member.isdir():
             self.tree.dir_times[rel] = mtime_ns
         elif fd is not None:

@@ -1,15 +1,17 @@
-"""The rule for entry names in an archive we did not write (an image layer, a guest's archive).
+"""Rules for the entries of archives we did not write (image layers, a guest's archives).
 
 Each name says where an entry goes beneath a destination, so it must be relative, free of ``..``
 and of NUL bytes (which no file name can hold: the operating system would refuse it with an
-exception rather than an answer), and bounded in bytes and in depth. One rule for both readers of
-such archives (:mod:`supermachine.oci.rootfs` and :mod:`supermachine.transfer`), each of which
-words the refusal in its own error type.
+exception rather than an answer), and bounded in bytes and in depth. Times are set in nanoseconds
+and must fit the system's signed 64-bit count. One set of rules for both readers of such archives
+(:mod:`supermachine.oci.rootfs` and :mod:`supermachine.transfer`), each of which words a refusal
+in its own error type.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 
 
 class NameProblem(enum.Enum):
@@ -42,6 +44,18 @@ class UnsafeName(ValueError):
     def shown(self) -> str:
         """The name as an error message quotes it: cut short when it is the problem's size."""
         return f"{self.name[:64]!r}..." if self.problem.is_limit else repr(self.name)
+
+
+MAX_TIME_NS = 2**63 - 1
+"""Entry times are set as a signed 64-bit count of nanoseconds (the years 1678 to 2262)."""
+
+
+def time_ns(seconds: float) -> int | None:
+    """``seconds`` (an entry's mtime, any float a header can spell) in nanoseconds, or None when
+    no file can have it (not finite, or beyond a signed 64-bit count)."""
+    if not math.isfinite(seconds) or abs(seconds) * 1_000_000_000 > MAX_TIME_NS:
+        return None
+    return int(seconds * 1_000_000_000)
 
 
 def has_nul(text: str) -> bool:
