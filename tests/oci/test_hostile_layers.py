@@ -464,6 +464,39 @@ def test_owners_and_times_no_file_can_have_are_refused(
     assert str(refused.value) == message
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "kind"),
+    [
+        ("mode", -5, tarfile.REGTYPE),
+        ("mode", 2**40, tarfile.REGTYPE),
+        ("devmajor", 2**40, tarfile.CHRTYPE),
+        ("devminor", -3, tarfile.BLKTYPE),
+        ("uid", 2**40, tarfile.DIRTYPE),
+    ],
+)
+def test_base_256_numbers_out_of_range_are_refused(
+    tmp_path: Path, field: str, value: int, kind: bytes
+) -> None:
+    """GNU headers give numbers in base 256, of any size and sign (a huge device number raised
+    OverflowError; a negative mode was masked into setuid, setgid and sticky bits)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = tarfile.TarInfo("e")
+        info.type = kind
+        if field != "mode":  # tarfile masks the mode it writes: patched into the header below
+            setattr(info, field, value)
+        tar.addfile(info, io.BytesIO(b""))
+    if field == "mode":
+        header = bytearray(raw.getvalue()[:512])
+        header[100:108] = tarfile.itn(value, 8, tarfile.GNU_FORMAT)
+        header[148:156] = b" " * 8
+        header[148:155] = b"%06o\0" % tarfile.calc_chksums(bytes(header))[0]
+        raw = io.BytesIO(bytes(header) + raw.getvalue()[512:])
+    with pytest.raises(UnsafeLayerError) as refused:
+        apply_layer(tree_root(tmp_path), io.BytesIO(raw.getvalue()))
+    assert str(refused.value).startswith(f"layer: entry 'e' has {field} {value} (at most ")
+
+
 def test_oversized_pax_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -206,13 +206,25 @@ _MAX_ID = 2**32 - 2
 """The largest uid or gid a file can have (``(uid_t) -1`` means "leave unchanged" to chown)."""
 
 
+_NUMBER_LIMITS = {
+    "uid": _MAX_ID,
+    "gid": _MAX_ID,
+    "mode": 0o177777,
+    "devmajor": 2**32 - 1,
+    "devminor": 2**32 - 1,
+}
+"""The largest value of each number field a file can have (mode: the 16 bits of a mode_t, so a
+mode with its file-type bits passes; device numbers: the 32 bits ``makedev`` takes)."""
+
+
 def _check_numbers(member: tarfile.TarInfo, what: str) -> None:
-    """Refuse owners and times no file can have: extended headers carry them as any decimal text,
-    and the system calls would refuse them with an exception rather than an error code."""
-    for field in ("uid", "gid"):
+    """Refuse owners, modes, device numbers and times no file can have: extended headers carry
+    them as any decimal text and base-256 header fields as any integer, and the system calls would
+    refuse them with an exception rather than an error code (or take -1 as "unchanged")."""
+    for field, limit in _NUMBER_LIMITS.items():
         value = getattr(member, field)
-        if not 0 <= value <= _MAX_ID:
-            raise UnsafeLayerError(f"{what}: entry {member.name!r} has {field} {value} (at most {_MAX_ID})")
+        if not 0 <= value <= limit:
+            raise UnsafeLayerError(f"{what}: entry {member.name!r} has {field} {value} (at most {limit})")
     mtime = member.mtime
     if time_ns(mtime) is None:
         raise UnsafeLayerError(
