@@ -89,17 +89,14 @@ impl Cutter {
                 self.candidate(base + candidate.index as u64, candidate.strict, cuts);
             }
             self.scanned = to;
-            self.cut_at_max_size(cuts);
+            self.cut_full_chunks(self.scanned, cuts);
         }
     }
 
     /// The input ends at `len` (everything before it scanned): appends the remaining cuts.
     pub fn finish(&mut self, len: u64, cuts: &mut Vec<u64>) {
-        let max = self.chunker.max_size as u64;
-        while len - self.start > max {
-            self.start += max;
-            cuts.push(self.start);
-        }
+        // Full chunks up to the last byte; what remains after them is the last chunk.
+        self.cut_full_chunks(len.saturating_sub(1), cuts);
         if len > self.start {
             self.start = len;
             cuts.push(len);
@@ -108,11 +105,7 @@ impl Cutter {
 
     /// A candidate after input byte `index`.
     fn candidate(&mut self, index: u64, strict: bool, cuts: &mut Vec<u64>) {
-        let max = self.chunker.max_size as u64;
-        while index >= self.start + max {
-            self.start += max;
-            cuts.push(self.start);
-        }
+        self.cut_full_chunks(index, cuts);
         let length = index + 1 - self.start;
         let past_min = length > self.chunker.min_size as u64;
         let past_avg = length > self.chunker.avg_size as u64;
@@ -122,10 +115,12 @@ impl Cutter {
         }
     }
 
-    /// Cuts chunks that reached `max_size` with no candidate: final once scanned past.
-    fn cut_at_max_size(&mut self, cuts: &mut Vec<u64>) {
+    /// Cuts the chunks that reach `max_size` at or before offset `limit` (a candidate's byte,
+    /// the scanned point, the input's end): no candidate before `limit` ended them, so they end
+    /// at their maximum size.
+    fn cut_full_chunks(&mut self, limit: u64, cuts: &mut Vec<u64>) {
         let max = self.chunker.max_size as u64;
-        while self.start + max <= self.scanned {
+        while self.start + max <= limit {
             self.start += max;
             cuts.push(self.start);
         }
