@@ -1,4 +1,4 @@
-"""Real test infrastructure for the OCI work: registries, a token server, a faulty proxy, image builders.
+"""Real test infrastructure for the OCI work: registries, a token server, proxies, image builders.
 
 Everything here runs real programs (``docker-registry``, ``umoci``, ``skopeo``, ``openssl``) or real
 HTTP servers on loopback; nothing is mocked. Shared by ``tests/oci`` and ``benches``.
@@ -10,12 +10,15 @@ import base64
 import contextlib
 import gzip
 import hashlib
+import http.client
 import http.server
 import io
 import json
 import os
+import select
 import shutil
 import socket
+import ssl
 import stat
 import subprocess
 import tarfile
@@ -27,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
 import zstandard
 
 TOOLS = ("docker-registry", "umoci", "skopeo", "mksquashfs", "unsquashfs", "htpasswd", "openssl")
@@ -114,8 +116,12 @@ def start_registry(root: Path, auth: dict[str, Any] | None = None) -> Registry:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited: {(root / 'registry.log').read_text()[-2000:]}")
-        with contextlib.suppress(requests.ConnectionError):
-            if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code in (200, 401):
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/v2/")
+            status = conn.getresponse().status
+            conn.close()
+            if status in (200, 401):
                 return Registry(root, port, proc)
         time.sleep(0.05)
     proc.kill()
@@ -267,20 +273,17 @@ class FaultyProxy:
 
             def do_GET(self) -> None:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                up = requests.get(
-                    f"http://{proxy.upstream}{self.path}",
-                    headers=headers,
-                    stream=True,
-                    allow_redirects=False,
-                    timeout=30,
-                )
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                conn.request("GET", self.path, headers=headers)
+                up = conn.getresponse()
                 rng = self.headers.get("Range")
-                proxy.log.append((self.path, rng, up.status_code))
-                body = up.raw.read(decode_content=False)
-                is_blob = "/blobs/" in self.path and up.status_code == 200
-                if "/manifests/" in self.path and up.status_code == 200 and proxy.manifest_body is not None:
+                proxy.log.append((self.path, rng, up.status))
+                body = up.read()  # as sent: http.client does not decode
+                conn.close()
+                is_blob = "/blobs/" in self.path and up.status == 200
+                if "/manifests/" in self.path and up.status == 200 and proxy.manifest_body is not None:
                     body = proxy.manifest_body
-                self.send_response(up.status_code)
+                self.send_response(up.status)
                 for k, v in up.headers.items():
                     if k.lower() not in (
                         "content-length",
@@ -313,6 +316,151 @@ class FaultyProxy:
         if self.httpd:
             self.httpd.shutdown()
             self.httpd.server_close()
+
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    }
+)
+
+
+@dataclass
+class ForwardProxy:
+    """A forward HTTP proxy on 127.0.0.1, as a company network has one: requests with an absolute URI
+    for plain HTTP, ``CONNECT`` tunnels for HTTPS.
+
+    ``hosts`` maps the host names it may be asked for to the loopback address to reach instead (so a
+    client sees a name that is not loopback); any other name is refused with 502, so nothing leaves
+    the machine. Every request is logged as ``(method, target, Proxy-Authorization or None)``.
+    """
+
+    hosts: dict[str, str]
+    log: list[tuple[str, str, str | None]] = field(default_factory=list)
+    port: int = 0
+    httpd: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> ForwardProxy:
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _upstream(self, host: str, port: int) -> tuple[str, int] | None:
+                proxy.log.append((self.command, self.path, self.headers.get("Proxy-Authorization")))
+                address = proxy.hosts.get(host)
+                if address is None:
+                    self.send_error(502, f"no route to {host}")
+                    return None
+                return address, port
+
+            def do_CONNECT(self) -> None:
+                host, _, port = self.path.rpartition(":")
+                upstream = self._upstream(host, int(port))
+                if upstream is None:
+                    return
+                with socket.create_connection(upstream, timeout=30) as far:
+                    self.send_response(200, "Connection established")
+                    self.end_headers()
+                    _pipe(self.connection, far)
+                self.close_connection = True
+
+            def _forward(self) -> None:
+                target = urllib.parse.urlsplit(self.path)
+                if target.scheme != "http" or not target.hostname:
+                    self.send_error(400, "a proxy needs an absolute http:// URI")
+                    return
+                upstream = self._upstream(target.hostname, target.port or 80)
+                if upstream is None:
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                conn = http.client.HTTPConnection(*upstream, timeout=30)
+                path = target.path + (f"?{target.query}" if target.query else "")
+                conn.request(self.command, path, body=body, headers=headers)
+                up = conn.getresponse()
+                data = up.read()
+                conn.close()
+                self.send_response(up.status, up.reason)
+                for k, v in up.headers.items():
+                    if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_POST = do_PUT = _forward
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.httpd:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+
+    def __enter__(self) -> ForwardProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways between ``a`` and ``b`` until both directions are closed."""
+    open_ends = {a: b, b: a}
+    while open_ends:
+        readable, _, _ = select.select(list(open_ends), [], [], 30)
+        if not readable:
+            return
+        for src in readable:
+            data = src.recv(1 << 16)
+            if data:
+                open_ends[src].sendall(data)
+                continue
+            with contextlib.suppress(OSError):
+                open_ends[src].shutdown(socket.SHUT_WR)
+            del open_ends[src]
+
+
+def self_signed_certificate(directory: Path, host: str) -> tuple[Path, Path]:
+    """``(certificate, key)`` for ``host``, made by ``openssl``; the certificate is its own CA."""
+    cert, key = directory / f"{host}.crt", directory / f"{host}.key"
+    run(
+        [
+            *(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+            ),
+            *("-days", "2", "-subj", f"/CN={host}", "-addext", f"subjectAltName=DNS:{host}"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ]
+    )
+    return cert, key
 
 
 # ---- building images with real tools --------------------------------------------------------------------
@@ -603,6 +751,10 @@ class HostileServer:
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     port: int = 0
     httpd: http.server.ThreadingHTTPServer | None = None
+    tls: tuple[Path, Path] | None = None
+    """``(certificate, key)`` to speak HTTPS with."""
+    closed: list[int] = field(default_factory=list)
+    """The client ports of the connections that have ended, in the order they ended."""
 
     def start(self) -> HostileServer:
         server = self
@@ -618,9 +770,18 @@ class HostileServer:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     server.respond(server, self)
 
-            do_GET = do_POST = _answer
+            do_GET = do_HEAD = do_POST = do_PUT = _answer
+
+            def finish(self) -> None:
+                with contextlib.suppress(OSError):
+                    super().finish()
+                server.closed.append(self.client_address[1])
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*self.tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.daemon_threads = True
         self.httpd.block_on_close = False  # a trickling handler ends when its client is gone
         self.port = self.httpd.server_address[1]

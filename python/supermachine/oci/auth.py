@@ -25,16 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-import urllib3.exceptions
-import urllib3.util
-
 from supermachine.errors import AuthenticationError, RegistryError
 from supermachine.oci.reference import is_loopback_host
 from supermachine.oci.transport import (
     NETWORK_ERRORS,
     BodyTooLarge,
+    InvalidURL,
+    Session,
     describe_failure,
+    origin_of,
     plain,
     read_capped,
     send,
@@ -194,15 +193,12 @@ def check_realm(realm: str, registry: str, plain_http_host: str | None) -> str:
     """
     shown = plain(realm, 120)
     try:
-        parsed = urllib3.util.parse_url(realm)
-    except urllib3.exceptions.LocationParseError:
-        parsed = None
-    host = (parsed.host or "").strip("[]").lower() if parsed else ""
-    if parsed is None or parsed.scheme not in ("http", "https") or not host:
-        raise AuthenticationError(f"registry {registry} sent an invalid token realm {shown!r}")
-    if parsed.scheme == "https" or is_loopback_host(host):
+        origin = origin_of(realm)  # parsed as the token request will parse it
+    except InvalidURL:
+        raise AuthenticationError(f"registry {registry} sent an invalid token realm {shown!r}") from None
+    if origin.scheme == "https" or is_loopback_host(origin.host):
         return realm
-    if plain_http_host is not None and host == plain_http_host.strip("[]").lower():
+    if plain_http_host is not None and origin.host == plain_http_host.strip("[]").lower():
         return realm
     raise AuthenticationError(
         f"registry {registry} named a token server on plain HTTP ({shown}); refusing to send credentials"
@@ -221,7 +217,7 @@ class Authenticator:
 
     def __init__(
         self,
-        session: requests.Session,
+        session: Session,
         registry: str,
         credentials: Credentials | None,
         timeout: tuple[float, float] = (10.0, 60.0),
@@ -285,7 +281,7 @@ class Authenticator:
         if not realm:
             raise AuthenticationError(f"registry {self.registry} sent a Bearer challenge without a realm")
         check_realm(realm, self.registry, self.plain_http_host)
-        server = f"token server {plain(urllib3.util.parse_url(realm).netloc or '', 80)}"
+        server = f"token server {plain(origin_of(realm).netloc, 80)}"
         scopes = [s for s in {challenge.params.get("scope") or "", scope} if s]
         params: list[tuple[str, str]] = [("scope", s) for s in sorted(scopes)]
         if challenge.params.get("service"):

@@ -15,8 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, NoReturn
-
-import requests
+from urllib.parse import urljoin
 
 from supermachine import __version__
 from supermachine.errors import DigestMismatchError, RegistryError
@@ -28,6 +27,7 @@ from supermachine.oci.transport import (
     NETWORK_ERRORS,
     BodyTooLarge,
     Deadline,
+    Response,
     describe_failure,
     new_session,
     plain,
@@ -57,7 +57,7 @@ class Cancelled(Exception):
     """Raised inside a download when another part of the same pull failed."""
 
 
-def _registry_message(resp: requests.Response) -> str:
+def _registry_message(resp: Response) -> str:
     """The first ``errors[].message`` of a registry error body (read capped), else the HTTP reason."""
     reason = plain(resp.reason or "")
     unreadable = (
@@ -146,7 +146,7 @@ class RegistryClient:
         *,
         method: str = "GET",
         body: bytes | IO[bytes] | None = None,
-    ) -> requests.Response:
+    ) -> Response:
         """A request with authentication: answers up to two 401 challenges, then gives up. A file
         ``body`` is sent again from its start after a challenge."""
         for round_ in range(3):
@@ -165,8 +165,9 @@ class RegistryClient:
             self.auth.answer(challenge, scope, sent)
         raise AssertionError("unreachable")
 
-    def _chunks(self, resp: requests.Response) -> Iterator[bytes]:
-        """The raw body of ``resp``, with network failures turned into plain errors."""
+    def _chunks(self, resp: Response) -> Iterator[memoryview]:
+        """The raw body of ``resp`` (each chunk valid until the next), network failures turned into
+        plain errors."""
         chunks = raw_chunks(resp)
         while True:
             try:
@@ -192,7 +193,7 @@ class RegistryClient:
                     raise RegistryError(f"{exc}; {what} failed after {attempt} attempts") from None
                 self._sleep(attempt - 1)
 
-    def _status_error(self, resp: requests.Response, what: str) -> NoReturn:
+    def _status_error(self, resp: Response, what: str) -> NoReturn:
         """Raise for a response that is not the content asked for."""
         if resp.status_code in _RETRY_STATUS:
             raise _Retry(f"registry {self.registry} answered HTTP {resp.status_code}")
@@ -266,7 +267,7 @@ class RegistryClient:
             with contextlib.closing(self._send(start, scope, {"Content-Length": "0"}, method="POST")) as resp:
                 if resp.status_code != 202 or not resp.headers.get("Location"):
                     self._status_error(resp, f"an upload session for {repository}")
-                location = requests.compat.urljoin(start, resp.headers["Location"])
+                location = urljoin(start, resp.headers["Location"])
             separator = "&" if "?" in location else "?"
             url = f"{location}{separator}digest={desc.digest}"
             headers = {"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)}

@@ -134,7 +134,7 @@ class BlobWriter:
         self._hash = hashlib.sha256()
         self.offset = 0
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray | memoryview) -> None:
         if self.size is not None and self.offset + len(chunk) > self.size:
             self.discard()
             raise DigestMismatchError(
