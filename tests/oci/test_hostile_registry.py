@@ -23,7 +23,7 @@ from _support import HostileServer, answer, gzip_bomb
 from supermachine.errors import AuthenticationError, ManifestError, RegistryError
 from supermachine.oci import Credentials, ImageStore, Manifest, Reference, RegistryClient, pull
 from supermachine.oci.auth import check_realm
-from supermachine.oci.manifest import MAX_LAYERS, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
+from supermachine.oci.manifest import MAX_LAYERS, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Descriptor
 
 Respond = Callable[[HostileServer, http.server.BaseHTTPRequestHandler], None]
 BOMB_BYTES = 256 << 20  # what the bombs expand to; far above every cap
@@ -224,6 +224,28 @@ def test_trickling_registry_hits_the_deadline(where: str) -> None:
     assert _one_line(info.value) == (
         f"registry {server.host} did not deliver manifest {server.host}/x/y:v1 within 2 s"
     )
+
+
+@pytest.mark.timeout(60)
+def test_trickling_registry_hits_the_deadline_when_pushing() -> None:
+    """Asking whether a blob is there, and uploading a manifest, are bounded as pulling is."""
+    desc = Descriptor(OCI_CONFIG, "sha256:" + "1" * 64, 2)
+    with HostileServer(_trickle("headers")) as server:
+        client = RegistryClient(Reference.parse(f"{server.host}/x/y:v1"), deadline=2.0, retries=0)
+        with client:
+            for call, message in (
+                (lambda: client.blob_exists("x/y", desc), f"did not say whether it has blob {desc.digest}"),
+                (
+                    lambda: client.put_manifest("x/y", "v1", b"{}", OCI_MANIFEST),
+                    "did not take manifest x/y:v1",
+                ),
+            ):
+                started = time.monotonic()
+                with pytest.raises(RegistryError) as info:
+                    call()
+                elapsed = time.monotonic() - started
+                assert elapsed < 2.0 + 3.0, f"took {elapsed:.1f} s"
+                assert _one_line(info.value) == f"registry {server.host} {message} within 2 s"
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])

@@ -244,8 +244,16 @@ class RegistryClient:
         url = f"{self.base_url}/v2/{repository}/blobs/{desc.digest}"
         scope = f"repository:{repository}:pull,push"
 
+        late = (
+            f"registry {self.registry} did not say whether it has blob {desc.digest}"
+            f" within {self.deadline:g} s"
+        )
+
         def attempt() -> bool:
-            with contextlib.closing(self._send(url, scope, {}, method="HEAD")) as resp:
+            with (
+                Deadline(self.deadline, late),
+                contextlib.closing(self._send(url, scope, {}, method="HEAD")) as resp,
+            ):
                 if resp.status_code == 200:
                     return resp.headers.get("Content-Length") in (None, str(desc.size))
                 if resp.status_code == 404:
@@ -291,9 +299,14 @@ class RegistryClient:
         url = f"{self.base_url}/v2/{repository}/manifests/{tag}"
         scope = f"repository:{repository}:pull,push"
 
+        late = f"registry {self.registry} did not take manifest {repository}:{tag} within {self.deadline:g} s"
+
         def attempt() -> None:
             headers = {"Content-Type": media_type}
-            with contextlib.closing(self._send(url, scope, headers, method="PUT", body=raw)) as resp:
+            with (
+                Deadline(self.deadline, late),
+                contextlib.closing(self._send(url, scope, headers, method="PUT", body=raw)) as resp,
+            ):
                 if resp.status_code not in (201, 204):
                     self._status_error(resp, f"manifest {repository}:{tag}")
                 echoed = resp.headers.get("Docker-Content-Digest")
