@@ -15,10 +15,11 @@ import pytest
 from supermachine.cli import COMMANDS, LazyGroup
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "oci"))
-from _support import Entry, LayoutWriter, make_layer
+from _support import Entry, LayoutWriter, make_layer, missing_tools, skopeo_copy, start_registry
 
 HEAVY = (
-    "requests",
+    "http.client",
+    "ssl",
     "rich",
     "numpy",
     "supermachine.oci",
@@ -121,6 +122,27 @@ def test_a_quiet_pull_loads_neither_the_progress_display_nor_the_rootfs_builder(
     loud = _supermachine("pull", "--rootfs", f"oci:{layout.path}:v1", cache=tmp_path / "cache")
     assert loud.returncode == 0, loud.stderr
     assert _imported(loud, *unneeded) == set(unneeded)
+
+
+def test_a_quiet_pull_from_a_registry_loads_only_what_it_uses(tmp_path: Path) -> None:
+    """Start-up is most of a small pull: no third-party HTTP client, and none of what only local
+    images, credential helpers or pruning need."""
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"missing tools: {', '.join(missing)}")
+    layout = LayoutWriter(tmp_path / "layout")
+    layout.tag(layout.image([(make_layer([Entry("hello", data=b"hi")]), "gzip")]), "v1")
+    registry = start_registry(tmp_path / "registry")
+    try:
+        ref = f"{registry.host}/x/hello:v1"
+        skopeo_copy(f"oci:{layout.path}:v1", f"docker://{ref}")
+        proc = _supermachine("pull", "-q", ref, cache=tmp_path / "cache")
+    finally:
+        registry.stop()
+    assert proc.returncode == 0, proc.stderr
+    unneeded = ("requests", "urllib3", "platformdirs", "tarfile", "subprocess", "shutil", "rich")
+    assert _imported(proc, *unneeded) == set()
+    assert _imported(proc, "http.client") == {"http.client"}
 
 
 def test_lazily_loaded_commands_fail_with_one_line(tmp_path: Path) -> None:

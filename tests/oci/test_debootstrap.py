@@ -7,17 +7,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import platformdirs
 import pytest
 from _support import Registry, run, skopeo_copy, unsquashfs_list
 from supermachine.oci import ImageStore, build_squashfs, pull
+from supermachine.paths import xdg_cache_home
 
 SUITE, VARIANT = "bookworm", "minbase"
 
 
 def _rootfs_tarball(work: Path) -> Path:
     """debootstrap once, then keep the root filesystem as a tarball in the user cache (per suite+variant)."""
-    cache = Path(platformdirs.user_cache_dir("supermachine-tests"))
+    cache = xdg_cache_home() / "supermachine-tests"
     tarball = cache / f"debootstrap-{SUITE}-{VARIANT}.tar"
     if tarball.exists():
         return tarball

@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import re
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -107,6 +106,8 @@ def _normalise_key(key: str) -> str:
 
 
 def _from_helper(helper: str, server: str) -> Credentials | None:
+    import subprocess  # rarely needed: not imported by every pull
+
     try:
         proc = subprocess.run(
             [f"docker-credential-{helper}", "get"],

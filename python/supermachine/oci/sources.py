@@ -15,11 +15,13 @@ import hashlib
 import json
 import os
 import posixpath
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tarfile
 
 from supermachine.errors import ImageReferenceError, InputError, ManifestError
 from supermachine.oci.manifest import (
@@ -98,6 +100,8 @@ class _Container:
     """Read access to named files in a layout directory or a tarball."""
 
     def __init__(self, path: Path) -> None:
+        import tarfile  # only local images in tarballs need it; pulls from a registry start faster
+
         self.path = path
         self._tar: tarfile.TarFile | None = None
         self._members: dict[str, tarfile.TarInfo] = {}

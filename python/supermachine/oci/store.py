@@ -28,8 +28,6 @@ import json
 import logging
 import os
 import re
-import secrets
-import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -72,7 +70,7 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory, fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.urandom(6).hex()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -558,5 +556,7 @@ def remove_entry(entry: os.DirEntry[str]) -> int:
             with contextlib.suppress(OSError):
                 st = os.lstat(os.path.join(top, name))
                 size += 0 if stat.S_ISDIR(st.st_mode) else st.st_size
+    import shutil  # only pruning needs it: not imported by every pull
+
     shutil.rmtree(entry.path, ignore_errors=True)
     return size
