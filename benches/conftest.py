@@ -8,6 +8,7 @@ import mmap
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +27,21 @@ def pytest_report_header() -> list[str]:
         "supermachine benchmarks: host-side throughput (chunking, page hashing, pulling) is meaningful on",
         "any host; guest-side latencies are only meaningful on hardware KVM, not on emulating hosts.",
     ]
+
+
+@pytest.fixture(scope="session")
+def installed_bytecode() -> None:
+    """Compile supermachine's Python sources to bytecode before whole commands are timed.
+
+    An installed wheel carries its bytecode (pip compiles it at install time), and an editable
+    install writes it on the first import, unless ``PYTHONDONTWRITEBYTECODE`` is set, as it is on
+    some development hosts: then every command would compile our modules again, a cost no user of
+    an installed package pays."""
+    import supermachine
+
+    package = Path(supermachine.__file__).parent
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], env=environ, check=True)
 
 
 def skip_unless_kvm() -> None:

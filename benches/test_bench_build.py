@@ -70,7 +70,7 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, installed_bytecode: None) -> Iterator[Setup]:
     skip_unless_kvm()
     if shutil.which("buildah") is None:
         pytest.skip("buildah is not installed (Debian package buildah)")

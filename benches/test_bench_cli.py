@@ -31,7 +31,7 @@ def _process(*argv: str) -> Callable[[], None]:
 
 
 @pytest.mark.benchmark(group="cli: start-up of whole processes, interleaved")
-def test_cli_startup(benchmark: object) -> None:
+def test_cli_startup(benchmark: object, installed_bytecode: None) -> None:
     if not SUPERMACHINE.is_file():
         pytest.skip(f"no installed supermachine console script at {SUPERMACHINE}")
     peers = {

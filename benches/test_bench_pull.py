@@ -1,10 +1,11 @@
 """Pull throughput and squashfs build time, each against a reference tool in the same run.
 
-* pulling a multi-layer image from a local ``docker-registry``: the whole ``supermachine pull``
-  command vs the whole ``skopeo copy docker://… oci:…`` command, interleaved round by round (see
-  interleave.py). Each peer's span is one process from start to exit plus removing what it wrote:
-  it pulls into a fresh directory (supermachine's cache, skopeo's OCI layout) that is deleted
-  inside the span, so both pay for their start-up, their writes and their teardown alike;
+* pulling from a local ``docker-registry``: the whole ``supermachine pull`` command vs the whole
+  ``skopeo copy docker://… oci:…`` command, interleaved round by round (see interleave.py), for
+  three image sizes (start-up weighs most on the smallest). Each peer's span is one process from
+  start to exit plus removing what it wrote: it pulls into a fresh directory (supermachine's cache,
+  skopeo's OCI layout) that is deleted inside the span, so both pay for their start-up, their
+  writes and their teardown alike;
 * building the root filesystem: our builder (apply layers + ``mksquashfs``) vs plain ``mksquashfs``
   on the already-unpacked tree.
 
@@ -34,8 +35,9 @@ from interleave import interleave
 from supermachine.oci import ImageStore, build_rootfs, build_squashfs, load_image, pull
 from supermachine.oci.rootfs import mksquashfs
 
-LAYERS = 4
-LAYER_MB = 16
+SIZES = {"small": (1, 2), "medium": (4, 16), "large": (4, 96)}
+"""Images pulled: (layers, MiB per layer before compression). small is alpine-sized, large is near
+a language runtime image."""
 ROUNDS = 3
 PULL_ROUNDS = 8  # every order of the two peers, four times
 SUPERMACHINE = Path(sys.executable).with_name("supermachine")
@@ -43,11 +45,11 @@ SUPERMACHINE = Path(sys.executable).with_name("supermachine")
 _counter = itertools.count()
 
 
-def _layer(seed: int) -> bytes:
+def _layer(seed: int, mib: int) -> bytes:
     """A gzip layer: half random bytes, half text-like data, in a few files (compresses ~2:1)."""
-    rnd = os.urandom(LAYER_MB << 19)
+    rnd = os.urandom(mib << 19)
     words = b" ".join(b"word%d" % (i * 7919 % 5000) for i in range(200_000))
-    text = (words * (1 + (LAYER_MB << 19) // len(words)))[: LAYER_MB << 19]
+    text = (words * (1 + (mib << 19) // len(words)))[: mib << 19]
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in ((f"l{seed}/random.bin", rnd), (f"l{seed}/text.txt", text)):
@@ -61,23 +63,34 @@ def _layer(seed: int) -> bytes:
 class BenchImage:
     registry: Registry
     ref: str
+    layers: int
     compressed_bytes: int
 
 
 @pytest.fixture(scope="module")
-def bench_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchImage]:
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     missing = missing_tools()
     if missing:
         pytest.skip(f"missing tools: {', '.join(missing)}")
-    root = tmp_path_factory.mktemp("bench-pull")
-    registry = start_registry(root / "registry")
-    layout = LayoutWriter(root / "layout")
-    layers = [(_layer(i), "gzip") for i in range(LAYERS)]
-    layout.tag(layout.image(layers, config={"Cmd": ["/bin/true"]}), "bench")
-    ref = f"{registry.host}/bench/multilayer:v1"
-    skopeo_copy(f"oci:{layout.path}:bench", f"docker://{ref}")
-    yield BenchImage(registry, ref, sum(len(b) for b, _ in layers))
+    registry = start_registry(tmp_path_factory.mktemp("bench-pull") / "registry")
+    yield registry
     registry.stop()
+
+
+def _push(registry: Registry, root: Path, name: str) -> BenchImage:
+    count, mib = SIZES[name]
+    layout = LayoutWriter(root / f"layout-{name}")
+    layers = [(_layer(i, mib), "gzip") for i in range(count)]
+    layout.tag(layout.image(layers, config={"Cmd": ["/bin/true"]}), "bench")
+    ref = f"{registry.host}/bench/{name}:v1"
+    skopeo_copy(f"oci:{layout.path}:bench", f"docker://{ref}")
+    return BenchImage(registry, ref, count, sum(len(b) for b, _ in layers))
+
+
+@pytest.fixture(scope="module")
+def bench_image(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> BenchImage:
+    """The medium image, which the squashfs benchmarks build from."""
+    return _push(registry, tmp_path_factory.mktemp("bench-image"), "medium")
 
 
 def _fresh(base: Path) -> Path:
@@ -113,18 +126,30 @@ def _skopeo_copy(ref: str, base: Path) -> str:
 
 
 @pytest.mark.benchmark(group="pull: whole commands, interleaved")
-def test_pull_commands(benchmark: object, bench_image: BenchImage, tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", list(SIZES))
+def test_pull_commands(
+    benchmark: object,
+    size: str,
+    registry: Registry,
+    bench_image: BenchImage,
+    tmp_path: Path,
+    installed_bytecode: None,
+) -> None:
     if not SUPERMACHINE.is_file():
         pytest.skip(f"no installed supermachine console script at {SUPERMACHINE}")
-    ref = bench_image.ref
+    image = bench_image if size == "medium" else _push(registry, tmp_path / "source", size)
+    work = tmp_path / "work"
+    ref = image.ref
     peers = {
-        "skopeo copy": lambda: _skopeo_copy(ref, tmp_path),
-        "supermachine pull": lambda: _supermachine_pull(ref, tmp_path),
+        "skopeo copy": lambda: _skopeo_copy(ref, work),
+        "supermachine pull": lambda: _supermachine_pull(ref, work),
     }
-    title = f"pull {LAYERS} layers, {bench_image.compressed_bytes / 1e6:.0f} MB, from a loopback registry"
-    run = interleave(benchmark, title, peers, rounds=PULL_ROUNDS, nbytes=bench_image.compressed_bytes)
+    title = (
+        f"pull {size}: {image.layers} layers, {image.compressed_bytes / 1e6:.1f} MB, from a loopback registry"
+    )
+    run = interleave(benchmark, title, peers, rounds=PULL_ROUNDS, nbytes=image.compressed_bytes)
     assert run.results["supermachine pull"], "supermachine pull printed no image id"
-    assert list(tmp_path.iterdir()) == [], "a peer left files behind"
+    assert list(work.iterdir()) == [], "a peer left files behind"
 
 
 @pytest.fixture(scope="module")
