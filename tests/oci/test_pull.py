@@ -75,6 +75,13 @@ def test_second_pull_uses_cache(store: ImageStore, busybox_pushed: str, registry
     assert registry_blobs.exists() and image.record.ref == busybox_pushed
 
 
+def test_a_store_can_be_named_by_a_string(busybox_pushed: str, tmp_path: Path) -> None:
+    """As every other path the API takes: a str or any os.PathLike."""
+    image = pull(busybox_pushed, store=ImageStore(str(tmp_path / "cache")))
+    assert (tmp_path / "cache" / "images.json").is_file()
+    assert load_image(busybox_pushed, ImageStore(str(tmp_path / "cache"))).record == image.record
+
+
 def test_multi_arch_index_selects_platform(store: ImageStore, registry: Registry, tmp_path: Path) -> None:
     layout = LayoutWriter(tmp_path / "multi")
     amd = layout.image([(make_layer([Entry("arch", data=b"amd64\n")]), "gzip")], arch="amd64")

@@ -373,8 +373,8 @@ class PruneResult:
 class ImageStore:
     """The image cache: blobs, the image index, and built root filesystems."""
 
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = root if root is not None else paths.cache_dir()
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root) if root is not None else paths.cache_dir()
         self.locks = self.root / "locks"
         self.blobs = BlobStore(self.root / "blobs" if root is not None else paths.blob_dir(), self.locks)
         self.index_path = self.root / "images.json"
