@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import http.server
 import io
+import ipaddress
 import json
 import os
 import select
@@ -442,24 +443,17 @@ def _pipe(a: socket.socket, b: socket.socket) -> None:
 
 
 def self_signed_certificate(directory: Path, host: str) -> tuple[Path, Path]:
-    """``(certificate, key)`` for ``host``, made by ``openssl``; the certificate is its own CA."""
+    """``(certificate, key)`` for ``host`` (a name or an address), made by ``openssl``; the
+    certificate is its own CA."""
     cert, key = directory / f"{host}.crt", directory / f"{host}.key"
-    run(
-        [
-            *(
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-            ),
-            *("-days", "2", "-subj", f"/CN={host}", "-addext", f"subjectAltName=DNS:{host}"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ]
-    )
+    try:
+        ipaddress.ip_address(host)
+        san = f"IP:{host}"
+    except ValueError:
+        san = f"DNS:{host}"
+    curve = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2")
+    subject = ("-subj", f"/CN={host}", "-addext", f"subjectAltName={san}")
+    run(["openssl", "req", "-x509", *curve, *subject, "-keyout", str(key), "-out", str(cert)])
     return cert, key
 
 
@@ -753,6 +747,8 @@ class HostileServer:
     httpd: http.server.ThreadingHTTPServer | None = None
     tls: tuple[Path, Path] | None = None
     """``(certificate, key)`` to speak HTTPS with."""
+    client_ca: Path | None = None
+    """With ``tls``: a client must present a certificate this CA signed."""
     closed: list[int] = field(default_factory=list)
     """The client ports of the connections that have ended, in the order they ended."""
 
@@ -781,6 +777,9 @@ class HostileServer:
         if self.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*self.tls)
+            if self.client_ca is not None:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(cafile=self.client_ca)
             self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.daemon_threads = True
         self.httpd.block_on_close = False  # a trickling handler ends when its client is gone

@@ -271,3 +271,71 @@ def test_https_through_a_tunnel_still_checks_the_certificate(tmp_path: Path) -> 
         f"TLS error talking to registry registry.test:{server.port}: certificate verify failed"
     ), text
     assert server.requests == []
+
+
+# ---- per-registry certificates (certs.d) ----------------------------------------------------------------
+def _certs_d(config: Path, host: str) -> Path:
+    directory = config / "containers" / "certs.d" / host
+    directory.mkdir(parents=True)
+    return directory
+
+
+def _manifest_over_tls(host: str) -> bytes:
+    with RegistryClient(Reference.parse(f"{host}/x/y:v1"), insecure=False, retries=0) as client:
+        return client.get_manifest("x/y", "v1")[0]
+
+
+def test_a_ca_in_certs_d_is_trusted_for_its_registry_only(tmp_path: Path) -> None:
+    """A registry with a private CA, the Docker way: ``certs.d/HOST:PORT/ca.crt`` (here the user's
+    ``containers/certs.d``); the system's trust store does not know the CA."""
+    cert = self_signed_certificate(tmp_path, "127.0.0.1")
+    other = self_signed_certificate(tmp_path, "other.test")
+    config = tmp_path / "config"
+    with (
+        HostileServer(_serve_manifest, tls=cert) as server,
+        HostileServer(_serve_manifest, tls=cert) as elsewhere,
+        env(XDG_CONFIG_HOME=str(config), SSL_CERT_FILE=str(other[0])),
+    ):
+        with pytest.raises(RegistryError, match="certificate verify failed"):
+            _manifest_over_tls(server.host)
+        (_certs_d(config, server.host) / "ca.crt").write_bytes(cert[0].read_bytes())
+        assert _manifest_over_tls(server.host) == MANIFEST
+        with pytest.raises(RegistryError, match="certificate verify failed"):
+            _manifest_over_tls(elsewhere.host)  # the same CA, another port: not configured
+
+
+def test_a_client_certificate_in_certs_d_is_presented(tmp_path: Path) -> None:
+    server_cert = self_signed_certificate(tmp_path, "127.0.0.1")
+    client_cert = self_signed_certificate(tmp_path, "client.test")
+    config = tmp_path / "config"
+    with (
+        HostileServer(_serve_manifest, tls=server_cert, client_ca=client_cert[0]) as server,
+        env(XDG_CONFIG_HOME=str(config)),
+    ):
+        directory = _certs_d(config, server.host)
+        (directory / "ca.crt").write_bytes(server_cert[0].read_bytes())
+        with pytest.raises(RegistryError, match=r"^TLS error talking to registry"):
+            _manifest_over_tls(server.host)
+        (directory / "client.cert").write_bytes(client_cert[0].read_bytes())
+        (directory / "client.key").write_bytes(client_cert[1].read_bytes())
+        assert _manifest_over_tls(server.host) == MANIFEST
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"ca.crt": b"not a certificate"}, "cannot use the certificates in "),
+        ({"client.cert": b"x"}, "has no key"),
+    ],
+)
+def test_unusable_certs_d_is_one_plain_line(files: dict[str, bytes], message: str, tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    with HostileServer(_serve_manifest) as server, env(XDG_CONFIG_HOME=str(config)):
+        directory = _certs_d(config, server.host)
+        for name, data in files.items():
+            (directory / name).write_bytes(data)
+        with pytest.raises(RegistryError) as info:
+            _manifest_over_tls(server.host)
+    text = str(info.value)
+    assert text.startswith(f"cannot connect to registry {server.host}: ") and message in text, text
+    assert "\n" not in text and "failed after" not in text

@@ -35,6 +35,7 @@ import ssl
 import threading
 import zlib
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import IO, Any, NamedTuple
 from urllib.parse import SplitResult, unquote, urlencode, urljoin, urlsplit
 
@@ -62,8 +63,13 @@ class TooManyRedirects(Exception):
     """More than :data:`MAX_REDIRECTS` redirects for one request."""
 
 
-class ProxyError(Exception):
-    """The proxy named by the environment cannot be used; the message is a plain sentence."""
+class SettingError(Exception):
+    """A proxy or certificates the environment or the host's configuration names cannot be used;
+    the message is a plain sentence."""
+
+
+class ProxyError(SettingError):
+    """The proxy named by the environment cannot be used."""
 
 
 class ConnectTimeout(TimeoutError):
@@ -273,6 +279,54 @@ def _bypassed(host: str, no_proxy: str) -> bool:
     return False
 
 
+# ---- TLS ---------------------------------------------------------------------------------------------
+def certs_dirs(environ: Mapping[str, str] = os.environ) -> tuple[Path, ...]:
+    """Where per-registry certificates are looked for, as Podman and Docker look for them: the
+    user's ``containers/certs.d`` (under ``$XDG_CONFIG_HOME``, else ``~/.config``), then
+    ``/etc/containers/certs.d`` and ``/etc/docker/certs.d``."""
+    config = environ.get("XDG_CONFIG_HOME", "").strip()
+    home = Path(config) if os.path.isabs(config) else Path(os.path.expanduser("~/.config"))
+    return (home / "containers" / "certs.d", Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
+
+
+def tls_context(origin: Origin, environ: Mapping[str, str] = os.environ) -> ssl.SSLContext:
+    """The TLS settings for ``origin``: the system's trust store (``SSL_CERT_FILE`` or
+    ``SSL_CERT_DIR`` name another), plus what a ``certs.d/HOST[:PORT]`` directory (see
+    :func:`certs_dirs`) holds for it: ``*.crt`` CA certificates, trusted in addition, and
+    ``NAME.cert`` with ``NAME.key`` client certificates, as Docker reads them."""
+    context = ssl.create_default_context()
+    name = origin.netloc
+    if name.startswith(".") or "/" in name:
+        return context  # never a path outside the directories (host names cannot look like this)
+    for base in certs_dirs(environ):
+        directory = base / name
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted((e for e in listing if e.is_file()), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise SettingError(f"cannot read {directory}: {os.strerror(exc.errno or 0).lower()}") from None
+        try:
+            for entry in entries:
+                if entry.name.endswith(".crt"):
+                    context.load_verify_locations(cafile=entry.path)
+                elif entry.name.endswith(".cert"):
+                    key = entry.path[: -len(".cert")] + ".key"
+                    if not os.path.isfile(key):
+                        raise SettingError(f"client certificate {entry.path} has no key {key}")
+                    context.load_cert_chain(entry.path, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise SettingError(f"cannot use the certificates in {directory}: {_tls_reason_of(exc)}") from None
+    return context
+
+
+def _tls_reason_of(exc: OSError | ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return _tls_reason(exc)
+    return os.strerror(exc.errno).lower() if exc.errno else "unreadable"
+
+
 # ---- connections -----------------------------------------------------------------------------------
 class _Watched:
     """Opens the TCP connection of an :mod:`http.client` connection: reported to the current
@@ -378,13 +432,14 @@ class Session:
         self.pool_size = pool_size
         self._lock = threading.Lock()
         self._idle: dict[_PoolKey, list[http.client.HTTPConnection]] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls: dict[str, ssl.SSLContext] = {}
 
-    def _context(self) -> ssl.SSLContext:
+    def _context(self, origin: Origin) -> ssl.SSLContext:
         with self._lock:
-            if self._tls is None:  # loading the system's CA certificates takes a while: only for HTTPS
-                self._tls = ssl.create_default_context()
-            return self._tls
+            context = self._tls.get(origin.netloc)
+            if context is None:  # loading CA certificates takes a while: only for HTTPS, once per host
+                context = self._tls[origin.netloc] = tls_context(origin)
+            return context
 
     def _connection(
         self, key: _PoolKey, timeout: tuple[float, float]
@@ -401,7 +456,7 @@ class Session:
         host, port = (proxy.origin.host, proxy.origin.port) if proxy else (origin.host, origin.port)
         conn: http.client.HTTPConnection
         if origin.scheme == "https":
-            conn = _HTTPSConnection(host, port, timeout, self._context())
+            conn = _HTTPSConnection(host, port, timeout, self._context(origin))
             if proxy is not None:
                 headers = {"Proxy-Authorization": proxy.authorization} if proxy.authorization else None
                 conn.set_tunnel(origin.host, origin.port, headers)
@@ -622,9 +677,9 @@ def describe_failure(
 
     if has(TooManyRedirects):
         return f"too many redirects from {server}", False
-    proxy = has(ProxyError)
-    if proxy is not None:
-        return f"cannot connect to {server}: {proxy}", False
+    setting = has(SettingError)
+    if setting is not None:
+        return f"cannot connect to {server}: {setting}", False
     tls = has(ssl.SSLError, ssl.CertificateError)
     if tls is not None:
         assert isinstance(tls, (ssl.SSLError, ssl.CertificateError))
@@ -665,6 +720,6 @@ NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     InvalidURL,
     TooManyRedirects,
-    ProxyError,
+    SettingError,
 )
 """What a request or a body read can raise because of the network or the peer."""
