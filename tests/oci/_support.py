@@ -129,6 +129,28 @@ def start_registry(root: Path, auth: dict[str, Any] | None = None) -> Registry:
     raise RuntimeError("docker-registry did not start")
 
 
+# ---- loopback HTTP servers -------------------------------------------------------------------------------
+def serve(
+    handler: type[http.server.BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None
+) -> http.server.ThreadingHTTPServer:
+    """``handler`` served on 127.0.0.1 (a free port) by a daemon thread, over TLS with ``tls``.
+    Handler threads are daemons and are not waited for, so a trickling handler ends with its client."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
+    httpd.daemon_threads = True
+    httpd.block_on_close = False
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
+
+
+def shut(httpd: http.server.ThreadingHTTPServer | None) -> None:
+    """Stop a server made by :func:`serve` and close its socket."""
+    if httpd is not None:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 # ---- a JWT token server (Docker registry token auth) ---------------------------------------------------
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -196,9 +218,8 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = serve(Handler)
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     @property
     def realm(self) -> str:
@@ -242,8 +263,7 @@ class TokenServer:
         }
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        shut(self.httpd)
 
 
 # ---- a misbehaving proxy ---------------------------------------------------------------------------------
@@ -304,9 +324,8 @@ class FaultyProxy:
                     return
                 self.wfile.write(body)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = serve(Handler)
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
     @property
@@ -314,9 +333,7 @@ class FaultyProxy:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.httpd:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+        shut(self.httpd)
 
 
 _HOP_BY_HOP = frozenset(
@@ -403,10 +420,8 @@ class ForwardProxy:
 
             do_GET = do_HEAD = do_POST = do_PUT = _forward
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = serve(Handler)
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
     @property
@@ -414,9 +429,7 @@ class ForwardProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.httpd:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+        shut(self.httpd)
 
     def __enter__(self) -> ForwardProxy:
         return self.start()
@@ -773,18 +786,15 @@ class HostileServer:
                     super().finish()
                 server.closed.append(self.client_address[1])
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = None
         if self.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*self.tls)
             if self.client_ca is not None:
                 context.verify_mode = ssl.CERT_REQUIRED
                 context.load_verify_locations(cafile=self.client_ca)
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        self.httpd.daemon_threads = True
-        self.httpd.block_on_close = False  # a trickling handler ends when its client is gone
+        self.httpd = serve(Handler, context)
         self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         return self
 
     @property
@@ -792,9 +802,7 @@ class HostileServer:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.httpd:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+        shut(self.httpd)
 
     def __enter__(self) -> HostileServer:
         return self.start()
