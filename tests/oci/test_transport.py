@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from _support import ForwardProxy, HostileServer, Registry, answer, env, self_signed_certificate
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from supermachine.errors import RegistryError
 from supermachine.oci import ImageStore, Reference, RegistryClient, pull
 from supermachine.oci.transport import (
@@ -147,12 +149,38 @@ def test_origin_of(url: str, origin: Origin) -> None:
         "http://",
         "http://exa mple.com/",
         "http://host:99999/",
+        "http://host:0/",
+        "http://a\\@c/",
         "//host/x",
     ],
 )
 def test_urls_that_are_not_requested(url: str) -> None:
     with pytest.raises(InvalidURL):
         origin_of(url)
+
+
+_URL_PIECES = st.sampled_from(
+    [
+        *("http", "https", "HTTP", "ftp", ":", "//", "/", "@", "\\", "[", "]", "::1", "?", "#", "%", "%2f"),
+        *("..", "a", "example.com", "127.0.0.1", "1", "0", "65535", "99999", " ", "\t", "\r\n", "\x00"),
+        *("é", "user:pw"),
+    ]
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_URL_PIECES, max_size=12).map("".join))
+def test_any_url_parses_to_a_well_formed_origin_or_is_refused(url: str) -> None:
+    """Registries choose redirect targets and token realms: whatever the text, a URL is refused
+    with InvalidURL or names a scheme, a plain host and a port, written back the same way."""
+    try:
+        origin = origin_of(url)
+    except InvalidURL:
+        return
+    assert origin.scheme in ("http", "https")
+    assert 1 <= origin.port <= 65535
+    assert origin.host and not set(origin.host) & set("@/\\[]%?# \t\r\n\x00")
+    assert origin_of(f"{origin.scheme}://{origin.netloc}/") == origin
 
 
 # ---- proxies from the environment -------------------------------------------------------------------------

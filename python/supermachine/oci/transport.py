@@ -183,8 +183,11 @@ def _split(url: str) -> tuple[Origin, SplitResult]:
     host = (parts.hostname or "").lower()
     if scheme not in _DEFAULT_PORTS:
         raise InvalidURL(f"URL {plain(url, 80)!r} is not http or https")
-    if not _HOST.fullmatch(host):
+    if not _HOST.fullmatch(host) or "\\" in parts.netloc:
+        # A backslash ends the host for some URL parsers and not for others: never guess.
         raise InvalidURL(f"URL {plain(url, 80)!r} has no valid host")
+    if port == 0:
+        raise InvalidURL(f"URL {plain(url, 80)!r} names port 0")
     return Origin(scheme, host, port or _DEFAULT_PORTS[scheme]), parts
 
 
