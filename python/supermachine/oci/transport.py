@@ -292,25 +292,24 @@ def certs_dirs(environ: Mapping[str, str] = os.environ) -> tuple[Path, ...]:
     return (home / "containers" / "certs.d", Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
 
 
-def tls_context(origin: Origin, environ: Mapping[str, str] = os.environ) -> ssl.SSLContext:
-    """The TLS settings for ``origin``: the system's trust store (``SSL_CERT_FILE`` or
-    ``SSL_CERT_DIR`` name another), plus what a ``certs.d/HOST[:PORT]`` directory (see
-    :func:`certs_dirs`) holds for it: ``*.crt`` CA certificates, trusted in addition, and
-    ``NAME.cert`` with ``NAME.key`` client certificates, as Docker reads them."""
-    context = ssl.create_default_context()
+def registry_certs(origin: Origin, environ: Mapping[str, str] = os.environ) -> tuple[Path, ...]:
+    """The ``certs.d/HOST[:PORT]`` directories (see :func:`certs_dirs`) that exist for ``origin``."""
     name = origin.netloc
     if name.startswith(".") or "/" in name:
-        return context  # never a path outside the directories (host names cannot look like this)
-    for base in certs_dirs(environ):
-        directory = base / name
+        return ()  # never a path outside the directories (host names cannot look like this)
+    return tuple(base / name for base in certs_dirs(environ) if (base / name).is_dir())
+
+
+def tls_context(directories: tuple[Path, ...] = ()) -> ssl.SSLContext:
+    """TLS settings: the system's trust store (``SSL_CERT_FILE`` or ``SSL_CERT_DIR`` name another),
+    plus what ``directories`` (from :func:`registry_certs`) hold: ``*.crt`` CA certificates,
+    trusted in addition, and ``NAME.cert`` with ``NAME.key`` client certificates, as Docker reads
+    them."""
+    context = ssl.create_default_context()
+    for directory in directories:
         try:
             with os.scandir(directory) as listing:
                 entries = sorted((e for e in listing if e.is_file()), key=lambda e: e.name)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as exc:
-            raise SettingError(f"cannot read {directory}: {os.strerror(exc.errno or 0).lower()}") from None
-        try:
             for entry in entries:
                 if entry.name.endswith(".crt"):
                     context.load_verify_locations(cafile=entry.path)
@@ -435,13 +434,16 @@ class Session:
         self.pool_size = pool_size
         self._lock = threading.Lock()
         self._idle: dict[_PoolKey, list[http.client.HTTPConnection]] = {}
-        self._tls: dict[str, ssl.SSLContext] = {}
+        self._tls: dict[tuple[Path, ...], ssl.SSLContext] = {}
 
     def _context(self, origin: Origin) -> ssl.SSLContext:
+        # Loading the trust store takes tens of milliseconds: only for HTTPS, and once for all the
+        # hosts that have no certificates of their own.
+        directories = registry_certs(origin)
         with self._lock:
-            context = self._tls.get(origin.netloc)
-            if context is None:  # loading CA certificates takes a while: only for HTTPS, once per host
-                context = self._tls[origin.netloc] = tls_context(origin)
+            context = self._tls.get(directories)
+            if context is None:
+                context = self._tls[directories] = tls_context(directories)
             return context
 
     def _connection(
