@@ -21,6 +21,11 @@ def xdg_cache_home() -> Path:
     return _xdg("XDG_CACHE_HOME", "~/.cache")
 
 
+def xdg_config_home() -> Path:
+    """The user's configuration directory (``$XDG_CONFIG_HOME``, else ``~/.config``)."""
+    return _xdg("XDG_CONFIG_HOME", "~/.config")
+
+
 def xdg_data_home() -> Path:
     """The user's data directory (``$XDG_DATA_HOME``, else ``~/.local/share``)."""
     return _xdg("XDG_DATA_HOME", "~/.local/share")

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 from urllib.parse import SplitResult, unquote, urlencode, urljoin, urlsplit
 
+from supermachine import paths
 from supermachine.errors import RegistryError
 
 READ_CHUNK = 256 << 10
@@ -283,21 +284,20 @@ def _bypassed(host: str, no_proxy: str) -> bool:
 
 
 # ---- TLS ---------------------------------------------------------------------------------------------
-def certs_dirs(environ: Mapping[str, str] = os.environ) -> tuple[Path, ...]:
+def certs_dirs() -> tuple[Path, ...]:
     """Where per-registry certificates are looked for, as Podman and Docker look for them: the
     user's ``containers/certs.d`` (under ``$XDG_CONFIG_HOME``, else ``~/.config``), then
     ``/etc/containers/certs.d`` and ``/etc/docker/certs.d``."""
-    config = environ.get("XDG_CONFIG_HOME", "").strip()
-    home = Path(config) if os.path.isabs(config) else Path(os.path.expanduser("~/.config"))
-    return (home / "containers" / "certs.d", Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
+    user = paths.xdg_config_home() / "containers" / "certs.d"
+    return (user, Path("/etc/containers/certs.d"), Path("/etc/docker/certs.d"))
 
 
-def registry_certs(origin: Origin, environ: Mapping[str, str] = os.environ) -> tuple[Path, ...]:
+def registry_certs(origin: Origin) -> tuple[Path, ...]:
     """The ``certs.d/HOST[:PORT]`` directories (see :func:`certs_dirs`) that exist for ``origin``."""
     name = origin.netloc
     if name.startswith(".") or "/" in name:
         return ()  # never a path outside the directories (host names cannot look like this)
-    return tuple(base / name for base in certs_dirs(environ) if (base / name).is_dir())
+    return tuple(base / name for base in certs_dirs() if (base / name).is_dir())
 
 
 def tls_context(directories: tuple[Path, ...] = ()) -> ssl.SSLContext:
@@ -337,6 +337,11 @@ class _Watched:
     connect_timeout: float
     read_timeout: float
 
+    def _watch_connections(self, timeout: tuple[float, float]) -> None:
+        self.connect_timeout, self.read_timeout = timeout
+        # http.client opens its TCP connection through this attribute (set by its constructor).
+        self._create_connection = self._open_socket
+
     def _open_socket(self, address: tuple[str, int], timeout: Any, source: Any = None) -> socket.socket:
         try:
             sock = socket.create_connection(address, self.connect_timeout, source)
@@ -350,16 +355,13 @@ class _Watched:
 class _HTTPConnection(_Watched, http.client.HTTPConnection):
     def __init__(self, host: str, port: int, timeout: tuple[float, float]) -> None:
         super().__init__(host, port, timeout=timeout[0], blocksize=SEND_BLOCK)
-        self.connect_timeout, self.read_timeout = timeout
-        # http.client opens its TCP connection through this attribute (set by its constructor).
-        self._create_connection = self._open_socket
+        self._watch_connections(timeout)
 
 
 class _HTTPSConnection(_Watched, http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, timeout: tuple[float, float], context: ssl.SSLContext) -> None:
         super().__init__(host, port, timeout=timeout[0], context=context, blocksize=SEND_BLOCK)
-        self.connect_timeout, self.read_timeout = timeout
-        self._create_connection = self._open_socket
+        self._watch_connections(timeout)
 
 
 _PoolKey = tuple[Origin, Proxy | None]
